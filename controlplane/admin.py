@@ -1,0 +1,97 @@
+"""The admin service: what ``modelguard status`` shows. It only reads the other boxes."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from controlplane.compile import targets
+from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
+from controlplane.xds import resources as rt
+
+if TYPE_CHECKING:
+    from controlplane.server import ControlPlane
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        admin_pb2_grpc.add_AdminServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+
+    def report(self, node_filter: str = "") -> admin_pb2.StatusReport:
+        plane = self.plane
+        report = admin_pb2.StatusReport(generated_at=_timestamp(time.time()))
+        for node in plane.sync_status.nodes():
+            if node_filter and node_filter not in node.node_id:
+                continue
+            sidecar = plane.inventory.get(node.node_id)
+            snapshot = plane.cache.get(node.node_id)
+            entry = report.sidecars.add(
+                node_id=node.node_id,
+                stream=str(node.kind),
+                peer=node.peer,
+                connected_at=_timestamp(node.connected_at),
+                snapshot_version=snapshot.version if snapshot is not None else "",
+                state=str(node.state),
+            )
+            if sidecar is not None:
+                entry.service, entry.namespace = sidecar.service, sidecar.namespace
+                entry.identity = sidecar.identity
+            for type_url in rt.PUSH_ORDER:
+                ts = node.types.get(type_url)
+                if ts is None:
+                    continue
+                item = entry.resources.add(
+                    type=ts.short_name,
+                    type_url=type_url,
+                    latest_version=ts.target_version or "",
+                    sent_version=ts.sent_version or "",
+                    acked_version=ts.acked_version or "",
+                    state=str(ts.state),
+                )
+                if ts.last_nack is not None:
+                    item.last_nack_version = ts.last_nack.version
+                    item.last_nack_error = ts.last_nack.message
+                    item.last_nack_time.CopyFrom(_timestamp(ts.last_nack.at))
+        policies = {
+            (p.kind, p.metadata.namespace, p.metadata.name): p
+            for p in plane.store.current().policies
+        }
+        sidecars = plane.inventory.snapshot()
+        for status in plane.store.statuses():
+            policy = policies.get(status.key)
+            kind, namespace, name = status.key
+            report.policies.add(
+                kind=kind,
+                namespace=namespace,
+                name=name,
+                source=status.source,
+                generation=status.generation,
+                state=status.state,
+                errors=list(status.errors),
+                serving=status.serving,
+                sidecars=[s.node_id for s in sidecars if policy and targets(policy, s)],
+            )
+        named = {e for p in report.policies for e in p.errors}
+        for errors in plane.store.unit_errors().values():
+            report.source_errors.extend(e for e in errors if e not in named)
+        return report
+
+    async def GetStatus(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[
+            admin_pb2.GetStatusRequest, admin_pb2.StatusReport]
+    ) -> admin_pb2.StatusReport:
+        return self.report(request.node_filter)

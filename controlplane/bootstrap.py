@@ -1,0 +1,296 @@
+"""Envoy bootstrap for a modelguard sidecar.
+
+The bootstrap is the only static configuration a sidecar gets: who it is (node id,
+cluster, metadata from ``Sidecar.to_metadata()``), where its admin interface listens, and
+how to reach the control plane over ADS. Everything else (listeners, clusters, secrets,
+extension configs) arrives over xDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controlplane.inventory import Sidecar
+
+XDS_CLUSTER = "modelguard-xds"
+
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+# How fast a sidecar finds a restarted control plane again. Envoy's own default stream
+# backoff (0.5 s doubling up to 30 s) can leave a sidecar unconfigured for many seconds;
+# with these it retries every 0.25 to 1 s.
+XDS_RETRY_BASE_INTERVAL = "0.25s"
+XDS_RETRY_MAX_INTERVAL = "1s"
+XDS_CONNECT_TIMEOUT = "1s"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def xds_cluster(xds_host: str, xds_port: int) -> dict[str, Any]:
+    """The static cluster through which the sidecar reaches the control plane (gRPC, h2)."""
+    cluster: dict[str, Any] = {
+        "name": XDS_CLUSTER,
+        # An IP needs no resolver; a name (a Kubernetes Service) is re-resolved so a moved
+        # control plane is found again.
+        "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+        "connect_timeout": XDS_CONNECT_TIMEOUT,
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        # A control plane that vanished without a FIN (node lost, network
+                        # partition) is noticed by PING timeouts, not after TCP's minutes.
+                        "connection_keepalive": {"interval": "5s", "timeout": "2s"},
+                    }
+                },
+            }
+        },
+        "upstream_connection_options": {
+            "tcp_keepalive": {
+                "keepalive_probes": 3,
+                "keepalive_time": 10,
+                "keepalive_interval": 2,
+            }
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": xds_host,
+                                        "port_value": xds_port,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if cluster["type"] == "STRICT_DNS":
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+def build_bootstrap(
+    sidecar: Sidecar,
+    *,
+    xds_host: str,
+    xds_port: int,
+    admin_port: int,
+    cluster: str | None = None,
+) -> dict[str, Any]:
+    """An Envoy v3 bootstrap (plain dict) for ``sidecar``, configured entirely over ADS."""
+    return {
+        "node": {
+            "id": sidecar.node_id,
+            "cluster": cluster or f"{sidecar.service}.{sidecar.namespace}",
+            "metadata": sidecar.to_metadata(),
+        },
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}},
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            # For xDS streams this is the reconnect backoff.
+                            "retry_policy": {
+                                "retry_back_off": {
+                                    "base_interval": XDS_RETRY_BASE_INTERVAL,
+                                    "max_interval": XDS_RETRY_MAX_INTERVAL,
+                                }
+                            },
+                        },
+                    }
+                ],
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [xds_cluster(xds_host, xds_port)]},
+    }
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes shared sub-dicts out in full: Envoy configs read better without &anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def render_bootstrap(bootstrap: dict[str, Any]) -> str:
+    """The bootstrap as YAML, in the order it was built (stable for golden files)."""
+    return yaml.dump(bootstrap, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=False)
+
+
+def write_bootstrap(
+    path: str | os.PathLike[str],
+    sidecar: Sidecar,
+    *,
+    xds_host: str,
+    xds_port: int,
+    admin_port: int,
+    cluster: str | None = None,
+) -> Path:
+    """Build and write the bootstrap YAML atomically (a sidecar never reads half a file)."""
+    target = Path(path)
+    text = render_bootstrap(
+        build_bootstrap(
+            sidecar, xds_host=xds_host, xds_port=xds_port, admin_port=admin_port, cluster=cluster
+        )
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+# --- CLI: `modelguard bootstrap ...` -------------------------------------------------------
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) → (host, port); argparse-friendly errors."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host, int(port_text)
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
+    return int(value)
+
+
+def _label(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    return key, val
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``modelguard bootstrap``."""
+    parser.add_argument("--service", required=True, help="service the workload implements")
+    parser.add_argument("--namespace", default="default", help="namespace of the workload")
+    parser.add_argument(
+        "--app-port", type=_port, required=True, help="port the workload listens on"
+    )
+    parser.add_argument("--app-address", default="127.0.0.1", help="address of the workload")
+    parser.add_argument(
+        "--inbound-port", type=_port, required=True, help="port the sidecar accepts traffic on"
+    )
+    parser.add_argument(
+        "--inbound-address", default="0.0.0.0", help="address the sidecar accepts traffic on"
+    )
+    parser.add_argument(
+        "--admin-port", type=_port, required=True, help="Envoy admin port (on 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--xds",
+        type=parse_hostport,
+        required=True,
+        metavar="HOST:PORT",
+        help="address of the modelguard control plane (ADS)",
+    )
+    parser.add_argument(
+        "--identity",
+        help="SPIFFE ID of the workload (default spiffe://cluster.local/ns/NS/sa/SERVICE)",
+    )
+    parser.add_argument(
+        "--node-id", help="Envoy node id (default SERVICE.NAMESPACE; must be unique per sidecar)"
+    )
+    parser.add_argument("--cluster", help="Envoy node cluster (default SERVICE.NAMESPACE)")
+    parser.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="workload label, repeatable (policies select sidecars by them)",
+    )
+    parser.add_argument("-o", "--output", help="write to FILE instead of stdout")
+
+
+def sidecar_from_args(args: argparse.Namespace) -> Sidecar:
+    service: str = args.service
+    namespace: str = args.namespace
+    return Sidecar(
+        node_id=args.node_id or f"{service}.{namespace}",
+        service=service,
+        namespace=namespace,
+        identity=args.identity or f"spiffe://cluster.local/ns/{namespace}/sa/{service}",
+        app_port=args.app_port,
+        inbound_port=args.inbound_port,
+        app_address=args.app_address,
+        inbound_address=args.inbound_address,
+        labels=tuple(sorted(dict(args.label).items())),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``modelguard bootstrap``; returns the exit code."""
+    sidecar = sidecar_from_args(args)
+    xds_host, xds_port = args.xds
+    if args.output:
+        write_bootstrap(
+            args.output,
+            sidecar,
+            xds_host=xds_host,
+            xds_port=xds_port,
+            admin_port=args.admin_port,
+            cluster=args.cluster,
+        )
+    else:
+        bootstrap = build_bootstrap(
+            sidecar,
+            xds_host=xds_host,
+            xds_port=xds_port,
+            admin_port=args.admin_port,
+            cluster=args.cluster,
+        )
+        sys.stdout.write(render_bootstrap(bootstrap))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modelguard bootstrap", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The ``modelguard`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from controlplane.api import load_paths
+
+    loaded, violations = load_paths(args.paths)
+    for violation in violations:
+        print(violation)
+    if violations:
+        print(f"{len(violations)} violation(s) in {len(args.paths)} path(s)", file=sys.stderr)
+        return 1
+    print(f"{len(loaded)} polic{'y' if len(loaded) == 1 else 'ies'} valid")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from controlplane.server import ControlPlane, ControlPlaneConfig
+
+    config = ControlPlaneConfig(
+        policy_paths=tuple(args.policies),
+        xds_host=args.xds_host,
+        xds_port=args.xds_port,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+    )
+
+    async def main() -> None:
+        plane = ControlPlane(config)
+        await plane.start()
+        print(f"modelguard control plane: xDS on {config.xds_host}:{plane.xds_port}, "
+              f"admin on {config.admin_host}:{plane.admin_port}", flush=True)
+        try:
+            await plane.wait_closed()
+        finally:
+            await plane.stop()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from controlplane.local.runner import run_embedded
+
+    return run_embedded(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from controlplane.status_cli import show_status
+
+    return show_status(args)
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from controlplane import bootstrap
+
+    return bootstrap.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelguard",
+        description="Protect model APIs from extraction: a control plane for Envoy sidecars.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate policy files; exit 1 on any violation")
+    p.add_argument("paths", nargs="+", help="policy files or folders")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("run", help="the embedded default: control plane, demo model, sidecar")
+    p.add_argument("--policies", default="policies/", help="policy folder (watched)")
+    p.add_argument("--listen-port", type=int, default=10000, help="sidecar port for clients")
+    p.add_argument("--xds-port", type=int, default=18000)
+    p.add_argument("--admin-port", type=int, default=18001)
+    p.add_argument("--workdir", default=".modelguard", help="bootstraps and logs")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("serve", help="the control plane alone")
+    p.add_argument("--policies", nargs="+", default=["policies/"])
+    p.add_argument("--xds-host", default="127.0.0.1")
+    p.add_argument("--xds-port", type=int, default=18000)
+    p.add_argument("--admin-host", default="127.0.0.1")
+    p.add_argument("--admin-port", type=int, default=18001)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("status", help="connected sidecars and policies, like istioctl proxy-status")
+    p.add_argument("--admin", default="127.0.0.1:18001", help="admin address of the control plane")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("node", nargs="?", default="", help="only sidecars whose id contains this")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("bootstrap", help="write an Envoy bootstrap for a sidecar")
+    try:
+        from controlplane import bootstrap as bootstrap_module
+
+        bootstrap_module.add_arguments(p)
+    except ImportError:  # pragma: no cover - the module is part of the package
+        pass
+    p.set_defaults(func=_bootstrap)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Compile: policies × inventory → one frozen IR per sidecar.
+
+One module per policy kind turns the policies that target a sidecar into its part of the
+IR; this module only decides which policies target which sidecar and assembles the parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from controlplane.api import Policy
+from controlplane.compile import access
+from controlplane.inventory import Sidecar
+from controlplane.ir import InboundIR, PolicyRef, SidecarIR
+from controlplane.store import PolicySet
+
+
+def targets(policy: Policy, sidecar: Sidecar) -> bool:
+    """Whether a policy applies to a sidecar: same namespace, and service or labels match."""
+    if policy.metadata.namespace != sidecar.namespace:
+        return False
+    ref = policy.spec.target_ref
+    if ref.service is not None:
+        return ref.service == sidecar.service
+    if ref.selector is not None:
+        labels = sidecar.label_map
+        return all(labels.get(k) == v for k, v in ref.selector.match_labels.items())
+    return False
+
+
+def policy_ref(policy: Policy) -> PolicyRef:
+    return PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name)
+
+
+def compile_sidecar(sidecar: Sidecar, policies: Iterable[Policy]) -> SidecarIR:
+    mine = sorted(
+        (p for p in policies if targets(p, sidecar)),
+        key=lambda p: (p.kind, p.metadata.namespace, p.metadata.name),
+    )
+    return SidecarIR(
+        node_id=sidecar.node_id,
+        service=sidecar.service,
+        namespace=sidecar.namespace,
+        identity=sidecar.identity,
+        inbound=InboundIR(
+            listen_address=sidecar.inbound_address,
+            port=sidecar.inbound_port,
+            app_address=sidecar.app_address,
+            app_port=sidecar.app_port,
+        ),
+        access=access.compile_access([p for p in mine if p.kind == "AccessPolicy"]),
+        policies=tuple(policy_ref(p) for p in mine),
+    )
+
+
+def compile_all(policy_set: PolicySet, sidecars: Iterable[Sidecar]) -> dict[str, SidecarIR]:
+    return {s.node_id: compile_sidecar(s, policy_set.policies) for s in sidecars}

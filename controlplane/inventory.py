@@ -1,0 +1,146 @@
+"""Sidecar inventory: what each Envoy sidecar says about itself.
+
+A sidecar describes itself in its bootstrap's node metadata (``modelguard bootstrap``
+writes it). The xDS server records each node it sees here; compile reads it. In a
+cluster, Pods and EndpointSlices will add to the same inventory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Keys of the node metadata Struct, under one namespace so they never clash with others'.
+METADATA_KEY = "modelguard"
+
+
+class InventoryError(ValueError):
+    """Node metadata that does not describe a sidecar we can configure."""
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """One sidecar, as its node metadata describes it."""
+
+    node_id: str
+    service: str
+    namespace: str
+    identity: str  # SPIFFE ID of the workload, spiffe://<td>/ns/<ns>/sa/<sa>
+    app_port: int  # where the workload listens (behind the sidecar)
+    inbound_port: int  # where the sidecar accepts traffic for the workload
+    app_address: str = "127.0.0.1"
+    inbound_address: str = "0.0.0.0"
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The node metadata a bootstrap carries for this sidecar."""
+        return {
+            METADATA_KEY: {
+                "service": self.service,
+                "namespace": self.namespace,
+                "identity": self.identity,
+                "app_port": self.app_port,
+                "app_address": self.app_address,
+                "inbound_port": self.inbound_port,
+                "inbound_address": self.inbound_address,
+                "labels": dict(self.labels),
+            }
+        }
+
+    @classmethod
+    def from_metadata(cls, node_id: str, metadata: Mapping[str, Any]) -> Sidecar:
+        """Parse node metadata (already converted from a protobuf Struct to a dict)."""
+        if not node_id:
+            raise InventoryError("node.id is empty")
+        raw = metadata.get(METADATA_KEY)
+        if not isinstance(raw, Mapping):
+            raise InventoryError(f"node {node_id!r}: metadata.{METADATA_KEY} is missing")
+        problems: list[str] = []
+
+        def text(key: str, default: str | None = None) -> str:
+            value = raw.get(key, default)
+            if not isinstance(value, str) or not value:
+                problems.append(f"metadata.{METADATA_KEY}.{key}: must be a non-empty string")
+                return ""
+            return value
+
+        def port(key: str) -> int:
+            value = raw.get(key)
+            # Struct carries numbers as floats.
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                problems.append(f"metadata.{METADATA_KEY}.{key}: must be a port number")
+                return 0
+            if value != int(value) or not 0 < int(value) < 65536:
+                problems.append(f"metadata.{METADATA_KEY}.{key}: must be a port number")
+                return 0
+            return int(value)
+
+        service = text("service")
+        namespace = text("namespace", "default")
+        identity = raw.get("identity") or f"spiffe://cluster.local/ns/{namespace}/sa/{service}"
+        labels_raw = raw.get("labels") or {}
+        if not isinstance(labels_raw, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels_raw.items()
+        ):
+            problems.append(f"metadata.{METADATA_KEY}.labels: must map strings to strings")
+            labels_raw = {}
+        sidecar = cls(
+            node_id=node_id,
+            service=service,
+            namespace=namespace,
+            identity=str(identity),
+            app_port=port("app_port"),
+            inbound_port=port("inbound_port"),
+            app_address=text("app_address", "127.0.0.1"),
+            inbound_address=text("inbound_address", "0.0.0.0"),
+            labels=tuple(sorted(labels_raw.items())),
+        )
+        if problems:
+            raise InventoryError(f"node {node_id!r}: " + "; ".join(problems))
+        return sidecar
+
+
+Listener = Callable[[], None]
+
+
+@dataclass
+class Inventory:
+    """The sidecars known now. Thread-safe; listeners hear of every change."""
+
+    _sidecars: dict[str, Sidecar] = field(default_factory=dict)
+    _listeners: list[Listener] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def observe(self, sidecar: Sidecar) -> None:
+        with self._lock:
+            if self._sidecars.get(sidecar.node_id) == sidecar:
+                return
+            self._sidecars[sidecar.node_id] = sidecar
+        self._notify()
+
+    def forget(self, node_id: str) -> None:
+        with self._lock:
+            if self._sidecars.pop(node_id, None) is None:
+                return
+        self._notify()
+
+    def snapshot(self) -> tuple[Sidecar, ...]:
+        with self._lock:
+            return tuple(sorted(self._sidecars.values(), key=lambda s: s.node_id))
+
+    def get(self, node_id: str) -> Sidecar | None:
+        with self._lock:
+            return self._sidecars.get(node_id)
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()

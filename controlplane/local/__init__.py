@@ -1,0 +1,1 @@
+"""The embedded default: real Envoy processes, the demo model API, demo clients."""

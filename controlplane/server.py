@@ -1,0 +1,121 @@
+"""The control plane process: wires the boxes of the data flow together and serves them.
+
+policy sources → store → (debounced) pipeline: compile → translate → snapshot cache → ADS.
+Sidecars join the inventory through their ADS node metadata. The admin service only reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import json_format
+
+from controlplane.admin import AdminService
+from controlplane.inventory import Inventory, InventoryError, Sidecar
+from controlplane.pipeline import Debouncer, Pipeline
+from controlplane.sources.files import FileSource
+from controlplane.store import PolicyStore
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.server import AdsServer, RejectNode
+from controlplane.xds.status import SyncStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    policy_paths: Sequence[str] = ("policies/",)
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 18000  # 0: any free port
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 18001
+    debounce_quiet: float = 0.1
+    debounce_max: float = 1.0
+    watch: bool = True
+
+
+def sidecar_from_node(node: base_pb2.Node) -> Sidecar:
+    metadata = json_format.MessageToDict(node.metadata)
+    return Sidecar.from_metadata(node.id, metadata)
+
+
+class ControlPlane:
+    def __init__(self, config: ControlPlaneConfig) -> None:
+        self.config = config
+        self.store = PolicyStore()
+        self.inventory = Inventory()
+        self.cache = SnapshotCache()
+        self.sync_status = SyncStatus()
+        self.pipeline = Pipeline(self.store, self.inventory, self.cache)
+        self.files = FileSource(config.policy_paths, self.store)
+        self.xds_port = 0
+        self.admin_port = 0
+        self._xds_server: grpc.aio.Server | None = None
+        self._admin_server: grpc.aio.Server | None = None
+        self._stop = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+
+    def _on_connect(self, node: base_pb2.Node) -> None:
+        try:
+            sidecar = sidecar_from_node(node)
+        except InventoryError as err:
+            log.warning("sidecar rejected: %s", err)
+            raise RejectNode(str(err)) from err
+        log.info("sidecar connected: %s (%s.%s)", node.id, sidecar.service, sidecar.namespace)
+        self.inventory.observe(sidecar)
+
+    def _on_disconnect(self, node_id: str) -> None:
+        log.info("sidecar disconnected: %s", node_id)
+        self.inventory.forget(node_id)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        debouncer = Debouncer(
+            self.pipeline.rebuild, loop, self.config.debounce_quiet, self.config.debounce_max
+        )
+        self.store.subscribe(lambda _policies: debouncer.trigger())
+        self.inventory.subscribe(debouncer.trigger)
+        self.files.sync()  # the first policy set is in place before any sidecar is served
+
+        self._xds_server = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ]
+        )
+        AdsServer(
+            self.cache, self.sync_status, on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+        ).add_to(self._xds_server)
+        self.xds_port = self._xds_server.add_insecure_port(
+            f"{self.config.xds_host}:{self.config.xds_port}"
+        )
+        self._admin_server = grpc.aio.server()
+        AdminService(self).add_to(self._admin_server)
+        self.admin_port = self._admin_server.add_insecure_port(
+            f"{self.config.admin_host}:{self.config.admin_port}"
+        )
+        await self._xds_server.start()
+        await self._admin_server.start()
+        if self.config.watch:
+            self._watch_task = asyncio.create_task(self.files.watch(self._stop))
+
+    async def wait_closed(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self._stop.set()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+        for server in (self._xds_server, self._admin_server):
+            if server is not None:
+                await server.stop(grace)

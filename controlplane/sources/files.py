@@ -1,0 +1,82 @@
+"""The file source: a folder (or files) of policy YAML, watched for changes.
+
+Each file is one unit of the store: an edit that leaves a file invalid is rejected whole
+and the file's last good content keeps serving. Bursts of editor writes are coalesced by
+the watcher; the pipeline debounces again before compiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import watchfiles
+
+from controlplane.api import parse_documents
+from controlplane.store import PolicyStore, UnitContent
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml")
+
+
+def _policy_files(roots: Sequence[Path]) -> list[Path]:
+    files: set[Path] = set()
+    for root in roots:
+        if root.is_dir():
+            files.update(p for p in root.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        elif root.is_file():
+            files.add(root)
+    # Editors' swap and backup files are not policies.
+    return sorted(p for p in files if not p.name.startswith((".", "#")))
+
+
+class FileSource:
+    def __init__(self, roots: Sequence[str | Path], store: PolicyStore) -> None:
+        self.roots = [Path(r) for r in roots]
+        self.store = store
+        self._digests: dict[str, str] = {}
+
+    def sync(self) -> bool:
+        """Read every file once; hand changed and removed files to the store."""
+        changed: dict[str, UnitContent] = {}
+        seen: set[str] = set()
+        for path in _policy_files(self.roots):
+            unit = str(path)
+            seen.add(unit)
+            try:
+                data = path.read_bytes()
+            except OSError as err:  # deleted between listing and reading
+                log.debug("skipping %s: %s", path, err)
+                seen.discard(unit)
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if self._digests.get(unit) == digest:
+                continue
+            self._digests[unit] = digest
+            loaded, violations = parse_documents(data.decode("utf-8", "replace"), unit)
+            changed[unit] = UnitContent(tuple(loaded), tuple(violations))
+            for violation in violations:
+                log.error("policy rejected: %s", violation)
+        removed = [u for u in self._digests if u not in seen]
+        for unit in removed:
+            del self._digests[unit]
+            log.info("policy file removed: %s", unit)
+        if not changed and not removed:
+            return False
+        return self.store.apply(changed, removed)
+
+    async def watch(self, stop: asyncio.Event | None = None) -> None:
+        """Re-sync on every change under the roots until ``stop`` is set."""
+        self.sync()
+        watch_paths = [r if r.is_dir() else r.parent for r in self.roots]
+        async for _ in watchfiles.awatch(
+            *watch_paths, stop_event=stop, debounce=50, step=20, recursive=True
+        ):
+            try:
+                self.sync()
+            except Exception:  # a source must never die on one bad read
+                log.exception("policy sync failed; last good policies keep serving")

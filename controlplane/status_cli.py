@@ -1,0 +1,82 @@
+"""``modelguard status``: sidecar sync state and policy state, read from the admin service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+from google.protobuf import json_format
+
+from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
+
+TYPES = ("CDS", "EDS", "LDS", "RDS", "SDS", "ECDS")
+
+
+def fetch_status(address: str, node_filter: str = "", timeout: float = 5.0) -> admin_pb2.StatusReport:
+    with grpc.insecure_channel(address) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        report: admin_pb2.StatusReport = stub.GetStatus(
+            admin_pb2.GetStatusRequest(node_filter=node_filter), timeout=timeout
+        )
+        return report
+
+
+def _table(rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def render(report: admin_pb2.StatusReport) -> str:
+    used = [t for t in TYPES if any(r.type == t for s in report.sidecars for r in s.resources)]
+    used = used or ["CDS", "EDS", "LDS", "RDS"]
+    rows = [["SIDECAR", "SERVICE", "STREAM", *used, "VERSION"]]
+    problems = []
+    for sidecar in report.sidecars:
+        by_type = {r.type: r for r in sidecar.resources}
+        states = [by_type[t].state if t in by_type else "-" for t in used]
+        rows.append(
+            [sidecar.node_id, f"{sidecar.service}.{sidecar.namespace}", sidecar.stream,
+             *states, sidecar.snapshot_version[:12] or "-"]
+        )
+        for r in sidecar.resources:
+            if r.last_nack_error:
+                problems.append(
+                    f"  {sidecar.node_id} {r.type} rejected version {r.last_nack_version}: "
+                    f"{r.last_nack_error} (serving {r.acked_version or 'nothing'})"
+                )
+    out = [_table(rows) if report.sidecars else "no sidecars connected"]
+    if problems:
+        out += ["", "NACKs:", *problems]
+    prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
+    errors = []
+    for p in report.policies:
+        state = p.state if p.state == "Accepted" or not p.serving else f"{p.state} (last good serving)"
+        prows.append(
+            [f"{p.kind} {p.namespace}/{p.name}", state, str(p.generation),
+             str(len(p.sidecars)), p.source]
+        )
+        errors += [f"  {e}" for e in p.errors]
+    out += ["", _table(prows) if report.policies else "no policies"]
+    if errors or report.source_errors:
+        out += ["", "Policy errors:", *errors, *(f"  {e}" for e in report.source_errors)]
+    return "\n".join(out)
+
+
+def show_status(args: argparse.Namespace) -> int:
+    try:
+        report = fetch_status(args.admin, args.node)
+    except grpc.RpcError as err:
+        print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(report, preserving_proto_field_name=True), indent=2))
+    else:
+        print(render(report))
+    return 0

@@ -1,0 +1,158 @@
+"""Shared fixtures: the Envoy binary, free ports, the demo model, and process cleanup.
+
+Every process a test starts runs in its own session and is stopped by its PID
+(SIGTERM, then SIGKILL after a grace period), never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from controlplane import netutil
+from controlplane.local.envoy import EnvoyError, envoy_binary
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """SIGTERM by PID, SIGKILL after ``grace``; reaps it (no zombie left)."""
+    if process.poll() is not None:
+        return
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        process.poll()
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+class Processes:
+    """Starts processes for one test and stops all of them (newest first) afterwards."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._items: list[subprocess.Popen[bytes] | _Stoppable] = []
+        self._logs: dict[int, Path] = {}
+
+    def start(
+        self,
+        argv: list[str],
+        *,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own session; stdout+stderr go to ``<log_dir>/<name>.log``."""
+        name = name or Path(argv[0]).name
+        log_path = self.log_dir / f"{name}-{len(self._items)}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                cwd=cwd or REPO,
+                start_new_session=True,
+            )
+        self._logs[process.pid] = log_path
+        self._items.append(process)
+        return process
+
+    def log_of(self, process: subprocess.Popen[bytes]) -> str:
+        return self._logs[process.pid].read_text(errors="replace")
+
+    def track(self, item: _Stoppable) -> Any:
+        """Stop ``item`` (an EnvoyProcess, a server...) with the rest; returns it."""
+        self._items.append(item)
+        return item
+
+    def stop_all(self) -> None:
+        while self._items:
+            item = self._items.pop()
+            if isinstance(item, subprocess.Popen):
+                stop_process(item)
+            else:
+                item.stop()
+
+
+@pytest.fixture(scope="session")
+def envoy_bin() -> Path:
+    """The Envoy binary. Never skipped: a missing Envoy is a broken setup."""
+    try:
+        return envoy_binary()
+    except EnvoyError as err:
+        pytest.fail(f"Envoy is required for these tests: {err}")
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """A factory of free loopback TCP ports: ``port = free_port()``."""
+    return netutil.free_port
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    group = Processes(tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+def start_demo_model(processes: Processes, timeout: float = 60.0) -> tuple[str, int]:
+    """Start ``python -m controlplane.local.model`` on a free port; wait for /healthz."""
+    host, port = "127.0.0.1", netutil.free_port()
+    process = processes.start(
+        [sys.executable, "-m", "controlplane.local.model", "--host", host, "--port", str(port)],
+        name="demo-model",
+    )
+    deadline = time.monotonic() + timeout  # a cold start trains the model (a few seconds)
+    while True:
+        if process.poll() is not None:
+            log = processes.log_of(process)
+            pytest.fail(f"demo model exited with {process.returncode}:\n{log}")
+        try:
+            status, _, _ = netutil.http_request("GET", f"http://{host}:{port}/healthz", timeout=1.0)
+            if status == 200:
+                return host, port
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"demo model not healthy on {host}:{port} within {timeout}s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """The demo model API as a subprocess, shared by the session: yields (host, port).
+
+    It is stateless; a test that wants to stop or restart a model starts its own with
+    the ``start_model`` fixture.
+    """
+    group = Processes(tmp_path_factory.mktemp("demo-model"))
+    try:
+        yield start_demo_model(group)
+    finally:
+        group.stop_all()
+
+
+@pytest.fixture
+def start_model(processes: Processes) -> Callable[[], tuple[str, int]]:
+    """A factory of private demo models (stopped with the test): ``host, port = start_model()``."""
+    return lambda: start_demo_model(processes)
