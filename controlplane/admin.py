@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf import timestamp_pb2
 
+from controlplane.api import Policy
 from controlplane.compile import targets
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.xds import resources as rt
@@ -16,20 +17,18 @@ if TYPE_CHECKING:
     from controlplane.server import ControlPlane
 
 
-def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
 
 
-class AdminService(admin_pb2_grpc.AdminServicer):
+class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        admin_pb2_grpc.add_AdminServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        admin_pb2_grpc.add_AdminServicer_to_server(self, server)
 
     def report(self, node_filter: str = "") -> admin_pb2.StatusReport:
         plane = self.plane
@@ -66,7 +65,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     item.last_nack_version = ts.last_nack.version
                     item.last_nack_error = ts.last_nack.message
                     item.last_nack_time.CopyFrom(_timestamp(ts.last_nack.at))
-        policies = {
+        policies: dict[tuple[str, str, str], Policy] = {
             (p.kind, p.metadata.namespace, p.metadata.name): p
             for p in plane.store.current().policies
         }
@@ -90,8 +89,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             report.source_errors.extend(e for e in errors if e not in named)
         return report
 
-    async def GetStatus(  # noqa: N802 - gRPC method name
-        self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[
-            admin_pb2.GetStatusRequest, admin_pb2.StatusReport]
+    async def GetStatus(
+        self,
+        request: admin_pb2.GetStatusRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.GetStatusRequest, admin_pb2.StatusReport],
     ) -> admin_pb2.StatusReport:
         return self.report(request.node_filter)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -36,17 +37,18 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         plane = ControlPlane(config)
         await plane.start()
-        print(f"modelguard control plane: xDS on {config.xds_host}:{plane.xds_port}, "
-              f"admin on {config.admin_host}:{plane.admin_port}", flush=True)
+        print(
+            f"modelguard control plane: xDS on {config.xds_host}:{plane.xds_port}, "
+            f"admin on {config.admin_host}:{plane.admin_port}",
+            flush=True,
+        )
         try:
             await plane.wait_closed()
         finally:
             await plane.stop()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

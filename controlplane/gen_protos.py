@@ -26,9 +26,13 @@ def _generate(into: Path) -> None:
     include = Path(grpc_tools.__file__).parent / "_proto"
     plugin_dir = Path(sys.executable).parent
     cmd = [
-        sys.executable, "-m", "grpc_tools.protoc",
-        f"-I{PROTO_DIR}", f"-I{include}",
-        f"--python_out={into}", f"--grpc_python_out={into}",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{include}",
+        f"--python_out={into}",
+        f"--grpc_python_out={into}",
         f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
         f"--mypy_out={into}",
         *protos,
@@ -66,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         stale = sorted(
             name
             for name in want.keys() | have.keys()
-            if name not in want or name not in have or not filecmp.cmp(want[name], have[name], shallow=False)
+            if name not in want
+            or name not in have
+            or not filecmp.cmp(want[name], have[name], shallow=False)
         )
         if args.check:
             if stale:

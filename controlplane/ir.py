@@ -8,15 +8,15 @@ can be compared, diffed, hashed and golden-tested without Envoy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     ALLOW = "Allow"
     DENY = "Deny"
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     ENFORCE = "Enforce"
     AUDIT = "Audit"  # log what would have been denied, let it through
 

@@ -91,7 +91,9 @@ class ControlPlane:
             ]
         )
         AdsServer(
-            self.cache, self.sync_status, on_connect=self._on_connect,
+            self.cache,
+            self.sync_status,
+            on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
         ).add_to(self._xds_server)
         self.xds_port = self._xds_server.add_insecure_port(

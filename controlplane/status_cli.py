@@ -14,7 +14,9 @@ from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 TYPES = ("CDS", "EDS", "LDS", "RDS", "SDS", "ECDS")
 
 
-def fetch_status(address: str, node_filter: str = "", timeout: float = 5.0) -> admin_pb2.StatusReport:
+def fetch_status(
+    address: str, node_filter: str = "", timeout: float = 5.0
+) -> admin_pb2.StatusReport:
     with grpc.insecure_channel(address) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         report: admin_pb2.StatusReport = stub.GetStatus(
@@ -42,8 +44,13 @@ def render(report: admin_pb2.StatusReport) -> str:
         by_type = {r.type: r for r in sidecar.resources}
         states = [by_type[t].state if t in by_type else "-" for t in used]
         rows.append(
-            [sidecar.node_id, f"{sidecar.service}.{sidecar.namespace}", sidecar.stream,
-             *states, sidecar.snapshot_version[:12] or "-"]
+            [
+                sidecar.node_id,
+                f"{sidecar.service}.{sidecar.namespace}",
+                sidecar.stream,
+                *states,
+                sidecar.snapshot_version[:12] or "-",
+            ]
         )
         for r in sidecar.resources:
             if r.last_nack_error:
@@ -57,10 +64,17 @@ def render(report: admin_pb2.StatusReport) -> str:
     prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
     errors = []
     for p in report.policies:
-        state = p.state if p.state == "Accepted" or not p.serving else f"{p.state} (last good serving)"
+        state = (
+            p.state if p.state == "Accepted" or not p.serving else f"{p.state} (last good serving)"
+        )
         prows.append(
-            [f"{p.kind} {p.namespace}/{p.name}", state, str(p.generation),
-             str(len(p.sidecars)), p.source]
+            [
+                f"{p.kind} {p.namespace}/{p.name}",
+                state,
+                str(p.generation),
+                str(len(p.sidecars)),
+                p.source,
+            ]
         )
         errors += [f"  {e}" for e in p.errors]
     out += ["", _table(prows) if report.policies else "no policies"]
@@ -76,7 +90,11 @@ def show_status(args: argparse.Namespace) -> int:
         print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(json_format.MessageToDict(report, preserving_proto_field_name=True), indent=2))
+        print(
+            json.dumps(
+                json_format.MessageToDict(report, preserving_proto_field_name=True), indent=2
+            )
+        )
     else:
         print(render(report))
     return 0

@@ -168,7 +168,6 @@ def _names(error: str, key: PolicyKey) -> bool:
     return f" {kind} {ns}/{name}:" in error
 
 
-
 def _keys_named(content: UnitContent) -> tuple[PolicyKey, ...]:
     """Every policy a unit names, whether it parsed or not."""
     keys = {_key(lp.policy) for lp in content.policies}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controlplane.api import Policy
+from controlplane.api import AccessPolicy, Policy
 from controlplane.compile import access
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
@@ -48,7 +48,7 @@ def compile_sidecar(sidecar: Sidecar, policies: Iterable[Policy]) -> SidecarIR:
             app_address=sidecar.app_address,
             app_port=sidecar.app_port,
         ),
-        access=access.compile_access([p for p in mine if p.kind == "AccessPolicy"]),
+        access=access.compile_access([p for p in mine if isinstance(p, AccessPolicy)]),
         policies=tuple(policy_ref(p) for p in mine),
     )
 

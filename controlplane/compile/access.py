@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controlplane.api import Policy
+from controlplane.api import AccessPolicy
 from controlplane.ir import AccessIR, AccessRule, Action, PathMatch
 
 
-def _rules(policy: Policy) -> list[AccessRule]:
+def _rules(policy: AccessPolicy) -> list[AccessRule]:
     out = []
     for i, rule in enumerate(policy.spec.rules):
         name = rule.name or f"rule-{i}"
@@ -36,7 +36,7 @@ def _rules(policy: Policy) -> list[AccessRule]:
     return out
 
 
-def compile_access(policies: Sequence[Policy]) -> AccessIR | None:
+def compile_access(policies: Sequence[AccessPolicy]) -> AccessIR | None:
     if not policies:
         return None
     enforced: list[AccessRule] = []

@@ -44,7 +44,9 @@ class DemoModel:
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "controlplane.local.model", "--port", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def stop(self) -> None:
@@ -73,9 +75,13 @@ async def _serve(args: argparse.Namespace) -> None:
         model.start()
         await asyncio.to_thread(wait_for_port, "127.0.0.1", model.port, 30)
         sidecar = Sidecar(
-            node_id=f"{DEMO_SERVICE}-0", service=DEMO_SERVICE, namespace=DEMO_NAMESPACE,
+            node_id=f"{DEMO_SERVICE}-0",
+            service=DEMO_SERVICE,
+            namespace=DEMO_NAMESPACE,
             identity=f"spiffe://cluster.local/ns/{DEMO_NAMESPACE}/sa/{DEMO_SERVICE}",
-            app_port=model.port, inbound_port=args.listen_port, inbound_address="127.0.0.1",
+            app_port=model.port,
+            inbound_port=args.listen_port,
+            inbound_address="127.0.0.1",
             labels=(("app", DEMO_SERVICE),),
         )
         envoy_admin = free_port()
@@ -91,7 +97,8 @@ async def _serve(args: argparse.Namespace) -> None:
             f"  protected model API  http://127.0.0.1:{args.listen_port}/v1/predict "
             f"(sidecar in front of the demo model)\n"
             f"  policies             {args.policies} (edits apply live)\n"
-            f"  sidecar status       .venv/bin/modelguard status --admin 127.0.0.1:{plane.admin_port}\n"
+            "  sidecar status       .venv/bin/modelguard status "
+            f"--admin 127.0.0.1:{plane.admin_port}\n"
             f"  logs                 {workdir}/\n\n"
             f"Try:\n  {EXAMPLE.format(port=args.listen_port)}\n",
             flush=True,

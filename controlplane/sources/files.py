@@ -15,23 +15,20 @@ from pathlib import Path
 
 import watchfiles
 
-from controlplane.api import parse_documents
+from controlplane.api import parse_documents, policy_files
 from controlplane.store import PolicyStore, UnitContent
 
 log = logging.getLogger(__name__)
-
-SUFFIXES = (".yaml", ".yml")
 
 
 def _policy_files(roots: Sequence[Path]) -> list[Path]:
     files: set[Path] = set()
     for root in roots:
         if root.is_dir():
-            files.update(p for p in root.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+            files.update(policy_files(root))
         elif root.is_file():
             files.add(root)
-    # Editors' swap and backup files are not policies.
-    return sorted(p for p in files if not p.name.startswith((".", "#")))
+    return sorted(files)
 
 
 class FileSource:

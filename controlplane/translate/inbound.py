@@ -36,7 +36,9 @@ def listener(ir: SidecarIR, http_filters: Sequence[hcm_pb2.HttpFilter]) -> liste
         traffic_direction=base_pb2.INBOUND,
         filter_chains=[
             listener_components_pb2.FilterChain(
-                filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(manager))]
+                filters=[
+                    listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(manager))
+                ]
             )
         ],
     )

@@ -8,6 +8,7 @@ rules go into the same filters' shadow rules: evaluated, logged, never enforced.
 from __future__ import annotations
 
 import re
+from typing import TypeAlias
 
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2
@@ -21,8 +22,8 @@ from google.protobuf.message import Message
 from controlplane.ir import AccessIR, AccessRule, Action, PathMatch, SidecarIR
 from controlplane.translate.protos import pack
 
-Permission = rbac_config_pb2.Permission
-Principal = rbac_config_pb2.Principal
+Permission: TypeAlias = rbac_config_pb2.Permission
+Principal: TypeAlias = rbac_config_pb2.Principal
 
 
 def _string_matcher(match: PathMatch) -> string_pb2.StringMatcher:
@@ -57,10 +58,7 @@ def _permission(rule: AccessRule) -> Permission:
     if paths and len(paths) == len(rule.paths):
         parts.append(
             _any_of(
-                [
-                    Permission(url_path=path_pb2.PathMatcher(path=_string_matcher(p)))
-                    for p in paths
-                ]
+                [Permission(url_path=path_pb2.PathMatcher(path=_string_matcher(p))) for p in paths]
             )
         )
     if not parts:
@@ -99,7 +97,9 @@ def _principal(rule: AccessRule) -> Principal:
 
 def _policies(rules: tuple[AccessRule, ...], action: Action) -> dict[str, rbac_config_pb2.Policy]:
     return {
-        rule.name: rbac_config_pb2.Policy(permissions=[_permission(rule)], principals=[_principal(rule)])
+        rule.name: rbac_config_pb2.Policy(
+            permissions=[_permission(rule)], principals=[_principal(rule)]
+        )
         for rule in rules
         if rule.action == action
     }
@@ -118,7 +118,9 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
     if deny or audit_deny:
         config = rbac_pb2.RBAC(rules_stat_prefix="deny_", shadow_rules_stat_prefix="audit_deny_")
         if deny:
-            config.rules.CopyFrom(rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.DENY, policies=deny))
+            config.rules.CopyFrom(
+                rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.DENY, policies=deny)
+            )
         if audit_deny:
             config.shadow_rules.CopyFrom(
                 rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.DENY, policies=audit_deny)

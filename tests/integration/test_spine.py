@@ -49,8 +49,11 @@ class System:
 
     async def predict(self) -> int:
         status, _, _ = await asyncio.to_thread(
-            http_request, "POST", f"http://127.0.0.1:{self.listen_port}/v1/predict",
-            json.dumps(INSTANCE).encode(), {"content-type": "application/json"},
+            http_request,
+            "POST",
+            f"http://127.0.0.1:{self.listen_port}/v1/predict",
+            json.dumps(INSTANCE).encode(),
+            {"content-type": "application/json"},
         )
         return status
 
@@ -63,8 +66,11 @@ class System:
 async def start_plane(policies: Path, xds_port: int, admin_port: int) -> ControlPlane:
     plane = ControlPlane(
         ControlPlaneConfig(
-            policy_paths=(str(policies),), xds_port=xds_port, admin_port=admin_port,
-            debounce_quiet=0.05, debounce_max=0.5,
+            policy_paths=(str(policies),),
+            xds_port=xds_port,
+            admin_port=admin_port,
+            debounce_quiet=0.05,
+            debounce_max=0.5,
         )
     )
     await plane.start()
@@ -93,13 +99,18 @@ async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[S
     xds_port, admin_port, listen_port, envoy_admin = (free_port() for _ in range(4))
     plane = await start_plane(policies, xds_port, admin_port)
     sidecar = Sidecar(
-        node_id="digits-model-0", service="digits-model", namespace="demo",
+        node_id="digits-model-0",
+        service="digits-model",
+        namespace="demo",
         identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=demo_model[1], inbound_port=listen_port, inbound_address="127.0.0.1",
+        app_port=demo_model[1],
+        inbound_port=listen_port,
+        inbound_address="127.0.0.1",
     )
     envoy = EnvoyProcess(
         build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
-        admin_port=envoy_admin, log_path=tmp_path / "envoy.log",
+        admin_port=envoy_admin,
+        log_path=tmp_path / "envoy.log",
     )
     envoy.start()
     system = System(policies, plane, envoy, listen_port, xds_port, admin_port)
@@ -111,18 +122,24 @@ async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[S
         await system.plane.stop(grace=0)
 
 
-def _sidecar_synced(system: System) -> bool:
-    report = fetch_status(f"127.0.0.1:{system.admin_port}")
-    return any(
-        s.node_id == "digits-model-0" and s.state == "SYNCED" for s in report.sidecars
-    )
+async def status(system: System):  # type: ignore[no-untyped-def]
+    # The admin server runs on this event loop: a blocking call must leave it free.
+    return await asyncio.to_thread(fetch_status, f"127.0.0.1:{system.admin_port}")
+
+
+async def _sidecar_synced(system: System) -> bool:
+    report = await status(system)
+    return any(s.node_id == "digits-model-0" and s.state == "SYNCED" for s in report.sidecars)
 
 
 async def test_config_arrives_over_ads_and_traffic_reaches_the_model(system: System) -> None:
     assert await system.predict() == 200
     status, _, body = await asyncio.to_thread(
-        http_request, "POST", f"http://127.0.0.1:{system.listen_port}/v1/predict",
-        json.dumps(INSTANCE).encode(), {"content-type": "application/json"},
+        http_request,
+        "POST",
+        f"http://127.0.0.1:{system.listen_port}/v1/predict",
+        json.dumps(INSTANCE).encode(),
+        {"content-type": "application/json"},
     )
     answer = json.loads(body)
     assert len(answer["predictions"]) == 1
@@ -151,16 +168,17 @@ async def _predict_is(system: System, code: int) -> bool:
 
 async def test_invalid_edit_is_rejected_and_traffic_keeps_flowing(system: System) -> None:
     await eventually(lambda: _sidecar_synced(system))
-    version_before = {s.node_id: s.snapshot_version for s in fetch_status(
-        f"127.0.0.1:{system.admin_port}").sidecars}
+    version_before = {s.node_id: s.snapshot_version for s in (await status(system)).sidecars}
     (system.policies / "access.yaml").write_text(
         ACCESS.format(methods="POST").replace("defaultAction: Deny", "defaultAction: Maybe")
     )
 
-    def rejected() -> bool:
-        report = fetch_status(f"127.0.0.1:{system.admin_port}")
+    async def rejected() -> bool:
+        report = await status(system)
         return any(
-            p.name == "digits-model" and p.state == "Rejected" and p.serving
+            p.name == "digits-model"
+            and p.state == "Rejected"
+            and p.serving
             and any("spec.defaultAction" in e for e in p.errors)
             for p in report.policies
         )
@@ -168,14 +186,14 @@ async def test_invalid_edit_is_rejected_and_traffic_keeps_flowing(system: System
     await eventually(rejected)
     for _ in range(5):
         assert await system.predict() == 200
-    report = fetch_status(f"127.0.0.1:{system.admin_port}")
+    report = await status(system)
     assert {s.node_id: s.snapshot_version for s in report.sidecars} == version_before
     # A YAML syntax error is rejected the same way.
     (system.policies / "access.yaml").write_text("kind: [AccessPolicy\n")
-    await eventually(lambda: any(
-        "YAML" in e or "yaml" in e
-        for errs in [fetch_status(f"127.0.0.1:{system.admin_port}").source_errors] for e in errs
-    ))
+    async def syntax_error_reported() -> bool:
+        return any("YAML" in e for e in (await status(system)).source_errors)
+
+    await eventually(syntax_error_reported)
     assert await system.predict() == 200
     # The next good edit is applied.
     (system.policies / "access.yaml").write_text(ACCESS.format(methods="PUT"))

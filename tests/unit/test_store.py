@@ -49,7 +49,8 @@ def test_an_invalid_edit_keeps_the_last_good_file_and_reports_why(tmp_path: Path
     revision = store.current().revision
     # Two documents in one file, the second broken: neither is applied.
     _write(
-        tmp_path, "a.yaml",
+        tmp_path,
+        "a.yaml",
         GOOD.format(name="a", default="Allow") + "---\n" + GOOD.format(name="c", default="Never"),
     )
     assert not source.sync()

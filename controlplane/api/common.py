@@ -1,0 +1,115 @@
+"""Building blocks several policy kinds share: targets, client keys, windows, durations."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from controlplane.api.base import DnsLabel, Model, exactly_one
+
+Mode = Literal["Enforce", "Audit"]
+"""Enforce, or Audit: evaluate and log the verdict, but let the request through."""
+
+Window = Literal["second", "minute", "hour", "day", "month"]
+
+WINDOW_SECONDS: dict[str, int] = {
+    "second": 1,
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "month": 30 * 86400,  # budgets are rolling windows, not calendar months
+}
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Selector(Model):
+    match_labels: dict[str, str] = {}
+
+
+class TargetRef(Model):
+    """The workloads a policy applies to, in the policy's namespace: one Service by name,
+    or every workload whose labels match."""
+
+    service: DnsLabel | None = None
+    selector: Selector | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TargetRef:
+        exactly_one({"service": self.service, "selector": self.selector})
+        return self
+
+
+# RFC 9110 token characters.
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER.fullmatch(value):
+        raise ValueError("must be an HTTP header name")
+    # Envoy matches lowercased header names; accept what users write, store what it needs.
+    return value.lower()
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+
+
+class ClientKey(Model):
+    """What identifies one client for budgets and detection. Exactly one is set."""
+
+    header: HeaderName | None = None
+    identity: bool = False  # the caller's SPIFFE ID (mTLS)
+    jwt_claim: str | None = Field(default=None, min_length=1)
+    source_ip: bool = Field(default=False, alias="sourceIP")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ClientKey:
+        exactly_one(
+            {
+                "header": self.header,
+                "identity": self.identity,
+                "jwtClaim": self.jwt_claim,
+                "sourceIP": self.source_ip,
+            }
+        )
+        return self
+
+    @property
+    def source(self) -> Literal["header", "identity", "jwtClaim", "sourceIP"]:
+        """Which of the four sources this key reads (its YAML field name)."""
+        if self.header is not None:
+            return "header"
+        if self.identity:
+            return "identity"
+        if self.jwt_claim is not None:
+            return "jwtClaim"
+        return "sourceIP"
+
+
+_DURATION_PART = re.compile(r"(\d+)([smhd])")
+_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str) -> int:
+    """Seconds in a duration like ``30s``, ``15m``, ``24h``, ``7d`` or ``1h30m``."""
+    if not _DURATION.fullmatch(value):
+        raise ValueError("must be a duration such as 30s, 15m, 24h or 7d")
+    seconds = sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(value))
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
+
+
+def _duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+Duration = Annotated[
+    str,
+    AfterValidator(_duration),
+    Field(json_schema_extra={"pattern": f"^{_DURATION.pattern}$"}),
+]

@@ -1,0 +1,161 @@
+"""ExtractionPolicy: harden what a model returns, watch each client's query stream, and
+respond in stages (alert → throttle → quarantine) when it looks like extraction.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from controlplane.api.base import DnsLabel, FieldError, Model, PolicyBase
+from controlplane.api.common import (
+    ClientKey,
+    Duration,
+    HeaderName,
+    PositiveInt,
+    TargetRef,
+    Window,
+    parse_duration,
+)
+
+_JSON_PATH = re.compile(r"\$\S*")
+
+
+def _json_path(value: str) -> str:
+    if not _JSON_PATH.fullmatch(value):
+        raise ValueError("must be a JSONPath starting with '$' (e.g. $.instances[*])")
+    return value
+
+
+JsonPath = Annotated[
+    str, AfterValidator(_json_path), Field(json_schema_extra={"pattern": r"^\$\S*$"})
+]
+
+
+class RequestFields(Model):
+    features: JsonPath  # the query vectors in a request body
+
+
+class ResponseFields(Model):
+    scores: JsonPath  # per-class scores (probabilities) in a response body
+    label: JsonPath | None = None  # the predicted label, when the model returns one
+
+
+class Hardening(Model):
+    """How the sidecar perturbs a response before the client sees it."""
+
+    top_k: int | None = Field(default=None, ge=1)  # keep the k highest scores
+    round_digits: int | None = Field(default=None, ge=0, le=10)
+    label_only: bool = False  # drop scores, return only the label
+    noise: float | None = Field(default=None, ge=0, le=0.5)  # bounded, order-preserving
+
+    @model_validator(mode="after")
+    def _label_only_alone(self) -> Hardening:
+        if self.label_only:
+            with_scores = [
+                name
+                for name, value in (
+                    ("topK", self.top_k),
+                    ("roundDigits", self.round_digits),
+                    ("noise", self.noise),
+                )
+                if value is not None
+            ]
+            if with_scores:
+                raise FieldError(
+                    ("labelOnly",),
+                    f"returns no scores, so {', '.join(with_scores)} cannot apply; remove "
+                    f"{'it' if len(with_scores) == 1 else 'them'} or set labelOnly: false",
+                )
+        return self
+
+
+class OutputHardening(Hardening):
+    """Default hardening, plus optional per-tier replacements.
+
+    A client's tier is the value of ``tierHeader`` (set by a trusted hop, e.g. the API-key
+    filter from the key's metadata). A tier's settings replace the defaults whole; clients
+    without a known tier get the defaults.
+    """
+
+    tier_header: HeaderName | None = None
+    tiers: dict[DnsLabel, Hardening] = {}
+
+    @model_validator(mode="after")
+    def _tiers_need_header(self) -> OutputHardening:
+        if self.tiers and self.tier_header is None:
+            raise FieldError(("tierHeader",), "required when tiers are set")
+        if self.tier_header is not None and not self.tiers:
+            raise FieldError(("tiers",), "required when tierHeader is set")
+        return self
+
+
+Detector = Literal["prada", "nearDuplicate", "coverage", "outOfDistribution"]
+ALL_DETECTORS: tuple[Detector, ...] = ("prada", "nearDuplicate", "coverage", "outOfDistribution")
+
+
+class Detection(Model):
+    detectors: list[Detector] = Field(default=list(ALL_DETECTORS), min_length=1)
+    # Trades detection speed for false positives; thresholds are calibrated on benign traffic.
+    sensitivity: Literal["low", "medium", "high"] = "medium"
+
+    @field_validator("detectors")
+    @classmethod
+    def _unique(cls, detectors: list[Detector]) -> list[Detector]:
+        for i, detector in enumerate(detectors):
+            if detector in detectors[:i]:
+                raise FieldError((i,), f"duplicate detector {detector}")
+        return detectors
+
+
+class Throttle(Model):
+    requests: PositiveInt
+    per: Window
+
+
+class OnSuspicion(Model):
+    throttle: Throttle
+
+
+class Quarantine(Model):
+    duration: Duration  # 30s, 15m, 24h, 7d, 1h30m
+
+    @property
+    def seconds(self) -> int:
+        return parse_duration(self.duration)
+
+
+class OnDetection(Model):
+    quarantine: Quarantine
+
+
+class Actions(Model):
+    """Staged responses to detector verdicts. Every verdict is also an alert (OTel event)."""
+
+    on_suspicion: OnSuspicion | None = None
+    on_detection: OnDetection | None = None
+
+
+class ExtractionPolicySpec(Model):
+    target_ref: TargetRef
+    client_key: ClientKey
+    request: RequestFields
+    response: ResponseFields
+    output: OutputHardening | None = None
+    detection: Detection | None = None
+    actions: Actions | None = None
+
+    @model_validator(mode="after")
+    def _actions_need_detection(self) -> ExtractionPolicySpec:
+        if self.actions is not None and self.detection is None:
+            raise FieldError(("actions",), "requires detection: actions follow its verdicts")
+        return self
+
+
+class ExtractionPolicy(PolicyBase):
+    KIND: ClassVar[str] = "ExtractionPolicy"
+
+    kind: Literal["ExtractionPolicy"] = "ExtractionPolicy"
+    spec: ExtractionPolicySpec
