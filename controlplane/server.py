@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -26,6 +27,17 @@ from controlplane.xds.server import AdsServer, RejectNode
 from controlplane.xds.status import SyncStatus
 
 log = logging.getLogger(__name__)
+
+
+class SidecarService(Protocol):
+    """A gRPC service sidecars call (rate limits, telemetry, the query feed). It is served
+    on the xDS port, so sidecars reach it through the bootstrap's control-plane cluster."""
+
+    def add_to(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,8 @@ class ControlPlane:
         self.sync_status = SyncStatus()
         self.pipeline = Pipeline(self.store, self.inventory, self.cache)
         self.files = FileSource(config.policy_paths, self.store)
+        # One line per sidecar-facing service.
+        self.sidecar_services: list[SidecarService] = []
         self.xds_port = 0
         self.admin_port = 0
         self._xds_server: grpc.aio.Server | None = None
@@ -96,6 +110,9 @@ class ControlPlane:
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
         ).add_to(self._xds_server)
+        for service in self.sidecar_services:
+            service.add_to(self._xds_server)
+            await service.start()
         self.xds_port = self._xds_server.add_insecure_port(
             f"{self.config.xds_host}:{self.config.xds_port}"
         )
@@ -121,3 +138,5 @@ class ControlPlane:
         for server in (self._xds_server, self._admin_server):
             if server is not None:
                 await server.stop(grace)
+        for service in self.sidecar_services:
+            await service.stop()

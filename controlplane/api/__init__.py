@@ -94,8 +94,8 @@ __all__ = [
     "Window",
     "load_paths",
     "parse_documents",
-    "policy_files",
     "parse_duration",
+    "policy_files",
     "validate_cross",
     "validate_document",
 ]

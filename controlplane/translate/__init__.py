@@ -1,7 +1,8 @@
 """Translate: one sidecar's IR → Envoy resources, by xDS type URL.
 
-Listeners, routes, clusters and endpoints are built here from the IR; each HTTP filter is
-its own module in the ordered registry of ``httpfilters``.
+The inbound path (listener → routes → cluster → workload) is built by ``inbound``; every
+feature is a module of the ordered registry in ``httpfilters`` that adds HTTP filters,
+patches the inbound resources, and may add resources of its own.
 """
 
 from __future__ import annotations
@@ -12,18 +13,27 @@ from google.protobuf.message import Message
 
 from controlplane.ir import SidecarIR
 from controlplane.translate import inbound
-from controlplane.translate.httpfilters import REGISTRY
+from controlplane.translate.httpfilters import REGISTRY, Inbound
 from controlplane.xds import resources as rt
 
 
 def translate(ir: SidecarIR) -> dict[str, list[Message]]:
+    parts = Inbound(
+        listener=inbound.listener(ir),
+        manager=inbound.connection_manager(ir),
+        route_config=inbound.route_configuration(ir),
+        cluster=inbound.cluster(ir),
+        load_assignment=inbound.load_assignment(ir),
+    )
     out: dict[str, list[Message]] = defaultdict(list)
-    http_filters = [f for module in REGISTRY for f in module.http_filters(ir)]
-    out[rt.LISTENER].append(inbound.listener(ir, http_filters))
-    out[rt.ROUTE].append(inbound.route_configuration(ir))
-    out[rt.CLUSTER].append(inbound.cluster(ir))
-    out[rt.ENDPOINT].append(inbound.load_assignment(ir))
     for module in REGISTRY:
+        parts.manager.http_filters.extend(module.http_filters(ir))
+        module.patch(ir, parts)
         for type_url, extra in module.extra_resources(ir).items():
             out[type_url].extend(extra)
+    inbound.attach(parts.listener, parts.manager)
+    out[rt.LISTENER].append(parts.listener)
+    out[rt.ROUTE].append(parts.route_config)
+    out[rt.CLUSTER].append(parts.cluster)
+    out[rt.ENDPOINT].append(parts.load_assignment)
     return {t: sorted(msgs, key=rt.resource_name) for t, msgs in out.items()}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -21,27 +19,32 @@ from controlplane.translate.protos import ads_source, pack, socket_address
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 
 
-def listener(ir: SidecarIR, http_filters: Sequence[hcm_pb2.HttpFilter]) -> listener_pb2.Listener:
-    manager = hcm_pb2.HttpConnectionManager(
+def connection_manager(ir: SidecarIR) -> hcm_pb2.HttpConnectionManager:
+    """The inbound HTTP connection manager, before the filter modules add to it."""
+    return hcm_pb2.HttpConnectionManager(
         stat_prefix=f"inbound_{ir.inbound.port}",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=names.inbound_route(ir)),
-        http_filters=list(http_filters),
         # The sidecar answers for the workload: never trust a caller's forwarding headers.
         use_remote_address={"value": True},
     )
+
+
+def listener(ir: SidecarIR) -> listener_pb2.Listener:
+    """The inbound listener with one filter chain; its HCM is packed in at the end."""
     return listener_pb2.Listener(
         name=names.inbound_listener(ir),
         address=socket_address(ir.inbound.listen_address, ir.inbound.port),
         traffic_direction=base_pb2.INBOUND,
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(manager))
-                ]
-            )
-        ],
+        filter_chains=[listener_components_pb2.FilterChain()],
     )
+
+
+def attach(listener: listener_pb2.Listener, manager: hcm_pb2.HttpConnectionManager) -> None:
+    for chain in listener.filter_chains:
+        chain.filters.append(
+            listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(manager))
+        )
 
 
 def route_configuration(ir: SidecarIR) -> route_pb2.RouteConfiguration:

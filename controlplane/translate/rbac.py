@@ -17,9 +17,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
-from google.protobuf.message import Message
 
 from controlplane.ir import AccessIR, AccessRule, Action, PathMatch, SidecarIR
+from controlplane.translate.module import Module
 from controlplane.translate.protos import pack
 
 Permission: TypeAlias = rbac_config_pb2.Permission
@@ -147,14 +147,11 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
     return filters
 
 
-class Rbac:
+class Rbac(Module):
     name = "envoy.filters.http.rbac"
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
         return rbac_filters(ir.access) if ir.access is not None else []
-
-    def extra_resources(self, ir: SidecarIR) -> dict[str, list[Message]]:
-        return {}
 
 
 MODULE = Rbac()
