@@ -1,0 +1,247 @@
+"""Sync status of every connected sidecar, per resource type — what ``istioctl proxy-status``
+shows: SYNCED, STALE (sent, not yet ACKed), NACKED (rejected; the last ACKed version stays)
+or NOT_SENT.
+
+The ADS server writes here; the admin API, the CLI, tests and benchmarks read plain copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from controlplane.xds import resources as rt
+
+
+class State(enum.StrEnum):
+    SYNCED = "SYNCED"
+    STALE = "STALE"
+    NACKED = "NACKED"
+    NOT_SENT = "NOT_SENT"
+
+
+class StreamKind(enum.StrEnum):
+    SOTW = "SotW"
+    DELTA = "Delta"
+
+
+@dataclass(frozen=True)
+class Nack:
+    version: str  # the version that was rejected
+    nonce: str
+    message: str
+    at: float  # time.time()
+
+
+@dataclass
+class TypeSync:
+    """One resource type of one node's stream."""
+
+    type_url: str
+    target_version: str | None = None  # what the node should end up with, for its snapshot
+    sent_version: str | None = None
+    sent_nonce: str | None = None
+    sent_at: float | None = None
+    acked_version: str | None = None
+    acked_nonce: str | None = None
+    last_nack: Nack | None = None
+    responses: int = 0
+    bytes_sent: int = 0
+
+    @property
+    def short_name(self) -> str:
+        return rt.short_name(self.type_url)
+
+    @property
+    def state(self) -> State:
+        if self.sent_nonce is None:
+            return State.NOT_SENT
+        if self.last_nack is not None and self.last_nack.nonce == self.sent_nonce:
+            return State.NACKED
+        if self.acked_nonce == self.sent_nonce and self.acked_version == self.target_version:
+            return State.SYNCED
+        return State.STALE
+
+
+_WORST = (State.NACKED, State.STALE, State.NOT_SENT, State.SYNCED)
+
+
+@dataclass
+class NodeSync:
+    """One connected node (its latest stream)."""
+
+    node_id: str
+    kind: StreamKind
+    peer: str
+    connected_at: float
+    snapshot_version: str | None = None  # the snapshot the stream is working towards
+    types: dict[str, TypeSync] = field(default_factory=dict)
+
+    @property
+    def state(self) -> State:
+        """The worst state over its types; NOT_SENT before anything was tracked."""
+        states = {t.state for t in self.types.values()}
+        return next((s for s in _WORST if s in states), State.NOT_SENT)
+
+    @property
+    def synced(self) -> bool:
+        return bool(self.types) and all(t.state is State.SYNCED for t in self.types.values())
+
+    def type(self, type_url: str) -> TypeSync:
+        ts = self.types.get(type_url)
+        if ts is None:
+            ts = self.types[type_url] = TypeSync(type_url)
+        return ts
+
+
+@dataclass
+class TypeCounters:
+    responses: int = 0
+    acks: int = 0
+    nacks: int = 0
+    bytes_sent: int = 0
+
+
+class SyncStatus:
+    """Registry of connected nodes. Written from the asyncio loop thread only."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeSync] = {}
+        self._counters: dict[str, TypeCounters] = {}
+        self._changed = asyncio.Event()
+        # Each waiter's set of nodes changed since it last looked: re-checking only those
+        # keeps waiting for a thousand sidecars linear, not quadratic.
+        self._waiters: list[set[str]] = []
+
+    # -- written by the ADS server (each stream holds its own NodeSync) --
+
+    def connect(self, node_id: str, kind: StreamKind, peer: str) -> NodeSync:
+        node = NodeSync(node_id=node_id, kind=kind, peer=peer, connected_at=time.time())
+        self._nodes[node_id] = node  # a reconnect replaces the older stream's entry
+        self._touch(node_id)
+        return node
+
+    def disconnect(self, node: NodeSync) -> None:
+        if self._nodes.get(node.node_id) is node:
+            del self._nodes[node.node_id]
+            self._touch(node.node_id)
+
+    def set_target(self, node: NodeSync, snapshot_version: str | None) -> None:
+        if node.snapshot_version != snapshot_version:
+            node.snapshot_version = snapshot_version
+            self._touch(node.node_id)
+
+    def set_type_target(self, node: NodeSync, type_url: str, version: str) -> None:
+        ts = node.type(type_url)
+        if ts.target_version != version:
+            ts.target_version = version
+            self._touch(node.node_id)
+
+    def sent(self, node: NodeSync, type_url: str, version: str, nonce: str, nbytes: int) -> None:
+        ts = node.type(type_url)
+        ts.sent_version, ts.sent_nonce, ts.sent_at = version, nonce, time.time()
+        ts.responses += 1
+        ts.bytes_sent += nbytes
+        c = self._counter(type_url)
+        c.responses += 1
+        c.bytes_sent += nbytes
+        self._touch(node.node_id)
+
+    def already_has(self, node: NodeSync, type_url: str, version: str) -> None:
+        """The node reconnected already holding ``version``: nothing needed sending."""
+        ts = node.type(type_url)
+        ts.sent_version = ts.acked_version = version
+        ts.sent_nonce = ts.acked_nonce = ""
+        self._touch(node.node_id)
+
+    def acked(self, node: NodeSync, type_url: str, version: str, nonce: str) -> None:
+        ts = node.type(type_url)
+        ts.acked_version, ts.acked_nonce = version, nonce
+        self._counter(type_url).acks += 1
+        self._touch(node.node_id)
+
+    def nacked(
+        self, node: NodeSync, type_url: str, version: str, nonce: str, message: str
+    ) -> None:
+        node.type(type_url).last_nack = Nack(version, nonce, message, time.time())
+        self._counter(type_url).nacks += 1
+        self._touch(node.node_id)
+
+    # -- read side --
+
+    def nodes(self) -> list[NodeSync]:
+        """Copies of every connected node's status, by node id."""
+        return [copy.deepcopy(self._nodes[n]) for n in sorted(self._nodes)]
+
+    def node(self, node_id: str) -> NodeSync | None:
+        node = self._nodes.get(node_id)
+        return copy.deepcopy(node) if node is not None else None
+
+    def counters(self) -> dict[str, TypeCounters]:
+        """Totals per type URL since start: responses, ACKs, NACKs, bytes sent."""
+        return {t: copy.copy(c) for t, c in self._counters.items()}
+
+    def is_synced(self, node_id: str, snapshot_version: str | None = None) -> bool:
+        node = self._nodes.get(node_id)
+        if node is None or not node.synced:
+            return False
+        return snapshot_version is None or node.snapshot_version == snapshot_version
+
+    async def wait_synced(
+        self,
+        node_ids: Iterable[str] | None = None,
+        snapshot_versions: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """Wait until every given node (default: the keys of ``snapshot_versions``, else every
+        connected node) is connected and SYNCED on all its types — at the given snapshot
+        version where one is given. Raises TimeoutError naming the nodes still behind."""
+        versions = dict(snapshot_versions or {})
+        if node_ids is not None:
+            pending = set(node_ids)
+        elif versions:
+            pending = set(versions)
+        else:
+            pending = set(self._nodes)
+
+        dirty = set(pending)
+
+        async def until_synced() -> None:
+            while True:
+                check = dirty & pending
+                dirty.clear()
+                pending.difference_update(
+                    [n for n in check if self.is_synced(n, versions.get(n))]
+                )
+                if not pending:
+                    return
+                await self._changed.wait()
+
+        self._waiters.append(dirty)
+        try:
+            await asyncio.wait_for(until_synced(), timeout)
+        except TimeoutError:
+            detail = ", ".join(
+                f"{n}={self._nodes[n].state if n in self._nodes else 'DISCONNECTED'}"
+                for n in sorted(pending)[:20]
+            )
+            raise TimeoutError(f"{len(pending)} node(s) not synced: {detail}") from None
+        finally:
+            self._waiters.remove(dirty)
+
+    def _counter(self, type_url: str) -> TypeCounters:
+        c = self._counters.get(type_url)
+        if c is None:
+            c = self._counters[type_url] = TypeCounters()
+        return c
+
+    def _touch(self, node_id: str) -> None:
+        for dirty in self._waiters:
+            dirty.add(node_id)
+        # Wake every waiter; the next one to wait gets a fresh event.
+        self._changed.set()
+        self._changed = asyncio.Event()
