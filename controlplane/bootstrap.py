@@ -99,8 +99,10 @@ def build_bootstrap(
     xds_port: int,
     admin_port: int,
     cluster: str | None = None,
+    delta: bool = False,
 ) -> dict[str, Any]:
-    """An Envoy v3 bootstrap (plain dict) for ``sidecar``, configured entirely over ADS."""
+    """An Envoy v3 bootstrap (plain dict) for ``sidecar``, configured entirely over ADS
+    (state-of-the-world, or incremental with ``delta``)."""
     return {
         "node": {
             "id": sidecar.node_id,
@@ -112,7 +114,7 @@ def build_bootstrap(
         },
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
                 "grpc_services": [
@@ -157,12 +159,18 @@ def write_bootstrap(
     xds_port: int,
     admin_port: int,
     cluster: str | None = None,
+    delta: bool = False,
 ) -> Path:
     """Build and write the bootstrap YAML atomically (a sidecar never reads half a file)."""
     target = Path(path)
     text = render_bootstrap(
         build_bootstrap(
-            sidecar, xds_host=xds_host, xds_port=xds_port, admin_port=admin_port, cluster=cluster
+            sidecar,
+            xds_host=xds_host,
+            xds_port=xds_port,
+            admin_port=admin_port,
+            cluster=cluster,
+            delta=delta,
         )
     )
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="workload label, repeatable (policies select sidecars by them)",
     )
+    parser.add_argument(
+        "--delta", action="store_true", help="incremental (Delta) xDS instead of state-of-the-world"
+    )
     parser.add_argument("-o", "--output", help="write to FILE instead of stdout")
 
 
@@ -273,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
             xds_port=xds_port,
             admin_port=args.admin_port,
             cluster=args.cluster,
+            delta=args.delta,
         )
     else:
         bootstrap = build_bootstrap(
@@ -281,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
             xds_port=xds_port,
             admin_port=args.admin_port,
             cluster=args.cluster,
+            delta=args.delta,
         )
         sys.stdout.write(render_bootstrap(bootstrap))
     return 0

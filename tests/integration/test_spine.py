@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -92,7 +94,10 @@ async def eventually(check: Callable[[], Any], timeout: float = 15.0, every: flo
 
 
 @pytest.fixture
-async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[System]:
+async def system(
+    request: pytest.FixtureRequest, tmp_path: Path, demo_model: tuple[str, int]
+) -> AsyncIterator[System]:
+    delta = getattr(request, "param", "SotW") == "Delta"
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "access.yaml").write_text(ACCESS.format(methods="POST"))
@@ -108,7 +113,9 @@ async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[S
         inbound_address="127.0.0.1",
     )
     envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
+        build_bootstrap(
+            sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin, delta=delta
+        ),
         admin_port=envoy_admin,
         log_path=tmp_path / "envoy.log",
     )
@@ -152,6 +159,24 @@ async def test_config_arrives_over_ads_and_traffic_reaches_the_model(system: Sys
     await eventually(lambda: _sidecar_synced(system))
     dump = json.dumps(system.envoy.config_dump())
     assert "inbound|digits-model.demo" in dump
+    # What `modelguard status --json` shows users.
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [str(Path(sys.executable).parent / "modelguard"), "status", "--json",
+         "--admin", f"127.0.0.1:{system.admin_port}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    (sidecar,) = shown["sidecars"]
+    assert sidecar["node_id"] == "digits-model-0" and sidecar["state"] == "SYNCED"
+    assert {r["type"]: r["state"] for r in sidecar["resources"]} == {
+        "CDS": "SYNCED", "EDS": "SYNCED", "LDS": "SYNCED", "RDS": "SYNCED"
+    }
+    (policy,) = shown["policies"]
+    assert (policy["kind"], policy["state"], policy["sidecars"]) == (
+        "AccessPolicy", "Accepted", ["digits-model-0"]
+    )
 
 
 async def test_policy_edit_is_applied_live(system: System) -> None:
@@ -214,4 +239,15 @@ async def test_control_plane_restart_envoy_keeps_serving_then_resyncs(system: Sy
     system.plane = await start_plane(system.policies, system.xds_port, system.admin_port)
     # It reconnects, gets the policy edited while the control plane was down, and ACKs.
     await eventually(lambda: _predict_is(system, 403), timeout=30)
+    await eventually(lambda: _sidecar_synced(system))
+
+
+@pytest.mark.parametrize("system", ["Delta"], indirect=True)
+async def test_delta_sidecar_is_configured_and_follows_edits(system: System) -> None:
+    assert await system.predict() == 200
+    report = await status(system)
+    assert [s.stream for s in report.sidecars] == ["Delta"]
+    await eventually(lambda: _sidecar_synced(system))
+    (system.policies / "access.yaml").write_text(ACCESS.format(methods="PUT"))
+    await eventually(lambda: _predict_is(system, 403))
     await eventually(lambda: _sidecar_synced(system))
