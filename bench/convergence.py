@@ -47,19 +47,28 @@ spec:
 
 def _sidecar(node_id: str) -> Sidecar:
     return Sidecar(
-        node_id=node_id, service="digits-model", namespace="demo",
+        node_id=node_id,
+        service="digits-model",
+        namespace="demo",
         identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=18080, inbound_port=free_port(), inbound_address="127.0.0.1",
+        app_port=18080,
+        inbound_port=free_port(),
+        inbound_address="127.0.0.1",
     )
 
 
-def _run_sims(target: str, count: int, delta: bool, ready: multiprocessing.Event, stop: multiprocessing.Event) -> None:  # type: ignore[valid-type]  # noqa: E501
+def _run_sims(
+    target: str, count: int, delta: bool, ready: multiprocessing.Event, stop: multiprocessing.Event
+) -> None:  # type: ignore[valid-type]
     from controlplane.xds.simclient import SimulatedSidecar
 
     async def main() -> None:
         sims = [
             SimulatedSidecar(
-                target, f"sim-{i}", delta=delta, record=False,
+                target,
+                f"sim-{i}",
+                delta=delta,
+                record=False,
                 metadata=_sidecar(f"sim-{i}").to_metadata(),
             )
             for i in range(count)
@@ -110,9 +119,14 @@ async def measure(sims: int, rounds: int, delta: bool, real_envoy: bool) -> dict
         if real_envoy:
             admin = free_port()
             envoy = EnvoyProcess(
-                build_bootstrap(_sidecar("envoy-0"), xds_host="127.0.0.1",
-                                xds_port=plane.xds_port, admin_port=admin),
-                admin_port=admin, log_path=workdir / "envoy.log",
+                build_bootstrap(
+                    _sidecar("envoy-0"),
+                    xds_host="127.0.0.1",
+                    xds_port=plane.xds_port,
+                    admin_port=admin,
+                ),
+                admin_port=admin,
+                log_path=workdir / "envoy.log",
             )
             envoy.start()
             expected += 1
@@ -141,8 +155,11 @@ async def measure(sims: int, rounds: int, delta: bool, real_envoy: bool) -> dict
             await asyncio.sleep(0.3)  # let the watcher settle between rounds
         counters = plane.sync_status.counters()
         return {
-            "sidecars": expected, "real_envoy": real_envoy, "simulated": sims,
-            "stream": "Delta" if delta else "SotW", "rounds": rounds,
+            "sidecars": expected,
+            "real_envoy": real_envoy,
+            "simulated": sims,
+            "stream": "Delta" if delta else "SotW",
+            "rounds": rounds,
             "p50_ms": round(statistics.median(times) * 1e3, 1),
             "p99_ms": round(_percentile(times, 0.99) * 1e3, 1),
             "max_ms": round(max(times) * 1e3, 1),
@@ -162,7 +179,9 @@ async def measure(sims: int, rounds: int, delta: bool, real_envoy: bool) -> dict
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sims", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--delta", action="store_true", help="simulated sidecars use Delta xDS")
@@ -172,10 +191,14 @@ def main() -> int:
         asyncio.run(measure(0, args.rounds, args.delta, real_envoy=True)),
         asyncio.run(measure(args.sims, args.rounds, args.delta, real_envoy=True)),
     ]
-    print(f"{'sidecars':>9} {'stream':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rebuild ms':>11}")
+    print(
+        f"{'sidecars':>9} {'stream':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rebuild ms':>11}"
+    )
     for r in results:
-        print(f"{r['sidecars']:>9} {r['stream']:>6} {r['p50_ms']:>8} {r['p99_ms']:>8} "
-              f"{r['max_ms']:>8} {r['last_rebuild_ms']:>11}")
+        print(
+            f"{r['sidecars']:>9} {r['stream']:>6} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+            f"{r['max_ms']:>8} {r['last_rebuild_ms']:>11}"
+        )
     print(json.dumps(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -51,7 +51,9 @@ def test_validate_is_a_console_script(tmp_path: Path) -> None:
     (tmp_path / "x.yaml").write_text("kind: Deployment\napiVersion: apps/v1\n")
     result = subprocess.run(
         [str(Path(sys.executable).parent / "modelguard"), "validate", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert "apiVersion: must be modelguard.io/v1alpha1" in result.stdout
@@ -60,18 +62,31 @@ def test_validate_is_a_console_script(tmp_path: Path) -> None:
 def _report() -> admin_pb2.StatusReport:
     report = admin_pb2.StatusReport()
     sidecar = report.sidecars.add(
-        node_id="digits-model-0", service="digits-model", namespace="demo", stream="SotW",
-        snapshot_version="4c1f0e9a2b7d99", state="NACKED",
+        node_id="digits-model-0",
+        service="digits-model",
+        namespace="demo",
+        stream="SotW",
+        snapshot_version="4c1f0e9a2b7d99",
+        state="NACKED",
     )
     for kind in ("CDS", "EDS", "LDS"):
         sidecar.resources.add(type=kind, state="SYNCED", acked_version="v1")
     sidecar.resources.add(
-        type="RDS", state="NACKED", acked_version="v1", last_nack_version="v2",
+        type="RDS",
+        state="NACKED",
+        acked_version="v1",
+        last_nack_version="v2",
         last_nack_error="route: unknown cluster",
     )
     report.policies.add(
-        kind="AccessPolicy", namespace="demo", name="digits-model", source="policies/a.yaml",
-        generation=3, state="Rejected", serving=True, sidecars=["digits-model-0"],
+        kind="AccessPolicy",
+        namespace="demo",
+        name="digits-model",
+        source="policies/a.yaml",
+        generation=3,
+        state="Rejected",
+        serving=True,
+        sidecars=["digits-model-0"],
         errors=["policies/a.yaml[0] AccessPolicy demo/digits-model: spec.x: unknown field"],
     )
     return report
@@ -80,9 +95,24 @@ def _report() -> admin_pb2.StatusReport:
 def test_status_shows_states_nacks_and_policy_errors() -> None:
     text = render(_report())
     lines = text.splitlines()
-    assert lines[0].split() == ["SIDECAR", "SERVICE", "STREAM", "CDS", "EDS", "LDS", "RDS", "VERSION"]
+    assert lines[0].split() == [
+        "SIDECAR",
+        "SERVICE",
+        "STREAM",
+        "CDS",
+        "EDS",
+        "LDS",
+        "RDS",
+        "VERSION",
+    ]
     assert lines[1].split() == [
-        "digits-model-0", "digits-model.demo", "SotW", "SYNCED", "SYNCED", "SYNCED", "NACKED",
+        "digits-model-0",
+        "digits-model.demo",
+        "SotW",
+        "SYNCED",
+        "SYNCED",
+        "SYNCED",
+        "NACKED",
         "4c1f0e9a2b7d",
     ]
     assert "digits-model-0 RDS rejected version v2: route: unknown cluster (serving v1)" in text
@@ -99,8 +129,12 @@ def test_status_without_a_control_plane_says_so(capsys: pytest.CaptureFixture[st
 
 async def test_debouncer_coalesces_a_burst_and_bounds_the_delay() -> None:
     calls: list[float] = []
-    debouncer = Debouncer(lambda: calls.append(time.monotonic()), asyncio.get_running_loop(),
-                          quiet=0.05, max_delay=0.3)
+    debouncer = Debouncer(
+        lambda: calls.append(time.monotonic()),
+        asyncio.get_running_loop(),
+        quiet=0.05,
+        max_delay=0.3,
+    )
     start = time.monotonic()
     for _ in range(5):
         debouncer.trigger()
@@ -115,4 +149,3 @@ async def test_debouncer_coalesces_a_burst_and_bounds_the_delay() -> None:
         await asyncio.sleep(0.02)
     assert calls, "max_delay must bound the wait under a continuous stream of events"
     assert calls[0] - start < 0.45
-
