@@ -86,7 +86,7 @@ def _run_sims(
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def _converged(plane: ControlPlane, before: dict[str, str]) -> bool:
@@ -192,12 +192,12 @@ def main() -> int:
         asyncio.run(measure(args.sims, args.rounds, args.delta, real_envoy=True)),
     ]
     print(
-        f"{'sidecars':>9} {'stream':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rebuild ms':>11}"
+        f"{'sidecars':>9} {'stream':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rebuild':>8}"
     )
     for r in results:
         print(
             f"{r['sidecars']:>9} {r['stream']:>6} {r['p50_ms']:>8} {r['p99_ms']:>8} "
-            f"{r['max_ms']:>8} {r['last_rebuild_ms']:>11}"
+            f"{r['max_ms']:>8} {r['last_rebuild_ms']:>8}"
         )
     print(json.dumps(results))
     if args.json:
