@@ -127,7 +127,10 @@ def parse_documents(text: str, source: str) -> tuple[list[LoadedPolicy], list[Vi
     """
     loaded: list[LoadedPolicy] = []
     violations: list[Violation] = []
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # the reader already refuses unprintable characters
+    except yaml.YAMLError as err:
+        return [], [Violation(source, 0, None, None, "", _yaml_message(err))]
     index = 0
     try:
         while loader.check_node():
