@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup proto gen-check lint bench clean
+.PHONY: run test setup proto gen-check crds lint bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ proto: $(STAMP)
 
 gen-check: $(STAMP)
 	$(PY) -m controlplane.gen_protos --check
+	$(PY) -m controlplane.crdgen --check
+
+# CRDs in k8s/crds/, generated from controlplane/api (checked in; a test fails if stale).
+crds: $(STAMP)
+	$(PY) -m controlplane.crdgen
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check controlplane tests bench

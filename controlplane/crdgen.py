@@ -1,0 +1,403 @@
+"""CustomResourceDefinitions for the policy kinds, generated from ``controlplane/api``.
+
+The pydantic models are the one source of truth. Their JSON Schema is turned into a
+*structural* OpenAPI v3 schema as Kubernetes requires it: every ``$ref`` inlined, optional
+fields as plain (non-required) properties instead of ``anyOf`` with ``null``, no
+``additionalProperties: false`` (the API server prunes and, with field validation, rejects
+unknown fields), and OpenAPI 3.0's spelling of exclusive bounds. Rules pydantic checks in
+code (exactly one of, at least one of, cross-field bounds) become CEL
+``x-kubernetes-validations`` so ``kubectl apply`` rejects what ``modelguard validate`` would.
+
+``python -m controlplane.crdgen`` writes ``k8s/crds/``; ``--check`` exits 1 when it is stale
+(``make crds`` / ``make gen-check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from controlplane.api import API_VERSION, KINDS
+
+GROUP, VERSION = API_VERSION.split("/")
+CATEGORY: Final = "modelguard"
+CRD_DIR: Final = Path(__file__).resolve().parent.parent / "k8s" / "crds"
+
+
+class CrdGenError(ValueError):
+    """A model uses a schema construct that has no structural OpenAPI equivalent."""
+
+
+@dataclass(frozen=True)
+class Names:
+    plural: str
+    singular: str
+    short: tuple[str, ...]
+
+
+# Short names carry an `mg` prefix: `ap` is Istio's AuthorizationPolicy, and a clash makes
+# kubectl pick one silently.
+NAMES: Final[dict[str, Names]] = {
+    "AccessPolicy": Names("accesspolicies", "accesspolicy", ("mgap",)),
+    "EgressPolicy": Names("egresspolicies", "egresspolicy", ("mgep",)),
+    "RatePolicy": Names("ratepolicies", "ratepolicy", ("mgrp",)),
+    "ExtractionPolicy": Names("extractionpolicies", "extractionpolicy", ("mgxp",)),
+}
+
+
+def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    out = {"rule": rule, "message": message}
+    if field_path is not None:
+        out["fieldPath"] = field_path
+    return out
+
+
+def _set(field: str) -> str:
+    return f"has(self.{field}) && size(self.{field}) > 0"
+
+
+def _true(field: str) -> str:
+    return f"(has(self.{field}) && self.{field})"
+
+
+# The model validators of controlplane/api, as CEL, keyed by model (JSON Schema def) name.
+# Each says the same as the Python rule, with the same message where the path allows it.
+_HARDENING_RULES = [
+    _rule(
+        f"!{_true('labelOnly')} || !(has(self.topK) || has(self.roundDigits) || has(self.noise))",
+        "labelOnly returns no scores, so topK, roundDigits and noise cannot apply",
+        ".labelOnly",
+    )
+]
+VALIDATIONS: Final[dict[str, list[dict[str, str]]]] = {
+    "TargetRef": [
+        _rule(
+            "has(self.service) != has(self.selector)",
+            "exactly one of service, selector must be set",
+        )
+    ],
+    "ClientKey": [
+        _rule(
+            "(has(self.header) ? 1 : 0) + (" + _true("identity") + " ? 1 : 0) + "
+            "(has(self.jwtClaim) ? 1 : 0) + (" + _true("sourceIP") + " ? 1 : 0) == 1",
+            "exactly one of header, identity, jwtClaim, sourceIP must be set",
+        )
+    ],
+    "From": [
+        _rule(
+            " || ".join(
+                (f"({_set('identities')})", f"({_set('namespaces')})", "has(self.apiKeys)",
+                 "has(self.jwt)")
+            ),
+            "must set at least one of identities, namespaces, apiKeys, jwt",
+        )
+    ],
+    "To": [
+        _rule(
+            f"({_set('methods')}) || ({_set('paths')})",
+            "must set at least one of methods, paths",
+        )
+    ],
+    "Limit": [
+        _rule(
+            "!has(self.burst) || self.burst >= self.requests",
+            "must be at least requests",
+            ".burst",
+        )
+    ],
+    "Hardening": _HARDENING_RULES,
+    "OutputHardening": [
+        *_HARDENING_RULES,
+        _rule(
+            f"!({_set('tiers')}) || has(self.tierHeader)", "required when tiers are set",
+            ".tierHeader",
+        ),
+        _rule(
+            f"!has(self.tierHeader) || ({_set('tiers')})", "required when tierHeader is set",
+            ".tiers",
+        ),
+    ],
+    "ExtractionPolicySpec": [
+        _rule(
+            "!has(self.actions) || has(self.detection)",
+            "requires detection: actions follow its verdicts",
+            ".actions",
+        )
+    ],
+}
+
+# Lists whose items the API server can keep unique by itself (pydantic rejects duplicates
+# there too). Rules' names are optional, so AccessPolicy rules cannot be a map.
+LIST_TYPES: Final[dict[tuple[str, str], dict[str, Any]]] = {
+    ("RatePolicySpec", "limits"): {
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+    },
+    ("EgressRule", "ports"): {"x-kubernetes-list-type": "set"},
+    ("Detection", "detectors"): {"x-kubernetes-list-type": "set"},
+}
+
+# metav1.Condition, as every Kubernetes API that reports conditions has it.
+CONDITION_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["type", "status", "lastTransitionTime", "reason", "message"],
+    "properties": {
+        "type": {"type": "string", "maxLength": 316},
+        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+        "reason": {"type": "string", "maxLength": 1024, "minLength": 1},
+        "message": {"type": "string", "maxLength": 32768},
+    },
+}
+
+STATUS_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "description": "Written by the control plane: Accepted (valid; else every violation), "
+    "Programmed (the targeted sidecars ACKed the configuration).",
+    "properties": {
+        "observedGeneration": {"type": "integer", "format": "int64"},
+        "targetedSidecars": {"type": "integer", "format": "int32"},
+        "programmedSidecars": {"type": "integer", "format": "int32"},
+        "conditions": {
+            "type": "array",
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+            "items": CONDITION_SCHEMA,
+        },
+    },
+}
+
+_DROP = {"title", "$defs"}
+# Reads like hand-written CRDs: what a node is first, its children last.
+_KEY_ORDER = {
+    key: i for i, key in enumerate(("description", "type", "format", "enum", "default", "required"))
+} | {"properties": 90, "items": 91, "additionalProperties": 92}
+
+
+def _def_name(ref: str) -> str:
+    prefix = "#/$defs/"
+    if not ref.startswith(prefix):
+        raise CrdGenError(f"unsupported $ref {ref!r}")
+    return ref[len(prefix) :]
+
+
+class _Converter:
+    def __init__(self, defs: dict[str, Any]) -> None:
+        self.defs = defs
+
+    @staticmethod
+    def _map_keys(node: dict[str, Any], path: str) -> list[dict[str, str]]:
+        """A map with constrained keys (``dict[DnsLabel, X]``): pydantic says so with
+        patternProperties/propertyNames, which are not structural; the value schema moves to
+        additionalProperties (in ``node``) and the key constraints become CEL."""
+        patterns = node.pop("patternProperties", None)
+        names = node.pop("propertyNames", {})
+        checks, said = [], []
+        if patterns is not None:
+            if len(patterns) != 1:
+                raise CrdGenError(f"{path}: several key patterns are not structural")
+            (pattern, value), = patterns.items()
+            node["additionalProperties"] = value
+            checks.append(f"k.matches('{pattern}')")
+            said.append(f"match {pattern}")
+        if "maxLength" in names:
+            checks.append(f"size(k) <= {names['maxLength']}")
+            said.append(f"have at most {names['maxLength']} characters")
+        if not checks:
+            return []
+        return [_rule(f"self.all(k, {' && '.join(checks)})", f"keys must {' and '.join(said)}")]
+
+    def convert(self, node: dict[str, Any], path: str, name: str | None = None) -> dict[str, Any]:
+        node = dict(node)
+        if "$ref" in node:
+            name = _def_name(node.pop("$ref"))
+            if name == "Metadata":
+                # The API server owns ObjectMeta's schema; a CRD may only say "object".
+                return {"type": "object"}
+            node = {**self.defs[name], **node}
+            return self.convert(node, path, name)
+        if "anyOf" in node:
+            options = [o for o in node.pop("anyOf") if o != {"type": "null"}]
+            if len(options) != 1:
+                raise CrdGenError(f"{path}: a union of several types is not structural")
+            return self.convert({**options[0], **node}, path, name)
+        out: dict[str, Any] = {}
+        key_rules = self._map_keys(node, path)
+        for key, value in node.items():
+            if key in _DROP or (key == "additionalProperties" and value is False):
+                continue
+            if key == "default" and value in (None, [], {}):
+                continue  # an empty default only adds noise to every stored object
+            if key == "const":
+                out["enum"] = [value]
+            elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+                if node.get("type") != "integer":
+                    raise CrdGenError(f"{path}: exclusive bounds are only supported on integers")
+                out["minimum" if key == "exclusiveMinimum" else "maximum"] = (
+                    value + 1 if key == "exclusiveMinimum" else value - 1
+                )
+            elif key == "properties":
+                out[key] = {
+                    prop: self.convert(sub, f"{path}.{prop}")
+                    | LIST_TYPES.get((name or "", prop), {})
+                    for prop, sub in value.items()
+                }
+            elif key == "items":
+                out[key] = self.convert(value, f"{path}[]")
+            elif key == "additionalProperties":
+                out[key] = self.convert(value, f"{path}[*]")
+            elif key == "description":
+                out[key] = " ".join(str(value).split())
+            else:
+                out[key] = value
+        rules = key_rules + VALIDATIONS.get(name or "", [])
+        if rules:
+            out["x-kubernetes-validations"] = rules
+        return dict(sorted(out.items(), key=lambda item: _KEY_ORDER.get(item[0], len(_KEY_ORDER))))
+
+
+def spec_schema(kind: str) -> dict[str, Any]:
+    """The structural schema of ``spec`` of one kind."""
+    schema = KINDS[kind].model_json_schema(by_alias=True, mode="validation")
+    converter = _Converter(schema.get("$defs", {}))
+    return converter.convert(schema["properties"]["spec"], "spec")
+
+
+def _columns(kind: str) -> list[dict[str, Any]]:
+    def condition(kind_: str) -> str:
+        return f'.status.conditions[?(@.type=="{kind_}")].status'
+
+    columns: list[dict[str, Any]] = [
+        {"name": "Target", "type": "string", "jsonPath": ".spec.targetRef.service"},
+    ]
+    if "mode" in spec_schema(kind)["properties"]:
+        columns.append({"name": "Mode", "type": "string", "jsonPath": ".spec.mode"})
+    columns += [
+        {"name": "Accepted", "type": "string", "jsonPath": condition("Accepted")},
+        {"name": "Programmed", "type": "string", "jsonPath": condition("Programmed")},
+        {
+            "name": "Sidecars",
+            "type": "integer",
+            "jsonPath": ".status.programmedSidecars",
+            "description": "targeted sidecars that ACKed the current generation",
+        },
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return columns
+
+
+def crd(kind: str) -> dict[str, Any]:
+    names = NAMES[kind]
+    description = " ".join((KINDS[kind].__doc__ or "").split()) or None
+    schema: dict[str, Any] = {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema(kind),
+            "status": STATUS_SCHEMA,
+        },
+    }
+    if description:
+        schema["description"] = description
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{names.plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "modelguard"},
+        },
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": names.plural,
+                "singular": names.singular,
+                "shortNames": list(names.short),
+                "categories": [CATEGORY],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": _columns(kind),
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
+        },
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+HEADER = "# Generated by `make crds` (python -m controlplane.crdgen) from controlplane/api.\n"
+
+
+def render(document: dict[str, Any]) -> str:
+    return HEADER + yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def generate() -> dict[str, str]:
+    """File name → content of every file in ``k8s/crds/`` (kustomization included)."""
+    files = {f"{NAMES[kind].plural}.yaml": render(crd(kind)) for kind in sorted(KINDS)}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": sorted(files),
+    }
+    files["kustomization.yaml"] = render(kustomization)
+    return files
+
+
+def stale(directory: Path = CRD_DIR) -> list[str]:
+    """Files of ``directory`` that differ from what the generator produces (or are extra)."""
+    wanted = generate()
+    out = [name for name, text in wanted.items()
+           if not (directory / name).is_file() or (directory / name).read_text() != text]
+    if directory.is_dir():
+        out += sorted(p.name for p in directory.glob("*.yaml") if p.name not in wanted)
+    return out
+
+
+def write(directory: Path = CRD_DIR) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    wanted = generate()
+    for path in directory.glob("*.yaml"):
+        if path.name not in wanted:
+            path.unlink()  # a kind that was removed leaves no orphan CRD behind
+    for name, text in wanted.items():
+        (directory / name).write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controlplane.crdgen", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if k8s/crds/ is stale")
+    parser.add_argument("--out", type=Path, default=CRD_DIR)
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = stale(args.out)
+        if bad:
+            print(f"stale CRDs in {args.out}: {', '.join(bad)}; run `make crds`", file=sys.stderr)
+            return 1
+        return 0
+    write(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
