@@ -93,6 +93,47 @@ class InboundIR:
     app_port: int
 
 
+class RateEnforcement(StrEnum):
+    """Where a rate limit is counted (compile decides from scope and window)."""
+
+    LOCAL = "Local"  # a token bucket in each sidecar (local_ratelimit)
+    EXACT = "Exact"  # every request asks the rate limit service (ratelimit filter)
+    QUOTA = "Quota"  # the quota service assigns buckets, the sidecar enforces (RLQS)
+
+
+@dataclass(frozen=True)
+class ClientKeyIR:
+    """What identifies one client: a header, the peer's SPIFFE ID, a JWT claim, the IP."""
+
+    source: str  # "header" | "identity" | "jwtClaim" | "sourceIP"
+    name: str = ""  # the header name or the claim
+
+
+@dataclass(frozen=True)
+class RateLimitIR:
+    """One limit of a RatePolicy, per client: ``requests`` per ``window_seconds``."""
+
+    name: str  # <ns>.<policy>.<limit>: unique within the sidecar; names buckets and stats
+    policy: str  # <ns>/<policy>: what run-time throttles of the rate limit service name
+    client_key: ClientKeyIR
+    requests: int
+    window_seconds: int
+    burst: int  # bucket size of a Local limit (>= requests)
+    enforcement: RateEnforcement
+    shadow: bool = False  # count and report, never reject
+    fail_closed: bool = False  # reject while the rate limit service is unreachable
+
+
+@dataclass(frozen=True)
+class RateIR:
+    """Every rate limit of one sidecar's inbound traffic; all that apply are checked."""
+
+    limits: tuple[RateLimitIR, ...]
+
+    def by(self, enforcement: RateEnforcement) -> tuple[RateLimitIR, ...]:
+        return tuple(limit for limit in self.limits if limit.enforcement == enforcement)
+
+
 @dataclass(frozen=True)
 class SidecarIR:
     node_id: str
@@ -101,4 +142,5 @@ class SidecarIR:
     identity: str
     inbound: InboundIR
     access: AccessIR | None = None
+    rate: RateIR | None = None
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted

@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from controlplane.admin import AdminService
 from controlplane.inventory import Inventory, InventoryError, Sidecar
 from controlplane.pipeline import Debouncer, Pipeline
+from controlplane.ratelimit import RateLimitServices, backend_from_url
 from controlplane.sources.files import FileSource
 from controlplane.store import PolicyStore
 from controlplane.xds.cache import SnapshotCache
@@ -50,6 +51,7 @@ class ControlPlaneConfig:
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
     watch: bool = True
+    rate_limit_backend: str = "memory"  # or redis://host:port/db, shared by replicas
 
 
 def sidecar_from_node(node: base_pb2.Node) -> Sidecar:
@@ -68,6 +70,9 @@ class ControlPlane:
         self.files = FileSource(config.policy_paths, self.store)
         # One line per sidecar-facing service.
         self.sidecar_services: list[SidecarService] = []
+        # Rate limit (per request) and quota (RLQS) services over one budget backend.
+        self.rate_limits = RateLimitServices(backend_from_url(config.rate_limit_backend))
+        self.sidecar_services.append(self.rate_limits)
         self.xds_port = 0
         self.admin_port = 0
         self._xds_server: grpc.aio.Server | None = None

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controlplane.api import AccessPolicy, Policy
-from controlplane.compile import access
+from controlplane.api import AccessPolicy, Policy, RatePolicy
+from controlplane.compile import access, rate
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
 from controlplane.store import PolicySet
@@ -49,6 +49,7 @@ def compile_sidecar(sidecar: Sidecar, policies: Iterable[Policy]) -> SidecarIR:
             app_port=sidecar.app_port,
         ),
         access=access.compile_access([p for p in mine if isinstance(p, AccessPolicy)]),
+        rate=rate.compile_rate([p for p in mine if isinstance(p, RatePolicy)]),
         policies=tuple(policy_ref(p) for p in mine),
     )
 

@@ -9,7 +9,7 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import rbac, router
+from controlplane.translate import ratelimit, rbac, router
 from controlplane.translate.module import Inbound, Module
 
 __all__ = ["REGISTRY", "Inbound", "Module"]
@@ -17,5 +17,8 @@ __all__ = ["REGISTRY", "Inbound", "Module"]
 # Access control first (a denied request costs nothing further), the router last.
 REGISTRY: tuple[Module, ...] = (
     rbac.MODULE,
+    # Rate limits: header renaming first (responses cross it last), then the free local
+    # buckets, the locally enforced quota assignments, and the per-request service last.
+    ratelimit.HEADERS, ratelimit.LOCAL, ratelimit.QUOTA, ratelimit.EXACT,
     router.MODULE,
 )

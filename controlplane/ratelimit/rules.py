@@ -1,0 +1,52 @@
+"""A limit as the sidecar describes it: descriptors and bucket ids carry the limit itself.
+
+The translator puts the limit's name, policy, size, window and shadow flag into every
+descriptor (classic path) and bucket id (RLQS), so the services need no copy of the
+policies and every control-plane replica answers the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# The same keys as controlplane.translate.ratelimit writes.
+LIMIT_KEY = "limit"
+POLICY_KEY = "policy"
+REQUESTS_KEY = "requests"
+WINDOW_KEY = "window"
+SHADOW_KEY = "shadow"
+CLIENT_KEYS = ("client", "remote_address")
+ANONYMOUS = "-"
+
+
+@dataclass(frozen=True)
+class Rule:
+    limit: str  # <ns>.<policy>.<limit>
+    policy: str  # <ns>/<policy>
+    requests: int
+    window: int  # seconds
+    shadow: bool = False
+
+    @classmethod
+    def parse(cls, entries: Mapping[str, str]) -> tuple[Rule, str] | None:
+        """(rule, client) from descriptor entries or a bucket id; None if not ours."""
+        try:
+            rule = cls(
+                limit=entries[LIMIT_KEY],
+                policy=entries.get(POLICY_KEY, ""),
+                requests=int(entries[REQUESTS_KEY]),
+                window=int(entries[WINDOW_KEY]),
+                shadow=entries.get(SHADOW_KEY) == "true",
+            )
+        except (KeyError, ValueError):
+            return None
+        if rule.requests <= 0 or rule.window <= 0:
+            return None
+        client = next((entries[k] for k in CLIENT_KEYS if k in entries), ANONYMOUS)
+        return rule, client or ANONYMOUS
+
+
+def window_start(now: float, window: int) -> int:
+    """Fixed windows aligned to the Unix epoch, as Envoy's reference rate limit service."""
+    return int(now // window) * window

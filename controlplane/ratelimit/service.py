@@ -1,0 +1,254 @@
+"""The two gRPC services sidecars call, served on the control plane's xDS port.
+
+``RateLimitService`` answers each request (``ratelimit`` filter). ``QuotaService`` never
+sits on a request's path: sidecars stream batched usage reports (every 5 s, and at once
+for a new client) and it answers with an assignment per client bucket, which the sidecar
+enforces by itself: a token bucket holding this sidecar's share of what is left of the
+client's budget, or deny-all once it is spent. Throttles pushed at run time reach the
+sidecars through the same streams, without a configuration push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.type.v3 import ratelimit_strategy_pb2, token_bucket_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
+
+from controlplane.ratelimit.backend import Backend, BackendError, MemoryBackend, RedisBackend
+from controlplane.ratelimit.budgets import Budgets, Decision, tightest
+from controlplane.ratelimit.rules import Rule
+
+log = logging.getLogger(__name__)
+
+_UNITS = {
+    1: rls_pb2.RateLimitResponse.RateLimit.SECOND,
+    60: rls_pb2.RateLimitResponse.RateLimit.MINUTE,
+    3600: rls_pb2.RateLimitResponse.RateLimit.HOUR,
+    86400: rls_pb2.RateLimitResponse.RateLimit.DAY,
+}
+# Outlives a few 5 s reports; when no fresh one arrives (service or backend down), the
+# sidecar falls back to the policy's failure mode.
+ASSIGNMENT_TTL_SECONDS = 15
+
+Strategy = ratelimit_strategy_pb2.RateLimitStrategy
+
+
+def ratelimit_headers(decision: Decision) -> list[base_pb2.HeaderValue]:
+    """IETF draft RateLimit-* headers for the binding decision."""
+    return [
+        base_pb2.HeaderValue(key="ratelimit-limit", value=str(decision.limit)),
+        base_pb2.HeaderValue(key="ratelimit-remaining", value=str(decision.remaining)),
+        base_pb2.HeaderValue(key="ratelimit-reset", value=str(decision.reset)),
+    ]
+
+
+class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    """``envoy.service.ratelimit.v3``: one answer per request, every limit counted."""
+
+    def __init__(self, budgets: Budgets) -> None:
+        self.budgets = budgets
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> rls_pb2.RateLimitResponse:
+        response = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+        hits = request.hits_addend or 1
+        binding: list[Decision] = []
+        for descriptor in request.descriptors:
+            parsed = Rule.parse({e.key: e.value for e in descriptor.entries})
+            if parsed is None:
+                response.statuses.add(code=rls_pb2.RateLimitResponse.OK)
+                continue
+            rule, client = parsed
+            try:
+                decision = await self.budgets.hit(rule, client, hits)
+            except BackendError as err:
+                # Envoy applies the policy's failure mode (failure_mode_deny).
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            refused = decision.over and not rule.shadow
+            status = response.statuses.add(
+                code=rls_pb2.RateLimitResponse.OVER_LIMIT
+                if refused
+                else rls_pb2.RateLimitResponse.OK,
+                limit_remaining=decision.remaining,
+                duration_until_reset=duration_pb2.Duration(seconds=decision.reset),
+            )
+            unit = _UNITS.get(decision.window)
+            if unit is not None:
+                status.current_limit.requests_per_unit = decision.limit
+                status.current_limit.unit = unit
+            if refused:
+                response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
+            binding.append(
+                Decision(refused, decision.limit, decision.remaining, decision.reset, rule.window)
+            )
+        if binding:
+            response.response_headers_to_add.extend(ratelimit_headers(tightest(binding)))
+        return response
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One sidecar's RLQS stream: the buckets it reported and what to send it."""
+
+    peer: str
+    outbox: asyncio.Queue[rlqs_pb2.RateLimitQuotaResponse | None] = field(
+        default_factory=asyncio.Queue
+    )
+    # (limit, client) → (rule, bucket id as the sidecar sent it)
+    buckets: dict[tuple[str, str], tuple[Rule, rlqs_pb2.BucketId]] = field(default_factory=dict)
+
+
+class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore[misc]
+    """``envoy.service.rate_limit_quota.v3`` (RLQS): budgets enforced by the sidecars."""
+
+    def __init__(self, budgets: Budgets) -> None:
+        self.budgets = budgets
+        self._streams: set[_Stream] = set()
+        # Which streams hold each client bucket: its remaining budget is split among them.
+        self._holders: dict[tuple[str, str], set[_Stream]] = defaultdict(set)
+        self._used: dict[tuple[str, str], int] = {}
+        budgets.on_throttle(self._push_throttle)
+
+    async def StreamRateLimitQuotas(
+        self,
+        request_iterator: AsyncIterator[rlqs_pb2.RateLimitQuotaUsageReports],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[rlqs_pb2.RateLimitQuotaResponse]:
+        stream = _Stream(peer=context.peer())
+        self._streams.add(stream)
+        reader = asyncio.create_task(self._read(request_iterator, stream))
+        try:
+            while (response := await stream.outbox.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            self._streams.discard(stream)
+            for key in stream.buckets:
+                self._holders[key].discard(stream)
+                if not self._holders[key]:
+                    del self._holders[key]
+
+    async def _read(
+        self,
+        reports: AsyncIterator[rlqs_pb2.RateLimitQuotaUsageReports],
+        stream: _Stream,
+    ) -> None:
+        try:
+            async for report in reports:
+                response = await self._assign(report, stream)
+                if response.bucket_action:
+                    stream.outbox.put_nowait(response)
+        except (asyncio.CancelledError, grpc.RpcError):
+            pass
+        finally:
+            stream.outbox.put_nowait(None)
+
+    async def _assign(
+        self, report: rlqs_pb2.RateLimitQuotaUsageReports, stream: _Stream
+    ) -> rlqs_pb2.RateLimitQuotaResponse:
+        response = rlqs_pb2.RateLimitQuotaResponse()
+        for usage in report.bucket_quota_usages:
+            parsed = Rule.parse(dict(usage.bucket_id.bucket))
+            if parsed is None:
+                continue
+            rule, client = parsed
+            key = (rule.limit, client)
+            stream.buckets[key] = (rule, usage.bucket_id)
+            self._holders[key].add(stream)
+            try:
+                used = await self.budgets.add(
+                    rule, client, usage.num_requests_allowed + usage.num_requests_denied
+                )
+            except BackendError as err:
+                # No fresh assignment: the sidecar's expires and its failure mode applies.
+                log.warning("quota for %s/%s not assigned: %s", rule.limit, client, err)
+                continue
+            self._used[key] = used
+            response.bucket_action.append(self._action(rule, client, usage.bucket_id))
+        return response
+
+    def _action(
+        self, rule: Rule, client: str, bucket_id: rlqs_pb2.BucketId
+    ) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+        key = (rule.limit, client)
+        remaining = rule.requests - self._used.get(key, 0)
+        throttle = self.budgets.throttle_for(rule.policy, client)
+        if rule.shadow:
+            strategy = Strategy(blanket_rule=Strategy.ALLOW_ALL)
+        elif remaining <= 0:
+            strategy = Strategy(blanket_rule=Strategy.DENY_ALL)
+        else:
+            share = max(1, remaining // max(1, len(self._holders.get(key, ()))))
+            # A full bucket of this sidecar's share; the next report (5 s) resizes it, so
+            # the refill hardly matters (fill intervals under 1 s would disable it).
+            bucket = token_bucket_pb2.TokenBucket(
+                max_tokens=share,
+                tokens_per_fill=wrappers_pb2.UInt32Value(value=1),
+                fill_interval=duration_pb2.Duration(seconds=rule.window),
+            )
+            if throttle is not None:
+                bucket = token_bucket_pb2.TokenBucket(
+                    max_tokens=min(share, throttle.requests),
+                    tokens_per_fill=wrappers_pb2.UInt32Value(value=throttle.requests),
+                    fill_interval=duration_pb2.Duration(seconds=throttle.per),
+                )
+            strategy = Strategy(token_bucket=bucket)
+        action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
+        action.quota_assignment_action.rate_limit_strategy.CopyFrom(strategy)
+        action.quota_assignment_action.assignment_time_to_live.FromSeconds(ASSIGNMENT_TTL_SECONDS)
+        return action
+
+    async def _push_throttle(self, policy: str, client: str) -> None:
+        for stream in list(self._streams):
+            actions = [
+                self._action(rule, c, bucket_id)
+                for (_, c), (rule, bucket_id) in stream.buckets.items()
+                if c == client and rule.policy == policy
+            ]
+            if actions:
+                stream.outbox.put_nowait(rlqs_pb2.RateLimitQuotaResponse(bucket_action=actions))
+
+
+class RateLimitServices:
+    """Both services over one set of budgets: a sidecar service of the control plane."""
+
+    def __init__(self, backend: Backend | None = None, **budget_options: Any) -> None:
+        self.budgets = Budgets(backend or MemoryBackend(), **budget_options)
+        self.ratelimit = RateLimitService(self.budgets)
+        self.quota = QuotaService(self.budgets)
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.ratelimit, server)
+        rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(self.quota, server)
+
+    async def start(self) -> None:
+        await self.budgets.start()
+
+    async def stop(self) -> None:
+        await self.budgets.stop()
+
+    async def throttle(
+        self, policy: str, client: str, requests: int, per: str | int, until: float
+    ) -> None:
+        """Throttle one client of one policy at run time (see ``Budgets.throttle``)."""
+        await self.budgets.throttle(policy, client, requests, per, until)
+
+
+def backend_from_url(url: str) -> Backend:
+    """``memory`` (or empty): counted in this process; ``redis://host:port/db``: shared."""
+    if url in ("", "memory"):
+        return MemoryBackend()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisBackend(url)
+    raise ValueError(f"rate limit backend must be 'memory' or a redis:// URL, got {url!r}")
