@@ -8,8 +8,8 @@ unknown fields), and OpenAPI 3.0's spelling of exclusive bounds. Rules pydantic 
 code (exactly one of, at least one of, cross-field bounds) become CEL
 ``x-kubernetes-validations`` so ``kubectl apply`` rejects what ``modelguard validate`` would.
 
-``python -m controlplane.crdgen`` writes ``k8s/crds/``; ``--check`` exits 1 when it is stale
-(``make crds`` / ``make gen-check``).
+``python -m controlplane.crdgen`` writes ``k8s/crds/`` (and the demo's copies of
+``policies/``); ``--check`` exits 1 when they are stale (``make crds`` / ``make gen-check``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from controlplane.api import API_VERSION, KINDS
 
 GROUP, VERSION = API_VERSION.split("/")
 CATEGORY: Final = "modelguard"
-CRD_DIR: Final = Path(__file__).resolve().parent.parent / "k8s" / "crds"
+REPO: Final = Path(__file__).resolve().parent.parent
+CRD_DIR: Final = REPO / "k8s" / "crds"
+# kustomize refuses files outside a kustomization's folder (symlinks included), so the demo
+# carries generated copies of the example policies.
+POLICIES_DIR: Final = REPO / "policies"
+DEMO_POLICIES_DIR: Final = REPO / "k8s" / "demo" / "policies"
 
 
 class CrdGenError(ValueError):
@@ -364,9 +369,18 @@ def generate() -> dict[str, str]:
     return files
 
 
-def stale(directory: Path = CRD_DIR) -> list[str]:
+def demo_policies(source: Path = POLICIES_DIR) -> dict[str, str]:
+    """File name → content of every file in ``k8s/demo/policies/``."""
+    return {
+        path.name: f"# Copied from policies/{path.name} by `make crds`: edit that file.\n"
+        + path.read_text()
+        for path in sorted(source.glob("*.yaml"))
+    }
+
+
+def stale(directory: Path = CRD_DIR, wanted: dict[str, str] | None = None) -> list[str]:
     """Files of ``directory`` that differ from what the generator produces (or are extra)."""
-    wanted = generate()
+    wanted = generate() if wanted is None else wanted
     out = [name for name, text in wanted.items()
            if not (directory / name).is_file() or (directory / name).read_text() != text]
     if directory.is_dir():
@@ -374,9 +388,9 @@ def stale(directory: Path = CRD_DIR) -> list[str]:
     return out
 
 
-def write(directory: Path = CRD_DIR) -> None:
+def write(directory: Path = CRD_DIR, wanted: dict[str, str] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    wanted = generate()
+    wanted = generate() if wanted is None else wanted
     for path in directory.glob("*.yaml"):
         if path.name not in wanted:
             path.unlink()  # a kind that was removed leaves no orphan CRD behind
@@ -388,14 +402,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controlplane.crdgen", description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if k8s/crds/ is stale")
     parser.add_argument("--out", type=Path, default=CRD_DIR)
+    parser.add_argument("--demo-out", type=Path, default=DEMO_POLICIES_DIR)
     args = parser.parse_args(argv)
+    outputs = ((args.out, generate()), (args.demo_out, demo_policies()))
     if args.check:
-        bad = stale(args.out)
+        bad = [f"{directory}/{name}" for directory, wanted in outputs
+               for name in stale(directory, wanted)]
         if bad:
-            print(f"stale CRDs in {args.out}: {', '.join(bad)}; run `make crds`", file=sys.stderr)
+            print(f"stale generated files: {', '.join(bad)}; run `make crds`", file=sys.stderr)
             return 1
         return 0
-    write(args.out)
+    for directory, wanted in outputs:
+        write(directory, wanted)
     return 0
 
 

@@ -87,16 +87,25 @@ def test_committed_crds_are_generated_from_the_api() -> None:
     assert not stale, f"k8s/crds/ is stale ({', '.join(stale)}): run `make crds`"
 
 
+def test_demo_policies_are_copies_of_the_examples() -> None:
+    stale = crdgen.stale(crdgen.DEMO_POLICIES_DIR, crdgen.demo_policies())
+    assert not stale, f"k8s/demo/policies/ is stale ({', '.join(stale)}): run `make crds`"
+
+
 def test_check_mode_fails_on_a_stale_directory(tmp_path: Path) -> None:
-    crdgen.write(tmp_path)
-    assert crdgen.main(["--check", "--out", str(tmp_path)]) == 0
-    path = tmp_path / "ratepolicies.yaml"
+    crds, demo = tmp_path / "crds", tmp_path / "demo"
+    argv = ["--out", str(crds), "--demo-out", str(demo)]
+    assert crdgen.main(argv) == 0
+    assert crdgen.main(["--check", *argv]) == 0
+    path = crds / "ratepolicies.yaml"
     path.write_text(path.read_text().replace("minItems: 1", "minItems: 2"))
-    (tmp_path / "oldpolicies.yaml").write_text("{}\n")
-    assert crdgen.stale(tmp_path) == ["ratepolicies.yaml", "oldpolicies.yaml"]
-    assert crdgen.main(["--check", "--out", str(tmp_path)]) == 1
-    crdgen.write(tmp_path)
-    assert crdgen.stale(tmp_path) == []
+    (crds / "oldpolicies.yaml").write_text("{}\n")
+    assert crdgen.stale(crds) == ["ratepolicies.yaml", "oldpolicies.yaml"]
+    assert crdgen.main(["--check", *argv]) == 1
+    assert crdgen.main(argv) == 0
+    assert crdgen.stale(crds) == []
+    (demo / "rate.yaml").write_text("changed\n")
+    assert crdgen.main(["--check", *argv]) == 1
 
 
 def test_one_crd_per_kind_with_status_columns_and_short_names() -> None:

@@ -1,0 +1,187 @@
+"""k8s/ renders with kustomize and every object in it is valid, offline.
+
+Built-in kinds are checked against Kubernetes' own schemas (kubernetes-validate, strict:
+unknown fields fail); our policy objects against their CRD's schema and CEL rules. The
+rendering uses `kubectl kustomize` where kubectl is installed, and a small renderer of the
+kustomize features k8s/ uses otherwise; where both exist, they must agree.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.unit.test_crds import K8S_VERSION, cel_errors, schema_errors, schema_of
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+# Kinds of other projects: no schema is available offline; their fields are checked below.
+FOREIGN = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """The kustomize features k8s/ uses: resources, namespace, labels, images."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    objects: list[dict[str, Any]] = []
+    for resource in kustomization.get("resources", []):
+        path = (directory / resource).resolve()
+        assert path.is_relative_to(directory.resolve()), f"{resource}: outside {directory}"
+        objects += render(path) if path.is_dir() else _load(path)
+    namespace = kustomization.get("namespace")
+    for obj in objects:
+        meta = obj.setdefault("metadata", {})
+        if namespace and obj["kind"] not in CLUSTER_SCOPED:
+            meta["namespace"] = namespace
+        if namespace and obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
+            for subject in obj.get("subjects", []):
+                if subject.get("kind") == "ServiceAccount":
+                    subject["namespace"] = namespace
+        for group in kustomization.get("labels", []):
+            meta.setdefault("labels", {}).update(group["pairs"])
+    for image in kustomization.get("images", []):
+        for obj in objects:
+            for container in _containers(obj):
+                if container["image"].split(":")[0] == image["name"]:
+                    container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    return objects
+
+
+CLUSTER_SCOPED = {
+    "Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+    "MutatingWebhookConfiguration",
+}
+
+
+def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+    return [*spec.get("containers", []), *spec.get("initContainers", [])]
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return (obj["kind"], meta.get("namespace", ""), meta["name"])
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict[str, Any]]:
+    return render(K8S)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_kustomize_renders_the_same_objects(objects: list[dict[str, Any]]) -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    theirs = {_key(o): o for o in yaml.safe_load_all(out.stdout) if o}
+    ours = {_key(o): o for o in objects}
+    assert sorted(theirs) == sorted(ours)
+    for key, obj in ours.items():
+        assert theirs[key] == obj, key
+
+
+def test_every_object_is_valid(objects: list[dict[str, Any]]) -> None:
+    problems = []
+    for obj in objects:
+        where = "/".join(_key(obj))
+        if obj["apiVersion"] == "modelguard.io/v1alpha1":
+            problems += [f"{where}: {e}" for e in schema_errors(obj["kind"], obj)]
+            problems += [f"{where}: {e}" for e in cel_errors(schema_of(obj["kind"]), obj)]
+        elif (obj["apiVersion"], obj["kind"]) in FOREIGN:
+            continue
+        else:
+            try:
+                kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                problems.append(f"{where}: {err.message} at {list(err.path)}")
+    assert problems == []
+
+
+def test_the_kustomization_has_every_part(objects: list[dict[str, Any]]) -> None:
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert {
+        ("Namespace", "modelguard-system"),
+        ("Namespace", "demo"),
+        ("Deployment", "modelguard"),
+        ("Service", "modelguard"),
+        ("Deployment", "redis"),
+        ("Service", "redis"),
+        ("Deployment", "digits-model"),
+        ("Service", "digits-model"),
+        ("MutatingWebhookConfiguration", "modelguard-sidecar-injector"),
+        ("AccessPolicy", "digits-model"),
+        ("RatePolicy", "digits-model"),
+        ("ExtractionPolicy", "digits-model"),
+        ("EgressPolicy", "digits-model"),
+    } <= kinds
+    crds = {o["spec"]["names"]["kind"] for o in objects if o["kind"] == "CustomResourceDefinition"}
+    assert crds == {"AccessPolicy", "RatePolicy", "ExtractionPolicy", "EgressPolicy"}
+
+
+def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def test_rbac_is_least_privilege(objects: list[dict[str, Any]]) -> None:
+    role = _one(objects, "ClusterRole", "modelguard-control-plane")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+        writes = set(rule["verbs"]) - {"get", "list", "watch"}
+        if writes:  # the only thing written cluster-wide is the status of policies
+            assert all(r.endswith("/status") for r in rule["resources"]), rule
+            assert rule["apiGroups"] == ["modelguard.io"]
+    lease = _one(objects, "Role", "modelguard-leader-election")
+    assert lease["metadata"]["namespace"] == "modelguard-system"
+    for rule in lease["rules"]:
+        assert rule["resources"] == ["leases"]
+        if set(rule["verbs"]) - {"create"}:
+            assert rule["resourceNames"] == ["modelguard-status-writer"]
+
+
+def test_control_plane_deployment(objects: list[dict[str, Any]]) -> None:
+    deployment = _one(objects, "Deployment", "modelguard")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "modelguard"
+    (container,) = pod["containers"]
+    assert "--kubernetes" in container["args"]
+    assert container["image"] == "modelguard:0.1.0"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"]
+
+
+def test_webhook_reaches_the_control_plane_over_a_certified_name(
+    objects: list[dict[str, Any]],
+) -> None:
+    webhook = _one(objects, "MutatingWebhookConfiguration", "modelguard-sidecar-injector")
+    (hook,) = webhook["webhooks"]
+    target = hook["clientConfig"]["service"]
+    service = _one(objects, "Service", target["name"])
+    assert service["metadata"]["namespace"] == target["namespace"]
+    port = next(p for p in service["spec"]["ports"] if p["port"] == target["port"])
+    assert port["targetPort"] == "webhook"
+    certificate = _one(objects, "Certificate", "modelguard-webhook")
+    assert f"{target['name']}.{target['namespace']}.svc" in certificate["spec"]["dnsNames"]
+    ca_from = webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    assert ca_from == f"{certificate['metadata']['namespace']}/modelguard-webhook"
+    deployment = _one(objects, "Deployment", "modelguard")
+    (volume,) = deployment["spec"]["template"]["spec"]["volumes"]
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    assert hook["namespaceSelector"] == {"matchLabels": {"modelguard.io/inject": "enabled"}}
+    demo = _one(objects, "Namespace", "demo")
+    assert demo["metadata"]["labels"]["modelguard.io/inject"] == "enabled"
