@@ -7,6 +7,8 @@ through the sidecar: status codes, RateLimit-* headers, Envoy's own counters.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,8 +20,9 @@ import pytest
 from controlplane.bootstrap import build_bootstrap
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
+from controlplane.netutil import free_port, http_request, wait_for_port
 from controlplane.server import ControlPlane, ControlPlaneConfig
+from tests.conftest import Processes, stop_process
 
 pytestmark = pytest.mark.envoy
 
@@ -49,6 +52,9 @@ class RateSystem:
     plane: ControlPlane
     envoy: EnvoyProcess
     port: int
+    policies: Path = Path()
+    xds_port: int = 0
+    admin_port: int = 0
 
     async def get(self, key: str | None = None) -> tuple[int, dict[str, str]]:
         headers = {"x-api-key": key} if key is not None else {}
@@ -64,14 +70,9 @@ class RateSystem:
 Start = Callable[..., Awaitable[RateSystem]]
 
 
-@asynccontextmanager
-async def rate_system(
-    tmp_path: Path, model_port: int, policy_text: str, backend: str = "memory"
-) -> AsyncIterator[RateSystem]:
-    policies = tmp_path / f"policies-{time.monotonic_ns()}"
-    policies.mkdir()
-    (policies / "rate.yaml").write_text(policy_text)
-    xds_port, admin_port, listen_port, envoy_admin = (free_port() for _ in range(4))
+async def start_plane(
+    policies: Path, xds_port: int, admin_port: int, backend: str = "memory"
+) -> ControlPlane:
     plane = ControlPlane(
         ControlPlaneConfig(
             policy_paths=(str(policies),),
@@ -84,8 +85,13 @@ async def rate_system(
         )
     )
     await plane.start()
+    return plane
+
+
+def start_sidecar(policies: Path, model_port: int, xds_port: int, name: str) -> RateSystem:
+    listen_port, envoy_admin = free_port(), free_port()
     sidecar = Sidecar(
-        node_id="digits-model-0",
+        node_id=name,
         service="digits-model",
         namespace="demo",
         identity="spiffe://cluster.local/ns/demo/sa/digits-model",
@@ -96,15 +102,34 @@ async def rate_system(
     envoy = EnvoyProcess(
         build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
         admin_port=envoy_admin,
-        log_path=policies / "envoy.log",
+        log_path=policies / f"{name}.log",
     )
     envoy.start()
+    envoy.wait_ready(20)
+    return RateSystem(None, envoy, listen_port)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def rate_system(
+    tmp_path: Path, model_port: int, policy_text: str, backend: str = "memory"
+) -> AsyncIterator[RateSystem]:
+    policies = tmp_path / f"policies-{time.monotonic_ns()}"
+    policies.mkdir()
+    (policies / "rate.yaml").write_text(policy_text)
+    xds_port, admin_port = free_port(), free_port()
+    plane = await start_plane(policies, xds_port, admin_port, backend)
+    system: RateSystem | None = None
     try:
-        await asyncio.to_thread(envoy.wait_ready, 20)
-        yield RateSystem(plane, envoy, listen_port)
+        system = await asyncio.to_thread(
+            start_sidecar, policies, model_port, xds_port, "digits-model-0"
+        )
+        system.plane = plane
+        system.policies, system.xds_port, system.admin_port = policies, xds_port, admin_port
+        yield system
     finally:
-        envoy.stop()
-        await plane.stop(grace=0)
+        if system is not None:
+            system.envoy.stop()
+        await (system.plane if system is not None else plane).stop(grace=0)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
@@ -183,3 +208,161 @@ async def test_shadow_mode_lets_everything_through_while_counting(
         limited = {k: v for k, v in stats.items() if k.endswith(".rate_limited")}
         assert sum(limited.values()) == 4, stats
         assert not any(v for k, v in stats.items() if k.endswith(".enforced")), stats
+
+
+async def test_global_per_minute_limit_asks_the_rate_limit_service(
+    tmp_path: Path, demo_model: tuple[str, int]
+) -> None:
+    text = policy(
+        "{name: minute, clientKey: {header: x-api-key}, requests: 3, per: minute, scope: Global}"
+    )
+    async with rate_system(tmp_path, demo_model[1], text) as system:
+        seen = []
+        for _ in range(3):
+            status, headers = await system.get("gina")
+            assert status == 200
+            seen.append((headers["ratelimit-limit"], headers["ratelimit-remaining"]))
+        assert seen == [("3", "2"), ("3", "1"), ("3", "0")]
+        status, headers = await system.get("gina")
+        assert status == 429
+        assert headers["ratelimit-remaining"] == "0"
+        assert 0 < int(headers["ratelimit-reset"]) <= 60
+        assert (await system.get("hank"))[0] == 200
+        usage = await system.plane.rate_limits.budgets.usage()
+        assert [(u.rule.limit, [(c.client, c.used, c.over) for c in u.clients]) for u in usage] == [
+            ("demo.digits-model.minute", [("gina", 4, True), ("hank", 1, False)])
+        ]
+
+
+async def test_daily_budget_is_enforced_by_the_sidecar_from_quota_assignments(
+    tmp_path: Path, demo_model: tuple[str, int]
+) -> None:
+    text = policy(
+        "{name: daily, clientKey: {header: x-api-key}, requests: 5, per: day, scope: Global}"
+    )
+    async with rate_system(tmp_path, demo_model[1], text) as system:
+        # The first request of a new client passes before its assignment arrives; after
+        # that the sidecar enforces the assigned share without asking anyone.
+        assert (await system.get("ivan"))[0] == 200
+
+        async def assigned() -> bool:
+            return any(u.clients for u in await system.plane.rate_limits.budgets.usage())
+
+        await eventually(assigned)
+        codes = await system.statuses("ivan", 8)
+        assert codes[:4] == [200] * 4 and set(codes[4:]) == {429}, codes
+        status, headers = await system.get("ivan")
+        assert status == 429 and headers["ratelimit-limit"] == "5"
+        assert (await system.get("judy"))[0] == 200
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+
+class Redis:
+    def __init__(self, processes: Processes, port: int) -> None:
+        self.processes, self.port = processes, port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is required (make setup installs Debian's redis-server)")
+        self.process = self.processes.start(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            name="redis",
+        )
+        wait_for_port("127.0.0.1", self.port, timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(processes: Processes) -> Redis:
+    server = Redis(processes, free_port())
+    server.start()
+    return server
+
+
+MINUTE_LIMIT = (
+    "{name: minute, clientKey: {header: x-api-key}, requests: 4, per: minute, scope: Global}"
+)
+
+
+async def test_two_rate_limit_service_instances_share_one_budget_in_redis(
+    tmp_path: Path, demo_model: tuple[str, int], redis_server: Redis
+) -> None:
+    async with rate_system(tmp_path, demo_model[1], policy(MINUTE_LIMIT), redis_server.url) as a:
+        # A second control plane (its own services) and its own sidecar, on the same Redis.
+        xds_port = free_port()
+        plane_b = await start_plane(a.policies, xds_port, free_port(), redis_server.url)
+        try:
+            b = await asyncio.to_thread(
+                start_sidecar, a.policies, demo_model[1], xds_port, "digits-model-1"
+            )
+            try:
+                codes = []
+                for system in (a, b, a, b, a, b):
+                    codes.append((await system.get("kate"))[0])
+                assert codes == [200, 200, 200, 200, 429, 429]
+                _, headers = await b.get("kate")
+                assert headers["ratelimit-remaining"] == "0"
+            finally:
+                b.envoy.stop()
+        finally:
+            await plane_b.stop(grace=0)
+        # The budget survives a restart of the rate limit service.
+        await a.plane.stop(grace=0)
+        a.plane = await start_plane(a.policies, a.xds_port, a.admin_port, redis_server.url)
+
+        async def answered_again() -> bool:
+            status, headers = await a.get("kate")
+            return status == 429 and headers.get("ratelimit-remaining") == "0"
+
+        await eventually(answered_again, timeout=15)
+        assert (await a.get("liam"))[0] == 200
+
+
+@pytest.mark.parametrize(("failure_mode", "while_down"), [("FailOpen", 200), ("FailClosed", 500)])
+async def test_redis_down_applies_the_failure_mode_and_recovers(
+    tmp_path: Path,
+    demo_model: tuple[str, int],
+    redis_server: Redis,
+    failure_mode: str,
+    while_down: int,
+) -> None:
+    text = policy(MINUTE_LIMIT, failure_mode=failure_mode)
+    async with rate_system(tmp_path, demo_model[1], text, redis_server.url) as system:
+        status, headers = await system.get("mona")
+        assert status == 200 and headers["ratelimit-remaining"] == "3"
+        redis_server.stop()
+        for _ in range(3):
+            status, headers = await system.get("mona")
+            assert status == while_down
+            assert "ratelimit-remaining" not in headers
+        redis_server.start()  # empty: no persistence in this test
+
+        async def counted_again() -> bool:
+            status, headers = await system.get("mona")
+            return status == 200 and "ratelimit-remaining" in headers
+
+        await eventually(counted_again, timeout=10)
+        codes = await system.statuses("mona", 5)
+        assert 429 in codes and codes[: codes.index(429)] == [200] * codes.index(429)
