@@ -228,6 +228,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--admin-port", type=_port, required=True, help="Envoy admin port (on 127.0.0.1)"
     )
     parser.add_argument(
+        "--outbound-port",
+        type=_port,
+        help="port (on 127.0.0.1) where the sidecar takes the workload's outbound traffic "
+        "(egress control: EgressPolicy); without it outbound traffic bypasses the sidecar",
+    )
+    parser.add_argument(
         "--xds",
         type=parse_hostport,
         required=True,
@@ -269,6 +275,7 @@ def sidecar_from_args(args: argparse.Namespace) -> Sidecar:
         app_address=args.app_address,
         inbound_address=args.inbound_address,
         labels=tuple(sorted(dict(args.label).items())),
+        outbound_port=args.outbound_port,
     )
 
 

@@ -33,6 +33,9 @@ class Sidecar:
     app_address: str = "127.0.0.1"
     inbound_address: str = "0.0.0.0"
     labels: tuple[tuple[str, str], ...] = ()
+    # Where the sidecar captures the workload's outbound traffic (egress control); None:
+    # the workload's outbound traffic does not pass through the sidecar.
+    outbound_port: int | None = None
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -50,6 +53,7 @@ class Sidecar:
                 "inbound_port": self.inbound_port,
                 "inbound_address": self.inbound_address,
                 "labels": dict(self.labels),
+                **({"outbound_port": self.outbound_port} if self.outbound_port else {}),
             }
         }
 
@@ -100,6 +104,7 @@ class Sidecar:
             app_address=text("app_address", "127.0.0.1"),
             inbound_address=text("inbound_address", "0.0.0.0"),
             labels=tuple(sorted(labels_raw.items())),
+            outbound_port=port("outbound_port") if raw.get("outbound_port") is not None else None,
         )
         if problems:
             raise InventoryError(f"node {node_id!r}: " + "; ".join(problems))

@@ -134,6 +134,113 @@ class RateIR:
         return tuple(limit for limit in self.limits if limit.enforcement == enforcement)
 
 
+class EgressProtocol(StrEnum):
+    HTTP = "HTTP"  # plain HTTP, matched by Host / :authority
+    TLS = "TLS"  # TLS passed through untouched, matched by SNI
+
+
+@dataclass(frozen=True)
+class EgressBudget:
+    """Bytes the workload may send to one destination per window (exfiltration bound)."""
+
+    bytes: int
+    window_seconds: int
+
+
+@dataclass(frozen=True)
+class EgressDestination:
+    """One allow-listed outside destination. ``host`` is exact or ``*.suffix``; a wildcard
+    matches any subdomain (one label or more) but never the bare parent."""
+
+    name: str  # stable, unique within the sidecar: <ns>.<policy>.allow-<i>
+    policy: PolicyRef
+    host: str
+    ports: tuple[int, ...]
+    protocols: tuple[EgressProtocol, ...]
+    budget: EgressBudget | None = None
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host.startswith("*.")
+
+
+@dataclass(frozen=True)
+class EgressIR:
+    """The sidecar's outbound listener: everything the workload sends outside goes through
+    it and only allow-listed destinations pass (default deny).
+
+    ``enforce`` False is Audit: nothing is blocked, what would be is logged. ``deciding``
+    names the policies whose default deny decides for unlisted destinations (empty when no
+    EgressPolicy targets the sidecar: the sidecar's own default deny decides).
+    """
+
+    listen_address: str
+    port: int
+    enforce: bool
+    allowed: tuple[EgressDestination, ...]
+    deciding: tuple[PolicyRef, ...]
+
+
+@dataclass(frozen=True)
+class HardeningIR:
+    """How the sidecar perturbs a score vector; the model's top-1 class never changes."""
+
+    top_k: int | None = None  # keep the k highest scores, the others become 0
+    round_digits: int | None = None
+    label_only: bool = False  # one-hot on the top-1 class
+    noise: float | None = None  # each score moves by at most this much
+
+
+@dataclass(frozen=True)
+class QueryFeedIR:
+    """How the sidecar ships queries to the extraction monitor: batched, off the request
+    path; what it cannot ship is counted per client as unobserved."""
+
+    max_body_bytes: int = 64 * 1024  # per request or response body; larger: unobserved
+    batch_queries: int = 128  # a batch is shipped when it holds this many queries ...
+    batch_bytes: int = 1024 * 1024  # ... or this many bytes ...
+    flush_ms: int = 250  # ... or on this timer
+    max_in_flight: int = 4  # batches per worker awaiting an answer; beyond: buffer_full
+    timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class ExtractionIR:
+    """One ExtractionPolicy as one sidecar applies it: output hardening and the query feed."""
+
+    policy: PolicyRef
+    client_key: ClientKeyIR
+    features: str  # JSONPath of the query vectors in a request (read by the monitor)
+    # Where the score vectors are in a response: keys, indices, None for the wildcard.
+    # None when the path cannot be followed in the sidecar (hardening then matches nothing).
+    scores: tuple[str | int | None, ...] | None
+    label: str | None = None  # JSONPath of the predicted label, when the model returns one
+    output: HardeningIR | None = None  # the default; None: scores pass unchanged
+    tier_header: str | None = None
+    tiers: tuple[tuple[str, HardeningIR], ...] = ()  # tier → settings replacing the default
+    feed: QueryFeedIR | None = None  # present when the policy asks for detection
+    max_body_bytes: int = 512 * 1024  # larger responses pass unchanged (and are counted)
+
+
+@dataclass(frozen=True)
+class ClientVerdictIR:
+    """One client under an extraction verdict: denied (quarantine) or slowed (throttle)."""
+
+    policy: PolicyRef  # the ExtractionPolicy whose monitor decided
+    client_key: ClientKeyIR
+    value: str  # the client key's value: API key, SPIFFE ID or IP address
+    requests: int = 0  # throttle only: requests per window_seconds
+    window_seconds: int = 0
+
+
+@dataclass(frozen=True)
+class VerdictsIR:
+    """Verdicts of the extraction monitor in force on this sidecar (an input of compile)."""
+
+    quarantined: tuple[ClientVerdictIR, ...] = ()
+    throttled: tuple[ClientVerdictIR, ...] = ()
+
+
 @dataclass(frozen=True)
 class SidecarIR:
     node_id: str
@@ -143,4 +250,5 @@ class SidecarIR:
     inbound: InboundIR
     access: AccessIR | None = None
     rate: RateIR | None = None
+    egress: EgressIR | None = None  # present when the sidecar has an outbound port
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controlplane.api import AccessPolicy, Policy, RatePolicy
+from controlplane.api import AccessPolicy, EgressPolicy, Policy, RatePolicy
 from controlplane.compile import access, rate
+from controlplane.compile.egress import compile_egress
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
 from controlplane.store import PolicySet
@@ -50,6 +51,7 @@ def compile_sidecar(sidecar: Sidecar, policies: Iterable[Policy]) -> SidecarIR:
         ),
         access=access.compile_access([p for p in mine if isinstance(p, AccessPolicy)]),
         rate=rate.compile_rate([p for p in mine if isinstance(p, RatePolicy)]),
+        egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
         policies=tuple(policy_ref(p) for p in mine),
     )
 

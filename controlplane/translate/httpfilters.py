@@ -9,7 +9,7 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import ratelimit, rbac, router
+from controlplane.translate import egress, ratelimit, rbac, router
 from controlplane.translate.module import Inbound, Module
 
 __all__ = ["REGISTRY", "Inbound", "Module"]
@@ -21,4 +21,6 @@ REGISTRY: tuple[Module, ...] = (
     # buckets, the locally enforced quota assignments, and the per-request service last.
     ratelimit.HEADERS, ratelimit.LOCAL, ratelimit.QUOTA, ratelimit.EXACT,
     router.MODULE,
+    # Adds the outbound listener only (no inbound HTTP filter): order-free.
+    egress.MODULE,
 )

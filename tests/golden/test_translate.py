@@ -37,6 +37,7 @@ def _case_resources(case: Path):  # type: ignore[no-untyped-def]
         app_port=side["app_port"],
         inbound_port=side["inbound_port"],
         labels=tuple(sorted((side.get("labels") or {}).items())),
+        outbound_port=side.get("outbound_port"),
     )
     loaded, violations = parse_documents(yaml.safe_dump_all(spec["policies"]), str(case))
     assert not violations, [str(v) for v in violations]
