@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
         xds_port=args.xds_port,
         admin_host=args.admin_host,
         admin_port=args.admin_port,
+        rate_limit_backend=args.rate_limit_backend,
     )
 
     async def main() -> None:
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-port", type=int, default=18000)
     p.add_argument("--admin-host", default="127.0.0.1")
     p.add_argument("--admin-port", type=int, default=18001)
+    p.add_argument(
+        "--rate-limit-backend",
+        default="memory",
+        help="where budgets are counted: memory, or redis://HOST:PORT/DB (shared by replicas)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("status", help="connected sidecars and policies, like istioctl proxy-status")
@@ -103,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("node", nargs="?", default="", help="only sidecars whose id contains this")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("usage", help="rate limit and budget usage: top clients, who is over")
+    from controlplane.ratelimit import admin as ratelimit_admin
+
+    ratelimit_admin.add_arguments(p)
+    p.set_defaults(func=ratelimit_admin.run)
 
     p = sub.add_parser("bootstrap", help="write an Envoy bootstrap for a sidecar")
     try:

@@ -21,6 +21,7 @@ from controlplane.admin import AdminService
 from controlplane.inventory import Inventory, InventoryError, Sidecar
 from controlplane.pipeline import Debouncer, Pipeline
 from controlplane.ratelimit import RateLimitServices, backend_from_url
+from controlplane.ratelimit.admin import RateLimitAdmin
 from controlplane.sources.files import FileSource
 from controlplane.store import PolicyStore
 from controlplane.xds.cache import SnapshotCache
@@ -123,6 +124,7 @@ class ControlPlane:
         )
         self._admin_server = grpc.aio.server()
         AdminService(self).add_to(self._admin_server)
+        RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
         self.admin_port = self._admin_server.add_insecure_port(
             f"{self.config.admin_host}:{self.config.admin_port}"
         )

@@ -15,12 +15,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from controlplane.bootstrap import build_bootstrap
+from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request, wait_for_port
+from controlplane.ratelimit.admin import fetch_usage, render
 from controlplane.server import ControlPlane, ControlPlaneConfig
 from tests.conftest import Processes, stop_process
 
@@ -366,3 +370,52 @@ async def test_redis_down_applies_the_failure_mode_and_recovers(
         await eventually(counted_again, timeout=10)
         codes = await system.statuses("mona", 5)
         assert 429 in codes and codes[: codes.index(429)] == [200] * codes.index(429)
+
+
+async def test_usage_command_and_a_runtime_throttle_pushed_to_the_sidecar(
+    tmp_path: Path, demo_model: tuple[str, int]
+) -> None:
+    text = policy(
+        "{name: daily, clientKey: {header: x-api-key}, requests: 1000, per: day, scope: Global}"
+    )
+    async with rate_system(tmp_path, demo_model[1], text) as system:
+        address = f"127.0.0.1:{system.admin_port}"
+        assert (await system.get("zed"))[0] == 200
+
+        async def reported() -> bool:
+            report = await asyncio.to_thread(fetch_usage, address)
+            return any(c.client == "zed" for limit in report.limits for c in limit.clients)
+
+        await eventually(reported)
+        assert await system.statuses("zed", 5) == [200] * 5
+        # The extraction defense throttles one client: no config push, the quota service
+        # sends the sidecar a new assignment for that client's bucket.
+        version = system.envoy.config_dump()
+
+        def throttle() -> None:
+            until = timestamp_pb2.Timestamp()
+            until.FromSeconds(int(time.time()) + 600)
+            with grpc.insecure_channel(address) as channel:
+                ratelimit_pb2_grpc.RateLimitsStub(channel).Throttle(
+                    ratelimit_pb2.ThrottleRequest(
+                        policy="demo/digits-model",
+                        client="zed",
+                        requests=2,
+                        per_seconds=60,
+                        until=until,
+                    ),
+                    timeout=5,
+                )
+
+        # The admin server runs on this event loop: blocking calls go to a thread.
+        await asyncio.to_thread(throttle)
+
+        async def throttled() -> bool:
+            return (await system.get("zed"))[0] == 429
+
+        await eventually(throttled, timeout=5)
+        assert (await system.get("amy"))[0] == 200
+        assert system.envoy.config_dump() == version
+        text_out = render(await asyncio.to_thread(fetch_usage, address))
+        assert "demo.digits-model.daily  1000 per 86400s" in text_out
+        assert any(line.split()[0] == "zed" for line in text_out.splitlines()[2:] if line)

@@ -1,0 +1,143 @@
+"""The admin side of rate limits: usage per budget and run-time throttles (admin port),
+and ``modelguard usage``, which reads the former."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+
+from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
+from controlplane.ratelimit.backend import BackendError, RedisBackend
+from controlplane.ratelimit.service import RateLimitServices
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[misc]
+    def __init__(self, services: RateLimitServices) -> None:
+        self.services = services
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        ratelimit_pb2_grpc.add_RateLimitsServicer_to_server(self, server)
+
+    async def GetUsage(
+        self, request: ratelimit_pb2.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ratelimit_pb2.UsageReport:
+        budgets = self.services.budgets
+        backend = budgets.backend
+        report = ratelimit_pb2.UsageReport(
+            backend=backend.url if isinstance(backend, RedisBackend) else "memory",
+            generated_at=_timestamp(time.time()),
+        )
+        try:
+            usage = await budgets.usage(request.limit_filter, request.top or 10)
+        except BackendError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        for limit in usage:
+            entry = report.limits.add(
+                limit=limit.rule.limit,
+                policy=limit.rule.policy,
+                requests=limit.rule.requests,
+                window_seconds=limit.rule.window,
+                window_start=_timestamp(limit.window_start),
+                shadow=limit.rule.shadow,
+            )
+            for client in limit.clients:
+                entry.clients.add(
+                    client=client.client,
+                    used=client.used,
+                    remaining=client.remaining,
+                    at_or_over=client.over,
+                )
+        return report
+
+    async def Throttle(
+        self, request: ratelimit_pb2.ThrottleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ratelimit_pb2.ThrottleResponse:
+        if not request.policy or not request.client:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "policy and client are required")
+        if request.requests <= 0 or request.per_seconds <= 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "requests and per_seconds must be positive"
+            )
+        until = request.until.ToNanoseconds() / 1e9 if request.HasField("until") else 0.0
+        if until <= time.time():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "until must be in the future")
+        try:
+            await self.services.throttle(
+                request.policy, request.client, request.requests, request.per_seconds, until
+            )
+        except BackendError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return ratelimit_pb2.ThrottleResponse()
+
+
+# --- `modelguard usage` --------------------------------------------------------------------
+
+
+def fetch_usage(
+    address: str, limit_filter: str = "", top: int = 10, timeout: float = 5.0
+) -> ratelimit_pb2.UsageReport:
+    with grpc.insecure_channel(address) as channel:
+        stub = ratelimit_pb2_grpc.RateLimitsStub(channel)
+        report: ratelimit_pb2.UsageReport = stub.GetUsage(
+            ratelimit_pb2.GetUsageRequest(limit_filter=limit_filter, top=top), timeout=timeout
+        )
+        return report
+
+
+def render(report: ratelimit_pb2.UsageReport) -> str:
+    if not report.limits:
+        return (
+            f"no global limit has been asked about yet (backend: {report.backend}); "
+            "Local limits are counted inside each sidecar"
+        )
+    blocks = []
+    for limit in report.limits:
+        head = (
+            f"{limit.limit}  {limit.requests} per {limit.window_seconds}s"
+            f"{'  (shadow)' if limit.shadow else ''}  window since "
+            f"{limit.window_start.ToDatetime().isoformat()}Z"
+        )
+        rows = [["CLIENT", "USED", "REMAINING", "STATE"]]
+        rows += [
+            [c.client, str(c.used), str(c.remaining), "AT/OVER LIMIT" if c.at_or_over else "ok"]
+            for c in limit.clients
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        table = "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        )
+        blocks.append(f"{head}\n{table}")
+    return "\n\n".join(blocks) + f"\n\nbackend: {report.backend}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin", default="127.0.0.1:18001", help="admin address")
+    parser.add_argument("--top", type=int, default=10, help="clients per limit")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("limit", nargs="?", default="", help="only limits whose name has this")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = fetch_usage(args.admin, args.limit, args.top)
+    except grpc.RpcError as err:
+        print(f"modelguard usage: {args.admin}: {err.details() or err.code()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(report), indent=2))
+    else:
+        print(render(report))
+    return 0
