@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
@@ -48,6 +48,7 @@ from envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3 import (
     sni_dynamic_forward_proxy_pb2 as sni_dfp_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
@@ -340,7 +341,17 @@ def listener(egress: EgressIR) -> listener_pb2.Listener:
 
 
 def forward_proxy_cluster() -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
+    # Speak upstream what the workload spoke: gRPC (h2c) stays HTTP/2, HTTP/1.1 stays 1.1.
+    options = upstream_http_pb2.HttpProtocolOptions(
+        use_downstream_protocol_config=upstream_http_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
+            http_protocol_options={}, http2_protocol_options={}
+        ),
+        # Required by the forward proxy cluster; only used should a hop ever speak TLS.
+        upstream_http_protocol_options=protocol_pb2.UpstreamHttpProtocolOptions(
+            auto_sni=True, auto_san_validation=True
+        ),
+    )
+    cluster = cluster_pb2.Cluster(
         name=FORWARD_PROXY_CLUSTER,
         connect_timeout=duration_pb2.Duration(seconds=5),
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
@@ -349,6 +360,10 @@ def forward_proxy_cluster() -> cluster_pb2.Cluster:
             typed_config=pack(dfp_cluster_pb2.ClusterConfig(dns_cache_config=_dns_cache())),
         ),
     )
+    cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].CopyFrom(pack(options))
+    return cluster
 
 
 def blackhole_cluster() -> cluster_pb2.Cluster:
