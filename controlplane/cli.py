@@ -25,6 +25,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from controlplane.server import ControlPlane, ControlPlaneConfig
+    from controlplane.telemetry import settings as telemetry_settings
 
     config = ControlPlaneConfig(
         policy_paths=tuple(args.policies),
@@ -32,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         xds_port=args.xds_port,
         admin_host=args.admin_host,
         admin_port=args.admin_port,
+        telemetry=telemetry_settings.from_args(args),
         rate_limit_backend=args.rate_limit_backend,
     )
 
@@ -63,6 +65,12 @@ def _status(args: argparse.Namespace) -> int:
     from controlplane.status_cli import show_status
 
     return show_status(args)
+
+
+def _traces(args: argparse.Namespace) -> int:
+    from controlplane.traces_cli import show_traces
+
+    return show_traces(args)
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -102,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="memory",
         help="where budgets are counted: memory, or redis://HOST:PORT/DB (shared by replicas)",
     )
+    from controlplane.telemetry import settings as telemetry_cli_settings
+
+    telemetry_cli_settings.add_arguments(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("status", help="connected sidecars and policies, like istioctl proxy-status")
@@ -115,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ratelimit_admin.add_arguments(p)
     p.set_defaults(func=ratelimit_admin.run)
+
+    p = sub.add_parser("traces", help="recent traces and access logs; --follow streams them")
+    from controlplane import traces_cli
+
+    traces_cli.add_arguments(p)
+    p.set_defaults(func=_traces)
 
     p = sub.add_parser("bootstrap", help="write an Envoy bootstrap for a sidecar")
     try:

@@ -242,6 +242,15 @@ class VerdictsIR:
 
 
 @dataclass(frozen=True)
+class TelemetryIR:
+    """Traces and access logs one sidecar sends to the control plane's OTLP receiver."""
+
+    sampling_percent: float  # of requests traced; every request gets an access-log record
+    header_attributes: tuple[str, ...]  # request headers recorded (lower-case names)
+    client_key_header: str  # identifies a client; the receiver stores only its hash
+
+
+@dataclass(frozen=True)
 class SidecarIR:
     node_id: str
     service: str
@@ -249,6 +258,7 @@ class SidecarIR:
     identity: str
     inbound: InboundIR
     access: AccessIR | None = None
+    telemetry: TelemetryIR | None = None
     rate: RateIR | None = None
     egress: EgressIR | None = None  # present when the sidecar has an outbound port
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted

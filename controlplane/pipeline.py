@@ -17,6 +17,7 @@ from controlplane.compile import compile_sidecar
 from controlplane.inventory import Inventory
 from controlplane.ir import SidecarIR
 from controlplane.store import PolicyStore
+from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.translate import translate
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
@@ -80,6 +81,7 @@ class Pipeline:
     rebuilds: int = 0
     last_rebuild_seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)  # node id → why its snapshot is old
+    telemetry: TelemetrySettings | None = None  # what every sidecar records
 
     def rebuild(self) -> None:
         started = time.perf_counter()
@@ -91,7 +93,7 @@ class Pipeline:
             self.errors.pop(node_id, None)
             self.cache.clear(node_id)
         for sidecar in sidecars:
-            ir = compile_sidecar(sidecar, policies)
+            ir = compile_sidecar(sidecar, policies, telemetry=self.telemetry)
             if self._irs.get(sidecar.node_id) == ir:
                 continue
             try:

@@ -24,6 +24,8 @@ from controlplane.ratelimit import RateLimitServices, backend_from_url
 from controlplane.ratelimit.admin import RateLimitAdmin
 from controlplane.sources.files import FileSource
 from controlplane.store import PolicyStore
+from controlplane.telemetry.service import TelemetryService
+from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import AdsServer, RejectNode
 from controlplane.xds.status import SyncStatus
@@ -52,6 +54,7 @@ class ControlPlaneConfig:
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
     watch: bool = True
+    telemetry: TelemetrySettings = TelemetrySettings()  # noqa: RUF009 (frozen)
     rate_limit_backend: str = "memory"  # or redis://host:port/db, shared by replicas
 
 
@@ -71,6 +74,10 @@ class ControlPlane:
         self.files = FileSource(config.policy_paths, self.store)
         # One line per sidecar-facing service.
         self.sidecar_services: list[SidecarService] = []
+        # Sidecars' traces and access logs; the control plane's own spans and metrics.
+        self.pipeline.telemetry = config.telemetry
+        self.telemetry = TelemetryService(config.telemetry, self)
+        self.sidecar_services.append(self.telemetry)
         # Rate limit (per request) and quota (RLQS) services over one budget backend.
         self.rate_limits = RateLimitServices(backend_from_url(config.rate_limit_backend))
         self.sidecar_services.append(self.rate_limits)
@@ -124,6 +131,7 @@ class ControlPlane:
         )
         self._admin_server = grpc.aio.server()
         AdminService(self).add_to(self._admin_server)
+        self.telemetry.admin.add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
         self.admin_port = self._admin_server.add_insecure_port(
             f"{self.config.admin_host}:{self.config.admin_port}"

@@ -11,9 +11,11 @@ from collections.abc import Iterable
 from controlplane.api import AccessPolicy, EgressPolicy, Policy, RatePolicy
 from controlplane.compile import access, rate
 from controlplane.compile.egress import compile_egress
+from controlplane.compile.telemetry import compile_telemetry
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
 from controlplane.store import PolicySet
+from controlplane.telemetry.settings import TelemetrySettings
 
 
 def targets(policy: Policy, sidecar: Sidecar) -> bool:
@@ -33,7 +35,11 @@ def policy_ref(policy: Policy) -> PolicyRef:
     return PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name)
 
 
-def compile_sidecar(sidecar: Sidecar, policies: Iterable[Policy]) -> SidecarIR:
+def compile_sidecar(
+    sidecar: Sidecar,
+    policies: Iterable[Policy],
+    telemetry: TelemetrySettings | None = None,
+) -> SidecarIR:
     mine = sorted(
         (p for p in policies if targets(p, sidecar)),
         key=lambda p: (p.kind, p.metadata.namespace, p.metadata.name),
@@ -50,6 +56,7 @@ def compile_sidecar(sidecar: Sidecar, policies: Iterable[Policy]) -> SidecarIR:
             app_port=sidecar.app_port,
         ),
         access=access.compile_access([p for p in mine if isinstance(p, AccessPolicy)]),
+        telemetry=compile_telemetry(telemetry),
         rate=rate.compile_rate([p for p in mine if isinstance(p, RatePolicy)]),
         egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
         policies=tuple(policy_ref(p) for p in mine),

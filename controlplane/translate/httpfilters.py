@@ -9,7 +9,7 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import egress, ratelimit, rbac, router
+from controlplane.translate import egress, ratelimit, rbac, router, telemetry
 from controlplane.translate.module import Inbound, Module
 
 __all__ = ["REGISTRY", "Inbound", "Module"]
@@ -20,6 +20,8 @@ REGISTRY: tuple[Module, ...] = (
     # Rate limits: header renaming first (responses cross it last), then the free local
     # buckets, the locally enforced quota assignments, and the per-request service last.
     ratelimit.HEADERS, ratelimit.LOCAL, ratelimit.QUOTA, ratelimit.EXACT,
+    # Patches the connection manager only (tracer, access log): order-free.
+    telemetry.MODULE,
     router.MODULE,
     # Adds the outbound listener only (no inbound HTTP filter): order-free.
     egress.MODULE,

@@ -1,0 +1,219 @@
+"""What the receiver keeps of a span or an access-log record, and how it reads verdicts.
+
+A record is normalized from OTLP once, on arrival: secrets are already hashed, the policy
+verdict is derived from Envoy's response flags, response code details and dynamic metadata
+(the attribute names are those ``translate/telemetry.py`` asks Envoy for).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from opentelemetry.proto.common.v1 import common_pb2
+
+CLIENT_KEY_ATTRIBUTE = "modelguard.client.key"  # the plain key, as a sidecar sends it
+CLIENT_HASH_ATTRIBUTE = "modelguard.client.key_hash"  # what is kept instead
+HEADER_ATTRIBUTE_PREFIX = "http.request.header."
+VERDICT_ATTRIBUTE = "modelguard.verdict"
+VERDICT_RULE_ATTRIBUTE = "modelguard.verdict.rule"
+
+
+class Verdict(StrEnum):
+    ALLOWED = "allowed"
+    DENIED = "denied"  # by an access rule (rule: its name, or "default-deny")
+    RATE_LIMITED = "rate_limited"  # rule: the limit's name when the sidecar says it
+    HARDENED = "hardened"  # allowed, output perturbed (rule: what was done)
+    AUDIT_DENIED = "audit_denied"  # allowed, but an Audit-mode policy would have denied
+
+
+class Kind(StrEnum):
+    SPAN = "span"
+    LOG = "log"
+
+
+def hash_secret(value: str) -> str:
+    """A stable, non-reversible name for a credential (API keys are high-entropy secrets)."""
+    return "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:16]
+
+
+def _present(value: str) -> bool:
+    return bool(value) and value != "-"
+
+
+def any_value_text(value: common_pb2.AnyValue) -> str:
+    which = value.WhichOneof("value")
+    if which is None:
+        return ""
+    if which == "string_value":
+        return str(value.string_value)
+    if which in ("int_value", "double_value", "bool_value"):
+        raw = getattr(value, which)
+        return str(raw).lower() if which == "bool_value" else str(raw)
+    if which == "bytes_value":
+        return bytes(value.bytes_value).hex()
+    return str(value).strip()
+
+
+def scrub_attributes(
+    attributes: Iterable[common_pb2.KeyValue], secret_headers: Iterable[str]
+) -> list[common_pb2.KeyValue]:
+    """The attributes with every credential replaced by its hash and empty values dropped.
+
+    Runs on the raw OTLP before anything is stored or forwarded, so the plain key never
+    leaves the receiver.
+    """
+    secret = {HEADER_ATTRIBUTE_PREFIX + h for h in secret_headers}
+    out: list[common_pb2.KeyValue] = []
+    for kv in attributes:
+        text = any_value_text(kv.value)
+        if kv.key == CLIENT_KEY_ATTRIBUTE:
+            if _present(text):
+                out.append(
+                    common_pb2.KeyValue(
+                        key=CLIENT_HASH_ATTRIBUTE,
+                        value=common_pb2.AnyValue(string_value=hash_secret(text)),
+                    )
+                )
+            continue
+        if kv.key in secret:
+            if _present(text):
+                out.append(
+                    common_pb2.KeyValue(
+                        key=kv.key, value=common_pb2.AnyValue(string_value=hash_secret(text))
+                    )
+                )
+            continue
+        if kv.value.WhichOneof("value") is None or (
+            kv.value.WhichOneof("value") == "string_value" and not _present(text)
+        ):
+            continue
+        out.append(kv)
+    return out
+
+
+def verdict_of(attrs: Mapping[str, str]) -> tuple[Verdict | None, str]:
+    """(verdict, rule or limit) of one request, from its access-log or span attributes.
+
+    None when the attributes are not a sidecar request's (the control plane's own spans).
+    """
+    status = attrs.get("http.response.status_code") or attrs.get("http.status_code", "")
+    details = attrs.get("envoy.response_code_details", "")
+    flags = attrs.get("envoy.response_flags") or attrs.get("response_flags", "")
+    if not _present(status) and not _present(details):
+        return None, ""
+    prefix = "rbac_access_denied_matched_policy["
+    if details.startswith(prefix):
+        rule = details[len(prefix) :].rstrip("]")
+        return Verdict.DENIED, "default-deny" if rule in ("", "none") else rule
+    limit = attrs.get("modelguard.ratelimit.limit", "")
+    if "RL" in flags.split(",") or "rate_limit" in details:
+        return Verdict.RATE_LIMITED, limit if _present(limit) else details
+    hardened = attrs.get("modelguard.output.hardened", "")
+    if _present(hardened):
+        return Verdict.HARDENED, hardened
+    for which in ("audit_deny", "audit_allow"):
+        if attrs.get(f"envoy.rbac.{which}_shadow_engine_result") == "denied":
+            rule = attrs.get(f"envoy.rbac.{which}_shadow_effective_policy_id", "")
+            return Verdict.AUDIT_DENIED, rule if _present(rule) else "default-deny"
+    return Verdict.ALLOWED, ""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One span or access-log record as the store keeps it."""
+
+    kind: Kind
+    time_unix_nano: int
+    source: str  # "sidecar" or "control-plane"
+    service: str
+    node: str
+    name: str  # span name, or the log record's body
+    trace_id: str = ""  # hex
+    span_id: str = ""
+    duration_ms: float = 0.0
+    status: int = 0  # HTTP status code, 0 when none
+    client: str = ""  # hashed client key
+    identity: str = ""  # the caller's SPIFFE ID under mTLS
+    route: str = ""
+    verdict: str = ""
+    rule: str = ""
+    attributes: tuple[tuple[str, str], ...] = ()
+    seq: int = 0  # the store's arrival number (for --follow and paging)
+    size: int = field(default=0, compare=False)  # bytes this record holds in memory
+
+    def with_seq(self, seq: int) -> Record:
+        return replace(self, seq=seq)
+
+
+# Per-object overhead of a Record beyond its strings: the instance, its tuple of attribute
+# pairs, the deque slot. Measured with tracemalloc (tests/unit/test_telemetry_store.py).
+_RECORD_OVERHEAD = 400
+_PAIR_OVERHEAD = 120
+
+
+def measure(record: Record) -> int:
+    strings = (
+        record.source,
+        record.service,
+        record.node,
+        record.name,
+        record.trace_id,
+        record.span_id,
+        record.client,
+        record.identity,
+        record.route,
+        record.verdict,
+        record.rule,
+    )
+    size = _RECORD_OVERHEAD + sum(sys.getsizeof(s) for s in strings)
+    for key, value in record.attributes:
+        size += _PAIR_OVERHEAD + sys.getsizeof(key) + sys.getsizeof(value)
+    return size
+
+
+def make_record(
+    kind: Kind,
+    *,
+    time_unix_nano: int,
+    source: str,
+    resource: Mapping[str, str],
+    name: str,
+    attributes: Mapping[str, str],
+    trace_id: bytes = b"",
+    span_id: bytes = b"",
+    duration_ms: float = 0.0,
+) -> Record:
+    attrs = dict(attributes)
+    verdict, rule = verdict_of(attrs)
+    if verdict is not None:
+        attrs[VERDICT_ATTRIBUTE] = str(verdict)
+        if rule:
+            attrs[VERDICT_RULE_ATTRIBUTE] = rule
+    status_text = attrs.get("http.response.status_code") or attrs.get("http.status_code", "")
+    record = Record(
+        kind=kind,
+        time_unix_nano=time_unix_nano,
+        source=source,
+        service=resource.get("service.name", ""),
+        node=resource.get("modelguard.node_id") or attrs.get("modelguard.node_id", ""),
+        name=name,
+        trace_id=trace_id.hex(),
+        span_id=span_id.hex(),
+        duration_ms=duration_ms,
+        status=int(status_text) if status_text.isdigit() else 0,
+        client=attrs.get(CLIENT_HASH_ATTRIBUTE, ""),
+        identity=attrs.get("modelguard.caller.identity", ""),
+        route=attrs.get("envoy.route", ""),
+        verdict=str(verdict) if verdict is not None else "",
+        rule=rule,
+        attributes=tuple(sorted(attrs.items())),
+    )
+    return replace(record, size=measure(record))
+
+
+def attribute_map(attributes: Iterable[common_pb2.KeyValue]) -> dict[str, str]:
+    return {kv.key: any_value_text(kv.value) for kv in attributes}

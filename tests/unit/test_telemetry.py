@@ -1,0 +1,174 @@
+"""Telemetry: verdicts from Envoy's attributes, secrets scrubbed, settings, the translation
+(golden file + ``envoy --mode validate`` with the bootstrap's runtime layer)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from opentelemetry.proto.common.v1 import common_pb2
+
+from controlplane.bootstrap import TELEMETRY_RUNTIME, build_bootstrap, xds_cluster
+from controlplane.compile import compile_sidecar
+from controlplane.inventory import Sidecar
+from controlplane.local.envoy import validate_config
+from controlplane.telemetry.records import (
+    CLIENT_HASH_ATTRIBUTE,
+    hash_secret,
+    scrub_attributes,
+    verdict_of,
+)
+from controlplane.telemetry.settings import SettingsError, TelemetrySettings
+from controlplane.translate import translate
+from controlplane.translate.render import to_dict, validation_bootstrap
+from controlplane.xds import resources as rt
+
+GOLDEN = Path(__file__).parent.parent / "testdata" / "telemetry" / "connection_manager.yaml"
+SIDECAR = Sidecar(
+    node_id="digits-model-0",
+    service="digits-model",
+    namespace="demo",
+    identity="spiffe://cluster.local/ns/demo/sa/digits-model",
+    app_port=8080,
+    inbound_port=10000,
+)
+SETTINGS = TelemetrySettings(sampling_percent=25.0, header_attributes=("user-agent",))
+
+
+@pytest.mark.parametrize(
+    ("attrs", "want"),
+    [
+        (
+            {"http.response.status_code": "200", "envoy.response_code_details": "via_upstream"},
+            ("allowed", ""),
+        ),
+        (
+            {
+                "http.response.status_code": "403",
+                "envoy.response_code_details": "rbac_access_denied_matched_policy[none]",
+            },
+            ("denied", "default-deny"),
+        ),
+        (
+            {
+                "http.response.status_code": "403",
+                "envoy.response_code_details": "rbac_access_denied_matched_policy[demo.p.rule-1]",
+            },
+            ("denied", "demo.p.rule-1"),
+        ),
+        (
+            {
+                "http.response.status_code": "429",
+                "envoy.response_flags": "RL",
+                "envoy.response_code_details": "local_rate_limited",
+                "modelguard.ratelimit.limit": "demo.p.burst",
+            },
+            ("rate_limited", "demo.p.burst"),
+        ),
+        (
+            {
+                "http.response.status_code": "429",
+                "envoy.response_flags": "RL",
+                "envoy.response_code_details": "request_rate_limited",
+            },
+            ("rate_limited", "request_rate_limited"),
+        ),
+        (
+            {"http.response.status_code": "200", "modelguard.output.hardened": "topK=1"},
+            ("hardened", "topK=1"),
+        ),
+        (
+            {
+                "http.response.status_code": "200",
+                "envoy.rbac.audit_allow_shadow_engine_result": "denied",
+            },
+            ("audit_denied", "default-deny"),
+        ),
+        # Envoy's own span tags use other names for the same facts.
+        ({"http.status_code": "429", "response_flags": "RL"}, ("rate_limited", "")),
+    ],
+)
+def test_verdicts(attrs: dict[str, str], want: tuple[str, str]) -> None:
+    verdict, rule = verdict_of(attrs)
+    assert (str(verdict), rule) == want
+
+
+def test_no_verdict_on_the_control_planes_own_spans() -> None:
+    assert verdict_of({"modelguard.revision": "3"}) == (None, "")
+
+
+def _kv(key: str, value: str) -> common_pb2.KeyValue:
+    return common_pb2.KeyValue(key=key, value=common_pb2.AnyValue(string_value=value))
+
+
+def test_secrets_are_hashed_and_empty_values_dropped() -> None:
+    kept = scrub_attributes(
+        [
+            _kv("modelguard.client.key", "k-123"),
+            _kv("http.request.header.authorization", "Bearer abc"),
+            _kv("http.request.header.user-agent", "curl"),
+            _kv("modelguard.caller.identity", "-"),
+            _kv("url.path", "/v1/predict"),
+        ],
+        ("authorization",),
+    )
+    got = {kv.key: kv.value.string_value for kv in kept}
+    assert got == {
+        CLIENT_HASH_ATTRIBUTE: hash_secret("k-123"),
+        "http.request.header.authorization": hash_secret("Bearer abc"),
+        "http.request.header.user-agent": "curl",
+        "url.path": "/v1/predict",
+    }
+
+
+def test_settings_report_every_bad_value() -> None:
+    with pytest.raises(SettingsError) as err:
+        TelemetrySettings(
+            sampling_percent=150,
+            header_attributes=("User Agent",),
+            max_bytes=0,
+            forward_endpoint="nowhere",
+        )
+    message = str(err.value)
+    for part in ("sampling_percent", "'User Agent'", "max_bytes", "forward_endpoint"):
+        assert part in message
+
+
+def _manager(resources: dict[str, list[object]]) -> dict[str, object]:
+    listener = to_dict(resources[rt.LISTENER][0])  # type: ignore[arg-type]
+    config: dict[str, object] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return config
+
+
+def test_translation_matches_golden() -> None:
+    manager = _manager(translate(compile_sidecar(SIDECAR, [], SETTINGS)))  # type: ignore[arg-type]
+    want = yaml.safe_dump(
+        {"tracing": manager["tracing"], "access_log": manager["access_log"]}, sort_keys=True
+    )
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(want)
+    assert GOLDEN.read_text() == want, (
+        "stale; regenerate: UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_telemetry.py"
+    )
+
+
+def test_no_settings_no_telemetry() -> None:
+    manager = _manager(translate(compile_sidecar(SIDECAR, [])))  # type: ignore[arg-type]
+    assert "tracing" not in manager and "access_log" not in manager
+    off = TelemetrySettings(enabled=False)
+    manager = _manager(translate(compile_sidecar(SIDECAR, [], off)))  # type: ignore[arg-type]
+    assert "tracing" not in manager
+
+
+def test_envoy_accepts_the_telemetry_config_and_the_runtime_layer() -> None:
+    resources = translate(compile_sidecar(SIDECAR, [], SETTINGS))
+    config = validation_bootstrap(resources)
+    config["static_resources"]["clusters"].append(xds_cluster("127.0.0.1", 18000))
+    bootstrap = build_bootstrap(SIDECAR, xds_host="127.0.0.1", xds_port=18000, admin_port=0)
+    config["layered_runtime"] = bootstrap["layered_runtime"]
+    assert bootstrap["layered_runtime"]["layers"][0]["static_layer"] == TELEMETRY_RUNTIME
+    ok, output = validate_config(config)
+    assert ok, output
