@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         telemetry=telemetry_settings.from_args(args),
         rate_limit_backend=args.rate_limit_backend,
+        verdicts_path=args.verdicts or None,
     )
 
     async def main() -> None:
@@ -110,10 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="memory",
         help="where budgets are counted: memory, or redis://HOST:PORT/DB (shared by replicas)",
     )
+    p.add_argument(
+        "--verdicts",
+        default=".modelguard/verdicts.json",
+        help="file quarantines persist in across restarts ('' keeps them in memory)",
+    )
     from controlplane.telemetry import settings as telemetry_cli_settings
 
     telemetry_cli_settings.add_arguments(p)
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("quarantine", help="clients the extraction monitor quarantined")
+    from controlplane.extraction import admin as quarantine_admin
+
+    quarantine_admin.add_arguments(p)
+    p.set_defaults(func=quarantine_admin.run)
 
     p = sub.add_parser("status", help="connected sidecars and policies, like istioctl proxy-status")
     p.add_argument("--admin", default="127.0.0.1:18001", help="admin address of the control plane")

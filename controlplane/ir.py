@@ -251,6 +251,25 @@ class TelemetryIR:
 
 
 @dataclass(frozen=True)
+class ClientVerdictIR:
+    """One client under an extraction verdict: denied (quarantine) or slowed (throttle)."""
+
+    policy: PolicyRef  # the ExtractionPolicy whose monitor decided
+    client_key: ClientKeyIR
+    value: str  # the client key's value: API key, SPIFFE ID or IP address
+    requests: int = 0  # throttle only: requests per window_seconds
+    window_seconds: int = 0
+
+
+@dataclass(frozen=True)
+class VerdictsIR:
+    """Verdicts of the extraction monitor in force on this sidecar (an input of compile)."""
+
+    quarantined: tuple[ClientVerdictIR, ...] = ()
+    throttled: tuple[ClientVerdictIR, ...] = ()
+
+
+@dataclass(frozen=True)
 class SidecarIR:
     node_id: str
     service: str
@@ -261,4 +280,5 @@ class SidecarIR:
     telemetry: TelemetryIR | None = None
     rate: RateIR | None = None
     egress: EgressIR | None = None  # present when the sidecar has an outbound port
+    verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from controlplane.compile import compile_sidecar
+from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Inventory
 from controlplane.ir import SidecarIR
 from controlplane.store import PolicyStore
@@ -82,6 +83,8 @@ class Pipeline:
     last_rebuild_seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)  # node id → why its snapshot is old
     telemetry: TelemetrySettings | None = None  # what every sidecar records
+    # Quarantines and throttles in force (the extraction monitor's verdicts).
+    verdicts: Callable[[], Sequence[Enforcement]] | None = None
 
     def rebuild(self) -> None:
         started = time.perf_counter()
@@ -92,8 +95,11 @@ class Pipeline:
             del self._irs[node_id]
             self.errors.pop(node_id, None)
             self.cache.clear(node_id)
+        verdicts = self.verdicts() if self.verdicts is not None else ()
         for sidecar in sidecars:
-            ir = compile_sidecar(sidecar, policies, telemetry=self.telemetry)
+            ir = compile_sidecar(
+                sidecar, policies, telemetry=self.telemetry, verdicts=verdicts
+            )
             if self._irs.get(sidecar.node_id) == ir:
                 continue
             try:

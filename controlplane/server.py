@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import grpc
@@ -18,6 +19,8 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from controlplane.admin import AdminService
+from controlplane.extraction.admin import QuarantineAdmin
+from controlplane.extraction.feed import Extraction
 from controlplane.inventory import Inventory, InventoryError, Sidecar
 from controlplane.pipeline import Debouncer, Pipeline
 from controlplane.ratelimit import RateLimitServices, backend_from_url
@@ -56,6 +59,8 @@ class ControlPlaneConfig:
     watch: bool = True
     telemetry: TelemetrySettings = TelemetrySettings()  # noqa: RUF009 (frozen)
     rate_limit_backend: str = "memory"  # or redis://host:port/db, shared by replicas
+    # Where quarantines persist across restarts (None: in memory only).
+    verdicts_path: str | None = None
 
 
 def sidecar_from_node(node: base_pb2.Node) -> Sidecar:
@@ -81,6 +86,13 @@ class ControlPlane:
         # Rate limit (per request) and quota (RLQS) services over one budget backend.
         self.rate_limits = RateLimitServices(backend_from_url(config.rate_limit_backend))
         self.sidecar_services.append(self.rate_limits)
+        # Extraction monitor: the sidecars' query feed in, verdicts out into compile.
+        self.extraction = Extraction(
+            lambda: self.store.current().policies,
+            Path(config.verdicts_path) if config.verdicts_path else None,
+        )
+        self.pipeline.verdicts = self.extraction.verdicts.active
+        self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
         self.admin_port = 0
         self._xds_server: grpc.aio.Server | None = None
@@ -108,6 +120,7 @@ class ControlPlane:
         )
         self.store.subscribe(lambda _policies: debouncer.trigger())
         self.inventory.subscribe(debouncer.trigger)
+        self.extraction.verdicts.subscribe(debouncer.trigger)
         self.files.sync()  # the first policy set is in place before any sidecar is served
 
         self._xds_server = grpc.aio.server(
@@ -131,6 +144,7 @@ class ControlPlane:
         )
         self._admin_server = grpc.aio.server()
         AdminService(self).add_to(self._admin_server)
+        QuarantineAdmin(self.extraction.monitor).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
         self.admin_port = self._admin_server.add_insecure_port(

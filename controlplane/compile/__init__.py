@@ -6,12 +6,14 @@ IR; this module only decides which policies target which sidecar and assembles t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from controlplane.api import AccessPolicy, EgressPolicy, Policy, RatePolicy
+from controlplane.api import AccessPolicy, EgressPolicy, ExtractionPolicy, Policy, RatePolicy
 from controlplane.compile import access, rate
 from controlplane.compile.egress import compile_egress
 from controlplane.compile.telemetry import compile_telemetry
+from controlplane.compile.verdicts import compile_verdicts
+from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
 from controlplane.store import PolicySet
@@ -39,6 +41,7 @@ def compile_sidecar(
     sidecar: Sidecar,
     policies: Iterable[Policy],
     telemetry: TelemetrySettings | None = None,
+    verdicts: Sequence[Enforcement] = (),
 ) -> SidecarIR:
     mine = sorted(
         (p for p in policies if targets(p, sidecar)),
@@ -59,6 +62,7 @@ def compile_sidecar(
         telemetry=compile_telemetry(telemetry),
         rate=rate.compile_rate([p for p in mine if isinstance(p, RatePolicy)]),
         egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
+        verdicts=compile_verdicts([p for p in mine if isinstance(p, ExtractionPolicy)], verdicts),
         policies=tuple(policy_ref(p) for p in mine),
     )
 

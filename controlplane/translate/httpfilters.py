@@ -10,12 +10,15 @@ in ``REGISTRY``.
 from __future__ import annotations
 
 from controlplane.translate import egress, ratelimit, rbac, router, telemetry
+from controlplane.translate import verdicts as extraction_verdicts
 from controlplane.translate.module import Inbound, Module
 
 __all__ = ["REGISTRY", "Inbound", "Module"]
 
 # Access control first (a denied request costs nothing further), the router last.
 REGISTRY: tuple[Module, ...] = (
+    # Quarantined and throttled clients (extraction verdicts) before anything else.
+    extraction_verdicts.MODULE,
     rbac.MODULE,
     # Rate limits: header renaming first (responses cross it last), then the free local
     # buckets, the locally enforced quota assignments, and the per-request service last.

@@ -13,6 +13,7 @@ import yaml
 
 from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
+from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import validate_config
 from controlplane.translate import translate
@@ -41,7 +42,9 @@ def _case_resources(case: Path):  # type: ignore[no-untyped-def]
     )
     loaded, violations = parse_documents(yaml.safe_dump_all(spec["policies"]), str(case))
     assert not violations, [str(v) for v in violations]
-    return translate(compile_sidecar(sidecar, [lp.policy for lp in loaded]))
+    # Extraction verdicts in force (quarantines, throttles): an input of compile.
+    verdicts = [Enforcement.from_json(v) for v in spec.get("verdicts") or []]
+    return translate(compile_sidecar(sidecar, [lp.policy for lp in loaded], verdicts=verdicts))
 
 
 CASE_DIRS = sorted(p for p in CASES.iterdir() if (p / "in.yaml").exists())

@@ -96,3 +96,125 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class QuarantinesStub:
+    """Quarantines and throttles the extraction monitor put in force: what
+    `modelguard quarantine list | release KEY` reads and changes.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListQuarantines = channel.unary_unary(
+                '/modelguard.admin.v1.Quarantines/ListQuarantines',
+                request_serializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ListQuarantinesRequest.SerializeToString,
+                response_deserializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.QuarantineList.FromString,
+                _registered_method=True)
+        self.ReleaseQuarantine = channel.unary_unary(
+                '/modelguard.admin.v1.Quarantines/ReleaseQuarantine',
+                request_serializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.SerializeToString,
+                response_deserializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.FromString,
+                _registered_method=True)
+
+
+class QuarantinesServicer:
+    """Quarantines and throttles the extraction monitor put in force: what
+    `modelguard quarantine list | release KEY` reads and changes.
+    """
+
+    def ListQuarantines(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseQuarantine(self, request, context):
+        """Ends every quarantine and throttle of a client key and forgets its detector state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_QuarantinesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListQuarantines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuarantines,
+                    request_deserializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ListQuarantinesRequest.FromString,
+                    response_serializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.QuarantineList.SerializeToString,
+            ),
+            'ReleaseQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseQuarantine,
+                    request_deserializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.FromString,
+                    response_serializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'modelguard.admin.v1.Quarantines', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('modelguard.admin.v1.Quarantines', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Quarantines:
+    """Quarantines and throttles the extraction monitor put in force: what
+    `modelguard quarantine list | release KEY` reads and changes.
+    """
+
+    @staticmethod
+    def ListQuarantines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelguard.admin.v1.Quarantines/ListQuarantines',
+            modelguard_dot_admin_dot_v1_dot_admin__pb2.ListQuarantinesRequest.SerializeToString,
+            modelguard_dot_admin_dot_v1_dot_admin__pb2.QuarantineList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelguard.admin.v1.Quarantines/ReleaseQuarantine',
+            modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.SerializeToString,
+            modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

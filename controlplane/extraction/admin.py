@@ -1,0 +1,139 @@
+"""The admin side of verdicts: list and release quarantines (``modelguard quarantine``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+
+from controlplane.extraction.verdicts import Enforcement
+from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:  # the CLI imports this module: keep numpy out of its start-up
+    from controlplane.extraction.monitor import ExtractionMonitor
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def entry(e: Enforcement) -> admin_pb2.QuarantineEntry:
+    return admin_pb2.QuarantineEntry(
+        kind=e.kind,
+        policy=e.client.policy,
+        client_key=e.client.key,
+        key_source=e.client.source,
+        since=_timestamp(e.since),
+        until=_timestamp(e.until),
+        reason=e.reason,
+        requests=e.requests,
+        per_seconds=e.per_seconds,
+    )
+
+
+class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
+    def __init__(self, monitor: ExtractionMonitor) -> None:
+        self.monitor = monitor
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        admin_pb2_grpc.add_QuarantinesServicer_to_server(self, server)
+
+    async def ListQuarantines(
+        self,
+        request: admin_pb2.ListQuarantinesRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListQuarantinesRequest, admin_pb2.QuarantineList
+        ],
+    ) -> admin_pb2.QuarantineList:
+        return admin_pb2.QuarantineList(
+            entries=[
+                entry(e)
+                for e in self.monitor.verdicts.active()
+                if request.include_throttles or e.kind == "quarantine"
+            ]
+        )
+
+    async def ReleaseQuarantine(
+        self,
+        request: admin_pb2.ReleaseQuarantineRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ReleaseQuarantineRequest, admin_pb2.ReleaseQuarantineResponse
+        ],
+    ) -> admin_pb2.ReleaseQuarantineResponse:
+        if not request.client_key:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_key: required")
+        gone = self.monitor.release(request.client_key, request.policy or None)
+        return admin_pb2.ReleaseQuarantineResponse(released=[entry(e) for e in gone])
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin", default="127.0.0.1:18001", help="admin address")
+    sub = parser.add_subparsers(dest="quarantine_command", required=True)
+    p = sub.add_parser("list", help="quarantined clients (and, with --all, throttled ones)")
+    p.add_argument("--all", action="store_true", help="throttles too")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("release", help="end a client's quarantine and throttle now")
+    p.add_argument("key", help="the client key (e.g. the API key)")
+    p.add_argument("--policy", default="", help="namespace/name: only this policy's")
+
+
+def _remaining(until: timestamp_pb2.Timestamp) -> str:
+    seconds = max(0, int(until.ToNanoseconds() / 1e9 - time.time()))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def render(entries: list[admin_pb2.QuarantineEntry]) -> str:
+    if not entries:
+        return "no clients quarantined"
+    rows = [["KIND", "POLICY", "CLIENT", "REMAINING", "REASON"]]
+    for e in entries:
+        kind = e.kind if e.kind == "quarantine" else f"throttle {e.requests}/{e.per_seconds}s"
+        rows.append([kind, e.policy, e.client_key, _remaining(e.until), e.reason])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with grpc.insecure_channel(args.admin) as channel:
+            stub = admin_pb2_grpc.QuarantinesStub(channel)
+            if args.quarantine_command == "list":
+                listed = stub.ListQuarantines(
+                    admin_pb2.ListQuarantinesRequest(include_throttles=args.all), timeout=5
+                )
+                if args.json:
+                    print(
+                        json.dumps(
+                            json_format.MessageToDict(listed, preserving_proto_field_name=True),
+                            indent=2,
+                        )
+                    )
+                else:
+                    print(render(list(listed.entries)))
+                return 0
+            released = stub.ReleaseQuarantine(
+                admin_pb2.ReleaseQuarantineRequest(client_key=args.key, policy=args.policy),
+                timeout=5,
+            )
+    except grpc.RpcError as err:
+        print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
+        return 2
+    if not released.released:
+        print(f"{args.key}: not quarantined or throttled", file=sys.stderr)
+        return 1
+    for e in released.released:
+        print(f"released {e.kind} of {e.client_key} ({e.policy})")
+    return 0

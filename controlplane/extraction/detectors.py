@@ -1,0 +1,284 @@
+"""Per-client extraction detectors over query vectors, with bounded memory per client.
+
+Four detectors, each a statistic where larger means more suspicious, compared with a
+threshold calibrated on benign traffic only (``calibrate.py``):
+
+``prada``
+    Juuti et al. 2019: the minimal L2 distance of each query to the client's earlier
+    queries of the same predicted class; natural queries give a roughly normal
+    distribution of those distances, synthetic ones (Jacobian steps, sweeps) do not.
+    Statistic: ``1 - W`` of the Shapiro–Wilk test. Exact and near-exact repeats are
+    dropped first: benign what-if users repeat themselves, and zero distances break the
+    test.
+``nearDuplicate``
+    Probing around points: queries closer to an earlier query than natural neighbours
+    ever are. A what-if user edits the same few inputs; a sweep or a gradient probe moves
+    in many independent directions. Statistic: the effective rank (participation ratio)
+    of the client's near-duplicate steps.
+``outOfDistribution``
+    Each query's novelty is its mean distance to the 5 nearest reference points (the
+    model's own training data). Statistic: ``-log10`` of the binomial tail probability of
+    the client's count of novel queries, with the benign novelty rate as the null.
+``coverage``
+    Space-covering streams fill directions the natural data never varies in. Each query's
+    residual is its distance to the reference's principal subspace; statistic: the z
+    score of the client's mean residual against the benign mean.
+
+Counts decay with a half-life in queries, so a long benign history neither hides a later
+attack nor accumulates forever.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from scipy import stats  # type: ignore[import-untyped]
+
+FloatArray = npt.NDArray[np.float32]
+DetectorName = Literal["prada", "nearDuplicate", "outOfDistribution", "coverage"]
+DETECTORS: tuple[DetectorName, ...] = ("prada", "nearDuplicate", "outOfDistribution", "coverage")
+
+# Queries closer than this fraction of the near-duplicate radius to an earlier one are
+# repeats: they carry no new information and would put zeros into PRADA's distances.
+REPEAT_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The model's own input distribution: reference points and their principal subspace."""
+
+    points: FloatArray  # (n, d)
+    mean: FloatArray  # (d,)
+    components: FloatArray  # (k, d), orthonormal rows
+
+    @classmethod
+    def fit(cls, points: npt.ArrayLike, variance: float = 0.9) -> Reference:
+        X = np.asarray(points, dtype=np.float32)
+        mean = X.mean(axis=0)
+        _, s, vt = np.linalg.svd(X - mean, full_matrices=False)
+        explained = np.cumsum(s**2) / np.sum(s**2)
+        k = int(np.searchsorted(explained, variance) + 1)
+        return cls(points=X, mean=mean, components=vt[:k].astype(np.float32))
+
+    @property
+    def dim(self) -> int:
+        return int(self.points.shape[1])
+
+    def novelty(self, X: FloatArray, k: int = 5) -> FloatArray:
+        """Mean distance of each row to its k nearest reference points."""
+        d2 = _sq_distances(X, self.points)
+        k = min(k, d2.shape[1])
+        nearest = np.partition(d2, k - 1, axis=1)[:, :k]
+        result: FloatArray = np.sqrt(np.maximum(nearest, 0)).mean(axis=1).astype(np.float32)
+        return result
+
+    def residual(self, X: FloatArray) -> FloatArray:
+        """Distance of each row to the reference's principal subspace."""
+        centred = X - self.mean
+        projected = centred @ self.components.T @ self.components
+        result: FloatArray = np.linalg.norm(centred - projected, axis=1).astype(np.float32)
+        return result
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where each statistic starts to mean "not a benign client"; from ``calibrate``."""
+
+    prada: float  # 1 - Shapiro-Wilk W
+    near_duplicate: float  # effective rank of near-duplicate steps
+    out_of_distribution: float  # -log10 binomial tail
+    coverage: float  # z score of the mean residual
+    # Per-query quantities the statistics are built on (also calibrated on benign data).
+    duplicate_radius: float  # closer than any natural neighbour: a near-duplicate
+    novelty_cut: float  # per-query novelty above which a query counts as novel
+    novelty_rate: float  # how often benign queries are novel (the binomial null)
+    residual_mean: float
+    residual_std: float
+    # Minimum evidence before a statistic counts at all.
+    prada_min: int = 30
+    near_duplicate_min: int = 8
+    ood_min: int = 10
+    coverage_min: int = 10
+
+    def of(self, detector: DetectorName) -> float:
+        return {
+            "prada": self.prada,
+            "nearDuplicate": self.near_duplicate,
+            "outOfDistribution": self.out_of_distribution,
+            "coverage": self.coverage,
+        }[detector]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One detector's view of one client after its latest queries: the evidence."""
+
+    detector: DetectorName
+    statistic: float
+    threshold: float
+    queries: int  # queries of this client the statistic is built on
+
+    @property
+    def fired(self) -> bool:
+        return self.statistic >= self.threshold
+
+
+def _sq_distances(A: FloatArray, B: FloatArray) -> FloatArray:
+    d2: FloatArray = (
+        np.einsum("ij,ij->i", A, A)[:, None]
+        - 2.0 * (A @ B.T)
+        + np.einsum("ij,ij->i", B, B)[None, :]
+    )
+    return np.maximum(d2, 0.0, out=d2)
+
+
+def binomial_surprise(novel: float, total: float, rate: float) -> float:
+    """-log10 P(X >= novel) for X ~ Binomial(total, rate); 0 when there is no excess."""
+    n = max(round(total), 0)
+    k = round(novel)
+    if n == 0 or k <= rate * n:
+        return 0.0
+    tail = float(stats.binom.logsf(k - 1, n, rate))
+    # Beyond double precision the tail is -inf; any finite cap far above thresholds will do.
+    return min(-tail / math.log(10), 300.0)
+
+
+def effective_rank(steps: FloatArray) -> float:
+    """Participation ratio of the steps' directions: ~1 along one axis, up to d when spread."""
+    if len(steps) == 0:
+        return 0.0
+    norms = np.linalg.norm(steps, axis=1, keepdims=True)
+    units = steps / np.maximum(norms, 1e-12)
+    eig = np.linalg.eigvalsh(units.T @ units)
+    eig = np.maximum(eig, 0)
+    total = float(eig.sum())
+    return total * total / float((eig**2).sum()) if total > 0 else 0.0
+
+
+@dataclass
+class ClientState:
+    """What the monitor remembers of one client: bounded, whatever the client sends."""
+
+    dim: int
+    history_size: int = 256  # distinct recent queries kept for distances
+    distances_size: int = 512  # recent PRADA minimal distances
+    steps_size: int = 128  # recent near-duplicate steps
+    half_life: float = 1000.0  # in queries, for the decayed counters
+    history: FloatArray = field(init=False)
+    labels: npt.NDArray[np.int16] = field(init=False)
+    stored: int = 0  # distinct queries ever stored (history is a ring)
+    distances: list[float] = field(default_factory=list)
+    steps: FloatArray = field(init=False)
+    n_steps: int = 0
+    queries: int = 0  # everything observed, repeats included
+    repeats: int = 0
+    unobserved: int = 0  # requests the sidecar saw but could not ship
+    # Decayed counters: weight of queries, of novel queries, sum of residuals.
+    weight: float = 0.0  # fresh queries, decayed
+    novel: float = 0.0
+    residual_sum: float = 0.0
+    last_seen: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.history = np.zeros((self.history_size, self.dim), dtype=np.float32)
+        self.labels = np.full(self.history_size, -1, dtype=np.int16)
+        self.steps = np.zeros((self.steps_size, self.dim), dtype=np.float32)
+
+    def memory_bytes(self) -> int:
+        return int(self.history.nbytes + self.labels.nbytes + self.steps.nbytes) + 8 * (
+            self.distances_size
+        )
+
+    def _recent(self) -> tuple[FloatArray, npt.NDArray[np.int16]]:
+        n = min(self.stored, self.history_size)
+        return self.history[:n], self.labels[:n]
+
+    def observe(
+        self,
+        X: FloatArray,
+        labels: npt.NDArray[np.int16],
+        reference: Reference,
+        thresholds: Thresholds,
+    ) -> None:
+        """Fold a client's new queries (rows of X, in order) into its state."""
+        if len(X) == 0:
+            return
+        X = np.asarray(X, dtype=np.float32)
+        self.queries += len(X)
+        repeat_radius = REPEAT_FRACTION * thresholds.duplicate_radius
+        # Distances are computed against the history as it was before this batch plus the
+        # batch itself, in order: query i may only look at earlier queries.
+        past, past_labels = self._recent()
+        candidates = np.concatenate([past, X])
+        d2 = _sq_distances(X, candidates)
+        m, p = len(X), len(past)
+        d2[:, p:][np.arange(m)[:, None] <= np.arange(m)[None, :]] = np.inf
+        nearest_idx = d2.argmin(axis=1)
+        nearest_any = np.sqrt(d2[np.arange(m), nearest_idx])
+        all_labels = np.concatenate([past_labels, labels])
+        d2_same = np.where(all_labels[None, :] == labels[:, None], d2, np.inf)
+        nearest_same = np.sqrt(d2_same.min(axis=1))
+        kept = nearest_any > repeat_radius
+        near = kept & (nearest_any < thresholds.duplicate_radius)
+        # Near-duplicates are the near-duplicate detector's evidence. The other detectors
+        # look only at fresh queries: a what-if user's hundred edits of one record are one
+        # point of evidence about where their queries come from, not a hundred.
+        fresh = nearest_any >= thresholds.duplicate_radius
+        self.repeats += int((~kept).sum())
+        for i in np.flatnonzero(near):
+            self.steps[self.n_steps % self.steps_size] = X[i] - candidates[nearest_idx[i]]
+            self.n_steps += 1
+        self.distances.extend(float(d) for d in nearest_same[fresh] if math.isfinite(d))
+        n_fresh = int(fresh.sum())
+        if n_fresh:
+            F = X[fresh]
+            decay = 0.5 ** (n_fresh / self.half_life)
+            self.weight = self.weight * decay + n_fresh
+            self.novel = self.novel * decay + float(
+                (reference.novelty(F) > thresholds.novelty_cut).sum()
+            )
+            self.residual_sum = self.residual_sum * decay + float(reference.residual(F).sum())
+        for i in np.flatnonzero(kept):
+            slot = self.stored % self.history_size
+            self.history[slot] = X[i]
+            self.labels[slot] = labels[i]
+            self.stored += 1
+        if len(self.distances) > self.distances_size:
+            del self.distances[: len(self.distances) - self.distances_size]
+
+    def findings(
+        self, thresholds: Thresholds, detectors: tuple[DetectorName, ...]
+    ) -> list[Finding]:
+        """The current statistic of every enabled detector that has enough evidence."""
+        out: list[Finding] = []
+        for detector in detectors:
+            value = self.statistic(detector, thresholds)
+            if value is not None:
+                out.append(Finding(detector, value, thresholds.of(detector), self.queries))
+        return out
+
+    def statistic(self, detector: DetectorName, t: Thresholds) -> float | None:
+        if detector == "prada":
+            if len(self.distances) < t.prada_min:
+                return None
+            d = np.asarray(self.distances)
+            if float(d.std()) == 0.0:
+                return 1.0
+            return 1.0 - float(stats.shapiro(d).statistic)
+        if detector == "nearDuplicate":
+            n = min(self.n_steps, self.steps_size)
+            if n < t.near_duplicate_min:
+                return None
+            return effective_rank(self.steps[:n])
+        if detector == "outOfDistribution":
+            if self.weight < t.ood_min:
+                return None
+            return binomial_surprise(self.novel, self.weight, t.novelty_rate)
+        if self.weight < t.coverage_min:
+            return None
+        mean = self.residual_sum / self.weight
+        return (mean - t.residual_mean) / (t.residual_std / math.sqrt(self.weight))

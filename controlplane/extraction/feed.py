@@ -1,0 +1,108 @@
+"""The query feed receiver (a sidecar-facing gRPC service) and the extraction box's wiring.
+
+``QueryFeed.Report`` is called by sidecars with batches of queries, off the request path.
+The detectors run on a worker thread so the event loop (which also serves ADS) never waits
+on numpy. The same service keeps enforcements expiring on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+
+from controlplane.api import Policy
+from controlplane.extraction.calibrate import Profile, digits_profile
+from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
+from controlplane.extraction.verdicts import (
+    OtelVerdictSink,
+    Throttler,
+    VerdictSink,
+    VerdictStore,
+)
+from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+EXPIRY_POLL = 1.0  # seconds: the latest an expired enforcement stays in force
+
+
+class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
+    def __init__(self, monitor: ExtractionMonitor) -> None:
+        self.monitor = monitor
+        self._expiry: asyncio.Task[None] | None = None
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        feed_pb2_grpc.add_QueryFeedServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        self.monitor.verdicts.expire()
+        self._expiry = asyncio.create_task(self._expire_loop())
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+
+    async def _expire_loop(self) -> None:
+        store = self.monitor.verdicts
+        while True:
+            due = store.next_expiry()
+            wait = EXPIRY_POLL if due is None else min(EXPIRY_POLL, max(0.0, due - time.time()))
+            await asyncio.sleep(wait)
+            try:
+                store.expire()
+            except Exception:
+                log.exception("expiring verdicts failed")
+
+    async def Report(
+        self,
+        request: feed_pb2.FeedBatch,
+        context: grpc.aio.ServicerContext[feed_pb2.FeedBatch, feed_pb2.FeedAck],
+    ) -> feed_pb2.FeedAck:
+        accepted = await asyncio.to_thread(self.monitor.report, request)
+        return feed_pb2.FeedAck(accepted=accepted)
+
+
+@functools.cache
+def _digits_profile() -> Profile:
+    return digits_profile()
+
+
+def default_profile(policy: WatchedPolicy) -> Profile | None:
+    """The demo digits model's calibrated profile for every policy.
+
+    Other models need their own reference data and calibration (``calibrate.calibrate``);
+    queries whose dimension does not match the profile are counted and not analysed.
+    """
+    return _digits_profile()
+
+
+class Extraction:
+    """The extraction box as the control plane wires it: store, monitor, feed service."""
+
+    def __init__(
+        self,
+        policies: Callable[[], Iterable[Policy]],
+        state_path: Path | None = None,
+        *,
+        sink: VerdictSink | None = None,
+        throttler: Throttler | None = None,
+        profile: Callable[[WatchedPolicy], Profile | None] = default_profile,
+    ) -> None:
+        self.verdicts = VerdictStore(state_path)
+        self.monitor = ExtractionMonitor(
+            policies,
+            self.verdicts,
+            sink or OtelVerdictSink(),
+            profile=profile,
+            throttler=throttler,
+        )
+        self.feed = QueryFeedService(self.monitor)

@@ -1,0 +1,164 @@
+"""Detectors on synthetic query streams whose answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from controlplane.extraction.calibrate import calibrate, per_query_cutoffs
+from controlplane.extraction.detectors import (
+    DETECTORS,
+    ClientState,
+    Reference,
+    Thresholds,
+    binomial_surprise,
+    effective_rank,
+)
+
+DIM = 16
+
+
+def natural(rng: np.random.Generator, n: int) -> np.ndarray:
+    """The synthetic model's own distribution: 4 informative directions, little elsewhere."""
+    X = np.zeros((n, DIM), dtype=np.float32)
+    X[:, :4] = rng.normal(0, 3, size=(n, 4))
+    X[:, 4:] = rng.normal(0, 0.3, size=(n, DIM - 4))
+    return X
+
+
+def labels_of(X: np.ndarray) -> np.ndarray:
+    return (X[:, 0] > 0).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def world() -> tuple[Reference, Thresholds]:
+    rng = np.random.default_rng(7)
+    profile = calibrate("synthetic", natural(rng, 1500), natural(rng, 500), labels_of, per_kind=3)
+    return profile.reference, profile.thresholds["medium"]
+
+
+def run(X: np.ndarray, reference: Reference, thresholds: Thresholds, batch: int = 8):
+    state = ClientState(dim=DIM)
+    first: dict[str, int] = {}
+    for start in range(0, len(X), batch):
+        rows = X[start : start + batch]
+        state.observe(rows, labels_of(rows), reference, thresholds)
+        for finding in state.findings(thresholds, DETECTORS):
+            if finding.fired:
+                first.setdefault(finding.detector, state.queries)
+    return state, first
+
+
+def test_binomial_surprise_known_values() -> None:
+    assert binomial_surprise(1, 100, 0.01) == 0.0  # at the expected count: no surprise
+    assert binomial_surprise(10, 10, 0.5) == pytest.approx(10 * math.log10(2))
+    assert binomial_surprise(0, 0, 0.01) == 0.0
+    assert binomial_surprise(5000, 5000, 1e-9) == 300.0  # capped, never inf
+
+
+def test_effective_rank_counts_independent_directions() -> None:
+    assert effective_rank(np.eye(DIM, dtype=np.float32)[[0, 0, 0]] * 3) == pytest.approx(1.0)
+    four = np.vstack([np.eye(DIM, dtype=np.float32)[:4]] * 5)
+    assert effective_rank(four) == pytest.approx(4.0)
+    assert effective_rank(np.zeros((0, DIM), dtype=np.float32)) == 0.0
+
+
+def test_calibration_is_reproducible_and_uses_held_out_cutoffs() -> None:
+    rng = np.random.default_rng(1)
+    train, held = natural(rng, 600), natural(rng, 200)
+    a = calibrate("s", train, held, labels_of, per_kind=2, seed=3)
+    b = calibrate("s", train, held, labels_of, per_kind=2, seed=3)
+    assert a.thresholds == b.thresholds
+    cut = per_query_cutoffs(a.reference, held)
+    # 1% of held-out queries are novel by construction of the cut.
+    novelty = a.reference.novelty(held)
+    assert float((novelty > cut.novelty_cut).mean()) == pytest.approx(0.01, abs=0.006)
+    # Sensitivities are ordered: high flags soonest, low latest.
+    for name in ("prada", "near_duplicate", "out_of_distribution", "coverage"):
+        assert getattr(a.thresholds["high"], name) <= getattr(a.thresholds["medium"], name)
+        assert getattr(a.thresholds["medium"], name) <= getattr(a.thresholds["low"], name)
+
+
+def test_benign_streams_fire_nothing(world) -> None:
+    reference, thresholds = world
+    rng = np.random.default_rng(99)  # not the calibration's seed
+    for n in (50, 400, 2000):
+        _, first = run(natural(rng, n), reference, thresholds)
+        assert first == {}, n
+
+
+def test_uniform_noise_is_out_of_distribution_and_covering(world) -> None:
+    reference, thresholds = world
+    rng = np.random.default_rng(5)
+    X = rng.uniform(-8, 8, size=(200, DIM)).astype(np.float32)
+    _, first = run(X, reference, thresholds)
+    assert first["outOfDistribution"] <= 100
+    assert first["coverage"] <= 100
+    assert "nearDuplicate" not in first
+
+
+def test_feature_sweep_is_a_near_duplicate_probe_and_what_if_edits_are_not(world) -> None:
+    reference, thresholds = world
+    rng = np.random.default_rng(11)
+    base = natural(rng, 1)[0]
+    step = thresholds.duplicate_radius / 3
+    # A sweep: small moves along every axis in turn, around a few natural points.
+    sweep = []
+    for b in natural(rng, 4):
+        for axis in range(DIM):
+            x = b.copy()
+            x[axis] += step
+            sweep += [b, x]
+    _, first = run(np.asarray(sweep), reference, thresholds)
+    assert "nearDuplicate" in first
+    # A what-if user: the same two inputs edited again and again, often re-asked.
+    whatif = []
+    for i in range(300):
+        x = base.copy()
+        x[i % 2] += step * rng.uniform(-1, 1)
+        whatif.append(x if i % 3 else base)
+    state, first = run(np.asarray(whatif), reference, thresholds)
+    assert first == {}
+    assert state.repeats > 50  # the re-asked base is recognised as a repeat
+
+
+def test_prada_separates_synthetic_steps_from_natural_distances(world) -> None:
+    reference, thresholds = world
+    rng = np.random.default_rng(3)
+    state, _ = run(natural(rng, 300), reference, thresholds)
+    natural_stat = state.statistic("prada", thresholds)
+    # Jacobian-style: each query is an earlier one plus λ·sign(random direction), fresh
+    # (larger than the near-duplicate radius) but always at the same distance.
+    lam = thresholds.duplicate_radius * 1.2 / math.sqrt(DIM)
+    X = list(natural(rng, 10))
+    while len(X) < 300:
+        parent = X[int(rng.integers(0, len(X)))]
+        X.append(parent + lam * np.sign(rng.normal(size=DIM)).astype(np.float32))
+    state, first = run(np.asarray(X, dtype=np.float32), reference, thresholds)
+    assert natural_stat is not None and natural_stat < thresholds.prada
+    assert first.get("prada") is not None and first["prada"] <= 300
+
+
+def test_exact_repeats_never_reach_prada_distances(world) -> None:
+    reference, thresholds = world
+    rng = np.random.default_rng(4)
+    X = natural(rng, 40)
+    state, _ = run(np.concatenate([X, X, X]), reference, thresholds)
+    assert state.repeats == 80
+    assert min(state.distances) > 0
+
+
+def test_state_is_bounded_whatever_the_client_sends(world) -> None:
+    reference, thresholds = world
+    rng = np.random.default_rng(8)
+    state = ClientState(dim=DIM)
+    size = state.memory_bytes()
+    for _ in range(40):
+        rows = rng.uniform(-8, 8, size=(256, DIM)).astype(np.float32)
+        state.observe(rows, labels_of(rows), reference, thresholds)
+    assert state.queries == 40 * 256
+    assert state.memory_bytes() == size
+    assert len(state.distances) <= state.distances_size
+    assert state.weight < 2 * state.half_life  # decayed counters stay bounded
