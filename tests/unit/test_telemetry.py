@@ -172,3 +172,25 @@ def test_envoy_accepts_the_telemetry_config_and_the_runtime_layer() -> None:
     assert bootstrap["layered_runtime"]["layers"][0]["static_layer"] == TELEMETRY_RUNTIME
     ok, output = validate_config(config)
     assert ok, output
+
+
+def test_collector_manifest_receives_otlp_and_exports_to_the_one_value() -> None:
+    import kubernetes_validate
+
+    path = Path(__file__).parent.parent.parent / "k8s" / "otel-collector" / "collector.yaml"
+    objects = {
+        o["kind"] + "/" + o["metadata"]["name"]: o for o in yaml.safe_load_all(path.read_text())
+    }
+    for obj in objects.values():
+        kubernetes_validate.validate(obj, "1.31", strict=True)
+    config = yaml.safe_load(objects["ConfigMap/otel-collector-config"]["data"]["config.yaml"])
+    for signal in ("traces", "logs", "metrics"):
+        pipeline = config["service"]["pipelines"][signal]
+        assert pipeline["receivers"] == ["otlp"] and pipeline["exporters"] == ["otlp"]
+    assert config["exporters"]["otlp"]["endpoint"] == "${env:EXPORT_ENDPOINT}"
+    container = objects["Deployment/otel-collector"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in container["env"]}
+    assert env["EXPORT_ENDPOINT"] == {"name": "otel-collector-export", "key": "endpoint"}
+    assert objects["ConfigMap/otel-collector-export"]["data"]["endpoint"].endswith(":4317")
+    ports = {p["port"] for p in objects["Service/otel-collector"]["spec"]["ports"]}
+    assert ports == {4317, 4318}
