@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --force-reinstall --no-deps \
 	  "$$(grep -o 'opentelemetry-proto==[0-9.]*' pyproject.toml)" \
 	  "$$(grep -o 'googleapis-common-protos==[0-9.]*' pyproject.toml)"
+	# Rate limit tests and the Redis budget backend need a real Redis (Debian's); the rate
+	# limit benchmark drives sidecars with wrk.
+	command -v redis-server >/dev/null && command -v wrk >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq redis-server wrk; }
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -45,6 +49,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/convergence.py
+	$(PY) bench/ratelimit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
