@@ -38,6 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
         verdicts_path=args.verdicts or None,
     )
 
+    if getattr(args, "kubernetes", False):
+        from controlplane.sources.kubernetes import serve_cluster
+
+        return serve_cluster(args, config)
+
     async def main() -> None:
         plane = ControlPlane(config)
         await plane.start()
@@ -119,7 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     from controlplane.telemetry import settings as telemetry_cli_settings
 
     telemetry_cli_settings.add_arguments(p)
+    from controlplane.sources import kubernetes as kubernetes_source
+
+    kubernetes_source.add_arguments(p)
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("inject", help="add the Envoy sidecar to workloads, like kube-inject")
+    from controlplane import inject
+
+    inject.add_arguments(p)
+    p.set_defaults(func=inject.run)
 
     p = sub.add_parser("quarantine", help="clients the extraction monitor quarantined")
     from controlplane.extraction import admin as quarantine_admin
