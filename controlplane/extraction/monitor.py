@@ -6,8 +6,10 @@ into each client's bounded state, and moves the client along its stages:
 
 - a detector's statistic reaches its threshold → **suspicion**: an alert, and the policy's
   ``onSuspicion`` throttle;
-- a detector still at or over its threshold ``confirm`` queries later → **detection**: an
-  alert, and the policy's ``onDetection`` quarantine.
+- at least ``CONFIRM_MIN`` new distinct queries later, a second detector at its
+  threshold, a statistic at twice its threshold, or the same evidence still there
+  ``confirm`` queries on → **detection**: an alert, and the policy's ``onDetection``
+  quarantine. A client that stops when throttled is not quarantined.
 
 A client whose requests mostly reach the monitor as "unobserved" (the sidecar could not
 ship them) is suspected too: a gap in observation is a signal. It is never quarantined on
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THROTTLE_SECONDS = 3600  # a throttle without a quarantine duration to follow
 UNOBSERVED_MIN = 50  # unobserved requests before a gap counts as a signal
+ESCALATE = 2.0  # a statistic this many times its threshold confirms a suspicion
+CONFIRM_MIN = 8  # new distinct queries after a suspicion before it can be confirmed
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class WatchedPolicy:
 class Tracked:
     state: ClientState
     stage: Literal["watching", "suspected", "detected"] = "watching"
-    suspected_at: int = 0  # queries when suspected
+    suspected_at: int = 0  # distinct queries when suspected
     last_seen: float = 0.0
 
 
@@ -291,10 +295,19 @@ class ExtractionMonitor:
                     Evidence("unobserved", state.unobserved / seen, 0.5, state.queries)
                 )
             if evidence:
-                tracked.stage, tracked.suspected_at = "suspected", state.queries
+                tracked.stage, tracked.suspected_at = "suspected", state.stored
                 self._suspicion(policy, client_key, tuple(evidence), now)
             return
-        if findings and state.queries >= tracked.suspected_at + self.confirm:
+        # The throttle comes first: only a client that goes on sending new queries after
+        # its suspicion (repeats do not count) can be confirmed — by a second detector, by a
+        # statistic far past its threshold, or by the same evidence ``confirm`` queries on.
+        since = state.stored - tracked.suspected_at
+        confirmed = since >= CONFIRM_MIN and (
+            len(findings) >= 2
+            or any(f.statistic >= ESCALATE * f.threshold for f in findings)
+            or since >= self.confirm
+        )
+        if findings and confirmed:
             tracked.stage = "detected"
             self._detection(policy, client_key, tuple(evidence), now)
 
