@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup proto gen-check crds lint bench clean
+.PHONY: run test setup proto gen-check crds lint bench clean wasm wasm-check wasm-toolchain
 
 setup: $(STAMP)
 
@@ -42,6 +42,22 @@ gen-check: $(STAMP)
 # CRDs in k8s/crds/, generated from controlplane/api (checked in; a test fails if stale).
 crds: $(STAMP)
 	$(PY) -m controlplane.crdgen
+
+# The output-hardening filter (wasm/): the built module is checked in, so run and test need
+# no toolchain. clang + lld (Debian) are installed here when missing.
+wasm-toolchain:
+	@command -v clang >/dev/null && command -v wasm-ld >/dev/null || \
+	  { apt-get update && apt-get install -y clang lld; }
+
+wasm: wasm-toolchain
+	wasm/build.sh
+
+# Rebuilds into a temporary file and fails unless it is byte-identical to the checked-in one.
+wasm-check: wasm-toolchain
+	@tmp=$$(mktemp --suffix=.wasm) && wasm/build.sh $$tmp && \
+	  { cmp -s $$tmp wasm/modelguard_filter.wasm && echo "wasm: up to date"; } || \
+	  { echo "wasm/modelguard_filter.wasm is stale: run make wasm"; rm -f $$tmp; exit 1; }; \
+	  rm -f $$tmp
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check controlplane tests bench

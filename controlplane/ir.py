@@ -281,4 +281,5 @@ class SidecarIR:
     rate: RateIR | None = None
     egress: EgressIR | None = None  # present when the sidecar has an outbound port
     verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
+    extraction: tuple[ExtractionIR, ...] = ()  # one per ExtractionPolicy, sorted by name
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from controlplane.api import AccessPolicy, EgressPolicy, ExtractionPolicy, Policy, RatePolicy
 from controlplane.compile import access, rate
 from controlplane.compile.egress import compile_egress
+from controlplane.compile.extraction import compile_extraction
 from controlplane.compile.telemetry import compile_telemetry
 from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.verdicts import Enforcement
@@ -62,6 +63,7 @@ def compile_sidecar(
         telemetry=compile_telemetry(telemetry),
         rate=rate.compile_rate([p for p in mine if isinstance(p, RatePolicy)]),
         egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
+        extraction=compile_extraction([p for p in mine if isinstance(p, ExtractionPolicy)]),
         verdicts=compile_verdicts([p for p in mine if isinstance(p, ExtractionPolicy)], verdicts),
         policies=tuple(policy_ref(p) for p in mine),
     )

@@ -9,7 +9,7 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import egress, ratelimit, rbac, router, telemetry
+from controlplane.translate import egress, ratelimit, rbac, router, telemetry, wasm
 from controlplane.translate import verdicts as extraction_verdicts
 from controlplane.translate.module import Inbound, Module
 
@@ -23,6 +23,9 @@ REGISTRY: tuple[Module, ...] = (
     # Rate limits: header renaming first (responses cross it last), then the free local
     # buckets, the locally enforced quota assignments, and the per-request service last.
     ratelimit.HEADERS, ratelimit.LOCAL, ratelimit.QUOTA, ratelimit.EXACT,
+    # Output hardening and the query feed: only requests that were let through reach the
+    # model, so only those are hardened and fed.
+    wasm.MODULE,
     # Patches the connection manager only (tracer, access log): order-free.
     telemetry.MODULE,
     router.MODULE,

@@ -43,6 +43,9 @@ def validation_bootstrap(resources: Mapping[str, Sequence[Message]]) -> dict[str
     """
     assignments = {a["cluster_name"]: a for a in map(to_dict, resources.get(rt.ENDPOINT, ()))}
     routes = {r["name"]: r for r in map(to_dict, resources.get(rt.ROUTE, ()))}
+    extensions = {
+        e["name"]: e["typed_config"] for e in map(to_dict, resources.get(rt.EXTENSION_CONFIG, ()))
+    }
     clusters = []
     for cluster in map(to_dict, resources.get(rt.CLUSTER, ())):
         if cluster.get("type") == "EDS":
@@ -57,6 +60,11 @@ def validation_bootstrap(resources: Mapping[str, Sequence[Message]]) -> dict[str
                 config = f.get("typed_config", {})
                 if "rds" in config:
                     config["route_config"] = routes[config.pop("rds")["route_config_name"]]
+                # ECDS filters get their extension config inline.
+                for http_filter in config.get("http_filters", []):
+                    if "config_discovery" in http_filter:
+                        del http_filter["config_discovery"]
+                        http_filter["typed_config"] = extensions[http_filter["name"]]
         listeners.append(listener)
     return {
         "static_resources": {"listeners": listeners, "clusters": clusters},

@@ -1,0 +1,378 @@
+"""Cost of the output-hardening Wasm filter and of its query feed, as throughput ratios.
+
+One sidecar Envoy (one worker) in front of a fixed upstream: a second Envoy answering the
+demo model's real JSON answer with ``direct_response``, so the upstream costs next to
+nothing and the sidecar's own work is what is measured. Variants, interleaved in rounds
+and all measured in the same run with ``wrk`` (HTTP/1.1 keep-alive POSTs):
+
+  bare       router only (the baseline)
+  harden     + the Wasm filter: top-1, 2 digits
+  feed       + the Wasm filter: top-1, 2 digits, and the query feed to a no-op grpc.aio
+             QueryFeed server (the extraction monitor's place)
+
+For ``feed`` it also reports how many requests were shipped and how many were counted as
+unobserved: the feed must keep up, and what it drops it must count.
+
+    .venv/bin/python bench/wasm_filter.py [--seconds 5] [--rounds 3] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from controlplane.bootstrap import XDS_CLUSTER
+from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
+from controlplane.ir import (
+    ClientKeyIR,
+    ExtractionIR,
+    HardeningIR,
+    PolicyRef,
+    QueryFeedIR,
+)
+from controlplane.local.envoy import EnvoyProcess
+from controlplane.netutil import free_port, http_request
+from controlplane.translate.render import to_dict
+from controlplane.translate.wasm import extension_config
+
+# One instance of the digits model's answer, at full precision (what the model returns).
+ANSWER = {
+    "predictions": [
+        {
+            "label": 4,
+            "probabilities": [
+                0.0002922879805145397,
+                0.0001618273933893181,
+                1.252323714726107e-05,
+                1.0305080092676715e-05,
+                0.9845519283802229,
+                1.6231701787660578e-05,
+                0.00025438540812574076,
+                0.013560298077434496,
+                0.0008008958454705654,
+                0.00033931689581499384,
+            ],
+        }
+    ],
+    "model": "digits-logreg",
+}
+TYPE = "type.googleapis.com/"
+QUERY = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
+
+
+def _hcm(http_filters: list[dict[str, Any]], route: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+            "http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "bench",
+            "route_config": {
+                "virtual_hosts": [
+                    {
+                        "name": "all",
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, **route}],
+                    }
+                ]
+            },
+            "http_filters": [
+                *http_filters,
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": TYPE + "envoy.extensions.filters.http.router.v3.Router"
+                    },
+                },
+            ],
+        },
+    }
+
+
+def _listener(port: int, hcm: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": f"listen-{port}",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [hcm]}],
+    }
+
+
+def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def _bootstrap(admin: int, listeners: list[Any], clusters: list[Any]) -> dict[str, Any]:
+    return {
+        "node": {"id": "bench-sidecar", "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def wasm_filter(feed: bool) -> dict[str, Any]:
+    ir = ExtractionIR(
+        policy=PolicyRef("ExtractionPolicy", "bench", "digits"),
+        client_key=ClientKeyIR("header", "x-api-key"),
+        features="$.instances[*]",
+        scores=("predictions", None, "probabilities"),
+        output=HardeningIR(top_k=1, round_digits=2),
+        feed=QueryFeedIR() if feed else None,
+    )
+    resource = to_dict(extension_config(ir, "bench-sidecar"))
+    return {"name": resource["name"], "typed_config": resource["typed_config"]}
+
+
+class NoopFeed(feed_pb2_grpc.QueryFeedServicer):
+    """Acks every batch: the baseline cost of receiving the feed, nothing else."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.queries = 0
+        self.unobserved = 0
+
+    async def Report(
+        self, request: feed_pb2.FeedBatch, context: grpc.aio.ServicerContext
+    ) -> feed_pb2.FeedAck:
+        self.batches += 1
+        self.queries += len(request.queries)
+        self.unobserved += sum(u.count for u in request.unobserved)
+        return feed_pb2.FeedAck(accepted=len(request.queries))
+
+
+def start_feed_server() -> tuple[NoopFeed, int, asyncio.AbstractEventLoop]:
+    servicer = NoopFeed()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port_box: list[int] = []
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        feed_pb2_grpc.add_QueryFeedServicer_to_server(servicer, server)
+        port_box.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True).start()
+    ready.wait(10)
+    return servicer, port_box[0], loop
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(port: int, seconds: float, connections: int, lua: Path) -> tuple[float, int]:
+    """(requests/s, requests) of one wrk run."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "-s",
+            str(lua),
+            f"http://127.0.0.1:{port}/v1/predict",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,
+    ).stdout
+    rate = total = None
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            rate = float(line.split()[1])
+        if "requests in" in line:
+            total = int(line.split()[0])
+    if rate is None or total is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    return rate, total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is required (Debian: apt-get install wrk)")
+
+    feed, feed_port, _ = start_feed_server()
+    work = Path(tempfile.mkdtemp(prefix="modelguard-bench-wasm-"))
+    lua = work / "post.lua"
+    lua.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(QUERY))}\n"
+        'wrk.headers["content-type"] = "application/json"\n'
+        'wrk.headers["x-api-key"] = "bench-client"\n'
+    )
+    upstream_port, upstream_admin = free_port(), free_port()
+    upstream = EnvoyProcess(
+        _bootstrap(
+            upstream_admin,
+            [
+                _listener(
+                    upstream_port,
+                    _hcm(
+                        # Answer once the whole query is in, as a model does.
+                        [
+                            {
+                                "name": "envoy.filters.http.buffer",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters."
+                                    "http.buffer.v3.Buffer",
+                                    "max_request_bytes": 1048576,
+                                },
+                            }
+                        ],
+                        {
+                            "direct_response": {
+                                "status": 200,
+                                "body": {"inline_string": json.dumps(ANSWER)},
+                            },
+                            "response_headers_to_add": [
+                                {"header": {"key": "content-type", "value": "application/json"}}
+                            ],
+                        },
+                    ),
+                )
+            ],
+            [],
+        ),
+        admin_port=upstream_admin,
+        log_level="warn",
+        concurrency=1,
+    )
+    variants = {"bare": [], "harden": [wasm_filter(feed=False)], "feed": [wasm_filter(feed=True)]}
+    sidecars: dict[str, tuple[EnvoyProcess, int]] = {}
+    try:
+        upstream.start()
+        upstream.wait_ready(20)
+        for name, filters in variants.items():
+            port, admin = free_port(), free_port()
+            envoy = EnvoyProcess(
+                _bootstrap(
+                    admin,
+                    [_listener(port, _hcm(filters, {"route": {"cluster": "model"}}))],
+                    [
+                        _cluster("model", upstream_port),
+                        _cluster(XDS_CLUSTER, feed_port, http2=True),
+                    ],
+                ),
+                admin_port=admin,
+                log_level="warn",
+                concurrency=1,
+            )
+            envoy.start()
+            envoy.wait_ready(20)
+            sidecars[name] = (envoy, port)
+            # Warm-up, and a check that the variant does what it claims.
+            _, _, body = http_request(
+                "POST",
+                f"http://127.0.0.1:{port}/v1/predict",
+                json.dumps(QUERY).encode(),
+                {"content-type": "application/json", "x-api-key": "bench-client"},
+            )
+            probabilities = json.loads(body)["predictions"][0]["probabilities"]
+            hardened = sum(1 for p in probabilities if p) == 1
+            assert hardened == (name != "bare"), (name, probabilities)
+            run_wrk(port, 1, args.connections, lua)
+        rps: dict[str, list[float]] = {name: [] for name in variants}
+        cpu_us: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, (envoy, port) in sidecars.items():
+                assert envoy.pid is not None
+                before = cpu_seconds(envoy.pid)
+                rate, total = run_wrk(port, args.seconds, args.connections, lua)
+                rps[name].append(rate)
+                cpu_us[name].append((cpu_seconds(envoy.pid) - before) / total * 1e6)
+        feed_envoy = sidecars["feed"][0]
+        stats = feed_envoy.stats("wasmcustom.modelguard.bench.digits.")
+        # Let the last batches land.
+        import time
+
+        time.sleep(1.0)
+        requests = feed_envoy.stats("http.bench.downstream_rq_completed").get(
+            "http.bench.downstream_rq_completed", 0
+        )
+        base = statistics.median(rps["bare"])
+        base_cpu = statistics.median(cpu_us["bare"])
+        print(
+            f"{'sidecar carries':<34} {'req/s (median)':>15} {'ratio to bare':>14} "
+            f"{'sidecar CPU/req':>16} {'CPU ratio':>10}"
+        )
+        labels = {
+            "bare": "router only (baseline)",
+            "harden": "+ Wasm hardening (top-1, 2 digits)",
+            "feed": "+ Wasm hardening + query feed",
+        }
+        for name in variants:
+            median = statistics.median(rps[name])
+            cpu = statistics.median(cpu_us[name])
+            print(
+                f"{labels[name]:<34} {median:>15,.0f} {median / base:>14.2f} "
+                f"{cpu:>13.0f} µs {cpu / base_cpu:>10.2f}"
+            )
+        print(
+            f"\nfeed: {requests:,} requests through the feed sidecar; {feed.queries:,} queries "
+            f"shipped in {feed.batches:,} batches ({feed.queries / max(feed.batches, 1):.0f} per "
+            f"batch); unobserved reported {feed.unobserved:,}; filter counters: "
+            + ", ".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in sorted(stats.items()) if v)
+        )
+        print(f"rounds: {args.rounds} x {args.seconds:.0f} s, wrk -t1 -c{args.connections}")
+    finally:
+        for envoy, _ in sidecars.values():
+            envoy.stop()
+        upstream.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

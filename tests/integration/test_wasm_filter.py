@@ -1,0 +1,390 @@
+"""The output-hardening Wasm filter and its query feed, through a real Envoy over ADS/ECDS.
+
+policy file → control plane (ECDS) → Envoy (V8) → demo model, or a stub upstream that
+answers malformed bodies; the query feed lands on a QueryFeed servicer of the test, served
+on the control plane's xDS port like the real extraction monitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from controlplane.bootstrap import build_bootstrap
+from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
+from controlplane.inventory import Sidecar
+from controlplane.local.envoy import EnvoyProcess
+from controlplane.netutil import free_port, http_request
+from controlplane.server import ControlPlane, ControlPlaneConfig
+from tests.integration.test_spine import eventually
+
+pytestmark = pytest.mark.envoy
+
+POLICY = """\
+apiVersion: modelguard.io/v1alpha1
+kind: ExtractionPolicy
+metadata: {{name: digits-model, namespace: demo}}
+spec:
+  targetRef: {{service: digits-model}}
+  clientKey: {{header: x-api-key}}
+  request: {{features: "$.instances[*]"}}
+  response: {{scores: "$.predictions[*].probabilities", label: "$.predictions[*].label"}}
+  output:
+    topK: {top_k}
+    roundDigits: {digits}
+    tierHeader: x-tier
+    tiers:
+      partner: {{topK: 3, roundDigits: 3}}
+      trial: {{labelOnly: true}}
+      noisy: {{noise: 0.2}}
+  detection: {{detectors: [prada]}}
+"""
+STAT = "wasmcustom.modelguard.demo.digits-model."
+INSTANCES = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20, [3.0] * 64, [16.0] * 64]}
+
+
+class FeedRecorder(feed_pb2_grpc.QueryFeedServicer):
+    """A QueryFeed servicer standing in for the extraction monitor; it can fail on demand."""
+
+    def __init__(self) -> None:
+        self.batches: list[feed_pb2.FeedBatch] = []
+        self.fail = False
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        feed_pb2_grpc.add_QueryFeedServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def Report(
+        self, request: feed_pb2.FeedBatch, context: grpc.aio.ServicerContext
+    ) -> feed_pb2.FeedAck:
+        if self.fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "monitor down (test)")
+        self.batches.append(request)
+        return feed_pb2.FeedAck(accepted=len(request.queries))
+
+    def queries(self) -> list[feed_pb2.Query]:
+        return [q for b in self.batches for q in b.queries]
+
+    def unobserved(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for batch in self.batches:
+            for u in batch.unobserved:
+                out[u.client_key, u.reason] = out.get((u.client_key, u.reason), 0) + u.count
+        return out
+
+
+@dataclass
+class Stub:
+    """An upstream that answers whatever the test sets: malformed and unexpected bodies."""
+
+    body: bytes = b"{}"
+    content_type: str = "application/json"
+    server: ThreadingHTTPServer | None = None
+    port: int = 0
+
+    def start(self) -> Stub:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("content-type", stub.content_type)
+                self.send_header("content-length", str(len(stub.body)))
+                self.end_headers()
+                self.wfile.write(stub.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@dataclass
+class System:
+    policies: Path
+    plane: ControlPlane
+    envoy: EnvoyProcess
+    feed: FeedRecorder
+    port: int
+    model_port: int
+    extra: list[Any] = field(default_factory=list)
+
+    async def post(
+        self, headers: dict[str, str] | None = None, body: Any = INSTANCES, port: int | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        return await asyncio.to_thread(
+            http_request,
+            "POST",
+            f"http://127.0.0.1:{port or self.port}/v1/predict",
+            json.dumps(body).encode(),
+            {"content-type": "application/json", **(headers or {})},
+        )
+
+    def stats(self) -> dict[str, int]:
+        return {k[len(STAT) :]: v for k, v in self.envoy.stats(STAT).items()}
+
+    def write_policy(self, top_k: int = 1, digits: int = 2) -> None:
+        (self.policies / "extraction.yaml").write_text(POLICY.format(top_k=top_k, digits=digits))
+
+
+async def _start(tmp_path: Path, app_port: int) -> System:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "extraction.yaml").write_text(POLICY.format(top_k=1, digits=2))
+    xds_port, admin_port, listen_port, envoy_admin = (free_port() for _ in range(4))
+    plane = ControlPlane(
+        ControlPlaneConfig(
+            policy_paths=(str(policies),),
+            xds_port=xds_port,
+            admin_port=admin_port,
+            debounce_quiet=0.05,
+            debounce_max=0.5,
+        )
+    )
+    feed = FeedRecorder()
+    plane.sidecar_services.append(feed)
+    await plane.start()
+    sidecar = Sidecar(
+        node_id="digits-model-0",
+        service="digits-model",
+        namespace="demo",
+        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
+        app_port=app_port,
+        inbound_port=listen_port,
+        inbound_address="127.0.0.1",
+    )
+    envoy = EnvoyProcess(
+        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
+        admin_port=envoy_admin,
+        log_path=tmp_path / "envoy.log",
+    )
+    try:
+        envoy.start()
+        await asyncio.to_thread(envoy.wait_ready, 30)
+    except BaseException:
+        envoy.stop()
+        await plane.stop(grace=0)
+        raise
+    return System(policies, plane, envoy, feed, listen_port, app_port)
+
+
+@pytest.fixture
+async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[System]:
+    s = await _start(tmp_path, demo_model[1])
+    try:
+        yield s
+    finally:
+        s.envoy.stop()
+        await s.plane.stop(grace=0)
+
+
+@pytest.fixture
+def stub() -> Iterator[Stub]:
+    s = Stub().start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+async def stub_system(tmp_path: Path, stub: Stub) -> AsyncIterator[System]:
+    s = await _start(tmp_path, stub.port)
+    try:
+        yield s
+    finally:
+        s.envoy.stop()
+        await s.plane.stop(grace=0)
+
+
+def _scores(body: bytes) -> list[list[float]]:
+    return [p["probabilities"] for p in json.loads(body)["predictions"]]
+
+
+def _argmax(v: list[float]) -> int:
+    return max(range(len(v)), key=lambda i: (v[i], -i))
+
+
+def _decimals(x: float) -> int:
+    text = repr(x)
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+async def test_hardened_responses_have_the_configured_shape_per_tier(
+    system: System, demo_model: tuple[str, int]
+) -> None:
+    _, _, raw_body = await system.post(port=demo_model[1])
+    raw = _scores(raw_body)
+    top = [_argmax(v) for v in raw]
+
+    status, headers, body = await system.post({"x-api-key": "alice"})
+    assert status == 200, body
+    assert int(headers["content-length"]) == len(body)  # corrected after the rewrite
+    answer = json.loads(body)
+    assert [p["label"] for p in answer["predictions"]] == top  # other fields untouched
+    assert answer["model"] == "digits-logreg"
+    for vector, want, original in zip(_scores(body), top, raw, strict=True):
+        assert len(vector) == 10
+        assert [i for i, x in enumerate(vector) if x != 0] == [want]  # topK: 1
+        assert vector[want] == round(original[want], 2)
+        assert _decimals(vector[want]) <= 2
+
+    _, _, body = await system.post({"x-api-key": "bob", "x-tier": "partner"})
+    for vector, want in zip(_scores(body), top, strict=True):
+        assert _argmax(vector) == want
+        assert 1 <= sum(1 for x in vector if x != 0) <= 3
+        assert all(_decimals(x) <= 3 for x in vector)
+
+    _, _, body = await system.post({"x-api-key": "carol", "x-tier": "trial"})
+    for vector, want in zip(_scores(body), top, strict=True):
+        assert vector == [1.0 if i == want else 0.0 for i in range(10)]
+
+    # Noise: bounded, never changes the top-1 class, and the same query gets the same noise
+    # (no averaging it away by repeating the query).
+    _, _, noisy = await system.post({"x-api-key": "dave", "x-tier": "noisy"})
+    _, _, again = await system.post({"x-api-key": "dave", "x-tier": "noisy"})
+    assert noisy == again
+    moved = 0
+    for vector, want, original in zip(_scores(noisy), top, raw, strict=True):
+        assert _argmax(vector) == want
+        assert all(abs(a - b) <= 0.2 + 1e-6 for a, b in zip(vector, original, strict=True))
+        moved += sum(1 for a, b in zip(vector, original, strict=True) if abs(a - b) > 1e-3)
+    assert moved > 5
+
+    # An unknown tier gets the defaults.
+    _, _, body = await system.post({"x-api-key": "eve", "x-tier": "platinum"})
+    assert all(sum(1 for x in v if x != 0) == 1 for v in _scores(body))
+    assert system.stats()["hardened"] == 6
+
+
+async def test_policy_change_swaps_the_filter_config_live_on_an_open_connection(
+    system: System,
+) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", system.port, timeout=5)
+
+    def post_on_connection() -> list[list[float]]:
+        conn.request(
+            "POST",
+            "/v1/predict",
+            json.dumps(INSTANCES).encode(),
+            {"content-type": "application/json"},
+        )
+        response = conn.getresponse()
+        return _scores(response.read())
+
+    try:
+        before = await asyncio.to_thread(post_on_connection)
+        assert all(sum(1 for x in v if x != 0) == 1 for v in before)
+        listeners = system.envoy.stats("listener_manager.")
+        system.write_policy(top_k=4, digits=4)
+
+        async def four_kept() -> bool:
+            vectors = await asyncio.to_thread(post_on_connection)
+            return all(sum(1 for x in v if x != 0) == 4 for v in vectors)
+
+        await eventually(four_kept, timeout=15)
+        # Same TCP connection, same listener: the swap came through ECDS, not a new listener.
+        after = system.envoy.stats("listener_manager.")
+        for name in ("listener_manager.listener_modified", "listener_manager.listener_removed"):
+            assert after.get(name, 0) == listeners.get(name, 0), name
+        assert after.get("listener_manager.total_listeners_draining", 0) == 0
+        reloads = system.envoy.stats("extension_config_discovery")
+        assert any(k.endswith("config_reload") and v >= 2 for k, v in reloads.items()), reloads
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "counter"),
+    [
+        (b'{"predictions": [{"probabilities": [0.1, 0.9', "application/json", "passed_malformed"),
+        (b'{"predictions": [{"probabilities": "high"}]}', "application/json", "passed_unmatched"),
+        (b'{"predictions": [{"probabilities": [0.1, 0.9]}]}', "text/plain", "passed_not_json"),
+        (b"\xff\xfe not json at all", "application/json", "passed_malformed"),
+    ],
+    ids=["truncated", "unexpected-shape", "not-json-type", "binary"],
+)
+async def test_malformed_or_unexpected_bodies_pass_unchanged_and_are_counted(
+    stub: Stub, stub_system: System, body: bytes, content_type: str, counter: str
+) -> None:
+    stub.body, stub.content_type = body, content_type
+    status, headers, got = await stub_system.post({"x-api-key": "alice"})
+    assert status == 200
+    assert got == body
+    assert int(headers["content-length"]) == len(body)
+    await eventually(lambda: stub_system.stats().get(counter) == 1)
+    assert stub_system.stats()["hardened"] == 0
+    # A well-formed answer through the same sidecar is still hardened.
+    stub.body = b'{"predictions": [{"probabilities": [0.1, 0.9]}]}'
+    stub.content_type = "application/json"
+    _, _, got = await stub_system.post({"x-api-key": "alice"})
+    assert json.loads(got) == {"predictions": [{"probabilities": [0.0, 0.9]}]}
+
+
+async def test_feed_ships_queries_with_the_unhardened_answer_in_batches(system: System) -> None:
+    _, _, hardened = await system.post({"x-api-key": "alice"})
+    for _ in range(4):
+        await system.post({"x-api-key": "bob"})
+    await eventually(lambda: len(system.feed.queries()) == 5)
+    queries = system.feed.queries()
+    assert sorted(q.client_key for q in queries) == ["alice"] + ["bob"] * 4
+    first = next(q for q in queries if q.client_key == "alice")
+    assert json.loads(first.request_body) == INSTANCES
+    assert first.path == "/v1/predict" and first.status == 200
+    assert first.time_unix_ms > 1_600_000_000_000
+    # The monitor sees the model's own answer, the client the hardened one.
+    unhardened = _scores(first.response_body)
+    assert any(0 < x < 1e-3 for v in unhardened for x in v)
+    assert unhardened != _scores(hardened)
+    batch = system.feed.batches[0]
+    assert batch.node_id == "digits-model-0" and batch.policy == "demo/digits-model"
+    assert batch.sequence >= 1
+    assert len(system.feed.batches) < 5  # batched (one flush per tick), not one call per query
+    # A GET carries no query: not fed.
+    await asyncio.to_thread(http_request, "GET", f"http://127.0.0.1:{system.port}/healthz")
+    await asyncio.sleep(0.6)
+    assert len(system.feed.queries()) == 5
+
+
+async def test_feed_counts_what_it_cannot_ship_per_client(system: System) -> None:
+    system.feed.fail = True
+    for _ in range(3):
+        await system.post({"x-api-key": "mallory"})
+    await eventually(lambda: system.stats().get("feed_call_failures", 0) >= 1)
+    system.feed.fail = False
+    # A request body over the feed's limit is never shipped, but it is counted.
+    big = {"instances": [[16.0] * 64] * 300}
+    status, _, _ = await system.post({"x-api-key": "trudy"}, body=big)
+    assert status == 400  # the model refuses > 256 instances; the sidecar still counts it
+    await eventually(
+        lambda: (
+            system.feed.unobserved().get(("mallory", "call_failed")) == 3
+            and system.feed.unobserved().get(("trudy", "body_too_large")) == 1
+        )
+    )
+    assert not [q for q in system.feed.queries() if q.client_key == "mallory"]
+    assert system.stats()["feed_unobserved"] == 4

@@ -1,0 +1,1198 @@
+/* modelguard output hardening + query feed: a proxy-wasm HTTP filter (ABI 0.2.1, V8).
+ *
+ * Per request it reads the client key and tier from the request headers and copies the
+ * request body (the query). On a JSON response it buffers the body, ships the query and
+ * the model's *unhardened* answer to the control plane's query feed, then rewrites the
+ * score vectors found at the configured JSON path: noise, top-k, rounding, label-only.
+ * Anything it cannot parse passes unchanged and is counted: the filter never breaks a
+ * response. The feed is batched per worker and shipped by proxy_grpc_call off the request
+ * path; what cannot be shipped is counted per client and reported as "unobserved".
+ */
+#include "abi.h"
+#include "json.h"
+
+/* ---------------------------------------------------------------------------------------
+ * Small helpers
+ */
+
+typedef struct {
+  u8 *p;
+  u32 len, cap;
+} Buf;
+
+static int buf_reserve(Buf *b, u32 extra) {
+  if (b->len + extra <= b->cap) return 1;
+  u32 cap = b->cap ? b->cap : 256;
+  while (cap < b->len + extra) cap *= 2;
+  u8 *p = realloc(b->p, cap);
+  if (!p) return 0;
+  b->p = p;
+  b->cap = cap;
+  return 1;
+}
+
+static int buf_put(Buf *b, const void *data, u32 n) {
+  if (!buf_reserve(b, n)) return 0;
+  memcpy(b->p + b->len, data, n);
+  b->len += n;
+  return 1;
+}
+
+static void buf_free(Buf *b) {
+  free(b->p);
+  b->p = 0;
+  b->len = b->cap = 0;
+}
+
+static void log_msg(i32 level, const char *msg) { proxy_log(level, msg, cstrlen(msg)); }
+
+static char *dup_bytes(const char *s, u32 n) {
+  char *d = malloc(n + 1);
+  if (!d) return 0;
+  memcpy(d, s, n);
+  d[n] = 0;
+  return d;
+}
+
+static int ieq(const u8 *a, const char *b, u32 n) { /* ASCII case-insensitive prefix match */
+  for (u32 i = 0; i < n; i++) {
+    u8 x = a[i], y = (u8)b[i];
+    if (x >= 'A' && x <= 'Z') x = (u8)(x + 32);
+    if (x != y) return 0;
+  }
+  return 1;
+}
+
+static int contains_json(const u8 *s, u32 n) {
+  for (u32 i = 0; i + 4 <= n; i++)
+    if (ieq(s + i, "json", 4)) return 1;
+  return 0;
+}
+
+static u64 parse_uint(const u8 *s, u32 n) {
+  u64 v = 0;
+  for (u32 i = 0; i < n && s[i] >= '0' && s[i] <= '9'; i++) v = v * 10 + (u64)(s[i] - '0');
+  return v;
+}
+
+static u64 now_ms(void) {
+  u64 ns = 0;
+  proxy_get_current_time_nanoseconds(&ns);
+  return ns / 1000000;
+}
+
+/* SipHash-2-4: the noise of a response is a keyed hash of its body, so a client can
+ * neither predict it nor average it away by repeating the query. */
+#define ROTL(x, b) (u64)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                         \
+  do {                                                                                   \
+    v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                            \
+    v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                               \
+    v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                               \
+    v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                            \
+  } while (0)
+
+static u64 siphash(const u64 key[2], const u8 *in, u32 len) {
+  u64 v0 = 0x736f6d6570736575ULL ^ key[0], v1 = 0x646f72616e646f6dULL ^ key[1];
+  u64 v2 = 0x6c7967656e657261ULL ^ key[0], v3 = 0x7465646279746573ULL ^ key[1];
+  u32 i = 0;
+  for (; i + 8 <= len; i += 8) {
+    u64 m = 0;
+    for (int j = 7; j >= 0; j--) m = (m << 8) | in[i + j];
+    v3 ^= m;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= m;
+  }
+  u64 b = (u64)len << 56;
+  for (int j = 0; i + j < len; j++) b |= (u64)in[i + j] << (8 * j);
+  v3 ^= b;
+  SIPROUND;
+  SIPROUND;
+  v0 ^= b;
+  v2 ^= 0xff;
+  SIPROUND;
+  SIPROUND;
+  SIPROUND;
+  SIPROUND;
+  return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static u64 splitmix(u64 *state) {
+  u64 z = (*state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Configuration (one per root context: a plugin config pushed over ECDS)
+ */
+
+typedef struct {
+  u8 active;
+  u8 label_only;
+  i32 top_k;        /* 0: keep all */
+  i32 round_digits; /* -1: no rounding */
+  double noise;     /* 0: none */
+} Hardening;
+
+enum { STEP_NAME, STEP_ANY, STEP_INDEX };
+typedef struct {
+  u8 kind;
+  char *name;
+  u32 len;
+  u32 index;
+} Step;
+
+enum { KEY_NONE, KEY_HEADER, KEY_SOURCE_IP, KEY_IDENTITY };
+enum { R_BUFFER_FULL, R_BODY_TOO_LARGE, R_CALL_FAILED, R_INCOMPLETE, R_COUNT };
+/* "incomplete": the answer came before the whole request body (an early error, a reset). */
+static const char *REASONS[R_COUNT] = {"buffer_full", "body_too_large", "call_failed",
+                                       "incomplete"};
+
+typedef struct {
+  char *key;
+  u32 len;
+  u8 reason;
+  u64 count;
+} Count;
+
+typedef struct {
+  Count *items;
+  u32 n, cap, limit;
+} Counts;
+
+enum {
+  M_HARDENED,
+  M_NOT_JSON,
+  M_MALFORMED,
+  M_UNMATCHED,
+  M_TOO_LARGE,
+  M_FEED_QUERIES,
+  M_FEED_BATCHES,
+  M_FEED_UNOBSERVED,
+  M_FEED_CALL_FAILURES,
+  M_COUNT
+};
+static const char *METRIC_NAMES[M_COUNT] = {
+    "hardened",   "passed_not_json", "passed_malformed", "passed_unmatched", "passed_too_large",
+    "feed_queries", "feed_batches",  "feed_unobserved",  "feed_call_failures"};
+
+typedef struct Root {
+  u32 id;
+  struct Root *next;
+  u8 configured;
+  JNode *config;
+  const char *policy;
+  u32 policy_len;
+  u8 key_kind;
+  char *key_header;
+  Step *steps;
+  u32 nsteps;
+  Hardening dflt;
+  char *tier_header;
+  u32 ntiers;
+  char **tier_names;
+  Hardening *tiers;
+  u32 max_body;
+  u32 metrics[M_COUNT];
+  /* the query feed */
+  u8 feed;
+  Buf service; /* serialized envoy.config.core.v3.GrpcService */
+  u32 feed_max_body, batch_queries, batch_bytes, max_in_flight, timeout_ms;
+  char *node_id;
+  u32 node_id_len;
+  Buf batch; /* encoded FeedBatch.queries entries */
+  u32 batch_count;
+  Counts batch_clients; /* who is in the batch: charged as unobserved if the call fails */
+  Counts unobserved;
+  u32 in_flight;
+  u64 sequence;
+  u8 done_pending;
+} Root;
+
+typedef struct Stream {
+  u32 id;
+  struct Stream *next;
+  Root *root;
+  u8 *key;
+  usize key_len;
+  const Hardening *hardening;
+  u8 *path;
+  usize path_len;
+  Buf request;
+  u8 request_too_large;
+  u8 has_body;      /* the request has a body (its headers did not end the stream) */
+  u8 body_complete; /* ... and all of it went past */
+  u8 inspect;
+  u8 done; /* fed (or counted as unobserved) */
+  u32 status;
+} Stream;
+
+typedef struct Call {
+  u32 token;
+  struct Call *next;
+  Root *root;
+  Counts clients;
+  u32 queries;
+} Call;
+
+static Root *roots;
+static Call *calls;
+#define STREAM_BUCKETS 256
+static Stream *streams[STREAM_BUCKETS];
+static u64 noise_key[2];
+
+static Root *find_root(u32 id) {
+  for (Root *r = roots; r; r = r->next)
+    if (r->id == id) return r;
+  return 0;
+}
+
+static Stream *find_stream(u32 id) {
+  for (Stream *s = streams[id % STREAM_BUCKETS]; s; s = s->next)
+    if (s->id == id) return s;
+  return 0;
+}
+
+static void metric(Root *r, int m, i64 n) {
+  if (r->metrics[m]) proxy_increment_metric(r->metrics[m], n);
+}
+
+/* --- counting per client ---------------------------------------------------------------- */
+
+static void counts_add(Counts *c, const u8 *key, u32 len, u8 reason, u64 n) {
+  for (u32 i = 0; i < c->n; i++) {
+    Count *it = &c->items[i];
+    if (it->reason == reason && it->len == len && memcmp(it->key, key, len) == 0) {
+      it->count += n;
+      return;
+    }
+  }
+  if (c->n >= c->limit) {
+    /* Bounded memory: past the limit, clients are pooled under the empty key. */
+    key = (const u8 *)"";
+    len = 0;
+    for (u32 i = 0; i < c->n; i++)
+      if (c->items[i].reason == reason && c->items[i].len == 0) {
+        c->items[i].count += n;
+        return;
+      }
+  }
+  if (c->n == c->cap) {
+    u32 cap = c->cap ? c->cap * 2 : 8;
+    Count *items = realloc(c->items, cap * sizeof(Count));
+    if (!items) return;
+    c->items = items;
+    c->cap = cap;
+  }
+  Count *it = &c->items[c->n++];
+  it->key = dup_bytes((const char *)key, len);
+  it->len = it->key ? len : 0;
+  it->reason = reason;
+  it->count = n;
+}
+
+static void counts_clear(Counts *c) {
+  for (u32 i = 0; i < c->n; i++) free(c->items[i].key);
+  c->n = 0;
+}
+
+static void counts_free(Counts *c) {
+  counts_clear(c);
+  free(c->items);
+  c->items = 0;
+  c->cap = 0;
+}
+
+/* --- configuration ---------------------------------------------------------------------- */
+
+static u32 num_or(const JNode *obj, const char *key, u32 dflt) {
+  JNode *n = json_get(obj, key);
+  return n && n->type == J_NUMBER && n->number >= 0 ? (u32)n->number : dflt;
+}
+
+static Hardening read_hardening(const JNode *h) {
+  Hardening out = {0, 0, 0, -1, 0};
+  if (!h || h->type != J_OBJECT) return out;
+  JNode *n;
+  if ((n = json_get(h, "topK")) && n->type == J_NUMBER) out.top_k = (i32)n->number;
+  if ((n = json_get(h, "roundDigits")) && n->type == J_NUMBER) out.round_digits = (i32)n->number;
+  if ((n = json_get(h, "labelOnly")) && n->type == J_BOOL) out.label_only = n->boolean;
+  if ((n = json_get(h, "noise")) && n->type == J_NUMBER) out.noise = n->number;
+  if (out.round_digits > 10) out.round_digits = 10;
+  if (out.noise < 0) out.noise = 0;
+  out.active = out.label_only || out.top_k > 0 || out.round_digits >= 0 || out.noise > 0;
+  return out;
+}
+
+static void put_varint(Buf *b, u64 v) {
+  u8 tmp[10];
+  u32 n = 0;
+  do {
+    u8 byte = v & 0x7f;
+    v >>= 7;
+    tmp[n++] = v ? (u8)(byte | 0x80) : byte;
+  } while (v);
+  buf_put(b, tmp, n);
+}
+
+static void put_bytes_field(Buf *b, u32 field, const void *data, u32 len) {
+  put_varint(b, (u64)(field << 3 | 2));
+  put_varint(b, len);
+  buf_put(b, data, len);
+}
+
+static u32 varint_size(u64 v) {
+  u32 n = 1;
+  while (v >= 0x80) {
+    v >>= 7;
+    n++;
+  }
+  return n;
+}
+
+static void free_root_config(Root *r) {
+  for (u32 i = 0; i < r->nsteps; i++) free(r->steps[i].name);
+  free(r->steps);
+  for (u32 i = 0; i < r->ntiers; i++) free(r->tier_names[i]);
+  free(r->tier_names);
+  free(r->tiers);
+  free(r->key_header);
+  free(r->tier_header);
+  free(r->node_id);
+  buf_free(&r->service);
+  json_free(r->config);
+  r->steps = 0;
+  r->nsteps = r->ntiers = 0;
+  r->tier_names = 0;
+  r->tiers = 0;
+  r->key_header = r->tier_header = r->node_id = 0;
+  r->config = 0;
+}
+
+static int configure(Root *r, const char *text, u32 len) {
+  JNode *cfg = json_parse(text, len);
+  if (!cfg || cfg->type != J_OBJECT) {
+    json_free(cfg);
+    log_msg(LOG_ERROR, "modelguard: plugin configuration is not a JSON object");
+    return 0;
+  }
+  free_root_config(r);
+  r->config = cfg;
+  JNode *n = json_get(cfg, "policy");
+  r->policy = n && n->type == J_STRING ? n->str : "";
+  r->policy_len = n && n->type == J_STRING ? n->str_len : 0;
+
+  JNode *key = json_get(cfg, "clientKey");
+  r->key_kind = KEY_NONE;
+  if ((n = json_get(key, "header")) && n->type == J_STRING) {
+    r->key_kind = KEY_HEADER;
+    r->key_header = dup_bytes(n->str, n->str_len);
+  } else if ((n = json_get(key, "sourceIP")) && n->type == J_BOOL && n->boolean) {
+    r->key_kind = KEY_SOURCE_IP;
+  } else if ((n = json_get(key, "identity")) && n->type == J_BOOL && n->boolean) {
+    r->key_kind = KEY_IDENTITY;
+  }
+
+  JNode *path = json_get(cfg, "scores");
+  u32 nsteps = 0;
+  if (path && path->type == J_ARRAY)
+    for (JNode *s = path->child; s; s = s->next) nsteps++;
+  r->steps = malloc((nsteps ? nsteps : 1) * sizeof(Step));
+  if (path && path->type == J_ARRAY)
+    for (JNode *s = path->child; s; s = s->next) {
+      Step *st = &r->steps[r->nsteps++];
+      memset(st, 0, sizeof(Step));
+      if (s->type == J_STRING) {
+        st->kind = STEP_NAME;
+        st->name = dup_bytes(s->str, s->str_len);
+        st->len = s->str_len;
+      } else if (s->type == J_NUMBER) {
+        st->kind = STEP_INDEX;
+        st->index = (u32)s->number;
+      } else {
+        st->kind = STEP_ANY;
+      }
+    }
+
+  r->dflt = read_hardening(json_get(cfg, "output"));
+  if ((n = json_get(cfg, "tierHeader")) && n->type == J_STRING)
+    r->tier_header = dup_bytes(n->str, n->str_len);
+  JNode *tiers = json_get(cfg, "tiers");
+  if (tiers && tiers->type == J_OBJECT) {
+    for (JNode *t = tiers->child; t; t = t->next) r->ntiers++;
+    r->tier_names = malloc((r->ntiers ? r->ntiers : 1) * sizeof(char *));
+    r->tiers = malloc((r->ntiers ? r->ntiers : 1) * sizeof(Hardening));
+    u32 i = 0;
+    for (JNode *t = tiers->child; t; t = t->next, i++) {
+      r->tier_names[i] = dup_bytes(t->key, t->key_len);
+      r->tiers[i] = read_hardening(t);
+    }
+  }
+  r->max_body = num_or(cfg, "maxBodyBytes", 1 << 20);
+
+  JNode *feed = json_get(cfg, "feed");
+  r->feed = feed && feed->type == J_OBJECT;
+  if (r->feed) {
+    JNode *cluster = json_get(feed, "cluster");
+    if (!cluster || cluster->type != J_STRING) {
+      log_msg(LOG_ERROR, "modelguard: feed.cluster missing");
+      return 0;
+    }
+    /* GrpcService { envoy_grpc (1) { cluster_name (1) } } */
+    Buf inner = {0};
+    put_bytes_field(&inner, 1, cluster->str, cluster->str_len);
+    put_bytes_field(&r->service, 1, inner.p, inner.len);
+    buf_free(&inner);
+    r->feed_max_body = num_or(feed, "maxBodyBytes", 64 * 1024);
+    r->batch_queries = num_or(feed, "batchQueries", 128);
+    r->batch_bytes = num_or(feed, "batchBytes", 1 << 20);
+    r->max_in_flight = num_or(feed, "maxInFlight", 4);
+    r->timeout_ms = num_or(feed, "timeoutMs", 5000);
+    u32 flush_ms = num_or(feed, "flushMs", 250);
+    if (r->batch_queries == 0) r->batch_queries = 1;
+    proxy_set_tick_period_milliseconds(flush_ms ? flush_ms : 250);
+    /* From the control plane, which knows which sidecar it configures. */
+    if ((n = json_get(feed, "nodeId")) && n->type == J_STRING) {
+      r->node_id = dup_bytes(n->str, n->str_len);
+      r->node_id_len = n->str_len;
+    }
+  }
+  r->batch_clients.limit = 64;
+  r->unobserved.limit = 1024;
+
+  /* Stats are per policy: modelguard.<namespace>.<name>.<what> */
+  char name[192];
+  u32 plen = r->policy_len < 120 ? r->policy_len : 120;
+  for (int m = 0; m < M_COUNT; m++) {
+    u32 k = 0;
+    memcpy(name, "modelguard.", 11);
+    k = 11;
+    for (u32 i = 0; i < plen; i++) name[k++] = r->policy[i] == '/' ? '.' : r->policy[i];
+    name[k++] = '.';
+    usize mlen = cstrlen(METRIC_NAMES[m]);
+    memcpy(name + k, METRIC_NAMES[m], mlen);
+    k += (u32)mlen;
+    r->metrics[m] = 0;
+    proxy_define_metric(METRIC_COUNTER, name, k, &r->metrics[m]);
+  }
+  r->configured = 1;
+  return 1;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The query feed
+ */
+
+static void call_add(Call *c) {
+  c->next = calls;
+  calls = c;
+}
+
+static Call *call_take(u32 token) {
+  for (Call **p = &calls; *p; p = &(*p)->next)
+    if ((*p)->token == token) {
+      Call *c = *p;
+      *p = c->next;
+      return c;
+    }
+  return 0;
+}
+
+static void unobserved(Root *r, const u8 *key, u32 len, u8 reason, u64 n) {
+  counts_add(&r->unobserved, key, len, reason, n);
+  metric(r, M_FEED_UNOBSERVED, (i64)n);
+}
+
+/* Ships the pending batch; must run with the root as the effective context, so the call
+ * outlives the stream that triggered it. Returns 0 if it could not be sent. */
+static int flush(Root *r) {
+  if (!r->feed || (r->batch_count == 0 && r->unobserved.n == 0)) return 1;
+  if (r->in_flight >= r->max_in_flight) return 0;
+  Buf msg = {0};
+  if (r->node_id_len) put_bytes_field(&msg, 1, r->node_id, r->node_id_len);
+  put_bytes_field(&msg, 2, r->policy, r->policy_len);
+  buf_put(&msg, r->batch.p, r->batch.len);
+  for (u32 i = 0; i < r->unobserved.n; i++) {
+    Count *u = &r->unobserved.items[i];
+    Buf item = {0};
+    put_bytes_field(&item, 1, u->key, u->len);
+    put_varint(&item, 2 << 3);
+    put_varint(&item, u->count);
+    const char *reason = REASONS[u->reason];
+    put_bytes_field(&item, 3, reason, (u32)cstrlen(reason));
+    put_bytes_field(&msg, 4, item.p, item.len);
+    buf_free(&item);
+  }
+  put_varint(&msg, 5 << 3);
+  put_varint(&msg, ++r->sequence);
+  static const char SERVICE[] = "modelguard.feed.v1.QueryFeed";
+  static const char METHOD[] = "Report";
+  u32 token = 0;
+  i32 rc = proxy_grpc_call(r->service.p, r->service.len, SERVICE, sizeof(SERVICE) - 1, METHOD,
+                           sizeof(METHOD) - 1, 0, 0, msg.p, msg.len, r->timeout_ms, &token);
+  buf_free(&msg);
+  if (rc != WASM_OK) {
+    metric(r, M_FEED_CALL_FAILURES, 1);
+    return 0;
+  }
+  Call *c = malloc(sizeof(Call));
+  if (c) {
+    memset(c, 0, sizeof(Call));
+    c->token = token;
+    c->root = r;
+    c->queries = r->batch_count;
+    c->clients = r->batch_clients; /* the call owns the summary now */
+    c->clients.limit = r->batch_clients.limit;
+    call_add(c);
+  } else {
+    counts_free(&r->batch_clients);
+  }
+  memset(&r->batch_clients, 0, sizeof(Counts));
+  r->batch_clients.limit = 64;
+  r->in_flight++;
+  metric(r, M_FEED_BATCHES, 1);
+  metric(r, M_FEED_QUERIES, r->batch_count);
+  r->batch.len = 0;
+  r->batch_count = 0;
+  counts_clear(&r->unobserved);
+  return 1;
+}
+
+static int flush_as_root(Root *r, u32 current) {
+  proxy_set_effective_context(r->id);
+  int ok = flush(r);
+  proxy_set_effective_context(current);
+  return ok;
+}
+
+/* Encodes one Query into the root's batch (FeedBatch.queries, field 3). */
+static void feed_query(Stream *s, const u8 *response, u32 response_len) {
+  Root *r = s->root;
+  s->done = 1;
+  const u8 *key = s->key ? s->key : (const u8 *)"";
+  u32 key_len = (u32)s->key_len;
+  if (s->request_too_large || response_len > r->feed_max_body) {
+    unobserved(r, key, key_len, R_BODY_TOO_LARGE, 1);
+    return;
+  }
+  if (!s->body_complete) {
+    unobserved(r, key, key_len, R_INCOMPLETE, 1);
+    return;
+  }
+  u64 t = now_ms();
+  u32 qlen = 1 + varint_size(key_len) + key_len + 1 + varint_size(t) + 1 +
+             varint_size(s->status) + 1 + varint_size(s->request.len) + s->request.len + 1 +
+             varint_size(response_len) + response_len + 1 + varint_size(s->path_len) +
+             (u32)s->path_len;
+  u32 total = 1 + varint_size(qlen) + qlen;
+  if (total > r->batch_bytes) {
+    unobserved(r, key, key_len, R_BODY_TOO_LARGE, 1);
+    return;
+  }
+  if (r->batch.len + total > r->batch_bytes && !flush_as_root(r, s->id)) {
+    unobserved(r, key, key_len, R_BUFFER_FULL, 1);
+    return;
+  }
+  if (!buf_reserve(&r->batch, total)) {
+    unobserved(r, key, key_len, R_BUFFER_FULL, 1);
+    return;
+  }
+  Buf *b = &r->batch;
+  put_varint(b, 3 << 3 | 2);
+  put_varint(b, qlen);
+  put_bytes_field(b, 1, key, key_len);
+  put_varint(b, 2 << 3);
+  put_varint(b, t);
+  put_varint(b, 3 << 3);
+  put_varint(b, s->status);
+  put_bytes_field(b, 4, s->request.p, s->request.len);
+  put_bytes_field(b, 5, response, response_len);
+  put_bytes_field(b, 6, s->path, (u32)s->path_len);
+  r->batch_count++;
+  counts_add(&r->batch_clients, key, key_len, 0, 1);
+  if (r->batch_count >= r->batch_queries) flush_as_root(r, s->id);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Output hardening
+ */
+
+typedef struct {
+  u32 start, end;   /* the array's bytes in the body, brackets included */
+  u32 first, count; /* its numbers in the scratch arrays */
+} Target;
+
+typedef struct {
+  const u8 *base, *end;
+  const Step *steps;
+  u32 nsteps;
+  int error;
+} Scan;
+
+/* Per-VM scratch reused by every response: a worker runs one callback at a time. */
+static Target *targets;
+static u32 ntargets, targets_cap;
+static double *nums;
+static u32 *num_start, *num_end;
+static u32 nnums, nums_cap;
+static Buf out;
+static double *work;
+static u8 *show_buf, *keep_buf;
+static u32 work_cap;
+
+static int push_target(Target t) {
+  if (ntargets == targets_cap) {
+    u32 cap = targets_cap ? targets_cap * 2 : 16;
+    Target *p = realloc(targets, cap * sizeof(Target));
+    if (!p) return 0;
+    targets = p;
+    targets_cap = cap;
+  }
+  targets[ntargets++] = t;
+  return 1;
+}
+
+static int push_num(double v, u32 start, u32 end) {
+  if (nnums == nums_cap) {
+    u32 cap = nums_cap ? nums_cap * 2 : 256;
+    double *a = realloc(nums, cap * sizeof(double));
+    if (a) nums = a;
+    u32 *b = realloc(num_start, cap * sizeof(u32));
+    if (b) num_start = b;
+    u32 *c = realloc(num_end, cap * sizeof(u32));
+    if (c) num_end = c;
+    if (!a || !b || !c) return 0;
+    nums_cap = cap;
+  }
+  nums[nnums] = v;
+  num_start[nnums] = start;
+  num_end[nnums] = end;
+  nnums++;
+  return 1;
+}
+
+static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth);
+
+/* An array of numbers at a matched path: a score vector. NULL if it is something else. */
+static const u8 *scan_scores(Scan *sc, const u8 *p) {
+  const u8 *start = p;
+  u32 first = nnums;
+  p = json_skip_ws(p + 1, sc->end);
+  if (p < sc->end && *p == ']') return 0;
+  for (;;) {
+    double v;
+    const u8 *after = json_number(p, sc->end, &v);
+    if (!after) break;
+    if (!push_num(v, (u32)(p - sc->base), (u32)(after - sc->base))) break;
+    p = json_skip_ws(after, sc->end);
+    if (p < sc->end && *p == ',') {
+      p = json_skip_ws(p + 1, sc->end);
+      continue;
+    }
+    if (p < sc->end && *p == ']') {
+      Target t = {(u32)(start - sc->base), (u32)(p + 1 - sc->base), first, nnums - first};
+      if (!push_target(t)) break;
+      return p + 1;
+    }
+    break;
+  }
+  nnums = first;
+  return 0;
+}
+
+static int step_matches(const Step *st, const u8 *key, u32 key_len, i32 index) {
+  if (st->kind == STEP_ANY) return 1;
+  if (st->kind == STEP_INDEX) return index >= 0 && (u32)index == st->index;
+  return index < 0 && st->len == key_len && memcmp(st->name, key, key_len) == 0;
+}
+
+static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth) {
+  if (depth > 64) return 0;
+  p = json_skip_ws(p, sc->end);
+  if (p >= sc->end) return 0;
+  u8 c = *p;
+  if (c == '[') {
+    int at_leaf = step >= 0 && ((u32)step == sc->nsteps ||
+                                ((u32)step + 1 == sc->nsteps && sc->steps[step].kind == STEP_ANY));
+    if (at_leaf) {
+      const u8 *after = scan_scores(sc, p);
+      if (after) return after;
+    }
+    p = json_skip_ws(p + 1, sc->end);
+    if (p < sc->end && *p == ']') return p + 1;
+    for (i32 i = 0;; i++) {
+      i32 next = step >= 0 && (u32)step < sc->nsteps && step_matches(&sc->steps[step], 0, 0, i)
+                     ? step + 1
+                     : -1;
+      p = scan_value(sc, p, next, depth + 1);
+      if (!p) return 0;
+      p = json_skip_ws(p, sc->end);
+      if (p < sc->end && *p == ',') {
+        p++;
+        continue;
+      }
+      if (p < sc->end && *p == ']') return p + 1;
+      return 0;
+    }
+  }
+  if (c == '{') {
+    p = json_skip_ws(p + 1, sc->end);
+    if (p < sc->end && *p == '}') return p + 1;
+    for (;;) {
+      p = json_skip_ws(p, sc->end);
+      if (p >= sc->end || *p != '"') return 0;
+      const u8 *key = p + 1;
+      const u8 *after = json_skip_string(p, sc->end);
+      if (!after) return 0;
+      u32 key_len = (u32)(after - 1 - key);
+      p = json_skip_ws(after, sc->end);
+      if (p >= sc->end || *p != ':') return 0;
+      i32 next = step >= 0 && (u32)step < sc->nsteps &&
+                         step_matches(&sc->steps[step], key, key_len, -1)
+                     ? step + 1
+                     : -1;
+      p = scan_value(sc, p + 1, next, depth + 1);
+      if (!p) return 0;
+      p = json_skip_ws(p, sc->end);
+      if (p < sc->end && *p == ',') {
+        p++;
+        continue;
+      }
+      if (p < sc->end && *p == '}') return p + 1;
+      return 0;
+    }
+  }
+  if (c == '"') return json_skip_string(p, sc->end);
+  if (c == 't') return sc->end - p >= 4 && memcmp(p, "true", 4) == 0 ? p + 4 : 0;
+  if (c == 'f') return sc->end - p >= 5 && memcmp(p, "false", 5) == 0 ? p + 5 : 0;
+  if (c == 'n') return sc->end - p >= 4 && memcmp(p, "null", 4) == 0 ? p + 4 : 0;
+  double v;
+  return json_number(p, sc->end, &v);
+}
+
+enum { SHOW_ORIGINAL, SHOW_ZERO, SHOW_FIXED };
+
+/* Rewrites one score vector into `out`. The top-1 class of the model is the top-1 class
+ * the client sees, whatever the settings: noise and rounding never reorder it. */
+static int write_scores(const u8 *body, const Target *t, const Hardening *h, u64 seed) {
+  u32 n = t->count;
+  double *v = nums + t->first;
+  u32 top = 0;
+  int probabilities = 1;
+  for (u32 i = 0; i < n; i++) {
+    if (v[i] > v[top]) top = i;
+    if (v[i] < 0 || v[i] > 1) probabilities = 0;
+  }
+  if (!buf_reserve(&out, 2 + n * 42)) return 0;
+  out.p[out.len++] = '[';
+  if (h->label_only) {
+    for (u32 i = 0; i < n; i++) {
+      if (i) out.p[out.len++] = ',';
+      memcpy(out.p + out.len, i == top ? "1.0" : "0.0", 3);
+      out.len += 3;
+    }
+    out.p[out.len++] = ']';
+    return 1;
+  }
+  if (n > work_cap) {
+    double *a = realloc(work, n * sizeof(double));
+    if (a) work = a;
+    u8 *b = realloc(show_buf, n);
+    if (b) show_buf = b;
+    u8 *c = realloc(keep_buf, n);
+    if (c) keep_buf = c;
+    if (!a || !b || !c) return 0;
+    work_cap = n;
+  }
+  double *w = work;
+  u8 *show = show_buf;
+  for (u32 i = 0; i < n; i++) {
+    w[i] = v[i];
+    show[i] = SHOW_ORIGINAL;
+  }
+  if (h->noise > 0) {
+    u64 state = seed;
+    for (u32 i = 0; i < n; i++) {
+      double u = (double)(splitmix(&state) >> 11) * (1.0 / 9007199254740992.0);
+      w[i] += h->noise * (2 * u - 1);
+      if (probabilities) w[i] = w[i] < 0 ? 0 : (w[i] > 1 ? 1 : w[i]);
+      show[i] = SHOW_FIXED;
+    }
+    double gap = 1e-6;
+    if (probabilities && w[top] < gap) w[top] = gap;
+    for (u32 i = 0; i < n; i++)
+      if (i != top && w[i] >= w[top]) w[i] = w[top] - gap;
+    if (probabilities)
+      for (u32 i = 0; i < n; i++)
+        if (w[i] < 0) w[i] = 0;
+  }
+  if (h->top_k > 0 && (u32)h->top_k < n) {
+    u8 *keep = keep_buf;
+    memset(keep, 0, n);
+    keep[top] = 1;
+    for (i32 k = 1; k < h->top_k; k++) {
+      i32 best = -1;
+      for (u32 i = 0; i < n; i++)
+        if (!keep[i] && (best < 0 || w[i] > w[best])) best = (i32)i;
+      if (best >= 0) keep[best] = 1;
+    }
+    for (u32 i = 0; i < n; i++)
+      if (!keep[i]) {
+        w[i] = 0;
+        show[i] = SHOW_ZERO;
+      }
+  }
+  int digits = h->round_digits >= 0 ? h->round_digits : 6;
+  if (h->round_digits >= 0) {
+    double unit = 1;
+    for (int d = 0; d < digits; d++) unit /= 10;
+    for (u32 i = 0; i < n; i++) {
+      if (show[i] == SHOW_ZERO) continue;
+      double scaled = w[i] / unit;
+      double r = (double)(i64)(scaled < 0 ? scaled - 0.5 : scaled + 0.5);
+      w[i] = r * unit;
+      show[i] = SHOW_FIXED;
+    }
+    if (probabilities && w[top] < unit) w[top] = unit;
+    for (u32 i = 0; i < n; i++)
+      if (i != top && w[i] >= w[top] - unit / 2) {
+        w[i] = w[top] - unit;
+        if (probabilities && w[i] < 0) w[i] = 0;
+        if (show[i] == SHOW_ZERO && w[i] == 0) continue;
+        show[i] = SHOW_FIXED;
+      }
+  }
+  for (u32 i = 0; i < n; i++) {
+    if (i) out.p[out.len++] = ',';
+    if (show[i] == SHOW_ORIGINAL) {
+      u32 s = num_start[t->first + i], e = num_end[t->first + i];
+      memcpy(out.p + out.len, body + s, e - s);
+      out.len += e - s;
+    } else if (show[i] == SHOW_ZERO) {
+      memcpy(out.p + out.len, "0.0", 3);
+      out.len += 3;
+    } else {
+      out.len += json_write_fixed((char *)out.p + out.len, w[i], digits);
+    }
+  }
+  out.p[out.len++] = ']';
+  return 1;
+}
+
+/* Returns 1 and leaves the rewritten body in `out`, or 0 (counted) to pass it unchanged. */
+static int harden(Root *r, const Hardening *h, const u8 *body, u32 len) {
+  Scan sc = {body, body + len, r->steps, r->nsteps, 0};
+  ntargets = 0;
+  nnums = 0;
+  const u8 *p = scan_value(&sc, body, r->nsteps ? 0 : -1, 0);
+  if (!p || json_skip_ws(p, sc.end) != sc.end) {
+    metric(r, M_MALFORMED, 1);
+    return 0;
+  }
+  if (ntargets == 0) {
+    metric(r, M_UNMATCHED, 1);
+    return 0;
+  }
+  out.len = 0;
+  u64 seed = h->noise > 0 ? siphash(noise_key, body, len) : 0;
+  u32 prev = 0;
+  for (u32 i = 0; i < ntargets; i++) {
+    Target *t = &targets[i];
+    if (!buf_put(&out, body + prev, t->start - prev)) return 0;
+    if (!write_scores(body, t, h, seed + i)) {
+      metric(r, M_UNMATCHED, 1);
+      return 0;
+    }
+    prev = t->end;
+  }
+  if (!buf_put(&out, body + prev, len - prev)) return 0;
+  metric(r, M_HARDENED, 1);
+  return 1;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * proxy-wasm entry points
+ */
+
+EXPORT(proxy_abi_version_0_2_1) void proxy_abi_version_0_2_1(void) {}
+
+EXPORT(proxy_on_vm_start) u32 proxy_on_vm_start(u32 root_id, u32 size) {
+  (void)root_id;
+  (void)size;
+  /* Not in the config: nobody who can read the sidecar's config dump learns the key. */
+  if (wasi_random_get((u8 *)noise_key, sizeof(noise_key)) != 0) {
+    noise_key[0] = now_ms() * 0x9e3779b97f4a7c15ULL;
+    noise_key[1] = ~noise_key[0];
+  }
+  return 1;
+}
+
+EXPORT(proxy_on_context_create) void proxy_on_context_create(u32 id, u32 parent) {
+  if (parent == 0) {
+    Root *r = malloc(sizeof(Root));
+    if (!r) return;
+    memset(r, 0, sizeof(Root));
+    r->id = id;
+    r->next = roots;
+    roots = r;
+    return;
+  }
+  Root *root = find_root(parent);
+  if (!root) return;
+  Stream *s = malloc(sizeof(Stream));
+  if (!s) return;
+  memset(s, 0, sizeof(Stream));
+  s->id = id;
+  s->root = root;
+  s->next = streams[id % STREAM_BUCKETS];
+  streams[id % STREAM_BUCKETS] = s;
+}
+
+EXPORT(proxy_on_configure) u32 proxy_on_configure(u32 root_id, u32 size) {
+  Root *r = find_root(root_id);
+  if (!r) return 0;
+  u8 *data = 0;
+  usize len = 0;
+  if (proxy_get_buffer_bytes(BUF_PLUGIN_CONFIGURATION, 0, size, &data, &len) != WASM_OK) {
+    log_msg(LOG_ERROR, "modelguard: no plugin configuration");
+    return 0;
+  }
+  int ok = configure(r, (const char *)data, (u32)len);
+  /* The tree points into the buffer: keep it for the root's lifetime. */
+  if (!ok) free(data);
+  return (u32)ok;
+}
+
+EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32 eos) {
+  (void)n;
+  Stream *s = find_stream(id);
+  if (!s || !s->root->configured) return HEADERS_CONTINUE;
+  Root *r = s->root;
+  if (r->key_kind == KEY_HEADER) {
+    proxy_get_header_map_value(MAP_REQUEST_HEADERS, r->key_header, cstrlen(r->key_header),
+                               &s->key, &s->key_len);
+  } else if (r->key_kind == KEY_SOURCE_IP) {
+    if (proxy_get_property("source\0address", 14, &s->key, &s->key_len) == WASM_OK) {
+      /* "ip:port" or "[v6]:port": the client is the address, not the connection. */
+      usize i = s->key_len;
+      while (i > 0 && s->key[i - 1] != ':') i--;
+      if (i > 0) s->key_len = i - 1;
+      if (s->key_len > 1 && s->key[0] == '[') {
+        memmove(s->key, s->key + 1, s->key_len - 2);
+        s->key_len -= 2;
+      }
+    }
+  } else if (r->key_kind == KEY_IDENTITY) {
+    proxy_get_property("connection\0uri_san_peer_certificate", 35, &s->key, &s->key_len);
+  }
+  s->hardening = &r->dflt;
+  if (r->tier_header) {
+    u8 *tier = 0;
+    usize tier_len = 0;
+    if (proxy_get_header_map_value(MAP_REQUEST_HEADERS, r->tier_header, cstrlen(r->tier_header),
+                                   &tier, &tier_len) == WASM_OK) {
+      for (u32 i = 0; i < r->ntiers; i++)
+        if (cstrlen(r->tier_names[i]) == tier_len && memcmp(r->tier_names[i], tier, tier_len) == 0)
+          s->hardening = &r->tiers[i];
+    }
+    free(tier);
+  }
+  if (r->feed) {
+    proxy_get_header_map_value(MAP_REQUEST_HEADERS, ":path", 5, &s->path, &s->path_len);
+    s->has_body = !eos;
+  }
+  return HEADERS_CONTINUE;
+}
+
+EXPORT(proxy_on_request_body) u32 proxy_on_request_body(u32 id, u32 size, u32 eos) {
+  Stream *s = find_stream(id);
+  if (!s || !s->root->feed) return DATA_CONTINUE;
+  if (eos) s->body_complete = 1;
+  if (s->request_too_large || size == 0) return DATA_CONTINUE;
+  if (s->request.len + size > s->root->feed_max_body) {
+    s->request_too_large = 1;
+    buf_free(&s->request);
+    return DATA_CONTINUE;
+  }
+  /* Copied as it streams past: the model never waits for the feed. */
+  u8 *chunk = 0;
+  usize len = 0;
+  if (proxy_get_buffer_bytes(BUF_REQUEST_BODY, 0, size, &chunk, &len) == WASM_OK) {
+    buf_put(&s->request, chunk, (u32)len);
+    free(chunk);
+  }
+  return DATA_CONTINUE;
+}
+
+EXPORT(proxy_on_response_headers) u32 proxy_on_response_headers(u32 id, u32 n, u32 eos) {
+  (void)n;
+  Stream *s = find_stream(id);
+  if (!s || !s->root->configured) return HEADERS_CONTINUE;
+  Root *r = s->root;
+  u8 *v = 0;
+  usize len = 0;
+  if (proxy_get_header_map_value(MAP_RESPONSE_HEADERS, ":status", 7, &v, &len) == WASM_OK)
+    s->status = (u32)parse_uint(v, (u32)len);
+  free(v);
+  int hardening = s->hardening && s->hardening->active;
+  int feeding = r->feed && s->has_body;
+  if (eos || (!hardening && !feeding)) return HEADERS_CONTINUE;
+  v = 0;
+  len = 0;
+  int json = proxy_get_header_map_value(MAP_RESPONSE_HEADERS, "content-type", 12, &v, &len) ==
+                 WASM_OK &&
+             contains_json(v, (u32)len);
+  free(v);
+  if (!json) {
+    if (hardening) metric(r, M_NOT_JSON, 1);
+    return HEADERS_CONTINUE;
+  }
+  v = 0;
+  len = 0;
+  if (proxy_get_header_map_value(MAP_RESPONSE_HEADERS, "content-length", 14, &v, &len) ==
+          WASM_OK &&
+      parse_uint(v, (u32)len) > r->max_body) {
+    free(v);
+    if (hardening) metric(r, M_TOO_LARGE, 1);
+    return HEADERS_CONTINUE;
+  }
+  free(v);
+  s->inspect = 1;
+  /* Held until the body is rewritten, so content-length can still be corrected. */
+  return HEADERS_STOP;
+}
+
+EXPORT(proxy_on_response_body) u32 proxy_on_response_body(u32 id, u32 size, u32 eos) {
+  Stream *s = find_stream(id);
+  if (!s || !s->inspect) return DATA_CONTINUE;
+  Root *r = s->root;
+  int hardening = s->hardening && s->hardening->active;
+  if (!eos) {
+    if (size <= r->max_body) return DATA_STOP_AND_BUFFER;
+    /* Too large to rewrite: released unchanged (Envoy's own buffer limit stays clear). */
+    s->inspect = 0;
+    if (hardening) metric(r, M_TOO_LARGE, 1);
+    return DATA_CONTINUE;
+  }
+  s->inspect = 0;
+  u8 *body = 0;
+  usize len = 0;
+  if (proxy_get_buffer_bytes(BUF_RESPONSE_BODY, 0, size, &body, &len) != WASM_OK) {
+    if (hardening) metric(r, M_MALFORMED, 1);
+    return DATA_CONTINUE;
+  }
+  if (r->feed && s->has_body) feed_query(s, body, (u32)len);
+  if (hardening && harden(r, s->hardening, body, (u32)len)) {
+    proxy_set_buffer_bytes(BUF_RESPONSE_BODY, 0, (u32)len, out.p, out.len);
+    char digits[12];
+    int k = 0;
+    u32 n = out.len;
+    char tmp[12];
+    do {
+      tmp[k++] = (char)('0' + n % 10);
+      n /= 10;
+    } while (n);
+    for (int i = 0; i < k; i++) digits[i] = tmp[k - 1 - i];
+    proxy_replace_header_map_value(MAP_RESPONSE_HEADERS, "content-length", 14, digits, (usize)k);
+  }
+  free(body);
+  return DATA_CONTINUE;
+}
+
+EXPORT(proxy_on_log) void proxy_on_log(u32 id) {
+  Stream *s = find_stream(id);
+  if (!s || !s->root->feed || !s->has_body || s->done) return;
+  /* No JSON answer was buffered (error, other type, or too large): the query still counts. */
+  feed_query(s, (const u8 *)"", 0);
+}
+
+EXPORT(proxy_on_tick) void proxy_on_tick(u32 root_id) {
+  Root *r = find_root(root_id);
+  if (r) flush(r);
+}
+
+EXPORT(proxy_on_done) u32 proxy_on_done(u32 id) {
+  Root *r = find_root(id);
+  if (!r) return 1;
+  /* A config swap retires this root: ship what it holds, finish once calls return. */
+  flush(r);
+  if (r->in_flight == 0) return 1;
+  r->done_pending = 1;
+  return 0;
+}
+
+static void delete_stream(u32 id) {
+  for (Stream **p = &streams[id % STREAM_BUCKETS]; *p; p = &(*p)->next)
+    if ((*p)->id == id) {
+      Stream *s = *p;
+      *p = s->next;
+      free(s->key);
+      free(s->path);
+      buf_free(&s->request);
+      free(s);
+      return;
+    }
+}
+
+EXPORT(proxy_on_delete) void proxy_on_delete(u32 id) {
+  for (Root **p = &roots; *p; p = &(*p)->next)
+    if ((*p)->id == id) {
+      Root *r = *p;
+      *p = r->next;
+      for (Call *c = calls; c; c = c->next)
+        if (c->root == r) c->root = 0;
+      free_root_config(r);
+      buf_free(&r->batch);
+      counts_free(&r->batch_clients);
+      counts_free(&r->unobserved);
+      free(r);
+      return;
+    }
+  delete_stream(id);
+}
+
+EXPORT(proxy_on_grpc_receive_initial_metadata)
+void proxy_on_grpc_receive_initial_metadata(u32 id, u32 token, u32 headers) {
+  (void)id, (void)token, (void)headers;
+}
+
+EXPORT(proxy_on_grpc_receive_trailing_metadata)
+void proxy_on_grpc_receive_trailing_metadata(u32 id, u32 token, u32 trailers) {
+  (void)id, (void)token, (void)trailers;
+}
+
+
+/* A unary call ends in exactly one of proxy_on_grpc_receive (success) and
+ * proxy_on_grpc_close (failure, with its status). */
+static void call_done(u32 token, u32 status) {
+  Call *c = call_take(token);
+  if (!c) return;
+  Root *r = c->root;
+  if (r) {
+    r->in_flight--;
+    if (status != 0) {
+      /* The batch is lost: charge each of its clients, so the gap is reported. */
+      metric(r, M_FEED_CALL_FAILURES, 1);
+      for (u32 i = 0; i < c->clients.n; i++)
+        unobserved(r, (const u8 *)c->clients.items[i].key, c->clients.items[i].len,
+                   R_CALL_FAILED, c->clients.items[i].count);
+    }
+    if (r->done_pending && r->in_flight == 0) proxy_done();
+  }
+  counts_free(&c->clients);
+  free(c);
+}
+
+EXPORT(proxy_on_grpc_receive) void proxy_on_grpc_receive(u32 id, u32 token, u32 size) {
+  (void)id, (void)size;
+  call_done(token, 0);
+}
+
+EXPORT(proxy_on_grpc_close) void proxy_on_grpc_close(u32 id, u32 token, u32 status) {
+  (void)id;
+  /* 0 here would be a stream closing cleanly; for a call it still means no answer came. */
+  call_done(token, status ? status : 2);
+}
