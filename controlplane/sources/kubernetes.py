@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from controlplane.api import API_VERSION, KINDS, Policy, validate_document
-from controlplane.compile import compile_sidecar, targets
+from controlplane.compile import targets
 from controlplane.crdgen import NAMES
 from controlplane.inventory import Inventory, Sidecar
 from controlplane.store import ACCEPTED, PolicyKey, PolicyStore, UnitContent
@@ -589,9 +589,7 @@ class LeaderElector:
             transitions = int(spec.lease_transitions or 0) + (0 if mine else 1)
             fields = self._spec(spec.acquire_time if mine else None, transitions)
             serialize = self.api.api_client.sanitize_for_serialization
-            patch: dict[str, Any] = {
-                "spec": serialize(client.V1LeaseSpec(**fields))
-            }
+            patch: dict[str, Any] = {"spec": serialize(client.V1LeaseSpec(**fields))}
             version = lease.metadata.resource_version if lease.metadata else None
             if version:
                 # With resourceVersion, a concurrent taker makes this a 409, not a tie.
@@ -655,7 +653,7 @@ class StatusWriter:
         api_client: Any,
         source: KubernetesSource,
         is_leader: Callable[[], bool],
-        programmed: Callable[[], Mapping[str, bool]],
+        programmed: Callable[[PolicyKey], Mapping[str, bool]],
         sidecars: Callable[[], tuple[Sidecar, ...]],
         clock: Callable[[], dt.datetime] = _now,
     ) -> None:
@@ -664,7 +662,8 @@ class StatusWriter:
         self.api = client.CustomObjectsApi(api_client)
         self.source = source
         self.is_leader = is_leader
-        self.programmed = programmed  # node id → serves a snapshot of the current policies
+        # policy → (node id → serves a snapshot with the policy's current version)
+        self.programmed = programmed
         self.sidecars = sidecars
         self.clock = clock
         self._written: dict[PolicyKey, dict[str, Any]] = {}
@@ -679,7 +678,6 @@ class StatusWriter:
             (p.kind, p.metadata.namespace, p.metadata.name): p for p in store.current().policies
         }
         sidecars = self.sidecars()
-        programmed = self.programmed()
         out = {}
         for key, seen in self.source.observed().items():
             status = statuses.get(key)
@@ -693,6 +691,7 @@ class StatusWriter:
                 conditions.append(Condition("Accepted", "False", "Invalid", errors))
             policy = serving.get(key)
             targeted = [s for s in sidecars if policy is not None and targets(policy, s)]
+            programmed = self.programmed(key) if targeted else {}
             done = sum(1 for s in targeted if programmed.get(s.node_id, False))
             accepted = conditions[0].status == "True"
             if not accepted:
@@ -797,19 +796,58 @@ class StatusWriter:
                 await asyncio.wait_for(stop.wait(), interval)
 
 
-def programmed_nodes(plane: Any) -> dict[str, bool]:
-    """Node id → whether it has ACKed a snapshot compiled from the current policies."""
-    policies = plane.store.current().policies
-    out = {}
-    for sidecar in plane.inventory.snapshot():
-        snapshot = plane.cache.get(sidecar.node_id)
-        current = plane.pipeline.ir(sidecar.node_id) == compile_sidecar(sidecar, policies)
-        out[sidecar.node_id] = bool(
-            current
-            and snapshot is not None
-            and plane.sync_status.is_synced(sidecar.node_id, snapshot.version)
-        )
-    return out
+class ProgramTracker:
+    """Which sidecars serve (ACKed) a snapshot that includes a policy's current version.
+
+    Recompiling to compare IRs would need every input of the pipeline (telemetry, mesh,
+    verdicts); revisions need none. The store revision a policy version entered with is
+    recorded from the store; the revision a rebuild compiled from is recorded around the
+    pipeline's rebuild (both on the loop, so a rebuild that finished read at least the
+    revision seen when it began).
+    Create it before ``plane.start()``: the debouncer binds the rebuild it is given.
+    """
+
+    def __init__(self, plane: Any) -> None:
+        self.plane = plane
+        self.compiled_revision = -1
+        self._applied: dict[PolicyKey, tuple[int, str]] = {}
+        self._lock = threading.Lock()
+        rebuild = plane.pipeline.rebuild
+
+        def tracked_rebuild() -> None:
+            revision = plane.store.current().revision
+            rebuild()
+            self.compiled_revision = revision
+
+        plane.pipeline.rebuild = tracked_rebuild
+        plane.store.subscribe(self._on_policies)
+        self._on_policies(plane.store.current())
+
+    def _on_policies(self, policy_set: Any) -> None:
+        with self._lock:
+            for policy in policy_set.policies:
+                key = (policy.kind, policy.metadata.namespace, policy.metadata.name)
+                fingerprint = policy.spec.model_dump_json(by_alias=True)
+                if self._applied.get(key, (0, ""))[1] != fingerprint:
+                    self._applied[key] = (policy_set.revision, fingerprint)
+
+    def nodes(self, key: PolicyKey) -> dict[str, bool]:
+        """Node id → whether it has ACKed a snapshot compiled with ``key``'s current version."""
+        with self._lock:
+            needed = self._applied.get(key, (None, ""))[0]
+        compiled = needed is not None and self.compiled_revision >= needed
+        plane, out = self.plane, {}
+        for sidecar in plane.inventory.snapshot():
+            node = sidecar.node_id
+            snapshot = plane.cache.get(node)
+            out[node] = bool(
+                compiled
+                and snapshot is not None
+                and plane.pipeline.ir(node) is not None
+                and node not in plane.pipeline.errors
+                and plane.sync_status.is_synced(node, snapshot.version)
+            )
+        return out
 
 
 # ---- cluster mode: `modelguard serve --kubernetes` -----------------------------------------
@@ -861,6 +899,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
 
     async def main() -> None:
         plane = ControlPlane(config)
+        tracker = ProgramTracker(plane)
         source = KubernetesSource(api_client, plane.store, plane.inventory, args.watch_namespace)
         elector = LeaderElector(
             api_client, args.lease_namespace, args.replica_id or socket.gethostname()
@@ -869,7 +908,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
             api_client,
             source,
             lambda: elector.is_leader,
-            lambda: programmed_nodes(plane),
+            tracker.nodes,
             plane.inventory.snapshot,
         )
         webhook = None

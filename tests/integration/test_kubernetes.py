@@ -218,7 +218,9 @@ def writer(
     programmed: dict[str, bool] | None = None,
     sidecars: tuple[Sidecar, ...] = (),
 ) -> StatusWriter:
-    return StatusWriter(api_client, src, lambda: True, lambda: programmed or {}, lambda: sidecars)
+    return StatusWriter(
+        api_client, src, lambda: True, lambda _key: programmed or {}, lambda: sidecars
+    )
 
 
 async def read(api_client: client.ApiClient, kind: str, name: str) -> dict[str, Any]:
@@ -500,7 +502,7 @@ async def test_a_follower_writes_no_status(
         policy("RatePolicy", "r", SPECS["RatePolicy"][0]),
     )
     await until(lambda: "r" in stored(source, "RatePolicy"))
-    follower = StatusWriter(api_client, source, lambda: False, dict, tuple)
+    follower = StatusWriter(api_client, source, lambda: False, lambda _key: {}, tuple)
     stop = asyncio.Event()
     task = asyncio.create_task(follower.run(stop, interval=0.01))
     await asyncio.sleep(0.2)
