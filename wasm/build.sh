@@ -16,6 +16,7 @@ cd "$here"
   -Wall -Wextra -Werror -Wno-unused-parameter \
   -Wl,--no-entry -Wl,--strip-all -Wl,-z,stack-size=65536 -Wl,--initial-memory=1048576 \
   -o "$out" src/filter.c src/json.c src/mem.c
+chmod 644 "$out" # the linker marks it executable; it is data for Envoy
 
 if [ $# -eq 0 ]; then
   {
