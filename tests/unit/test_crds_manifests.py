@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from controlplane import cli
 from tests.unit.test_crds import K8S_VERSION, cel_errors, schema_errors, schema_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +58,10 @@ def render(directory: Path) -> list[dict[str, Any]]:
 
 
 CLUSTER_SCOPED = {
-    "Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
     "MutatingWebhookConfiguration",
 }
 
@@ -115,6 +119,7 @@ def test_the_kustomization_has_every_part(objects: list[dict[str, Any]]) -> None
         ("Deployment", "modelguard"),
         ("Service", "modelguard"),
         ("Deployment", "redis"),
+        ("Deployment", "otel-collector"),
         ("Service", "redis"),
         ("Deployment", "digits-model"),
         ("Service", "digits-model"),
@@ -163,6 +168,14 @@ def test_control_plane_deployment(objects: list[dict[str, Any]]) -> None:
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["runAsNonRoot"]
+    # The arguments are ones `modelguard` knows (the kubelet expands $(VAR) first).
+    args = [
+        a.replace("$(POD_NAMESPACE)", "modelguard-system").replace("$(POD_NAME)", "mg-0")
+        for a in container["args"]
+    ]
+    parsed = cli.build_parser().parse_args(args)
+    assert parsed.kubernetes and parsed.webhook_port == 9443
+    assert parsed.rate_limit_backend.startswith("redis://redis.modelguard-system.svc:")
 
 
 def test_webhook_reaches_the_control_plane_over_a_certified_name(
@@ -180,7 +193,8 @@ def test_webhook_reaches_the_control_plane_over_a_certified_name(
     ca_from = webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
     assert ca_from == f"{certificate['metadata']['namespace']}/modelguard-webhook"
     deployment = _one(objects, "Deployment", "modelguard")
-    (volume,) = deployment["spec"]["template"]["spec"]["volumes"]
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    volume = next(v for v in volumes if v["name"] == "webhook-tls")
     assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
     assert hook["namespaceSelector"] == {"matchLabels": {"modelguard.io/inject": "enabled"}}
     demo = _one(objects, "Namespace", "demo")
