@@ -13,6 +13,7 @@ import ipaddress
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,66 @@ def xds_cluster(xds_host: str, xds_port: int) -> dict[str, Any]:
     return cluster
 
 
+@dataclass(frozen=True)
+class XdsCredentials:
+    """How a sidecar proves itself to the control plane, and how it knows it is talking to
+    the real one: its bootstrap token, the CA root, the control plane's SPIFFE ID."""
+
+    token: str = field(repr=False)
+    ca_pem: str = field(repr=False)
+    server_id: str
+
+    @classmethod
+    def for_sidecar(
+        cls, sidecar: Sidecar, identity_dir: str | os.PathLike[str]
+    ) -> XdsCredentials:
+        """Credentials from the control plane's identity folder (``modelguard bootstrap``)."""
+        from controlplane.identity.service import control_plane_id, root_pem
+        from controlplane.identity.tokens import BootstrapTokens
+
+        trust_domain = sidecar.identity.removeprefix("spiffe://").split("/", 1)[0]
+        return cls(
+            token=BootstrapTokens.load_or_create(identity_dir).issue(
+                sidecar.node_id, sidecar.identity
+            ),
+            ca_pem=root_pem(identity_dir),
+            server_id=control_plane_id(trust_domain),
+        )
+
+
+def with_credentials(
+    bootstrap: dict[str, Any], credentials: XdsCredentials | None
+) -> dict[str, Any]:
+    """ADS over TLS (the server must show the control plane's SPIFFE ID, signed by our CA)
+    with the sidecar's token as gRPC metadata on every stream."""
+    if credentials is None:
+        return bootstrap
+    from controlplane.identity.tokens import TOKEN_METADATA
+
+    service = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"][0]
+    service["initial_metadata"] = [{"key": TOKEN_METADATA, "value": credentials.token}]
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if cluster["name"] != XDS_CLUSTER:
+            continue
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "validation_context": {
+                        "trusted_ca": {"inline_string": credentials.ca_pem},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"exact": credentials.server_id}}
+                        ],
+                    },
+                },
+            },
+        }
+    return bootstrap
+
+
 def build_bootstrap(
     sidecar: Sidecar,
     *,
@@ -109,10 +170,12 @@ def build_bootstrap(
     admin_port: int,
     cluster: str | None = None,
     delta: bool = False,
+    credentials: XdsCredentials | None = None,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap (plain dict) for ``sidecar``, configured entirely over ADS
-    (state-of-the-world, or incremental with ``delta``)."""
-    return {
+    (state-of-the-world, or incremental with ``delta``; over TLS with a token when
+    ``credentials`` are given)."""
+    bootstrap: dict[str, Any] = {
         "node": {
             "id": sidecar.node_id,
             "cluster": cluster or f"{sidecar.service}.{sidecar.namespace}",
@@ -152,6 +215,7 @@ def build_bootstrap(
             ]
         },
     }
+    return with_credentials(bootstrap, credentials)
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -175,6 +239,7 @@ def write_bootstrap(
     admin_port: int,
     cluster: str | None = None,
     delta: bool = False,
+    credentials: XdsCredentials | None = None,
 ) -> Path:
     """Build and write the bootstrap YAML atomically (a sidecar never reads half a file)."""
     target = Path(path)
@@ -186,6 +251,7 @@ def write_bootstrap(
             admin_port=admin_port,
             cluster=cluster,
             delta=delta,
+            credentials=credentials,
         )
     )
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +340,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--delta", action="store_true", help="incremental (Delta) xDS instead of state-of-the-world"
     )
+    parser.add_argument(
+        "--mesh-port",
+        type=_port,
+        help="port (on 127.0.0.1) where the workload reaches other mesh services over mTLS "
+        "(Host: SERVICE.NAMESPACE)",
+    )
+    parser.add_argument(
+        "--identity-dir",
+        help="the control plane's identity folder (its CA and bootstrap-token key): the "
+        "bootstrap then carries this sidecar's token and reaches the control plane over TLS",
+    )
     parser.add_argument("-o", "--output", help="write to FILE instead of stdout")
 
 
@@ -291,6 +368,7 @@ def sidecar_from_args(args: argparse.Namespace) -> Sidecar:
         inbound_address=args.inbound_address,
         labels=tuple(sorted(dict(args.label).items())),
         outbound_port=args.outbound_port,
+        mesh_port=args.mesh_port,
     )
 
 
@@ -298,6 +376,9 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``modelguard bootstrap``; returns the exit code."""
     sidecar = sidecar_from_args(args)
     xds_host, xds_port = args.xds
+    credentials = None
+    if args.identity_dir:
+        credentials = XdsCredentials.for_sidecar(sidecar, args.identity_dir)
     if args.output:
         write_bootstrap(
             args.output,
@@ -307,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             cluster=args.cluster,
             delta=args.delta,
+            credentials=credentials,
         )
     else:
         bootstrap = build_bootstrap(
@@ -316,6 +398,7 @@ def run(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             cluster=args.cluster,
             delta=args.delta,
+            credentials=credentials,
         )
         sys.stdout.write(render_bootstrap(bootstrap))
     return 0

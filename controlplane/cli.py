@@ -24,6 +24,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from controlplane.identity import service as identity_service
     from controlplane.server import ControlPlane, ControlPlaneConfig
     from controlplane.telemetry import settings as telemetry_settings
 
@@ -34,8 +35,9 @@ def _serve(args: argparse.Namespace) -> int:
         admin_host=args.admin_host,
         admin_port=args.admin_port,
         telemetry=telemetry_settings.from_args(args),
-        rate_limit_backend=args.rate_limit_backend,
         verdicts_path=args.verdicts or None,
+        rate_limit_backend=args.rate_limit_backend,
+        identity=identity_service.config_from_args(args, ".modelguard/identity"),
     )
 
     if getattr(args, "kubernetes", False):
@@ -86,6 +88,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from controlplane.identity.service import add_arguments as identity_arguments
+
     parser = argparse.ArgumentParser(
         prog="modelguard",
         description="Protect model APIs from extraction: a control plane for Envoy sidecars.",
@@ -103,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-port", type=int, default=18000)
     p.add_argument("--admin-port", type=int, default=18001)
     p.add_argument("--workdir", default=".modelguard", help="bootstraps and logs")
+    identity_arguments(p)
     p.set_defaults(func=_run)
 
     p = sub.add_parser("serve", help="the control plane alone")
     p.add_argument("--policies", nargs="+", default=["policies/"])
+    identity_arguments(p)
     p.add_argument("--xds-host", default="127.0.0.1")
     p.add_argument("--xds-port", type=int, default=18000)
     p.add_argument("--admin-host", default="127.0.0.1")

@@ -36,6 +36,9 @@ class Sidecar:
     # Where the sidecar captures the workload's outbound traffic (egress control); None:
     # the workload's outbound traffic does not pass through the sidecar.
     outbound_port: int | None = None
+    # Where the workload reaches other mesh services over mTLS (Host: <service>.<namespace>);
+    # None: no mesh listener.
+    mesh_port: int | None = None
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -54,6 +57,7 @@ class Sidecar:
                 "inbound_address": self.inbound_address,
                 "labels": dict(self.labels),
                 **({"outbound_port": self.outbound_port} if self.outbound_port else {}),
+                **({"mesh_port": self.mesh_port} if self.mesh_port else {}),
             }
         }
 
@@ -105,6 +109,7 @@ class Sidecar:
             inbound_address=text("inbound_address", "0.0.0.0"),
             labels=tuple(sorted(labels_raw.items())),
             outbound_port=port("outbound_port") if raw.get("outbound_port") is not None else None,
+            mesh_port=port("mesh_port") if raw.get("mesh_port") is not None else None,
         )
         if problems:
             raise InventoryError(f"node {node_id!r}: " + "; ".join(problems))

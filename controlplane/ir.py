@@ -7,7 +7,7 @@ can be compared, diffed, hashed and golden-tested without Envoy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -67,6 +67,9 @@ class AccessRule:
     # Conditions the data plane cannot check yet: an Allow rule with any of them matches
     # nothing, a Deny rule ignores them (both fail closed).
     unenforced: tuple[str, ...] = ()
+    # Outside callers (issue 6). API keys only as SHA-256 hex digests, never in plain text.
+    api_key_hashes: tuple[str, ...] = ()
+    jwt: JwtRequirement | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,69 @@ class AccessIR:
     audited: tuple[AccessRule, ...]
     default_deny: bool  # from an enforced policy with defaultAction: Deny
     audit_default_deny: bool  # from an audited policy with defaultAction: Deny
+    jwt_providers: tuple[JwtProvider, ...] = ()  # every issuer a rule names, deduplicated
+    api_keys: bool = False  # some rule matches API keys: the sidecar hashes x-api-key
+
+
+@dataclass(frozen=True)
+class JwtProvider:
+    """A JWT issuer whose tokens the sidecar verifies with a local JWKS."""
+
+    name: str  # stable: derived from the issuer, names the verified payload in metadata
+    issuer: str
+    jwks: str  # the JWKS document (public keys) or, with ``jwks_is_file``, a path
+    jwks_is_file: bool = False
+
+
+@dataclass(frozen=True)
+class JwtRequirement:
+    """A valid JWT of ``provider`` whose claims have one of the accepted values each."""
+
+    provider: str
+    claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+class MtlsMode(StrEnum):
+    STRICT = "Strict"  # inbound accepts mutual TLS only
+    PERMISSIVE = "Permissive"  # mutual TLS and plaintext (migration, outside callers)
+
+
+@dataclass(frozen=True)
+class WorkloadCertificate:
+    """The sidecar's X.509-SVID and the trust bundle, delivered over SDS."""
+
+    spiffe_id: str
+    certificate_pem: str
+    private_key_pem: str = field(repr=False)
+    trust_bundle_pem: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MeshService:
+    """Another service of the mesh this sidecar may call, with the identities it must show."""
+
+    service: str
+    namespace: str
+    identities: tuple[str, ...]  # SPIFFE IDs its sidecars present (verified on connect)
+    endpoints: tuple[tuple[str, int], ...]  # (address, inbound port) of each sidecar
+
+    @property
+    def host(self) -> str:
+        return f"{self.service}.{self.namespace}"
+
+
+@dataclass(frozen=True)
+class MtlsIR:
+    """Mutual TLS of one sidecar: inbound termination, and origination to mesh services
+    through the local mesh listener (``mesh_port``; 0: no such listener)."""
+
+    mode: MtlsMode
+    certificate: WorkloadCertificate
+    mesh_port: int = 0
+    upstreams: tuple[MeshService, ...] = ()
+    deciding: tuple[PolicyRef, ...] = ()  # policies that chose the mode (empty: default)
+
+
 
 
 @dataclass(frozen=True)
@@ -280,6 +346,7 @@ class SidecarIR:
     telemetry: TelemetryIR | None = None
     rate: RateIR | None = None
     egress: EgressIR | None = None  # present when the sidecar has an outbound port
+    mtls: MtlsIR | None = None  # present when the control plane runs a CA (issue 6)
     verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
     extraction: tuple[ExtractionIR, ...] = ()  # one per ExtractionPolicy, sorted by name
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted

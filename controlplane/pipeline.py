@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from controlplane.compile import compile_sidecar
+from controlplane.compile.mesh import MeshInputs
 from controlplane.extraction.verdicts import Enforcement
-from controlplane.inventory import Inventory
+from controlplane.inventory import Inventory, Sidecar
 from controlplane.ir import SidecarIR
 from controlplane.store import PolicyStore
 from controlplane.telemetry.settings import TelemetrySettings
@@ -83,6 +84,8 @@ class Pipeline:
     last_rebuild_seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)  # node id → why its snapshot is old
     telemetry: TelemetrySettings | None = None  # what every sidecar records
+    # Certificates, API-key digests and mesh services from the identity box (None: no CA).
+    mesh_inputs: Callable[[tuple[Sidecar, ...]], MeshInputs] | None = None
     # Quarantines and throttles in force (the extraction monitor's verdicts).
     verdicts: Callable[[], Sequence[Enforcement]] | None = None
 
@@ -95,10 +98,11 @@ class Pipeline:
             del self._irs[node_id]
             self.errors.pop(node_id, None)
             self.cache.clear(node_id)
+        mesh = self.mesh_inputs(sidecars) if self.mesh_inputs is not None else None
         verdicts = self.verdicts() if self.verdicts is not None else ()
         for sidecar in sidecars:
             ir = compile_sidecar(
-                sidecar, policies, telemetry=self.telemetry, verdicts=verdicts
+                sidecar, policies, telemetry=self.telemetry, mesh=mesh, verdicts=verdicts
             )
             if self._irs.get(sidecar.node_id) == ir:
                 continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +21,8 @@ from google.protobuf import json_format
 from controlplane.admin import AdminService
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
+from controlplane.identity.service import IdentityConfig, IdentityService
+from controlplane.identity.tokens import AuthenticationError
 from controlplane.inventory import Inventory, InventoryError, Sidecar
 from controlplane.pipeline import Debouncer, Pipeline
 from controlplane.ratelimit import RateLimitServices, backend_from_url
@@ -57,6 +59,9 @@ class ControlPlaneConfig:
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
     watch: bool = True
+    # Workload identity (CA, SVIDs over SDS, mTLS, xDS over TLS, sidecar tokens). None: no
+    # CA, sidecars get plaintext config as before (what most feature tests use).
+    identity: IdentityConfig | None = None
     telemetry: TelemetrySettings = TelemetrySettings()  # noqa: RUF009 (frozen)
     rate_limit_backend: str = "memory"  # or redis://host:port/db, shared by replicas
     # Where quarantines persist across restarts (None: in memory only).
@@ -99,6 +104,24 @@ class ControlPlane:
         self._admin_server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
+        # Admits sidecars and issues and rotates their SVIDs; feeds compile.
+        self.identity = (
+            IdentityService(config.identity, xds_host=config.xds_host)
+            if config.identity is not None
+            else None
+        )
+        if self.identity is not None:
+            self.pipeline.mesh_inputs = self.identity.mesh_inputs
+        self._identity_task: asyncio.Task[None] | None = None
+
+    def _authenticate(self, node: base_pb2.Node, metadata: Mapping[str, str]) -> None:
+        assert self.identity is not None
+        try:
+            self.identity.authenticate(sidecar_from_node(node), metadata)
+        except InventoryError as err:
+            raise RejectNode(str(err)) from err
+        except AuthenticationError as err:
+            raise RejectNode(str(err), grpc.StatusCode.UNAUTHENTICATED) from err
 
     def _on_connect(self, node: base_pb2.Node) -> None:
         try:
@@ -107,11 +130,15 @@ class ControlPlane:
             log.warning("sidecar rejected: %s", err)
             raise RejectNode(str(err)) from err
         log.info("sidecar connected: %s (%s.%s)", node.id, sidecar.service, sidecar.namespace)
+        if self.identity is not None:
+            self.identity.ensure(sidecar)  # its first snapshot already carries its SVID
         self.inventory.observe(sidecar)
 
     def _on_disconnect(self, node_id: str) -> None:
         log.info("sidecar disconnected: %s", node_id)
         self.inventory.forget(node_id)
+        if self.identity is not None:
+            self.identity.forget(node_id)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,13 +162,18 @@ class ControlPlane:
             self.sync_status,
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
+            authenticate=self._authenticate if self.identity is not None else None,
         ).add_to(self._xds_server)
         for service in self.sidecar_services:
             service.add_to(self._xds_server)
             await service.start()
-        self.xds_port = self._xds_server.add_insecure_port(
-            f"{self.config.xds_host}:{self.config.xds_port}"
-        )
+        xds_address = f"{self.config.xds_host}:{self.config.xds_port}"
+        if self.identity is not None and self.identity.config.xds_tls:
+            self.xds_port = self._xds_server.add_secure_port(
+                xds_address, self.identity.server_credentials()
+            )
+        else:
+            self.xds_port = self._xds_server.add_insecure_port(xds_address)
         self._admin_server = grpc.aio.server()
         AdminService(self).add_to(self._admin_server)
         QuarantineAdmin(self.extraction.monitor).add_to(self._admin_server)
@@ -154,12 +186,18 @@ class ControlPlane:
         await self._admin_server.start()
         if self.config.watch:
             self._watch_task = asyncio.create_task(self.files.watch(self._stop))
+        if self.identity is not None:
+            self._identity_task = asyncio.create_task(self.identity.run(debouncer.trigger))
 
     async def wait_closed(self) -> None:
         await self._stop.wait()
 
     async def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        if self._identity_task is not None:
+            self._identity_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._identity_task
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

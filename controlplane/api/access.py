@@ -72,8 +72,16 @@ class ApiKeys(Model):
 
 class JwtRule(Model):
     issuer: str = Field(min_length=1)
-    jwks_file: str | None = Field(default=None, min_length=1)
+    jwks_file: str | None = Field(default=None, min_length=1)  # absolute, read by the sidecar
+    jwks: str | None = Field(default=None, min_length=1)  # the JWKS document itself
     claims: dict[str, list[str]] = {}  # claim → accepted values (any of)
+
+    @model_validator(mode="after")
+    def _one_jwks(self) -> JwtRule:
+        # Neither: the rule cannot verify tokens and matches nobody (compile fails closed).
+        if self.jwks_file is not None and self.jwks is not None:
+            raise ValueError("set at most one of jwksFile, jwks")
+        return self
 
 
 class From(Model):
@@ -117,9 +125,17 @@ class AccessRule(Model):
     to: To | None = None
 
 
+class Mtls(Model):
+    """Inbound mutual TLS (Istio's PeerAuthentication): Strict accepts mTLS only;
+    Permissive also accepts plaintext (migration, callers outside the mesh)."""
+
+    mode: Literal["Strict", "Permissive"] = "Strict"
+
+
 class AccessPolicySpec(Model):
     target_ref: TargetRef
     mode: Mode = "Enforce"
+    mtls: Mtls | None = None  # unset: Strict, unless another policy of the workload decides
     default_action: Action = "Deny"
     rules: list[AccessRule] = []
 

@@ -12,6 +12,7 @@ from controlplane.api import AccessPolicy, EgressPolicy, ExtractionPolicy, Polic
 from controlplane.compile import access, rate
 from controlplane.compile.egress import compile_egress
 from controlplane.compile.extraction import compile_extraction
+from controlplane.compile.mesh import MeshInputs, compile_mtls
 from controlplane.compile.telemetry import compile_telemetry
 from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.verdicts import Enforcement
@@ -42,6 +43,7 @@ def compile_sidecar(
     sidecar: Sidecar,
     policies: Iterable[Policy],
     telemetry: TelemetrySettings | None = None,
+    mesh: MeshInputs | None = None,
     verdicts: Sequence[Enforcement] = (),
 ) -> SidecarIR:
     mine = sorted(
@@ -59,7 +61,8 @@ def compile_sidecar(
             app_address=sidecar.app_address,
             app_port=sidecar.app_port,
         ),
-        access=access.compile_access([p for p in mine if isinstance(p, AccessPolicy)]),
+        access=access.compile_access([p for p in mine if isinstance(p, AccessPolicy)], mesh),
+        mtls=compile_mtls(sidecar, [p for p in mine if isinstance(p, AccessPolicy)], mesh),
         telemetry=compile_telemetry(telemetry),
         rate=rate.compile_rate([p for p in mine if isinstance(p, RatePolicy)]),
         egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),

@@ -16,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from controlplane.bootstrap import build_bootstrap, render_bootstrap
+from controlplane.bootstrap import XdsCredentials, build_bootstrap, render_bootstrap
+from controlplane.identity.service import config_from_args as identity_config_from_args
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, wait_for_port
@@ -65,7 +66,11 @@ async def _serve(args: argparse.Namespace) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     plane = ControlPlane(
         ControlPlaneConfig(
-            policy_paths=(args.policies,), xds_port=args.xds_port, admin_port=args.admin_port
+            policy_paths=(args.policies,),
+            xds_port=args.xds_port,
+            admin_port=args.admin_port,
+            # mTLS between sidecars, xDS over TLS, a token per sidecar (issue 6).
+            identity=identity_config_from_args(args, str(workdir / "identity")),
         )
     )
     await plane.start()
@@ -85,8 +90,17 @@ async def _serve(args: argparse.Namespace) -> None:
             labels=(("app", DEMO_SERVICE),),
         )
         envoy_admin = free_port()
+        credentials = (
+            XdsCredentials.for_sidecar(sidecar, plane.identity.config.directory)
+            if plane.identity is not None
+            else None
+        )
         bootstrap = build_bootstrap(
-            sidecar, xds_host="127.0.0.1", xds_port=plane.xds_port, admin_port=envoy_admin
+            sidecar,
+            xds_host="127.0.0.1",
+            xds_port=plane.xds_port,
+            admin_port=envoy_admin,
+            credentials=credentials,
         )
         (workdir / "sidecar-bootstrap.yaml").write_text(render_bootstrap(bootstrap))
         envoy = EnvoyProcess(bootstrap, admin_port=envoy_admin, log_path=workdir / "envoy.log")

@@ -9,7 +9,7 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import egress, ratelimit, rbac, router, telemetry, wasm
+from controlplane.translate import egress, mtls, ratelimit, rbac, router, telemetry, wasm
 from controlplane.translate import verdicts as extraction_verdicts
 from controlplane.translate.module import Inbound, Module
 
@@ -31,4 +31,6 @@ REGISTRY: tuple[Module, ...] = (
     router.MODULE,
     # Adds the outbound listener only (no inbound HTTP filter): order-free.
     egress.MODULE,
+    # mTLS: the inbound listener's TLS, SDS secrets, the mesh listener: order-free.
+    mtls.MODULE,
 )

@@ -1,8 +1,21 @@
-"""AccessIR → Envoy RBAC filters.
+"""AccessIR → Envoy RBAC filters, with the authentication filters they rely on.
 
-Two filters keep Istio's semantics: the first denies what any Deny rule matches, the second
-allows only what an Allow rule matches (present when a policy defaults to Deny). Audit-mode
-rules go into the same filters' shadow rules: evaluated, logged, never enforced.
+Two RBAC filters keep Istio's semantics: the first denies what any Deny rule matches, the
+second allows only what an Allow rule matches (present when a policy defaults to Deny).
+Audit-mode rules go into the same filters' shadow rules: evaluated, logged, never enforced.
+Policy names in the RBAC config are the rule names, so a denial names its rule.
+
+Callers are matched by:
+* workload identity and namespace: the peer certificate's URI SAN (mTLS, ``mtls.py``);
+* API key: a Lua filter adds the SHA-256 digest of ``x-api-key`` as a header the caller
+  cannot forge, and RBAC matches digests (no key is ever in the configuration);
+* JWT: ``jwt_authn`` verifies tokens against a local JWKS (a token that is present but
+  invalid gets 401), and RBAC matches the verified claims in its dynamic metadata.
+
+A denied request gets 403 with a JSON body whose ``reason`` names the deciding rule
+(``rbac_access_denied_matched_policy[<ns>.<policy>.<rule>]``; ``[none]``: no Allow rule
+matched), and one JSON access-log line; an audited request that would have been denied is
+let through and logged the same way (``"verdict": "would-deny"``).
 """
 
 from __future__ import annotations
@@ -10,20 +23,36 @@ from __future__ import annotations
 import re
 from typing import TypeAlias
 
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
+from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
+from google.protobuf import struct_pb2
 
-from controlplane.ir import AccessIR, AccessRule, Action, PathMatch, SidecarIR
-from controlplane.translate.module import Module
+from controlplane.ir import AccessIR, AccessRule, Action, JwtRequirement, PathMatch, SidecarIR
+from controlplane.translate import apikey
+from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
 
 Permission: TypeAlias = rbac_config_pb2.Permission
 Principal: TypeAlias = rbac_config_pb2.Principal
+
+RBAC_FILTER = "envoy.filters.http.rbac"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+DENY_FILTER = "modelguard.access.deny"
+ALLOW_FILTER = "modelguard.access.allow"
+# Stat and metadata prefixes: ``<prefix>shadow_effective_policy_id`` names an audited rule.
+DENY_PREFIX, AUDIT_DENY_PREFIX = "deny_", "audit_deny_"
+ALLOW_PREFIX, AUDIT_ALLOW_PREFIX = "allow_", "audit_allow_"
+ACCESS_LOG = "modelguard.access"
 
 
 def _string_matcher(match: PathMatch) -> string_pb2.StringMatcher:
@@ -77,11 +106,58 @@ def _spiffe_namespace(namespace: str) -> Principal:
     )
 
 
+def _one_of(ids: list[Principal]) -> Principal:
+    return ids[0] if len(ids) == 1 else Principal(or_ids=Principal.Set(ids=ids))
+
+
+def _claim(provider: str, claim: str, values: tuple[str, ...]) -> Principal:
+    """A verified claim with one of ``values``: a string claim, or a list holding one."""
+    path = [
+        metadata_pb2.MetadataMatcher.PathSegment(key=provider),
+        metadata_pb2.MetadataMatcher.PathSegment(key=claim),
+    ]
+    ids = []
+    for value in values:
+        exact = string_pb2.StringMatcher(exact=value)
+        for matcher in (
+            value_pb2.ValueMatcher(string_match=exact),
+            value_pb2.ValueMatcher(
+                list_match=value_pb2.ListMatcher(one_of=value_pb2.ValueMatcher(string_match=exact))
+            ),
+        ):
+            ids.append(
+                Principal(
+                    metadata=metadata_pb2.MetadataMatcher(
+                        filter=JWT_FILTER, path=path, value=matcher
+                    )
+                )
+            )
+    return _one_of(ids)
+
+
+def _jwt(requirement: JwtRequirement) -> Principal:
+    # A payload under the provider's key exists only for a token that provider verified.
+    verified = Principal(
+        metadata=metadata_pb2.MetadataMatcher(
+            filter=JWT_FILTER,
+            path=[
+                metadata_pb2.MetadataMatcher.PathSegment(key=requirement.provider),
+                metadata_pb2.MetadataMatcher.PathSegment(key="iss"),
+            ],
+            value=value_pb2.ValueMatcher(present_match=True),
+        )
+    )
+    parts = [verified] + [_claim(requirement.provider, c, v) for c, v in requirement.claims]
+    return parts[0] if len(parts) == 1 else Principal(and_ids=Principal.Set(ids=parts))
+
+
 def _principal(rule: AccessRule) -> Principal:
     if rule.unenforced and rule.action == Action.ALLOW:
-        # Fail closed: an Allow whose condition the sidecar cannot check yet matches nobody.
+        # Fail closed: an Allow whose condition the sidecar cannot check matches nobody.
         return Principal(not_id=Principal(any=True))
-    ids: list[Principal] = [
+    # Every condition of `from` must hold; within one, any listed value will do.
+    parts: list[Principal] = []
+    workloads: list[Principal] = [
         Principal(
             authenticated=Principal.Authenticated(
                 principal_name=string_pb2.StringMatcher(exact=identity)
@@ -89,10 +165,29 @@ def _principal(rule: AccessRule) -> Principal:
         )
         for identity in rule.identities
     ]
-    ids += [_spiffe_namespace(ns) for ns in rule.namespaces]
-    if not ids:
+    if workloads:
+        parts.append(_one_of(workloads))
+    if rule.namespaces:
+        parts.append(_one_of([_spiffe_namespace(ns) for ns in rule.namespaces]))
+    if rule.api_key_hashes:
+        parts.append(
+            _one_of(
+                [
+                    Principal(
+                        header=route_components_pb2.HeaderMatcher(
+                            name=apikey.DIGEST_HEADER,
+                            string_match=string_pb2.StringMatcher(exact=digest),
+                        )
+                    )
+                    for digest in rule.api_key_hashes
+                ]
+            )
+        )
+    if rule.jwt is not None:
+        parts.append(_jwt(rule.jwt))
+    if not parts:
         return Principal(any=True)
-    return ids[0] if len(ids) == 1 else Principal(or_ids=Principal.Set(ids=ids))
+    return parts[0] if len(parts) == 1 else Principal(and_ids=Principal.Set(ids=parts))
 
 
 def _policies(rules: tuple[AccessRule, ...], action: Action) -> dict[str, rbac_config_pb2.Policy]:
@@ -116,7 +211,9 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
         _policies(access.audited, Action.DENY),
     )
     if deny or audit_deny:
-        config = rbac_pb2.RBAC(rules_stat_prefix="deny_", shadow_rules_stat_prefix="audit_deny_")
+        config = rbac_pb2.RBAC(
+            rules_stat_prefix=DENY_PREFIX, shadow_rules_stat_prefix=AUDIT_DENY_PREFIX
+        )
         if deny:
             config.rules.CopyFrom(
                 rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.DENY, policies=deny)
@@ -125,9 +222,11 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
             config.shadow_rules.CopyFrom(
                 rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.DENY, policies=audit_deny)
             )
-        filters.append(_filter("modelguard.access.deny", config))
+        filters.append(_filter(DENY_FILTER, config))
     if access.default_deny or access.audit_default_deny:
-        config = rbac_pb2.RBAC(rules_stat_prefix="allow_", shadow_rules_stat_prefix="audit_allow_")
+        config = rbac_pb2.RBAC(
+            rules_stat_prefix=ALLOW_PREFIX, shadow_rules_stat_prefix=AUDIT_ALLOW_PREFIX
+        )
         if access.default_deny:
             config.rules.CopyFrom(
                 rbac_config_pb2.RBAC(
@@ -143,15 +242,167 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
                     policies=_policies(access.enforced + access.audited, Action.ALLOW),
                 )
             )
-        filters.append(_filter("modelguard.access.allow", config))
+        filters.append(_filter(ALLOW_FILTER, config))
     return filters
 
 
+def api_key_filter() -> hcm_pb2.HttpFilter:
+    config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=apikey.SCRIPT))
+    return hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=pack(config))
+
+
+def jwt_filter(access: AccessIR) -> hcm_pb2.HttpFilter:
+    providers = {}
+    for provider in access.jwt_providers:
+        jwks = (
+            base_pb2.DataSource(filename=provider.jwks)
+            if provider.jwks_is_file
+            else base_pb2.DataSource(inline_string=provider.jwks)
+        )
+        providers[provider.name] = jwt_pb2.JwtProvider(
+            issuer=provider.issuer,
+            local_jwks=jwks,
+            forward=True,
+            payload_in_metadata=provider.name,
+        )
+    # Like Istio's RequestAuthentication: no token is fine (RBAC decides, and no JWT rule
+    # matches), a token that no provider verifies is rejected with 401.
+    requirement = jwt_pb2.JwtRequirement(
+        requires_any=jwt_pb2.JwtRequirementOrList(
+            requirements=[jwt_pb2.JwtRequirement(provider_name=n) for n in sorted(providers)]
+            + [jwt_pb2.JwtRequirement(allow_missing={})]
+        )
+    )
+    config = jwt_pb2.JwtAuthentication(
+        providers=providers,
+        rules=[
+            jwt_pb2.RequirementRule(
+                match=route_components_pb2.RouteMatch(prefix="/"), requires=requirement
+            )
+        ],
+    )
+    return hcm_pb2.HttpFilter(name=JWT_FILTER, typed_config=pack(config))
+
+
+def _struct(fields: dict[str, str]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(fields)
+    return out
+
+
+def _rbac_meta(key: str) -> str:
+    return f"%DYNAMIC_METADATA({RBAC_FILTER}:{key})%"
+
+
+def denial_reply() -> hcm_pb2.LocalReplyConfig:
+    """403s get a JSON body naming the deciding rule, which users look up in their policies."""
+    body = substitution_format_string_pb2.SubstitutionFormatString(
+        json_format=_struct(
+            {
+                "error": "access denied",
+                "reason": "%RESPONSE_CODE_DETAILS%",
+                "request_id": "%REQ(X-REQUEST-ID)%",
+            }
+        ),
+        content_type="application/json",
+    )
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            hcm_pb2.ResponseMapper(
+                filter=accesslog_pb2.AccessLogFilter(
+                    status_code_filter=accesslog_pb2.StatusCodeFilter(
+                        comparison=accesslog_pb2.ComparisonFilter(
+                            op=accesslog_pb2.ComparisonFilter.EQ,
+                            value=base_pb2.RuntimeUInt32(
+                                default_value=403, runtime_key="modelguard.access.denied_status"
+                            ),
+                        )
+                    )
+                ),
+                body_format_override=body,
+            )
+        ]
+    )
+
+
+def _shadow_denied(prefix: str) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(
+        metadata_filter=accesslog_pb2.MetadataFilter(
+            matcher=metadata_pb2.MetadataMatcher(
+                filter=RBAC_FILTER,
+                path=[metadata_pb2.MetadataMatcher.PathSegment(key=f"{prefix}shadow_engine_result")],
+                value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact="denied")),
+            ),
+            match_if_key_not_found={"value": False},
+        )
+    )
+
+
+def decision_log(access: AccessIR) -> accesslog_pb2.AccessLog:
+    """One JSON line per denial and per would-be denial (Audit), with the deciding rule."""
+    fields = {
+        "log": ACCESS_LOG,
+        "time": "%START_TIME%",
+        "status": "%RESPONSE_CODE%",
+        "reason": "%RESPONSE_CODE_DETAILS%",
+        "audit_deny_rule": _rbac_meta(f"{AUDIT_DENY_PREFIX}shadow_effective_policy_id"),
+        "audit_deny_result": _rbac_meta(f"{AUDIT_DENY_PREFIX}shadow_engine_result"),
+        "audit_allow_rule": _rbac_meta(f"{AUDIT_ALLOW_PREFIX}shadow_effective_policy_id"),
+        "audit_allow_result": _rbac_meta(f"{AUDIT_ALLOW_PREFIX}shadow_engine_result"),
+        "peer": "%DOWNSTREAM_PEER_URI_SAN%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(:PATH)%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+    }
+    denied = accesslog_pb2.AccessLogFilter(
+        status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=accesslog_pb2.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(
+                    default_value=403, runtime_key="modelguard.access.denied_status"
+                ),
+            )
+        )
+    )
+    which = [denied]
+    if any(r.action == Action.DENY for r in access.audited):
+        which.append(_shadow_denied(AUDIT_DENY_PREFIX))
+    if access.audit_default_deny:
+        which.append(_shadow_denied(AUDIT_ALLOW_PREFIX))
+    condition = (
+        which[0]
+        if len(which) == 1
+        else accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=which))
+    )
+    logger = stream_pb2.StdoutAccessLog(
+        log_format=substitution_format_string_pb2.SubstitutionFormatString(
+            json_format=_struct(fields)
+        )
+    )
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.stdout", filter=condition, typed_config=pack(logger)
+    )
+
+
 class Rbac(Module):
-    name = "envoy.filters.http.rbac"
+    name = RBAC_FILTER
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
-        return rbac_filters(ir.access) if ir.access is not None else []
+        access = ir.access
+        if access is None:
+            return []
+        filters = []
+        if access.api_keys:
+            filters.append(api_key_filter())
+        if access.jwt_providers:
+            filters.append(jwt_filter(access))
+        return filters + rbac_filters(access)
+
+    def patch(self, ir: SidecarIR, inbound: Inbound) -> None:
+        if ir.access is None:
+            return
+        inbound.manager.local_reply_config.CopyFrom(denial_reply())
+        inbound.manager.access_log.append(decision_log(ir.access))
 
 
 MODULE = Rbac()

@@ -66,7 +66,24 @@ def validation_bootstrap(resources: Mapping[str, Sequence[Message]]) -> dict[str
                         del http_filter["config_discovery"]
                         http_filter["typed_config"] = extensions[http_filter["name"]]
         listeners.append(listener)
+    static: dict[str, Any] = {"listeners": listeners, "clusters": clusters}
+    secrets = [to_dict(s) for s in resources.get(rt.SECRET, ())]
+    if secrets:
+        # SDS secrets become static ones: references without a config source name them.
+        static["secrets"] = secrets
+        _drop_sds_sources(static)
     return {
-        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "static_resources": static,
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
     }
+
+
+def _drop_sds_sources(node: Any) -> None:
+    if isinstance(node, dict):
+        if "name" in node and "sds_config" in node:
+            del node["sds_config"]
+        for value in node.values():
+            _drop_sds_sources(value)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_sds_sources(value)

@@ -51,11 +51,15 @@ Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 
 
 class RejectNode(Exception):
-    """Raised by ``on_connect`` to refuse a sidecar; the stream ends with INVALID_ARGUMENT."""
+    """Raised by ``on_connect`` to refuse a sidecar; the stream ends with ``code``
+    (INVALID_ARGUMENT; UNAUTHENTICATED for a sidecar that failed to prove who it is)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.code = code
 
 
 @dataclass
@@ -379,10 +383,14 @@ class AdsServer:
         status: SyncStatus,
         on_connect: Callable[[core_pb2.Node], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
+        authenticate: Callable[[core_pb2.Node, Mapping[str, str]], None] | None = None,
     ) -> None:
         self.cache = cache
         self.status = status
         self._on_connect = on_connect
+        # Sees the stream's gRPC metadata (a sidecar's token) before on_connect; may raise
+        # RejectNode. Nothing is sent to a node it refuses.
+        self._authenticate = authenticate
         self._on_disconnect = on_disconnect
         self._streams_per_node: dict[str, int] = {}
 
@@ -466,12 +474,22 @@ class AdsServer:
         if node is None or not node.id:
             log.error("ADS %s stream from %s: first request has no node.id", kind, context.peer())
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request must carry node")
+        if self._authenticate is not None:
+            metadata = {k: str(v) for k, v in (context.invocation_metadata() or ())}
+            try:
+                self._authenticate(node, metadata)
+            except RejectNode as err:
+                log.error("node %s from %s rejected: %s", node.id, context.peer(), err.message)
+                await context.abort(err.code, err.message)
+            except Exception:
+                log.exception("node %s: authentication failed", node.id)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "cannot authenticate node")
         if self._on_connect is not None:
             try:
                 self._on_connect(node)
             except RejectNode as err:
                 log.error("node %s rejected: %s", node.id, err.message)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+                await context.abort(err.code, err.message)
             except Exception:
                 log.exception("node %s: on_connect failed", node.id)
                 await context.abort(grpc.StatusCode.INTERNAL, "control plane failed to admit node")

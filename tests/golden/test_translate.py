@@ -39,12 +39,54 @@ def _case_resources(case: Path):  # type: ignore[no-untyped-def]
         inbound_port=side["inbound_port"],
         labels=tuple(sorted((side.get("labels") or {}).items())),
         outbound_port=side.get("outbound_port"),
+        mesh_port=side.get("mesh_port"),
     )
     loaded, violations = parse_documents(yaml.safe_dump_all(spec["policies"]), str(case))
     assert not violations, [str(v) for v in violations]
     # Extraction verdicts in force (quarantines, throttles): an input of compile.
     verdicts = [Enforcement.from_json(v) for v in spec.get("verdicts") or []]
-    return translate(compile_sidecar(sidecar, [lp.policy for lp in loaded], verdicts=verdicts))
+    mesh = _mesh(spec.get("mesh"), sidecar)
+    policies = [lp.policy for lp in loaded]
+    return translate(compile_sidecar(sidecar, policies, verdicts=verdicts, mesh=mesh))
+
+
+def _mesh(raw, sidecar):  # type: ignore[no-untyped-def]
+    """``mesh:`` of a case: the sidecar gets the fixed test SVID (tests/testdata/identity),
+    ``services`` are the other sidecars, ``apiKeys`` the key Secrets (keys hashed here)."""
+    if raw is None:
+        return None
+    from controlplane.compile.mesh import MeshInputs, mesh_services
+    from controlplane.identity.apikeys import digest
+    from controlplane.ir import WorkloadCertificate
+
+    pem = CASES.parent / "identity"
+    certificate = WorkloadCertificate(
+        spiffe_id=sidecar.identity,
+        certificate_pem=(pem / "svid.crt").read_text(),
+        private_key_pem=(pem / "svid.key").read_text(),
+        trust_bundle_pem=(pem / "ca.crt").read_text(),
+    )
+    others = [
+        Sidecar(
+            node_id=f"{s['service']}-{i}",
+            service=s["service"],
+            namespace=s["namespace"],
+            identity=f"spiffe://cluster.local/ns/{s['namespace']}/sa/{s['service']}",
+            app_port=8080,
+            inbound_port=s["port"],
+            inbound_address=s.get("address", "10.0.0.1"),
+        )
+        for i, s in enumerate(raw.get("services", []))
+    ]
+    keys = {
+        tuple(ref.split("/")): tuple(sorted((c, digest(k)) for c, k in clients.items()))
+        for ref, clients in (raw.get("apiKeys") or {}).items()
+    }
+    return MeshInputs(
+        certificates={sidecar.node_id: certificate},
+        api_keys=keys,
+        services=mesh_services([sidecar, *others]),
+    )
 
 
 CASE_DIRS = sorted(p for p in CASES.iterdir() if (p / "in.yaml").exists())

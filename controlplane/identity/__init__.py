@@ -1,0 +1,1 @@
+"""Workload identity: CA, SVID issuance and rotation, sidecar authentication, API keys."""
