@@ -96,8 +96,12 @@ VALIDATIONS: Final[dict[str, list[dict[str, str]]]] = {
     "From": [
         _rule(
             " || ".join(
-                (f"({_set('identities')})", f"({_set('namespaces')})", "has(self.apiKeys)",
-                 "has(self.jwt)")
+                (
+                    f"({_set('identities')})",
+                    f"({_set('namespaces')})",
+                    "has(self.apiKeys)",
+                    "has(self.jwt)",
+                )
             ),
             "must set at least one of identities, namespaces, apiKeys, jwt",
         )
@@ -119,11 +123,13 @@ VALIDATIONS: Final[dict[str, list[dict[str, str]]]] = {
     "OutputHardening": [
         *_HARDENING_RULES,
         _rule(
-            f"!({_set('tiers')}) || has(self.tierHeader)", "required when tiers are set",
+            f"!({_set('tiers')}) || has(self.tierHeader)",
+            "required when tiers are set",
             ".tierHeader",
         ),
         _rule(
-            f"!has(self.tierHeader) || ({_set('tiers')})", "required when tierHeader is set",
+            f"!has(self.tierHeader) || ({_set('tiers')})",
+            "required when tierHeader is set",
             ".tiers",
         ),
     ],
@@ -207,7 +213,7 @@ class _Converter:
         if patterns is not None:
             if len(patterns) != 1:
                 raise CrdGenError(f"{path}: several key patterns are not structural")
-            (pattern, value), = patterns.items()
+            ((pattern, value),) = patterns.items()
             node["additionalProperties"] = value
             checks.append(f"k.matches('{pattern}')")
             said.append(f"match {pattern}")
@@ -381,8 +387,11 @@ def demo_policies(source: Path = POLICIES_DIR) -> dict[str, str]:
 def stale(directory: Path = CRD_DIR, wanted: dict[str, str] | None = None) -> list[str]:
     """Files of ``directory`` that differ from what the generator produces (or are extra)."""
     wanted = generate() if wanted is None else wanted
-    out = [name for name, text in wanted.items()
-           if not (directory / name).is_file() or (directory / name).read_text() != text]
+    out = [
+        name
+        for name, text in wanted.items()
+        if not (directory / name).is_file() or (directory / name).read_text() != text
+    ]
     if directory.is_dir():
         out += sorted(p.name for p in directory.glob("*.yaml") if p.name not in wanted)
     return out
@@ -406,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     outputs = ((args.out, generate()), (args.demo_out, demo_policies()))
     if args.check:
-        bad = [f"{directory}/{name}" for directory, wanted in outputs
-               for name in stale(directory, wanted)]
+        bad = [
+            f"{directory}/{name}"
+            for directory, wanted in outputs
+            for name in stale(directory, wanted)
+        ]
         if bad:
             print(f"stale generated files: {', '.join(bad)}; run `make crds`", file=sys.stderr)
             return 1

@@ -25,9 +25,24 @@ K8S_VERSION = "1.33.0"
 # What a structural schema may say (apiextensions.k8s.io/v1 JSONSchemaProps, minus the
 # constructs Kubernetes refuses: $ref, unions, additionalProperties: false beside properties).
 ALLOWED = {
-    "type", "format", "description", "enum", "default", "required", "properties", "items",
-    "additionalProperties", "pattern", "minimum", "maximum", "minLength", "maxLength",
-    "minItems", "maxItems", "x-kubernetes-validations", "x-kubernetes-list-type",
+    "type",
+    "format",
+    "description",
+    "enum",
+    "default",
+    "required",
+    "properties",
+    "items",
+    "additionalProperties",
+    "pattern",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
 }
 
@@ -119,7 +134,10 @@ def test_one_crd_per_kind_with_status_columns_and_short_names() -> None:
         assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
         columns = [c["name"] for c in version["additionalPrinterColumns"]]
         assert columns[:1] == ["Target"] and columns[-4:] == [
-            "Accepted", "Programmed", "Sidecars", "Age"
+            "Accepted",
+            "Programmed",
+            "Sidecars",
+            "Age",
         ]
         conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
         assert conditions["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
@@ -179,31 +197,70 @@ _DELETE = object()
 
 # Invalid objects: the CRD must reject each one, and so must the pydantic models.
 INVALID = [
-    ("AccessPolicy", "spec.targetRef", {"service": "a", "selector": {"matchLabels": {}}},
-     "cel", ".spec.targetRef: exactly one of service, selector must be set"),
-    ("AccessPolicy", "spec.targetRef", {}, "cel",
-     ".spec.targetRef: exactly one of service, selector must be set"),
-    ("AccessPolicy", "spec.rules.0.to", {}, "cel",
-     ".spec.rules[0].to: must set at least one of methods, paths"),
-    ("AccessPolicy", "spec.rules.0.from", {"namespaces": []}, "cel",
-     ".spec.rules[0].from: must set at least one of identities, namespaces, apiKeys, jwt"),
+    (
+        "AccessPolicy",
+        "spec.targetRef",
+        {"service": "a", "selector": {"matchLabels": {}}},
+        "cel",
+        ".spec.targetRef: exactly one of service, selector must be set",
+    ),
+    (
+        "AccessPolicy",
+        "spec.targetRef",
+        {},
+        "cel",
+        ".spec.targetRef: exactly one of service, selector must be set",
+    ),
+    (
+        "AccessPolicy",
+        "spec.rules.0.to",
+        {},
+        "cel",
+        ".spec.rules[0].to: must set at least one of methods, paths",
+    ),
+    (
+        "AccessPolicy",
+        "spec.rules.0.from",
+        {"namespaces": []},
+        "cel",
+        ".spec.rules[0].from: must set at least one of identities, namespaces, apiKeys, jwt",
+    ),
     ("AccessPolicy", "spec.rules.0.action", "Maybe", "schema", "spec.rules.0.action"),
     ("AccessPolicy", "spec.rules.0.name", "Not_A_Label", "schema", "spec.rules.0.name"),
     ("RatePolicy", "spec.limits.0.burst", 5, "cel", ".spec.limits[0].burst: must be at least"),
-    ("RatePolicy", "spec.limits.0.clientKey", {"header": "x", "sourceIP": True}, "cel",
-     ".spec.limits[0].clientKey: exactly one of header, identity, jwtClaim, sourceIP"),
+    (
+        "RatePolicy",
+        "spec.limits.0.clientKey",
+        {"header": "x", "sourceIP": True},
+        "cel",
+        ".spec.limits[0].clientKey: exactly one of header, identity, jwtClaim, sourceIP",
+    ),
     ("RatePolicy", "spec.limits.0.per", "week", "schema", "spec.limits.0.per"),
     ("RatePolicy", "spec.limits.0.requests", 0, "schema", "spec.limits.0.requests"),
     ("RatePolicy", "spec.limits", [], "schema", "spec.limits"),
     ("RatePolicy", "spec.limits.0.surprise", 1, "schema", "spec.limits.0"),
-    ("ExtractionPolicy", "spec.output.labelOnly", True, "cel",
-     ".spec.output.labelOnly: labelOnly returns no scores"),
-    ("ExtractionPolicy", "spec.output.tierHeader", "x-tier", "cel",
-     ".spec.output.tiers: required when tierHeader is set"),
-    ("ExtractionPolicy", "spec.output", {"tierHeader": "x-tier", "tiers": {"Gold": {}}}, "cel",
-     ".spec.output.tiers: keys must match"),
-    ("ExtractionPolicy", "spec.detection", _DELETE, "cel",
-     ".spec.actions: requires detection"),
+    (
+        "ExtractionPolicy",
+        "spec.output.labelOnly",
+        True,
+        "cel",
+        ".spec.output.labelOnly: labelOnly returns no scores",
+    ),
+    (
+        "ExtractionPolicy",
+        "spec.output.tierHeader",
+        "x-tier",
+        "cel",
+        ".spec.output.tiers: required when tierHeader is set",
+    ),
+    (
+        "ExtractionPolicy",
+        "spec.output",
+        {"tierHeader": "x-tier", "tiers": {"Gold": {}}},
+        "cel",
+        ".spec.output.tiers: keys must match",
+    ),
+    ("ExtractionPolicy", "spec.detection", _DELETE, "cel", ".spec.actions: requires detection"),
     ("ExtractionPolicy", "spec.request.features", "instances", "schema", "spec.request.features"),
     ("EgressPolicy", "spec.allow.0.ports", [0], "schema", "spec.allow.0.ports.0"),
     ("EgressPolicy", "spec.allow.0.host", "Bad Host", "schema", "spec.allow.0.host"),
@@ -219,8 +276,12 @@ def test_invalid_objects_are_rejected_by_the_crd_and_the_models(
     # validation; jsonschema needs to be told that the CRD prunes them.
     schema_found = schema_errors(kind, doc)
     if path.endswith("surprise"):
-        assert "surprise" not in schema_of(kind)["properties"]["spec"]["properties"]["limits"][
-            "items"]["properties"]
+        assert (
+            "surprise"
+            not in schema_of(kind)["properties"]["spec"]["properties"]["limits"]["items"][
+                "properties"
+            ]
+        )
     else:
         found = schema_found if by == "schema" else cel_errors(schema_of(kind), doc)
         assert any(f.startswith(expected) for f in found), found
