@@ -15,7 +15,7 @@ profile; same seed, same numbers):
    queries are fed through the detectors in batches, and the highest value every statistic
    reaches over the client's whole stream is kept.
 4. A detector's threshold is set against those per-client maxima: ``high`` sensitivity is
-   their 99th percentile (about 1% of benign clients would be flagged), ``medium`` 10%
+   their 99th percentile (about 1% of benign clients would be flagged), ``medium`` 25%
    above their maximum (no simulated benign client is flagged), ``low`` 50% above it.
 
 Nothing here looks at an attack: the extraction benchmark (``bench/extraction``) measures
@@ -46,7 +46,7 @@ from controlplane.extraction.detectors import (
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 SENSITIVITIES = ("low", "medium", "high")
-MARGIN = {"low": 1.5, "medium": 1.1}
+MARGIN = {"low": 1.5, "medium": 1.25}
 BATCH = 8  # calibrate at a finer grain than sidecars batch: maxima are then conservative
 
 
@@ -180,7 +180,7 @@ def calibrate(
     predict: Any,
     *,
     seed: int = 0,
-    per_kind: int = 40,
+    per_kind: int = 100,
 ) -> Profile:
     """Thresholds for a model from benign data only; ``predict`` maps rows to labels."""
     reference = Reference.fit(train_X)
@@ -242,7 +242,7 @@ def digits_profile(seed: int = 0) -> Profile:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-kind", type=int, default=40, help="simulated clients per kind")
+    parser.add_argument("--per-kind", type=int, default=100, help="simulated clients per kind")
     args = parser.parse_args(argv)
     from controlplane.local.model import load_model
 

@@ -99,7 +99,8 @@ class Thresholds:
     residual_mean: float
     residual_std: float
     # Minimum evidence before a statistic counts at all.
-    prada_min: int = 30
+    # Shapiro-Wilk's W is noisy on few distances; PRADA too waits for enough of them.
+    prada_min: int = 50
     near_duplicate_min: int = 8
     ood_min: int = 10
     coverage_min: int = 10

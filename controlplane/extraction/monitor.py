@@ -34,7 +34,7 @@ import numpy as np
 
 from controlplane.api import ExtractionPolicy, Policy
 from controlplane.api.common import WINDOW_SECONDS
-from controlplane.extraction.calibrate import Profile
+from controlplane.extraction.calibrate import BATCH, Profile
 from controlplane.extraction.detectors import ClientState, DetectorName, Finding
 from controlplane.extraction.jsonpath import JsonPath
 from controlplane.extraction.verdicts import (
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_THROTTLE_SECONDS = 3600  # a throttle without a quarantine duration to follow
 UNOBSERVED_MIN = 50  # unobserved requests before a gap counts as a signal
 ESCALATE = 2.0  # a statistic this many times its threshold confirms a suspicion
+EVALUATE_EVERY = BATCH  # queries between two looks at a client's statistics
 CONFIRM_MIN = 8  # new distinct queries after a suspicion before it can be confirmed
 
 
@@ -103,6 +104,7 @@ class Tracked:
     state: ClientState
     stage: Literal["watching", "suspected", "detected"] = "watching"
     suspected_at: int = 0  # distinct queries when suspected
+    evaluated: int = 0  # queries (observed or not) at the last evaluation
     last_seen: float = 0.0
 
 
@@ -119,11 +121,17 @@ class MonitorStats:
 
 
 def _numbers(value: Any) -> list[float] | None:
+    """A non-empty flat list of finite numbers, or None."""
     if not isinstance(value, list) or not value:
         return None
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+    try:
+        row = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
         return None
-    return [float(v) for v in value]
+    if row.ndim != 1 or not np.isfinite(row).all():
+        return None
+    result: list[float] = row.tolist()
+    return result
 
 
 class ExtractionMonitor:
@@ -282,11 +290,16 @@ class ExtractionMonitor:
     ) -> None:
         if tracked.stage == "detected":
             return
+        state = tracked.state
+        # Statistics are looked at every EVALUATE_EVERY queries of a client, the grain they
+        # were calibrated at: more looks would mean more false positives (and more CPU).
+        if state.queries + state.unobserved < tracked.evaluated + EVALUATE_EVERY:
+            return
+        tracked.evaluated = state.queries + state.unobserved
         findings: list[Finding] = []
         if profile is not None:
             thresholds = profile.thresholds[policy.sensitivity]
-            findings = [f for f in tracked.state.findings(thresholds, policy.detectors) if f.fired]
-        state = tracked.state
+            findings = [f for f in state.findings(thresholds, policy.detectors) if f.fired]
         evidence = [Evidence(f.detector, f.statistic, f.threshold, f.queries) for f in findings]
         if tracked.stage == "watching":
             seen = state.queries + state.unobserved

@@ -277,4 +277,4 @@ def test_the_checked_in_profile_is_what_calibration_produces() -> None:
     assert cut.novelty_cut == pytest.approx(medium.novelty_cut)
     assert cut.residual_mean == pytest.approx(medium.residual_mean)
     assert profile.calibration["seed"] == 0
-    assert yaml.safe_load(json.dumps(profile.calibration))["benign_clients"]["whatif"] == 40
+    assert yaml.safe_load(json.dumps(profile.calibration))["benign_clients"]["whatif"] == 100
