@@ -66,6 +66,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/convergence.py
 	$(PY) bench/ratelimit.py
+	$(PY) bench/extraction/throughput.py
+	$(PY) bench/extraction/run.py --json .modelguard/bench-extraction.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -401,6 +401,7 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
     }
     print_table(results)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     return 0
 
