@@ -73,6 +73,17 @@ class Debouncer:
             log.exception("rebuild failed; sidecars keep their last snapshot")
 
 
+@dataclass(frozen=True)
+class Rebuild:
+    """What one rebuild did, for observers (telemetry, Kubernetes status)."""
+
+    revision: int  # the store revision it compiled
+    sidecars: int
+    changed: tuple[str, ...]  # nodes that got a new snapshot
+    started_ns: int  # wall clock, time.time_ns()
+    seconds: float
+
+
 @dataclass
 class Pipeline:
     store: PolicyStore
@@ -88,10 +99,16 @@ class Pipeline:
     mesh_inputs: Callable[[tuple[Sidecar, ...]], MeshInputs] | None = None
     # Quarantines and throttles in force (the extraction monitor's verdicts).
     verdicts: Callable[[], Sequence[Enforcement]] | None = None
+    # The store revision the last finished rebuild compiled: every sidecar's snapshot
+    # reflects at least this revision once it has ACKed it.
+    compiled_revision: int = -1
+    observers: list[Callable[[Rebuild], None]] = field(default_factory=list)
 
     def rebuild(self) -> None:
-        started = time.perf_counter()
-        policies = self.store.current().policies
+        started, started_ns = time.perf_counter(), time.time_ns()
+        policy_set = self.store.current()
+        policies = policy_set.policies
+        changed: list[str] = []
         sidecars = self.inventory.snapshot()
         live = {s.node_id for s in sidecars}
         for node_id in [n for n in self._irs if n not in live]:
@@ -115,10 +132,21 @@ class Pipeline:
                 continue
             self.errors.pop(sidecar.node_id, None)
             self._irs[sidecar.node_id] = ir
-            self.cache.set_snapshot(sidecar.node_id, snapshot)
+            if self.cache.set_snapshot(sidecar.node_id, snapshot):
+                changed.append(sidecar.node_id)
         self.rebuilds += 1
+        self.compiled_revision = policy_set.revision
         self.last_rebuild_seconds = time.perf_counter() - started
         log.debug("rebuilt %d sidecars in %.1f ms", len(sidecars), self.last_rebuild_seconds * 1e3)
+        done = Rebuild(
+            policy_set.revision, len(sidecars), tuple(changed), started_ns,
+            self.last_rebuild_seconds,
+        )
+        for observer in list(self.observers):
+            try:
+                observer(done)
+            except Exception:  # an observer must never stop the pipeline
+                log.exception("rebuild observer failed")
 
     def ir(self, node_id: str) -> SidecarIR | None:
         return self._irs.get(node_id)

@@ -801,25 +801,13 @@ class ProgramTracker:
 
     Recompiling to compare IRs would need every input of the pipeline (telemetry, mesh,
     verdicts); revisions need none. The store revision a policy version entered with is
-    recorded from the store; the revision a rebuild compiled from is recorded around the
-    pipeline's rebuild (both on the loop, so a rebuild that finished read at least the
-    revision seen when it began).
-    Create it before ``plane.start()``: the debouncer binds the rebuild it is given.
+    recorded from the store; the pipeline records the revision each rebuild compiled.
     """
 
     def __init__(self, plane: Any) -> None:
         self.plane = plane
-        self.compiled_revision = -1
         self._applied: dict[PolicyKey, tuple[int, str]] = {}
         self._lock = threading.Lock()
-        rebuild = plane.pipeline.rebuild
-
-        def tracked_rebuild() -> None:
-            revision = plane.store.current().revision
-            rebuild()
-            self.compiled_revision = revision
-
-        plane.pipeline.rebuild = tracked_rebuild
         plane.store.subscribe(self._on_policies)
         self._on_policies(plane.store.current())
 
@@ -835,7 +823,7 @@ class ProgramTracker:
         """Node id → whether it has ACKed a snapshot compiled with ``key``'s current version."""
         with self._lock:
             needed = self._applied.get(key, (None, ""))[0]
-        compiled = needed is not None and self.compiled_revision >= needed
+        compiled = needed is not None and self.plane.pipeline.compiled_revision >= needed
         plane, out = self.plane, {}
         for sidecar in plane.inventory.snapshot():
             node = sidecar.node_id

@@ -38,6 +38,7 @@ from opentelemetry.trace import Span, Tracer
 from controlplane.telemetry.records import Record
 
 if TYPE_CHECKING:
+    from controlplane.pipeline import Rebuild
     from controlplane.server import ControlPlane
 
 log = logging.getLogger(__name__)
@@ -158,21 +159,26 @@ class SelfTelemetry:
     def instrument(self, plane: ControlPlane) -> None:
         """Spans for policy loads, compiles and pushes of ``plane``; gauges of its state.
 
-        Must run before ``plane.start()``: the debouncer takes the (wrapped) rebuild then.
         """
         plane.store.subscribe(self._on_policies)
-        rebuild = plane.pipeline.rebuild
 
-        def traced_rebuild() -> None:
-            started = time.perf_counter()
-            with self.span("modelguard.compile", sidecars=len(plane.inventory.snapshot())) as span:
-                rebuild()
-                span.set_attribute("modelguard.rebuilds", plane.pipeline.rebuilds)
-            self.compile_seconds.record(time.perf_counter() - started)
+        def on_rebuild(done: Rebuild) -> None:
+            span = self.tracer.start_span(
+                "modelguard.compile",
+                start_time=done.started_ns,
+                attributes=_clean(
+                    {
+                        "sidecars": done.sidecars,
+                        "modelguard.revision": done.revision,
+                        "modelguard.snapshots_changed": len(done.changed),
+                    }
+                ),
+            )
+            span.end(end_time=done.started_ns + int(done.seconds * 1e9))
+            self.compile_seconds.record(done.seconds)
             self._track_push(plane)
 
-        # The pipeline is not ours to change; observing its one entry point keeps it so.
-        setattr(plane.pipeline, "rebuild", traced_rebuild)  # noqa: B010
+        plane.pipeline.observers.append(on_rebuild)
 
         def connected(_: CallbackOptions) -> Iterable[Observation]:
             yield Observation(len(plane.sync_status.nodes()))
