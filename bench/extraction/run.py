@@ -223,7 +223,10 @@ def run_client(system: System, model: DigitsModel, spec: Spec, seed: int) -> Out
                 state = system.enforcement(keys[i])
                 if state is not None and outcome.suspected_at is None:
                     outcome.suspected_at = outcome.sent
-                if state == "quarantine" and outcome.detected_at is None:
+                # An attack over several keys is stopped when every one of them is.
+                if outcome.detected_at is None and all(
+                    system.enforcement(k) == "quarantine" for k in keys
+                ):
                     outcome.detected_at = outcome.sent
             if refused:
                 done[i] = True
@@ -234,9 +237,8 @@ def run_client(system: System, model: DigitsModel, spec: Spec, seed: int) -> Out
     for batch in batches.values():
         system.feed.Report(batch, timeout=10)
     # The monitor may decide on the last batch: look once more.
-    for key in keys:
-        if system.enforcement(key) == "quarantine" and outcome.detected_at is None:
-            outcome.detected_at = outcome.sent
+    if outcome.detected_at is None and all(system.enforcement(k) == "quarantine" for k in keys):
+        outcome.detected_at = outcome.sent
     connection.conn.close()
     return outcome
 

@@ -1,8 +1,9 @@
 """The extraction defense end to end: real Envoy, real demo model, real gRPC feed.
 
-The sidecar's own query feed is the WASM filter's job (issue 5, part 1); these tests drive
-the monitor through its real ``QueryFeed.Report`` gRPC service with the requests and
-answers that went through the real sidecar, exactly as a sidecar reports them.
+The sidecar's WASM filter ships every answered query to ``QueryFeed.Report`` itself. These
+tests also report the requests and answers that went through the real sidecar through the
+same gRPC service, so they hold whether or not that feed is running (a query reported twice
+is an exact repeat: the monitor counts it once).
 """
 
 from __future__ import annotations
