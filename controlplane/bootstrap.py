@@ -20,8 +20,10 @@ from typing import Any
 import yaml
 
 from controlplane.inventory import Sidecar
+from controlplane.translate.names import CONTROL_PLANE_CLUSTER
 
-XDS_CLUSTER = "modelguard-xds"
+# The static cluster to the control plane; translated resources name it too.
+XDS_CLUSTER = CONTROL_PLANE_CLUSTER
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from controlplane.bootstrap import XDS_CLUSTER
 from controlplane.ir import SidecarIR
 
 # Every sidecar's bootstrap has this static cluster to the control plane. The control
 # plane's sidecar-facing gRPC services (ADS, rate limits, telemetry, the query feed) are
 # all served on that one port, so filters that call them name this cluster.
-CONTROL_PLANE_CLUSTER = XDS_CLUSTER
+CONTROL_PLANE_CLUSTER = "modelguard-xds"
 
 
 def inbound_listener(ir: SidecarIR) -> str:
