@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -11,6 +12,13 @@ from google.protobuf import timestamp_pb2
 from controlplane.api import Policy
 from controlplane.compile import targets
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
+from controlplane.telemetry.records import (
+    EGRESS_DESTINATION_ATTRIBUTE,
+    POLICY_ATTRIBUTE,
+    Kind,
+    Verdict,
+)
+from controlplane.telemetry.store import Query, TelemetryStore
 from controlplane.xds import resources as rt
 
 if TYPE_CHECKING:
@@ -23,6 +31,53 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+EGRESS_BLOCKS_SHOWN = 20  # per sidecar: the most recent destinations
+
+
+@dataclass
+class _Blocked:
+    count: int
+    last_seen_nano: int
+
+
+def egress_blocks(store: TelemetryStore) -> dict[str, list[admin_pb2.EgressBlock]]:
+    """Blocked (and would-block) outside destinations per sidecar node id, most recent
+    first, counted over the egress log records the telemetry store still holds."""
+    seen: dict[tuple[str, str, str, str, str], _Blocked] = {}
+    for verdict in (Verdict.BLOCKED, Verdict.WOULD_BLOCK):
+        for record in store.query(Query(verdict=verdict, kind=Kind.LOG), store.max_records):
+            attrs = dict(record.attributes)
+            key = (
+                record.node,
+                attrs.get(EGRESS_DESTINATION_ATTRIBUTE, ""),
+                attrs.get("modelguard.egress.protocol", ""),
+                record.verdict,
+                attrs.get(POLICY_ATTRIBUTE, ""),
+            )
+            entry = seen.setdefault(key, _Blocked(0, 0))
+            entry.count += 1
+            entry.last_seen_nano = max(entry.last_seen_nano, record.time_unix_nano)
+    out: dict[str, list[admin_pb2.EgressBlock]] = {}
+    for (node, destination, protocol, decided, policy), entry in sorted(
+        seen.items(), key=lambda item: -item[1].last_seen_nano
+    ):
+        blocks = out.setdefault(node, [])
+        if len(blocks) < EGRESS_BLOCKS_SHOWN:
+            last_seen = timestamp_pb2.Timestamp()
+            last_seen.FromNanoseconds(entry.last_seen_nano)
+            blocks.append(
+                admin_pb2.EgressBlock(
+                    destination=destination,
+                    protocol=protocol,
+                    verdict=decided,
+                    policy=policy,
+                    count=entry.count,
+                    last_seen=last_seen,
+                )
+            )
+    return out
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
@@ -33,6 +88,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def report(self, node_filter: str = "") -> admin_pb2.StatusReport:
         plane = self.plane
         report = admin_pb2.StatusReport(generated_at=_timestamp(time.time()))
+        blocked = egress_blocks(plane.telemetry.store)
         for node in plane.sync_status.nodes():
             if node_filter and node_filter not in node.node_id:
                 continue
@@ -45,6 +101,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 connected_at=_timestamp(node.connected_at),
                 snapshot_version=snapshot.version if snapshot is not None else "",
                 state=str(node.state),
+                egress_blocked=blocked.get(node.node_id, []),
             )
             if sidecar is not None:
                 entry.service, entry.namespace = sidecar.service, sidecar.namespace

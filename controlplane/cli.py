@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the embedded default: control plane, demo model, sidecar")
     p.add_argument("--policies", default="policies/", help="policy folder (watched)")
     p.add_argument("--listen-port", type=int, default=10000, help="sidecar port for clients")
+    p.add_argument(
+        "--outbound-port",
+        type=int,
+        default=15001,
+        help="the demo workload's egress port on the sidecar (0: no egress control)",
+    )
     p.add_argument("--xds-port", type=int, default=18000)
     p.add_argument("--admin-port", type=int, default=18001)
     p.add_argument("--workdir", default=".modelguard", help="bootstraps and logs")

@@ -35,6 +35,35 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _egress_blocked(report: admin_pb2.StatusReport) -> list[str]:
+    rows = [["SIDECAR", "DESTINATION", "PROTOCOL", "VERDICT", "COUNT", "LAST SEEN", "POLICY"]]
+    now = report.generated_at.ToNanoseconds()
+    for sidecar in report.sidecars:
+        for block in sidecar.egress_blocked:
+            rows.append(
+                [
+                    sidecar.node_id,
+                    block.destination or "-",
+                    block.protocol or "-",
+                    block.verdict,
+                    str(block.count),
+                    _ago((now - block.last_seen.ToNanoseconds()) / 1e9),
+                    block.policy or "-",
+                ]
+            )
+    if len(rows) == 1:
+        return []
+    return ["", "Egress blocked (recent telemetry):", _table(rows)]
+
+
 def render(report: admin_pb2.StatusReport) -> str:
     used = [t for t in TYPES if any(r.type == t for s in report.sidecars for r in s.resources)]
     used = used or ["CDS", "EDS", "LDS", "RDS"]
@@ -61,6 +90,7 @@ def render(report: admin_pb2.StatusReport) -> str:
     out = [_table(rows) if report.sidecars else "no sidecars connected"]
     if problems:
         out += ["", "NACKs:", *problems]
+    out += _egress_blocked(report)
     prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
     errors = []
     for p in report.policies:

@@ -31,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verdict",
         default="",
-        choices=["", "allowed", "denied", "rate_limited", "hardened", "audit_denied"],
+        choices=[
+            *("", "allowed", "denied", "rate_limited", "hardened", "audit_denied"),
+            *("blocked", "would-block"),  # egress: outbound destinations
+        ],
         help="only requests with this policy verdict",
     )
     parser.add_argument("--kind", default="", choices=["", "span", "log"], help="spans or logs")

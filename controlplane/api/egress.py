@@ -33,7 +33,10 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class ByteBudget(Model):
-    """Bytes the workload may send to this destination per window: bounds exfiltration."""
+    """Bytes the workload may send to this destination per window: bounds exfiltration.
+    Not enforced yet: a policy that sets it is rejected."""
+
+    # The shape is kept (reserved) so enforcing it later changes no schema.
 
     bytes: PositiveInt
     per: Window
@@ -44,6 +47,19 @@ class EgressRule(Model):
     ports: list[Port] = Field(min_length=1)
     protocol: Literal["HTTP", "TLS"] | None = None  # how the host is matched: Host or SNI
     budget: ByteBudget | None = None
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_not_enforced(cls, budget: ByteBudget | None) -> ByteBudget | None:
+        # Envoy counts no bytes per destination over a window without asking a service on
+        # every request or connection (bandwidth_limit is a rate, not a budget), and TLS is
+        # passed through. Accepting a budget and not enforcing it would mislead.
+        if budget is not None:
+            raise ValueError(
+                "byte budgets are not enforced yet; remove `budget` (the rule itself is "
+                "enforced without it)"
+            )
+        return budget
 
     @field_validator("ports")
     @classmethod

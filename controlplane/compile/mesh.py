@@ -73,13 +73,14 @@ def compile_mtls(
         mode=mode,
         certificate=certificate,
         mesh_port=sidecar.mesh_port or 0,
-        # A sidecar calls the others; it never needs a cluster to itself.
+        # A sidecar calls the others; it never needs a cluster to itself. Its workload
+        # reaches them through the mesh listener or, under egress control, the outbound one.
         upstreams=tuple(
             s
             for s in inputs.services
             if (s.service, s.namespace) != (sidecar.service, sidecar.namespace)
         )
-        if sidecar.mesh_port
+        if sidecar.mesh_port or sidecar.outbound_port
         else (),
         deciding=tuple(
             PolicyRef(p.kind, p.metadata.namespace, p.metadata.name) for p in deciding

@@ -1,8 +1,9 @@
 """``modelguard run``: the embedded default on one machine.
 
 The control plane (in this process), the demo model API and one real Envoy sidecar in front
-of it, configured only over xDS from the policy folder, which is watched for edits.
-Ctrl-C stops every process this started, by PID.
+of it, configured only over xDS from the policy folder, which is watched for edits. The
+sidecar also has an outbound port: the demo workload's way out, where the EgressPolicy in
+the folder is enforced (default deny). Ctrl-C stops every process this started, by PID.
 """
 
 from __future__ import annotations
@@ -32,6 +33,43 @@ EXAMPLE = (
     "15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,"
     "13,10,0,0,0]]}}'"
 )
+# What the demo workload would send outside, through its sidecar: an HTTP proxy request to
+# a host no policy allows (403, logged, in `modelguard status`), and how TLS goes out.
+EGRESS_EXAMPLE = "curl -s -x http://127.0.0.1:{port} http://example.com/  # 403: not allowed"
+EGRESS_TLS = (
+    "curl --connect-to bucket.s3.amazonaws.com:443:127.0.0.1:{port} "
+    "https://bucket.s3.amazonaws.com/  # TLS by SNI"
+)
+
+
+def banner(args: argparse.Namespace, admin_port: int, workdir: Path) -> str:
+    lines = [
+        "",
+        "modelguard is running (Ctrl-C stops everything):",
+        f"  protected model API  http://127.0.0.1:{args.listen_port}/v1/predict "
+        "(sidecar in front of the demo model)",
+    ]
+    if args.outbound_port:
+        lines += [
+            f"  model's way out      127.0.0.1:{args.outbound_port} (egress: use it as HTTP_PROXY, "
+            "or send TLS there with the real SNI;",
+            f"{'':23}only what an EgressPolicy in {args.policies} allows gets through)",
+        ]
+    lines += [
+        f"  policies             {args.policies} (edits apply live)",
+        f"  sidecar status       .venv/bin/modelguard status --admin 127.0.0.1:{admin_port}",
+        f"  logs                 {workdir}/",
+        "",
+        "Try:",
+        f"  {EXAMPLE.format(port=args.listen_port)}",
+    ]
+    if args.outbound_port:
+        lines += [
+            f"  {EGRESS_EXAMPLE.format(port=args.outbound_port)}",
+            f"  {EGRESS_TLS.format(port=args.outbound_port)}",
+            f"  .venv/bin/modelguard traces --admin 127.0.0.1:{admin_port} --verdict blocked",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 class DemoModel:
@@ -61,6 +99,22 @@ class DemoModel:
             self.process.wait()
 
 
+def demo_sidecar(args: argparse.Namespace, model_port: int) -> Sidecar:
+    return Sidecar(
+        node_id=f"{DEMO_SERVICE}-0",
+        service=DEMO_SERVICE,
+        namespace=DEMO_NAMESPACE,
+        identity=f"spiffe://cluster.local/ns/{DEMO_NAMESPACE}/sa/{DEMO_SERVICE}",
+        app_port=model_port,
+        inbound_port=args.listen_port,
+        inbound_address="127.0.0.1",
+        labels=(("app", DEMO_SERVICE),),
+        # The model's outbound traffic: it has no business calling out, so what
+        # policies/egress.yaml does not allow is refused and shows up in status.
+        outbound_port=args.outbound_port or None,
+    )
+
+
 async def _serve(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -79,16 +133,7 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         model.start()
         await asyncio.to_thread(wait_for_port, "127.0.0.1", model.port, 30)
-        sidecar = Sidecar(
-            node_id=f"{DEMO_SERVICE}-0",
-            service=DEMO_SERVICE,
-            namespace=DEMO_NAMESPACE,
-            identity=f"spiffe://cluster.local/ns/{DEMO_NAMESPACE}/sa/{DEMO_SERVICE}",
-            app_port=model.port,
-            inbound_port=args.listen_port,
-            inbound_address="127.0.0.1",
-            labels=(("app", DEMO_SERVICE),),
-        )
+        sidecar = demo_sidecar(args, model.port)
         envoy_admin = free_port()
         credentials = (
             XdsCredentials.for_sidecar(sidecar, plane.identity.config.directory)
@@ -106,17 +151,7 @@ async def _serve(args: argparse.Namespace) -> None:
         envoy = EnvoyProcess(bootstrap, admin_port=envoy_admin, log_path=workdir / "envoy.log")
         envoy.start()
         await asyncio.to_thread(envoy.wait_ready, 30)
-        print(
-            "\nmodelguard is running (Ctrl-C stops everything):\n"
-            f"  protected model API  http://127.0.0.1:{args.listen_port}/v1/predict "
-            f"(sidecar in front of the demo model)\n"
-            f"  policies             {args.policies} (edits apply live)\n"
-            "  sidecar status       .venv/bin/modelguard status "
-            f"--admin 127.0.0.1:{plane.admin_port}\n"
-            f"  logs                 {workdir}/\n\n"
-            f"Try:\n  {EXAMPLE.format(port=args.listen_port)}\n",
-            flush=True,
-        )
+        print(banner(args, plane.admin_port, workdir), flush=True)
         await plane.wait_closed()
     finally:
         if envoy is not None:

@@ -28,6 +28,17 @@ class Verdict(StrEnum):
     RATE_LIMITED = "rate_limited"  # rule: the limit's name when the sidecar says it
     HARDENED = "hardened"  # allowed, output perturbed (rule: what was done)
     AUDIT_DENIED = "audit_denied"  # allowed, but an Audit-mode policy would have denied
+    # Outbound (egress) decisions, also ALLOWED; rule: the allow rule, or "default-deny".
+    BLOCKED = "blocked"  # an outside destination no EgressPolicy allows
+    WOULD_BLOCK = "would-block"  # the same under Audit: let through
+
+
+# What the outbound listener sends (translate/egress.py, EGRESS_ATTRIBUTES).
+EGRESS_DESTINATION_ATTRIBUTE = "modelguard.egress.destination"
+EGRESS_VERDICT_ATTRIBUTE = "modelguard.egress.verdict"
+EGRESS_RULE_ATTRIBUTE = "modelguard.egress.rule"
+POLICY_ATTRIBUTE = "modelguard.policy"
+_EGRESS_VERDICTS = {v.value: v for v in (Verdict.ALLOWED, Verdict.BLOCKED, Verdict.WOULD_BLOCK)}
 
 
 class Kind(StrEnum):
@@ -103,6 +114,11 @@ def verdict_of(attrs: Mapping[str, str]) -> tuple[Verdict | None, str]:
     status = attrs.get("http.response.status_code") or attrs.get("http.status_code", "")
     details = attrs.get("envoy.response_code_details", "")
     flags = attrs.get("envoy.response_flags") or attrs.get("response_flags", "")
+    # An outbound request or connection: the sidecar's egress decision is the verdict (a
+    # blocked HTTP request also carries RBAC's denial, which is not an access verdict).
+    egress = _EGRESS_VERDICTS.get(attrs.get(EGRESS_VERDICT_ATTRIBUTE, ""))
+    if egress is not None:
+        return egress, attrs.get(EGRESS_RULE_ATTRIBUTE, "")
     if not _present(status) and not _present(details):
         return None, ""
     prefix = "rbac_access_denied_matched_policy["

@@ -9,29 +9,41 @@ The TLS inspector reads each connection's first bytes, then:
   name lands in the default TLS chain: a black hole (Enforce) or passed through and
   logged as ``would-block`` (Audit).
 * Plain HTTP, by Host / :authority (an HTTP proxy: ``HTTP_PROXY`` style absolute URLs or
-  plain requests with the real Host): one virtual host per allowed destination, routed
-  to the dynamic forward proxy; every other host hits the default virtual host whose
-  per-route RBAC denies (Enforce) or only shadow-denies (Audit).
+  plain requests with the real Host): mesh services first (the mesh listener's own
+  virtual hosts, ``translate/mtls.py``, to their mTLS clusters: one code path for both
+  listeners), then one virtual host per allowed destination, routed to the dynamic
+  forward proxy; every other host hits the default virtual host whose per-route RBAC
+  denies (Enforce) or only shadow-denies (Audit).
 
-Every decision is one JSON access-log line (``"log": "modelguard.egress"``) with the
-destination, the verdict and the policy and rule that decided it, and is counted:
-``http.outbound_<port>.rbac.denied`` / ``shadow_denied`` for HTTP,
+Every decision is one JSON access-log line (``"log": "modelguard.egress"``) on the
+sidecar's stdout and, when telemetry is on, one OpenTelemetry log record to the control
+plane (``EGRESS_ATTRIBUTES``: destination, verdict, deciding policy and rule), and is
+counted: ``http.outbound_<port>.rbac.denied`` / ``shadow_denied`` for HTTP,
 ``tcp.outbound_tls_blocked.*`` / ``tcp.outbound_tls_audit.*`` for TLS.
 
-Byte budgets are carried in the IR but not enforced yet (see the README).
+Byte budgets are rejected by validation (``api/egress.py``): nothing in Envoy counts bytes
+per destination over a window without a per-request call out of the data path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, protocol_pb2, substitution_format_string_pb2
+from envoy.config.core.v3 import (
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.access_loggers.open_telemetry.v3 import logs_service_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.clusters.dynamic_forward_proxy.v3 import cluster_pb2 as dfp_cluster_pb2
 from envoy.extensions.common.dynamic_forward_proxy.v3 import dns_cache_pb2
@@ -49,10 +61,13 @@ from envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
+from opentelemetry.proto.common.v1 import common_pb2
 
 from controlplane.ir import EgressDestination, EgressIR, EgressProtocol, SidecarIR
+from controlplane.translate import mtls as mesh
+from controlplane.translate import names
 from controlplane.translate.module import Module
 from controlplane.translate.protos import ads_source, pack, socket_address
 from controlplane.xds import resources as rt
@@ -65,8 +80,32 @@ METADATA_NAMESPACE = "modelguard.egress"  # route metadata the access log reads
 DEFAULT_DENY = "default-deny"
 TLS_DEFAULT_PORT = 443
 
+MESH = "mesh"  # who decides for a mesh service: the callee's own AccessPolicy
+
 # Verdicts as the access log spells them.
 ALLOWED, BLOCKED, WOULD_BLOCK = "allowed", "blocked", "would-block"
+
+OTEL_ACCESS_LOGGER = "envoy.access_loggers.open_telemetry"
+OTEL_LOG_NAME = "modelguard.egress"
+# Stdout field → OpenTelemetry attribute. ``controlplane.telemetry.records`` reads the
+# ``modelguard.egress.*`` names to derive ``modelguard.verdict`` (the receiver sets that
+# one itself, so a record never carries it twice).
+EGRESS_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("protocol", "modelguard.egress.protocol"),
+    ("destination", "modelguard.egress.destination"),
+    ("verdict", "modelguard.egress.verdict"),
+    ("policy", "modelguard.policy"),
+    ("rule", "modelguard.egress.rule"),
+    ("outbound_port", "modelguard.egress.port"),
+    ("method", "http.request.method"),
+    ("path", "url.path"),
+    ("code", "http.response.status_code"),
+    ("details", "envoy.response_code_details"),
+    ("bytes_out", "envoy.bytes_received"),
+    ("bytes_in", "envoy.bytes_sent"),
+    ("upstream", "envoy.upstream_host"),
+    ("duration_ms", "envoy.duration_ms"),
+)
 
 
 def listener_name(egress: EgressIR) -> str:
@@ -94,7 +133,7 @@ def _dns_cache() -> dns_cache_pb2.DnsCacheConfig:
     )
 
 
-def _access_log(fields: dict[str, str]) -> accesslog_pb2.AccessLog:
+def _stdout_log(fields: dict[str, str]) -> accesslog_pb2.AccessLog:
     record = struct_pb2.Struct()
     record.update({"log": METADATA_NAMESPACE, "start_time": "%START_TIME%", **fields})
     return accesslog_pb2.AccessLog(
@@ -109,6 +148,54 @@ def _access_log(fields: dict[str, str]) -> accesslog_pb2.AccessLog:
     )
 
 
+def _text(value: str) -> common_pb2.AnyValue:
+    return common_pb2.AnyValue(string_value=value)
+
+
+def _otel_log(ir: SidecarIR, fields: dict[str, str], body: str) -> accesslog_pb2.AccessLog:
+    # Same transport and batching as the inbound access logger (translate/telemetry.py):
+    # records reach the control plane's OTLP receiver over the bootstrap's cluster.
+    attributes = [
+        common_pb2.KeyValue(key=attribute, value=_text(fields[field]))
+        for field, attribute in EGRESS_ATTRIBUTES
+        if field in fields
+    ]
+    config = logs_service_pb2.OpenTelemetryAccessLogConfig(
+        # xds-protos lacks the top-level log_name/grpc_service; Envoy 1.40 reads these.
+        common_config=als_pb2.CommonGrpcAccessLogConfig(
+            log_name=OTEL_LOG_NAME,
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                    cluster_name=names.CONTROL_PLANE_CLUSTER
+                ),
+                timeout=duration_pb2.Duration(seconds=5),
+            ),
+            transport_api_version=config_source_pb2.ApiVersion.V3,
+            buffer_flush_interval=duration_pb2.Duration(seconds=1),
+            buffer_size_bytes=wrappers_pb2.UInt32Value(value=64 * 1024),
+        ),
+        resource_attributes=common_pb2.KeyValueList(
+            values=[
+                common_pb2.KeyValue(key="service.name", value=_text(ir.service)),
+                common_pb2.KeyValue(key="service.namespace", value=_text(ir.namespace)),
+                common_pb2.KeyValue(key="modelguard.node_id", value=_text(ir.node_id)),
+            ]
+        ),
+        body=_text(body),
+        attributes=common_pb2.KeyValueList(values=attributes),
+        stat_prefix="modelguard_egress",
+    )
+    return accesslog_pb2.AccessLog(name=OTEL_ACCESS_LOGGER, typed_config=pack(config))
+
+
+def _access_logs(ir: SidecarIR, fields: dict[str, str]) -> list[accesslog_pb2.AccessLog]:
+    logs = [_stdout_log(fields)]
+    if ir.telemetry is not None:
+        body = f"egress {fields['verdict']} {fields['protocol']} {fields['destination']}"
+        logs.append(_otel_log(ir, fields, body))
+    return logs
+
+
 def _tcp_fields(egress: EgressIR, verdict: str, policy: str, rule: str) -> dict[str, str]:
     return {
         "protocol": "TLS",
@@ -119,6 +206,7 @@ def _tcp_fields(egress: EgressIR, verdict: str, policy: str, rule: str) -> dict[
         "bytes_out": "%BYTES_RECEIVED%",
         "bytes_in": "%BYTES_SENT%",
         "upstream": "%UPSTREAM_HOST%",
+        "duration_ms": "%DURATION%",
         "outbound_port": str(egress.port),
     }
 
@@ -138,6 +226,7 @@ def _http_fields(egress: EgressIR) -> dict[str, str]:
         "bytes_out": "%BYTES_RECEIVED%",
         "bytes_in": "%BYTES_SENT%",
         "upstream": "%UPSTREAM_HOST%",
+        "duration_ms": "%DURATION%",
         "outbound_port": str(egress.port),
     }
 
@@ -158,12 +247,12 @@ def _tls_port(destination: EgressDestination) -> int:
 
 
 def _tcp_proxy(
-    stat_prefix: str, cluster: str, log: accesslog_pb2.AccessLog
+    stat_prefix: str, cluster: str, logs: Sequence[accesslog_pb2.AccessLog]
 ) -> listener_components_pb2.Filter:
     return listener_components_pb2.Filter(
         name="envoy.filters.network.tcp_proxy",
         typed_config=pack(
-            tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster, access_log=[log])
+            tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster, access_log=logs)
         ),
     )
 
@@ -175,7 +264,7 @@ def _sni_forward_proxy(port: int) -> listener_components_pb2.Filter:
     )
 
 
-def _tls_chains(egress: EgressIR) -> list[listener_components_pb2.FilterChain]:
+def _tls_chains(ir: SidecarIR, egress: EgressIR) -> list[listener_components_pb2.FilterChain]:
     chains = []
     seen: set[str] = set()
     # Envoy refuses two chains with the same match: the first rule for a host wins.
@@ -194,7 +283,7 @@ def _tls_chains(egress: EgressIR) -> list[listener_components_pb2.FilterChain]:
                     _tcp_proxy(
                         "outbound_tls_allowed",
                         FORWARD_PROXY_CLUSTER,
-                        _access_log(_tcp_fields(egress, ALLOWED, str(dest.policy), dest.name)),
+                        _access_logs(ir, _tcp_fields(egress, ALLOWED, str(dest.policy), dest.name)),
                     ),
                 ],
             )
@@ -205,7 +294,7 @@ def _tls_chains(egress: EgressIR) -> list[listener_components_pb2.FilterChain]:
             _tcp_proxy(
                 "outbound_tls_blocked",
                 BLACKHOLE_CLUSTER,
-                _access_log(_tcp_fields(egress, BLOCKED, policy, DEFAULT_DENY)),
+                _access_logs(ir, _tcp_fields(egress, BLOCKED, policy, DEFAULT_DENY)),
             )
         ]
     else:
@@ -214,7 +303,7 @@ def _tls_chains(egress: EgressIR) -> list[listener_components_pb2.FilterChain]:
             _tcp_proxy(
                 "outbound_tls_audit",
                 FORWARD_PROXY_CLUSTER,
-                _access_log(_tcp_fields(egress, WOULD_BLOCK, policy, DEFAULT_DENY)),
+                _access_logs(ir, _tcp_fields(egress, WOULD_BLOCK, policy, DEFAULT_DENY)),
             ),
         ]
     chains.append(
@@ -255,12 +344,40 @@ def _forward(name: str, metadata: base_pb2.Metadata) -> route_components_pb2.Rou
     )
 
 
-def route_configuration(egress: EgressIR) -> route_pb2.RouteConfiguration:
-    vhosts = []
+def _host_of(domain: str) -> str:
+    return domain.rsplit(":", 1)[0] if ":" in domain else domain
+
+
+def _mesh_hosts(
+    mesh_hosts: Sequence[route_components_pb2.VirtualHost],
+) -> list[route_components_pb2.VirtualHost]:
+    # The mesh listener strips the port before matching; here ports stay in the Host (the
+    # allow-list matches them), so each mesh name also matches with any port.
+    out = []
+    for vhost in mesh_hosts:
+        routed = route_components_pb2.VirtualHost()
+        routed.CopyFrom(vhost)
+        del routed.domains[:]
+        routed.domains.extend(d for host in vhost.domains for d in (host, f"{host}:*"))
+        for route in routed.routes:
+            route.metadata.CopyFrom(_route_metadata(ALLOWED, MESH, vhost.name))
+        out.append(routed)
+    return out
+
+
+def route_configuration(
+    egress: EgressIR, mesh_hosts: Sequence[route_components_pb2.VirtualHost] = ()
+) -> route_pb2.RouteConfiguration:
+    """The outbound HTTP routes: ``mesh_hosts`` (the mesh listener's virtual hosts) first,
+    then the allow-list, then the default deny."""
+    vhosts = _mesh_hosts(mesh_hosts)
+    # A mesh service always goes through its mTLS cluster: an allow rule naming it cannot
+    # send it in plaintext through the forward proxy instead.
+    mesh_names = {_host_of(d) for v in vhosts for d in v.domains}
     taken: set[str] = set()
     for dest in _first_by(egress.allowed, EgressProtocol.HTTP):
         # Envoy refuses a domain in two virtual hosts: the first rule for it wins.
-        domains = [d for d in _domains(dest) if d not in taken]
+        domains = [d for d in _domains(dest) if d not in taken and _host_of(d) not in mesh_names]
         if not domains:
             continue
         taken.update(domains)
@@ -290,7 +407,7 @@ def route_configuration(egress: EgressIR) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=route_name(egress), virtual_hosts=vhosts)
 
 
-def connection_manager(egress: EgressIR) -> hcm_pb2.HttpConnectionManager:
+def connection_manager(ir: SidecarIR, egress: EgressIR) -> hcm_pb2.HttpConnectionManager:
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=f"outbound_{egress.port}",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -306,14 +423,14 @@ def connection_manager(egress: EgressIR) -> hcm_pb2.HttpConnectionManager:
                 name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
             ),
         ],
-        access_log=[_access_log(_http_fields(egress))],
+        access_log=_access_logs(ir, _http_fields(egress)),
     )
 
 
 # --- listener and clusters --------------------------------------------------------------------
 
 
-def listener(egress: EgressIR) -> listener_pb2.Listener:
+def listener(ir: SidecarIR, egress: EgressIR) -> listener_pb2.Listener:
     http_chain = listener_components_pb2.FilterChain(
         name="http",
         filter_chain_match=listener_components_pb2.FilterChainMatch(
@@ -322,7 +439,7 @@ def listener(egress: EgressIR) -> listener_pb2.Listener:
         filters=[
             listener_components_pb2.Filter(
                 name="envoy.filters.network.http_connection_manager",
-                typed_config=pack(connection_manager(egress)),
+                typed_config=pack(connection_manager(ir, egress)),
             )
         ],
     )
@@ -336,7 +453,7 @@ def listener(egress: EgressIR) -> listener_pb2.Listener:
                 typed_config=pack(tls_inspector_pb2.TlsInspector()),
             )
         ],
-        filter_chains=[*_tls_chains(egress), http_chain],
+        filter_chains=[*_tls_chains(ir, egress), http_chain],
     )
 
 
@@ -376,10 +493,13 @@ def blackhole_cluster() -> cluster_pb2.Cluster:
     )
 
 
-def egress_resources(egress: EgressIR) -> dict[str, list[Message]]:
+def egress_resources(ir: SidecarIR, egress: EgressIR) -> dict[str, list[Message]]:
+    # Mesh services (with identity) keep working under egress control: their clusters
+    # come from the mtls module, which builds them when the sidecar has an outbound port.
+    mesh_hosts = mesh.mesh_virtual_hosts(ir, ir.mtls) if ir.mtls is not None else []
     return {
-        rt.LISTENER: [listener(egress)],
-        rt.ROUTE: [route_configuration(egress)],
+        rt.LISTENER: [listener(ir, egress)],
+        rt.ROUTE: [route_configuration(egress, mesh_hosts)],
         rt.CLUSTER: [forward_proxy_cluster(), blackhole_cluster()],
     }
 
@@ -388,7 +508,7 @@ class Egress(Module):
     name = "modelguard.egress"
 
     def extra_resources(self, ir: SidecarIR) -> dict[str, list[Message]]:
-        return egress_resources(ir.egress) if ir.egress is not None else {}
+        return egress_resources(ir, ir.egress) if ir.egress is not None else {}
 
 
 MODULE = Egress()

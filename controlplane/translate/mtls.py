@@ -10,7 +10,9 @@
   the workload in ``x-forwarded-client-cert`` (any value the caller sent is replaced).
 * Mesh listener (``mesh_port``, plaintext on 127.0.0.1 for the local workload only): one
   virtual host per mesh service, by Host, to a cluster that originates mTLS and accepts
-  the peer only if it shows one of that service's SPIFFE IDs.
+  the peer only if it shows one of that service's SPIFFE IDs. A sidecar with egress
+  control routes the same Host names to the same clusters from its outbound listener
+  (``translate/egress.py`` uses ``mesh_virtual_hosts``).
 """
 
 from __future__ import annotations
@@ -139,52 +141,30 @@ def _domains(ir: SidecarIR, service: MeshService) -> list[str]:
     return domains
 
 
-def mesh_resources(ir: SidecarIR, mtls: MtlsIR) -> dict[str, list[Message]]:
-    name = mesh_listener_name(mtls)
-    routes = route_pb2.RouteConfiguration(
-        name=name,
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(
-                name=service.host,
-                domains=_domains(ir, service),
-                routes=[
-                    route_components_pb2.Route(
-                        name="default",
-                        match=route_components_pb2.RouteMatch(prefix="/"),
-                        route=route_components_pb2.RouteAction(
-                            cluster=outbound_cluster_name(service),
-                            timeout=duration_pb2.Duration(seconds=30),
-                        ),
-                    )
-                ],
-            )
-            for service in mtls.upstreams
-        ],
-    )
-    manager = hcm_pb2.HttpConnectionManager(
-        stat_prefix=f"mesh_{mtls.mesh_port}",
-        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=name),
-        strip_any_host_port=True,
-        http_filters=[
-            hcm_pb2.HttpFilter(
-                name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
-            )
-        ],
-    )
-    listener = listener_pb2.Listener(
-        name=name,
-        # Only the local workload may use its sidecar's identity.
-        address=socket_address("127.0.0.1", mtls.mesh_port),
-        traffic_direction=base_pb2.OUTBOUND,
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(manager))
-                ]
-            )
-        ],
-    )
+def mesh_virtual_hosts(ir: SidecarIR, mtls: MtlsIR) -> list[route_components_pb2.VirtualHost]:
+    """One virtual host per mesh service, by Host, to its mTLS cluster. The mesh listener
+    and the outbound (egress) listener both route mesh services with these."""
+    return [
+        route_components_pb2.VirtualHost(
+            name=service.host,
+            domains=_domains(ir, service),
+            routes=[
+                route_components_pb2.Route(
+                    name="default",
+                    match=route_components_pb2.RouteMatch(prefix="/"),
+                    route=route_components_pb2.RouteAction(
+                        cluster=outbound_cluster_name(service),
+                        timeout=duration_pb2.Duration(seconds=30),
+                    ),
+                )
+            ],
+        )
+        for service in mtls.upstreams
+    ]
+
+
+def mesh_clusters(mtls: MtlsIR) -> dict[str, list[Message]]:
+    """The mTLS clusters of the mesh services this sidecar may call, with their endpoints."""
     clusters: list[Message] = []
     assignments: list[Message] = []
     for service in mtls.upstreams:
@@ -215,12 +195,37 @@ def mesh_resources(ir: SidecarIR, mtls: MtlsIR) -> dict[str, list[Message]]:
                 ],
             )
         )
-    return {
-        rt.LISTENER: [listener],
-        rt.ROUTE: [routes],
-        rt.CLUSTER: clusters,
-        rt.ENDPOINT: assignments,
-    }
+    return {rt.CLUSTER: clusters, rt.ENDPOINT: assignments}
+
+
+def mesh_resources(ir: SidecarIR, mtls: MtlsIR) -> dict[str, list[Message]]:
+    name = mesh_listener_name(mtls)
+    routes = route_pb2.RouteConfiguration(name=name, virtual_hosts=mesh_virtual_hosts(ir, mtls))
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=f"mesh_{mtls.mesh_port}",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=name),
+        strip_any_host_port=True,
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
+            )
+        ],
+    )
+    listener = listener_pb2.Listener(
+        name=name,
+        # Only the local workload may use its sidecar's identity.
+        address=socket_address("127.0.0.1", mtls.mesh_port),
+        traffic_direction=base_pb2.OUTBOUND,
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(manager))
+                ]
+            )
+        ],
+    )
+    return {rt.LISTENER: [listener], rt.ROUTE: [routes]}
 
 
 class Mtls(Module):
@@ -234,8 +239,13 @@ class Mtls(Module):
         if ir.mtls is None:
             return {}
         out: dict[str, list[Message]] = {rt.SECRET: list(secrets(ir.mtls.certificate))}
+        # The clusters serve the mesh listener and the outbound listener alike (either
+        # port makes compile list the upstreams); the mesh listener only its own port.
+        parts = [mesh_clusters(ir.mtls)] if ir.mtls.upstreams else []
         if ir.mtls.mesh_port:
-            for type_url, resources in mesh_resources(ir, ir.mtls).items():
+            parts.append(mesh_resources(ir, ir.mtls))
+        for part in parts:
+            for type_url, resources in part.items():
                 out.setdefault(type_url, []).extend(resources)
         return out
 

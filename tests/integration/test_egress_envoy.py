@@ -34,6 +34,7 @@ from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port
 from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.telemetry.store import Query
 
 pytestmark = pytest.mark.envoy
 
@@ -244,6 +245,8 @@ async def system(tmp_path: Path, destinations: Destinations) -> AsyncIterator[Sy
         build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
         admin_port=envoy_admin,
         log_path=tmp_path / "envoy.log",
+        # The stdout access log is flushed every 10 s by default: the tests read it sooner.
+        extra_args=("--file-flush-interval-msec", "100"),
     )
     system = System(policies, plane, envoy, outbound, destinations)
     system.write_policy()
@@ -376,3 +379,87 @@ async def test_audit_mode_lets_through_and_logs_and_edits_apply_live(system: Sys
             r["verdict"] == "blocked" and r["policy"] == "default-deny" for r in system.egress_log()
         )
     )
+
+
+async def test_blocked_attempts_reach_telemetry_traces_and_status(
+    system: System, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecar's OpenTelemetry access logger sends every egress decision to the control
+    plane: `modelguard traces --verdict blocked` finds them, `modelguard status` sums them up
+    per sidecar with the destination and the deciding policy."""
+    from controlplane.cli import main
+    from controlplane.status_cli import fetch_status, render
+
+    admin = f"127.0.0.1:{system.plane.admin_port}"
+    http_destination = f"evil.localhost:{system.dest.http_port}"
+    assert (await system.http("evil.localhost"))[0] == 403
+    assert (await system.http("evil.localhost"))[0] == 403
+    assert await system.tls_refused("c2.localhost")
+    assert (await system.http("api.localhost"))[0] == 200
+    store = system.plane.telemetry.store
+
+    def egress(verdict: str) -> dict[str, dict[str, str]]:
+        found = store.query(Query(verdict=verdict, kind="log"), 1000)
+        return {
+            dict(r.attributes)["modelguard.egress.destination"]: dict(r.attributes)
+            for r in found
+            if r.node == "digits-model-0"
+        }
+
+    blocked = await eventually(
+        lambda: (b := egress("blocked")) and {http_destination, "c2.localhost"} <= set(b) and b
+    )
+    for destination, protocol in ((http_destination, "HTTP"), ("c2.localhost", "TLS")):
+        attrs = blocked[destination]
+        assert attrs["modelguard.egress.protocol"] == protocol
+        assert attrs["modelguard.policy"] == "EgressPolicy/demo/digits-egress"
+        assert attrs["modelguard.verdict"] == "blocked"
+        assert attrs["modelguard.verdict.rule"] == "default-deny"
+    allowed = await eventually(lambda: egress("allowed"))
+    api = allowed[f"api.localhost:{system.dest.http_port}"]
+    assert api["modelguard.verdict.rule"] == "demo.digits-egress.allow-0"
+    assert api["http.response.status_code"] == "200"
+
+    # modelguard traces --verdict blocked, over the admin API.
+    assert (
+        await asyncio.to_thread(
+            main, ["traces", "--admin", admin, "--verdict", "blocked", "--json"]
+        )
+        == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["verdict"] for r in lines} == {"blocked"}
+    assert {r["attributes"]["modelguard.egress.destination"] for r in lines} == {
+        http_destination,
+        "c2.localhost",
+    }
+
+    # modelguard status: per sidecar, count, last seen, policy.
+    report = await asyncio.to_thread(fetch_status, admin)
+    (sidecar,) = report.sidecars
+    by_destination = {b.destination: b for b in sidecar.egress_blocked}
+    assert set(by_destination) == {http_destination, "c2.localhost"}
+    assert by_destination[http_destination].count == 2
+    assert by_destination[http_destination].verdict == "blocked"
+    assert by_destination["c2.localhost"].protocol == "TLS"
+    assert by_destination["c2.localhost"].policy == "EgressPolicy/demo/digits-egress"
+    assert by_destination["c2.localhost"].last_seen.seconds > 0
+    assert "c2.localhost" in render(report)
+
+    # Audit: what would have been blocked is listed as such, and let through.
+    system.write_policy(mode="Audit")
+
+    async def passes() -> bool:
+        return (await system.http("audited.localhost"))[0] == 200
+
+    await eventually(passes)
+
+    async def listed() -> bool:
+        report = await asyncio.to_thread(fetch_status, admin)
+        return any(
+            b.destination == f"audited.localhost:{system.dest.http_port}"
+            and b.verdict == "would-block"
+            for b in report.sidecars[0].egress_blocked
+        )
+
+    await eventually(listed)

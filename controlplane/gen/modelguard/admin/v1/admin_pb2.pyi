@@ -89,6 +89,7 @@ class SidecarStatus(_message.Message):
     SNAPSHOT_VERSION_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    EGRESS_BLOCKED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     service: _builtins.str
     namespace: _builtins.str
@@ -104,6 +105,12 @@ class SidecarStatus(_message.Message):
     def connected_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def resources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResourceSync]: ...
+    @_builtins.property
+    def egress_blocked(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressBlock]:
+        """Outside destinations its egress control blocked (or, in Audit, would have blocked)
+        recently: from the telemetry store, so only what it still holds. Most recent first.
+        """
+
     def __init__(
         self,
         *,
@@ -117,14 +124,54 @@ class SidecarStatus(_message.Message):
         snapshot_version: _builtins.str = ...,
         resources: _abc.Iterable[Global___ResourceSync] | None = ...,
         state: _builtins.str = ...,
+        egress_blocked: _abc.Iterable[Global___EgressBlock] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "identity", b"identity", "namespace", b"namespace", "node_id", b"node_id", "peer", b"peer", "resources", b"resources", "service", b"service", "snapshot_version", b"snapshot_version", "state", b"state", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "egress_blocked", b"egress_blocked", "identity", b"identity", "namespace", b"namespace", "node_id", b"node_id", "peer", b"peer", "resources", b"resources", "service", b"service", "snapshot_version", b"snapshot_version", "state", b"state", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SidecarStatus: _TypeAlias = SidecarStatus  # noqa: Y015
+
+@_typing.final
+class EgressBlock(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    destination: _builtins.str
+    """Host[:port] (HTTP) or SNI (TLS)"""
+    protocol: _builtins.str
+    """HTTP | TLS"""
+    verdict: _builtins.str
+    """blocked | would-block"""
+    policy: _builtins.str
+    """the deciding EgressPolicy(ies), or "default-deny" """
+    count: _builtins.int
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        destination: _builtins.str = ...,
+        protocol: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        policy: _builtins.str = ...,
+        count: _builtins.int = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "destination", b"destination", "last_seen", b"last_seen", "policy", b"policy", "protocol", b"protocol", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressBlock: _TypeAlias = EgressBlock  # noqa: Y015
 
 @_typing.final
 class ResourceSync(_message.Message):
