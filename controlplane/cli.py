@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_arguments(p)
     p.set_defaults(func=inject.run)
 
+    p = sub.add_parser("ca", help="the CA shared by control-plane replicas (ca init)")
+    from controlplane.identity import kubernetes as identity_kubernetes
+
+    identity_kubernetes.add_ca_arguments(p)
+    p.set_defaults(func=identity_kubernetes.run_ca)
+
     p = sub.add_parser("quarantine", help="clients the extraction monitor quarantined")
     from controlplane.extraction import admin as quarantine_admin
 

@@ -11,7 +11,16 @@ What a pod gets:
   ``mg-inbound``: point the Service's ``targetPort`` at it (no traffic redirection).
 * a projected service-account token with audience ``modelguard``, mounted at
   ``/var/run/secrets/modelguard/token``: the sidecar's proof of identity towards the control
-  plane (verified by the identity work, issue 6).
+  plane, which checks it with a TokenReview. Envoy sends it on every xDS stream as
+  ``authorization: Bearer`` and re-reads it when the kubelet rotates it
+  (``controlplane.identity.kubernetes.sidecar_xds_auth``).
+* the ConfigMap ``modelguard-ca-root`` (published in every namespace by the control plane)
+  at ``/etc/modelguard/ca``: the CA root the sidecar trusts for xDS over TLS, and the file
+  SDS source of its token. With ``identity=False`` (a control plane run ``--insecure``)
+  neither TLS nor the token is used.
+* with the annotation ``modelguard.io/egress: enabled``: an outbound listener
+  (``outbound_port``, default 15001) and the init container of ``k8s/egress/`` that
+  redirects the pod's outbound TCP to it, so ``EgressPolicy`` applies.
 * the annotation ``sidecar.modelguard.io/status`` naming what was added.
 
 Injection is idempotent: an injected pod is first stripped of what the annotation names,
@@ -38,6 +47,7 @@ from typing import Any, Final
 import yaml
 
 from controlplane.bootstrap import build_bootstrap, parse_hostport
+from controlplane.identity import kubernetes as k8s_identity
 from controlplane.inventory import Sidecar
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,9 @@ TOKEN_DIR: Final = "/var/run/secrets/modelguard"
 TOKEN_PATH: Final = f"{TOKEN_DIR}/token"
 TOKEN_AUDIENCE: Final = "modelguard"
 INBOUND_PORT_NAME: Final = "mg-inbound"
+CA_VOLUME: Final = "modelguard-ca-root"
+EGRESS_INIT: Final = "modelguard-egress-init"
+SIDECAR_UID: Final = 101  # the envoy user of the official image; egress skips its traffic
 
 ANNOTATION_PREFIX: Final = "sidecar.modelguard.io/"
 STATUS: Final = ANNOTATION_PREFIX + "status"
@@ -55,6 +68,8 @@ INJECT: Final = ANNOTATION_PREFIX + "inject"
 SERVICE: Final = ANNOTATION_PREFIX + "service"
 APP_PORT: Final = ANNOTATION_PREFIX + "app-port"
 INBOUND_PORT: Final = ANNOTATION_PREFIX + "inbound-port"
+# Opt-in, named like the namespace label modelguard.io/inject: it changes the pod's network.
+EGRESS: Final = "modelguard.io/egress"
 
 # Kinds whose pod template lives at spec.template (CronJob one level deeper).
 _TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
@@ -72,6 +87,11 @@ class InjectConfig:
     admin_port: int = 15000
     trust_domain: str = "cluster.local"
     log_level: str = "info"
+    # xDS over TLS with the pod's service-account token (the control plane's default);
+    # False for a control plane started with --insecure.
+    identity: bool = True
+    outbound_port: int = 15001  # pods with modelguard.io/egress: enabled
+    egress_image: str = "modelguard-egress-init:0.1.0"  # k8s/egress/Dockerfile
 
 
 def _workload_service(meta: dict[str, Any], owner_name: str | None) -> str:
@@ -120,6 +140,7 @@ def sidecar_bootstrap(
     app_port: int,
     inbound_port: int,
     labels: dict[str, str],
+    outbound_port: int | None = None,
 ) -> dict[str, Any]:
     """The Envoy bootstrap of an injected sidecar, with ``$(VAR)`` per-pod references."""
     host, port = parse_hostport(config.xds_address)
@@ -131,14 +152,20 @@ def sidecar_bootstrap(
         app_port=app_port,
         inbound_port=inbound_port,
         labels=tuple(sorted(labels.items())),
+        outbound_port=outbound_port,
     )
-    return build_bootstrap(
+    bootstrap = build_bootstrap(
         sidecar,
         xds_host=host,
         xds_port=port,
         admin_port=config.admin_port,
         cluster=f"{service}.$(POD_NAMESPACE)",
     )
+    if not config.identity:
+        return bootstrap
+    from controlplane.identity.service import control_plane_id
+
+    return k8s_identity.sidecar_xds_auth(bootstrap, control_plane_id(config.trust_domain))
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -175,11 +202,47 @@ def sidecar_container(
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
-            "runAsUser": 101,  # the envoy user of the official image
+            "runAsUser": SIDECAR_UID,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            *(
+                [{"name": CA_VOLUME, "mountPath": k8s_identity.TRUST_BUNDLE_DIR, "readOnly": True}]
+                if config.identity
+                else []
+            ),
+        ],
     }
+
+
+def egress_init_container(config: InjectConfig) -> dict[str, Any]:
+    """``k8s/egress/redirect-patch.yaml``'s init container: the pod's outbound TCP → the
+    sidecar's outbound listener, except the sidecar's own traffic (UID 101)."""
+    return {
+        "name": EGRESS_INIT,
+        "image": config.egress_image,
+        "env": [
+            {"name": "OUTBOUND_PORT", "value": str(config.outbound_port)},
+            {"name": "PROXY_UID", "value": str(SIDECAR_UID)},
+            {"name": "EXCLUDE_CIDRS", "value": ""},
+            {"name": "EXCLUDE_PORTS", "value": ""},
+        ],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
+    }
+
+
+CA_VOLUME_SPEC: Final[dict[str, Any]] = {
+    "name": CA_VOLUME,
+    "configMap": {"name": k8s_identity.TRUST_BUNDLE_CONFIGMAP},
+}
 
 
 TOKEN_VOLUME_SPEC: Final[dict[str, Any]] = {
@@ -207,9 +270,16 @@ def _strip(meta: dict[str, Any], spec: dict[str, Any]) -> None:
     try:
         status = json.loads(raw)
         containers, volumes = set(status["containers"]), set(status["volumes"])
-    except (ValueError, KeyError, TypeError):
-        containers, volumes = {CONTAINER}, {TOKEN_VOLUME}
+        inits = set(status.get("initContainers", []))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        containers, volumes = {CONTAINER}, {TOKEN_VOLUME, CA_VOLUME}
+        inits = {EGRESS_INIT}
     spec["containers"] = [c for c in spec.get("containers", []) if c.get("name") not in containers]
+    kept_inits = [c for c in spec.get("initContainers", []) if c.get("name") not in inits]
+    if kept_inits:
+        spec["initContainers"] = kept_inits
+    else:
+        spec.pop("initContainers", None)
     kept = [v for v in spec.get("volumes", []) if v.get("name") not in volumes]
     if kept:
         spec["volumes"] = kept
@@ -230,6 +300,9 @@ def inject_pod(
     for i, container in enumerate(spec.get("containers") or []):
         if container.get("name") == CONTAINER:
             raise InjectionError(f"spec.containers[{i}].name: {CONTAINER} is reserved")
+    for i, container in enumerate(spec.get("initContainers") or []):
+        if container.get("name") == EGRESS_INIT:
+            raise InjectionError(f"spec.initContainers[{i}].name: {EGRESS_INIT} is reserved")
     service = _workload_service(meta, owner_name)
     annotations = meta.get("annotations") or {}
     inbound = config.inbound_port
@@ -241,16 +314,36 @@ def inject_pod(
             f"metadata.annotations[{APP_PORT!r}]: the application port {app_port} is taken "
             "by the sidecar; set another sidecar.modelguard.io/inbound-port"
         )
+    egress = str(annotations.get(EGRESS, "")).lower()
+    if egress not in ("", "enabled", "disabled"):
+        raise InjectionError(
+            f"metadata.annotations[{EGRESS!r}]: must be enabled or disabled, got {egress!r}"
+        )
+    outbound = config.outbound_port if egress == "enabled" else None
+    if outbound is not None and outbound in (app_port, inbound, config.admin_port):
+        raise InjectionError(
+            f"metadata.annotations[{EGRESS!r}]: the outbound port {outbound} is taken by the "
+            "application or the sidecar; inject with another --outbound-port"
+        )
     labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
-    bootstrap = sidecar_bootstrap(config, service, app_port, inbound, labels)
+    bootstrap = sidecar_bootstrap(config, service, app_port, inbound, labels, outbound)
     spec["containers"] = [
         *spec.get("containers", []),
         sidecar_container(config, bootstrap, inbound),
     ]
-    spec["volumes"] = [*spec.get("volumes", []), copy.deepcopy(TOKEN_VOLUME_SPEC)]
-    meta.setdefault("annotations", {})[STATUS] = json.dumps(
-        {"containers": [CONTAINER], "volumes": [TOKEN_VOLUME]}, separators=(",", ":")
-    )
+    volumes = [copy.deepcopy(TOKEN_VOLUME_SPEC)]
+    if config.identity:
+        volumes.append(copy.deepcopy(CA_VOLUME_SPEC))
+    spec["volumes"] = [*spec.get("volumes", []), *volumes]
+    status: dict[str, Any] = {
+        "containers": [CONTAINER],
+        "volumes": [v["name"] for v in volumes],
+    }
+    if outbound is not None:
+        # First: the redirect must be in place before any other init container talks out.
+        spec["initContainers"] = [egress_init_container(config), *spec.get("initContainers", [])]
+        status["initContainers"] = [EGRESS_INIT]
+    meta.setdefault("annotations", {})[STATUS] = json.dumps(status, separators=(",", ":"))
     return meta, spec
 
 
@@ -459,6 +552,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=defaults.image, help="Envoy image of the sidecar")
     parser.add_argument("--inbound-port", type=int, default=defaults.inbound_port)
     parser.add_argument("--trust-domain", default=defaults.trust_domain)
+    parser.add_argument(
+        "--outbound-port",
+        type=int,
+        default=defaults.outbound_port,
+        help="egress port of sidecars in pods annotated modelguard.io/egress: enabled",
+    )
+    parser.add_argument(
+        "--egress-image", default=defaults.egress_image, help="image of the egress init container"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="for a control plane run --insecure: plaintext xDS, no service-account token",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> InjectConfig:
@@ -468,6 +575,9 @@ def config_from_args(args: argparse.Namespace) -> InjectConfig:
         image=args.image,
         inbound_port=args.inbound_port,
         trust_domain=args.trust_domain,
+        outbound_port=args.outbound_port,
+        egress_image=args.egress_image,
+        identity=not args.insecure,
     )
 
 

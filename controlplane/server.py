@@ -22,7 +22,7 @@ from controlplane.admin import AdminService
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.identity.service import IdentityConfig, IdentityService
-from controlplane.identity.tokens import AuthenticationError
+from controlplane.identity.tokens import AuthenticationError, SidecarAuthenticator
 from controlplane.inventory import Inventory, InventoryError, Sidecar
 from controlplane.pipeline import Debouncer, Pipeline
 from controlplane.ratelimit import RateLimitServices, backend_from_url
@@ -74,7 +74,11 @@ def sidecar_from_node(node: base_pb2.Node) -> Sidecar:
 
 
 class ControlPlane:
-    def __init__(self, config: ControlPlaneConfig) -> None:
+    def __init__(
+        self, config: ControlPlaneConfig, *, authenticator: SidecarAuthenticator | None = None
+    ) -> None:
+        # ``authenticator``: how sidecars prove who they are (default: bootstrap tokens;
+        # cluster mode: Kubernetes service-account tokens).
         self.config = config
         self.store = PolicyStore()
         self.inventory = Inventory()
@@ -106,7 +110,7 @@ class ControlPlane:
         self._watch_task: asyncio.Task[None] | None = None
         # Admits sidecars and issues and rotates their SVIDs; feeds compile.
         self.identity = (
-            IdentityService(config.identity, xds_host=config.xds_host)
+            IdentityService(config.identity, authenticator=authenticator, xds_host=config.xds_host)
             if config.identity is not None
             else None
         )

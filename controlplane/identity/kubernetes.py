@@ -14,30 +14,80 @@ Design (the sidecar injector mounts the token; see the README section "Identity"
   (``<pod>.<ns>`` or ``<pod>``). So a pod can only ever obtain its own service account's SVID.
 * Reviews are cached for a short time by the token's hash (sidecars reconnect in bursts
   after a control-plane restart); a token is never logged.
+* The xDS server's authentication hook is synchronous and runs on the asyncio loop, so in
+  the control plane (``background=True``) a token not reviewed yet is reviewed in a thread
+  and the stream is refused as *pending*: Envoy reconnects within its xDS backoff (0.25 to
+  1 s) and finds the answer cached. The loop never waits on the API server, and an API
+  server that is down costs refusals, not a stalled control plane. Failures are cached
+  briefly too, so a sidecar with a bad token cannot make us flood the API server.
+
+How the token reaches Envoy (``sidecar_xds_auth``, used by the injector): gRPC
+``initial_metadata`` is static, and the kubelet rewrites the projected token before it
+expires (at 80% of ``expirationSeconds``). So the xDS cluster carries an *upstream*
+``credential_injector`` filter whose generic secret comes from a file-based SDS source
+(``xds-token.sds.yaml`` in the trust-bundle ConfigMap) that names the token file and
+watches the token's directory: every new stream, e.g. a reconnect hours later, carries
+the token as it is on disk then, as ``authorization: Bearer <token>``. The control plane
+checks the token when a stream opens; an open stream is not cut when its token expires
+(as with Istio), the next one needs a valid token.
+
+The trust bundle: the control plane (the status-writing replica) publishes the CA root
+in a ConfigMap ``modelguard-ca-root`` in every namespace it watches (``TrustBundle``),
+as istiod does with ``istio-ca-root-cert``; injected sidecars mount it.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
+import concurrent.futures
 import hashlib
+import logging
+import sys
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
 
 from controlplane.identity.tokens import AuthenticationError
 from controlplane.inventory import Sidecar
 
+log = logging.getLogger(__name__)
+
 AUDIENCE = "modelguard"
-TOKEN_PATH = "/var/run/secrets/modelguard/token"
+TOKEN_DIR = "/var/run/secrets/modelguard"
+TOKEN_PATH = f"{TOKEN_DIR}/token"
 AUTHORIZATION_METADATA = "authorization"
 _POD_NAME = "authentication.kubernetes.io/pod-name"
+
+# The trust bundle ConfigMap (one per namespace) and what sidecars read from it.
+TRUST_BUNDLE_CONFIGMAP: Final = "modelguard-ca-root"
+TRUST_BUNDLE_DIR: Final = "/etc/modelguard/ca"
+ROOT_CERT_KEY: Final = "root-cert.pem"
+TOKEN_SDS_KEY: Final = "xds-token.sds.yaml"
+TOKEN_SECRET: Final = "modelguard-sa-token"
+# The CA Secret every replica loads (cert-manager's shape, so either can produce it).
+CA_SECRET: Final = "modelguard-ca"
+CA_SECRET_CERT, CA_SECRET_KEY = "tls.crt", "tls.key"
+
+
+class AuthenticationPending(AuthenticationError):
+    """The token is being reviewed; the sidecar's next attempt gets the answer."""
+
+
+_Review = tuple[str, str | None] | AuthenticationError
 
 
 class KubernetesTokenAuthenticator:
     """Checks projected service-account tokens with TokenReview.
 
     ``api`` is a ``kubernetes.client.AuthenticationV1Api`` (any object with
-    ``create_token_review(body)`` returning a V1TokenReview works, e.g. one pointed at kmock).
+    ``create_token_review(body, **kwargs)`` returning a V1TokenReview works).
+    ``background``: review in a thread and answer *pending* meanwhile (the control plane);
+    otherwise review inline (tests, tools).
     """
 
     def __init__(
@@ -47,45 +97,87 @@ class KubernetesTokenAuthenticator:
         trust_domain: str = "cluster.local",
         audience: str = AUDIENCE,
         cache_seconds: float = 60.0,
+        failure_cache_seconds: float = 5.0,
+        background: bool = False,
+        request_timeout: float = 5.0,
     ) -> None:
         self.api = api
         self.trust_domain = trust_domain
         self.audience = audience
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, str, str | None]] = {}
+        self.failure_cache_seconds = failure_cache_seconds
+        self.request_timeout = request_timeout
+        self.reviews = 0  # TokenReviews sent (tests and metrics)
+        self._cache: dict[str, tuple[float, _Review]] = {}
+        self._pending: set[str] = set()
         self._lock = threading.Lock()
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tokenreview")
+            if background
+            else None
+        )
 
-    def _review(self, token: str) -> tuple[str, str | None]:
-        """(username, bound pod name or None) of a genuine token; AuthenticationError if not."""
+    def _ask(self, token: str) -> _Review:
+        """One TokenReview: (username, bound pod or None), or why the token is refused."""
         from kubernetes import client  # imported lazily: only cluster mode needs it
 
-        key = hashlib.sha256(token.encode()).hexdigest()
-        now = time.monotonic()
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None and cached[0] > now:
-                return cached[1], cached[2]
         body = client.V1TokenReview(
             spec=client.V1TokenReviewSpec(token=token, audiences=[self.audience])
         )
+        self.reviews += 1
         try:
-            review = self.api.create_token_review(body)
+            review = self.api.create_token_review(
+                body, _request_timeout=(self.request_timeout, self.request_timeout)
+            )
         except Exception as err:  # the API server is down or refuses us: fail closed
-            raise AuthenticationError(f"TokenReview failed: {type(err).__name__}") from err
+            return AuthenticationError(f"TokenReview failed: {type(err).__name__}")
         status = review.status
         if status is None or not status.authenticated:
             reason = (status.error if status is not None else None) or "not authenticated"
-            raise AuthenticationError(f"service-account token rejected: {reason}")
+            return AuthenticationError(f"service-account token rejected: {reason}")
         if status.audiences and self.audience not in status.audiences:
-            raise AuthenticationError(f"service-account token is not for audience {self.audience}")
+            return AuthenticationError(
+                f"service-account token is not for audience {self.audience}"
+            )
         user = status.user
         username = (user.username if user is not None else None) or ""
         extra = (user.extra if user is not None else None) or {}
         pods = extra.get(_POD_NAME) or []
-        pod = pods[0] if pods else None
+        return username, (pods[0] if pods else None)
+
+    def _remember(self, key: str, result: _Review) -> None:
+        ttl = self.failure_cache_seconds if isinstance(result, Exception) else self.cache_seconds
         with self._lock:
-            self._cache[key] = (now + self.cache_seconds, username, pod)
-        return username, pod
+            self._cache[key] = (time.monotonic() + ttl, result)
+            self._pending.discard(key)
+            if len(self._cache) > 10_000:  # expired entries go first; a bound, not a policy
+                now = time.monotonic()
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+
+    def _review(self, token: str) -> tuple[str, str | None]:
+        """(username, bound pod name or None) of a genuine token; AuthenticationError if not."""
+        key = hashlib.sha256(token.encode()).hexdigest()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None and cached[0] > time.monotonic():
+                result = cached[1]
+            elif self._executor is not None:
+                if key not in self._pending:
+                    self._pending.add(key)
+                    self._executor.submit(lambda: self._remember(key, self._ask(token)))
+                raise AuthenticationPending("service-account token review pending; retry")
+            else:
+                result = None
+        if result is None:
+            result = self._ask(token)
+            self._remember(key, result)
+        if isinstance(result, AuthenticationError):
+            raise type(result)(str(result))  # a fresh one: the cached one is shared
+        return result
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def authenticate(self, sidecar: Sidecar, metadata: Mapping[str, str]) -> None:
         header = metadata.get(AUTHORIZATION_METADATA, "")
@@ -116,3 +208,275 @@ class KubernetesTokenAuthenticator:
             raise AuthenticationError(
                 f"node {sidecar.node_id!r}: its token is bound to pod {namespace}/{pod}"
             )
+
+
+# ---- the sidecar's side: bootstrap pieces the injector uses --------------------------------
+
+_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def token_sds_document(token_path: str = TOKEN_PATH) -> dict[str, Any]:
+    """The file-based SDS source of the token secret (a DiscoveryResponse naming the file)."""
+    return {
+        "resources": [
+            {
+                "@type": f"{_TLS}.Secret",
+                "name": TOKEN_SECRET,
+                "generic_secret": {"secret": {"filename": token_path}},
+            }
+        ]
+    }
+
+
+def trust_bundle_data(root_pem: str, token_path: str = TOKEN_PATH) -> dict[str, str]:
+    """The data of the trust-bundle ConfigMap: the CA root and the token's SDS source."""
+    return {
+        ROOT_CERT_KEY: root_pem,
+        TOKEN_SDS_KEY: yaml.safe_dump(token_sds_document(token_path), sort_keys=False),
+    }
+
+
+def sidecar_xds_auth(
+    bootstrap: dict[str, Any],
+    server_id: str,
+    *,
+    bundle_dir: str = TRUST_BUNDLE_DIR,
+    token_dir: str = TOKEN_DIR,
+    xds_cluster: str = "modelguard-xds",
+) -> dict[str, Any]:
+    """The bootstrap with xDS over TLS (trusting the mounted CA root, requiring the control
+    plane's SPIFFE ID) and the projected token on every stream, re-read when it rotates."""
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if cluster["name"] != xds_cluster:
+            continue
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": f"{_TLS}.UpstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "validation_context": {
+                        # Read at start: a new root reaches a sidecar when its pod restarts.
+                        "trusted_ca": {"filename": f"{bundle_dir}/{ROOT_CERT_KEY}"},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"exact": server_id}}
+                        ],
+                    },
+                },
+            },
+        }
+        options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
+            _HTTP_PROTOCOL_OPTIONS, {"@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}"}
+        )
+        options["http_filters"] = [
+            {
+                "name": "envoy.filters.http.credential_injector",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                    "credential_injector.v3.CredentialInjector",
+                    "overwrite": True,
+                    # No token on disk: the stream fails here (401) instead of going out bare.
+                    "allow_request_without_credential": False,
+                    "credential": {
+                        "name": "envoy.http.injected_credentials.generic",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.http."
+                            "injected_credentials.generic.v3.Generic",
+                            "credential": {
+                                "name": TOKEN_SECRET,
+                                "sds_config": {
+                                    "path_config_source": {
+                                        "path": f"{bundle_dir}/{TOKEN_SDS_KEY}",
+                                        # The kubelet swaps the token by renaming ..data in
+                                        # this directory: that move triggers the re-read.
+                                        "watched_directory": {"path": token_dir},
+                                    },
+                                    "resource_api_version": "V3",
+                                },
+                            },
+                            "header": AUTHORIZATION_METADATA,
+                            "header_value_prefix": "Bearer ",
+                        },
+                    },
+                },
+            },
+            {
+                "name": "envoy.filters.http.upstream_codec",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                    "upstream_codec.v3.UpstreamCodec"
+                },
+            },
+        ]
+    return bootstrap
+
+
+# ---- the trust bundle, published into namespaces -------------------------------------------
+
+
+class TrustBundle:
+    """Keeps ``modelguard-ca-root`` in every namespace (or the given ones) equal to the CA.
+
+    Runs in a thread; writes only while ``is_leader()`` (one writer, like status). Creates
+    the ConfigMap where it is missing and patches it where it differs, nothing else.
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        root_pem: str,
+        *,
+        namespaces: Iterable[str] | None = None,
+        is_leader: Callable[[], bool] = lambda: True,
+        interval: float = 30.0,
+    ) -> None:
+        from kubernetes import client
+
+        self.api = client.CoreV1Api(api_client)
+        self.data = trust_bundle_data(root_pem)
+        self.namespaces = tuple(namespaces) if namespaces is not None else None
+        self.is_leader = is_leader
+        self.interval = interval
+        self.writes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _targets(self) -> list[str]:
+        if self.namespaces is not None:
+            return list(self.namespaces)
+        listing = self.api.list_namespace(_request_timeout=(5, 30))
+        return sorted(str(ns.metadata.name) for ns in listing.items if ns.metadata)
+
+    def sync(self) -> int:
+        """One pass; returns how many ConfigMaps were written."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        written = 0
+        for namespace in self._targets():
+            if not self.is_leader():
+                break
+            try:
+                try:
+                    current = self.api.read_namespaced_config_map(
+                        TRUST_BUNDLE_CONFIGMAP, namespace, _request_timeout=(5, 10)
+                    )
+                except ApiException as err:
+                    if err.status != 404:
+                        raise
+                    body = client.V1ConfigMap(
+                        metadata=client.V1ObjectMeta(
+                            name=TRUST_BUNDLE_CONFIGMAP,
+                            namespace=namespace,
+                            labels={"app.kubernetes.io/managed-by": "modelguard"},
+                        ),
+                        data=self.data,
+                    )
+                    self.api.create_namespaced_config_map(
+                        namespace, body, _request_timeout=(5, 10)
+                    )
+                else:
+                    have = current.data or {}
+                    # Only our keys: whatever else someone put there is theirs to keep.
+                    if all(have.get(k) == v for k, v in self.data.items()):
+                        continue
+                    self.api.patch_namespaced_config_map(
+                        TRUST_BUNDLE_CONFIGMAP,
+                        namespace,
+                        {"data": self.data},
+                        _request_timeout=(5, 10),
+                    )
+            except ApiException as err:
+                log.warning("trust bundle in namespace %s: %s", namespace, err.reason)
+                continue
+            written += 1
+            log.info("trust bundle published in namespace %s", namespace)
+        self.writes += written
+        return written
+
+    def start(self) -> None:
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    if self.is_leader():
+                        self.sync()
+                except Exception as err:  # the API server comes back; so do we
+                    log.warning("trust bundle: %s", err)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=run, name="k8s-trust-bundle", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+# ---- `modelguard ca init`: the CA every replica shares -------------------------------------
+
+
+def ca_secret(
+    cert_pem: str, key_pem: str, *, namespace: str = "modelguard-system", name: str = CA_SECRET
+) -> dict[str, Any]:
+    """The CA as a ``kubernetes.io/tls`` Secret, the shape cert-manager writes too."""
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "modelguard"},
+        },
+        "data": {
+            CA_SECRET_CERT: b64(cert_pem),
+            CA_SECRET_KEY: b64(key_pem),
+            "ca.crt": b64(cert_pem),
+        },
+    }
+
+
+def add_ca_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="ca_command", required=True)
+    init = sub.add_parser(
+        "init",
+        help="generate the CA once, as a Secret for `kubectl apply -f -` (every replica loads it)",
+    )
+    init.add_argument("--trust-domain", default="cluster.local")
+    init.add_argument("--namespace", default="modelguard-system", help="of the control plane")
+    init.add_argument("--name", default=CA_SECRET, help="Secret name")
+    init.add_argument("--ca-cert", help="wrap this PEM CA certificate instead of generating one")
+    init.add_argument("--ca-key", help="its PEM private key (with --ca-cert)")
+    init.add_argument("-o", "--output", help="write to FILE (mode 0600) instead of stdout")
+
+
+def run_ca(args: argparse.Namespace) -> int:
+    from controlplane.identity.ca import CAError, CertificateAuthority, _pem_key, _write_private
+
+    if bool(args.ca_cert) != bool(args.ca_key):
+        print("modelguard ca init: --ca-cert and --ca-key go together", file=sys.stderr)
+        return 2
+    try:
+        ca = (
+            CertificateAuthority.load(args.ca_cert, args.ca_key)
+            if args.ca_cert
+            else CertificateAuthority.generate(args.trust_domain)
+        )
+    except CAError as err:
+        print(f"modelguard ca init: {err}", file=sys.stderr)
+        return 1
+    secret = ca_secret(ca.root_pem, _pem_key(ca.key), namespace=args.namespace, name=args.name)
+    text = "# The modelguard CA: keep it like any private key. Apply once: every replica of\n"
+    text += "# the control plane loads it, so sidecars trust whichever replica they reach.\n"
+    text += yaml.safe_dump(secret, sort_keys=False)
+    if args.output:
+        _write_private(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+    return 0

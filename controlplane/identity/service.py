@@ -89,6 +89,9 @@ class IdentityService:
         self._api_key_problems: list[str] = []
         self.rotations = 0
         self._server_cert: IssuedCertificate | None = None
+        # More Secrets with API keys, already as digests (cluster mode: the Kubernetes
+        # source's labelled Secrets). Joined with the files into compile's one input.
+        self.api_key_sources: list[Callable[[], apikeys.Digests]] = []
         self.reload_api_keys()
 
     # -- sidecars --
@@ -157,6 +160,12 @@ class IdentityService:
     def reload_api_keys(self) -> bool:
         """Re-read the key Secrets; True if the digests changed."""
         digests, problems = apikeys.load(self.config.api_key_paths)
+        for source in self.api_key_sources:
+            for ref, keys in source().items():
+                if ref in digests:  # the first definition wins, as within the files
+                    problems.append(f"Secret {ref[0]}/{ref[1]} is defined twice")
+                    continue
+                digests[ref] = keys
         if problems != self._api_key_problems:
             for problem in problems:
                 log.error("API keys: %s", problem)

@@ -42,6 +42,7 @@ from typing import Any, Final
 from controlplane.api import API_VERSION, KINDS, Policy, validate_document
 from controlplane.compile import targets
 from controlplane.crdgen import NAMES
+from controlplane.identity.kubernetes import KubernetesTokenAuthenticator, TrustBundle
 from controlplane.inventory import Inventory, Sidecar
 from controlplane.store import ACCEPTED, PolicyKey, PolicyStore, UnitContent
 
@@ -103,17 +104,37 @@ class ClusterState:
 
 @dataclass
 class ApiKeys:
-    """Hashes of the API keys in labelled Secrets, by (namespace, secret name)."""
+    """API keys of labelled Secrets as SHA-256 digests, by (namespace, secret name).
 
-    _keys: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+    Values are read as ``modelguard serve --api-keys`` files are: a key (hashed here and
+    never kept) or ``sha256:<64 hex>``; surrounding whitespace (``echo | base64``) is
+    dropped. A value that is neither is reported with its Secret and key, never its value.
+    """
+
+    _keys: dict[tuple[str, str], tuple[tuple[str, str], ...]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set(self, namespace: str, name: str, data: Mapping[str, str]) -> None:
-        hashes = frozenset(
-            hashlib.sha256(base64.b64decode(value)).hexdigest() for value in data.values()
-        )
+        keys = []
+        for client, value in sorted(data.items()):
+            try:
+                text = base64.b64decode(value, validate=True).decode().strip()
+            except (ValueError, UnicodeDecodeError):
+                text = ""
+            if text.startswith("sha256:"):
+                hexdigest = text.removeprefix("sha256:").lower()
+                ok = len(hexdigest) == 64 and all(c in "0123456789abcdef" for c in hexdigest)
+            else:
+                hexdigest, ok = hashlib.sha256(text.encode()).hexdigest(), bool(text)
+            if not ok:
+                log.error(
+                    "Secret %s/%s: data.%s: must be a non-empty key or sha256:<64 hex digits>",
+                    namespace, name, client,
+                )
+                continue
+            keys.append((str(client), hexdigest))
         with self._lock:
-            self._keys[(namespace, name)] = hashes
+            self._keys[(namespace, name)] = tuple(keys)
 
     def remove(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -121,7 +142,12 @@ class ApiKeys:
 
     def hashes(self, namespace: str, name: str) -> frozenset[str]:
         with self._lock:
-            return self._keys.get((namespace, name), frozenset())
+            return frozenset(digest for _, digest in self._keys.get((namespace, name), ()))
+
+    def digests(self) -> dict[tuple[str, str], tuple[tuple[str, str], ...]]:
+        """Every Secret's (client, digest) pairs: the identity box's API-key input."""
+        with self._lock:
+            return dict(self._keys)
 
 
 @dataclass(frozen=True)
@@ -860,6 +886,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="modelguard.modelguard-system.svc:18000",
         help="control plane address injected sidecars use",
     )
+    group.add_argument(
+        "--sidecar-outbound-port",
+        type=int,
+        default=15001,
+        help="outbound (egress) port of sidecars injected into pods annotated "
+        "modelguard.io/egress: enabled",
+    )
 
 
 def api_client_from_args(args: argparse.Namespace) -> Any:
@@ -875,6 +908,20 @@ def api_client_from_args(args: argparse.Namespace) -> Any:
     return client.ApiClient()
 
 
+def cluster_authenticator(api_client: Any, identity: Any) -> KubernetesTokenAuthenticator | None:
+    """Sidecars prove who they are with their pod's projected service-account token
+    (TokenReview). Bootstrap tokens are not accepted in a cluster: their key is per replica."""
+    if identity is None:
+        return None
+    from kubernetes import client
+
+    return KubernetesTokenAuthenticator(
+        client.AuthenticationV1Api(api_client),
+        trust_domain=identity.trust_domain,
+        background=True,
+    )
+
+
 def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     """Run the control plane in a cluster until interrupted; returns the exit code."""
     import socket
@@ -886,12 +933,23 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     config = dataclasses.replace(plane_config, policy_paths=(), watch=False)
 
     async def main() -> None:
-        plane = ControlPlane(config)
+        authenticator = cluster_authenticator(api_client, config.identity)
+        plane = ControlPlane(config, authenticator=authenticator)
         tracker = ProgramTracker(plane)
         source = KubernetesSource(api_client, plane.store, plane.inventory, args.watch_namespace)
         elector = LeaderElector(
             api_client, args.lease_namespace, args.replica_id or socket.gethostname()
         )
+        bundle = None
+        if plane.identity is not None:
+            # One input of API-key digests: --api-keys files and the labelled Secrets.
+            plane.identity.api_key_sources.append(source.api_keys.digests)
+            bundle = TrustBundle(
+                api_client,
+                plane.identity.ca.root_pem,
+                namespaces=[args.watch_namespace] if args.watch_namespace else None,
+                is_leader=lambda: elector.is_leader,
+            )
         writer = StatusWriter(
             api_client,
             source,
@@ -903,7 +961,12 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         if args.webhook_port:
             cert_dir = Path(args.webhook_cert_dir) if args.webhook_cert_dir else None
             webhook = InjectionWebhook(
-                InjectConfig(xds_address=args.sidecar_xds),
+                InjectConfig(
+                    xds_address=args.sidecar_xds,
+                    identity=config.identity is not None,
+                    trust_domain=getattr(config.identity, "trust_domain", "cluster.local"),
+                    outbound_port=args.sidecar_outbound_port,
+                ),
                 args.webhook_host,
                 args.webhook_port,
                 str(cert_dir / "tls.crt") if cert_dir else None,
@@ -914,6 +977,8 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         source.start()
         await plane.start()
         elector.start()
+        if bundle is not None:
+            bundle.start()
         stop = asyncio.Event()
         status_task = asyncio.create_task(writer.run(stop))
         print(
@@ -926,6 +991,10 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         finally:
             stop.set()
             await status_task
+            if bundle is not None:
+                bundle.stop()
+            if authenticator is not None:
+                authenticator.close()
             elector.stop()
             source.stop()
             if webhook is not None:

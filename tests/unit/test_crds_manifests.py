@@ -142,9 +142,18 @@ def test_rbac_is_least_privilege(objects: list[dict[str, Any]]) -> None:
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         writes = set(rule["verbs"]) - {"get", "list", "watch"}
-        if writes:  # the only thing written cluster-wide is the status of policies
+        if not writes:
+            continue
+        # Written cluster-wide: the status of policies, TokenReviews (asking the API server
+        # about a sidecar's token), and the one trust-bundle ConfigMap per namespace.
+        if rule["apiGroups"] == ["modelguard.io"]:
             assert all(r.endswith("/status") for r in rule["resources"]), rule
-            assert rule["apiGroups"] == ["modelguard.io"]
+        elif rule["apiGroups"] == ["authentication.k8s.io"]:
+            assert rule["resources"] == ["tokenreviews"] and writes == {"create"}, rule
+        else:
+            assert rule["apiGroups"] == [""] and rule["resources"] == ["configmaps"], rule
+            if writes != {"create"}:  # changing is limited to our own ConfigMap
+                assert rule["resourceNames"] == ["modelguard-ca-root"], rule
     lease = _one(objects, "Role", "modelguard-leader-election")
     assert lease["metadata"]["namespace"] == "modelguard-system"
     for rule in lease["rules"]:
@@ -199,3 +208,44 @@ def test_webhook_reaches_the_control_plane_over_a_certified_name(
     assert hook["namespaceSelector"] == {"matchLabels": {"modelguard.io/inject": "enabled"}}
     demo = _one(objects, "Namespace", "demo")
     assert demo["metadata"]["labels"]["modelguard.io/inject"] == "enabled"
+
+
+def test_replicas_share_one_ca_from_a_secret(
+    objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    import base64
+
+    from controlplane.identity import kubernetes as k8s_identity
+    from controlplane.identity.ca import CertificateAuthority
+
+    deployment = _one(objects, "Deployment", "modelguard")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    parsed = cli.build_parser().parse_args(
+        [a.replace("$(POD_NAMESPACE)", "x").replace("$(POD_NAME)", "y") for a in container["args"]]
+    )
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "ca")
+    assert parsed.ca_cert == f"{mount['mountPath']}/tls.crt"
+    assert parsed.ca_key == f"{mount['mountPath']}/tls.key"
+    assert not parsed.insecure
+    volume = next(v for v in pod["volumes"] if v["name"] == "ca")
+    certificate = _one(objects, "Certificate", "modelguard-ca")
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"] == "modelguard-ca"
+    assert certificate["spec"]["isCA"] is True
+    assert certificate["spec"]["privateKey"]["rotationPolicy"] == "Never"
+    # The alternative without cert-manager: `modelguard ca init` gives the same Secret shape,
+    # valid for the API server, and what it holds loads as the CA on every replica.
+    out = tmp_path / "ca.yaml"
+    assert cli.main(["ca", "init", "-o", str(out)]) == 0
+    assert out.stat().st_mode & 0o077 == 0
+    (secret,) = _load(out)
+    kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
+    assert (secret["metadata"]["name"], secret["metadata"]["namespace"]) == (
+        "modelguard-ca",
+        "modelguard-system",
+    )
+    for key in ("tls.crt", "tls.key"):
+        (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
+    ca = CertificateAuthority.load(tmp_path / "tls.crt", tmp_path / "tls.key")
+    assert ca.root_pem == base64.b64decode(secret["data"]["ca.crt"]).decode()
+    assert k8s_identity.CA_SECRET == "modelguard-ca"

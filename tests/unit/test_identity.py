@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +17,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from controlplane.identity import apikeys
 from controlplane.identity.ca import CAError, CertificateAuthority
-from controlplane.identity.kubernetes import KubernetesTokenAuthenticator
+from controlplane.identity.kubernetes import AuthenticationPending, KubernetesTokenAuthenticator
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.identity.tokens import TOKEN_METADATA, AuthenticationError, BootstrapTokens
 from controlplane.inventory import Sidecar
@@ -117,7 +118,7 @@ class FakeTokenReviews:
     def __init__(self, status: dict[str, Any]) -> None:
         self.status, self.calls = status, 0
 
-    def create_token_review(self, body: Any) -> Any:
+    def create_token_review(self, body: Any, **_: Any) -> Any:
         self.calls += 1
         assert body.spec.audiences == ["modelguard"]
         user = SimpleNamespace(**self.status.get("user", {})) if "user" in self.status else None
@@ -152,6 +153,43 @@ def test_kubernetes_token_must_be_the_claimed_service_account() -> None:
                             "extra": {"authentication.kubernetes.io/pod-name": ["other-pod"]}}}
     with pytest.raises(AuthenticationError, match=r"bound to pod ml/other-pod"):
         _k8s(pod)[0].authenticate(SIDECAR, {"authorization": "Bearer x"})
+
+
+def test_in_the_control_plane_a_review_never_blocks_and_failures_are_cached() -> None:
+    """background=True: the first attempt is refused as pending while a thread asks the API
+    server; the sidecar's retry finds the answer. A refusal is remembered for a while."""
+    good = {
+        "authenticated": True, "audiences": ["modelguard"], "error": None,
+        "user": {"username": "system:serviceaccount:ml:fraud-model", "extra": {}},
+    }
+    api = FakeTokenReviews(good)
+    auth = KubernetesTokenAuthenticator(api, background=True)
+    try:
+        with pytest.raises(AuthenticationPending):
+            auth.authenticate(SIDECAR, {"authorization": "Bearer t0ken"})
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                auth.authenticate(SIDECAR, {"authorization": "Bearer t0ken"})
+                break
+            except AuthenticationPending:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert api.calls == 1
+        api.status = {"authenticated": False, "audiences": [], "error": "token expired"}
+        while True:
+            with pytest.raises(AuthenticationError) as err:
+                auth.authenticate(SIDECAR, {"authorization": "Bearer old"})
+            if not isinstance(err.value, AuthenticationPending):
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(3):
+            with pytest.raises(AuthenticationError, match="token expired"):
+                auth.authenticate(SIDECAR, {"authorization": "Bearer old"})
+        assert api.calls == 2  # the refusal was cached, not asked again
+    finally:
+        auth.close()
 
 
 def test_api_keys_are_loaded_as_digests_and_problems_name_the_file(tmp_path: Path) -> None:

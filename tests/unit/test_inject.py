@@ -61,7 +61,61 @@ def test_reinjecting_applies_a_new_configuration() -> None:
     pod = yaml.safe_load(again)
     images = [c["image"] for c in pod["spec"]["containers"]]
     assert images == ["example/scorer:1.2", "envoyproxy/envoy:v1.40.1"]
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["modelguard-token", "modelguard-ca-root"]
+
+
+def test_a_pod_injected_before_identity_is_upgraded_cleanly() -> None:
+    """An older injection (token volume only, no init containers in its status) is
+    stripped by its own status annotation and injected anew, once."""
+    once = yaml.safe_load(inject_yaml((CASES_DIR / "pod" / "in.yaml").read_text(), CONFIG))
+    old = copy.deepcopy(once)
+    old["spec"]["volumes"] = [v for v in old["spec"]["volumes"] if v["name"] != inject.CA_VOLUME]
+    old["metadata"]["annotations"][inject.STATUS] = json.dumps(
+        {"containers": [inject.CONTAINER], "volumes": [inject.TOKEN_VOLUME]}
+    )
+    assert inject.inject_object(old, CONFIG) == once
+
+
+def test_egress_is_opt_in_and_its_init_container_goes_first() -> None:
+    docs = yaml.safe_load_all((CASES_DIR / "egress-enabled" / "out.yaml").read_text())
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == [inject.EGRESS_INIT, "fetch-weights"]
+    init = pod["initContainers"][0]
+    env = {e["name"]: e["value"] for e in init["env"]}
+    sidecar = next(c for c in pod["containers"] if c["name"] == inject.CONTAINER)
+    assert env["OUTBOUND_PORT"] == "15001"
+    # The redirect spares the sidecar's own traffic: PROXY_UID must be the sidecar's UID.
+    assert env["PROXY_UID"] == str(sidecar["securityContext"]["runAsUser"])
+    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    bootstrap = json.loads(sidecar["args"][1])
+    assert bootstrap["node"]["metadata"]["modelguard"]["outbound_port"] == 15001
+    # Without the annotation: no outbound listener and no init container.
+    plain = yaml.safe_load(inject_yaml((CASES_DIR / "pod" / "in.yaml").read_text(), CONFIG))
+    assert "initContainers" not in plain["spec"]
+    plain_sidecar = _sidecar(plain)
+    plain_meta = json.loads(plain_sidecar["args"][1])["node"]["metadata"]["modelguard"]
+    assert "outbound_port" not in plain_meta
+    # Re-injecting with another port moves both the listener and the redirect.
+    source = (CASES_DIR / "egress-enabled" / "out.yaml").read_text()
+    moved = yaml.safe_load(inject_yaml(source, InjectConfig(outbound_port=15100)))
+    spec = moved["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == [inject.EGRESS_INIT, "fetch-weights"]
+    assert {"name": "OUTBOUND_PORT", "value": "15100"} in spec["initContainers"][0]["env"]
+    # Turning it off removes the init container again.
+    off = copy.deepcopy(moved)
+    off["spec"]["template"]["metadata"]["annotations"][inject.EGRESS] = "disabled"
+    spec = inject.inject_object(off, CONFIG)["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["fetch-weights"]
+
+
+def test_insecure_control_plane_gets_plaintext_sidecars() -> None:
+    config = InjectConfig(identity=False)
+    pod = yaml.safe_load(inject_yaml((CASES_DIR / "pod" / "in.yaml").read_text(), config))
     assert [v["name"] for v in pod["spec"]["volumes"]] == ["modelguard-token"]
+    bootstrap = json.loads(_sidecar(pod)["args"][1])
+    xds = bootstrap["static_resources"]["clusters"][0]
+    assert "transport_socket" not in xds
+    assert "http_filters" not in json.dumps(xds)
 
 
 def _sidecar(doc: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +130,7 @@ def _expand(text: str, env: dict[str, str]) -> str:
     return text
 
 
-def test_injected_sidecar_carries_identity_and_a_bootstrap_envoy_accepts() -> None:
+def test_injected_sidecar_carries_identity_and_a_bootstrap_envoy_accepts(tmp_path: Path) -> None:
     docs = list(yaml.safe_load_all((CASES_DIR / "demo-deployment" / "out.yaml").read_text()))
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -86,6 +140,11 @@ def test_injected_sidecar_carries_identity_and_a_bootstrap_envoy_accepts() -> No
     assert token["audience"] == "modelguard" and token["path"] == "token"
     mount = sidecar["volumeMounts"][0]
     assert f"{mount['mountPath']}/{token['path']}" == "/var/run/secrets/modelguard/token"
+    bundle = next(v for v in pod["volumes"] if v["name"] == inject.CA_VOLUME)
+    assert bundle["configMap"] == {"name": "modelguard-ca-root"}
+    assert {"name": inject.CA_VOLUME, "mountPath": "/etc/modelguard/ca", "readOnly": True} in (
+        sidecar["volumeMounts"]
+    )
     assert sidecar["ports"] == [{"name": "mg-inbound", "containerPort": 15006, "protocol": "TCP"}]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]}
     assert env == {
@@ -120,8 +179,47 @@ def test_injected_sidecar_carries_identity_and_a_bootstrap_envoy_accepts() -> No
         "address": "modelguard.modelguard-system.svc",
         "port_value": 18000,
     }
-    ok, output = validate_config(bootstrap)
+    # xDS over TLS: the server must be the control plane's SPIFFE ID under the mounted root.
+    tls = xds["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+    assert tls["trusted_ca"] == {"filename": "/etc/modelguard/ca/root-cert.pem"}
+    assert tls["match_typed_subject_alt_names"][0]["matcher"] == {
+        "exact": "spiffe://cluster.local/ns/modelguard-system/sa/modelguard"
+    }
+    protocol = xds["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    generic = protocol["http_filters"][0]["typed_config"]["credential"]["typed_config"]
+    assert (generic["header"], generic["header_value_prefix"]) == ("authorization", "Bearer ")
+    source = generic["credential"]["sds_config"]["path_config_source"]
+    assert source == {
+        "path": "/etc/modelguard/ca/xds-token.sds.yaml",
+        "watched_directory": {"path": "/var/run/secrets/modelguard"},
+    }
+    # Envoy reads those files when it loads the bootstrap: give it a pod's mounts.
+    ok, output = validate_config(_with_mounts(bootstrap, tmp_path))
     assert ok, output
+
+
+def _with_mounts(bootstrap: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The bootstrap with the pod's mount paths moved under ``root``, and the files the
+    kubelet would put there (the trust-bundle ConfigMap and a token)."""
+    from controlplane.identity import kubernetes as k8s_identity
+    from controlplane.identity.ca import CertificateAuthority
+
+    ca_dir, token_dir = root / "ca", root / "token"
+    ca_dir.mkdir()
+    token_dir.mkdir()
+    (token_dir / "token").write_text("a-token")
+    data = k8s_identity.trust_bundle_data(
+        CertificateAuthority.generate("cluster.local").root_pem, str(token_dir / "token")
+    )
+    for name, text in data.items():
+        (ca_dir / name).write_text(text)
+    text = json.dumps(bootstrap)
+    text = text.replace("/etc/modelguard/ca", str(ca_dir))
+    text = text.replace("/var/run/secrets/modelguard", str(token_dir))
+    result: dict[str, Any] = json.loads(text)
+    return result
 
 
 @pytest.mark.parametrize(
