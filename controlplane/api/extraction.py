@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from controlplane.api import jsonpath
 from controlplane.api.base import DnsLabel, FieldError, Model, PolicyBase
 from controlplane.api.common import (
     ClientKey,
@@ -26,6 +27,10 @@ _JSON_PATH = re.compile(r"\$\S*")
 def _json_path(value: str) -> str:
     if not _JSON_PATH.fullmatch(value):
         raise ValueError("must be a JSONPath starting with '$' (e.g. $.instances[*])")
+    try:
+        jsonpath.JsonPath.parse(value)
+    except jsonpath.JsonPathError as err:
+        raise ValueError(f"must be a JSONPath like $.instances[*]: {err}") from None
     return value
 
 

@@ -8,48 +8,20 @@ harden them per tier, who the client is, and whether to feed the monitor.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 
 from controlplane.api import ExtractionPolicy
 from controlplane.api.extraction import Hardening
+from controlplane.api.jsonpath import JsonPath, Step
 from controlplane.compile.rate import client_key
 from controlplane.ir import ExtractionIR, HardeningIR, PolicyRef, QueryFeedIR
 
 log = logging.getLogger(__name__)
 
-# The JSONPath subset a sidecar can follow in one pass over a body (the monitor reads the
-# same subset): .name, ['name'], ["name"], [n], [*] and .*
-_STEP = re.compile(
-    r"\.(?P<name>[A-Za-z_][A-Za-z0-9_-]*)"
-    r"|\.(?P<dotstar>\*)"
-    r"|\[(?P<index>-?\d+)\]"
-    r"|\[(?P<star>\*)\]"
-    r"|\['(?P<quoted>[^']*)'\]"
-    r'|\["(?P<dquoted>[^"]*)"\]'
-)
-
-Step = str | int | None  # a key, an index, or None for the wildcard
-
 
 def parse_json_path(text: str) -> tuple[Step, ...]:
     """``$.predictions[*].probabilities`` → ``("predictions", None, "probabilities")``."""
-    if not text.startswith("$"):
-        raise ValueError(f"{text!r}: a JSONPath starts with '$'")
-    steps: list[Step] = []
-    pos = 1
-    while pos < len(text):
-        match = _STEP.match(text, pos)
-        if match is None:
-            raise ValueError(f"{text!r}: unsupported syntax at position {pos}")
-        if match["index"] is not None:
-            steps.append(int(match["index"]))
-        elif match["star"] is not None or match["dotstar"] is not None:
-            steps.append(None)
-        else:
-            steps.append(match["name"] or match["quoted"] or match["dquoted"] or "")
-        pos = match.end()
-    return tuple(steps)
+    return JsonPath.parse(text).steps
 
 
 def hardening(settings: Hardening) -> HardeningIR | None:

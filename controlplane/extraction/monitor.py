@@ -36,7 +36,7 @@ from controlplane.api import ExtractionPolicy, Policy
 from controlplane.api.common import WINDOW_SECONDS
 from controlplane.extraction.calibrate import BATCH, Profile
 from controlplane.extraction.detectors import ClientState, DetectorName, Finding
-from controlplane.extraction.jsonpath import JsonPath
+from controlplane.api.jsonpath import JsonPath
 from controlplane.extraction.verdicts import (
     ClientRef,
     CompiledThrottler,
