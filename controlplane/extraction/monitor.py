@@ -124,9 +124,12 @@ def _numbers(value: Any) -> list[float] | None:
     """A non-empty flat list of finite numbers, or None."""
     if not isinstance(value, list) or not value:
         return None
+    # numpy would read booleans and numeric strings as numbers: a client's junk must not.
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
     try:
         row = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an integer beyond float range
         return None
     if row.ndim != 1 or not np.isfinite(row).all():
         return None
@@ -235,7 +238,7 @@ class ExtractionMonitor:
     ) -> tuple[list[list[float]], list[int]] | None:
         try:
             request = json.loads(query.request_body)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # junk, or nested too deep
             self.stats.unparsable["request_json"] += 1
             return None
         vectors = [_numbers(v) for v in policy.features.find(request)]
@@ -245,7 +248,7 @@ class ExtractionMonitor:
         classes = [-1] * len(vectors)
         try:
             response = json.loads(query.response_body) if query.response_body else None
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             response = None
         if response is not None:
             scores = [_numbers(s) for s in policy.scores.find(response)]

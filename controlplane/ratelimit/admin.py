@@ -23,6 +23,9 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+MAX_UNTIL = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
 class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[misc]
     def __init__(self, services: RateLimitServices) -> None:
         self.services = services
@@ -71,6 +74,8 @@ class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[mis
                 grpc.StatusCode.INVALID_ARGUMENT, "requests and per_seconds must be positive"
             )
         until = request.until.ToNanoseconds() / 1e9 if request.HasField("until") else 0.0
+        if until > MAX_UNTIL:  # what a Timestamp (and the backends' expiry) can hold
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "until is beyond year 9999")
         if until <= time.time():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "until must be in the future")
         try:

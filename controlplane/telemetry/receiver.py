@@ -20,6 +20,7 @@ from controlplane.telemetry.records import (
     attribute_map,
     make_record,
     scrub_attributes,
+    small_int,
 )
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore
@@ -97,9 +98,7 @@ class OtlpReceiver:
                             attributes=attrs,
                             trace_id=entry.trace_id,
                             span_id=entry.span_id,
-                            duration_ms=float(attrs.get("envoy.duration_ms", "0") or 0)
-                            if attrs.get("envoy.duration_ms", "").isdigit()
-                            else 0.0,
+                            duration_ms=float(small_int(attrs.get("envoy.duration_ms", ""))),
                         )
                     )
                     # The verdict travels onward too, so a backend can query by it.

@@ -55,6 +55,12 @@ def _present(value: str) -> bool:
     return bool(value) and value != "-"
 
 
+def small_int(text: str, default: int = 0) -> int:
+    """An attribute's non-negative integer, or ``default``. ``str.isdigit`` alone is not
+    enough: it accepts digits ``int`` refuses ("²") and numbers too long to convert."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else default
+
+
 def any_value_text(value: common_pb2.AnyValue) -> str:
     which = value.WhichOneof("value")
     if which is None:
@@ -220,7 +226,7 @@ def make_record(
         trace_id=trace_id.hex(),
         span_id=span_id.hex(),
         duration_ms=duration_ms,
-        status=int(status_text) if status_text.isdigit() else 0,
+        status=small_int(status_text),
         client=attrs.get(CLIENT_HASH_ATTRIBUTE, ""),
         identity=attrs.get("modelguard.caller.identity", ""),
         route=attrs.get("envoy.route", ""),

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from envoy.config.core.v3 import base_pb2 as core_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
 from controlplane.xds import resources as rt
 from controlplane.xds.cache import SnapshotCache
@@ -46,8 +47,23 @@ _DELTA_VERSION, _DELTA_TYPE_URL, _DELTA_NONCE, _DELTA_REMOVED = 1, 4, 5, 6
 
 _END = object()  # the sidecar closed its side of the stream
 _SNAPSHOT_CHANGED = object()
+_MALFORMED = object()  # bytes that are not a discovery request
+
+# Bounds on what one stream may make the server hold. Envoy subscribes to a few thousand
+# names at most and its NACK messages are a few lines; beyond these it is junk or abuse.
+MAX_NAMES_PER_TYPE = 65_536
+MAX_ERROR_DETAIL = 4096  # characters of a NACK message kept in status and logs
 
 Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+
+
+def _error_detail(request: Any) -> str | None:
+    if not request.HasField("error_detail"):
+        return None
+    message = str(request.error_detail.message)
+    if len(message) > MAX_ERROR_DETAIL:
+        message = f"{message[:MAX_ERROR_DETAIL]}... ({len(message)} characters)"
+    return message
 
 
 class RejectNode(Exception):
@@ -262,8 +278,7 @@ class _SotwStream(_Stream):
                 )
                 return
             if ts.in_flight:
-                error = request.error_detail.message if request.HasField("error_detail") else None
-                self._answered(ts, ts.nonce, error)
+                self._answered(ts, ts.nonce, _error_detail(request))
         elif not ts.requested:
             ts.initial_version = request.version_info
         names = set(request.resource_names)
@@ -312,8 +327,7 @@ class _DeltaStream(_Stream):
             ts = self.types[request.type_url] = _TypeState(request.type_url)
         if request.response_nonce:
             if request.response_nonce == ts.nonce and ts.in_flight:
-                error = request.error_detail.message if request.HasField("error_detail") else None
-                self._answered(ts, request.response_nonce, error)
+                self._answered(ts, request.response_nonce, _error_detail(request))
             else:
                 # Not an answer to our latest response. Subscription changes still apply:
                 # in Delta they are increments, dropping them would lose them for good.
@@ -377,6 +391,10 @@ def _identity(data: bytes) -> bytes:
 class AdsServer:
     """Aggregated Discovery Service (SotW and Delta) serving snapshots from a SnapshotCache."""
 
+    # Envoy sends its first request (with the node) at once; a stream that says nothing
+    # would otherwise hold a task and a connection slot for ever.
+    first_request_timeout = 10.0
+
     def __init__(
         self,
         cache: SnapshotCache,
@@ -436,9 +454,16 @@ class AdsServer:
         stream: _Stream | None = None
         unwatch: Callable[[], None] | None = None
         try:
-            first = await events.get()
+            try:
+                first = await asyncio.wait_for(events.get(), self.first_request_timeout)
+            except TimeoutError:
+                self.status.dropped("no_first_request")
+                log.error("ADS stream from %s sent no request: closed", context.peer())
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no request received")
             if first is _END:
                 return
+            if first is _MALFORMED:
+                await self._refuse_malformed(context)
             node_id = await self._admit(first, stream_class.kind, context)
             self._streams_per_node[node_id] = self._streams_per_node.get(node_id, 0) + 1
             node = self.status.connect(node_id, stream_class.kind, context.peer())
@@ -451,10 +476,24 @@ class AdsServer:
                 for event in batch:
                     if event is _END:
                         return
+                    if event is _MALFORMED:
+                        await self._refuse_malformed(context, node_id)
                     if event is _SNAPSHOT_CHANGED:
                         stream.set_snapshot(self.cache.get(node_id))
                     else:
-                        self._handle(stream, event)
+                        if not self._handle(stream, event):
+                            # grpc keeps the abort's traceback (and this frame) a while:
+                            # let go of the names now.
+                            stream.types.clear()
+                            self.status.dropped("too_many_names")
+                            log.error(
+                                "node %s subscribed to over %d names of one type: closed",
+                                node_id, MAX_NAMES_PER_TYPE,
+                            )
+                            await context.abort(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"more than {MAX_NAMES_PER_TYPE} resource names of one type",
+                            )
                 for data in stream.plan():
                     await context.write(data)
                 batch = [await events.get()]
@@ -467,11 +506,19 @@ class AdsServer:
             if stream is not None:
                 self._disconnected(stream)
 
+    async def _refuse_malformed(
+        self, context: grpc.aio.ServicerContext[Any, bytes], node_id: str = ""
+    ) -> None:
+        self.status.dropped("malformed")
+        log.error("ADS stream %s from %s sent a malformed request: closed", node_id, context.peer())
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed discovery request")
+
     async def _admit(
         self, first: object, kind: StreamKind, context: grpc.aio.ServicerContext[Any, bytes]
     ) -> str:
         node = getattr(first, "node", None)
         if node is None or not node.id:
+            self.status.dropped("no_node")
             log.error("ADS %s stream from %s: first request has no node.id", kind, context.peer())
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request must carry node")
         if self._authenticate is not None:
@@ -479,31 +526,42 @@ class AdsServer:
             try:
                 self._authenticate(node, metadata)
             except RejectNode as err:
+                self.status.dropped("unauthenticated")
                 log.error("node %s from %s rejected: %s", node.id, context.peer(), err.message)
                 await context.abort(err.code, err.message)
             except Exception:
+                self.status.dropped("unauthenticated")
                 log.exception("node %s: authentication failed", node.id)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "cannot authenticate node")
         if self._on_connect is not None:
             try:
                 self._on_connect(node)
             except RejectNode as err:
+                self.status.dropped("rejected")
                 log.error("node %s rejected: %s", node.id, err.message)
                 await context.abort(err.code, err.message)
             except Exception:
+                self.status.dropped("rejected")
                 log.exception("node %s: on_connect failed", node.id)
                 await context.abort(grpc.StatusCode.INTERNAL, "control plane failed to admit node")
         return str(node.id)
 
-    def _handle(self, stream: _Stream, request: object) -> None:
+    def _handle(self, stream: _Stream, request: object) -> bool:
+        """Apply one request; False when the stream subscribed to more than it may."""
         type_url = getattr(request, "type_url", "")
         if type_url not in KNOWN_TYPES:
-            log.error("node %s: request for unknown type %r ignored", stream.node_id, type_url)
-            return
+            self.status.dropped("unknown_type")
+            log.error(
+                "node %s: request for unknown type %r ignored", stream.node_id, type_url[:200]
+            )
+            return True
         try:
             stream.handle(request)
         except Exception:
+            self.status.dropped("unhandled")
             log.exception("node %s: cannot handle %s request", stream.node_id, type_url)
+        ts = stream.types.get(type_url)
+        return ts is None or len(ts.names) <= MAX_NAMES_PER_TYPE
 
     def _disconnected(self, stream: _Stream) -> None:
         self.status.disconnect(stream.node)
@@ -526,6 +584,8 @@ class AdsServer:
                 events.put_nowait(request)
         except asyncio.CancelledError:
             raise
+        except DecodeError:  # grpc hands the deserializer's error to the reader
+            events.put_nowait(_MALFORMED)
         except Exception as err:  # the sidecar went away mid-stream
             log.debug("ADS stream read ended: %s", err)
         finally:

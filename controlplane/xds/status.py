@@ -11,6 +11,7 @@ import asyncio
 import copy
 import enum
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -112,6 +113,8 @@ class SyncStatus:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeSync] = {}
         self._counters: dict[str, TypeCounters] = {}
+        # Streams refused and requests ignored, by reason: junk is dropped, never silently.
+        self._dropped: Counter[str] = Counter()
         self._changed = asyncio.Event()
         # Each waiter's set of nodes changed since it last looked: re-checking only those
         # keeps waiting for a thousand sidecars linear, not quadratic.
@@ -171,7 +174,14 @@ class SyncStatus:
         self._counter(type_url).nacks += 1
         self._touch(node.node_id)
 
+    def dropped(self, reason: str) -> None:
+        self._dropped[reason] += 1
+
     # -- read side --
+
+    def drops(self) -> dict[str, int]:
+        """Refused streams and ignored requests since start, by reason."""
+        return dict(self._dropped)
 
     def nodes(self) -> list[NodeSync]:
         """Copies of every connected node's status, by node id."""
@@ -231,7 +241,9 @@ class SyncStatus:
             )
             raise TimeoutError(f"{len(pending)} node(s) not synced: {detail}") from None
         finally:
-            self._waiters.remove(dirty)
+            # By identity: list.remove compares sets by value and would take another
+            # waiter's equal (say, empty) set, which then stops seeing changes.
+            self._waiters = [w for w in self._waiters if w is not dirty]
 
     def _counter(self, type_url: str) -> TypeCounters:
         c = self._counters.get(type_url)
