@@ -66,6 +66,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/convergence.py
 	$(PY) bench/ratelimit.py
+	$(PY) bench/policy_tax.py --json .modelguard/bench-policy-tax.json
 	$(PY) bench/egress.py
 	$(PY) bench/extraction/throughput.py
 	$(PY) bench/extraction/run.py --json .modelguard/bench-extraction.json

@@ -33,6 +33,7 @@ from controlplane.translate.protos import pack
 TRACER = "envoy.tracers.opentelemetry"
 ACCESS_LOGGER = "envoy.access_loggers.open_telemetry"
 LOG_NAME = "modelguard.inbound"
+ACCESS_LOG_BUFFER_BYTES = 1024 * 1024
 
 # Where verdicts come from. The RBAC filters (translate/rbac.py) write dynamic metadata under
 # this namespace, their keys prefixed by each filter's stat prefix; a denial also shows in
@@ -109,7 +110,10 @@ def access_log(ir: SidecarIR, telemetry: TelemetryIR) -> accesslog_pb2.AccessLog
             grpc_service=_grpc_service(),
             transport_api_version=config_source_pb2.ApiVersion.V3,
             buffer_flush_interval=duration_pb2.Duration(seconds=1),
-            buffer_size_bytes=wrappers_pb2.UInt32Value(value=64 * 1024),
+            # A record is ~1 KiB: 64 KiB meant an export per ~60 requests under load, and
+            # each export costs both sides (bench/policy_tax.py). One per second, or per
+            # MiB, stays far below the receiver's 4 MiB message limit.
+            buffer_size_bytes=wrappers_pb2.UInt32Value(value=ACCESS_LOG_BUFFER_BYTES),
         ),
         resource_attributes=common_pb2.KeyValueList(
             values=[

@@ -1,0 +1,1 @@
+"""Helpers shared by the data-path benchmarks: static Envoys and a wrk driver."""

@@ -1,0 +1,190 @@
+"""Static Envoys (a bare router, a fixed backend) and a ``wrk`` driver for data-path benches.
+
+The backend answers the digits model's real JSON answer with ``direct_response`` once the
+whole request body is in, so it costs next to nothing and whatever sits in front of it is
+what a benchmark measures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TYPE = "type.googleapis.com/"
+HCM_TYPE = (
+    TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+
+# One instance of the digits model's answer at full precision (what the model returns).
+ANSWER: dict[str, Any] = {
+    "predictions": [
+        {
+            "label": 4,
+            "probabilities": [
+                0.0002922879805145397,
+                0.0001618273933893181,
+                1.252323714726107e-05,
+                1.0305080092676715e-05,
+                0.9845519283802229,
+                1.6231701787660578e-05,
+                0.00025438540812574076,
+                0.013560298077434496,
+                0.0008008958454705654,
+                0.00033931689581499384,
+            ],
+        }
+    ],
+    "model": "digits-logreg",
+}
+
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": TYPE + "envoy.extensions.filters.http.router.v3.Router"},
+}
+BUFFER = {
+    "name": "envoy.filters.http.buffer",
+    "typed_config": {
+        "@type": TYPE + "envoy.extensions.filters.http.buffer.v3.Buffer",
+        "max_request_bytes": 1048576,
+    },
+}
+
+
+def hcm(http_filters: list[dict[str, Any]], route: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": HCM_TYPE,
+            "stat_prefix": "bench",
+            "route_config": {
+                "virtual_hosts": [
+                    {
+                        "name": "all",
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, **route}],
+                    }
+                ]
+            },
+            "http_filters": [*http_filters, ROUTER],
+        },
+    }
+
+
+def listener(port: int, manager: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": f"listen-{port}",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [manager]}],
+    }
+
+
+def cluster(name: str, port: int) -> dict[str, Any]:
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
+def bootstrap(admin: int, listeners: list[Any], clusters: list[Any]) -> dict[str, Any]:
+    return {
+        "node": {"id": f"bench-{admin}", "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def backend_bootstrap(port: int, admin: int) -> dict[str, Any]:
+    """An Envoy that answers ``ANSWER`` to every request once its body is in, as a model does."""
+    route = {
+        "direct_response": {"status": 200, "body": {"inline_string": json.dumps(ANSWER)}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}}
+        ],
+    }
+    return bootstrap(admin, [listener(port, hcm([BUFFER], route))], [])
+
+
+def router_bootstrap(port: int, admin: int, upstream_port: int) -> dict[str, Any]:
+    """A bare Envoy: one listener, only a router, to one upstream (the baseline)."""
+    return bootstrap(
+        admin,
+        [listener(port, hcm([], {"route": {"cluster": "upstream"}}))],
+        [cluster("upstream", upstream_port)],
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if match is None:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_wrk(out: str) -> WrkResult:
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rate and total and p50 and p99):
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkResult(
+        rps=float(rate.group(1)),
+        requests=int(total.group(1)),
+        p50_ms=_ms(p50.group(1)),
+        p99_ms=_ms(p99.group(1)),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
+    )
+
+
+def wrk(url: str, seconds: float, connections: int, script: Path) -> WrkResult:
+    """One closed-loop wrk run (one thread, keep-alive) with latency percentiles."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,
+    ).stdout
+    return parse_wrk(out)

@@ -1,0 +1,676 @@
+"""The policy tax: what modelguard's sidecar costs on the data path, against a bare Envoy.
+
+Every sidecar is a real Envoy (one worker) configured over xDS by a real control plane
+(in this process: CA and SVIDs over SDS, rate limit and quota services, the extraction
+monitor's feed receiver, the OTLP receiver), in front of the same fixed backend: an Envoy
+answering the digits model's real JSON answer by ``direct_response``, so the backend costs
+next to nothing and the sidecar's work is what is measured. ``wrk`` (one thread, keep-alive,
+16 connections) POSTs real digits queries with 100 API keys.
+
+Variants, each against its baseline measured right before it (bare, variant, bare, ...;
+the order of variants shuffled every round, so the machine's noise hits both sides):
+
+  one hop (wrk → sidecar → backend), baseline ``bare``: a static Envoy with only a router
+    empty      a modelguard sidecar with no policy (the xDS-delivered skeleton)
+    rbac       AccessPolicy: default deny, 4 rules by method and path
+    apikey     AccessPolicy allowing 100 API keys (Lua SHA-256 of x-api-key; Permissive)
+    local      RatePolicy: a per-client token bucket (Local)
+    budget     RatePolicy: a per-client daily budget (Global: RLQS quota assignments)
+    wasm       ExtractionPolicy: output hardening (top-1, 2 digits) in the Wasm filter
+    feed       ExtractionPolicy: hardening + detection (the query feed to the monitor)
+    telemetry  OTel tracer (100 % sampled) + OTel access log to the OTLP receiver
+  two hops (wrk → client sidecar → sidecar → backend), baseline ``bare-pair``: two bare
+  router Envoys in a row; mTLS needs a client side, and wrk has no client certificates
+    mtls       mutual TLS (Strict) with SVIDs over SDS, client sidecar originating it
+    native     mTLS + RBAC by SPIFFE ID + the local limit: the native set
+    full       mTLS + RBAC (identity and API keys) + local limit + daily budget +
+               Wasm hardening + query feed + telemetry: the full set
+
+Reported per variant: median requests/s, p50/p99 latency (wrk, closed loop), the median
+ratio of requests/s to its adjacent baseline and the spread (min-max) of that ratio over
+rounds, and the proxies' CPU per request (user + system of the Envoys on the path, from
+/proc, as a ratio to the baseline's): on a shared machine that isolates the sidecar's own
+cost better than throughput does. Control-plane CPU per request is reported too (it shares
+the machine here; in a cluster it does not sit on the sidecar's cores).
+
+    .venv/bin/python bench/policy_tax.py [--seconds 3] [--rounds 3] [--only full,native]
+                                         [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.lib.load import (  # noqa: E402
+    WrkResult,
+    backend_bootstrap,
+    cpu_seconds,
+    router_bootstrap,
+    wrk,
+)
+from controlplane.bootstrap import XdsCredentials, build_bootstrap  # noqa: E402
+from controlplane.identity.service import IdentityConfig  # noqa: E402
+from controlplane.inventory import Sidecar  # noqa: E402
+from controlplane.local.envoy import EnvoyProcess  # noqa: E402
+from controlplane.netutil import free_port, http_request  # noqa: E402
+from controlplane.server import ControlPlane, ControlPlaneConfig  # noqa: E402
+from controlplane.telemetry.settings import TelemetrySettings  # noqa: E402
+
+NS = "bench"
+CLIENT_NS = "web"
+KEYS = 100
+SAMPLES = 64
+T = TypeVar("T")
+
+
+def spiffe(namespace: str, service: str) -> str:
+    return f"spiffe://cluster.local/ns/{namespace}/sa/{service}"
+
+
+# --- policies ------------------------------------------------------------------------------
+
+
+def access(service: str, *, mtls: str | None, callers: list[str]) -> str:
+    """A realistic AccessPolicy: deny admin paths, allow predict for ``callers``, health."""
+    predict = (
+        "  - name: NAME\n    action: Allow\nFROM"
+        "    to: {methods: [POST], paths: [/v1/predict, '/v1/models/*']}\n"
+    )
+    rules = "  - name: no-admin\n    action: Deny\n    to: {paths: ['/admin/*']}\n"
+    if not callers:
+        rules += predict.replace("NAME", "predict").replace("FROM", "")
+    for i, caller in enumerate(callers):
+        rules += predict.replace("NAME", f"predict-{i}").replace("FROM", f"    from: {caller}\n")
+    rules += "  - name: health\n    action: Allow\n    to: {methods: [GET], paths: [/healthz]}\n"
+    mode = f"  mtls: {{mode: {mtls}}}\n" if mtls else ""
+    return (
+        "apiVersion: modelguard.io/v1alpha1\nkind: AccessPolicy\n"
+        f"metadata: {{name: {service}, namespace: {NS}}}\n"
+        f"spec:\n  targetRef: {{service: {service}}}\n{mode}"
+        f"  defaultAction: Deny\n  rules:\n{rules}---\n"
+    )
+
+
+def mtls_only(service: str) -> str:
+    """Strict mTLS and nothing else: every authenticated caller is allowed."""
+    return (
+        "apiVersion: modelguard.io/v1alpha1\nkind: AccessPolicy\n"
+        f"metadata: {{name: {service}, namespace: {NS}}}\n"
+        f"spec:\n  targetRef: {{service: {service}}}\n  mtls: {{mode: Strict}}\n"
+        "  defaultAction: Allow\n  rules:\n  - name: no-admin\n    action: Deny\n"
+        "    to: {paths: ['/admin/*']}\n---\n"
+    )
+
+
+def rate(service: str, *, local: bool, budget: bool) -> str:
+    limits = ""
+    if local:
+        limits += (
+            "  - {name: burst, clientKey: {header: x-api-key}, requests: 1000000, per: second,"
+            " scope: Local}\n"
+        )
+    if budget:
+        limits += (
+            "  - {name: daily, clientKey: {header: x-api-key}, requests: 1000000000, per: day,"
+            " scope: Global}\n"
+        )
+    return (
+        "apiVersion: modelguard.io/v1alpha1\nkind: RatePolicy\n"
+        f"metadata: {{name: {service}, namespace: {NS}}}\n"
+        f"spec:\n  targetRef: {{service: {service}}}\n  limits:\n{limits}---\n"
+    )
+
+
+def extraction(service: str, *, detection: bool) -> str:
+    text = (
+        "apiVersion: modelguard.io/v1alpha1\nkind: ExtractionPolicy\n"
+        f"metadata: {{name: {service}, namespace: {NS}}}\n"
+        f"spec:\n  targetRef: {{service: {service}}}\n  clientKey: {{header: x-api-key}}\n"
+        "  request: {features: '$.instances[*]'}\n"
+        "  response: {scores: '$.predictions[*].probabilities', label: '$.predictions[*].label'}\n"
+        "  output: {topK: 1, roundDigits: 2}\n"
+    )
+    if detection:
+        text += (
+            "  detection: {detectors: [prada, nearDuplicate, coverage], sensitivity: medium}\n"
+            "  actions:\n    onSuspicion: {throttle: {requests: 60, per: minute}}\n"
+            "    onDetection: {quarantine: {duration: 24h}}\n"
+        )
+    return text + "---\n"
+
+
+API_KEYS_SECRET = (
+    "apiVersion: v1\nkind: Secret\n"
+    f"metadata: {{name: bench-keys, namespace: {NS}}}\nstringData:\n"
+    + "".join(f"  client-{i}: key-{i}\n" for i in range(KEYS))
+)
+FROM_KEYS = "{apiKeys: {secretRef: bench-keys}}"
+
+
+# --- variants ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    plane: str  # which control plane serves it: "plain" | "telemetry" | "mesh" | "full"
+    hops: int  # 1: wrk → sidecar; 2: wrk → client sidecar → sidecar (mTLS)
+    policies: str = ""
+    # Strings the sidecar's listener config must contain: the variant carries what it claims.
+    expect: tuple[str, ...] = ()
+    hardened: bool = False
+
+
+def variants() -> list[Variant]:
+    native_from = f'{{identities: ["{spiffe(CLIENT_NS, "client-native")}"]}}'
+    full_from = f'{{identities: ["{spiffe(CLIENT_NS, "client-full")}"]}}'
+    return [
+        Variant("empty", "modelguard sidecar, no policy", "plain", 1),
+        Variant(
+            "rbac",
+            "RBAC (4 rules, default deny)",
+            "plain",
+            1,
+            access("rbac", mtls=None, callers=[]),
+            ("modelguard.access.allow",),
+        ),
+        Variant(
+            "apikey",
+            "RBAC by API key (100 keys, Lua SHA-256)",
+            "mesh",
+            1,
+            access("apikey", mtls="Permissive", callers=[FROM_KEYS]),
+            ("envoy.filters.http.lua", "modelguard.access.allow"),
+        ),
+        Variant(
+            "local",
+            "local per-client token bucket",
+            "plain",
+            1,
+            rate("local", local=True, budget=False),
+            ("modelguard.rate.local",),
+        ),
+        Variant(
+            "budget",
+            "global daily budget (RLQS)",
+            "plain",
+            1,
+            rate("budget", local=False, budget=True),
+            ("modelguard.rate.quota.",),
+        ),
+        Variant(
+            "wasm",
+            "Wasm output hardening",
+            "plain",
+            1,
+            extraction("wasm", detection=False),
+            ("modelguard.extraction.",),
+            hardened=True,
+        ),
+        Variant(
+            "feed",
+            "Wasm hardening + query feed",
+            "plain",
+            1,
+            extraction("feed", detection=True),
+            ("modelguard.extraction.",),
+            hardened=True,
+        ),
+        Variant(
+            "telemetry",
+            "OTel tracer + access log",
+            "telemetry",
+            1,
+            expect=("envoy.tracers.opentelemetry", "envoy.access_loggers.open_telemetry"),
+        ),
+        Variant(
+            "mtls",
+            "mTLS (Strict, SDS)",
+            "mesh",
+            2,
+            mtls_only("mtls"),
+            ("envoy.transport_sockets.tls",),
+        ),
+        Variant(
+            "native",
+            "native set: mTLS + RBAC + local limit",
+            "mesh",
+            2,
+            access("native", mtls="Strict", callers=[native_from])
+            + rate("native", local=True, budget=False),
+            ("envoy.transport_sockets.tls", "modelguard.access.allow", "modelguard.rate.local"),
+        ),
+        Variant(
+            "full",
+            "full set: native + API keys + budget + Wasm + feed + telemetry",
+            "full",
+            2,
+            access("full", mtls="Strict", callers=[full_from, FROM_KEYS])
+            + rate("full", local=True, budget=True)
+            + extraction("full", detection=True),
+            (
+                "envoy.transport_sockets.tls",
+                "envoy.filters.http.lua",
+                "modelguard.access.allow",
+                "modelguard.rate.local",
+                "modelguard.rate.quota.",
+                "modelguard.extraction.",
+                "envoy.tracers.opentelemetry",
+            ),
+            hardened=True,
+        ),
+    ]
+
+
+PLANES = {
+    # name: (runs a CA: mTLS, API keys; sidecars send telemetry)
+    "plain": (False, False),
+    "telemetry": (False, True),
+    "mesh": (True, False),
+    "full": (True, True),
+}
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def wrk_script(host: str) -> str:
+    """POSTs real digits queries, cycling through ``KEYS`` API keys."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits().data[:SAMPLES]
+    bodies = ", ".join(
+        json.dumps(json.dumps({"instances": [[float(v) for v in row]]})) for row in data
+    )
+    return (
+        f"local bodies = {{{bodies}}}\n"
+        "local n = 0\n"
+        "request = function()\n"
+        "  n = n + 1\n"
+        "  return wrk.format('POST', '/v1/predict', {\n"
+        "    ['content-type'] = 'application/json',\n"
+        f"    ['Host'] = '{host}',\n"
+        f"    ['x-api-key'] = 'key-' .. (n % {KEYS}),\n"
+        f"  }}, bodies[(n % {SAMPLES}) + 1])\n"
+        "end\n"
+    )
+
+
+@dataclass
+class Path_:
+    """One measured path: the port wrk hits and the Envoys requests cross."""
+
+    port: int
+    host: str
+    proxies: list[EnvoyProcess]
+    script: Path
+
+
+@dataclass
+class Round:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    proxy_cpu_us: float  # per request, Envoys on the path
+    plane_cpu_us: float  # per request, this process (the control planes)
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    baseline: str
+    rounds: list[Round] = field(default_factory=list)
+    baselines: list[Round] = field(default_factory=list)
+
+
+class Loop:
+    """An asyncio loop in a thread for the control planes; the main thread drives wrk."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(path: Path_, seconds: float, connections: int) -> Round:
+    before = [cpu_seconds(p.pid) for p in path.proxies if p.pid]
+    plane_before = self_cpu()
+    result: WrkResult = wrk(
+        f"http://127.0.0.1:{path.port}/v1/predict", seconds, connections, path.script
+    )
+    plane = self_cpu() - plane_before
+    after = [cpu_seconds(p.pid) for p in path.proxies if p.pid]
+    if result.non_2xx or result.socket_errors:
+        raise RuntimeError(
+            f"{path.host} on port {path.port}: {result.non_2xx} non-2xx answers, "
+            f"{result.socket_errors} socket errors: the variant is refusing or failing "
+            "requests, not just slower"
+        )
+    total = max(result.requests, 1)
+    return Round(
+        rps=result.rps,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        proxy_cpu_us=(sum(after) - sum(before)) / total * 1e6,
+        plane_cpu_us=plane / total * 1e6,
+    )
+
+
+def post(
+    port: int, host: str, key: str | None = "key-1", path: str = "/v1/predict"
+) -> tuple[int, bytes]:
+    headers = {"content-type": "application/json", "host": host}
+    if key:
+        headers["x-api-key"] = key
+    body = json.dumps({"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}).encode()
+    status, _, answer = http_request("POST", f"http://127.0.0.1:{port}{path}", body, headers)
+    return status, answer
+
+
+def eventually_ok(port: int, host: str, timeout: float = 20) -> bytes:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            status, body = post(port, host)
+            if status == 200:
+                return body
+            last = (status, body[:200])
+        except OSError as err:
+            last = err
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} ({host}): no 200 within {timeout}s, last {last!r}")
+
+
+def check(variant: Variant, path: Path_, server: EnvoyProcess, server_port: int) -> None:
+    """The variant enforces what it claims, or the benchmark stops."""
+    body = eventually_ok(path.port, path.host)
+    scores = json.loads(body)["predictions"][0]["probabilities"]
+    hardened = sum(1 for s in scores if s) == 1
+    if hardened != variant.hardened:
+        raise RuntimeError(f"{variant.name}: hardened={hardened}, expected {variant.hardened}")
+    dump = json.dumps(server.config_dump())
+    missing = [text for text in variant.expect if text not in dump]
+    if missing:
+        raise RuntimeError(f"{variant.name}: sidecar config lacks {missing}")
+    if variant.name in ("rbac", "native", "full"):
+        status, _ = post(path.port, path.host, path="/admin/dump")
+        if status != 403:
+            raise RuntimeError(f"{variant.name}: /admin/* answered {status}, expected 403")
+    if variant.name == "apikey" and post(path.port, path.host, key="wrong")[0] != 403:
+        raise RuntimeError("apikey: a wrong key was let through")
+    if variant.hops == 2:
+        try:
+            status, _ = post(server_port, path.host)
+        except OSError:
+            status = 0
+        if status == 200:
+            raise RuntimeError(f"{variant.name}: plaintext reached a Strict sidecar")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is required (make setup installs it)")
+    chosen = [v for v in variants() if not args.only or v.name in args.only.split(",")]
+    if not chosen:
+        sys.exit(f"--only matches no variant of {[v.name for v in variants()]}")
+
+    work = Path(tempfile.mkdtemp(prefix="modelguard-bench-tax-"))
+    loop = Loop()
+    envoys: list[EnvoyProcess] = []
+    planes: dict[str, ControlPlane] = {}
+
+    def envoy(config: dict[str, Any], admin: int) -> EnvoyProcess:
+        process = EnvoyProcess(config, admin_port=admin, log_level="warn", concurrency=1)
+        envoys.append(process)
+        return process.start()
+
+    try:
+        backend_port, admin = free_port(), free_port()
+        envoy(backend_bootstrap(backend_port, admin), admin).wait_ready(20)
+
+        # Baselines: one bare router Envoy; two of them in a row.
+        paths: dict[str, Path_] = {}
+        bare_port, admin = free_port(), free_port()
+        bare = envoy(router_bootstrap(bare_port, admin, backend_port), admin)
+        pair_port, admin = free_port(), free_port()
+        pair_front = envoy(router_bootstrap(pair_port, admin, bare_port), admin)
+        for name, port, proxies in (
+            ("bare", bare_port, [bare]),
+            ("bare-pair", pair_port, [pair_front, bare]),
+        ):
+            script = work / f"{name}.lua"
+            script.write_text(wrk_script(f"{name}.{NS}"))
+            paths[name] = Path_(port, f"{name}.{NS}", proxies, script)
+
+        for plane_name, (ca, telemetry) in PLANES.items():
+            mine = [v for v in chosen if v.plane == plane_name]
+            if not mine:
+                continue
+            folder = work / plane_name / "policies"
+            folder.mkdir(parents=True)
+            (folder / "policies.yaml").write_text("".join(v.policies for v in mine) or "")
+            secrets = work / plane_name / "secrets"
+            secrets.mkdir()
+            (secrets / "keys.yaml").write_text(API_KEYS_SECRET)
+            identity = (
+                IdentityConfig(
+                    directory=str(work / plane_name / "identity"), api_key_paths=(str(secrets),)
+                )
+                if ca
+                else None
+            )
+            plane = ControlPlane(
+                ControlPlaneConfig(
+                    policy_paths=(str(folder),),
+                    xds_port=0,
+                    admin_port=0,
+                    watch=False,
+                    debounce_quiet=0.02,
+                    debounce_max=0.2,
+                    identity=identity,
+                    telemetry=TelemetrySettings(enabled=telemetry),
+                )
+            )
+            loop.run(plane.start())
+            planes[plane_name] = plane
+            for variant in mine:
+                port, admin = free_port(), free_port()
+                side = Sidecar(
+                    node_id=variant.name,
+                    service=variant.name,
+                    namespace=NS,
+                    identity=spiffe(NS, variant.name),
+                    app_port=backend_port,
+                    inbound_port=port,
+                    inbound_address="127.0.0.1",
+                )
+                sides = [(side, admin)]
+                client = None
+                if variant.hops == 2:
+                    mesh_port = free_port()
+                    client = Sidecar(
+                        node_id=f"client-{variant.name}",
+                        service=f"client-{variant.name}",
+                        namespace=CLIENT_NS,
+                        identity=spiffe(CLIENT_NS, f"client-{variant.name}"),
+                        app_port=backend_port,
+                        inbound_port=free_port(),
+                        inbound_address="127.0.0.1",
+                        mesh_port=mesh_port,
+                    )
+                    sides.append((client, free_port()))
+                started = []
+                for s, a in sides:
+                    creds = (
+                        XdsCredentials.for_sidecar(s, work / plane_name / "identity")
+                        if ca
+                        else None
+                    )
+                    started.append(
+                        envoy(
+                            build_bootstrap(
+                                s,
+                                xds_host="127.0.0.1",
+                                xds_port=plane.xds_port,
+                                admin_port=a,
+                                credentials=creds,
+                            ),
+                            a,
+                        )
+                    )
+                for process in started:
+                    process.wait_ready(30)
+                server = started[0]
+                host = f"{variant.name}.{NS}"
+                script = work / f"{variant.name}.lua"
+                script.write_text(wrk_script(host))
+                if client is not None:
+                    assert client.mesh_port is not None
+                    paths[variant.name] = Path_(client.mesh_port, host, started[::-1], script)
+                else:
+                    paths[variant.name] = Path_(port, host, [server], script)
+                check(variant, paths[variant.name], server, port)
+
+        # Warm-up: connections, per-client buckets and their quota assignments, Wasm VMs.
+        for path in paths.values():
+            measure(path, 2, args.connections)
+        rows = {
+            v.name: Row(v.name, v.label, "bare" if v.hops == 1 else "bare-pair") for v in chosen
+        }
+        for r in range(args.rounds):
+            order = list(rows.values())
+            random.shuffle(order)
+            for row in order:
+                row.baselines.append(measure(paths[row.baseline], args.seconds, args.connections))
+                row.rounds.append(measure(paths[row.name], args.seconds, args.connections))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        report(rows, planes, args)
+    finally:
+        for process in reversed(envoys):
+            process.stop()
+        for plane in planes.values():
+            loop.run(plane.stop(grace=0))
+        loop.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(rows: dict[str, Row], planes: dict[str, ControlPlane], args: argparse.Namespace) -> None:
+    med = statistics.median
+    print(
+        "| sidecar carries | baseline | req/s | ratio (median) | spread | p50 ms | p99 ms "
+        "| proxy CPU/req | CPU ratio | control-plane CPU/req |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    out: dict[str, Any] = {
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "connections": args.connections,
+        "variants": {},
+    }
+    for baseline in ("bare", "bare-pair"):
+        base_rounds = [
+            b for row in rows.values() if row.baseline == baseline for b in row.baselines
+        ]
+        if not base_rounds:
+            continue
+        label = "bare Envoy, router only" if baseline == "bare" else "two bare Envoys in a row"
+        print(
+            f"| {label} | - | {med(b.rps for b in base_rounds):,.0f} | 1.00 | - "
+            f"| {med(b.p50_ms for b in base_rounds):.2f} "
+            f"| {med(b.p99_ms for b in base_rounds):.2f} "
+            f"| {med(b.proxy_cpu_us for b in base_rounds):.0f} µs | 1.00 | - |"
+        )
+        for row in rows.values():
+            if row.baseline != baseline:
+                continue
+            ratios = [v.rps / b.rps for v, b in zip(row.rounds, row.baselines, strict=True)]
+            cpu = [
+                v.proxy_cpu_us / b.proxy_cpu_us
+                for v, b in zip(row.rounds, row.baselines, strict=True)
+            ]
+            print(
+                f"| {row.label} | {baseline} | {med(v.rps for v in row.rounds):,.0f} "
+                f"| {med(ratios):.2f} | {min(ratios):.2f}–{max(ratios):.2f} "
+                f"| {med(v.p50_ms for v in row.rounds):.2f} "
+                f"| {med(v.p99_ms for v in row.rounds):.2f} "
+                f"| {med(v.proxy_cpu_us for v in row.rounds):.0f} µs | {med(cpu):.2f} "
+                f"| {med(v.plane_cpu_us for v in row.rounds):.0f} µs |"
+            )
+            out["variants"][row.name] = {
+                "label": row.label,
+                "baseline": baseline,
+                "ratio_median": med(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "cpu_ratio_median": med(cpu),
+                "rounds": [asdict(x) for x in row.rounds],
+                "baselines": [asdict(x) for x in row.baselines],
+            }
+    for name, plane in planes.items():
+        stats = plane.extraction.monitor.stats
+        if stats.batches:
+            print(
+                f"\nmonitor ({name} plane): {stats.queries:,} queries in {stats.batches:,} "
+                f"batches, {stats.unobserved:,} counted unobserved, verdicts "
+                f"{dict(stats.verdicts) or 'none'}"
+            )
+            out.setdefault("monitor", {})[name] = {
+                "queries": stats.queries,
+                "batches": stats.batches,
+                "unobserved": stats.unobserved,
+                "verdicts": dict(stats.verdicts),
+            }
+        received = plane.telemetry.store.stats().received
+        if plane.config.telemetry.enabled:
+            print(f"telemetry ({name} plane): {received:,} records received")
+            out.setdefault("telemetry_records", {})[name] = received
+    print(
+        f"\nrounds: {args.rounds} x {args.seconds:.0f} s per variant and per adjacent baseline, "
+        f"wrk -t1 -c{args.connections}, Envoys with one worker"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
