@@ -70,6 +70,7 @@ from controlplane.translate import mtls as mesh
 from controlplane.translate import names
 from controlplane.translate.module import Module
 from controlplane.translate.protos import ads_source, pack, socket_address
+from controlplane.translate.telemetry import ACCESS_LOG_BUFFER_BYTES
 from controlplane.xds import resources as rt
 
 FORWARD_PROXY_CLUSTER = "outbound|dynamic-forward-proxy"
@@ -172,7 +173,7 @@ def _otel_log(ir: SidecarIR, fields: dict[str, str], body: str) -> accesslog_pb2
             ),
             transport_api_version=config_source_pb2.ApiVersion.V3,
             buffer_flush_interval=duration_pb2.Duration(seconds=1),
-            buffer_size_bytes=wrappers_pb2.UInt32Value(value=64 * 1024),
+            buffer_size_bytes=wrappers_pb2.UInt32Value(value=ACCESS_LOG_BUFFER_BYTES),
         ),
         resource_attributes=common_pb2.KeyValueList(
             values=[
