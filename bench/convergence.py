@@ -1,19 +1,35 @@
-"""Convergence: time from a policy file change to the moment every sidecar has ACKed it.
+"""Convergence at scale: policy change → every sidecar ACKed; Delta vs SotW bytes; memory.
 
-Runs the control plane in this process, with (a) one real Envoy sidecar and (b) N simulated
-sidecars (ADS clients that ACK like Envoy) in a separate process, so the control plane
-has a core of its own. Each round edits the AccessPolicy file and measures, in the control
-plane, the time until every connected sidecar has ACKed the snapshot that edit produced.
-The figure includes the file watcher and the pipeline's debounce (100 ms quiet), as users
-experience it.
+The control plane runs in this process with a few real Envoy sidecars; N simulated sidecars
+(ADS clients that subscribe and ACK like Envoy, ``controlplane/xds/simclient.py``) run in
+1-2 other processes. The simulated sidecars are the pods of one Deployment: same service,
+same ports, only the node id differs — what injection gives every replica in a cluster.
 
-    .venv/bin/python bench/convergence.py [--sims 200] [--rounds 20] [--delta] [--json out.json]
+Three measurements:
+
+* **Convergence** (once with SotW streams, once with Delta): each round edits the
+  AccessPolicy file that targets every sidecar (the worst case: all of them get a new
+  listener) and measures, in the control plane, from the file write to each sidecar's ACK
+  of the snapshot that edit produced (``NodeSync.synced_at``). Reported: p50/p99 over every
+  sidecar of every round, and p50/p99 over rounds of the time to the *last* ACK. It
+  includes the file watcher (50 ms) and the debounce (100 ms quiet), as a user sees it.
+* **Memory**: the control plane's resident set (``VmRSS``) before any sidecar connects
+  and once all are in sync, divided by the number of sidecars.
+* **Bytes for one changed resource** (Delta vs SotW): a mesh with identity on (mTLS, every
+  sidecar holds one cluster and one ClusterLoadAssignment per other service); one service
+  gets one more replica, which changes exactly one resource — that service's
+  ClusterLoadAssignment — in every other sidecar. Bytes are read per sidecar from the
+  server's counters, half of the sidecars on SotW, half on Delta, in the same run.
+
+    .venv/bin/python bench/convergence.py [--sims 1000] [--envoys 2] [--procs 2]
+        [--rounds 10] [--services 50] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import shutil
@@ -21,16 +37,23 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from controlplane.bootstrap import build_bootstrap  # noqa: E402
+from controlplane.identity.service import IdentityConfig  # noqa: E402
+from controlplane.identity.tokens import TOKEN_METADATA  # noqa: E402
 from controlplane.inventory import Sidecar  # noqa: E402
 from controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from controlplane.netutil import free_port  # noqa: E402
+from controlplane.pipeline import Rebuild  # noqa: E402
 from controlplane.server import ControlPlane, ControlPlaneConfig  # noqa: E402
+from controlplane.xds import resources as rt  # noqa: E402
+from controlplane.xds.status import StreamKind  # noqa: E402
 
 ACCESS = """\
 apiVersion: modelguard.io/v1alpha1
@@ -44,8 +67,25 @@ spec:
     to: {{methods: [POST], paths: [/v1/predict, /v1/round-{round}]}}
 """
 
+# One sidecar to configure, as (node id, node metadata, gRPC call metadata, delta).
+SimSpec = tuple[str, dict[str, Any], list[tuple[str, str]], bool]
 
-def _sidecar(node_id: str) -> Sidecar:
+
+def _replica(node_id: str) -> Sidecar:
+    """A pod of the digits-model Deployment: the ports every replica shares."""
+    return Sidecar(
+        node_id=node_id,
+        service="digits-model",
+        namespace="demo",
+        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
+        app_port=18080,
+        inbound_port=15006,
+        inbound_address="0.0.0.0",
+    )
+
+
+def _envoy_sidecar(node_id: str) -> Sidecar:
+    """A real Envoy on this machine: it needs a free port of its own."""
     return Sidecar(
         node_id=node_id,
         service="digits-model",
@@ -58,25 +98,24 @@ def _sidecar(node_id: str) -> Sidecar:
 
 
 def _run_sims(
-    target: str, count: int, delta: bool, ready: multiprocessing.Event, stop: multiprocessing.Event
-) -> None:  # type: ignore[valid-type]
+    target: str,
+    specs: Sequence[SimSpec],
+    ready: Any,
+    stop: Any,
+) -> None:
     from controlplane.xds.simclient import SimulatedSidecar
 
     async def main() -> None:
         sims = [
             SimulatedSidecar(
-                target,
-                f"sim-{i}",
-                delta=delta,
-                record=False,
-                metadata=_sidecar(f"sim-{i}").to_metadata(),
+                target, node_id, delta=delta, record=False, metadata=meta, call_metadata=call
             )
-            for i in range(count)
+            for node_id, meta, call, delta in specs
         ]
         for sim in sims:
             await sim.start()
-        ready.set()  # type: ignore[attr-defined]
-        while not stop.is_set():  # type: ignore[attr-defined]
+        ready.set()
+        while not stop.is_set():
             await asyncio.sleep(0.1)
         for sim in sims:
             await sim.close()
@@ -84,23 +123,84 @@ def _run_sims(
     asyncio.run(main())
 
 
-def _percentile(values: list[float], q: float) -> float:
+class SimProcesses:
+    """Simulated sidecars spread over ``procs`` processes (spawned, so they share nothing)."""
+
+    def __init__(self, target: str, specs: Sequence[SimSpec], procs: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._procs = []
+        self._ready = []
+        for i in range(max(1, procs)):
+            part = list(specs[i::procs])
+            if not part:
+                continue
+            ready = ctx.Event()
+            proc = ctx.Process(target=_run_sims, args=(target, part, ready, self._stop))
+            proc.start()
+            self._procs.append(proc)
+            self._ready.append(ready)
+
+    def wait_started(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        for ready in self._ready:
+            if not ready.wait(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError("simulated sidecars did not start")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in self._procs:
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def _converged(plane: ControlPlane, before: dict[str, str]) -> bool:
-    nodes = plane.cache.node_ids()
-    for node_id in nodes:
-        snap = plane.cache.get(node_id)
-        if snap is None or snap.version == before.get(node_id):
-            return False
-        if not plane.sync_status.is_synced(node_id, snap.version):
-            return False
-    return True
+class _Rebuilds:
+    """Pipeline observer: the latest rebuild, and an event when one finishes."""
+
+    def __init__(self) -> None:
+        self.last: Rebuild | None = None
+        self.event = asyncio.Event()
+
+    def __call__(self, rebuild: Rebuild) -> None:
+        self.last = rebuild
+        self.event.set()
+
+    async def next(self, after_revision: int, timeout: float = 30) -> Rebuild:
+        async def wait() -> Rebuild:
+            while self.last is None or self.last.revision <= after_revision:
+                self.event.clear()
+                await self.event.wait()
+            return self.last
+
+        return await asyncio.wait_for(wait(), timeout)
 
 
-async def measure(sims: int, rounds: int, delta: bool, real_envoy: bool) -> dict[str, object]:
+async def _all_synced(plane: ControlPlane, expected: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(plane.cache.node_ids()) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(plane.cache.node_ids())} of {expected} connected")
+        await asyncio.sleep(0.05)
+    versions = {n: plane.cache.get(n).version for n in plane.cache.node_ids()}  # type: ignore[union-attr]
+    await plane.sync_status.wait_synced(
+        snapshot_versions=versions, timeout=max(1.0, deadline - time.monotonic())
+    )
+
+
+async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="mg-bench-"))
     policies = workdir / "policies"
     policies.mkdir()
@@ -108,96 +208,266 @@ async def measure(sims: int, rounds: int, delta: bool, real_envoy: bool) -> dict
     plane = ControlPlane(
         ControlPlaneConfig(policy_paths=(str(policies),), xds_port=0, admin_port=0)
     )
+    rebuilds = _Rebuilds()
+    plane.pipeline.observers.append(rebuilds)
     await plane.start()
     target = f"127.0.0.1:{plane.xds_port}"
-    envoy = None
-    proc = None
-    ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    expected = 0
+    procs_: SimProcesses | None = None
+    running: list[EnvoyProcess] = []
     try:
-        if real_envoy:
+        gc.collect()
+        rss_before = _rss_bytes()
+        for i in range(envoys):
             admin = free_port()
             envoy = EnvoyProcess(
                 build_bootstrap(
-                    _sidecar("envoy-0"),
+                    _envoy_sidecar(f"envoy-{i}"),
                     xds_host="127.0.0.1",
                     xds_port=plane.xds_port,
                     admin_port=admin,
+                    delta=delta,
                 ),
                 admin_port=admin,
-                log_path=workdir / "envoy.log",
+                log_path=workdir / f"envoy-{i}.log",
             )
             envoy.start()
-            expected += 1
-        if sims:
-            ready = ctx.Event()
-            proc = ctx.Process(target=_run_sims, args=(target, sims, delta, ready, stop))
-            proc.start()
-            if not ready.wait(120):
-                raise RuntimeError("simulated sidecars did not start")
-            expected += sims
-        deadline = time.monotonic() + 60
-        while len(plane.cache.node_ids()) < expected or not await _converged(plane, {}):
-            if time.monotonic() > deadline:
-                raise RuntimeError("sidecars did not sync initially")
-            await asyncio.sleep(0.05)
-        times: list[float] = []
+            running.append(envoy)
+        specs: list[SimSpec] = [
+            (f"sim-{i}", _replica(f"sim-{i}").to_metadata(), [], delta) for i in range(sims)
+        ]
+        if specs:
+            procs_ = SimProcesses(target, specs, procs)
+            procs_.wait_started()
+        expected = sims + envoys
+        await _all_synced(plane, expected, timeout=300)
+        gc.collect()
+        rss_after = _rss_bytes()
+
+        per_sidecar: list[float] = []
+        last_ack: list[float] = []
+        rebuild_ms: list[float] = []
+        cpu: list[float] = []  # the control plane's CPU time from the edit to the last ACK
+        counters_before = plane.sync_status.counters()
         for r in range(1, rounds + 1):
-            before = {n: plane.cache.get(n).version for n in plane.cache.node_ids()}  # type: ignore[union-attr]
-            started = time.perf_counter()
+            revision = plane.store.current().revision
+            started, cpu_started = time.time(), time.process_time()
             (policies / "access.yaml").write_text(ACCESS.format(round=r))
-            while not await _converged(plane, before):
-                if time.perf_counter() - started > 30:
-                    raise RuntimeError(f"round {r} did not converge")
-                await asyncio.sleep(0.002)
-            times.append(time.perf_counter() - started)
-            await asyncio.sleep(0.3)  # let the watcher settle between rounds
-        counters = plane.sync_status.counters()
+            done = await rebuilds.next(revision)
+            if len(done.changed) != expected:
+                raise RuntimeError(f"round {r}: {len(done.changed)} of {expected} changed")
+            rebuild_ms.append(done.seconds * 1e3)
+            versions = {n: plane.cache.get(n).version for n in done.changed}  # type: ignore[union-attr]
+            await plane.sync_status.wait_synced(snapshot_versions=versions, timeout=60)
+            cpu.append(time.process_time() - cpu_started)
+            times = []
+            for node_id in done.changed:
+                at = plane.sync_status.synced_at(node_id)
+                assert at is not None
+                times.append(at - started)
+            per_sidecar.extend(times)
+            last_ack.append(max(times))
+            await asyncio.sleep(0.3)  # the watcher settles; the next edit is a new event
+        counters_after = plane.sync_status.counters()
+        sent = sum(c.bytes_sent for c in counters_after.values()) - sum(
+            c.bytes_sent for c in counters_before.values()
+        )
         return {
-            "sidecars": expected,
-            "real_envoy": real_envoy,
-            "simulated": sims,
             "stream": "Delta" if delta else "SotW",
+            "sidecars": expected,
+            "real_envoys": envoys,
+            "simulated": sims,
+            "processes": procs if sims else 0,
             "rounds": rounds,
-            "p50_ms": round(statistics.median(times) * 1e3, 1),
-            "p99_ms": round(_percentile(times, 0.99) * 1e3, 1),
-            "max_ms": round(max(times) * 1e3, 1),
-            "last_rebuild_ms": round(plane.pipeline.last_rebuild_seconds * 1e3, 1),
-            "bytes_sent": sum(c.bytes_sent for c in counters.values()),
+            "p50_ms": round(statistics.median(per_sidecar) * 1e3, 1),
+            "p99_ms": round(_percentile(per_sidecar, 0.99) * 1e3, 1),
+            "last_ack_p50_ms": round(statistics.median(last_ack) * 1e3, 1),
+            "last_ack_p99_ms": round(_percentile(last_ack, 0.99) * 1e3, 1),
+            "rebuild_ms": round(statistics.median(rebuild_ms), 1),
+            "cpu_ms_per_edit": round(statistics.median(cpu) * 1e3, 1),
+            "bytes_per_sidecar_per_edit": round(sent / rounds / expected),
+            "rss_before_mb": round(rss_before / 2**20, 1),
+            "rss_after_mb": round(rss_after / 2**20, 1),
+            "mb_per_sidecar": round((rss_after - rss_before) / expected / 2**20, 3),
         }
     finally:
-        stop.set()
-        if proc is not None:
-            proc.join(30)
-            if proc.is_alive():
-                proc.kill()
-        if envoy is not None:
+        if procs_ is not None:
+            procs_.stop()
+        for envoy in running:
             envoy.stop()
         await plane.stop(grace=0)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _mesh_sidecar(service: int, replica: str, address: str, mesh_port: int) -> Sidecar:
+    name = f"svc-{service}"
+    return Sidecar(
+        node_id=f"{name}-{replica}",
+        service=name,
+        namespace="mesh",
+        identity=f"spiffe://cluster.local/ns/mesh/sa/{name}",
+        app_port=8080,
+        inbound_port=15006,
+        inbound_address=address,  # the pod IP: what other sidecars connect to
+        mesh_port=mesh_port,
+    )
+
+
+async def one_resource_bytes(services: int, procs: int) -> dict[str, Any]:
+    """Bytes a sidecar receives when exactly one of its resources changes, SotW vs Delta."""
+    workdir = Path(tempfile.mkdtemp(prefix="mg-bench-mesh-"))
+    (workdir / "policies").mkdir()
+    plane = ControlPlane(
+        ControlPlaneConfig(
+            policy_paths=(str(workdir / "policies"),),
+            xds_port=0,
+            admin_port=0,
+            identity=IdentityConfig(directory=str(workdir / "identity"), xds_tls=False),
+        )
+    )
+    await plane.start()
+    assert plane.identity is not None
+    target = f"127.0.0.1:{plane.xds_port}"
+    procs_: SimProcesses | None = None
+    extra = None
+    try:
+        specs: list[SimSpec] = []
+        for s in range(services):
+            for k, delta in enumerate((False, True)):
+                sidecar = _mesh_sidecar(s, "delta" if delta else "sotw", f"10.0.{s}.{k + 1}", 15001)
+                token = plane.identity.tokens.issue(sidecar.node_id, sidecar.identity)
+                specs.append(
+                    (sidecar.node_id, sidecar.to_metadata(), [(TOKEN_METADATA, token)], delta)
+                )
+        procs_ = SimProcesses(target, specs, procs)
+        procs_.wait_started()
+        await _all_synced(plane, len(specs), timeout=300)
+        before = {n.node_id: n for n in plane.sync_status.nodes()}
+
+        # One more replica of svc-0: its ClusterLoadAssignment changes everywhere else.
+        from controlplane.xds.simclient import SimulatedSidecar
+
+        sidecar = _mesh_sidecar(0, "extra", "10.0.0.3", 15001)
+        token = plane.identity.tokens.issue(sidecar.node_id, sidecar.identity)
+        extra = SimulatedSidecar(
+            target,
+            sidecar.node_id,
+            record=False,
+            metadata=sidecar.to_metadata(),
+            call_metadata=[(TOKEN_METADATA, token)],
+        )
+        await extra.start()
+        await _all_synced(plane, len(specs) + 1, timeout=60)
+        after = {n.node_id: n for n in plane.sync_status.nodes()}
+
+        per_kind: dict[StreamKind, list[int]] = {StreamKind.SOTW: [], StreamKind.DELTA: []}
+        per_type: dict[StreamKind, dict[str, int]] = {StreamKind.SOTW: {}, StreamKind.DELTA: {}}
+        held: dict[str, int] = {}
+        for node_id, node in before.items():
+            if node.node_id.startswith("svc-0-"):
+                continue  # a service never holds a cluster of itself: nothing changed there
+            total = 0
+            for type_url, ts in after[node_id].types.items():
+                old = node.types.get(type_url)
+                diff = ts.bytes_sent - (old.bytes_sent if old else 0)
+                total += diff
+                if diff:
+                    name = rt.short_name(type_url)
+                    per_type[node.kind][name] = per_type[node.kind].get(name, 0) + diff
+            per_kind[node.kind].append(total)
+        snap = plane.cache.get("svc-1-sotw")
+        assert snap is not None
+        for type_url in snap.type_urls():
+            held[rt.short_name(type_url)] = len(snap.resources(type_url))
+        sotw, delta = per_kind[StreamKind.SOTW], per_kind[StreamKind.DELTA]
+        return {
+            "services": services,
+            "sidecars": len(specs) + 1,
+            "resources_per_sidecar": held,
+            "sotw_bytes_per_sidecar": round(statistics.mean(sotw)),
+            "delta_bytes_per_sidecar": round(statistics.mean(delta)),
+            "delta_over_sotw": round(statistics.mean(delta) / statistics.mean(sotw), 4),
+            "sotw_bytes_by_type": {k: v // len(sotw) for k, v in per_type[StreamKind.SOTW].items()},
+            "delta_bytes_by_type": {
+                k: v // len(delta) for k, v in per_type[StreamKind.DELTA].items()
+            },
+        }
+    finally:
+        if extra is not None:
+            await extra.close()
+        if procs_ is not None:
+            procs_.stop()
+        await plane.stop(grace=0)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _phase(args: argparse.Namespace, phase: str) -> dict[str, Any]:
+    """Run one measurement in a fresh process, so one's memory does not blur the next's."""
+    import subprocess
+
+    command = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--sims",
+        str(args.sims),
+        "--envoys",
+        str(args.envoys),
+        "--procs",
+        str(args.procs),
+        "--rounds",
+        str(args.rounds),
+        "--services",
+        str(args.services),
+    ]
+    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sims", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--delta", action="store_true", help="simulated sidecars use Delta xDS")
+    parser.add_argument("--sims", type=int, default=1000)
+    parser.add_argument("--envoys", type=int, default=2, help="real Envoy sidecars")
+    parser.add_argument("--procs", type=int, default=2, help="processes for the simulated ones")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--services", type=int, default=50, help="mesh size for the bytes test")
+    parser.add_argument("--skip-bytes", action="store_true")
+    parser.add_argument("--phase", choices=("sotw", "delta", "bytes"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    results = [
-        asyncio.run(measure(0, args.rounds, args.delta, real_envoy=True)),
-        asyncio.run(measure(args.sims, args.rounds, args.delta, real_envoy=True)),
-    ]
-    print(
-        f"{'sidecars':>9} {'stream':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rebuild':>8}"
-    )
-    for r in results:
+    if args.phase == "bytes":
+        print(json.dumps(asyncio.run(one_resource_bytes(args.services, args.procs))))
+        return 0
+    if args.phase is not None:
+        delta = args.phase == "delta"
         print(
-            f"{r['sidecars']:>9} {r['stream']:>6} {r['p50_ms']:>8} {r['p99_ms']:>8} "
-            f"{r['max_ms']:>8} {r['last_rebuild_ms']:>8}"
+            json.dumps(
+                asyncio.run(converge(args.sims, args.envoys, args.procs, args.rounds, delta))
+            )
+        )
+        return 0
+    runs = [_phase(args, "sotw"), _phase(args, "delta")]
+    print(
+        f"{'stream':>6} {'sidecars':>8} {'p50 ms':>7} {'p99 ms':>7} {'last p50':>9} "
+        f"{'last p99':>9} {'rebuild':>8} {'B/sidecar':>10} {'MB/sidecar':>11}"
+    )
+    for r in runs:
+        print(
+            f"{r['stream']:>6} {r['sidecars']:>8} {r['p50_ms']:>7} {r['p99_ms']:>7} "
+            f"{r['last_ack_p50_ms']:>9} {r['last_ack_p99_ms']:>9} {r['rebuild_ms']:>8} "
+            f"{r['bytes_per_sidecar_per_edit']:>10} {r['mb_per_sidecar']:>11}"
+        )
+    results: dict[str, Any] = {"convergence": runs}
+    if not args.skip_bytes:
+        mesh = _phase(args, "bytes")
+        results["one_resource"] = mesh
+        print(
+            f"one changed resource, {mesh['services']} services: SotW "
+            f"{mesh['sotw_bytes_per_sidecar']} B/sidecar, Delta {mesh['delta_bytes_per_sidecar']}"
+            f" B/sidecar = {mesh['delta_over_sotw']:.2%} of SotW"
         )
     print(json.dumps(results))
     if args.json:

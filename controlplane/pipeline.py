@@ -18,11 +18,12 @@ from controlplane.compile.mesh import MeshInputs
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Inventory, Sidecar
 from controlplane.ir import SidecarIR
+from controlplane.shapes import ShapeCache
 from controlplane.store import PolicyStore
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.translate import translate
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
+from controlplane.xds.snapshot import InconsistentSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class Pipeline:
     # reflects at least this revision once it has ACKed it.
     compiled_revision: int = -1
     observers: list[Callable[[Rebuild], None]] = field(default_factory=list)
+    # Replicas of a Deployment share one translation, filled in per sidecar.
+    shapes: ShapeCache = field(default_factory=lambda: ShapeCache(translate))
 
     def rebuild(self) -> None:
         started, started_ns = time.perf_counter(), time.time_ns()
@@ -117,6 +120,7 @@ class Pipeline:
             self.cache.clear(node_id)
         mesh = self.mesh_inputs(sidecars) if self.mesh_inputs is not None else None
         verdicts = self.verdicts() if self.verdicts is not None else ()
+        self.shapes.begin()
         for sidecar in sidecars:
             ir = compile_sidecar(
                 sidecar, policies, telemetry=self.telemetry, mesh=mesh, verdicts=verdicts
@@ -124,7 +128,7 @@ class Pipeline:
             if self._irs.get(sidecar.node_id) == ir:
                 continue
             try:
-                snapshot = Snapshot.build(translate(ir))
+                snapshot = self.shapes.snapshot(ir)
             except InconsistentSnapshot as err:
                 # A bug of ours, never the user's: keep serving the last good snapshot.
                 log.error("snapshot for %s is inconsistent: %s", sidecar.node_id, err)
@@ -134,6 +138,7 @@ class Pipeline:
             self._irs[sidecar.node_id] = ir
             if self.cache.set_snapshot(sidecar.node_id, snapshot):
                 changed.append(sidecar.node_id)
+        self.shapes.end()
         self.rebuilds += 1
         self.compiled_revision = policy_set.revision
         self.last_rebuild_seconds = time.perf_counter() - started

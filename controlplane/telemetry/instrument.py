@@ -181,7 +181,7 @@ class SelfTelemetry:
         plane.pipeline.observers.append(on_rebuild)
 
         def connected(_: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(len(plane.sync_status.nodes()))
+            yield Observation(len(plane.sync_status.node_ids()))
 
         def nacks(_: CallbackOptions) -> Iterable[Observation]:
             yield Observation(sum(c.nacks for c in plane.sync_status.counters().values()))
@@ -211,7 +211,7 @@ class SelfTelemetry:
             for node in plane.cache.node_ids()
             if (snapshot := plane.cache.get(node)) is not None
         }
-        connected = {n.node_id for n in plane.sync_status.nodes()}
+        connected = set(plane.sync_status.node_ids())
         versions = {n: v for n, v in versions.items() if n in connected}
         if not versions:
             self._pending_change = None

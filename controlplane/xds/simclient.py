@@ -72,12 +72,15 @@ class SimulatedSidecar:
         reject: RejectHook | None = None,
         record: bool = True,
         channel: grpc.aio.Channel | None = None,
+        call_metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.target = target
         self.node_id = node_id
         self.delta = delta
         self.reject = reject
         self.record = record
+        # Sent on the ADS stream, as Envoy sends its bootstrap token (initial_metadata).
+        self.call_metadata = tuple(call_metadata)
         self.node = core_pb2.Node(id=node_id, cluster="modelguard-sim")
         if metadata:
             self.node.metadata.CopyFrom(json_format.ParseDict(dict(metadata), struct_pb2.Struct()))
@@ -101,9 +104,9 @@ class SimulatedSidecar:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
         self.error = None
         if self.delta:
-            self._call = stub.DeltaAggregatedResources()
+            self._call = stub.DeltaAggregatedResources(metadata=self.call_metadata or None)
         else:
-            self._call = stub.StreamAggregatedResources()
+            self._call = stub.StreamAggregatedResources(metadata=self.call_metadata or None)
         first = True
         for type_url in (rt.CLUSTER, rt.LISTENER):
             await self._subscribe_initial(type_url, with_node=first)

@@ -132,6 +132,13 @@ def version_of(resources: Mapping[str, Resource]) -> str:
     return h.hexdigest()
 
 
+def _snapshot_version(type_versions: Mapping[str, str]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for t in sorted(type_versions):
+        h.update(f"{t}={type_versions[t]}\n".encode())
+    return h.hexdigest()
+
+
 class Snapshot:
     """An immutable set of resources for one node, grouped by type URL."""
 
@@ -145,10 +152,7 @@ class Snapshot:
         self._by_type = {t: MappingProxyType(dict(r)) for t, r in by_type.items() if r}
         self._type_versions = {t: version_of(r) for t, r in self._by_type.items()}
         self._referenced = dict(referenced or {})
-        h = hashlib.blake2b(digest_size=8)
-        for t in sorted(self._type_versions):
-            h.update(f"{t}={self._type_versions[t]}\n".encode())
-        self.version: str = h.hexdigest()
+        self.version: str = _snapshot_version(self._type_versions)
 
     @classmethod
     def build(cls, resources: Mapping[str, Iterable[Message]]) -> Snapshot:
@@ -179,6 +183,38 @@ class Snapshot:
         if problems:
             raise InconsistentSnapshot(problems)
         return cls(by_type, referenced)
+
+    def replace(self, serialized: Mapping[str, Mapping[str, bytes]]) -> Snapshot:
+        """This snapshot with some resources replaced: type URL → name → serialized message.
+
+        What they reference is not checked again: the caller vouches that a replacement
+        points at the same names as what it replaces (``controlplane/shapes.py`` fills in
+        node-specific values, never names). Raises ValueError on a name this snapshot lacks.
+        """
+        by_type = dict(self._by_type)
+        versions = dict(self._type_versions)
+        for type_url, items in serialized.items():
+            current = dict(by_type.get(type_url, _EMPTY))
+            for name, data in items.items():
+                if name not in current:
+                    raise ValueError(f"{rt.short_name(type_url)} {name!r}: nothing to replace")
+                current[name] = intern(type_url, name, data)
+            by_type[type_url] = MappingProxyType(current)
+            versions[type_url] = version_of(current)
+        return Snapshot._of(by_type, versions, self._referenced)
+
+    @classmethod
+    def _of(
+        cls,
+        by_type: dict[str, MappingProxyType[str, Resource]],
+        type_versions: dict[str, str],
+        referenced: dict[str, frozenset[str]],
+    ) -> Snapshot:
+        snapshot = cls.__new__(cls)
+        snapshot._by_type, snapshot._type_versions = by_type, type_versions
+        snapshot._referenced = referenced
+        snapshot.version = _snapshot_version(type_versions)
+        return snapshot
 
     def resources(self, type_url: str) -> Mapping[str, Resource]:
         return self._by_type.get(type_url, _EMPTY)

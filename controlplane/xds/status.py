@@ -49,6 +49,7 @@ class TypeSync:
     sent_at: float | None = None
     acked_version: str | None = None
     acked_nonce: str | None = None
+    acked_at: float | None = None  # time.time() of the latest ACK
     last_nack: Nack | None = None
     responses: int = 0
     bytes_sent: int = 0
@@ -91,6 +92,15 @@ class NodeSync:
     @property
     def synced(self) -> bool:
         return bool(self.types) and all(t.state is State.SYNCED for t in self.types.values())
+
+    @property
+    def synced_at(self) -> float | None:
+        """When the node got in sync: the time of the ACK that completed its snapshot (the
+        latest ACK of any type), or None while it is not SYNCED. Convergence figures read it."""
+        if not self.synced:
+            return None
+        times = [t.acked_at for t in self.types.values() if t.acked_at is not None]
+        return max(times) if times else None
 
     def type(self, type_url: str) -> TypeSync:
         ts = self.types.get(type_url)
@@ -163,7 +173,7 @@ class SyncStatus:
 
     def acked(self, node: NodeSync, type_url: str, version: str, nonce: str) -> None:
         ts = node.type(type_url)
-        ts.acked_version, ts.acked_nonce = version, nonce
+        ts.acked_version, ts.acked_nonce, ts.acked_at = version, nonce, time.time()
         self._counter(type_url).acks += 1
         self._touch(node.node_id)
 
@@ -190,6 +200,16 @@ class SyncStatus:
     def node(self, node_id: str) -> NodeSync | None:
         node = self._nodes.get(node_id)
         return copy.deepcopy(node) if node is not None else None
+
+    def node_ids(self) -> list[str]:
+        """Connected nodes, by id: ``[n.node_id for n in nodes()]`` without copying a
+        thousand statuses."""
+        return sorted(self._nodes)
+
+    def synced_at(self, node_id: str) -> float | None:
+        """``NodeSync.synced_at`` of a connected node, without copying its status."""
+        node = self._nodes.get(node_id)
+        return node.synced_at if node is not None else None
 
     def counters(self) -> dict[str, TypeCounters]:
         """Totals per type URL since start: responses, ACKs, NACKs, bytes sent."""
