@@ -73,8 +73,11 @@ class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[mis
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "requests and per_seconds must be positive"
             )
-        until = request.until.ToNanoseconds() / 1e9 if request.HasField("until") else 0.0
-        if until > MAX_UNTIL:  # what a Timestamp (and the backends' expiry) can hold
+        try:
+            until = request.until.ToNanoseconds() / 1e9 if request.HasField("until") else 0.0
+        except ValueError as err:  # outside what a Timestamp may hold (years 1..9999)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"until: {err}")
+        if until > MAX_UNTIL:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "until is beyond year 9999")
         if until <= time.time():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "until must be in the future")

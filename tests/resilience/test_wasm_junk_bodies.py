@@ -1,0 +1,157 @@
+"""Bodies that are not JSON (or JSON of any shape) through a real Envoy's output-hardening
+filter and on into the extraction monitor: every answer reaches the client whole (unchanged,
+or a well-formed rewrite), every one is counted by the filter, every query is counted by
+the monitor, and the sidecar stays up."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controlplane.bootstrap import build_bootstrap
+from controlplane.inventory import Sidecar
+from controlplane.local.envoy import EnvoyProcess
+from controlplane.netutil import free_port, http_request
+from controlplane.server import ControlPlaneConfig
+from tests.resilience.conftest import ACCESS, EXTRACTION, PlaneThread, write_policies
+
+pytestmark = pytest.mark.envoy
+
+STAT = "wasmcustom.modelguard.demo.digits-model."
+OUTCOMES = ("hardened", "passed_not_json", "passed_malformed", "passed_unmatched",
+            "passed_too_large")
+
+
+class Upstream:
+    """Answers whatever the test sets, with status 200."""
+
+    def __init__(self) -> None:
+        self.body, self.content_type = b"{}", "application/json"
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("content-type", upstream.content_type)
+                self.send_header("content-length", str(len(upstream.body)))
+                self.end_headers()
+                self.wfile.write(upstream.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["predictions", "probabilities", "instances", "label", "x"]), inner,
+        max_size=3,
+    ),
+    max_leaves=25,
+)
+BODIES = st.one_of(
+    st.binary(max_size=300),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.builds(lambda d: b'{"predictions": ' + b"[" * d + b"]" * d + b"}", st.integers(1, 5000)),
+    st.builds(lambda n: b'{"predictions": [{"probabilities": [0.1, 0.' + b"9" * n + b"]}]}",
+              st.integers(1, 3000)),
+    st.just(b'{"predictions": [{"probabilities": [0.2, 0.8]}]}'),
+    st.just(b'{"predictions": [{"probabilities": [0.2, 0.8]}]'),
+)
+
+
+@pytest.fixture
+def sidecar_system(
+    tmp_path: Path,
+) -> Iterator[tuple[PlaneThread, EnvoyProcess, Upstream, int]]:
+    upstream = Upstream()
+    plane = PlaneThread(
+        ControlPlaneConfig(
+            policy_paths=(str(write_policies(tmp_path / "policies", ACCESS, EXTRACTION)),),
+            xds_port=0, admin_port=0, watch=False, debounce_quiet=0.02, debounce_max=0.2,
+        )
+    )
+    listen, envoy_admin = free_port(), free_port()
+    sidecar = Sidecar(
+        node_id="digits-model-0", service="digits-model", namespace="demo",
+        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
+        app_port=upstream.port, inbound_port=listen, inbound_address="127.0.0.1",
+    )
+    envoy = EnvoyProcess(
+        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=plane.plane.xds_port,
+                        admin_port=envoy_admin),
+        admin_port=envoy_admin,
+        log_path=tmp_path / "envoy.log",
+    )
+    try:
+        envoy.start()
+        envoy.wait_ready(30)
+        yield plane, envoy, upstream, listen
+    finally:
+        envoy.stop()
+        plane.stop()
+        upstream.stop()
+
+
+def test_junk_bodies_pass_whole_and_are_counted_by_filter_and_monitor(
+    sidecar_system: tuple[PlaneThread, EnvoyProcess, Upstream, int],
+) -> None:
+    plane, envoy, upstream, port = sidecar_system
+    monitor = plane.plane.extraction.monitor
+    sent = 0
+    empty_answers = empty_requests = 0  # nothing to harden or feed: not counted by design
+
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(BODIES, BODIES, st.sampled_from(["application/json", "text/plain", ""]))
+    def fuzz(request: bytes, answer: bytes, content_type: str) -> None:
+        nonlocal sent, empty_answers, empty_requests
+        upstream.body, upstream.content_type = answer, content_type or "application/json"
+        status, headers, got = http_request(
+            "POST", f"http://127.0.0.1:{port}/v1/predict", request,
+            {"content-type": "application/json", "x-api-key": "fuzzer"}, timeout=10,
+        )
+        sent += 1
+        empty_answers += not answer
+        empty_requests += not request
+        assert status == 200
+        assert int(headers["content-length"]) == len(got)
+        if got != answer:  # rewritten: only ever a JSON answer into JSON
+            json.loads(answer)
+            json.loads(got)
+
+    fuzz()
+    assert envoy.server_state() == "LIVE"
+
+    def outcomes() -> int:
+        stats = {k[len(STAT):]: v for k, v in envoy.stats(STAT).items()}
+        return sum(stats.get(name, 0) for name in OUTCOMES)
+
+    def monitored() -> int:
+        s = monitor.stats
+        return s.queries + s.unobserved + sum(s.unparsable.values())
+
+    deadline = time.monotonic() + 15
+    while (outcomes() < sent - empty_answers or monitored() < sent - empty_requests) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert outcomes() == sent - empty_answers, (sent, empty_answers, envoy.stats(STAT))
+    # Each query reached the monitor and was analysed or counted under a reason.
+    assert monitored() >= sent - empty_requests, (sent, empty_requests, monitor.stats)
