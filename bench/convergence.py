@@ -22,7 +22,7 @@ Three measurements:
   server's counters, half of the sidecars on SotW, half on Delta, in the same run.
 
     .venv/bin/python bench/convergence.py [--sims 1000] [--envoys 2] [--procs 2]
-        [--rounds 10] [--services 50] [--json out.json]
+        [--rounds 10] [--services 50,200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -400,7 +400,7 @@ async def one_resource_bytes(services: int, procs: int) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _phase(args: argparse.Namespace, phase: str) -> dict[str, Any]:
+def _phase(args: argparse.Namespace, phase: str, services: str = "0") -> dict[str, Any]:
     """Run one measurement in a fresh process, so one's memory does not blur the next's."""
     import subprocess
 
@@ -418,7 +418,7 @@ def _phase(args: argparse.Namespace, phase: str) -> dict[str, Any]:
         "--rounds",
         str(args.rounds),
         "--services",
-        str(args.services),
+        services,
     ]
     out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -433,13 +433,15 @@ def main() -> int:
     parser.add_argument("--envoys", type=int, default=2, help="real Envoy sidecars")
     parser.add_argument("--procs", type=int, default=2, help="processes for the simulated ones")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--services", type=int, default=50, help="mesh size for the bytes test")
+    parser.add_argument(
+        "--services", default="50,200", help="mesh sizes for the bytes test (comma-separated)"
+    )
     parser.add_argument("--skip-bytes", action="store_true")
     parser.add_argument("--phase", choices=("sotw", "delta", "bytes"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.phase == "bytes":
-        print(json.dumps(asyncio.run(one_resource_bytes(args.services, args.procs))))
+        print(json.dumps(asyncio.run(one_resource_bytes(int(args.services), args.procs))))
         return 0
     if args.phase is not None:
         delta = args.phase == "delta"
@@ -452,23 +454,27 @@ def main() -> int:
     runs = [_phase(args, "sotw"), _phase(args, "delta")]
     print(
         f"{'stream':>6} {'sidecars':>8} {'p50 ms':>7} {'p99 ms':>7} {'last p50':>9} "
-        f"{'last p99':>9} {'rebuild':>8} {'B/sidecar':>10} {'MB/sidecar':>11}"
+        f"{'last p99':>9} {'rebuild':>8} {'CP CPU':>7} {'B/sidecar':>10} {'MB/sidecar':>11}"
     )
     for r in runs:
         print(
             f"{r['stream']:>6} {r['sidecars']:>8} {r['p50_ms']:>7} {r['p99_ms']:>7} "
             f"{r['last_ack_p50_ms']:>9} {r['last_ack_p99_ms']:>9} {r['rebuild_ms']:>8} "
+            f"{r['cpu_ms_per_edit']:>7} "
             f"{r['bytes_per_sidecar_per_edit']:>10} {r['mb_per_sidecar']:>11}"
         )
     results: dict[str, Any] = {"convergence": runs}
     if not args.skip_bytes:
-        mesh = _phase(args, "bytes")
-        results["one_resource"] = mesh
-        print(
-            f"one changed resource, {mesh['services']} services: SotW "
-            f"{mesh['sotw_bytes_per_sidecar']} B/sidecar, Delta {mesh['delta_bytes_per_sidecar']}"
-            f" B/sidecar = {mesh['delta_over_sotw']:.2%} of SotW"
-        )
+        results["one_resource"] = []
+        for services in args.services.split(","):
+            mesh = _phase(args, "bytes", services=services)
+            results["one_resource"].append(mesh)
+            print(
+                f"one changed resource, {mesh['services']} services: SotW "
+                f"{mesh['sotw_bytes_per_sidecar']} B/sidecar, Delta "
+                f"{mesh['delta_bytes_per_sidecar']} B/sidecar = "
+                f"{mesh['delta_over_sotw']:.2%} of SotW"
+            )
     print(json.dumps(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -8,9 +8,10 @@ not translated again; a snapshot whose content did not change is not pushed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from controlplane.compile import compile_sidecar
@@ -31,12 +32,13 @@ log = logging.getLogger(__name__)
 class Debouncer:
     """Calls ``action`` once things have been quiet for ``quiet`` s, at most ``max_delay`` late.
 
-    ``trigger`` may be called from any thread.
+    ``trigger`` may be called from any thread. An ``action`` that returns an awaitable runs
+    as a task, never two at once: what is triggered meanwhile runs once it has finished.
     """
 
     def __init__(
         self,
-        action: Callable[[], None],
+        action: Callable[[], Awaitable[None] | None],
         loop: asyncio.AbstractEventLoop,
         quiet: float = 0.1,
         max_delay: float = 1.0,
@@ -46,6 +48,8 @@ class Debouncer:
         self._first: float | None = None
         self._last = 0.0
         self._handle: asyncio.TimerHandle | None = None
+        self._running: asyncio.Future[None] | None = None
+        self._again = False
 
     def trigger(self) -> None:
         self._loop.call_soon_threadsafe(self._on_event)
@@ -68,10 +72,70 @@ class Debouncer:
 
     def _fire(self) -> None:
         self._first, self._handle = None, None
+        if self._running is not None:
+            self._again = True
+            return
         try:
-            self._action()
+            result = self._action()
         except Exception:
             log.exception("rebuild failed; sidecars keep their last snapshot")
+            return
+        if result is not None:
+            self._running = asyncio.ensure_future(result, loop=self._loop)
+            self._running.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
+        self._running = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "rebuild failed; sidecars keep their last snapshot", exc_info=task.exception()
+            )
+        if self._again:
+            self._again = False
+            self._fire()
+
+
+class _Replicas:
+    """Within one rebuild, replicas — sidecars that differ only in their node id — compile to
+    the same IR but for their node id and certificate: one is compiled, the others copy it.
+
+    Trusted only once a second replica, compiled in full, equals the copy made for it; so a
+    compile module that reads anything else of a sidecar's node id costs speed, not
+    correctness.
+    """
+
+    def __init__(self, mesh: MeshInputs | None) -> None:
+        self._mesh = mesh
+        self._first: dict[tuple[Sidecar, bool], SidecarIR] = {}
+        self._trusted: dict[tuple[Sidecar, bool], bool] = {}
+
+    def _key(self, sidecar: Sidecar) -> tuple[Sidecar, bool]:
+        certified = self._mesh is not None and sidecar.node_id in self._mesh.certificates
+        return dataclasses.replace(sidecar, node_id=""), certified
+
+    def _copy(self, ir: SidecarIR, node_id: str) -> SidecarIR:
+        out = dataclasses.replace(ir, node_id=node_id)
+        if ir.mtls is not None and self._mesh is not None:
+            cert = self._mesh.certificates[node_id]
+            out = dataclasses.replace(out, mtls=dataclasses.replace(ir.mtls, certificate=cert))
+        return out
+
+    def ir(self, sidecar: Sidecar) -> SidecarIR | None:
+        """The sidecar's IR copied from a replica's, or None: compile it, then ``compiled``."""
+        key = self._key(sidecar)
+        if self._trusted.get(key):
+            return self._copy(self._first[key], sidecar.node_id)
+        return None
+
+    def compiled(self, sidecar: Sidecar, ir: SidecarIR) -> None:
+        key = self._key(sidecar)
+        first = self._first.get(key)
+        if first is None:
+            self._first[key] = ir
+        elif key not in self._trusted:
+            self._trusted[key] = self._copy(first, sidecar.node_id) == ir
+            if not self._trusted[key]:
+                log.warning("replicas of %s compile differently: compiled one by one", ir.service)
 
 
 @dataclass(frozen=True)
@@ -106,8 +170,27 @@ class Pipeline:
     observers: list[Callable[[Rebuild], None]] = field(default_factory=list)
     # Replicas of a Deployment share one translation, filled in per sidecar.
     shapes: ShapeCache = field(default_factory=lambda: ShapeCache(translate))
+    _generation: int = 0  # rebuilds started: a newer one supersedes a suspended one
 
     def rebuild(self) -> None:
+        for _ in self._rebuild(batch=0):
+            pass
+
+    async def rebuild_async(self, batch: int = 64) -> None:
+        """``rebuild``, letting the event loop run every ``batch`` changed sidecars: their
+        pushes go out, and their ACKs come back, while the others are still compiled.
+
+        Superseded by any rebuild that starts meanwhile: it stops, the newer one covers all.
+        """
+        generation = self._generation + 1
+        for _ in self._rebuild(batch):
+            await asyncio.sleep(0)
+            if self._generation != generation:
+                log.debug("rebuild superseded by a newer one")
+                return
+
+    def _rebuild(self, batch: int) -> Iterator[None]:
+        self._generation += 1
         started, started_ns = time.perf_counter(), time.time_ns()
         policy_set = self.store.current()
         policies = policy_set.policies
@@ -121,10 +204,14 @@ class Pipeline:
         mesh = self.mesh_inputs(sidecars) if self.mesh_inputs is not None else None
         verdicts = self.verdicts() if self.verdicts is not None else ()
         self.shapes.begin()
+        replicas = _Replicas(mesh)
         for sidecar in sidecars:
-            ir = compile_sidecar(
-                sidecar, policies, telemetry=self.telemetry, mesh=mesh, verdicts=verdicts
-            )
+            ir = replicas.ir(sidecar)
+            if ir is None:
+                ir = compile_sidecar(
+                    sidecar, policies, telemetry=self.telemetry, mesh=mesh, verdicts=verdicts
+                )
+                replicas.compiled(sidecar, ir)
             if self._irs.get(sidecar.node_id) == ir:
                 continue
             try:
@@ -138,6 +225,8 @@ class Pipeline:
             self._irs[sidecar.node_id] = ir
             if self.cache.set_snapshot(sidecar.node_id, snapshot):
                 changed.append(sidecar.node_id)
+                if batch and len(changed) % batch == 0:
+                    yield
         self.shapes.end()
         self.rebuilds += 1
         self.compiled_revision = policy_set.revision

@@ -147,7 +147,7 @@ class ControlPlane:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         debouncer = Debouncer(
-            self.pipeline.rebuild, loop, self.config.debounce_quiet, self.config.debounce_max
+            self.pipeline.rebuild_async, loop, self.config.debounce_quiet, self.config.debounce_max
         )
         self.store.subscribe(lambda _policies: debouncer.trigger())
         self.inventory.subscribe(debouncer.trigger)

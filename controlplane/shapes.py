@@ -27,7 +27,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from controlplane.ir import SidecarIR
-from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot, wire_field
+from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,25 @@ def shape_of(ir: SidecarIR) -> tuple[SidecarIR, dict[str, str]]:
 # a length-delimited field (a sub-message, or the message packed in an Any) whose own parts
 # hold one. Filling in re-encodes only those fields and the lengths that enclose them, so
 # everything else keeps the exact bytes translate produced (map order included).
-_Part = bytes | tuple[int, str] | tuple[int, list["_Part"]]  # raw, or (field number, …)
+_Part = bytes | tuple[bytes, str] | tuple[bytes, list["_Part"]]  # raw, or (tag, …)
 
 _WIRE_VARINT, _WIRE_64, _WIRE_LEN, _WIRE_32 = 0, 1, 2, 5
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SIZES = tuple(_varint(n) for n in range(1 << 14))  # lengths of up to 16 KiB: two bytes
+
+
+def _tag(number: int) -> bytes:
+    return _varint(number << 3 | _WIRE_LEN)
 
 
 def _contains(data: bytes) -> bool:
@@ -152,15 +168,15 @@ def _cut(data: bytes, descriptor: Descriptor) -> list[_Part]:
             parts.append(data[raw_from:field_start])
         if is_any and number == 2:
             assert packed is not None
-            parts.append((number, _cut(payload, packed)))
+            parts.append((_tag(number), _cut(payload, packed)))
         elif is_any:
             raise _CannotTemplate("a placeholder in a type URL")
         elif field.type == FieldDescriptor.TYPE_STRING:
             if descriptor.GetOptions().map_entry and number == 1:
                 raise _CannotTemplate("a placeholder in a map key")
-            parts.append((number, payload.decode()))
+            parts.append((_tag(number), payload.decode()))
         elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
-            parts.append((number, _cut(payload, field.message_type)))
+            parts.append((_tag(number), _cut(payload, field.message_type)))
         else:
             raise _CannotTemplate(f"a placeholder in {field.full_name}")
         raw_from = pos
@@ -186,13 +202,14 @@ def _render(parts: list[_Part], values: Mapping[str, str]) -> bytes:
         if isinstance(part, bytes):
             out.append(part)
             continue
-        number, inner = part
+        tag, inner = part
         payload = (
             _fill_string(inner, values).encode()
             if isinstance(inner, str)
             else _render(inner, values)
         )
-        out.append(wire_field(number, payload))
+        size = len(payload)
+        out += (tag, _SIZES[size] if size < len(_SIZES) else _varint(size), payload)
     return b"".join(out)
 
 
@@ -221,23 +238,30 @@ class ShapeCache:
         # Shapes seen once: the values and snapshot of that sidecar, to verify a template.
         self._once: dict[SidecarIR, tuple[dict[str, str], Snapshot]] = {}
         self._used: set[SidecarIR] = set()
+        # The latest shape that had a template: replicas come one after the other, and
+        # recognising theirs by identity spares hashing a whole IR per sidecar.
+        self._last: tuple[SidecarIR, _Template] | None = None
         self.translations = 0  # full translations done (for tests and benchmarks)
         self.filled = 0  # snapshots made from a template
 
     def begin(self) -> None:
         self._used = set()
+        self._last = None
 
     def end(self) -> None:
         """Forget the shapes the rebuild did not use: they hold protos and snapshots."""
         for shape in [s for s in self._templates if s not in self._used]:
             del self._templates[shape]
         self._once.clear()
+        self._last = None
 
     def snapshot(self, ir: SidecarIR) -> Snapshot:
         """The sidecar's snapshot. Raises InconsistentSnapshot as ``Snapshot.build`` does."""
         shape, values = shape_of(ir)
         if any(p in v for v in values.values() for p in _PLACEHOLDERS):
             return self._full(ir)  # a value that contains a placeholder: never guess
+        if self._last is not None and _same_shape(shape, self._last[0]):
+            return self._fill(ir, self._last[1], values)
         self._used.add(shape)
         if shape not in self._templates:
             first = self._once.pop(shape, None)
@@ -249,6 +273,10 @@ class ShapeCache:
         template = self._templates[shape]
         if template is None:
             return self._full(ir)
+        self._last = (shape, template)
+        return self._fill(ir, template, values)
+
+    def _fill(self, ir: SidecarIR, template: _Template, values: Mapping[str, str]) -> Snapshot:
         try:
             snapshot = _apply(template, values)
         except _CannotTemplate:
@@ -279,6 +307,17 @@ class ShapeCache:
             )
             return None
         return template
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(SidecarIR))
+
+
+def _same_shape(a: SidecarIR, b: SidecarIR) -> bool:
+    """``a == b``, mostly by identity: replicas copied from one compile share their parts."""
+    return all(
+        getattr(a, name) is getattr(b, name) or getattr(a, name) == getattr(b, name)
+        for name in _FIELDS
+    )
 
 
 def _template(snapshot: Snapshot) -> _Template:

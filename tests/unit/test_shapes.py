@@ -98,3 +98,119 @@ def test_unused_shapes_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
             )
         shapes.end()
         assert len(shapes._templates) == 1
+
+
+# -- the pipeline: replicas, rebuilds that let pushes out, the debouncer --
+
+
+def _pipeline(tmp_path: Path, sidecars: int, ports: bool = False):  # type: ignore[no-untyped-def]
+    from controlplane.inventory import Inventory, Sidecar
+    from controlplane.pipeline import Pipeline
+    from controlplane.sources.files import FileSource
+    from controlplane.store import PolicyStore
+    from controlplane.telemetry.settings import TelemetrySettings
+    from controlplane.xds.cache import SnapshotCache
+
+    (tmp_path / "access.yaml").write_text(ACCESS.format(path="/v1/predict"))
+    store, inventory = PolicyStore(), Inventory()
+    files = FileSource((str(tmp_path),), store)
+    files.sync()
+    pipeline = Pipeline(store, inventory, SnapshotCache(), telemetry=TelemetrySettings())
+    for i in range(sidecars):
+        inventory.observe(
+            Sidecar(
+                node_id=f"replica-{i}",
+                service="digits-model",
+                namespace="demo",
+                identity="spiffe://cluster.local/ns/demo/sa/digits-model",
+                app_port=18080,
+                inbound_port=15006 + (i if ports else 0),
+            )
+        )
+    return pipeline, files
+
+
+ACCESS = """\
+apiVersion: modelguard.io/v1alpha1
+kind: AccessPolicy
+metadata: {{name: digits-model, namespace: demo}}
+spec:
+  targetRef: {{service: digits-model}}
+  defaultAction: Deny
+  rules:
+  - action: Allow
+    to: {{methods: [POST], paths: ["{path}"]}}
+"""
+
+
+def _translated(pipeline, node_id: str) -> dict[tuple[str, str], bytes]:  # type: ignore[no-untyped-def]
+    return _bytes(Snapshot.build(translate(pipeline.ir(node_id))))
+
+
+@pytest.mark.parametrize("ports", [False, True])
+def test_every_replica_gets_exactly_its_own_translation(tmp_path: Path, ports: bool) -> None:
+    from controlplane.compile import compile_sidecar
+
+    pipeline, files = _pipeline(tmp_path, 20, ports)
+    pipeline.rebuild()
+    (tmp_path / "access.yaml").write_text(ACCESS.format(path="/v2/predict"))
+    files.sync()
+    before = pipeline.shapes.translations
+    pipeline.rebuild()
+    for sidecar in pipeline.inventory.snapshot():
+        ir = pipeline.ir(sidecar.node_id)
+        assert ir == compile_sidecar(sidecar, pipeline.store.current().policies, pipeline.telemetry)
+        assert "/v2/predict" in str(ir)
+        snapshot = pipeline.cache.get(sidecar.node_id)
+        assert snapshot is not None
+        assert _bytes(snapshot) == _translated(pipeline, sidecar.node_id)
+    # Replicas: the first one and the shape; sidecars on ports of their own: one each.
+    assert pipeline.shapes.translations - before == (20 if ports else 2)
+
+
+async def test_rebuild_async_lets_pushes_out_between_batches(tmp_path: Path) -> None:
+    import asyncio
+
+    pipeline, _ = _pipeline(tmp_path, 10)
+    published: list[int] = []  # what another task (a stream) sees each time it gets to run
+
+    async def stream() -> None:
+        while True:
+            published.append(len(pipeline.cache.node_ids()))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(stream())
+    await asyncio.sleep(0)
+    await pipeline.rebuild_async(batch=4)
+    watcher.cancel()
+    assert {4, 8} <= set(published)  # the first sidecars were out before the last compiled
+    assert len(pipeline.cache.node_ids()) == 10 and pipeline.rebuilds == 1
+
+
+async def test_debouncer_never_runs_two_async_rebuilds_at_once() -> None:
+    import asyncio
+
+    from controlplane.pipeline import Debouncer
+
+    running, runs, overlaps = 0, 0, 0
+    release = asyncio.Event()
+
+    async def rebuild() -> None:
+        nonlocal running, runs, overlaps
+        running += 1
+        runs += 1
+        overlaps += running > 1
+        await release.wait()
+        running -= 1
+
+    debouncer = Debouncer(rebuild, asyncio.get_running_loop(), quiet=0.01, max_delay=0.05)
+    debouncer.trigger()
+    while runs < 1:
+        await asyncio.sleep(0.005)
+    debouncer.trigger()  # while the first still runs: it must run once more, after
+    await asyncio.sleep(0.1)
+    assert runs == 1
+    release.set()
+    while runs < 2:
+        await asyncio.sleep(0.005)
+    assert overlaps == 0
