@@ -13,7 +13,7 @@ import ipaddress
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +104,27 @@ def xds_cluster(xds_host: str, xds_port: int) -> dict[str, Any]:
     return cluster
 
 
+# The secret (in the sidecar) that holds its token, and the files `modelguard bootstrap -o`
+# writes beside the bootstrap: the token (0600) and the file-SDS source naming it.
+TOKEN_SECRET = "modelguard-xds-token"
+TOKEN_SUFFIX = ".token"
+TOKEN_SDS_SUFFIX = ".token.sds.yaml"
+_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+
+
 @dataclass(frozen=True)
 class XdsCredentials:
     """How a sidecar proves itself to the control plane, and how it knows it is talking to
-    the real one: its bootstrap token, the CA root, the control plane's SPIFFE ID."""
+    the real one: its bootstrap token, the CA root, the control plane's SPIFFE ID.
+
+    ``token_sds``: the file-SDS source the sidecar reads its token from (``write_bootstrap``
+    writes it beside the bootstrap). None: the token is a static secret inline in the
+    bootstrap (bootstraps built in memory: tests, ``modelguard run``, stdout)."""
 
     token: str = field(repr=False)
     ca_pem: str = field(repr=False)
     server_id: str
+    token_sds: str | None = None
 
     @classmethod
     def for_sidecar(
@@ -131,25 +144,55 @@ class XdsCredentials:
         )
 
 
+def token_sds_document(token_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The file-SDS source of the token secret: a DiscoveryResponse naming the token file."""
+    return {
+        "resources": [
+            {
+                "@type": f"{_TLS}.Secret",
+                "name": TOKEN_SECRET,
+                "generic_secret": {"secret": {"filename": str(token_path)}},
+            }
+        ]
+    }
+
+
 def with_credentials(
     bootstrap: dict[str, Any], credentials: XdsCredentials | None
 ) -> dict[str, Any]:
-    """ADS over TLS (the server must show the control plane's SPIFFE ID, signed by our CA)
-    with the sidecar's token as gRPC metadata on every stream."""
+    """Every call through the control-plane cluster (ADS, rate limit, RLQS, OTLP, the query
+    feed) goes over TLS (the server must show the control plane's SPIFFE ID, signed by our
+    CA) and carries the sidecar's token as ``authorization: Bearer`` (an upstream credential
+    injector, as the cluster-mode sidecars do)."""
     if credentials is None:
         return bootstrap
-    from controlplane.identity.tokens import TOKEN_METADATA
+    from controlplane.identity.kubernetes import token_injector_filters
 
-    service = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"][0]
-    service["initial_metadata"] = [{"key": TOKEN_METADATA, "value": credentials.token}]
+    secret: dict[str, Any] = {"name": TOKEN_SECRET}
+    if credentials.token_sds is not None:
+        sds = Path(credentials.token_sds)
+        secret["sds_config"] = {
+            "path_config_source": {
+                "path": str(sds),
+                # A token re-issued in place (written and renamed) is picked up live.
+                "watched_directory": {"path": str(sds.parent)},
+            },
+            "resource_api_version": "V3",
+        }
+    else:
+        bootstrap["static_resources"]["secrets"] = [
+            {
+                "name": TOKEN_SECRET,
+                "generic_secret": {"secret": {"inline_string": credentials.token}},
+            }
+        ]
     for cluster in bootstrap["static_resources"]["clusters"]:
         if cluster["name"] != XDS_CLUSTER:
             continue
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
-                "@type": "type.googleapis.com/"
-                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "@type": f"{_TLS}.UpstreamTlsContext",
                 "common_tls_context": {
                     "alpn_protocols": ["h2"],
                     "validation_context": {
@@ -161,6 +204,8 @@ def with_credentials(
                 },
             },
         }
+        options = cluster["typed_extension_protocol_options"][_HTTP_PROTOCOL_OPTIONS]
+        options["http_filters"] = token_injector_filters(secret)
     return bootstrap
 
 
@@ -243,8 +288,14 @@ def write_bootstrap(
     delta: bool = False,
     credentials: XdsCredentials | None = None,
 ) -> Path:
-    """Build and write the bootstrap YAML atomically (a sidecar never reads half a file)."""
+    """Build and write the bootstrap YAML atomically (a sidecar never reads half a file).
+
+    With ``credentials``, the token goes into ``<stem>.token`` beside it (mode 0600) and the
+    bootstrap reads it through file SDS (``<stem>.token.sds.yaml``): the bootstrap itself
+    holds no secret."""
     target = Path(path)
+    if credentials is not None:
+        credentials = _token_files(target, credentials)
     text = render_bootstrap(
         build_bootstrap(
             sidecar,
@@ -256,16 +307,32 @@ def write_bootstrap(
             credentials=credentials,
         )
     )
+    _write_atomic(target, text)
+    return target
+
+
+def _write_atomic(target: Path, text: str, mode: int | None = None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)  # before any byte of the secret is written
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+
+
+def _token_files(bootstrap_path: Path, credentials: XdsCredentials) -> XdsCredentials:
+    """Write the token (0600) and its file-SDS source beside the bootstrap."""
+    base = bootstrap_path.with_suffix("")
+    token = base.with_name(base.name + TOKEN_SUFFIX).absolute()
+    sds = base.with_name(base.name + TOKEN_SDS_SUFFIX).absolute()
+    _write_atomic(token, credentials.token, mode=0o600)
+    _write_atomic(sds, render_bootstrap(token_sds_document(token)), mode=0o644)
+    return replace(credentials, token_sds=str(sds))
 
 
 # --- CLI: `modelguard bootstrap ...` -------------------------------------------------------

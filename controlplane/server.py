@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from controlplane.admin import AdminService
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
+from controlplane.identity.interceptor import SidecarAuthInterceptor
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.identity.tokens import AuthenticationError, SidecarAuthenticator
 from controlplane.inventory import Inventory, InventoryError, Sidecar
@@ -116,6 +117,11 @@ class ControlPlane:
         )
         if self.identity is not None:
             self.pipeline.mesh_inputs = self.identity.mesh_inputs
+        self.call_auth = (
+            SidecarAuthInterceptor(self.identity, self.sync_status.dropped)
+            if self.identity is not None
+            else None
+        )
         self._identity_task: asyncio.Task[None] | None = None
 
     def _authenticate(self, node: base_pb2.Node, metadata: Mapping[str, str]) -> None:
@@ -159,7 +165,9 @@ class ControlPlane:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            ]
+            ],
+            # Every sidecar service on this port checks the sidecar's credential, as ADS does.
+            interceptors=[self.call_auth] if self.call_auth is not None else None,
         )
         AdsServer(
             self.cache,

@@ -27,6 +27,7 @@ from controlplane.extraction.verdicts import (
     VerdictStore,
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
+from controlplane.identity.interceptor import current_caller
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
     def __init__(self, monitor: ExtractionMonitor) -> None:
         self.monitor = monitor
         self._expiry: asyncio.Task[None] | None = None
+        self.refused_node = 0  # batches naming another node than the caller's credential
 
     def add_to(self, server: grpc.aio.Server) -> None:
         feed_pb2_grpc.add_QueryFeedServicer_to_server(self, server)
@@ -67,6 +69,14 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
         request: feed_pb2.FeedBatch,
         context: grpc.aio.ServicerContext[feed_pb2.FeedBatch, feed_pb2.FeedAck],
     ) -> feed_pb2.FeedAck:
+        caller = current_caller()  # None with identity off
+        if caller is not None and not caller.is_node(request.node_id):
+            # A valid token for one sidecar must not report (or blame a key) as another.
+            self.refused_node += 1
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"batch names node {request.node_id!r}, but the caller is not that sidecar",
+            )
         accepted = await asyncio.to_thread(self.monitor.report, request)
         return feed_pb2.FeedAck(accepted=accepted)
 

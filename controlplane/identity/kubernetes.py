@@ -52,7 +52,7 @@ from typing import Any, Final
 
 import yaml
 
-from controlplane.identity.tokens import AuthenticationError
+from controlplane.identity.tokens import AuthenticationError, Caller
 from controlplane.inventory import Sidecar
 
 log = logging.getLogger(__name__)
@@ -179,20 +179,30 @@ class KubernetesTokenAuthenticator:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def authenticate(self, sidecar: Sidecar, metadata: Mapping[str, str]) -> None:
+    def _account(self, metadata: Mapping[str, str], who: str) -> tuple[str, str, str | None]:
+        """(namespace, service account, bound pod or None) of the call's genuine token."""
         header = metadata.get(AUTHORIZATION_METADATA, "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise AuthenticationError(
-                f"node {sidecar.node_id!r}: no service-account token (authorization metadata)"
-            )
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError(f"{who}no service-account token (authorization metadata)")
+        if token.strip().startswith("mgt"):
+            # A bootstrap token (AnyOf tries those first): no TokenReview for it.
+            raise AuthenticationError(f"{who}not a service-account token")
         username, pod = self._review(token.strip())
         parts = username.split(":")
         if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"]:
-            raise AuthenticationError(
-                f"node {sidecar.node_id!r}: token of {username!r} is not a service account's"
-            )
-        namespace, account = parts[2], parts[3]
+            raise AuthenticationError(f"{who}token of {username!r} is not a service account's")
+        return parts[2], parts[3], pod
+
+    def identify(self, metadata: Mapping[str, str]) -> Caller:
+        namespace, account, pod = self._account(metadata, "")
+        return Caller(
+            identity=f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{account}",
+            node_ids=frozenset({pod, f"{pod}.{namespace}"}) if pod is not None else None,
+        )
+
+    def authenticate(self, sidecar: Sidecar, metadata: Mapping[str, str]) -> None:
+        namespace, account, pod = self._account(metadata, f"node {sidecar.node_id!r}: ")
         expected = f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{account}"
         if sidecar.identity != expected:
             raise AuthenticationError(
@@ -237,6 +247,41 @@ def trust_bundle_data(root_pem: str, token_path: str = TOKEN_PATH) -> dict[str, 
     }
 
 
+def token_injector_filters(credential: dict[str, Any]) -> list[dict[str, Any]]:
+    """Upstream HTTP filters of the control-plane cluster that put the sidecar's token
+    (the generic secret ``credential`` names) on every call through it as
+    ``authorization: Bearer <token>``: ADS, rate limit, RLQS, OTLP, the query feed."""
+    return [
+        {
+            "name": "envoy.filters.http.credential_injector",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                "credential_injector.v3.CredentialInjector",
+                "overwrite": True,
+                # No token on disk: the stream fails here (401) instead of going out bare.
+                "allow_request_without_credential": False,
+                "credential": {
+                    "name": "envoy.http.injected_credentials.generic",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.http."
+                        "injected_credentials.generic.v3.Generic",
+                        "credential": credential,
+                        "header": AUTHORIZATION_METADATA,
+                        "header_value_prefix": "Bearer ",
+                    },
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                "upstream_codec.v3.UpstreamCodec"
+            },
+        },
+    ]
+
+
 def sidecar_xds_auth(
     bootstrap: dict[str, Any],
     server_id: str,
@@ -269,46 +314,20 @@ def sidecar_xds_auth(
         options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
             _HTTP_PROTOCOL_OPTIONS, {"@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}"}
         )
-        options["http_filters"] = [
+        options["http_filters"] = token_injector_filters(
             {
-                "name": "envoy.filters.http.credential_injector",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                    "credential_injector.v3.CredentialInjector",
-                    "overwrite": True,
-                    # No token on disk: the stream fails here (401) instead of going out bare.
-                    "allow_request_without_credential": False,
-                    "credential": {
-                        "name": "envoy.http.injected_credentials.generic",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.http."
-                            "injected_credentials.generic.v3.Generic",
-                            "credential": {
-                                "name": TOKEN_SECRET,
-                                "sds_config": {
-                                    "path_config_source": {
-                                        "path": f"{bundle_dir}/{TOKEN_SDS_KEY}",
-                                        # The kubelet swaps the token by renaming ..data in
-                                        # this directory: that move triggers the re-read.
-                                        "watched_directory": {"path": token_dir},
-                                    },
-                                    "resource_api_version": "V3",
-                                },
-                            },
-                            "header": AUTHORIZATION_METADATA,
-                            "header_value_prefix": "Bearer ",
-                        },
+                "name": TOKEN_SECRET,
+                "sds_config": {
+                    "path_config_source": {
+                        "path": f"{bundle_dir}/{TOKEN_SDS_KEY}",
+                        # The kubelet swaps the token by renaming ..data in
+                        # this directory: that move triggers the re-read.
+                        "watched_directory": {"path": token_dir},
                     },
+                    "resource_api_version": "V3",
                 },
-            },
-            {
-                "name": "envoy.filters.http.upstream_codec",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                    "upstream_codec.v3.UpstreamCodec"
-                },
-            },
-        ]
+            }
+        )
     return bootstrap
 
 

@@ -28,6 +28,7 @@ from controlplane.identity.ca import CertificateAuthority, IssuedCertificate
 from controlplane.identity.tokens import (
     AuthenticationError,
     BootstrapTokens,
+    Caller,
     SidecarAuthenticator,
 )
 from controlplane.inventory import Sidecar
@@ -104,6 +105,15 @@ class IdentityService:
                 f"domain {self.config.trust_domain}"
             )
         self.authenticator.authenticate(sidecar, metadata)
+
+    def identify(self, metadata: Mapping[str, str]) -> Caller:
+        """Who made a call other than ADS (it names no node); raises AuthenticationError."""
+        caller = self.authenticator.identify(metadata)
+        if caller.identity.removeprefix("spiffe://").split("/", 1)[0] != self.config.trust_domain:
+            raise AuthenticationError(
+                f"identity {caller.identity} is outside trust domain {self.config.trust_domain}"
+            )
+        return caller
 
     def ensure(self, sidecar: Sidecar) -> None:
         """Issue the sidecar's SVID if it has none valid for its current identity."""

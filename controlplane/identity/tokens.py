@@ -3,15 +3,19 @@
 Two ways, behind one interface (``SidecarAuthenticator``):
 
 * **Bootstrap tokens** (the embedded default). ``modelguard bootstrap`` writes a token
-  into the sidecar's bootstrap; the sidecar sends it as gRPC metadata on its ADS stream.
-  A token is an HMAC over the node id and the SPIFFE ID with a key only the control plane
-  (and whoever may run ``modelguard bootstrap``) can read, so a token is bound to one
+  beside the sidecar's bootstrap; Envoy sends it as ``authorization: Bearer <token>`` on
+  every call through the control-plane cluster (ADS, rate limit, RLQS, OTLP, the query
+  feed). A token is an HMAC over the node id and the SPIFFE ID with a key only the control
+  plane (and whoever may run ``modelguard bootstrap``) can read, so a token is bound to one
   sidecar: it cannot be replayed to claim another node id or another identity, and the
-  control plane stores nothing per sidecar.
+  control plane stores nothing per sidecar. The token names the node id and SPIFFE ID it
+  was issued for (``mgt2``), so a call that carries no node (a rate limit request, an OTLP
+  export) still says who made it (``identify``).
 * **Kubernetes service-account tokens** (in a cluster): see ``kubernetes.py``.
 
 A sidecar that fails gets nothing: the ADS stream is refused before any resource or
-certificate is sent, and the refusal is logged.
+certificate is sent, and the refusal is logged. Any other call on the xDS port is refused
+with UNAUTHENTICATED by ``interceptor.SidecarAuthInterceptor``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hmac
 import os
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,18 +34,48 @@ from controlplane.identity.ca import _write_private
 from controlplane.inventory import Sidecar
 
 TOKEN_KEY_FILE = "bootstrap-token.key"
-# gRPC metadata key of the ADS stream that carries the sidecar's credential.
+# gRPC metadata keys that carry the sidecar's credential: the older form (ADS
+# initial_metadata of bootstraps written before every service was authenticated; tools)
+# and the header Envoy's credential injector puts on every call.
 TOKEN_METADATA = "x-modelguard-token"
-_VERSION = "mgt1"
+AUTHORIZATION_METADATA = "authorization"
+_LEGACY = "mgt1"  # HMAC only: proves a node it does not name (ADS carries the node)
+_VERSION = "mgt2"  # names its node id and SPIFFE ID, so any call can be authenticated
 
 
 class AuthenticationError(Exception):
     """A sidecar that could not prove who it is. The message is safe to log and return."""
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who made a call, as its credential proves it."""
+
+    identity: str  # SPIFFE ID
+    # The node ids the credential is bound to; None: it binds none (a service-account
+    # token not bound to a pod), so the caller may speak for any sidecar of its identity.
+    node_ids: frozenset[str] | None
+
+    def is_node(self, node_id: str) -> bool:
+        return self.node_ids is None or node_id in self.node_ids
+
+
+def credential(metadata: Mapping[str, str]) -> str | None:
+    """The sidecar's token from either header form (Bearer first: Envoy's injector)."""
+    scheme, _, token = metadata.get(AUTHORIZATION_METADATA, "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return metadata.get(TOKEN_METADATA) or None
+
+
 class SidecarAuthenticator(Protocol):
     def authenticate(self, sidecar: Sidecar, metadata: Mapping[str, str]) -> None:
         """Return if ``sidecar`` proved its node id and identity; raise AuthenticationError."""
+        ...
+
+    def identify(self, metadata: Mapping[str, str]) -> Caller:
+        """Who the credential in ``metadata`` proves the caller is; raise
+        AuthenticationError. For calls that carry no node (every service but ADS)."""
         ...
 
 
@@ -62,23 +97,55 @@ class BootstrapTokens:
         _write_private(path, base64.b64encode(key).decode() + "\n")
         return cls(key)
 
-    def _mac(self, node_id: str, spiffe_id: str) -> str:
-        message = f"{_VERSION}\0{node_id}\0{spiffe_id}".encode()
+    def _mac(self, version: str, node_id: str, spiffe_id: str) -> str:
+        message = f"{version}\0{node_id}\0{spiffe_id}".encode()
         digest = hmac.new(self._key, message, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+        return _b64(digest)
 
     def issue(self, node_id: str, spiffe_id: str) -> str:
-        return f"{_VERSION}.{self._mac(node_id, spiffe_id)}"
+        mac = self._mac(_VERSION, node_id, spiffe_id)
+        return f"{_VERSION}.{_b64(node_id.encode())}.{_b64(spiffe_id.encode())}.{mac}"
+
+    def _claims(self, token: str) -> tuple[str, str] | None:
+        """(node id, SPIFFE ID) of a genuine mgt2 token, else None."""
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != _VERSION:
+            return None
+        try:
+            node_id = _unb64(parts[1]).decode()
+            spiffe_id = _unb64(parts[2]).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not _same(parts[3], self._mac(_VERSION, node_id, spiffe_id)):
+            return None
+        return node_id, spiffe_id
 
     def verify(self, token: str, node_id: str, spiffe_id: str) -> bool:
-        version, _, mac = token.partition(".")
-        return version == _VERSION and hmac.compare_digest(mac, self._mac(node_id, spiffe_id))
+        if token.startswith(f"{_LEGACY}."):
+            mac = token.partition(".")[2]
+            return _same(mac, self._mac(_LEGACY, node_id, spiffe_id))
+        return self._claims(token) == (node_id, spiffe_id)
+
+    def identify(self, metadata: Mapping[str, str]) -> Caller:
+        token = credential(metadata)
+        if not token:
+            raise AuthenticationError("no bootstrap token (authorization metadata)")
+        claims = self._claims(token)
+        if claims is None:
+            if token.startswith(f"{_LEGACY}."):
+                raise AuthenticationError(
+                    "bootstrap token predates authenticated services: re-run "
+                    "modelguard bootstrap"
+                )
+            raise AuthenticationError("bootstrap token is not valid")
+        return Caller(identity=claims[1], node_ids=frozenset({claims[0]}))
 
     def authenticate(self, sidecar: Sidecar, metadata: Mapping[str, str]) -> None:
-        token = metadata.get(TOKEN_METADATA)
+        token = credential(metadata)
         if not token:
             raise AuthenticationError(
-                f"node {sidecar.node_id!r}: no bootstrap token ({TOKEN_METADATA} metadata)"
+                f"node {sidecar.node_id!r}: no bootstrap token ({AUTHORIZATION_METADATA} "
+                f"or {TOKEN_METADATA} metadata)"
             )
         if not self.verify(token, sidecar.node_id, sidecar.identity):
             # Never echo the token: it is a credential.
@@ -103,3 +170,25 @@ class AnyOf:
             except AuthenticationError as err:
                 reasons.append(str(err))
         raise AuthenticationError("; ".join(reasons) or "no authenticator configured")
+
+    def identify(self, metadata: Mapping[str, str]) -> Caller:
+        reasons = []
+        for authenticator in self.authenticators:
+            try:
+                return authenticator.identify(metadata)
+            except AuthenticationError as err:
+                reasons.append(str(err))
+        raise AuthenticationError("; ".join(reasons) or "no authenticator configured")
+
+
+def _same(given: str, expected: str) -> bool:
+    # Bytes: compare_digest refuses non-ASCII str, and a token is untrusted input.
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import yaml
 from envoy.config.core.v3 import base_pb2 as core_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format, struct_pb2
@@ -142,21 +145,197 @@ def test_impostors_are_refused_before_anything_is_sent(
     assert received == 1, code
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the sidecar services on the xDS port (query feed, OTLP, rate limit, "
-    "RLQS) do not check the bootstrap token; only ADS does (Envoy sends the token only on "
-    "the ADS stream today)",
-)
+def _channel(plane: PlaneThread) -> grpc.Channel:
+    identity = plane.plane.identity
+    assert identity is not None
+    credentials = grpc.ssl_channel_credentials(root_certificates=identity.ca.root_pem.encode())
+    return grpc.secure_channel(f"127.0.0.1:{plane.plane.xds_port}", credentials)
+
+
+def _feed(channel: grpc.Channel, node_id: str, metadata: list[tuple[str, str]]) -> Any:
+    from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
+
+    batch = feed_pb2.FeedBatch(node_id=node_id, policy="demo/digits-model")
+    batch.unobserved.add(client_key="victim", count=1000, reason="buffer_full")
+    return feed_pb2_grpc.QueryFeedStub(channel).Report(batch, metadata=metadata, timeout=5)
+
+
+def _traces(channel: grpc.Channel, node_id: str, metadata: list[tuple[str, str]]) -> Any:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add()
+    span.trace_id, span.span_id, span.name = b"\1" * 16, b"\2" * 8, "forged"
+    return trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+        request, metadata=metadata, timeout=5
+    )
+
+
+def _logs(channel: grpc.Channel, node_id: str, metadata: list[tuple[str, str]]) -> Any:
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+
+    request = logs_service_pb2.ExportLogsServiceRequest()
+    request.resource_logs.add().scope_logs.add().log_records.add().body.string_value = "forged"
+    return logs_service_pb2_grpc.LogsServiceStub(channel).Export(
+        request, metadata=metadata, timeout=5
+    )
+
+
+def _ratelimit(channel: grpc.Channel, node_id: str, metadata: list[tuple[str, str]]) -> Any:
+    from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+    request = rls_pb2.RateLimitRequest(domain="modelguard", hits_addend=1000)
+    request.descriptors.add().entries.add(key="client", value="victim")
+    return rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(
+        request, metadata=metadata, timeout=5
+    )
+
+
+def _rlqs(channel: grpc.Channel, node_id: str, metadata: list[tuple[str, str]]) -> Any:
+    from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
+
+    report = rlqs_pb2.RateLimitQuotaUsageReports(domain="modelguard")
+    usage = report.bucket_quota_usages.add(num_requests_allowed=1000)
+    usage.bucket_id.bucket["client"] = "victim"
+    usage.time_elapsed.seconds = 1
+    call = rlqs_pb2_grpc.RateLimitQuotaServiceStub(channel).StreamRateLimitQuotas(
+        iter([report]), metadata=metadata, timeout=1
+    )
+    try:
+        return list(call)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return []  # admitted: the stream stays open, as Envoy's does
+        raise
+
+
+SERVICES = {
+    "query feed": (_feed, "modelguard.feed.v1.QueryFeed"),
+    "OTLP traces": (_traces, "opentelemetry.proto.collector.trace.v1.TraceService"),
+    "OTLP logs": (_logs, "opentelemetry.proto.collector.logs.v1.LogsService"),
+    "rate limit": (_ratelimit, "envoy.service.ratelimit.v3.RateLimitService"),
+    "RLQS": (_rlqs, "envoy.service.rate_limit_quota.v3.RateLimitQuotaService"),
+}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_impostor_cannot_call_sidecar_services(
+    secure_plane: PlaneThread, tmp_path: Path, service: str
+) -> None:
+    """Feeding the monitor fake counts, reporting quota usage or exporting telemetry needs
+    a sidecar's credential, as ADS does; the same token opens every service."""
+    call, name = SERVICES[service]
+    interceptor = secure_plane.plane.call_auth
+    identity = secure_plane.plane.identity
+    assert interceptor is not None and identity is not None
+    tokens = identity.tokens
+    other_key = BootstrapTokens.load_or_create(tmp_path / "other-key")
+    outside = "spiffe://evil.example/ns/demo/sa/digits-model"
+    forged = {
+        "no token": [],
+        "junk token": [("authorization", "Bearer mgt2.a.b.c")],
+        "not a bearer": [("authorization", "Basic " + tokens.issue("web-0", IDENTITY))],
+        "token signed with another key": [
+            ("authorization", "Bearer " + other_key.issue("web-0", IDENTITY))],
+        "token naming another node than its MAC": [(
+            "authorization",
+            "Bearer " + ".".join([*tokens.issue("web-1", IDENTITY).split(".")[:3],
+                                  tokens.issue("web-0", IDENTITY).split(".")[3]]))],
+        # mgt1 tokens name no node: enough for ADS (which carries one), not for a call.
+        "legacy token": [(TOKEN_METADATA, "mgt1." + tokens._mac("mgt1", "web-0", IDENTITY))],
+        "identity outside the trust domain": [
+            ("authorization", "Bearer " + tokens.issue("web-0", outside))],
+    }
+    before = interceptor.refused[name]
+    drops_before = secure_plane.call(secure_plane.plane.sync_status.drops).get(
+        "unauthenticated_call", 0)
+    with _channel(secure_plane) as channel:
+        for case, metadata in forged.items():
+            with pytest.raises(grpc.RpcError) as err:
+                call(channel, "web-0", metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, case
+        assert interceptor.refused[name] - before == len(forged)
+        drops = secure_plane.call(secure_plane.plane.sync_status.drops)
+        assert drops["unauthenticated_call"] - drops_before == len(forged)
+        # The sidecar's own token opens the service, in either header form.
+        good = tokens.issue("web-0", IDENTITY)
+        call(channel, "web-0", [("authorization", f"Bearer {good}")])
+        call(channel, "web-0", [(TOKEN_METADATA, good)])
+    assert interceptor.refused[name] - before == len(forged)
+
+
 def test_impostor_cannot_feed_the_monitor(secure_plane: PlaneThread) -> None:
     from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 
-    identity = secure_plane.plane.identity
-    assert identity is not None
-    credentials = grpc.ssl_channel_credentials(root_certificates=identity.ca.root_pem.encode())
-    with grpc.secure_channel(f"127.0.0.1:{secure_plane.plane.xds_port}", credentials) as channel:
+    with _channel(secure_plane) as channel:
         batch = feed_pb2.FeedBatch(node_id="nobody", policy="demo/digits-model")
         batch.unobserved.add(client_key="victim", count=1000, reason="buffer_full")
         with pytest.raises(grpc.RpcError) as err:
             feed_pb2_grpc.QueryFeedStub(channel).Report(batch, timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_sidecar_cannot_report_as_another(secure_plane: PlaneThread) -> None:
+    """A valid token for web-0 must not feed the monitor as web-1 (blaming a key there)."""
+    identity = secure_plane.plane.identity
+    assert identity is not None
+    feed = secure_plane.plane.extraction.feed
+    before = feed.refused_node
+    bearer = [("authorization", "Bearer " + identity.tokens.issue("web-0", IDENTITY))]
+    with _channel(secure_plane) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            _feed(channel, "web-1", bearer)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert feed.refused_node - before == 1
+        assert _feed(channel, "web-0", bearer).accepted >= 0  # its own name: accepted
+    assert feed.refused_node - before == 1
+
+
+def test_real_sidecar_reaches_every_service_with_its_token_file(
+    secure_plane: PlaneThread, demo_model: tuple[str, int], tmp_path: Path
+) -> None:
+    """A bootstrap written by ``modelguard bootstrap -o`` holds no secret: Envoy reads its
+    token (0600, beside it) through file SDS and sends it on ADS and on its OTLP access-log exports,
+    which the interceptor admits."""
+    from controlplane.bootstrap import XdsCredentials, write_bootstrap
+    from controlplane.local.envoy import EnvoyProcess
+    from controlplane.netutil import free_port, http_request
+    from controlplane.telemetry.store import Query
+
+    identity = secure_plane.plane.identity
+    interceptor = secure_plane.plane.call_auth
+    assert identity is not None and interceptor is not None
+    side = Sidecar(
+        node_id="digits-model-real", service="digits-model", namespace="demo",
+        identity=IDENTITY, app_port=demo_model[1], inbound_port=free_port(),
+        inbound_address="127.0.0.1",
+    )
+    credentials = XdsCredentials.for_sidecar(side, identity.config.directory)
+    path = write_bootstrap(
+        tmp_path / "sidecar.yaml", side, xds_host="127.0.0.1",
+        xds_port=secure_plane.plane.xds_port, admin_port=free_port(), credentials=credentials,
+    )
+    token_file = tmp_path / "sidecar.token"
+    assert token_file.read_text() == credentials.token
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert credentials.token not in path.read_text()
+    refused_before = sum(interceptor.refused.values())
+    admin = int(yaml.safe_load(path.read_text())["admin"]["address"]["socket_address"][
+        "port_value"])
+    envoy = EnvoyProcess(path.read_text(), admin_port=admin, log_path=tmp_path / "envoy.log")
+    envoy.start()
+    try:
+        envoy.wait_ready(20)
+        url = f"http://127.0.0.1:{side.inbound_port}/healthz"
+        assert http_request("GET", url)[0] == 200
+        store = secure_plane.plane.telemetry.store
+        deadline = time.monotonic() + 15
+        while not secure_plane.call(
+            lambda: store.query(Query(kind="log", service="digits-model"), 10)
+        ):
+            assert time.monotonic() < deadline, "no access log reached the OTLP receiver"
+            http_request("GET", url)
+            time.sleep(0.2)
+    finally:
+        envoy.stop()
+    assert sum(interceptor.refused.values()) == refused_before

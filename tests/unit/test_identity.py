@@ -19,7 +19,12 @@ from controlplane.identity import apikeys
 from controlplane.identity.ca import CAError, CertificateAuthority
 from controlplane.identity.kubernetes import AuthenticationPending, KubernetesTokenAuthenticator
 from controlplane.identity.service import IdentityConfig, IdentityService
-from controlplane.identity.tokens import TOKEN_METADATA, AuthenticationError, BootstrapTokens
+from controlplane.identity.tokens import (
+    TOKEN_METADATA,
+    AuthenticationError,
+    BootstrapTokens,
+    Caller,
+)
 from controlplane.inventory import Sidecar
 
 ID = "spiffe://cluster.local/ns/ml/sa/fraud-model"
@@ -211,3 +216,46 @@ def test_api_keys_are_loaded_as_digests_and_problems_name_the_file(tmp_path: Pat
     assert any("broken.yaml" in p for p in problems)
     assert any("keys.yaml[0] Secret ml/partner-keys: stringData.c" in p for p in problems)
     assert not any("a-key" in p for p in problems)
+
+
+def test_bootstrap_token_names_its_sidecar_for_calls_without_a_node(tmp_path: Path) -> None:
+    tokens = BootstrapTokens.load_or_create(tmp_path)
+    token = tokens.issue(SIDECAR.node_id, ID)
+    for metadata in ({"authorization": f"Bearer {token}"}, {TOKEN_METADATA: token}):
+        caller = tokens.identify(metadata)
+        assert caller == Caller(identity=ID, node_ids=frozenset({SIDECAR.node_id}))
+        assert caller.is_node(SIDECAR.node_id) and not caller.is_node("other-0")
+        tokens.authenticate(SIDECAR, metadata)  # ADS: both header forms
+    version, node, spiffe, mac = token.split(".")
+    forged = {
+        "other node, same MAC": ".".join([version, "b3RoZXItMA", spiffe, mac]),
+        "non-ASCII MAC": f"{version}.{node}.{spiffe}.\u00e9{mac[1:]}",
+        "bad base64": f"{version}.!!.{spiffe}.{mac}",
+        "three parts": f"{version}.{node}.{mac}",
+    }
+    for case, value in forged.items():
+        with pytest.raises(AuthenticationError, match="not valid"):
+            tokens.identify({"authorization": f"Bearer {value}"})
+        assert not tokens.verify(value, SIDECAR.node_id, ID), case
+    # A token from before (mgt1) still opens ADS, which names the node, but no other call.
+    legacy = "mgt1." + tokens._mac("mgt1", SIDECAR.node_id, ID)
+    tokens.authenticate(SIDECAR, {TOKEN_METADATA: legacy})
+    with pytest.raises(AuthenticationError, match="re-run modelguard bootstrap"):
+        tokens.identify({TOKEN_METADATA: legacy})
+
+
+def test_kubernetes_token_identifies_its_pod() -> None:
+    status = {
+        "authenticated": True, "audiences": ["modelguard"], "error": None,
+        "user": {"username": "system:serviceaccount:ml:fraud-model",
+                 "extra": {"authentication.kubernetes.io/pod-name": ["fraud-model-0"]}},
+    }
+    auth, api = _k8s(status)
+    caller = auth.identify({"authorization": "Bearer t0ken"})
+    assert caller.identity == ID
+    assert caller.is_node("fraud-model-0.ml") and not caller.is_node("other-0.ml")
+    unbound = {**status, "user": {"username": "system:serviceaccount:ml:fraud-model", "extra": {}}}
+    assert _k8s(unbound)[0].identify({"authorization": "Bearer t0ken"}).node_ids is None
+    with pytest.raises(AuthenticationError, match="not a service-account token"):
+        auth.identify({"authorization": "Bearer mgt2.a.b.c"})
+    assert api.calls == 1  # a bootstrap token is never sent for review
