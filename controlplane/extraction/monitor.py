@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from controlplane.api import ExtractionPolicy, Policy
 from controlplane.api.common import WINDOW_SECONDS
+from controlplane.api.jsonpath import JsonPath
 from controlplane.extraction.calibrate import BATCH, Profile
 from controlplane.extraction.detectors import ClientState, DetectorName, Finding
-from controlplane.api.jsonpath import JsonPath
 from controlplane.extraction.verdicts import (
     ClientRef,
     CompiledThrottler,
@@ -120,12 +121,17 @@ class MonitorStats:
     verdicts: Counter[str] = field(default_factory=Counter)
 
 
-def _numbers(value: Any) -> list[float] | None:
-    """A non-empty flat list of finite numbers, or None."""
-    if not isinstance(value, list) or not value:
+_NUMBER_TYPES = frozenset((int, float))
+
+
+def _numbers(value: Any) -> npt.NDArray[np.float64] | None:
+    """A non-empty flat row of finite numbers, or None."""
+    if type(value) is not list or not value:
         return None
     # numpy would read booleans and numeric strings as numbers: a client's junk must not.
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    # json.loads makes only exact ints, floats, bools, strs, lists and dicts, so the set of
+    # exact types says it all (bool is not int here), in C rather than per element.
+    if not _NUMBER_TYPES.issuperset(map(type, value)):
         return None
     try:
         row = np.asarray(value, dtype=np.float64)
@@ -133,8 +139,7 @@ def _numbers(value: Any) -> list[float] | None:
         return None
     if row.ndim != 1 or not np.isfinite(row).all():
         return None
-    result: list[float] = row.tolist()
-    return result
+    return row
 
 
 class ExtractionMonitor:
@@ -196,7 +201,7 @@ class ExtractionMonitor:
             self.stats.unknown_policy += len(batch.queries)
             return 0
         profile = self._profile(policy)
-        rows: dict[str, list[list[float]]] = {}
+        rows: dict[str, list[npt.NDArray[np.float64]]] = {}
         labels: dict[str, list[int]] = {}
         for query in batch.queries:
             got = self._extract(policy, query)
@@ -206,24 +211,11 @@ class ExtractionMonitor:
             rows.setdefault(query.client_key, []).extend(vectors)
             labels.setdefault(query.client_key, []).extend(classes)
         accepted = 0
-        for client_key, vectors in rows.items():
-            if profile is None:
+        if profile is None:
+            for vectors in rows.values():
                 self.stats.unparsable["no_profile"] += len(vectors)
-                continue
-            dim = profile.reference.dim
-            X = np.asarray([v for v in vectors if len(v) == dim], dtype=np.float32)
-            y = np.asarray(
-                [c for v, c in zip(vectors, labels[client_key], strict=True) if len(v) == dim],
-                dtype=np.int16,
-            )
-            if len(X) < len(vectors):
-                self.stats.unparsable["dimension"] += len(vectors) - len(X)
-            if len(X) == 0:
-                continue
-            tracked = self._tracked(policy.key, client_key, dim, now)
-            tracked.state.observe(X, y, profile.reference, profile.thresholds[policy.sensitivity])
-            accepted += len(X)
-            self._judge(policy, profile, client_key, tracked, now)
+        else:
+            accepted = self._observe(policy, profile, rows, labels, now)
         for gap in batch.unobserved:
             self.stats.unobserved += gap.count
             dim = profile.reference.dim if profile else 1
@@ -233,9 +225,52 @@ class ExtractionMonitor:
         self.stats.queries += accepted
         return accepted
 
+    def _observe(
+        self,
+        policy: WatchedPolicy,
+        profile: Profile,
+        rows: dict[str, list[npt.NDArray[np.float64]]],
+        labels: dict[str, list[int]],
+        now: float,
+    ) -> int:
+        """Fold each client's rows of one batch into its state.
+
+        The reference's per-query values (novelty: a distance matrix against every
+        reference point; residual) are computed for the whole batch at once: a batch mixes
+        many clients with a query or two each, and one matrix product per batch costs far
+        less than one per client.
+        """
+        dim = profile.reference.dim
+        clients: list[tuple[str, npt.NDArray[np.float32], npt.NDArray[np.int16]]] = []
+        for client_key, vectors in rows.items():
+            keep = [i for i, v in enumerate(vectors) if len(v) == dim]
+            if len(keep) < len(vectors):
+                self.stats.unparsable["dimension"] += len(vectors) - len(keep)
+            if not keep:
+                continue
+            X = np.asarray([vectors[i] for i in keep], dtype=np.float32)
+            y = np.asarray([labels[client_key][i] for i in keep], dtype=np.int16)
+            clients.append((client_key, X, y))
+        if not clients:
+            return 0
+        everything = np.concatenate([X for _, X, _ in clients])
+        novelty = profile.reference.novelty(everything)
+        residual = profile.reference.residual(everything)
+        thresholds = profile.thresholds[policy.sensitivity]
+        start = 0
+        for client_key, X, y in clients:
+            end = start + len(X)
+            tracked = self._tracked(policy.key, client_key, dim, now)
+            tracked.state.observe(
+                X, y, profile.reference, thresholds, novelty[start:end], residual[start:end]
+            )
+            start = end
+            self._judge(policy, profile, client_key, tracked, now)
+        return len(everything)
+
     def _extract(
         self, policy: WatchedPolicy, query: feed_pb2.Query
-    ) -> tuple[list[list[float]], list[int]] | None:
+    ) -> tuple[list[npt.NDArray[np.float64]], list[int]] | None:
         try:
             request = json.loads(query.request_body)
         except (UnicodeDecodeError, ValueError, RecursionError):  # junk, or nested too deep

@@ -162,3 +162,92 @@ def test_state_is_bounded_whatever_the_client_sends(world) -> None:
     assert state.memory_bytes() == size
     assert len(state.distances) <= state.distances_size
     assert state.weight < 2 * state.half_life  # decayed counters stay bounded
+
+
+def test_shapiro_without_scipys_wrapper_is_scipys_shapiro() -> None:
+    from scipy import stats
+
+    from controlplane.extraction.detectors import _shapiro
+
+    assert _shapiro is not stats.shapiro  # else the fast path silently went away
+    rng = np.random.default_rng(3)
+    for sample in (rng.normal(size=512), rng.exponential(size=60), np.arange(50.0) ** 2):
+        assert float(_shapiro(sample).statistic) == float(stats.shapiro(sample).statistic)
+
+
+@pytest.mark.parametrize(
+    ("novel", "total", "rate"),
+    [(3, 10, 0.1), (30, 200, 0.1), (150, 200, 0.01), (12, 40, 0.05), (400, 1000, 0.3)],
+)
+def test_binomial_surprise_is_scipys_binomial_tail(novel: int, total: int, rate: float) -> None:
+    from scipy import stats
+
+    want = -float(stats.binom.logsf(novel - 1, total, rate)) / math.log(10)
+    assert binomial_surprise(novel, total, rate) == pytest.approx(min(want, 300.0), rel=1e-9)
+
+
+def test_precomputed_reference_values_change_nothing(world) -> None:
+    """The monitor hands observe() the batch's novelty and residual computed at once; the
+    state must be the one observe() reaches computing them itself."""
+    reference, thresholds = world
+    rng = np.random.default_rng(11)
+    X = np.concatenate([natural(rng, 200), rng.uniform(-9, 9, size=(100, DIM))]).astype(
+        np.float32
+    )
+    X[50:60] = X[40:50] + 0.01  # near-duplicates and repeats too
+    mine, theirs = ClientState(dim=DIM), ClientState(dim=DIM)
+    for start in range(0, len(X), 8):
+        rows = X[start : start + 8]
+        mine.observe(rows, labels_of(rows), reference, thresholds)
+        theirs.observe(
+            rows,
+            labels_of(rows),
+            reference,
+            thresholds,
+            reference.novelty(rows),
+            reference.residual(rows),
+        )
+    assert mine.stored == theirs.stored and mine.repeats == theirs.repeats
+    assert mine.novel == pytest.approx(theirs.novel)
+    assert mine.residual_sum == pytest.approx(theirs.residual_sum)
+    assert mine.distances == pytest.approx(theirs.distances)
+    for detector in DETECTORS:
+        assert mine.statistic(detector, thresholds) == pytest.approx(
+            theirs.statistic(detector, thresholds)
+        )
+
+
+def test_history_norms_follow_the_ring(world) -> None:
+    reference, thresholds = world
+    state = ClientState(dim=DIM, history_size=16)
+    X = natural(np.random.default_rng(5), 100)
+    for start in range(0, len(X), 7):
+        rows = X[start : start + 7]
+        state.observe(rows, labels_of(rows), reference, thresholds)
+    assert state.stored > 16  # the ring wrapped
+    assert state.history_sq == pytest.approx((state.history**2).sum(axis=1), rel=1e-5)
+
+
+def test_one_row_at_a_time_is_the_general_path(world) -> None:
+    """observe() takes a shortcut for a single row (the monitor's common case); it must
+    reach the state the general path reaches on the same rows."""
+    reference, thresholds = world
+    rng = np.random.default_rng(13)
+    X = np.concatenate([natural(rng, 300), rng.uniform(-9, 9, size=(40, DIM))]).astype(
+        np.float32
+    )
+    X[100:140] = X[60:100] + 0.02  # near-duplicates
+    X[140:160] = X[60:80]  # exact repeats
+    short, general = ClientState(dim=DIM), ClientState(dim=DIM)
+    for i in range(len(X)):
+        row = X[i : i + 1]
+        short.observe(row, labels_of(row), reference, thresholds)
+        general._observe_rows(row, labels_of(row), reference, thresholds, None, None)
+    assert short.repeats == general.repeats > 0
+    assert short.n_steps == general.n_steps > 0
+    assert (short.stored, short.queries) == (general.stored, general.queries)
+    np.testing.assert_allclose(short.history, general.history)
+    np.testing.assert_allclose(short.steps, general.steps, atol=1e-6)
+    assert short.distances == pytest.approx(general.distances, rel=1e-5)
+    assert (short.weight, short.novel) == pytest.approx((general.weight, general.novel))
+    assert short.residual_sum == pytest.approx(general.residual_sum, rel=1e-6)
