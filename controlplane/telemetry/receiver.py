@@ -1,8 +1,10 @@
 """The OTLP receiver: TraceService and LogsService (OTLP/gRPC) for the sidecars.
 
 It is served on the xDS port (a sidecar service), so every sidecar reaches it through its
-bootstrap's control-plane cluster. Each export is scrubbed (credentials → hashes) in place,
-normalized into records for the store, and handed as it is to the forwarder.
+bootstrap's control-plane cluster. Each export is normalized into records for the store
+(credentials → hashes). When a forwarder is set, the export is also scrubbed in place (the
+same hashes) and handed to it; without one, the export is read once and dropped, so the
+receiver builds no new protobuf objects at all.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from controlplane.telemetry.records import (
+    VERDICT_ATTRIBUTE,
+    VERDICT_RULE_ATTRIBUTE,
     Kind,
     Record,
     attribute_map,
     make_record,
+    normalized_attributes,
     scrub_attributes,
+    secret_attributes,
     small_int,
 )
 from controlplane.telemetry.settings import TelemetrySettings
@@ -43,12 +49,22 @@ class OtlpReceiver:
         self.settings, self.store = settings, store
         self.forward, self.observe = forward, observe
         self.exports = 0
+        self._secret = secret_attributes(settings.secret_headers)
 
     def add_to(self, server: grpc.aio.Server) -> None:
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(self), server)
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_Logs(self), server)
 
     # -- ingestion (also used for the control plane's own spans) --
+
+    def _attributes(self, attributes: Any) -> dict[str, str]:
+        """The record's attributes; with a forwarder, the export's are scrubbed in place."""
+        if self.forward is None:
+            return normalized_attributes(attributes, self._secret)
+        kept = scrub_attributes(attributes, self.settings.secret_headers)
+        del attributes[:]
+        attributes.extend(kept)
+        return attribute_map(attributes)
 
     def ingest_traces(
         self, request: trace_service_pb2.ExportTraceServiceRequest, source: str = SIDECAR
@@ -58,20 +74,18 @@ class OtlpReceiver:
             resource = attribute_map(resource_spans.resource.attributes)
             for scope in resource_spans.scope_spans:
                 for span in scope.spans:
-                    kept = scrub_attributes(span.attributes, self.settings.secret_headers)
-                    del span.attributes[:]
-                    span.attributes.extend(kept)
+                    start = span.start_time_unix_nano
                     records.append(
                         make_record(
                             Kind.SPAN,
-                            time_unix_nano=span.start_time_unix_nano,
+                            time_unix_nano=start,
                             source=source,
                             resource=resource,
                             name=span.name,
-                            attributes=attribute_map(span.attributes),
+                            attributes=self._attributes(span.attributes),
                             trace_id=span.trace_id,
                             span_id=span.span_id,
-                            duration_ms=(span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
+                            duration_ms=(span.end_time_unix_nano - start) / 1e6,
                         )
                     )
         return self._keep(request, records)
@@ -80,33 +94,30 @@ class OtlpReceiver:
         self, request: logs_service_pb2.ExportLogsServiceRequest, source: str = SIDECAR
     ) -> list[Record]:
         records: list[Record] = []
+        forwarding = self.forward is not None
         for resource_logs in request.resource_logs:
             resource = attribute_map(resource_logs.resource.attributes)
             for scope in resource_logs.scope_logs:
                 for entry in scope.log_records:
-                    kept = scrub_attributes(entry.attributes, self.settings.secret_headers)
-                    del entry.attributes[:]
-                    entry.attributes.extend(kept)
-                    attrs = attribute_map(entry.attributes)
-                    records.append(
-                        make_record(
-                            Kind.LOG,
-                            time_unix_nano=entry.time_unix_nano or entry.observed_time_unix_nano,
-                            source=source,
-                            resource=resource,
-                            name=entry.body.string_value,
-                            attributes=attrs,
-                            trace_id=entry.trace_id,
-                            span_id=entry.span_id,
-                            duration_ms=float(small_int(attrs.get("envoy.duration_ms", ""))),
-                        )
+                    attrs = self._attributes(entry.attributes)
+                    record = make_record(
+                        Kind.LOG,
+                        time_unix_nano=entry.time_unix_nano or entry.observed_time_unix_nano,
+                        source=source,
+                        resource=resource,
+                        name=entry.body.string_value,
+                        attributes=attrs,
+                        trace_id=entry.trace_id,
+                        span_id=entry.span_id,
+                        duration_ms=float(small_int(attrs.get("envoy.duration_ms", ""))),
                     )
-                    # The verdict travels onward too, so a backend can query by it.
-                    for key in ("modelguard.verdict", "modelguard.verdict.rule"):
-                        if key in dict(records[-1].attributes):
-                            entry.attributes.add(key=key).value.string_value = dict(
-                                records[-1].attributes
-                            )[key]
+                    records.append(record)
+                    if forwarding:
+                        # The verdict travels onward too, so a backend can query by it.
+                        derived = dict(record.attributes)
+                        for key in (VERDICT_ATTRIBUTE, VERDICT_RULE_ATTRIBUTE):
+                            if key in derived:
+                                entry.attributes.add(key=key).value.string_value = derived[key]
         return self._keep(request, records)
 
     def _keep(self, request: Any, records: list[Record]) -> list[Record]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from opentelemetry.proto.common.v1 import common_pb2
@@ -112,6 +112,41 @@ def scrub_attributes(
     return out
 
 
+def normalized_attributes(
+    attributes: Iterable[common_pb2.KeyValue], secret: frozenset[str]
+) -> dict[str, str]:
+    """``attribute_map(scrub_attributes(attributes, …))`` in one pass, without new protos.
+
+    ``secret`` holds the attribute names (``HEADER_ATTRIBUTE_PREFIX`` + header) whose values
+    are credentials. The receiver uses this when nothing is forwarded: the export itself is
+    then dropped after this, so scrubbing it in place would be work for nobody.
+    """
+    out: dict[str, str] = {}
+    for kv in attributes:
+        value = kv.value
+        which = value.WhichOneof("value")
+        if which == "string_value":
+            text = value.string_value
+            if not text or text == "-":
+                continue
+        elif which is None:
+            continue
+        else:
+            text = any_value_text(value)
+        key = kv.key
+        if key == CLIENT_KEY_ATTRIBUTE:
+            out[CLIENT_HASH_ATTRIBUTE] = hash_secret(text)
+        elif key in secret:
+            out[key] = hash_secret(text)
+        else:
+            out[key] = text
+    return out
+
+
+def secret_attributes(secret_headers: Iterable[str]) -> frozenset[str]:
+    return frozenset(HEADER_ATTRIBUTE_PREFIX + h for h in secret_headers)
+
+
 def verdict_of(attrs: Mapping[str, str]) -> tuple[Verdict | None, str]:
     """(verdict, rule or limit) of one request, from its access-log or span attributes.
 
@@ -168,7 +203,12 @@ class Record:
     size: int = field(default=0, compare=False)  # bytes this record holds in memory
 
     def with_seq(self, seq: int) -> Record:
-        return replace(self, seq=seq)
+        # A copy of the instance's dict rather than dataclasses.replace, which re-runs
+        # __init__ through field introspection: this runs for every record the store keeps.
+        new = object.__new__(Record)
+        new.__dict__.update(self.__dict__)
+        new.__dict__["seq"] = seq
+        return new
 
 
 # Per-object overhead of a Record beyond its strings: the instance, its tuple of attribute
@@ -178,22 +218,29 @@ _PAIR_OVERHEAD = 120
 
 
 def measure(record: Record) -> int:
-    strings = (
-        record.source,
-        record.service,
-        record.node,
-        record.name,
-        record.trace_id,
-        record.span_id,
-        record.client,
-        record.identity,
-        record.route,
-        record.verdict,
-        record.rule,
+    return _measure(
+        (
+            record.source,
+            record.service,
+            record.node,
+            record.name,
+            record.trace_id,
+            record.span_id,
+            record.client,
+            record.identity,
+            record.route,
+            record.verdict,
+            record.rule,
+        ),
+        record.attributes,
     )
-    size = _RECORD_OVERHEAD + sum(sys.getsizeof(s) for s in strings)
-    for key, value in record.attributes:
-        size += _PAIR_OVERHEAD + sys.getsizeof(key) + sys.getsizeof(value)
+
+
+def _measure(strings: tuple[str, ...], attributes: tuple[tuple[str, str], ...]) -> int:
+    getsizeof = sys.getsizeof
+    size = _RECORD_OVERHEAD + sum(map(getsizeof, strings)) + _PAIR_OVERHEAD * len(attributes)
+    for key, value in attributes:
+        size += getsizeof(key) + getsizeof(value)
     return size
 
 
@@ -216,25 +263,35 @@ def make_record(
         if rule:
             attrs[VERDICT_RULE_ATTRIBUTE] = rule
     status_text = attrs.get("http.response.status_code") or attrs.get("http.status_code", "")
-    record = Record(
+    service = resource.get("service.name", "")
+    node = resource.get("modelguard.node_id") or attrs.get("modelguard.node_id", "")
+    trace_hex, span_hex = trace_id.hex(), span_id.hex()
+    client = attrs.get(CLIENT_HASH_ATTRIBUTE, "")
+    identity = attrs.get("modelguard.caller.identity", "")
+    route = attrs.get("envoy.route", "")
+    verdict_text = str(verdict) if verdict is not None else ""
+    pairs = tuple(sorted(attrs.items()))
+    # Measured from the same strings before the record exists: one construction, no copy.
+    strings = (source, service, node, name, trace_hex, span_hex, client, identity, route)
+    return Record(
         kind=kind,
         time_unix_nano=time_unix_nano,
         source=source,
-        service=resource.get("service.name", ""),
-        node=resource.get("modelguard.node_id") or attrs.get("modelguard.node_id", ""),
+        service=service,
+        node=node,
         name=name,
-        trace_id=trace_id.hex(),
-        span_id=span_id.hex(),
+        trace_id=trace_hex,
+        span_id=span_hex,
         duration_ms=duration_ms,
         status=small_int(status_text),
-        client=attrs.get(CLIENT_HASH_ATTRIBUTE, ""),
-        identity=attrs.get("modelguard.caller.identity", ""),
-        route=attrs.get("envoy.route", ""),
-        verdict=str(verdict) if verdict is not None else "",
+        client=client,
+        identity=identity,
+        route=route,
+        verdict=verdict_text,
         rule=rule,
-        attributes=tuple(sorted(attrs.items())),
+        attributes=pairs,
+        size=_measure((*strings, verdict_text, rule), pairs),
     )
-    return replace(record, size=measure(record))
 
 
 def attribute_map(attributes: Iterable[common_pb2.KeyValue]) -> dict[str, str]:

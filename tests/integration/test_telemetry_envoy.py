@@ -203,6 +203,8 @@ async def system(
             debounce_quiet=0.05,
             debounce_max=0.5,
             telemetry=TelemetrySettings(
+                # Every request traced (the default is 1 %): the test counts spans.
+                sampling_percent=100.0,
                 header_attributes=("user-agent", "x-api-key"),
                 forward_endpoint=f"127.0.0.1:{collector.port}",
             ),

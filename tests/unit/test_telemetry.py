@@ -194,3 +194,86 @@ def test_collector_manifest_receives_otlp_and_exports_to_the_one_value() -> None
     assert objects["ConfigMap/otel-collector-export"]["data"]["endpoint"].endswith(":4317")
     ports = {p["port"] for p in objects["Service/otel-collector"]["spec"]["ports"]}
     assert ports == {4317, 4318}
+
+
+def test_the_default_samples_one_percent_of_traces_and_logs_every_request() -> None:
+    """Istio's default: 1 % of requests traced, every request access-logged."""
+    assert TelemetrySettings().sampling_percent == 1.0
+    manager = _manager(translate(compile_sidecar(SIDECAR, [], TelemetrySettings())))  # type: ignore[arg-type]
+    assert manager["tracing"]["random_sampling"] == {"value": 1.0}
+    assert manager["access_log"][0]["name"] == "envoy.access_loggers.open_telemetry"
+
+
+def test_normalized_attributes_are_the_scrubbed_attributes() -> None:
+    """The receiver's one-pass reading (no forwarder) keeps exactly what scrubbing keeps."""
+    from controlplane.telemetry.records import (
+        attribute_map,
+        normalized_attributes,
+        secret_attributes,
+    )
+
+    attributes = [
+        _kv("modelguard.client.key", "k-123"),
+        _kv("http.request.header.authorization", "Bearer abc"),
+        _kv("http.request.header.cookie", "-"),
+        _kv("http.request.header.user-agent", "curl"),
+        _kv("modelguard.caller.identity", "-"),
+        _kv("envoy.route", ""),
+        _kv("url.path", "/v1/predict"),
+        common_pb2.KeyValue(key="envoy.bytes_sent", value=common_pb2.AnyValue(int_value=42)),
+        common_pb2.KeyValue(key="flag", value=common_pb2.AnyValue(bool_value=True)),
+        common_pb2.KeyValue(key="raw", value=common_pb2.AnyValue(bytes_value=b"\x01\xff")),
+        common_pb2.KeyValue(key="unset", value=common_pb2.AnyValue()),
+        common_pb2.KeyValue(
+            key="http.request.header.x-api-key", value=common_pb2.AnyValue(int_value=7)
+        ),
+    ]
+    secret = ("authorization", "cookie", "x-api-key")
+    want = attribute_map(scrub_attributes(attributes, secret))
+    got = normalized_attributes(attributes, secret_attributes(secret))
+    assert got == want
+    assert got[CLIENT_HASH_ATTRIBUTE] == hash_secret("k-123")
+    assert got["http.request.header.x-api-key"] == hash_secret("7")
+    assert got["envoy.bytes_sent"] == "42" and got["flag"] == "true"
+    assert "http.request.header.cookie" not in got and "unset" not in got
+
+
+def test_without_a_forwarder_the_export_is_read_not_rewritten() -> None:
+    """No forwarder: records are hashed, the export itself is left alone (it is dropped);
+    with one, the forwarded export carries hashes and the derived verdict."""
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+
+    from controlplane.telemetry.receiver import OtlpReceiver
+    from controlplane.telemetry.store import TelemetryStore
+
+    def export() -> logs_service_pb2.ExportLogsServiceRequest:
+        request = logs_service_pb2.ExportLogsServiceRequest()
+        entry = request.resource_logs.add().scope_logs.add().log_records.add()
+        entry.attributes.extend(
+            [
+                _kv("modelguard.client.key", "plain-key"),
+                _kv("http.response.status_code", "200"),
+                _kv("envoy.response_code_details", "via_upstream"),
+            ]
+        )
+        return request
+
+    local = OtlpReceiver(TelemetrySettings(), TelemetryStore(100, 1 << 20))
+    request = export()
+    before = request.SerializeToString()
+    (record,) = local.ingest_logs(request)
+    assert record.client == hash_secret("plain-key") and record.verdict == "allowed"
+    assert request.SerializeToString() == before
+
+    sent: list[logs_service_pb2.ExportLogsServiceRequest] = []
+    forwarding = OtlpReceiver(TelemetrySettings(), TelemetryStore(100, 1 << 20), sent.append)
+    (record,) = forwarding.ingest_logs(export())
+    (forwarded,) = sent
+    out = {
+        kv.key: kv.value.string_value
+        for kv in forwarded.resource_logs[0].scope_logs[0].log_records[0].attributes
+    }
+    assert "plain-key" not in str(forwarded)
+    assert out[CLIENT_HASH_ATTRIBUTE] == hash_secret("plain-key")
+    assert out["modelguard.verdict"] == "allowed"
+    assert record.client == hash_secret("plain-key")

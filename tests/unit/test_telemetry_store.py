@@ -160,3 +160,16 @@ async def test_a_slow_watcher_loses_records_not_memory() -> None:
     assert watch.queue.qsize() == 5
     assert store.stats().watcher_dropped == 45
     watch.close()
+
+
+def test_records_are_measured_once_and_numbered_on_copies() -> None:
+    from controlplane.telemetry.records import measure
+
+    record = _record(1)
+    assert record.size == measure(record) > 0  # type: ignore[attr-defined]
+    store = TelemetryStore(10, 1 << 20)
+    first, second = store.add([record, record])  # type: ignore[list-item]
+    assert (first.seq, second.seq) == (1, 2)
+    assert record.seq == 0  # type: ignore[attr-defined]
+    assert first == record.with_seq(1)  # type: ignore[attr-defined]
+    assert first.size == record.size  # type: ignore[attr-defined]
