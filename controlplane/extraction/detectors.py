@@ -214,34 +214,44 @@ class ClientState:
         labels: npt.NDArray[np.int16],
         reference: Reference,
         thresholds: Thresholds,
-        novelty: FloatArray | None = None,
-        residual: FloatArray | None = None,
     ) -> None:
-        """Fold a client's new queries (rows of X, in order) into its state.
+        """Fold a client's new queries (rows of X, in order) into its state."""
+        fresh = self.match(X, labels, thresholds)
+        if len(fresh):
+            self.fold(reference.novelty(fresh), reference.residual(fresh), thresholds)
 
-        ``novelty`` and ``residual`` are the reference's values for the rows of X when the
-        caller computed them already (the monitor does, for a whole batch at once)."""
-        if len(X) == 0:
-            return
+    def match(
+        self, X: FloatArray, labels: npt.NDArray[np.int16], thresholds: Thresholds
+    ) -> FloatArray:
+        """The first half of ``observe``: each query against the client's earlier ones
+        (repeats, near-duplicate steps, PRADA distances, history). Returns the fresh rows,
+        whose reference values (novelty, residual) ``fold`` then takes: the monitor
+        computes those for the fresh rows of all clients of a batch at once."""
         X = np.asarray(X, dtype=np.float32)
-        if len(X) == 1:
+        if len(X) == 0:
+            fresh = X
+        elif len(X) == 1:
             # The common case: a batch mixes many clients, most with one query in it.
-            self._observe_one(X[0], int(labels[0]), reference, thresholds, novelty, residual)
+            fresh = X if self._match_one(X[0], int(labels[0]), thresholds) else X[:0]
         else:
-            self._observe_rows(X, labels, reference, thresholds, novelty, residual)
+            fresh = self._match_rows(X, labels, thresholds)
         if len(self.distances) > self.distances_size:
             del self.distances[: len(self.distances) - self.distances_size]
+        return fresh
 
-    def _observe_one(
-        self,
-        x: FloatArray,
-        label: int,
-        reference: Reference,
-        thresholds: Thresholds,
-        novelty: FloatArray | None,
-        residual: FloatArray | None,
-    ) -> None:
-        """``_observe_rows`` for a single row, in a third of its numpy calls (each costs
+    def fold(self, novelty: FloatArray, residual: FloatArray, thresholds: Thresholds) -> None:
+        """The second half of ``observe``: the fresh rows' novelty and residual, into the
+        decayed counters."""
+        n_fresh = len(novelty)
+        if n_fresh == 0:
+            return
+        decay = 0.5 ** (n_fresh / self.half_life)
+        self.weight = self.weight * decay + n_fresh
+        self.novel = self.novel * decay + float((novelty > thresholds.novelty_cut).sum())
+        self.residual_sum = self.residual_sum * decay + float(residual.sum())
+
+    def _match_one(self, x: FloatArray, label: int, thresholds: Thresholds) -> bool:
+        """``_match_rows`` for a single row, in a third of its numpy calls (each costs
         microseconds whatever its size, and there are a few dozen for one row)."""
         self.queries += 1
         past, past_labels = self._recent()
@@ -256,42 +266,30 @@ class ClientState:
             nearest_same = math.sqrt(max(float(same), 0.0))
         if nearest_any <= REPEAT_FRACTION * thresholds.duplicate_radius:
             self.repeats += 1
-            return
-        if nearest_any < thresholds.duplicate_radius:
+            return False
+        fresh = nearest_any >= thresholds.duplicate_radius
+        if not fresh:
             self.steps[self.n_steps % self.steps_size] = x - past[j]
             self.n_steps += 1
-        else:  # fresh
-            if math.isfinite(nearest_same):
-                self.distances.append(nearest_same)
-            row = x[None, :]
-            nov = float(reference.novelty(row)[0] if novelty is None else novelty[0])
-            res = float(reference.residual(row)[0] if residual is None else residual[0])
-            decay = 0.5 ** (1 / self.half_life)
-            self.weight = self.weight * decay + 1
-            self.novel = self.novel * decay + (1.0 if nov > thresholds.novelty_cut else 0.0)
-            self.residual_sum = self.residual_sum * decay + res
+        elif math.isfinite(nearest_same):
+            self.distances.append(nearest_same)
         slot = self.stored % self.history_size
         self.history[slot] = x
         self.history_sq[slot] = x_sq
         self.labels[slot] = label
         self.stored += 1
+        return fresh
 
-    def _observe_rows(
-        self,
-        X: FloatArray,
-        labels: npt.NDArray[np.int16],
-        reference: Reference,
-        thresholds: Thresholds,
-        novelty: FloatArray | None,
-        residual: FloatArray | None,
-    ) -> None:
+    def _match_rows(
+        self, X: FloatArray, labels: npt.NDArray[np.int16], thresholds: Thresholds
+    ) -> FloatArray:
         self.queries += len(X)
         repeat_radius = REPEAT_FRACTION * thresholds.duplicate_radius
         # Distances are computed against the history as it was before this batch plus the
         # batch itself, in order: query i may only look at earlier queries.
         past, past_labels = self._recent()
         m, p = len(X), len(past)
-        # The history's squared norms are kept with it (``_store``): per batch only the
+        # The history's squared norms are kept with it: per batch only the
         # products with the new rows are computed, and the history is never copied.
         x_sq = np.einsum("ij,ij->i", X, X)
         d2 = np.empty((m, p + m), dtype=np.float32)
@@ -316,20 +314,14 @@ class ClientState:
             self.steps[self.n_steps % self.steps_size] = X[i] - (past[j] if j < p else X[j - p])
             self.n_steps += 1
         self.distances.extend(float(d) for d in nearest_same[fresh] if math.isfinite(d))
-        n_fresh = int(fresh.sum())
-        if n_fresh:
-            decay = 0.5 ** (n_fresh / self.half_life)
-            self.weight = self.weight * decay + n_fresh
-            nov = reference.novelty(X[fresh]) if novelty is None else novelty[fresh]
-            res = reference.residual(X[fresh]) if residual is None else residual[fresh]
-            self.novel = self.novel * decay + float((nov > thresholds.novelty_cut).sum())
-            self.residual_sum = self.residual_sum * decay + float(res.sum())
         for i in np.flatnonzero(kept):
             slot = self.stored % self.history_size
             self.history[slot] = X[i]
             self.history_sq[slot] = x_sq[i]
             self.labels[slot] = labels[i]
             self.stored += 1
+        rows: FloatArray = X[fresh]
+        return rows
 
     def findings(
         self, thresholds: Thresholds, detectors: tuple[DetectorName, ...]

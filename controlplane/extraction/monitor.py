@@ -235,10 +235,11 @@ class ExtractionMonitor:
     ) -> int:
         """Fold each client's rows of one batch into its state.
 
-        The reference's per-query values (novelty: a distance matrix against every
-        reference point; residual) are computed for the whole batch at once: a batch mixes
-        many clients with a query or two each, and one matrix product per batch costs far
-        less than one per client.
+        Each client's queries are first matched against its own history; the reference's
+        values of the fresh ones (novelty: a distance matrix against every reference point;
+        residual) are then computed for the whole batch at once: a batch mixes many clients
+        with a query or two each, and one matrix product per batch costs far less than one
+        per client. Repeats (most of a what-if user's traffic) never reach the reference.
         """
         dim = profile.reference.dim
         clients: list[tuple[str, npt.NDArray[np.float32], npt.NDArray[np.int16]]] = []
@@ -253,20 +254,24 @@ class ExtractionMonitor:
             clients.append((client_key, X, y))
         if not clients:
             return 0
-        everything = np.concatenate([X for _, X, _ in clients])
-        novelty = profile.reference.novelty(everything)
-        residual = profile.reference.residual(everything)
         thresholds = profile.thresholds[policy.sensitivity]
-        start = 0
+        matched = []
         for client_key, X, y in clients:
-            end = start + len(X)
             tracked = self._tracked(policy.key, client_key, dim, now)
-            tracked.state.observe(
-                X, y, profile.reference, thresholds, novelty[start:end], residual[start:end]
-            )
-            start = end
+            matched.append((client_key, tracked, tracked.state.match(X, y, thresholds)))
+        fresh = [F for _, _, F in matched if len(F)]
+        if fresh:
+            everything = np.concatenate(fresh)
+            novelty = profile.reference.novelty(everything)
+            residual = profile.reference.residual(everything)
+        start = 0
+        for client_key, tracked, F in matched:
+            if len(F):
+                end = start + len(F)
+                tracked.state.fold(novelty[start:end], residual[start:end], thresholds)
+                start = end
             self._judge(policy, profile, client_key, tracked, now)
-        return len(everything)
+        return sum(len(X) for _, X, _ in clients)
 
     def _extract(
         self, policy: WatchedPolicy, query: feed_pb2.Query

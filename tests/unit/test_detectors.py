@@ -186,28 +186,28 @@ def test_binomial_surprise_is_scipys_binomial_tail(novel: int, total: int, rate:
     assert binomial_surprise(novel, total, rate) == pytest.approx(min(want, 300.0), rel=1e-9)
 
 
-def test_precomputed_reference_values_change_nothing(world) -> None:
-    """The monitor hands observe() the batch's novelty and residual computed at once; the
-    state must be the one observe() reaches computing them itself."""
+def test_batch_wide_reference_values_change_nothing(world) -> None:
+    """The monitor matches every client's rows first, then computes the reference values
+    of all clients' fresh rows at once and folds each client's share: the state must be
+    the one observe() reaches on its own."""
     reference, thresholds = world
     rng = np.random.default_rng(11)
     X = np.concatenate([natural(rng, 200), rng.uniform(-9, 9, size=(100, DIM))]).astype(
         np.float32
     )
     X[50:60] = X[40:50] + 0.01  # near-duplicates and repeats too
+    X[60:70] = X[40:50]
+    other = natural(rng, 8)  # another client's fresh rows in the same batches
     mine, theirs = ClientState(dim=DIM), ClientState(dim=DIM)
     for start in range(0, len(X), 8):
         rows = X[start : start + 8]
         mine.observe(rows, labels_of(rows), reference, thresholds)
-        theirs.observe(
-            rows,
-            labels_of(rows),
-            reference,
-            thresholds,
-            reference.novelty(rows),
-            reference.residual(rows),
-        )
-    assert mine.stored == theirs.stored and mine.repeats == theirs.repeats
+        fresh = theirs.match(rows, labels_of(rows), thresholds)
+        batch = np.concatenate([other, fresh])
+        novelty, residual = reference.novelty(batch), reference.residual(batch)
+        theirs.fold(novelty[len(other) :], residual[len(other) :], thresholds)
+    assert mine.repeats == theirs.repeats > 0
+    assert mine.stored == theirs.stored
     assert mine.novel == pytest.approx(theirs.novel)
     assert mine.residual_sum == pytest.approx(theirs.residual_sum)
     assert mine.distances == pytest.approx(theirs.distances)
@@ -242,7 +242,8 @@ def test_one_row_at_a_time_is_the_general_path(world) -> None:
     for i in range(len(X)):
         row = X[i : i + 1]
         short.observe(row, labels_of(row), reference, thresholds)
-        general._observe_rows(row, labels_of(row), reference, thresholds, None, None)
+        fresh = general._match_rows(row, labels_of(row), thresholds)
+        general.fold(reference.novelty(fresh), reference.residual(fresh), thresholds)
     assert short.repeats == general.repeats > 0
     assert short.n_steps == general.n_steps > 0
     assert (short.stored, short.queries) == (general.stored, general.queries)
