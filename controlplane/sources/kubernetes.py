@@ -707,8 +707,11 @@ class StatusWriter:
         out = {}
         for key, seen in self.source.observed().items():
             status = statuses.get(key)
+            if status is None:
+                # Observed, not yet through the store: saying Accepted now could be a lie.
+                continue
             conditions = []
-            if status is None or status.state == ACCEPTED:
+            if status.state == ACCEPTED:
                 conditions.append(Condition("Accepted", "True", "Accepted", "valid"))
             else:
                 errors = "; ".join(_strip_subject(e, key) for e in status.errors)
