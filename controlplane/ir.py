@@ -147,8 +147,6 @@ class MtlsIR:
     deciding: tuple[PolicyRef, ...] = ()  # policies that chose the mode (empty: default)
 
 
-
-
 @dataclass(frozen=True)
 class InboundIR:
     """The sidecar's inbound listener and the local workload behind it."""
@@ -198,6 +196,15 @@ class RateIR:
 
     def by(self, enforcement: RateEnforcement) -> tuple[RateLimitIR, ...]:
         return tuple(limit for limit in self.limits if limit.enforcement == enforcement)
+
+
+@dataclass(frozen=True)
+class TelemetryIR:
+    """Traces and access logs one sidecar sends to the control plane's OTLP receiver."""
+
+    sampling_percent: float  # of requests traced; every request gets an access-log record
+    header_attributes: tuple[str, ...]  # request headers recorded (lower-case names)
+    client_key_header: str  # identifies a client; the receiver stores only its hash
 
 
 class EgressProtocol(StrEnum):
@@ -308,34 +315,6 @@ class VerdictsIR:
 
 
 @dataclass(frozen=True)
-class TelemetryIR:
-    """Traces and access logs one sidecar sends to the control plane's OTLP receiver."""
-
-    sampling_percent: float  # of requests traced; every request gets an access-log record
-    header_attributes: tuple[str, ...]  # request headers recorded (lower-case names)
-    client_key_header: str  # identifies a client; the receiver stores only its hash
-
-
-@dataclass(frozen=True)
-class ClientVerdictIR:
-    """One client under an extraction verdict: denied (quarantine) or slowed (throttle)."""
-
-    policy: PolicyRef  # the ExtractionPolicy whose monitor decided
-    client_key: ClientKeyIR
-    value: str  # the client key's value: API key, SPIFFE ID or IP address
-    requests: int = 0  # throttle only: requests per window_seconds
-    window_seconds: int = 0
-
-
-@dataclass(frozen=True)
-class VerdictsIR:
-    """Verdicts of the extraction monitor in force on this sidecar (an input of compile)."""
-
-    quarantined: tuple[ClientVerdictIR, ...] = ()
-    throttled: tuple[ClientVerdictIR, ...] = ()
-
-
-@dataclass(frozen=True)
 class SidecarIR:
     node_id: str
     service: str
@@ -347,6 +326,6 @@ class SidecarIR:
     rate: RateIR | None = None
     egress: EgressIR | None = None  # present when the sidecar has an outbound port
     mtls: MtlsIR | None = None  # present when the control plane runs a CA (issue 6)
-    verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
     extraction: tuple[ExtractionIR, ...] = ()  # one per ExtractionPolicy, sorted by name
+    verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted
