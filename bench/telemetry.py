@@ -148,7 +148,7 @@ def main() -> int:
         rps: dict[str, list[float]] = {name: [] for name in sidecars}
         for _ in range(args.rounds):
             for name, (_, port) in sidecars.items():
-                rps[name].append(run_wrk(port, args.seconds, args.connections, lua))
+                rps[name].append(run_wrk(port, args.seconds, args.connections, lua)[0])
         time.sleep(2.0)  # the last batches (1 s flush) land
         sent = {
             name: envoy.stat("http.bench.downstream_rq_completed")
