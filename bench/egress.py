@@ -17,22 +17,20 @@ the destination's Host) and a fixed destination (a second Envoy answering with
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from telemetry import start_receiver
 from wasm_filter import _bootstrap, _cluster, _hcm, _listener, run_wrk
 
 from controlplane.api import parse_documents
@@ -40,31 +38,12 @@ from controlplane.compile import compile_sidecar
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.telemetry.receiver import OtlpReceiver
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import Query, TelemetryStore
 from controlplane.translate import names, translate
 from controlplane.translate.render import validation_bootstrap
 
 HOST = "destination.localhost"  # Envoy's resolver answers 127.0.0.1 for .localhost
-
-
-def start_receiver(store: TelemetryStore) -> int:
-    port_box: list[int] = []
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        OtlpReceiver(TelemetrySettings(), store).add_to(server)
-        port_box.append(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
-
-    threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True).start()
-    ready.wait(10)
-    return port_box[0]
 
 
 def outbound_sidecar(

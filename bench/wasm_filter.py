@@ -35,6 +35,9 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# One instance of the digits model's answer, at full precision (bench/lib/load.py).
+from lib.load import ANSWER
+
 from controlplane.bootstrap import XDS_CLUSTER
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.ir import (
@@ -49,27 +52,6 @@ from controlplane.netutil import free_port, http_request
 from controlplane.translate.render import to_dict
 from controlplane.translate.wasm import extension_config
 
-# One instance of the digits model's answer, at full precision (what the model returns).
-ANSWER = {
-    "predictions": [
-        {
-            "label": 4,
-            "probabilities": [
-                0.0002922879805145397,
-                0.0001618273933893181,
-                1.252323714726107e-05,
-                1.0305080092676715e-05,
-                0.9845519283802229,
-                1.6231701787660578e-05,
-                0.00025438540812574076,
-                0.013560298077434496,
-                0.0008008958454705654,
-                0.00033931689581499384,
-            ],
-        }
-    ],
-    "model": "digits-logreg",
-}
 TYPE = "type.googleapis.com/"
 QUERY = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
 
