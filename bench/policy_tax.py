@@ -18,7 +18,7 @@ the order of variants shuffled every round, so the machine's noise hits both sid
     budget     RatePolicy: a per-client daily budget (Global: RLQS quota assignments)
     wasm       ExtractionPolicy: output hardening (top-1, 2 digits) in the Wasm filter
     feed       ExtractionPolicy: hardening + detection (the query feed to the monitor)
-    telemetry  OTel tracer (100 % sampled) + OTel access log to the OTLP receiver
+    telemetry  OTel tracer (the default 1 % sampling) + OTel access log to the OTLP receiver
   two hops (wrk → client sidecar → sidecar → backend), baseline ``bare-pair``: two bare
   router Envoys in a row; mTLS needs a client side, and wrk has no client certificates
     mtls       mutual TLS (Strict) with SVIDs over SDS, client sidecar originating it

@@ -254,7 +254,11 @@ async def test_daily_budget_is_enforced_by_the_sidecar_from_quota_assignments(
 
         await eventually(assigned)
         codes = await system.statuses("ivan", 8)
-        assert codes[:4] == [200] * 4 and set(codes[4:]) == {429}, codes
+        # The service has counted ivan; its assignment may still be on its way to the
+        # sidecar, and until it lands one more request passes (the documented overshoot of
+        # a brand-new client). After the first refusal, every request is refused.
+        passed = codes.index(429) if 429 in codes else len(codes)
+        assert passed in (4, 5) and set(codes[passed:]) == {429}, codes
         status, headers = await system.get("ivan")
         assert status == 429 and headers["ratelimit-limit"] == "5"
         assert (await system.get("judy"))[0] == 200
