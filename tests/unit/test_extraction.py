@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from controlplane.api import parse_documents
+from controlplane.api.jsonpath import JsonPath, JsonPathError
 from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.feed import default_profile
-from controlplane.api.jsonpath import JsonPath, JsonPathError
 from controlplane.extraction.monitor import ExtractionMonitor
 from controlplane.extraction.verdicts import (
     ClientRef,

@@ -76,3 +76,5 @@ def test_arbitrary_text_never_raises(text: str) -> None:
     loaded, violations = parse_documents(text, "junk.yaml")
     for violation in violations:
         assert str(violation).startswith("junk.yaml")
+    for policy in loaded:  # text that happens to be a valid policy keeps where it came from
+        assert policy.source == "junk.yaml"
