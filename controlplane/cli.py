@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     if getattr(args, "kubernetes", False):
-        from controlplane.sources.kubernetes import serve_cluster
+        from controlplane.cluster import serve_cluster
 
         return serve_cluster(args, config)
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     from controlplane.telemetry import settings as telemetry_cli_settings
 
     telemetry_cli_settings.add_arguments(p)
-    from controlplane.sources import kubernetes as kubernetes_source
+    from controlplane import cluster as kubernetes_source
 
     kubernetes_source.add_arguments(p)
     p.set_defaults(func=_serve)

@@ -27,13 +27,14 @@ import pytest
 from kubernetes import client
 
 from controlplane import inject
+from controlplane.cluster import cluster_authenticator
 from controlplane.identity import kubernetes as k8s_identity
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.inventory import Inventory
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port
 from controlplane.server import ControlPlane, ControlPlaneConfig
-from controlplane.sources.kubernetes import KubernetesSource, cluster_authenticator
+from controlplane.sources.kubernetes import KubernetesSource
 from controlplane.store import PolicyStore
 from tests.integration import test_kubernetes as k8s
 from tests.integration.test_kubernetes import call, until

@@ -1,0 +1,165 @@
+"""Cluster mode: ``modelguard serve --kubernetes``.
+
+Wires the Kubernetes source, the status writer, the trust bundle publisher and the
+injection webhook around one control plane. Kept apart from ``sources/kubernetes.py`` so
+the source (the first box of the data flow) never imports the server it feeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from controlplane.identity.kubernetes import KubernetesTokenAuthenticator, TrustBundle
+from controlplane.sources.kubernetes import (
+    KubernetesSource,
+    LeaderElector,
+    ProgramTracker,
+    StatusWriter,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster mode")
+    group.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="read policies and inventory from the cluster, write status",
+    )
+    group.add_argument("--kubeconfig", help="default: in-cluster config, else ~/.kube/config")
+    group.add_argument("--watch-namespace", help="watch one namespace (default: all)")
+    group.add_argument("--lease-namespace", default="modelguard-system")
+    group.add_argument("--replica-id", help="this replica's name in the Lease (default: host)")
+    group.add_argument("--webhook-host", default="0.0.0.0")
+    group.add_argument("--webhook-port", type=int, default=9443, help="0: no webhook")
+    group.add_argument("--webhook-cert-dir", help="tls.crt and tls.key of the webhook")
+    group.add_argument(
+        "--sidecar-xds",
+        default="modelguard.modelguard-system.svc:18000",
+        help="control plane address injected sidecars use",
+    )
+    group.add_argument(
+        "--sidecar-outbound-port",
+        type=int,
+        default=15001,
+        help="outbound (egress) port of sidecars injected into pods annotated "
+        "modelguard.io/egress: enabled",
+    )
+
+
+def api_client_from_args(args: argparse.Namespace) -> Any:
+    from kubernetes import client, config
+
+    if args.kubeconfig:
+        config.load_kube_config(args.kubeconfig)  # type: ignore[no-untyped-call]
+    else:
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+def cluster_authenticator(api_client: Any, identity: Any) -> KubernetesTokenAuthenticator | None:
+    """Sidecars prove who they are with their pod's projected service-account token
+    (TokenReview). Bootstrap tokens are not accepted in a cluster: their key is per replica."""
+    if identity is None:
+        return None
+    from kubernetes import client
+
+    return KubernetesTokenAuthenticator(
+        client.AuthenticationV1Api(api_client),
+        trust_domain=identity.trust_domain,
+        background=True,
+    )
+
+
+def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
+    """Run the control plane in a cluster until interrupted; returns the exit code."""
+    import socket
+
+    from controlplane.inject import InjectConfig, InjectionWebhook
+    from controlplane.server import ControlPlane
+
+    api_client = api_client_from_args(args)
+    config = dataclasses.replace(plane_config, policy_paths=(), watch=False)
+
+    async def main() -> None:
+        authenticator = cluster_authenticator(api_client, config.identity)
+        plane = ControlPlane(config, authenticator=authenticator)
+        tracker = ProgramTracker(plane)
+        source = KubernetesSource(api_client, plane.store, plane.inventory, args.watch_namespace)
+        elector = LeaderElector(
+            api_client, args.lease_namespace, args.replica_id or socket.gethostname()
+        )
+        bundle = None
+        if plane.identity is not None:
+            # One input of API-key digests: --api-keys files and the labelled Secrets.
+            plane.identity.api_key_sources.append(source.api_keys.digests)
+            bundle = TrustBundle(
+                api_client,
+                plane.identity.ca.root_pem,
+                namespaces=[args.watch_namespace] if args.watch_namespace else None,
+                is_leader=lambda: elector.is_leader,
+            )
+        writer = StatusWriter(
+            api_client,
+            source,
+            lambda: elector.is_leader,
+            tracker.nodes,
+            plane.inventory.snapshot,
+        )
+        webhook = None
+        if args.webhook_port:
+            cert_dir = Path(args.webhook_cert_dir) if args.webhook_cert_dir else None
+            webhook = InjectionWebhook(
+                InjectConfig(
+                    xds_address=args.sidecar_xds,
+                    identity=config.identity is not None,
+                    trust_domain=getattr(config.identity, "trust_domain", "cluster.local"),
+                    outbound_port=args.sidecar_outbound_port,
+                ),
+                args.webhook_host,
+                args.webhook_port,
+                str(cert_dir / "tls.crt") if cert_dir else None,
+                str(cert_dir / "tls.key") if cert_dir else None,
+                ready=lambda: source.synced,
+            )
+            webhook.start()
+        source.start()
+        await plane.start()
+        elector.start()
+        if bundle is not None:
+            bundle.start()
+        stop = asyncio.Event()
+        status_task = asyncio.create_task(writer.run(stop))
+        print(
+            f"modelguard control plane (cluster mode): xDS on {config.xds_host}:"
+            f"{plane.xds_port}, admin on {config.admin_host}:{plane.admin_port}",
+            flush=True,
+        )
+        try:
+            await plane.wait_closed()
+        finally:
+            stop.set()
+            await status_task
+            if bundle is not None:
+                bundle.stop()
+            if authenticator is not None:
+                authenticator.close()
+            elector.stop()
+            source.stop()
+            if webhook is not None:
+                webhook.stop()
+            await plane.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0
