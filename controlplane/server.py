@@ -22,6 +22,7 @@ from controlplane.admin import AdminService
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.identity.interceptor import SidecarAuthInterceptor
+from controlplane.identity.kubernetes import AuthenticationPending
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.identity.tokens import AuthenticationError, SidecarAuthenticator
 from controlplane.inventory import Inventory, InventoryError, Sidecar
@@ -130,6 +131,8 @@ class ControlPlane:
             self.identity.authenticate(sidecar_from_node(node), metadata)
         except InventoryError as err:
             raise RejectNode(str(err)) from err
+        except AuthenticationPending as err:
+            raise RejectNode(str(err), grpc.StatusCode.UNAUTHENTICATED, pending=True) from err
         except AuthenticationError as err:
             raise RejectNode(str(err), grpc.StatusCode.UNAUTHENTICATED) from err
 

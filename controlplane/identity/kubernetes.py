@@ -16,9 +16,9 @@ Design (the sidecar injector mounts the token; see the README section "Identity"
   after a control-plane restart); a token is never logged.
 * The xDS server's authentication hook is synchronous and runs on the asyncio loop, so in
   the control plane (``background=True``) a token not reviewed yet is reviewed in a thread
-  and the stream is refused as *pending*: Envoy reconnects within its xDS backoff (0.25 to
-  1 s) and finds the answer cached. The loop never waits on the API server, and an API
-  server that is down costs refusals, not a stalled control plane. Failures are cached
+  and the hook answers *pending*: the stream awaits (up to 3 s, polling the cache) without
+  blocking the loop, then goes on or is refused. The loop never waits on the API server,
+  and an API server that is down costs refusals, not a stalled control plane. Failures are cached
   briefly too, so a sidecar with a bad token cannot make us flood the API server.
 
 How the token reaches Envoy (``sidecar_xds_auth``, used by the injector): gRPC

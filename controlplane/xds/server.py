@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,16 +67,27 @@ def _error_detail(request: Any) -> str | None:
     return message
 
 
+# How long a stream waits for an authentication that is still being decided.
+AUTHENTICATION_WAIT = 3.0
+
+
 class RejectNode(Exception):
     """Raised by ``on_connect`` to refuse a sidecar; the stream ends with ``code``
     (INVALID_ARGUMENT; UNAUTHENTICATED for a sidecar that failed to prove who it is)."""
 
     def __init__(
-        self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+        self,
+        message: str,
+        code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
+        *,
+        pending: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        # Not decided yet (e.g. a token review in flight): the stream waits and asks again
+        # instead of being refused, without blocking the event loop.
+        self.pending = pending
 
 
 @dataclass
@@ -524,7 +536,15 @@ class AdsServer:
         if self._authenticate is not None:
             metadata = {k: str(v) for k, v in (context.invocation_metadata() or ())}
             try:
-                self._authenticate(node, metadata)
+                deadline = time.monotonic() + AUTHENTICATION_WAIT
+                while True:
+                    try:
+                        self._authenticate(node, metadata)
+                        break
+                    except RejectNode as err:
+                        if not err.pending or time.monotonic() >= deadline:
+                            raise
+                        await asyncio.sleep(0.05)
             except RejectNode as err:
                 self.status.dropped("unauthenticated")
                 log.error("node %s from %s rejected: %s", node.id, context.peer(), err.message)

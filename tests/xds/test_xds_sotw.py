@@ -298,3 +298,30 @@ async def test_unknown_type_is_logged_and_the_stream_goes_on(ads: Ads, caplog: o
         assert "unknown type" in caplog.text  # type: ignore[attr-defined]
     finally:
         await raw.close()
+
+
+async def test_an_authentication_still_pending_waits_instead_of_refusing() -> None:
+    """A token review in flight (cluster mode) must not cost the sidecar a refused stream."""
+    from controlplane.xds.cache import SnapshotCache
+    from controlplane.xds.server import AdsServer
+    from controlplane.xds.status import SyncStatus
+
+    answers = iter([True, True, False])  # pending twice, then decided
+
+    def authenticate(node: core_pb2.Node, metadata: object) -> None:
+        if next(answers, False):
+            raise RejectNode("review pending", grpc.StatusCode.UNAUTHENTICATED, pending=True)
+
+    cache, status = SnapshotCache(), SyncStatus()
+    server = grpc.aio.server()
+    AdsServer(cache, status, authenticate=authenticate).add_to(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        snap = mesh(clusters=("model",))
+        cache.set_snapshot("n1", snap)
+        async with SimulatedSidecar(f"127.0.0.1:{port}", "n1"):
+            await status.wait_synced(snapshot_versions={"n1": snap.version}, timeout=5)
+        assert "unauthenticated" not in status.drops()
+    finally:
+        await server.stop(0)
