@@ -166,7 +166,7 @@ def with_credentials(
     injector, as the cluster-mode sidecars do)."""
     if credentials is None:
         return bootstrap
-    from controlplane.identity.kubernetes import token_injector_filters
+    from controlplane.identity.kubernetes import secure_xds_cluster
 
     secret: dict[str, Any] = {"name": TOKEN_SECRET}
     if credentials.token_sds is not None:
@@ -187,25 +187,13 @@ def with_credentials(
             }
         ]
     for cluster in bootstrap["static_resources"]["clusters"]:
-        if cluster["name"] != XDS_CLUSTER:
-            continue
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": f"{_TLS}.UpstreamTlsContext",
-                "common_tls_context": {
-                    "alpn_protocols": ["h2"],
-                    "validation_context": {
-                        "trusted_ca": {"inline_string": credentials.ca_pem},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "URI", "matcher": {"exact": credentials.server_id}}
-                        ],
-                    },
-                },
-            },
-        }
-        options = cluster["typed_extension_protocol_options"][_HTTP_PROTOCOL_OPTIONS]
-        options["http_filters"] = token_injector_filters(secret)
+        if cluster["name"] == XDS_CLUSTER:
+            secure_xds_cluster(
+                cluster,
+                trusted_ca={"inline_string": credentials.ca_pem},
+                server_id=credentials.server_id,
+                credential=secret,
+            )
     return bootstrap
 
 

@@ -247,6 +247,38 @@ def trust_bundle_data(root_pem: str, token_path: str = TOKEN_PATH) -> dict[str, 
     }
 
 
+def secure_xds_cluster(
+    cluster: dict[str, Any],
+    *,
+    trusted_ca: dict[str, Any],
+    server_id: str,
+    credential: dict[str, Any],
+) -> None:
+    """Make the bootstrap's control-plane cluster speak TLS (the server must show
+    ``server_id``, signed by ``trusted_ca``) and put the sidecar's token on every call.
+    One mechanism for the embedded default (inline CA, token file) and cluster mode
+    (mounted CA root, projected token)."""
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TLS}.UpstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "validation_context": {
+                    "trusted_ca": trusted_ca,
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": server_id}}
+                    ],
+                },
+            },
+        },
+    }
+    options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
+        _HTTP_PROTOCOL_OPTIONS, {"@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}"}
+    )
+    options["http_filters"] = token_injector_filters(credential)
+
+
 def token_injector_filters(credential: dict[str, Any]) -> list[dict[str, Any]]:
     """Upstream HTTP filters of the control-plane cluster that put the sidecar's token
     (the generic secret ``credential`` names) on every call through it as
@@ -295,27 +327,12 @@ def sidecar_xds_auth(
     for cluster in bootstrap["static_resources"]["clusters"]:
         if cluster["name"] != xds_cluster:
             continue
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": f"{_TLS}.UpstreamTlsContext",
-                "common_tls_context": {
-                    "alpn_protocols": ["h2"],
-                    "validation_context": {
-                        # Read at start: a new root reaches a sidecar when its pod restarts.
-                        "trusted_ca": {"filename": f"{bundle_dir}/{ROOT_CERT_KEY}"},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "URI", "matcher": {"exact": server_id}}
-                        ],
-                    },
-                },
-            },
-        }
-        options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
-            _HTTP_PROTOCOL_OPTIONS, {"@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}"}
-        )
-        options["http_filters"] = token_injector_filters(
-            {
+        secure_xds_cluster(
+            cluster,
+            # Read at start: a new root reaches a sidecar when its pod restarts.
+            trusted_ca={"filename": f"{bundle_dir}/{ROOT_CERT_KEY}"},
+            server_id=server_id,
+            credential={
                 "name": TOKEN_SECRET,
                 "sds_config": {
                     "path_config_source": {
@@ -326,7 +343,7 @@ def sidecar_xds_auth(
                     },
                     "resource_api_version": "V3",
                 },
-            }
+            },
         )
     return bootstrap
 
