@@ -9,7 +9,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from polling import eventually
 
 from controlplane.bootstrap import XdsCredentials, build_bootstrap
 from controlplane.identity.service import IdentityConfig
@@ -123,21 +124,6 @@ class Mesh:
         return status, body
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if asyncio.iscoroutine(last):
-                last = await last
-        except OSError as err:  # not listening yet, or refused: try again
-            last = err
-        else:
-            if last:
-                return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 def sidecar(node_id: str, service: str, namespace: str, app_port: int, **extra: Any) -> Sidecar:

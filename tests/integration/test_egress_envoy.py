@@ -17,8 +17,7 @@ import json
 import socket
 import ssl
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from polling import eventually
 
 from controlplane.bootstrap import build_bootstrap
 from controlplane.inventory import Sidecar
@@ -201,20 +201,6 @@ class System:
         return records
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if asyncio.iscoroutine(last):
-                last = await last
-        except OSError as err:  # the listener may not be there yet
-            last = err
-        if last and not isinstance(last, Exception):
-            return last
-        await asyncio.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 @pytest.fixture

@@ -13,13 +13,13 @@ import asyncio
 import http.server
 import json
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import eventually
 
 from controlplane.bootstrap import XdsCredentials, build_bootstrap
 from controlplane.identity.service import IdentityConfig
@@ -108,21 +108,6 @@ class Mesh:
             return status, body
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if asyncio.iscoroutine(last):
-                last = await last
-        except OSError as err:  # not listening yet
-            last = err
-        else:
-            if last:
-                return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 @pytest.fixture

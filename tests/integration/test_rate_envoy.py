@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
+from polling import eventually
 
 from controlplane.bootstrap import build_bootstrap
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
@@ -136,13 +137,6 @@ async def rate_system(
         await (system.plane if system is not None else plane).stop(grace=0)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 async def test_local_limit_refuses_the_next_request_with_headers_per_client(

@@ -6,13 +6,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+from polling import eventually
 
 from controlplane.bootstrap import build_bootstrap
 from controlplane.inventory import Sidecar
@@ -79,18 +78,6 @@ async def start_plane(policies: Path, xds_port: int, admin_port: int) -> Control
     return plane
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, every: float = 0.1) -> Any:
-    """Poll an async or sync check until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 @pytest.fixture

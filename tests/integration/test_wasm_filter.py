@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from polling import eventually
 
 from controlplane.bootstrap import build_bootstrap
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
@@ -26,7 +27,6 @@ from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.server import ControlPlane, ControlPlaneConfig
-from tests.integration.test_spine import eventually
 
 pytestmark = pytest.mark.envoy
 
