@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, NamedTuple
 
 from opentelemetry.proto.common.v1 import common_pb2
+
+from controlplane.telemetry.wire import DecodeError, LenientAnyValue, LogRecordView
 
 CLIENT_KEY_ATTRIBUTE = "modelguard.client.key"  # the plain key, as a sidecar sends it
 CLIENT_HASH_ATTRIBUTE = "modelguard.client.key_hash"  # what is kept instead
@@ -147,6 +149,98 @@ def secret_attributes(secret_headers: Iterable[str]) -> frozenset[str]:
     return frozenset(HEADER_ATTRIBUTE_PREFIX + h for h in secret_headers)
 
 
+# -- values as they are on the wire (an encoded AnyValue; see wire.py) --
+#
+# Envoy sends every value as a string shorter than 128 bytes: b"\x0a" + length + UTF-8, read
+# here without a protobuf call. Anything else goes through AnyValue itself.
+
+_DASH = b"\x0a\x01-"
+
+
+def _lenient(raw: bytes) -> Any:
+    try:
+        return LenientAnyValue.FromString(raw)
+    except DecodeError:
+        return None
+
+
+def value_text(raw: bytes) -> str | None:
+    """An encoded AnyValue as ``normalized_attributes`` reads it: its text, or None for no
+    value (unset, an empty or "-" string, bytes that are not an AnyValue). A string that
+    is not UTF-8 is read with replacement characters."""
+    n = len(raw)
+    if n > 2 and raw[0] == 0x0A and raw[1] == n - 2:
+        return None if raw == _DASH else raw[2:].decode(errors="replace")
+    try:
+        value = common_pb2.AnyValue.FromString(raw)
+    except DecodeError:  # not UTF-8 (a string too long for the fast path), or not an AnyValue
+        lenient = _lenient(raw)
+        if lenient is None or lenient.WhichOneof("value") != "string_value":
+            return None
+        text: str = lenient.string_value.decode(errors="replace")
+        return text if _present(text) else None
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    text = any_value_text(value)
+    if which == "string_value" and not _present(text):
+        return None
+    return text
+
+
+def string_value(raw: bytes) -> str:
+    """An encoded AnyValue's string (a log record's body), "" when it holds none."""
+    n = len(raw)
+    if n >= 2 and raw[0] == 0x0A and raw[1] == n - 2:
+        return raw[2:].decode(errors="replace")
+    lenient = _lenient(raw)
+    if lenient is None or lenient.WhichOneof("value") != "string_value":
+        return ""
+    return str(lenient.string_value.decode(errors="replace"))
+
+
+def secret_hash(raw: bytes) -> str | None:
+    """``hash_secret`` of an encoded AnyValue's text; None when it holds no value. A string
+    is hashed from its bytes, so two keys that are not UTF-8 never share a hash."""
+    n = len(raw)
+    if n > 2 and raw[0] == 0x0A and raw[1] == n - 2:
+        return None if raw == _DASH else _hash_bytes(raw[2:])
+    lenient = _lenient(raw)
+    if lenient is not None and lenient.WhichOneof("value") == "string_value":
+        data: bytes = lenient.string_value
+        return _hash_bytes(data) if data and data != b"-" else None
+    text = value_text(raw)
+    return hash_secret(text) if text is not None else None
+
+
+def _hash_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def encoded_string(text: str) -> bytes:
+    """``text`` as an encoded AnyValue string."""
+    return common_pb2.AnyValue(string_value=text).SerializeToString()
+
+
+# Every attribute verdict_of may read (tests/unit/test_telemetry_receiver.py checks it): the
+# receiver derives a verdict once per distinct combination of these in an export.
+VERDICT_INPUTS: tuple[str, ...] = (
+    "http.response.status_code",
+    "http.status_code",
+    "envoy.response_code_details",
+    "envoy.response_flags",
+    "response_flags",
+    EGRESS_VERDICT_ATTRIBUTE,
+    EGRESS_RULE_ATTRIBUTE,
+    "modelguard.ratelimit.limit",
+    "modelguard.output.hardened",
+    "envoy.rbac.audit_deny_shadow_engine_result",
+    "envoy.rbac.audit_deny_shadow_effective_policy_id",
+    "envoy.rbac.audit_allow_shadow_engine_result",
+    "envoy.rbac.audit_allow_shadow_effective_policy_id",
+)
+
+
 def verdict_of(attrs: Mapping[str, str]) -> tuple[Verdict | None, str]:
     """(verdict, rule or limit) of one request, from its access-log or span attributes.
 
@@ -179,16 +273,22 @@ def verdict_of(attrs: Mapping[str, str]) -> tuple[Verdict | None, str]:
     return Verdict.ALLOWED, ""
 
 
-@dataclass(frozen=True)
-class Record:
-    """One span or access-log record as the store keeps it."""
+class Record(NamedTuple):
+    """One span or access-log record as the store keeps it.
+
+    A sidecar's access-log record keeps as fields only what queries, counters and the
+    status page read; its body and attributes stay in ``raw`` — the LogRecord as received,
+    credentials already replaced by their hashes — and are decoded when read (``name``,
+    ``attributes``): most records leave the store unread. Spans and records made by
+    ``make_record`` carry them decoded (``title``, ``pairs``) and no ``raw``.
+    """
 
     kind: Kind
     time_unix_nano: int
     source: str  # "sidecar" or "control-plane"
     service: str
     node: str
-    name: str  # span name, or the log record's body
+    title: str = ""  # span name, or the log record's body (when not in ``raw``)
     trace_id: str = ""  # hex
     span_id: str = ""
     duration_ms: float = 0.0
@@ -198,22 +298,46 @@ class Record:
     route: str = ""
     verdict: str = ""
     rule: str = ""
-    attributes: tuple[tuple[str, str], ...] = ()
-    seq: int = 0  # the store's arrival number (for --follow and paging)
-    size: int = field(default=0, compare=False)  # bytes this record holds in memory
+    pairs: tuple[tuple[str, str], ...] = ()  # the attributes (when not in ``raw``)
+    raw: bytes = b""  # a serialized wire.LogRecordView, scrubbed
+    size: int = 0  # bytes this record holds in memory
+    seq: int = 0  # the store's arrival number (for --follow and paging); the last field
+
+    @property
+    def name(self) -> str:
+        if not self.raw:
+            return self.title
+        return string_value(LogRecordView.FromString(self.raw).body)
+
+    @property
+    def attributes(self) -> tuple[tuple[str, str], ...]:
+        """(name, text) of every attribute, sorted; credentials as hashes, plus the derived
+        verdict (``modelguard.verdict``, ``modelguard.verdict.rule``)."""
+        if not self.raw:
+            return self.pairs
+        attrs = {}
+        for key, value in LogRecordView.FromString(self.raw).attributes.items():
+            text = value_text(value)
+            if text is not None:
+                attrs[key] = text
+        if self.verdict:
+            attrs[VERDICT_ATTRIBUTE] = self.verdict
+            if self.rule:
+                attrs[VERDICT_RULE_ATTRIBUTE] = self.rule
+        return tuple(sorted(attrs.items()))
 
     def with_seq(self, seq: int) -> Record:
-        # A copy of the instance's dict rather than dataclasses.replace, which re-runs
-        # __init__ through field introspection: this runs for every record the store keeps.
-        new = object.__new__(Record)
-        new.__dict__.update(self.__dict__)
-        new.__dict__["seq"] = seq
-        return new
+        # A tuple copy with the last field replaced: this runs for every record the store
+        # keeps (NamedTuple._replace would go through keyword arguments).
+        return _new_record(Record, (*self[:-1], seq))
 
 
-# Per-object overhead of a Record beyond its strings: the instance, its tuple of attribute
-# pairs, the deque slot. Measured with tracemalloc (tests/unit/test_telemetry_store.py).
-_RECORD_OVERHEAD = 400
+_new_record = tuple.__new__
+
+# Per-object overhead of a Record beyond its strings: the tuple, the deque slot; and of each
+# attribute pair (a decoded record's tuple of pairs). Measured with tracemalloc
+# (tests/unit/test_telemetry_store.py).
+_RECORD_OVERHEAD = 240
 _PAIR_OVERHEAD = 120
 
 
@@ -223,7 +347,7 @@ def measure(record: Record) -> int:
             record.source,
             record.service,
             record.node,
-            record.name,
+            record.title,
             record.trace_id,
             record.span_id,
             record.client,
@@ -232,8 +356,8 @@ def measure(record: Record) -> int:
             record.verdict,
             record.rule,
         ),
-        record.attributes,
-    )
+        record.pairs,
+    ) + (sys.getsizeof(record.raw) if record.raw else 0)
 
 
 def _measure(strings: tuple[str, ...], attributes: tuple[tuple[str, str], ...]) -> int:
@@ -279,7 +403,7 @@ def make_record(
         source=source,
         service=service,
         node=node,
-        name=name,
+        title=name,
         trace_id=trace_hex,
         span_id=span_hex,
         duration_ms=duration_ms,
@@ -289,7 +413,7 @@ def make_record(
         route=route,
         verdict=verdict_text,
         rule=rule,
-        attributes=pairs,
+        pairs=pairs,
         size=_measure((*strings, verdict_text, rule), pairs),
     )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -332,13 +331,10 @@ def test_status_lists_recent_blocked_destinations_per_sidecar() -> None:
     store.add([_egress_record("blocked") for _ in range(3)])
     store.add(
         [
-            replace(
-                _egress_record(
-                    "would-block", **{"modelguard.egress.destination": "c2.example.net"}
-                ),
-                time_unix_nano=5_000_000_000,
-            ),
-            replace(_egress_record("allowed"), time_unix_nano=9_000_000_000),
+            _egress_record(
+                "would-block", **{"modelguard.egress.destination": "c2.example.net"}
+            )._replace(time_unix_nano=5_000_000_000),
+            _egress_record("allowed")._replace(time_unix_nano=9_000_000_000),
         ]
     )
     blocks = egress_blocks(store)
