@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         telemetry=telemetry_settings.from_args(args),
         verdicts_path=args.verdicts or None,
         rate_limit_backend=args.rate_limit_backend,
+        quota_assignment_ttl=args.quota_assignment_ttl,
         identity=identity_service.config_from_args(args, ".modelguard/identity"),
     )
 
@@ -127,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limit-backend",
         default="memory",
         help="where budgets are counted: memory, or redis://HOST:PORT/DB (shared by replicas)",
+    )
+    p.add_argument(
+        "--quota-assignment-ttl",
+        type=int,
+        default=15,
+        metavar="SECONDS",
+        help="how long sidecars keep a budget's last assignment when the quota service or its "
+        "backend stops answering, before the policy's failureMode applies (over 5)",
     )
     p.add_argument(
         "--verdicts",

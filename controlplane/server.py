@@ -66,6 +66,9 @@ class ControlPlaneConfig:
     identity: IdentityConfig | None = None
     telemetry: TelemetrySettings = TelemetrySettings()  # noqa: RUF009 (frozen)
     rate_limit_backend: str = "memory"  # or redis://host:port/db, shared by replicas
+    # Seconds a sidecar keeps a budget's assignment without a fresh one (quota service or
+    # its backend gone) before the policy's failureMode applies. Over the 5 s reports.
+    quota_assignment_ttl: int = 15
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
 
@@ -95,7 +98,10 @@ class ControlPlane:
         self.telemetry = TelemetryService(config.telemetry, self)
         self.sidecar_services.append(self.telemetry)
         # Rate limit (per request) and quota (RLQS) services over one budget backend.
-        self.rate_limits = RateLimitServices(backend_from_url(config.rate_limit_backend))
+        self.rate_limits = RateLimitServices(
+            backend_from_url(config.rate_limit_backend),
+            assignment_ttl=config.quota_assignment_ttl,
+        )
         self.sidecar_services.append(self.rate_limits)
         # Extraction monitor: the sidecars' query feed in, verdicts out into compile.
         self.extraction = Extraction(

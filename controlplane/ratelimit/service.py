@@ -37,8 +37,12 @@ _UNITS = {
     86400: rls_pb2.RateLimitResponse.RateLimit.DAY,
 }
 # Outlives a few 5 s reports; when no fresh one arrives (service or backend down), the
-# sidecar falls back to the policy's failure mode.
+# sidecar falls back to the policy's failure mode. A server setting (``serve
+# --quota-assignment-ttl``), not a policy field: it is how long a sidecar trusts an answer.
 ASSIGNMENT_TTL_SECONDS = 15
+# Envoy 1.40 reports every bucket's usage every 5 s whatever reporting_interval says, and
+# each report renews its assignments: a TTL at or under it lapses while all is well.
+REPORT_INTERVAL_SECONDS = 5
 
 Strategy = ratelimit_strategy_pb2.RateLimitStrategy
 
@@ -107,13 +111,22 @@ class _Stream:
     )
     # (limit, client) → (rule, bucket id as the sidecar sent it)
     buckets: dict[tuple[str, str], tuple[Rule, rlqs_pb2.BucketId]] = field(default_factory=dict)
+    # Buckets this stream has had a counted assignment for.
+    assigned: set[tuple[str, str]] = field(default_factory=set)
 
 
 class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore[misc]
     """``envoy.service.rate_limit_quota.v3`` (RLQS): budgets enforced by the sidecars."""
 
-    def __init__(self, budgets: Budgets) -> None:
+    def __init__(self, budgets: Budgets, *, assignment_ttl: int = ASSIGNMENT_TTL_SECONDS) -> None:
+        # Whole seconds: Envoy reads only the seconds of assignment_time_to_live.
+        if assignment_ttl <= REPORT_INTERVAL_SECONDS:
+            raise ValueError(
+                f"the quota assignment TTL must be longer than the sidecars' "
+                f"{REPORT_INTERVAL_SECONDS} s usage reports, got {assignment_ttl} s"
+            )
         self.budgets = budgets
+        self.assignment_ttl = assignment_ttl
         self._streams: set[_Stream] = set()
         # Which streams hold each client bucket: its remaining budget is split among them.
         self._holders: dict[tuple[str, str], set[_Stream]] = defaultdict(set)
@@ -171,10 +184,16 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
                     rule, client, usage.num_requests_allowed + usage.num_requests_denied
                 )
             except BackendError as err:
-                # No fresh assignment: the sidecar's expires and its failure mode applies.
                 log.warning("quota for %s/%s not assigned: %s", rule.limit, client, err)
+                if key not in stream.assigned:
+                    # A bucket that never had an assignment would stay under the sidecar's
+                    # no-assignment behaviour (allow, for both failure modes): expire it at
+                    # once so the policy's failure mode applies now. One that had an
+                    # assignment keeps it until it expires.
+                    response.bucket_action.append(self._expired_action(usage.bucket_id))
                 continue
             self._used[key] = used
+            stream.assigned.add(key)
             response.bucket_action.append(self._action(rule, client, usage.bucket_id))
         return response
 
@@ -206,7 +225,20 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
             strategy = Strategy(token_bucket=bucket)
         action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
         action.quota_assignment_action.rate_limit_strategy.CopyFrom(strategy)
-        action.quota_assignment_action.assignment_time_to_live.FromSeconds(ASSIGNMENT_TTL_SECONDS)
+        action.quota_assignment_action.assignment_time_to_live.FromSeconds(self.assignment_ttl)
+        return action
+
+    @staticmethod
+    def _expired_action(
+        bucket_id: rlqs_pb2.BucketId,
+    ) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+        """An assignment that expires on arrival: the sidecar applies the bucket's
+        expired-assignment behaviour, i.e. the policy's failure mode (the RLQS protocol's
+        way for a server to send clients to their fallback)."""
+        action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
+        assignment = action.quota_assignment_action
+        assignment.rate_limit_strategy.blanket_rule = Strategy.ALLOW_ALL
+        assignment.assignment_time_to_live.FromSeconds(0)
         return action
 
     async def _push_throttle(self, policy: str, client: str) -> None:
@@ -223,10 +255,16 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
 class RateLimitServices:
     """Both services over one set of budgets: a sidecar service of the control plane."""
 
-    def __init__(self, backend: Backend | None = None, **budget_options: Any) -> None:
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        assignment_ttl: int = ASSIGNMENT_TTL_SECONDS,
+        **budget_options: Any,
+    ) -> None:
         self.budgets = Budgets(backend or MemoryBackend(), **budget_options)
         self.ratelimit = RateLimitService(self.budgets)
-        self.quota = QuotaService(self.budgets)
+        self.quota = QuotaService(self.budgets, assignment_ttl=assignment_ttl)
 
     def add_to(self, server: grpc.aio.Server) -> None:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.ratelimit, server)

@@ -76,9 +76,15 @@ RATELIMIT_HEADERS = (
 # Per-client buckets kept per wildcard descriptor; the least recently used are dropped.
 MAX_CLIENTS_PER_SIDECAR = 100_000
 EXACT_TIMEOUT = duration_pb2.Duration(nanos=250_000_000)
-# Assignments outlive a few 5 s usage reports; after that the failure mode applies.
-ASSIGNMENT_TTL = duration_pb2.Duration(seconds=15)
 REPORTING_INTERVAL = duration_pb2.Duration(seconds=5)
+# How long a budget's failure mode holds once its assignment has expired (the quota service
+# or its backend gone): until the service answers again, in practice. After it Envoy would
+# go back to the no-assignment behaviour, which allows.
+FAILURE_MODE_HOLDS = duration_pb2.Duration(seconds=365 * 86400)
+BUDGET_EXHAUSTED = b"query budget exhausted\n"
+# A fail-closed budget refuses with the same response when it cannot be counted: Envoy has
+# one deny response per bucket, so the body names both causes.
+BUDGET_EXHAUSTED_OR_UNCOUNTED = b"query budget exhausted, or the quota service is unavailable\n"
 
 Action: TypeAlias = route_components_pb2.RateLimit.Action
 
@@ -259,14 +265,15 @@ def _bucket(
         SHADOW_KEY: value(string_value="true" if limit.shadow else "false"),
         CLIENT_KEY: value(custom_value=client) if client else value(string_value=ANONYMOUS),
     }
-    fallback = _strategy(allow=not limit.fail_closed)
     bucket = settings(
         bucket_id_builder=settings.BucketIdBuilder(bucket_id_builder=ids),
         # Required, though Envoy 1.40 reports every 5 s whatever it says.
         reporting_interval=REPORTING_INTERVAL,
         deny_response_settings=settings.DenyResponseSettings(
             http_status=http_status_pb2.HttpStatus(code=http_status_pb2.TooManyRequests),
-            http_body=wrappers_pb2.BytesValue(value=b"query budget exhausted\n"),
+            http_body=wrappers_pb2.BytesValue(
+                value=BUDGET_EXHAUSTED_OR_UNCOUNTED if limit.fail_closed else BUDGET_EXHAUSTED
+            ),
             response_headers_to_add=[
                 base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
                 for k, v in (
@@ -276,9 +283,18 @@ def _bucket(
                 )
             ],
         ),
-        no_assignment_behavior=settings.NoAssignmentBehavior(fallback_rate_limit=fallback),
+        # A new client's first requests pass while its first assignment is on its way, in
+        # both failure modes: a DENY_ALL here refuses every new client's first requests
+        # even when the quota service is up (Envoy 1.40 does not wait for the answer).
+        no_assignment_behavior=settings.NoAssignmentBehavior(
+            fallback_rate_limit=_strategy(allow=True)
+        ),
+        # The failure mode: what the sidecar does once an assignment has expired without a
+        # fresh one (the quota service unreachable, or it could not count and sent an
+        # assignment that expires on arrival).
         expired_assignment_behavior=settings.ExpiredAssignmentBehavior(
-            fallback_rate_limit=fallback
+            fallback_rate_limit=_strategy(allow=not limit.fail_closed),
+            expired_assignment_behavior_timeout=FAILURE_MODE_HOLDS,
         ),
     )
     return matcher_pb2.Matcher.OnMatch(
