@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 from controlplane.api import Policy
 from controlplane.compile import targets
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
+from controlplane.grpcutil import decode_checked
 from controlplane.telemetry.records import (
     EGRESS_DESTINATION_ATTRIBUTE,
     POLICY_ATTRIBUTE,
@@ -83,7 +84,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self.plane = plane
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        admin_pb2_grpc.add_AdminServicer_to_server(self, server)
+        admin_pb2_grpc.add_AdminServicer_to_server(self, decode_checked(server))
 
     def report(self, node_filter: str = "") -> admin_pb2.StatusReport:
         plane = self.plane

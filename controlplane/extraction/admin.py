@@ -13,6 +13,7 @@ from google.protobuf import json_format, timestamp_pb2
 
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
+from controlplane.grpcutil import decode_checked
 
 if TYPE_CHECKING:  # the CLI imports this module: keep numpy out of its start-up
     from controlplane.extraction.monitor import ExtractionMonitor
@@ -43,7 +44,7 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
         self.monitor = monitor
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        admin_pb2_grpc.add_QuarantinesServicer_to_server(self, server)
+        admin_pb2_grpc.add_QuarantinesServicer_to_server(self, decode_checked(server))
 
     async def ListQuarantines(
         self,

@@ -27,6 +27,7 @@ from controlplane.extraction.verdicts import (
     VerdictStore,
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
+from controlplane.grpcutil import decode_checked
 from controlplane.identity.interceptor import current_caller
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
         self.refused_node = 0  # batches naming another node than the caller's credential
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        feed_pb2_grpc.add_QueryFeedServicer_to_server(self, server)
+        feed_pb2_grpc.add_QueryFeedServicer_to_server(self, decode_checked(server))
 
     async def start(self) -> None:
         self.monitor.verdicts.expire()

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
+from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import BackendError, RedisBackend
 from controlplane.ratelimit.service import RateLimitServices
 
@@ -31,7 +32,7 @@ class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[mis
         self.services = services
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        ratelimit_pb2_grpc.add_RateLimitsServicer_to_server(self, server)
+        ratelimit_pb2_grpc.add_RateLimitsServicer_to_server(self, decode_checked(server))
 
     async def GetUsage(
         self, request: ratelimit_pb2.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -24,6 +24,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import ratelimit_strategy_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
+from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import Backend, BackendError, MemoryBackend, RedisBackend
 from controlplane.ratelimit.budgets import Budgets, Decision, tightest
 from controlplane.ratelimit.rules import Rule
@@ -267,7 +268,7 @@ class RateLimitServices:
         self.quota = QuotaService(self.budgets, assignment_ttl=assignment_ttl)
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.ratelimit, server)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.ratelimit, decode_checked(server))
         rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(self.quota, server)
 
     async def start(self) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
+from controlplane.grpcutil import decode_checked
 from controlplane.telemetry.records import Record
 from controlplane.telemetry.store import Query
 
@@ -59,7 +60,7 @@ class TelemetryAdmin(telemetry_pb2_grpc.TelemetryServicer):  # type: ignore[misc
         self.telemetry = telemetry
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        telemetry_pb2_grpc.add_TelemetryServicer_to_server(self, server)
+        telemetry_pb2_grpc.add_TelemetryServicer_to_server(self, decode_checked(server))
 
     async def ListTelemetry(
         self, request: telemetry_pb2.TelemetryQuery, context: Any

@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, Tracer
 
+from controlplane.grpcutil import decode_failures
 from controlplane.telemetry.records import Record
 
 if TYPE_CHECKING:
@@ -201,6 +202,20 @@ class SelfTelemetry:
         )
         self._meter.create_observable_counter(
             "modelguard.xds.nacks", [nacks], description="configurations sidecars rejected"
+        )
+
+        def undecodable(_: CallbackOptions) -> Iterable[Observation]:
+            # The plane's two servers exist once it has started (ControlPlane.start).
+            for server in (plane._xds_server, plane._admin_server):
+                if server is None:
+                    continue
+                for (service, method), count in decode_failures(server).counts().items():
+                    yield Observation(count, {"service": service, "method": method})
+
+        self._meter.create_observable_counter(
+            "modelguard.grpc.undecodable_requests",
+            [undecodable],
+            description="unary requests refused because their body did not decode",
         )
 
     def _on_policies(self, policy_set: Any) -> None:

@@ -583,3 +583,137 @@ def test_junk_to_the_admin_api_gets_clear_errors(plane_thread: PlaneThread) -> N
             ), err.value
         report = stubs["status"](admin_pb2.GetStatusRequest(), timeout=10)
         assert any(p.name == "digits-model" for p in report.policies)
+
+
+# --- undecodable unary requests ----------------------------------------------------------------
+
+JUNK_BODIES = st.one_of(
+    st.binary(min_size=1, max_size=300),
+    st.builds(lambda n: b"\x0a" + bytes([n]) + b"x" * (n // 2), st.integers(2, 127)),  # too short
+    st.builds(lambda b: b"\x0a\x02" + b, st.sampled_from([b"\xff\xfe", b"\xc3\x28"])),  # not UTF-8
+    st.just(b"\x08" + b"\xff" * 11),  # a varint longer than 64 bits
+)
+
+
+def test_undecodable_unary_requests_are_refused_and_counted(plane_thread: PlaneThread) -> None:
+    """A body that does not decode gets INVALID_ARGUMENT naming the method and the protobuf
+    error, from every unary method of the OTLP, feed, rate limit and admin services, and is
+    counted per service and method (in process and as a control-plane metric); good
+    requests work after, and are not counted."""
+    from google.protobuf import message_factory
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as logs_pb
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as traces_pb
+
+    from controlplane.grpcutil import decode_failures
+    from controlplane.telemetry import wire
+
+    plane = plane_thread.plane
+    assert plane._xds_server is not None and plane._admin_server is not None
+    sidecar_methods = [
+        (traces_pb, "TraceService"), (logs_pb, "LogsService"), (feed_pb2, "QueryFeed"),
+        (__import__("envoy.service.ratelimit.v3.rls_pb2", fromlist=["x"]), "RateLimitService"),
+    ]
+    admin_methods = [
+        (admin_pb2, "Admin"), (admin_pb2, "Quarantines"), (ratelimit_pb2, "RateLimits"),
+        (telemetry_pb2, "Telemetry"),
+    ]
+    # (address, server, service, method, decoders of its body, response streaming)
+    methods: list[tuple[str, Any, str, str, list[Any], bool]] = []
+    for address, server, modules in (
+        (plane_thread.xds, plane._xds_server, sidecar_methods),
+        (plane_thread.admin, plane._admin_server, admin_methods),
+    ):
+        for module, name in modules:
+            service = module.DESCRIPTOR.services_by_name[name]
+            for method in service.methods:
+                if method.client_streaming:
+                    continue
+                decoders = [message_factory.GetMessageClass(method.input_type).FromString]
+                if service.full_name == "opentelemetry.proto.collector.logs.v1.LogsService":
+                    decoders.append(wire.ExportLogsView.FromString)  # what the receiver reads
+                methods.append(
+                    (address, server, service.full_name, method.name, decoders,
+                     method.server_streaming)
+                )
+    assert len(methods) >= 12, [m[2:4] for m in methods]
+    channels = {address: grpc.insecure_channel(address) for address in {m[0] for m in methods}}
+    refused: dict[tuple[str, str], int] = {}
+
+    def decodes(decoders: list[Any], body: bytes) -> bool:
+        try:
+            for decode in decoders:
+                decode(body)
+        except Exception:
+            return False
+        return True
+
+    def send_junk(body: bytes) -> None:
+        for address, server, service, method, decoders, streaming in methods:
+            if decodes(decoders, body):
+                continue
+            counts = decode_failures(server).counts
+            before = counts().get((service, method), 0)
+            path = f"/{service}/{method}"
+            call = (channels[address].unary_stream if streaming else channels[address].unary_unary)
+            with pytest.raises(grpc.RpcError) as err:
+                reply = call(path)(body, timeout=10)
+                if streaming:
+                    list(reply)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, body, err.value)
+            assert f"undecodable request to {service}/{method}" in (err.value.details() or "")
+            assert counts().get((service, method), 0) == before + 1, (path, body)
+            refused[service, method] = refused.get((service, method), 0) + 1
+
+    try:
+        send_junk(b"\xff\xff\xff\xff not protobuf")  # undecodable for every method
+        assert len(refused) == len(methods)
+
+        @FUZZ
+        @given(JUNK_BODIES)
+        def fuzz(body: bytes) -> None:
+            send_junk(body)
+
+        fuzz()
+        # Well-formed requests still work, and are not counted.
+        totals = [decode_failures(s).total() for s in (plane._xds_server, plane._admin_server)]
+        xds, admin = channels[plane_thread.xds], channels[plane_thread.admin]
+        trace_service_pb2_grpc.TraceServiceStub(xds).Export(
+            trace_service_pb2.ExportTraceServiceRequest(), timeout=10
+        )
+        before = plane.telemetry.store.stats().received
+        logs = logs_service_pb2.ExportLogsServiceRequest()
+        logs.resource_logs.add().scope_logs.add().log_records.add().body.string_value = "GET /"
+        logs_service_pb2_grpc.LogsServiceStub(xds).Export(logs, timeout=10)
+        assert plane.telemetry.store.stats().received == before + 1
+        good = feed_pb2.FeedBatch(policy="demo/digits-model")
+        good.queries.add(client_key="good", request_body=b'{"instances": [[1.0]]}')
+        assert feed_pb2_grpc.QueryFeedStub(xds).Report(good, timeout=10).accepted <= 1
+        from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+        rls_pb2_grpc.RateLimitServiceStub(xds).ShouldRateLimit(
+            rls_pb2.RateLimitRequest(domain="modelguard"), timeout=10
+        )
+        report = admin_pb2_grpc.AdminStub(admin).GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
+        assert any(p.name == "digits-model" for p in report.policies)
+        telemetry_pb2_grpc.TelemetryStub(admin).ListTelemetry(
+            telemetry_pb2.TelemetryQuery(limit=1), timeout=10
+        )
+        assert [
+            decode_failures(s).total() for s in (plane._xds_server, plane._admin_server)
+        ] == totals
+        # The counts are among the control plane's metrics too.
+        metrics = telemetry_pb2_grpc.TelemetryStub(admin).GetTelemetryMetrics(
+            telemetry_pb2.TelemetryMetricsRequest(), timeout=10
+        )
+        exported = {
+            (p.attributes["service"], p.attributes["method"]): p.value
+            for p in metrics.points
+            if p.name == "modelguard.grpc.undecodable_requests"
+        }
+        counted = {**decode_failures(plane._xds_server).counts(),
+                   **decode_failures(plane._admin_server).counts()}
+        assert exported == counted
+        assert all(counted[key] >= n for key, n in refused.items())
+    finally:
+        for channel in channels.values():
+            channel.close()
