@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import grpc
@@ -73,6 +74,32 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
         gone = self.monitor.release(request.client_key, request.policy or None)
         return admin_pb2.ReleaseQuarantineResponse(released=[entry(e) for e in gone])
 
+    async def GetMonitorStats(
+        self,
+        request: admin_pb2.MonitorStatsRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.MonitorStatsRequest, admin_pb2.MonitorStats],
+    ) -> admin_pb2.MonitorStats:
+        return monitor_stats(self.monitor)
+
+
+def monitor_stats(monitor: ExtractionMonitor) -> admin_pb2.MonitorStats:
+    stats, tracked = monitor.counters()
+    return admin_pb2.MonitorStats(
+        batches=stats.batches,
+        queries=stats.queries,
+        unobserved=stats.unobserved,
+        unobserved_by_reason=dict(stats.unobserved_by_reason),
+        unparsable=dict(stats.unparsable),
+        unknown_policy=stats.unknown_policy,
+        verdicts=dict(stats.verdicts),
+        clients_tracked=tracked,
+        clients_max=monitor.max_clients,
+        clients_evicted=stats.evicted,
+        clients_expired=stats.expired,
+        long_keys=stats.long_keys,
+        refused_batches=stats.refused_batches,
+    )
+
 
 # --- the CLI ----------------------------------------------------------------------------------
 
@@ -80,7 +107,10 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", default="127.0.0.1:18001", help="admin address")
     sub = parser.add_subparsers(dest="quarantine_command", required=True)
-    p = sub.add_parser("list", help="quarantined clients (and, with --all, throttled ones)")
+    p = sub.add_parser(
+        "list",
+        help="quarantined clients (and, with --all, throttled ones), and the monitor's counters",
+    )
     p.add_argument("--all", action="store_true", help="throttles too")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("release", help="end a client's quarantine and throttle now")
@@ -107,6 +137,52 @@ def render(entries: list[admin_pb2.QuarantineEntry]) -> str:
     )
 
 
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason} {n:,}" for reason, n in sorted(counts.items()))
+
+
+def render_stats(s: admin_pb2.MonitorStats) -> str:
+    """The monitor's counters in three lines: what it saw, what it could not, what it did."""
+    unobserved = f"{s.unobserved:,} unobserved"
+    if s.unobserved_by_reason:
+        unobserved += f" ({_counts(s.unobserved_by_reason)})"
+    unparsable = sum(s.unparsable.values())
+    unread = f"{unparsable:,} unreadable"
+    if s.unparsable:
+        unread += f" ({_counts(s.unparsable)})"
+    if s.unknown_policy:
+        unread += f", {s.unknown_policy:,} for an unknown policy"
+    verdicts = sum(s.verdicts.values())
+    clients = (
+        f"{s.clients_tracked:,} of at most {s.clients_max:,} clients tracked "
+        f"({s.clients_evicted:,} evicted, {s.clients_expired:,} expired"
+        + (f", {s.long_keys:,} long keys by digest" if s.long_keys else "")
+        + ")"
+    )
+    return "\n".join(
+        [
+            f"monitor: {s.queries:,} queries observed in {s.batches:,} batches, {unobserved}",
+            f"         {unread}"
+            + (f", {s.refused_batches:,} batches refused" if s.refused_batches else ""),
+            f"         {verdicts:,} verdicts"
+            + (f" ({_counts(s.verdicts)})" if s.verdicts else "")
+            + f", {clients}",
+        ]
+    )
+
+
+def _stats(stub: admin_pb2_grpc.QuarantinesStub) -> admin_pb2.MonitorStats | None:
+    try:
+        stats: admin_pb2.MonitorStats = stub.GetMonitorStats(
+            admin_pb2.MonitorStatsRequest(), timeout=5
+        )
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older control plane
+            return None
+        raise
+    return stats
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         with grpc.insecure_channel(args.admin) as channel:
@@ -115,15 +191,20 @@ def run(args: argparse.Namespace) -> int:
                 listed = stub.ListQuarantines(
                     admin_pb2.ListQuarantinesRequest(include_throttles=args.all), timeout=5
                 )
+                stats = _stats(stub)
                 if args.json:
-                    print(
-                        json.dumps(
-                            json_format.MessageToDict(listed, preserving_proto_field_name=True),
-                            indent=2,
+                    out = json_format.MessageToDict(listed, preserving_proto_field_name=True)
+                    if stats is not None:
+                        out["monitor"] = json_format.MessageToDict(
+                            stats,
+                            preserving_proto_field_name=True,
+                            always_print_fields_with_no_presence=True,
                         )
-                    )
+                    print(json.dumps(out, indent=2))
                 else:
                     print(render(list(listed.entries)))
+                    if stats is not None:
+                        print("\n" + render_stats(stats))
                 return 0
             released = stub.ReleaseQuarantine(
                 admin_pb2.ReleaseQuarantineRequest(client_key=args.key, policy=args.policy),

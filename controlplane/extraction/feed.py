@@ -39,7 +39,11 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
     def __init__(self, monitor: ExtractionMonitor) -> None:
         self.monitor = monitor
         self._expiry: asyncio.Task[None] | None = None
-        self.refused_node = 0  # batches naming another node than the caller's credential
+
+    @property
+    def refused_node(self) -> int:
+        """Batches naming another node than the caller's credential."""
+        return self.monitor.stats.refused_batches
 
     def add_to(self, server: grpc.aio.Server) -> None:
         feed_pb2_grpc.add_QueryFeedServicer_to_server(self, decode_checked(server))
@@ -73,7 +77,7 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
         caller = current_caller()  # None with identity off
         if caller is not None and not caller.is_node(request.node_id):
             # A valid token for one sidecar must not report (or blame a key) as another.
-            self.refused_node += 1
+            self.monitor.stats.refused_batches += 1
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"batch names node {request.node_id!r}, but the caller is not that sidecar",

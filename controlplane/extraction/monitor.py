@@ -21,6 +21,8 @@ after ``idle_ttl`` seconds without a query.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -32,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from controlplane.api import ExtractionPolicy, Policy
 from controlplane.api.common import WINDOW_SECONDS
@@ -114,32 +117,95 @@ class MonitorStats:
     batches: int = 0
     queries: int = 0
     unobserved: int = 0
+    unobserved_by_reason: Counter[str] = field(default_factory=Counter)
     unparsable: Counter[str] = field(default_factory=Counter)  # reason → count
     unknown_policy: int = 0
     evicted: int = 0
     expired: int = 0
     verdicts: Counter[str] = field(default_factory=Counter)
+    long_keys: int = 0  # client states filed under a digest: keys over KEY_LIMIT bytes
+    refused_batches: int = 0  # batches naming another node than their caller (feed service)
+
+    def copy(self) -> MonitorStats:
+        return dataclasses.replace(
+            self,
+            unobserved_by_reason=Counter(self.unobserved_by_reason),
+            unparsable=Counter(self.unparsable),
+            verdicts=Counter(self.verdicts),
+        )
 
 
 _NUMBER_TYPES = frozenset((int, float))
+_JSON_ERRORS = (UnicodeDecodeError, ValueError, RecursionError)  # junk, or nested too deep
+KEY_LIMIT = 256  # bytes of a client key kept as it is; longer ones are tracked by digest
+UNOBSERVED_REASONS = frozenset(("buffer_full", "body_too_large", "call_failed", "incomplete"))
 
 
-def _numbers(value: Any) -> npt.NDArray[np.float64] | None:
-    """A non-empty flat row of finite numbers, or None."""
-    if type(value) is not list or not value:
-        return None
+def _loads(body: bytes) -> Any:
+    """A body's JSON, as ``json.loads`` reads it.
+
+    orjson reads a query body in a fifth of the time. What it refuses and the standard
+    library reads (NaN, a byte-order mark, UTF-16, lone surrogates, nesting past 1,024)
+    is read by the standard library, so no body is judged differently; past 2**64 orjson
+    makes integers floats, which is what they become in a query vector anyway.
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
+def _is_numbers(value: Any) -> bool:
+    """A non-empty flat list of JSON numbers (the values still to be checked finite)."""
     # numpy would read booleans and numeric strings as numbers: a client's junk must not.
     # json.loads makes only exact ints, floats, bools, strs, lists and dicts, so the set of
     # exact types says it all (bool is not int here), in C rather than per element.
-    if not _NUMBER_TYPES.issuperset(map(type, value)):
-        return None
+    return type(value) is list and bool(value) and _NUMBER_TYPES.issuperset(map(type, value))
+
+
+def _matrix(rows: list[list[Any]], dtype: type[np.floating[Any]]) -> tuple[Any, Any]:
+    """Rows of one length as one matrix (one numpy call for a whole batch rather than a few
+    per row), and which of them are finite in ``dtype``: an integer past float range, an
+    infinity, or a value the float32 state cannot hold makes its row junk."""
     try:
-        row = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):  # an integer beyond float range
-        return None
-    if row.ndim != 1 or not np.isfinite(row).all():
-        return None
-    return row
+        M = np.array(rows, dtype=np.float64)
+    except OverflowError:  # an integer beyond float range somewhere: find it row by row
+        M = np.empty((len(rows), len(rows[0])))
+        for i, row in enumerate(rows):
+            try:
+                M[i] = row
+            except OverflowError:
+                M[i] = np.nan
+    if dtype is not np.float64:
+        with np.errstate(over="ignore"):
+            M = M.astype(dtype)
+    return M, np.isfinite(M).all(axis=1)
+
+
+def _finite(row: list[Any], dtype: type[np.floating[Any]]) -> bool:
+    return bool(_matrix([row], dtype)[1][0])
+
+
+def tracking_key(client_key: str) -> str:
+    """What the monitor files a client's state under: the key itself up to ``KEY_LIMIT``
+    bytes, else its first 200 characters and the SHA-256 of all of it. Distinct keys stay
+    distinct and one key always lands in one state, so detection works for a client with a
+    long key as for any other, in bounded memory; the result is longer than any key kept as
+    it is, so no short key can take a long key's state."""
+    if len(client_key) <= KEY_LIMIT // 4 or len(client_key.encode()) <= KEY_LIMIT:
+        return client_key
+    digest = hashlib.sha256(client_key.encode(errors="surrogatepass")).hexdigest()
+    return f"{client_key[:200]}#sha256:{digest}"
+
+
+@dataclass
+class _ClientRows:
+    """One client's part of a batch, as read."""
+
+    key: str  # as the sidecar sent it: a verdict must name what the sidecar matches
+    rows: list[int] = field(default_factory=list)  # into the batch's matrix
+    labels: list[int] = field(default_factory=list)
+    other_dimension: int = 0  # vectors of another dimension than the profile's
 
 
 class ExtractionMonitor:
@@ -201,36 +267,133 @@ class ExtractionMonitor:
             self.stats.unknown_policy += len(batch.queries)
             return 0
         profile = self._profile(policy)
-        rows: dict[str, list[npt.NDArray[np.float64]]] = {}
-        labels: dict[str, list[int]] = {}
-        for query in batch.queries:
-            got = self._extract(policy, query)
-            if got is None:
-                continue
-            vectors, classes = got
-            rows.setdefault(query.client_key, []).extend(vectors)
-            labels.setdefault(query.client_key, []).extend(classes)
+        dim = profile.reference.dim if profile else None
+        matrix, clients = self._read(policy, dim, batch.queries)
         accepted = 0
         if profile is None:
-            for vectors in rows.values():
-                self.stats.unparsable["no_profile"] += len(vectors)
+            for client in clients.values():
+                self.stats.unparsable["no_profile"] += client.other_dimension
         else:
-            accepted = self._observe(policy, profile, rows, labels, now)
+            accepted = self._observe(policy, profile, matrix, clients, now)
         for gap in batch.unobserved:
             self.stats.unobserved += gap.count
-            dim = profile.reference.dim if profile else 1
-            tracked = self._tracked(policy.key, gap.client_key, dim, now)
+            reason = gap.reason if gap.reason in UNOBSERVED_REASONS else "other"
+            self.stats.unobserved_by_reason[reason] += gap.count
+            tracked = self._tracked(policy.key, gap.client_key, dim or 1, now)
             tracked.state.unobserved += gap.count
             self._judge(policy, profile, gap.client_key, tracked, now)
         self.stats.queries += accepted
         return accepted
 
+    def _read(
+        self, policy: WatchedPolicy, dim: int | None, queries: Iterable[feed_pb2.Query]
+    ) -> tuple[npt.NDArray[np.float32], dict[str, _ClientRows]]:
+        """The batch's query vectors of the profile's dimension as one float32 matrix, and
+        each client's rows of it with their classes (the argmax of the model's scores, -1
+        without them), clients in order of their first query.
+
+        A query is read whole or not at all: one vector that is not a flat row of finite
+        numbers makes the whole query junk (``features``); unreadable scores only cost the
+        classes (``scores``, ``response_json``). Numbers are checked and converted for the
+        whole batch at once.
+        """
+        unparsable = self.stats.unparsable
+        read: list[tuple[str, list[Any], list[Any] | str | None]] = []
+        for query in queries:
+            try:
+                request = _loads(query.request_body)
+            except _JSON_ERRORS:
+                unparsable["request_json"] += 1
+                continue
+            vectors = policy.features.find(request)
+            if not vectors or not all(map(_is_numbers, vectors)):
+                unparsable["features"] += 1
+                continue
+            # The scores' fate is counted once the vectors are known to be good.
+            scores: list[Any] | str | None = None
+            if query.response_body:
+                try:
+                    response = _loads(query.response_body)
+                except _JSON_ERRORS:
+                    scores = "response_json"
+                else:
+                    if response is not None:
+                        found = policy.scores.find(response)
+                        ok = len(found) == len(vectors) and all(map(_is_numbers, found))
+                        scores = found if ok else "scores"
+            read.append((query.client_key, vectors, scores))
+        # Feature rows: the profile's dimension into one matrix, others checked one by one.
+        good = [True] * len(read)
+        rows: list[list[Any]] = []
+        owners: list[int] = []
+        for q, (_, vectors, _) in enumerate(read):
+            for v in vectors:
+                if len(v) == dim:
+                    rows.append(v)
+                    owners.append(q)
+                elif not _finite(v, np.float32):
+                    good[q] = False
+        if rows:
+            matrix, finite = _matrix(rows, np.float32)
+            for bad in np.flatnonzero(~finite).tolist():
+                good[owners[bad]] = False
+        else:
+            matrix = np.empty((0, dim or 0), dtype=np.float32)
+        if not all(good):
+            unparsable["features"] += good.count(False)
+        # Classes: the scores of the good queries, by length, each length one matrix.
+        classes: list[list[int] | None] = [None] * len(read)
+        by_length: dict[int, tuple[list[list[Any]], list[tuple[int, int]]]] = {}
+        for q, (_, _, scores) in enumerate(read):
+            if not good[q]:
+                continue
+            if isinstance(scores, str):
+                unparsable[scores] += 1
+            elif scores is not None:
+                classes[q] = [-1] * len(scores)
+                for position, s in enumerate(scores):
+                    group = by_length.setdefault(len(s), ([], []))
+                    group[0].append(s)
+                    group[1].append((q, position))
+        unreadable: set[int] = set()
+        for score_rows, places in by_length.values():
+            S, finite = _matrix(score_rows, np.float64)
+            top = S.argmax(axis=1).tolist()
+            for i, (q, position) in enumerate(places):
+                if finite[i]:
+                    classes[q][position] = top[i]  # type: ignore[index]
+                else:
+                    unreadable.add(q)
+        for q in unreadable:
+            # Still worth watching: PRADA then treats all queries as one class.
+            unparsable["scores"] += 1
+            classes[q] = None
+        clients: dict[str, _ClientRows] = {}
+        row = 0
+        for q, (key, vectors, _) in enumerate(read):
+            n_rows = sum(1 for v in vectors if len(v) == dim)
+            if good[q]:
+                client = clients.get(key)
+                if client is None:
+                    client = clients[key] = _ClientRows(key)
+                labels = classes[q] or [-1] * len(vectors)
+                for v, label in zip(vectors, labels, strict=True):
+                    if len(v) == dim:
+                        client.rows.append(row)
+                        client.labels.append(label)
+                        row += 1
+                    else:
+                        client.other_dimension += 1
+            else:
+                row += n_rows
+        return matrix, clients
+
     def _observe(
         self,
         policy: WatchedPolicy,
         profile: Profile,
-        rows: dict[str, list[npt.NDArray[np.float64]]],
-        labels: dict[str, list[int]],
+        matrix: npt.NDArray[np.float32],
+        clients: dict[str, _ClientRows],
         now: float,
     ) -> int:
         """Fold each client's rows of one batch into its state.
@@ -242,23 +405,19 @@ class ExtractionMonitor:
         per client. Repeats (most of a what-if user's traffic) never reach the reference.
         """
         dim = profile.reference.dim
-        clients: list[tuple[str, npt.NDArray[np.float32], npt.NDArray[np.int16]]] = []
-        for client_key, vectors in rows.items():
-            keep = [i for i, v in enumerate(vectors) if len(v) == dim]
-            if len(keep) < len(vectors):
-                self.stats.unparsable["dimension"] += len(vectors) - len(keep)
-            if not keep:
-                continue
-            X = np.asarray([vectors[i] for i in keep], dtype=np.float32)
-            y = np.asarray([labels[client_key][i] for i in keep], dtype=np.int16)
-            clients.append((client_key, X, y))
-        if not clients:
-            return 0
         thresholds = profile.thresholds[policy.sensitivity]
         matched = []
-        for client_key, X, y in clients:
-            tracked = self._tracked(policy.key, client_key, dim, now)
-            matched.append((client_key, tracked, tracked.state.match(X, y, thresholds)))
+        accepted = 0
+        for client in clients.values():
+            if client.other_dimension:
+                self.stats.unparsable["dimension"] += client.other_dimension
+            if not client.rows:
+                continue
+            X = matrix[client.rows]
+            y = np.asarray(client.labels, dtype=np.int16)
+            accepted += len(X)
+            tracked = self._tracked(policy.key, client.key, dim, now)
+            matched.append((client.key, tracked, tracked.state.match(X, y, thresholds)))
         fresh = [F for _, _, F in matched if len(F)]
         if fresh:
             everything = np.concatenate(fresh)
@@ -271,38 +430,15 @@ class ExtractionMonitor:
                 tracked.state.fold(novelty[start:end], residual[start:end], thresholds)
                 start = end
             self._judge(policy, profile, client_key, tracked, now)
-        return sum(len(X) for _, X, _ in clients)
-
-    def _extract(
-        self, policy: WatchedPolicy, query: feed_pb2.Query
-    ) -> tuple[list[npt.NDArray[np.float64]], list[int]] | None:
-        try:
-            request = json.loads(query.request_body)
-        except (UnicodeDecodeError, ValueError, RecursionError):  # junk, or nested too deep
-            self.stats.unparsable["request_json"] += 1
-            return None
-        vectors = [_numbers(v) for v in policy.features.find(request)]
-        if not vectors or any(v is None for v in vectors):
-            self.stats.unparsable["features"] += 1
-            return None
-        classes = [-1] * len(vectors)
-        try:
-            response = json.loads(query.response_body) if query.response_body else None
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            response = None
-        if response is not None:
-            scores = [_numbers(s) for s in policy.scores.find(response)]
-            if len(scores) == len(vectors) and all(s is not None for s in scores):
-                classes = [int(np.argmax(s)) for s in scores if s is not None]
-            else:
-                # Still worth watching: PRADA then treats all queries as one class.
-                self.stats.unparsable["scores"] += 1
-        return [v for v in vectors if v is not None], classes
+        return accepted
 
     def _tracked(self, policy: str, client_key: str, dim: int, now: float) -> Tracked:
-        key = (policy, client_key)
+        filed = tracking_key(client_key)
+        key = (policy, filed)
         tracked = self._clients.get(key)
         if tracked is None:
+            if filed != client_key:
+                self.stats.long_keys += 1
             tracked = Tracked(ClientState(dim=dim))
             self._clients[key] = tracked
             while len(self._clients) > self.max_clients:
@@ -422,7 +558,8 @@ class ExtractionMonitor:
     def release(self, key: str, policy: str | None = None) -> list[Enforcement]:
         """End a client's quarantine and throttle, and forget what it was suspected of."""
         with self._lock:
-            for client in [c for c in self._clients if c[1] == key]:
+            tracked = tracking_key(key)
+            for client in [c for c in self._clients if c[1] == tracked]:
                 if policy is None or client[0] == policy:
                     del self._clients[client]
         self.throttler.release(key, policy)
@@ -430,3 +567,8 @@ class ExtractionMonitor:
 
     def client_count(self) -> int:
         return len(self._clients)
+
+    def counters(self) -> tuple[MonitorStats, int]:
+        """A consistent copy of the counters, and the clients tracked, for the admin API."""
+        with self._lock:
+            return self.stats.copy(), len(self._clients)

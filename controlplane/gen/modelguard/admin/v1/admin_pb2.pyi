@@ -403,3 +403,155 @@ class ReleaseQuarantineResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseQuarantineResponse: _TypeAlias = ReleaseQuarantineResponse  # noqa: Y015
+
+@_typing.final
+class MonitorStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonitorStatsRequest: _TypeAlias = MonitorStatsRequest  # noqa: Y015
+
+@_typing.final
+class MonitorStats(_message.Message):
+    """Counters since the control plane started. Every query a sidecar saw is in exactly one
+    place: observed (queries), unobserved (the sidecar could not ship it), unparsable (a
+    query the monitor could not read), or unknown_policy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class UnobservedByReasonEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class UnparsableEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class VerdictsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    UNOBSERVED_FIELD_NUMBER: _builtins.int
+    UNOBSERVED_BY_REASON_FIELD_NUMBER: _builtins.int
+    UNPARSABLE_FIELD_NUMBER: _builtins.int
+    UNKNOWN_POLICY_FIELD_NUMBER: _builtins.int
+    VERDICTS_FIELD_NUMBER: _builtins.int
+    CLIENTS_TRACKED_FIELD_NUMBER: _builtins.int
+    CLIENTS_MAX_FIELD_NUMBER: _builtins.int
+    CLIENTS_EVICTED_FIELD_NUMBER: _builtins.int
+    CLIENTS_EXPIRED_FIELD_NUMBER: _builtins.int
+    LONG_KEYS_FIELD_NUMBER: _builtins.int
+    REFUSED_BATCHES_FIELD_NUMBER: _builtins.int
+    batches: _builtins.int
+    """feed batches received"""
+    queries: _builtins.int
+    """query vectors observed and analysed"""
+    unobserved: _builtins.int
+    """requests the sidecars saw but could not ship"""
+    unknown_policy: _builtins.int
+    """queries of a batch naming no ExtractionPolicy with detection"""
+    clients_tracked: _builtins.int
+    clients_max: _builtins.int
+    clients_evicted: _builtins.int
+    """least recently seen, to stay within clients_max"""
+    clients_expired: _builtins.int
+    """idle past the time-to-live"""
+    long_keys: _builtins.int
+    """client keys over 256 bytes, tracked by digest"""
+    refused_batches: _builtins.int
+    """batches naming another node than their caller"""
+    @_builtins.property
+    def unobserved_by_reason(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """buffer_full, body_too_large, call_failed, incomplete, other"""
+
+    @_builtins.property
+    def unparsable(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """by reason: request_json, features, dimension, scores, response_json, no_profile"""
+
+    @_builtins.property
+    def verdicts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """"stage:action" (e.g. "detection:quarantine") → count"""
+
+    def __init__(
+        self,
+        *,
+        batches: _builtins.int = ...,
+        queries: _builtins.int = ...,
+        unobserved: _builtins.int = ...,
+        unobserved_by_reason: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        unparsable: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        unknown_policy: _builtins.int = ...,
+        verdicts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        clients_tracked: _builtins.int = ...,
+        clients_max: _builtins.int = ...,
+        clients_evicted: _builtins.int = ...,
+        clients_expired: _builtins.int = ...,
+        long_keys: _builtins.int = ...,
+        refused_batches: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "clients_evicted", b"clients_evicted", "clients_expired", b"clients_expired", "clients_max", b"clients_max", "clients_tracked", b"clients_tracked", "long_keys", b"long_keys", "queries", b"queries", "refused_batches", b"refused_batches", "unknown_policy", b"unknown_policy", "unobserved", b"unobserved", "unobserved_by_reason", b"unobserved_by_reason", "unparsable", b"unparsable", "verdicts", b"verdicts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonitorStats: _TypeAlias = MonitorStats  # noqa: Y015

@@ -119,6 +119,11 @@ class QuarantinesStub:
                 request_serializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.SerializeToString,
                 response_deserializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.FromString,
                 _registered_method=True)
+        self.GetMonitorStats = channel.unary_unary(
+                '/modelguard.admin.v1.Quarantines/GetMonitorStats',
+                request_serializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.MonitorStatsRequest.SerializeToString,
+                response_deserializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.MonitorStats.FromString,
+                _registered_method=True)
 
 
 class QuarantinesServicer:
@@ -139,6 +144,13 @@ class QuarantinesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMonitorStats(self, request, context):
+        """The extraction monitor's counters: what it observed, what it could not, and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuarantinesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +163,11 @@ def add_QuarantinesServicer_to_server(servicer, server):
                     servicer.ReleaseQuarantine,
                     request_deserializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.FromString,
                     response_serializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.SerializeToString,
+            ),
+            'GetMonitorStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMonitorStats,
+                    request_deserializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.MonitorStatsRequest.FromString,
+                    response_serializer=modelguard_dot_admin_dot_v1_dot_admin__pb2.MonitorStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -209,6 +226,33 @@ class Quarantines:
             '/modelguard.admin.v1.Quarantines/ReleaseQuarantine',
             modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineRequest.SerializeToString,
             modelguard_dot_admin_dot_v1_dot_admin__pb2.ReleaseQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMonitorStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelguard.admin.v1.Quarantines/GetMonitorStats',
+            modelguard_dot_admin_dot_v1_dot_admin__pb2.MonitorStatsRequest.SerializeToString,
+            modelguard_dot_admin_dot_v1_dot_admin__pb2.MonitorStats.FromString,
             options,
             channel_credentials,
             insecure,
