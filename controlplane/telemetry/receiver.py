@@ -146,68 +146,79 @@ class OtlpReceiver:
         log_kind = Kind.LOG
         secret = tuple(self._secret)
         verdict_inputs = VERDICT_INPUTS
-        overhead = _RECORD_OVERHEAD + sys.getsizeof("")  # the empty title, as measure() counts
         # Within one export most values repeat (the same clients, routes, outcomes): each
-        # distinct one is read, hashed or judged once.
-        verdicts: dict[tuple[bytes | None, ...], tuple[int, str, str]] = {}
+        # distinct one is read, hashed or judged once. Sizes are measured as measure() does.
+        judged: dict[tuple[bytes | None, ...], tuple[int, str, str, int]] = {}
         texts: dict[bytes, str] = {}
-        hashes: dict[bytes, tuple[str, bytes] | None] = {}
+        durations: dict[bytes, float] = {}
+        hashes: dict[bytes, tuple[str, bytes, int] | None] = {}
 
         def text_of(raw: bytes) -> str:
-            text = texts.get(raw)
-            if text is None:
-                text = texts[raw] = value_text(raw) or ""
+            text = texts[raw] = value_text(raw) or ""
             return text
 
-        def hashed(raw: bytes) -> tuple[str, bytes] | None:
-            if raw in hashes:
-                return hashes[raw]
+        def hashed(raw: bytes) -> tuple[str, bytes, int] | None:
             digest = secret_hash(raw)
-            out = hashes[raw] = (digest, encoded_string(digest)) if digest else None
+            out = hashes[raw] = (
+                (digest, encoded_string(digest), getsizeof(digest)) if digest else None
+            )
             return out
 
+        def judge(inputs: tuple[bytes | None, ...]) -> tuple[int, str, str, int]:
+            status, verdict, rule = _judge(inputs, text_of)
+            out = judged[inputs] = (status, verdict, rule, getsizeof(verdict) + getsizeof(rule))
+            return out
+
+        no_client = getsizeof("")
         for resource_logs in request.resource_logs:
             resource = resource_logs.resource.attributes
             service = _resource_text(resource, "service.name")
             resource_node = _resource_text(resource, _NODE_ATTRIBUTE)
+            # The strings every record of this resource shares, the empty title among them.
+            shared_size = _RECORD_OVERHEAD + getsizeof("") + getsizeof(source) + getsizeof(service)
             for scope in resource_logs.scope_logs:
                 for entry in scope.log_records:
                     attrs = entry.attributes
                     # Credentials first: the plain values never reach the stored bytes.
-                    client = ""
+                    client, client_size = "", no_client
                     if CLIENT_KEY_ATTRIBUTE in attrs:
-                        digest = hashed(attrs[CLIENT_KEY_ATTRIBUTE])
+                        value = attrs[CLIENT_KEY_ATTRIBUTE]
+                        digest = hashes[value] if value in hashes else hashed(value)
                         del attrs[CLIENT_KEY_ATTRIBUTE]
                         if digest is not None:
-                            client = digest[0]
-                            attrs[CLIENT_HASH_ATTRIBUTE] = digest[1]
+                            client, encoded, client_size = digest
+                            attrs[CLIENT_HASH_ATTRIBUTE] = encoded
                     elif CLIENT_HASH_ATTRIBUTE in attrs:
                         client = text_of(attrs[CLIENT_HASH_ATTRIBUTE])
+                        client_size = getsizeof(client)
                     for name in secret:
                         if name in attrs:
-                            digest = hashed(attrs[name])
+                            value = attrs[name]
+                            digest = hashes[value] if value in hashes else hashed(value)
                             if digest is None:
                                 del attrs[name]
                             else:
                                 attrs[name] = digest[1]
                     # ``in`` + subscript: upb's Map.get parses its arguments, 3x the cost.
                     inputs = tuple([attrs[k] if k in attrs else None for k in verdict_inputs])  # noqa: SIM401
-                    judged = verdicts.get(inputs)
-                    if judged is None:
-                        judged = verdicts[inputs] = _judge(inputs, text_of)
-                    status, verdict, rule = judged
-                    node = resource_node or (
-                        text_of(attrs[_NODE_ATTRIBUTE]) if _NODE_ATTRIBUTE in attrs else ""
-                    )
-                    identity = (
-                        text_of(attrs[_IDENTITY_ATTRIBUTE]) if _IDENTITY_ATTRIBUTE in attrs else ""
-                    )
-                    route = text_of(attrs[_ROUTE_ATTRIBUTE]) if _ROUTE_ATTRIBUTE in attrs else ""
-                    duration = (
-                        float(small_int(text_of(attrs[_DURATION_ATTRIBUTE])))
-                        if _DURATION_ATTRIBUTE in attrs
-                        else 0.0
-                    )
+                    status, verdict, rule, verdict_size = judged.get(inputs) or judge(inputs)
+                    node = resource_node
+                    if not node and _NODE_ATTRIBUTE in attrs:
+                        value = attrs[_NODE_ATTRIBUTE]
+                        node = texts[value] if value in texts else text_of(value)
+                    identity = route = ""
+                    if _IDENTITY_ATTRIBUTE in attrs:
+                        value = attrs[_IDENTITY_ATTRIBUTE]
+                        identity = texts[value] if value in texts else text_of(value)
+                    if _ROUTE_ATTRIBUTE in attrs:
+                        value = attrs[_ROUTE_ATTRIBUTE]
+                        route = texts[value] if value in texts else text_of(value)
+                    duration = 0.0
+                    if _DURATION_ATTRIBUTE in attrs:
+                        value = attrs[_DURATION_ATTRIBUTE]
+                        duration = durations.get(value, -1.0)
+                        if duration < 0:
+                            duration = durations[value] = float(small_int(text_of(value)))
                     if forwarding:
                         _scrub_for_forwarding(attrs, verdict, rule)
                     trace_id = entry.trace_id
@@ -215,20 +226,6 @@ class OtlpReceiver:
                     trace_hex = trace_id.hex() if trace_id else ""
                     span_hex = span_id.hex() if span_id else ""
                     raw = entry.SerializeToString()
-                    size = (
-                        overhead
-                        + getsizeof(raw)
-                        + getsizeof(source)
-                        + getsizeof(service)
-                        + getsizeof(node)
-                        + getsizeof(trace_hex)
-                        + getsizeof(span_hex)
-                        + getsizeof(client)
-                        + getsizeof(identity)
-                        + getsizeof(route)
-                        + getsizeof(verdict)
-                        + getsizeof(rule)
-                    )
                     append(
                         new_record(
                             Record,
@@ -250,7 +247,15 @@ class OtlpReceiver:
                                 rule,
                                 (),
                                 raw,
-                                size,
+                                shared_size
+                                + getsizeof(raw)
+                                + getsizeof(node)
+                                + getsizeof(trace_hex)
+                                + getsizeof(span_hex)
+                                + client_size
+                                + getsizeof(identity)
+                                + getsizeof(route)
+                                + verdict_size,
                                 0,
                             ),
                         )

@@ -112,21 +112,27 @@ class TelemetryStore:
 
     def add(self, records: Iterable[Record]) -> list[Record]:
         added: list[Record] = []
+        # Runs once per record received (an access-log record per sidecar request): the
+        # counters are locals until the end.
+        max_records, max_bytes = self.max_records, self.max_bytes
+        kept = self._records
         with self._lock:
+            seq, held, evicted, received = self._seq, self._bytes, self._evicted, self._received
             for record in records:
-                self._received += 1
-                if record.size > self.max_bytes:
-                    self._evicted += 1  # larger than the whole store: never kept
+                received += 1
+                size = record.size
+                if size > max_bytes:
+                    evicted += 1  # larger than the whole store: never kept
                     continue
-                self._seq += 1
-                stored = record.with_seq(self._seq)
-                self._records.append(stored)
-                self._bytes += stored.size
+                seq += 1
+                stored = record.with_seq(seq)
+                kept.append(stored)
+                held += size
                 added.append(stored)
-                while len(self._records) > self.max_records or self._bytes > self.max_bytes:
-                    old = self._records.popleft()
-                    self._bytes -= old.size
-                    self._evicted += 1
+                while held > max_bytes or len(kept) > max_records:
+                    held -= kept.popleft().size
+                    evicted += 1
+            self._seq, self._bytes, self._evicted, self._received = seq, held, evicted, received
             watches = list(self._watches)
         for watch in watches:
             watch.loop.call_soon_threadsafe(watch.offer, added)
