@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
 import sys
@@ -69,6 +71,10 @@ spec:
 
 # One sidecar to configure, as (node id, node metadata, gRPC call metadata, delta).
 SimSpec = tuple[str, dict[str, Any], list[tuple[str, str]], bool]
+
+# MG_BENCH_PROFILE=FILE: cProfile the control plane over the measured rounds, written to
+# FILE.sotw / FILE.delta (read with `python -m pstats`). Off by default: it slows the run.
+PROFILE = os.environ.get("MG_BENCH_PROFILE", "")
 
 
 def _replica(node_id: str) -> Sidecar:
@@ -248,6 +254,9 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
         rebuild_ms: list[float] = []
         cpu: list[float] = []  # the control plane's CPU time from the edit to the last ACK
         counters_before = plane.sync_status.counters()
+        profiler = cProfile.Profile() if PROFILE else None
+        if profiler is not None:
+            profiler.enable()
         for r in range(1, rounds + 1):
             revision = plane.store.current().revision
             started, cpu_started = time.time(), time.process_time()
@@ -267,6 +276,9 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
             per_sidecar.extend(times)
             last_ack.append(max(times))
             await asyncio.sleep(0.3)  # the watcher settles; the next edit is a new event
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{PROFILE}.{'delta' if delta else 'sotw'}")
         counters_after = plane.sync_status.counters()
         sent = sum(c.bytes_sent for c in counters_after.values()) - sum(
             c.bytes_sent for c in counters_before.values()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, TypeVar
+
+_D = TypeVar("_D")
 
 
 class Action(StrEnum):
@@ -329,3 +332,13 @@ class SidecarIR:
     extraction: tuple[ExtractionIR, ...] = ()  # one per ExtractionPolicy, sorted by name
     verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted
+
+
+def evolve(obj: _D, **changes: Any) -> _D:
+    """``dataclasses.replace`` for frozen dataclasses (IR, inventory), without running
+    ``__init__``: a rebuild copies an IR per sidecar, and ``replace`` costs ~20 µs each.
+    Only for values of the right type: nothing is validated."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new

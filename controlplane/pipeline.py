@@ -18,7 +18,7 @@ from controlplane.compile import compile_sidecar
 from controlplane.compile.mesh import MeshInputs
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Inventory, Sidecar
-from controlplane.ir import SidecarIR
+from controlplane.ir import SidecarIR, evolve
 from controlplane.shapes import ShapeCache
 from controlplane.store import PolicyStore
 from controlplane.telemetry.settings import TelemetrySettings
@@ -111,14 +111,13 @@ class _Replicas:
 
     def _key(self, sidecar: Sidecar) -> tuple[Sidecar, bool]:
         certified = self._mesh is not None and sidecar.node_id in self._mesh.certificates
-        return dataclasses.replace(sidecar, node_id=""), certified
+        return evolve(sidecar, node_id=""), certified
 
     def _copy(self, ir: SidecarIR, node_id: str) -> SidecarIR:
-        out = dataclasses.replace(ir, node_id=node_id)
         if ir.mtls is not None and self._mesh is not None:
             cert = self._mesh.certificates[node_id]
-            out = dataclasses.replace(out, mtls=dataclasses.replace(ir.mtls, certificate=cert))
-        return out
+            return evolve(ir, node_id=node_id, mtls=evolve(ir.mtls, certificate=cert))
+        return evolve(ir, node_id=node_id)
 
     def ir(self, sidecar: Sidecar) -> SidecarIR | None:
         """The sidecar's IR copied from a replica's, or None: compile it, then ``compiled``."""
@@ -136,6 +135,30 @@ class _Replicas:
             self._trusted[key] = self._copy(first, sidecar.node_id) == ir
             if not self._trusted[key]:
                 log.warning("replicas of %s compile differently: compiled one by one", ir.service)
+
+
+class _Comparer:
+    """``a == b`` for IRs, field by field, each distinct pair of field values compared once
+    per rebuild: replicas' IRs share their field values, so a thousand comparisons of
+    replicas cost one deep comparison and a thousand identity checks."""
+
+    _FIELDS = tuple(f.name for f in dataclasses.fields(SidecarIR))
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[int, int], bool] = {}
+
+    def same(self, a: SidecarIR, b: SidecarIR) -> bool:
+        for name in self._FIELDS:
+            x, y = getattr(a, name), getattr(b, name)
+            if x is y:
+                continue
+            key = (id(x), id(y))  # both objects outlive the rebuild: their ids are stable
+            equal = self._memo.get(key)
+            if equal is None:
+                equal = self._memo[key] = bool(x == y)
+            if not equal:
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -205,6 +228,7 @@ class Pipeline:
         verdicts = self.verdicts() if self.verdicts is not None else ()
         self.shapes.begin()
         replicas = _Replicas(mesh)
+        same_ir = _Comparer().same
         for sidecar in sidecars:
             ir = replicas.ir(sidecar)
             if ir is None:
@@ -212,7 +236,8 @@ class Pipeline:
                     sidecar, policies, telemetry=self.telemetry, mesh=mesh, verdicts=verdicts
                 )
                 replicas.compiled(sidecar, ir)
-            if self._irs.get(sidecar.node_id) == ir:
+            previous = self._irs.get(sidecar.node_id)
+            if previous is not None and same_ir(previous, ir):
                 continue
             try:
                 snapshot = self.shapes.snapshot(ir)

@@ -20,13 +20,13 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import any_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from controlplane.ir import SidecarIR
+from controlplane.ir import SidecarIR, evolve
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
 
 log = logging.getLogger(__name__)
@@ -54,19 +54,13 @@ class _CannotTemplate(Exception):
 def shape_of(ir: SidecarIR) -> tuple[SidecarIR, dict[str, str]]:
     """The IR with its node-specific values replaced by placeholders, and those values."""
     values = {_NODE: ir.node_id}
-    shaped = dataclasses.replace(ir, node_id=_NODE)
-    if ir.mtls is not None:
-        cert = ir.mtls.certificate
-        values[_CERT] = cert.certificate_pem
-        values[_KEY] = cert.private_key_pem
-        shaped = dataclasses.replace(
-            shaped,
-            mtls=dataclasses.replace(
-                ir.mtls,
-                certificate=dataclasses.replace(cert, certificate_pem=_CERT, private_key_pem=_KEY),
-            ),
-        )
-    return shaped, values
+    if ir.mtls is None:
+        return evolve(ir, node_id=_NODE), values
+    cert = ir.mtls.certificate
+    values[_CERT] = cert.certificate_pem
+    values[_KEY] = cert.private_key_pem
+    placeholders = evolve(cert, certificate_pem=_CERT, private_key_pem=_KEY)
+    return evolve(ir, node_id=_NODE, mtls=evolve(ir.mtls, certificate=placeholders)), values
 
 
 # -- where the placeholders are, on the wire --
@@ -185,32 +179,85 @@ def _cut(data: bytes, descriptor: Descriptor) -> list[_Part]:
     return parts
 
 
-def _fill_string(value: str, values: Mapping[str, str]) -> str:
-    if value in values:
-        return values[value]
-    for placeholder, real in values.items():
-        if placeholder in value:
-            if not _EMBEDDABLE.fullmatch(real):
-                raise _CannotTemplate("a value that escaping could change, inside a string")
-            value = value.replace(placeholder, real)
-    return value
+# A personal resource flattened for values of given lengths: its bytes as literal pieces
+# and placeholders. Every enclosing length depends only on the values' lengths, so replicas
+# whose node ids are as long as each other share one flat form, and filling one in is a
+# single join instead of a walk down the nested parts.
+_Flat = tuple[bytes | str, ...]
+_SPLIT = re.compile("(" + "|".join(_PLACEHOLDERS) + ")")
 
 
-def _render(parts: list[_Part], values: Mapping[str, str]) -> bytes:
-    out: list[bytes] = []
+@dataclass(frozen=True)
+class _FlatForm:
+    resources: dict[str, dict[str, _Flat]]  # type URL → name → pieces
+    embedded: frozenset[str]  # placeholders that sit inside a longer string
+
+
+def _flat_string(
+    value: str, lengths: Mapping[str, int], embedded: set[str]
+) -> tuple[list[bytes | str], int]:
+    if value in lengths:
+        return [value], lengths[value]
+    pieces: list[bytes | str] = []
+    size = 0
+    for i, piece in enumerate(_SPLIT.split(value)):
+        if i % 2:
+            if piece not in lengths:
+                raise _CannotTemplate("a placeholder without a value")
+            embedded.add(piece)
+            pieces.append(piece)
+            size += lengths[piece]
+        elif piece:
+            data = piece.encode()
+            pieces.append(data)
+            size += len(data)
+    return pieces, size
+
+
+def _flatten(
+    parts: list[_Part], lengths: Mapping[str, int], embedded: set[str]
+) -> tuple[list[bytes | str], int]:
+    out: list[bytes | str] = []
+    total = 0
     for part in parts:
         if isinstance(part, bytes):
             out.append(part)
+            total += len(part)
             continue
         tag, inner = part
-        payload = (
-            _fill_string(inner, values).encode()
+        pieces, size = (
+            _flat_string(inner, lengths, embedded)
             if isinstance(inner, str)
-            else _render(inner, values)
+            else _flatten(inner, lengths, embedded)
         )
-        size = len(payload)
-        out += (tag, _SIZES[size] if size < len(_SIZES) else _varint(size), payload)
-    return b"".join(out)
+        prefix = tag + (_SIZES[size] if size < len(_SIZES) else _varint(size))
+        out.append(prefix)
+        out += pieces
+        total += len(prefix) + size
+    return out, total
+
+
+def _merged(pieces: list[bytes | str]) -> _Flat:
+    out: list[bytes | str] = []
+    for piece in pieces:
+        if isinstance(piece, bytes) and out and isinstance(out[-1], bytes):
+            out[-1] += piece
+        else:
+            out.append(piece)
+    return tuple(out)
+
+
+def _flat_form(
+    personal: dict[str, dict[str, list[_Part]]], lengths: Mapping[str, int]
+) -> _FlatForm:
+    embedded: set[str] = set()
+    resources = {
+        type_url: {
+            name: _merged(_flatten(parts, lengths, embedded)[0]) for name, parts in items.items()
+        }
+        for type_url, items in personal.items()
+    }
+    return _FlatForm(resources, frozenset(embedded))
 
 
 # -- templates --
@@ -220,6 +267,8 @@ def _render(parts: list[_Part], values: Mapping[str, str]) -> bytes:
 class _Template:
     snapshot: Snapshot  # the shape's snapshot; its personal resources get replaced
     personal: dict[str, dict[str, list[_Part]]]  # type URL → name → serialized, cut
+    # Flat forms by the values' byte lengths (placeholder, length), filled in as needed.
+    flat: dict[tuple[tuple[str, int], ...], _FlatForm] = field(default_factory=dict)
 
 
 Translator = Callable[[SidecarIR], Mapping[str, list[Message]]]
@@ -335,10 +384,22 @@ def _template(snapshot: Snapshot) -> _Template:
 
 
 def _apply(template: _Template, values: Mapping[str, str]) -> Snapshot:
+    """The template filled in: one join per personal resource (see ``_flatten``)."""
+    encoded = {p: v.encode() for p, v in values.items()}
+    key = tuple((p, len(v)) for p, v in encoded.items())
+    form = template.flat.get(key)
+    if form is None:
+        form = template.flat[key] = _flat_form(template.personal, dict(key))
+    for placeholder in form.embedded:
+        if not _EMBEDDABLE.fullmatch(values[placeholder]):
+            raise _CannotTemplate("a value that escaping could change, inside a string")
     return template.snapshot.replace(
         {
-            type_url: {name: _render(parts, values) for name, parts in items.items()}
-            for type_url, items in template.personal.items()
+            type_url: {
+                name: b"".join([encoded[p] if isinstance(p, str) else p for p in pieces])
+                for name, pieces in items.items()
+            }
+            for type_url, items in form.resources.items()
         }
     )
 

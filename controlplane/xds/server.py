@@ -57,6 +57,9 @@ MAX_ERROR_DETAIL = 4096  # characters of a NACK message kept in status and logs
 
 Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 
+_GATES = frozenset({rt.CLUSTER, rt.ENDPOINT, rt.LISTENER})
+_GATED = frozenset({rt.LISTENER, rt.ROUTE})
+
 
 def _error_detail(request: Any) -> str | None:
     if not request.HasField("error_detail"):
@@ -125,14 +128,24 @@ class _Stream:
         self._versions: dict[tuple[str, bool, frozenset[str]], str] = {}
         self._nonce_prefix = secrets.token_hex(3)
         self._nonce_count = 0
+        # Types whose response (or expected version) may have changed since the last pass:
+        # a pass looks at these only, so an ACK costs the work of its own type.
+        self.dirty: set[str] = set(rt.PUSH_ORDER)
 
     # -- events --
 
     def set_snapshot(self, snapshot: Snapshot | None) -> None:
         if snapshot is None or snapshot is self.snapshot:
             return  # a cleared node keeps what it has until a new snapshot arrives
-        self.snapshot = snapshot
+        old, self.snapshot = self.snapshot, snapshot
         self._versions.clear()
+        for type_url in rt.PUSH_ORDER:
+            if (
+                old is None
+                or old.type_version(type_url) != snapshot.type_version(type_url)
+                or old.referenced(type_url) != snapshot.referenced(type_url)
+            ):
+                self.dirty.add(type_url)
         for type_url, keep in self.retained.items():
             ts = self.types.get(type_url)
             now = snapshot.resources(type_url)
@@ -142,6 +155,8 @@ class _Stream:
                         keep.setdefault(name, ts.sent[name])
             for name in [n for n in keep if n in now]:
                 del keep[name]
+            if keep:
+                self.dirty.add(type_url)
         self.status.set_target(self.node, snapshot.version)
 
     def handle(self, request: Any) -> None:
@@ -151,11 +166,18 @@ class _Stream:
 
     def plan(self) -> list[bytes]:
         """Every response due now, in push order."""
-        if self.snapshot is None:
+        if self.snapshot is None or not self.dirty:
             return []
         self._maybe_prune()
+        dirty, self.dirty = self.dirty, set()
+        # Listeners and routes wait on clusters and endpoints (and prune on both): whatever
+        # changes those may release them. Routes also follow the listeners that name them.
+        if dirty & _GATES:
+            dirty |= _GATED
         out: list[bytes] = []
         for type_url in rt.PUSH_ORDER:
+            if type_url not in dirty:
+                continue
             ts = self.types.get(type_url)
             if ts is None or not ts.requested:
                 self._expect(type_url)
@@ -243,6 +265,7 @@ class _Stream:
             for keep in self.retained.values():
                 keep.clear()
             self._versions.clear()
+            self.dirty.update(self.retained)
 
     def _clusters_ready(self) -> bool:
         """Clusters and their endpoints are out before listeners or routes point at them."""
@@ -575,6 +598,7 @@ class AdsServer:
                 "node %s: request for unknown type %r ignored", stream.node_id, type_url[:200]
             )
             return True
+        stream.dirty.add(type_url)
         try:
             stream.handle(request)
         except Exception:

@@ -103,7 +103,14 @@ def test_unused_shapes_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- the pipeline: replicas, rebuilds that let pushes out, the debouncer --
 
 
-def _pipeline(tmp_path: Path, sidecars: int, ports: bool = False):  # type: ignore[no-untyped-def]
+# Node ids of many lengths (each length has its own flat form) and with characters that
+# escaping changes (a value that cannot be embedded in a longer string).
+ODD_IDS = ("r", "replica-7", "réplica-ü", 'quote"d', "x" * 40, "y" * 200, "tab\tid", "z" * 9)
+
+
+def _pipeline(  # type: ignore[no-untyped-def]
+    tmp_path: Path, sidecars: int, ports: bool = False, ids: tuple[str, ...] = ()
+):
     from controlplane.inventory import Inventory, Sidecar
     from controlplane.pipeline import Pipeline
     from controlplane.sources.files import FileSource
@@ -119,7 +126,7 @@ def _pipeline(tmp_path: Path, sidecars: int, ports: bool = False):  # type: igno
     for i in range(sidecars):
         inventory.observe(
             Sidecar(
-                node_id=f"replica-{i}",
+                node_id=ids[i] if i < len(ids) else f"replica-{i}",
                 service="digits-model",
                 namespace="demo",
                 identity="spiffe://cluster.local/ns/demo/sa/digits-model",
@@ -147,11 +154,13 @@ def _translated(pipeline, node_id: str) -> dict[tuple[str, str], bytes]:  # type
     return _bytes(Snapshot.build(translate(pipeline.ir(node_id))))
 
 
-@pytest.mark.parametrize("ports", [False, True])
-def test_every_replica_gets_exactly_its_own_translation(tmp_path: Path, ports: bool) -> None:
+@pytest.mark.parametrize(("ports", "ids"), [(False, ()), (True, ()), (False, ODD_IDS)])
+def test_every_replica_gets_exactly_its_own_translation(
+    tmp_path: Path, ports: bool, ids: tuple[str, ...]
+) -> None:
     from controlplane.compile import compile_sidecar
 
-    pipeline, files = _pipeline(tmp_path, 20, ports)
+    pipeline, files = _pipeline(tmp_path, 20, ports, ids)
     pipeline.rebuild()
     (tmp_path / "access.yaml").write_text(ACCESS.format(path="/v2/predict"))
     files.sync()
@@ -165,7 +174,8 @@ def test_every_replica_gets_exactly_its_own_translation(tmp_path: Path, ports: b
         assert snapshot is not None
         assert _bytes(snapshot) == _translated(pipeline, sidecar.node_id)
     # Replicas: the first one and the shape; sidecars on ports of their own: one each.
-    assert pipeline.shapes.translations - before == (20 if ports else 2)
+    if not ids:
+        assert pipeline.shapes.translations - before == (20 if ports else 2)
 
 
 async def test_rebuild_async_lets_pushes_out_between_batches(tmp_path: Path) -> None:
@@ -214,3 +224,21 @@ async def test_debouncer_never_runs_two_async_rebuilds_at_once() -> None:
     while runs < 2:
         await asyncio.sleep(0.005)
     assert overlaps == 0
+
+
+@pytest.mark.parametrize("case", ["extraction-tiers", "no-policy", "mtls-strict-mesh"])
+def test_values_that_escaping_changes_get_their_own_translation(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node id inside a JSON document (the Wasm filter's config) that escaping would
+    change cannot be filled in as it is; replicas of other lengths share flat forms."""
+    ir = _case_ir(case, monkeypatch)
+    shapes = ShapeCache(translate)
+    shapes.begin()
+    ids = [ir.node_id, "pod-1", 'quo"te', "tab\tid", "pod-22", "é-pod", "pod-3", "p" * 300]
+    for i, node_id in enumerate(ids):
+        replica = _variant(ir, node_id, i)
+        assert _bytes(shapes.snapshot(replica)) == _bytes(Snapshot.build(translate(replica))), (
+            node_id
+        )
+    assert shapes.filled >= 4  # the plain ids at least
