@@ -38,6 +38,8 @@ i32 proxy_set_buffer_bytes(i32 type, u32 start, u32 length, const u8 *data, usiz
 IMPORT(proxy_get_header_map_value)
 i32 proxy_get_header_map_value(i32 type, const char *key, usize key_size, u8 **value,
                                usize *value_size);
+IMPORT(proxy_get_header_map_pairs)
+i32 proxy_get_header_map_pairs(i32 type, u8 **ptr, usize *size);
 IMPORT(proxy_replace_header_map_value)
 i32 proxy_replace_header_map_value(i32 type, const char *key, usize key_size, const char *value,
                                    usize value_size);
@@ -62,9 +64,11 @@ i32 wasi_random_get(u8 *buf, usize len);
 void *malloc(usize n);
 void free(void *p);
 void *realloc(void *p, usize n);
-void *memcpy(void *dst, const void *src, usize n);
-void *memmove(void *dst, const void *src, usize n);
-void *memset(void *dst, int c, usize n);
 int memcmp(const void *a, const void *b, usize n);
+/* Built with -mbulk-memory: these become memory.copy / memory.fill instructions (the
+ * runtime's own copy), not byte loops in the module. */
+#define memcpy(dst, src, n) __builtin_memcpy((dst), (src), (n))
+#define memmove(dst, src, n) __builtin_memmove((dst), (src), (n))
+#define memset(dst, c, n) __builtin_memset((dst), (c), (n))
 
 #endif

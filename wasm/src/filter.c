@@ -1,12 +1,20 @@
 /* modelguard output hardening + query feed: a proxy-wasm HTTP filter (ABI 0.2.1, V8).
  *
- * Per request it reads the client key and tier from the request headers and copies the
- * request body (the query). On a JSON response it buffers the body, ships the query and
- * the model's *unhardened* answer to the control plane's query feed, then rewrites the
- * score vectors found at the configured JSON path: noise, top-k, rounding, label-only.
+ * Per request it reads the tier and, for the feed, the client key from the request headers
+ * and keeps the request body (the query). On a JSON response it buffers the body, ships
+ * the query and the model's *unhardened* answer to the control plane's query feed, then
+ * rewrites the score vectors found at the configured JSON path: noise, top-k, rounding,
+ * label-only.
  * Anything it cannot parse passes unchanged and is counted: the filter never breaks a
  * response. The feed is batched per worker and shipped by proxy_grpc_call off the request
  * path; what cannot be shipped is counted per client and reported as "unobserved".
+ *
+ * Cost: the filter's own code is a small part of it. Every host call that returns bytes
+ * (a header, a body) re-enters the VM to allocate them (proxy_on_memory_allocate), which
+ * under V8 costs about 10k instructions, as much as a whole callback; so each callback
+ * makes as few such calls as it can: headers it needs two or more of come from one
+ * proxy_get_header_map_pairs, and nothing is read that the configuration does not use
+ * (bench/wasm_filter.py measures it).
  */
 #include "abi.h"
 #include "json.h"
@@ -67,6 +75,69 @@ static int contains_json(const u8 *s, u32 n) {
   for (u32 i = 0; i + 4 <= n; i++)
     if (ieq(s + i, "json", 4)) return 1;
   return 0;
+}
+
+/* A header a callback wants, found by read_headers. */
+typedef struct {
+  const char *name; /* lower case */
+  u32 len;
+  const u8 *value; /* points into the buffer read_headers returns */
+  u32 value_len;
+  u8 found;
+} Want;
+
+static u32 le32(const u8 *p) {
+  return (u32)p[0] | (u32)p[1] << 8 | (u32)p[2] << 16 | (u32)p[3] << 24;
+}
+
+/* Fills `want` from one header map with a single host call: proxy_get_header_map_value for
+ * one header, proxy_get_header_map_pairs (the whole map) for more, which costs about the
+ * same as one lookup. A header given twice yields its first value, as a lookup does.
+ * Returns the buffer the values point into (the caller frees it), or NULL. */
+static u8 *read_headers(i32 map, Want *want, u32 n) {
+  u8 *data = 0;
+  usize size = 0;
+  if (n == 0) return 0;
+  if (n == 1) {
+    if (proxy_get_header_map_value(map, want[0].name, want[0].len, &data, &size) == WASM_OK) {
+      want[0].value = data ? data : (const u8 *)"";
+      want[0].value_len = (u32)size;
+      want[0].found = 1;
+    }
+    return data;
+  }
+  if (proxy_get_header_map_pairs(map, &data, &size) != WASM_OK || !data || size < 4)
+    return data;
+  /* u32 count, count x (u32 key size, u32 value size), then each key and value + NUL */
+  u32 count = le32(data);
+  if (count > (size - 4) / 8) return data;
+  const u8 *sizes = data + 4, *p = sizes + 8 * (usize)count, *end = data + size;
+  u32 missing = n;
+  for (u32 i = 0; i < count && missing; i++) {
+    u32 klen = le32(sizes + 8 * i), vlen = le32(sizes + 8 * i + 4);
+    if ((usize)(end - p) < (usize)klen + 1) break;
+    const u8 *key = p;
+    p += klen + 1;
+    if ((usize)(end - p) < (usize)vlen + 1) break;
+    const u8 *value = p;
+    p += vlen + 1;
+    for (u32 w = 0; w < n; w++)
+      if (!want[w].found && want[w].len == klen && ieq(key, want[w].name, klen)) {
+        want[w].value = value;
+        want[w].value_len = vlen;
+        want[w].found = 1;
+        missing--;
+      }
+  }
+  return data;
+}
+
+static char *dup_lower(const char *s, u32 n) {
+  char *d = dup_bytes(s, n);
+  if (d)
+    for (u32 i = 0; i < n; i++)
+      if (d[i] >= 'A' && d[i] <= 'Z') d[i] = (char)(d[i] + 32);
+  return d;
 }
 
 static u64 parse_uint(const u8 *s, u32 n) {
@@ -187,11 +258,13 @@ typedef struct Root {
   const char *policy;
   u32 policy_len;
   u8 key_kind;
-  char *key_header;
+  char *key_header; /* lower case, like every header name below */
+  u32 key_header_len;
   Step *steps;
   u32 nsteps;
   Hardening dflt;
   char *tier_header;
+  u32 tier_header_len;
   u32 ntiers;
   char **tier_names;
   Hardening *tiers;
@@ -203,7 +276,8 @@ typedef struct Root {
   u32 feed_max_body, batch_queries, batch_bytes, max_in_flight, timeout_ms;
   char *node_id;
   u32 node_id_len;
-  Buf batch; /* encoded FeedBatch.queries entries */
+  Buf batch; /* a FeedBatch being built: node_id and policy, then its queries */
+  u32 batch_prefix; /* bytes of node_id and policy: an empty batch */
   u32 batch_count;
   Counts batch_clients; /* who is in the batch: charged as unobserved if the call fails */
   Counts unobserved;
@@ -216,10 +290,12 @@ typedef struct Stream {
   u32 id;
   struct Stream *next;
   Root *root;
-  u8 *key;
+  u8 *headers; /* the request header values key and path point into */
+  u8 *key_buf; /* a key read from a property */
+  const u8 *key;
   usize key_len;
   const Hardening *hardening;
-  u8 *path;
+  const u8 *path;
   usize path_len;
   Buf request;
   u8 request_too_large;
@@ -369,6 +445,7 @@ static void free_root_config(Root *r) {
   r->tier_names = 0;
   r->tiers = 0;
   r->key_header = r->tier_header = r->node_id = 0;
+  r->key_header_len = r->tier_header_len = r->node_id_len = 0;
   r->config = 0;
 }
 
@@ -389,7 +466,8 @@ static int configure(Root *r, const char *text, u32 len) {
   r->key_kind = KEY_NONE;
   if ((n = json_get(key, "header")) && n->type == J_STRING) {
     r->key_kind = KEY_HEADER;
-    r->key_header = dup_bytes(n->str, n->str_len);
+    r->key_header = dup_lower(n->str, n->str_len);
+    r->key_header_len = r->key_header ? n->str_len : 0;
   } else if ((n = json_get(key, "sourceIP")) && n->type == J_BOOL && n->boolean) {
     r->key_kind = KEY_SOURCE_IP;
   } else if ((n = json_get(key, "identity")) && n->type == J_BOOL && n->boolean) {
@@ -418,8 +496,10 @@ static int configure(Root *r, const char *text, u32 len) {
     }
 
   r->dflt = read_hardening(json_get(cfg, "output"));
-  if ((n = json_get(cfg, "tierHeader")) && n->type == J_STRING)
-    r->tier_header = dup_bytes(n->str, n->str_len);
+  if ((n = json_get(cfg, "tierHeader")) && n->type == J_STRING) {
+    r->tier_header = dup_lower(n->str, n->str_len);
+    r->tier_header_len = r->tier_header ? n->str_len : 0;
+  }
   JNode *tiers = json_get(cfg, "tiers");
   if (tiers && tiers->type == J_OBJECT) {
     for (JNode *t = tiers->child; t; t = t->next) r->ntiers++;
@@ -459,6 +539,18 @@ static int configure(Root *r, const char *text, u32 len) {
       r->node_id = dup_bytes(n->str, n->str_len);
       r->node_id_len = n->str_len;
     }
+    /* The batch starts with what every message of this root carries; queries follow, and
+     * flush appends the rest to the same buffer, so a batch is never copied. Queries kept
+     * from an earlier configuration move behind the new prefix. */
+    Buf batch = {0};
+    if (r->node_id_len) put_bytes_field(&batch, 1, r->node_id, r->node_id_len);
+    put_bytes_field(&batch, 2, r->policy, r->policy_len);
+    u32 prefix = batch.len;
+    if (r->batch.len > r->batch_prefix)
+      buf_put(&batch, r->batch.p + r->batch_prefix, r->batch.len - r->batch_prefix);
+    buf_free(&r->batch);
+    r->batch = batch;
+    r->batch_prefix = prefix;
   }
   r->batch_clients.limit = 64;
   r->unobserved.limit = 1024;
@@ -511,10 +603,9 @@ static void unobserved(Root *r, const u8 *key, u32 len, u8 reason, u64 n) {
 static int flush(Root *r) {
   if (!r->feed || (r->batch_count == 0 && r->unobserved.n == 0)) return 1;
   if (r->in_flight >= r->max_in_flight) return 0;
-  Buf msg = {0};
-  if (r->node_id_len) put_bytes_field(&msg, 1, r->node_id, r->node_id_len);
-  put_bytes_field(&msg, 2, r->policy, r->policy_len);
-  buf_put(&msg, r->batch.p, r->batch.len);
+  /* node_id (1), policy (2) and the queries (3) are in the batch; the rest follows them. */
+  Buf *msg = &r->batch;
+  u32 queries_end = msg->len;
   for (u32 i = 0; i < r->unobserved.n; i++) {
     Count *u = &r->unobserved.items[i];
     Buf item = {0};
@@ -523,18 +614,18 @@ static int flush(Root *r) {
     put_varint(&item, u->count);
     const char *reason = REASONS[u->reason];
     put_bytes_field(&item, 3, reason, (u32)cstrlen(reason));
-    put_bytes_field(&msg, 4, item.p, item.len);
+    put_bytes_field(msg, 4, item.p, item.len);
     buf_free(&item);
   }
-  put_varint(&msg, 5 << 3);
-  put_varint(&msg, ++r->sequence);
+  put_varint(msg, 5 << 3);
+  put_varint(msg, ++r->sequence);
   static const char SERVICE[] = "modelguard.feed.v1.QueryFeed";
   static const char METHOD[] = "Report";
   u32 token = 0;
   i32 rc = proxy_grpc_call(r->service.p, r->service.len, SERVICE, sizeof(SERVICE) - 1, METHOD,
-                           sizeof(METHOD) - 1, 0, 0, msg.p, msg.len, r->timeout_ms, &token);
-  buf_free(&msg);
+                           sizeof(METHOD) - 1, 0, 0, msg->p, msg->len, r->timeout_ms, &token);
   if (rc != WASM_OK) {
+    msg->len = queries_end; /* the queries stay for the next attempt */
     metric(r, M_FEED_CALL_FAILURES, 1);
     return 0;
   }
@@ -555,7 +646,7 @@ static int flush(Root *r) {
   r->in_flight++;
   metric(r, M_FEED_BATCHES, 1);
   metric(r, M_FEED_QUERIES, r->batch_count);
-  r->batch.len = 0;
+  r->batch.len = r->batch_prefix;
   r->batch_count = 0;
   counts_clear(&r->unobserved);
   return 1;
@@ -592,7 +683,7 @@ static void feed_query(Stream *s, const u8 *response, u32 response_len) {
     unobserved(r, key, key_len, R_BODY_TOO_LARGE, 1);
     return;
   }
-  if (r->batch.len + total > r->batch_bytes && !flush_as_root(r, s->id)) {
+  if (r->batch.len - r->batch_prefix + total > r->batch_bytes && !flush_as_root(r, s->id)) {
     unobserved(r, key, key_len, R_BUFFER_FULL, 1);
     return;
   }
@@ -971,39 +1062,58 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
   Stream *s = find_stream(id);
   if (!s || !s->root->configured) return HEADERS_CONTINUE;
   Root *r = s->root;
-  if (r->key_kind == KEY_HEADER) {
-    proxy_get_header_map_value(MAP_REQUEST_HEADERS, r->key_header, cstrlen(r->key_header),
-                               &s->key, &s->key_len);
+  s->hardening = &r->dflt;
+  /* Only what this configuration uses: the tier, and the client key and path for the feed. */
+  Want want[3];
+  u32 nwant = 0, tier = 3, key = 3, path = 3;
+  if (r->tier_header) {
+    tier = nwant;
+    want[nwant++] = (Want){r->tier_header, r->tier_header_len, 0, 0, 0};
+  }
+  if (r->feed && r->key_kind == KEY_HEADER) {
+    key = nwant;
+    want[nwant++] = (Want){r->key_header, r->key_header_len, 0, 0, 0};
+  }
+  if (r->feed) {
+    path = nwant;
+    want[nwant++] = (Want){":path", 5, 0, 0, 0};
+  }
+  /* Kept for the stream's life: the key and path point into it. */
+  s->headers = read_headers(MAP_REQUEST_HEADERS, want, nwant);
+  if (tier < 3 && want[tier].found) {
+    for (u32 i = 0; i < r->ntiers; i++)
+      if (cstrlen(r->tier_names[i]) == want[tier].value_len &&
+          memcmp(r->tier_names[i], want[tier].value, want[tier].value_len) == 0)
+        s->hardening = &r->tiers[i];
+  }
+  if (!r->feed) return HEADERS_CONTINUE;
+  if (key < 3 && want[key].found) {
+    s->key = want[key].value;
+    s->key_len = want[key].value_len;
   } else if (r->key_kind == KEY_SOURCE_IP) {
-    if (proxy_get_property("source\0address", 14, &s->key, &s->key_len) == WASM_OK) {
+    if (proxy_get_property("source\0address", 14, &s->key_buf, &s->key_len) == WASM_OK &&
+        s->key_buf) {
       /* "ip:port" or "[v6]:port": the client is the address, not the connection. */
+      u8 *k = s->key_buf;
       usize i = s->key_len;
-      while (i > 0 && s->key[i - 1] != ':') i--;
+      while (i > 0 && k[i - 1] != ':') i--;
       if (i > 0) s->key_len = i - 1;
-      if (s->key_len > 1 && s->key[0] == '[') {
-        memmove(s->key, s->key + 1, s->key_len - 2);
+      if (s->key_len > 1 && k[0] == '[') {
+        memmove(k, k + 1, s->key_len - 2);
         s->key_len -= 2;
       }
     }
+    s->key = s->key_buf;
   } else if (r->key_kind == KEY_IDENTITY) {
-    proxy_get_property("connection\0uri_san_peer_certificate", 35, &s->key, &s->key_len);
+    proxy_get_property("connection\0uri_san_peer_certificate", 35, &s->key_buf, &s->key_len);
+    s->key = s->key_buf;
   }
-  s->hardening = &r->dflt;
-  if (r->tier_header) {
-    u8 *tier = 0;
-    usize tier_len = 0;
-    if (proxy_get_header_map_value(MAP_REQUEST_HEADERS, r->tier_header, cstrlen(r->tier_header),
-                                   &tier, &tier_len) == WASM_OK) {
-      for (u32 i = 0; i < r->ntiers; i++)
-        if (cstrlen(r->tier_names[i]) == tier_len && memcmp(r->tier_names[i], tier, tier_len) == 0)
-          s->hardening = &r->tiers[i];
-    }
-    free(tier);
+  if (!s->key) s->key_len = 0;
+  if (path < 3 && want[path].found) {
+    s->path = want[path].value;
+    s->path_len = want[path].value_len;
   }
-  if (r->feed) {
-    proxy_get_header_map_value(MAP_REQUEST_HEADERS, ":path", 5, &s->path, &s->path_len);
-    s->has_body = !eos;
-  }
+  s->has_body = !eos;
   return HEADERS_CONTINUE;
 }
 
@@ -1017,13 +1127,18 @@ EXPORT(proxy_on_request_body) u32 proxy_on_request_body(u32 id, u32 size, u32 eo
     buf_free(&s->request);
     return DATA_CONTINUE;
   }
-  /* Copied as it streams past: the model never waits for the feed. */
+  /* Read as it streams past: the model never waits for the feed. */
   u8 *chunk = 0;
   usize len = 0;
-  if (proxy_get_buffer_bytes(BUF_REQUEST_BODY, 0, size, &chunk, &len) == WASM_OK) {
+  if (proxy_get_buffer_bytes(BUF_REQUEST_BODY, 0, size, &chunk, &len) == WASM_OK && chunk) {
+    if (!s->request.p) { /* the usual single chunk: kept as it came, not copied */
+      s->request.p = chunk;
+      s->request.len = s->request.cap = (u32)len;
+      return DATA_CONTINUE;
+    }
     buf_put(&s->request, chunk, (u32)len);
-    free(chunk);
   }
+  free(chunk);
   return DATA_CONTINUE;
 }
 
@@ -1032,34 +1147,29 @@ EXPORT(proxy_on_response_headers) u32 proxy_on_response_headers(u32 id, u32 n, u
   Stream *s = find_stream(id);
   if (!s || !s->root->configured) return HEADERS_CONTINUE;
   Root *r = s->root;
-  u8 *v = 0;
-  usize len = 0;
-  if (proxy_get_header_map_value(MAP_RESPONSE_HEADERS, ":status", 7, &v, &len) == WASM_OK)
-    s->status = (u32)parse_uint(v, (u32)len);
-  free(v);
   int hardening = s->hardening && s->hardening->active;
   int feeding = r->feed && s->has_body;
-  if (eos || (!hardening && !feeding)) return HEADERS_CONTINUE;
-  v = 0;
-  len = 0;
-  int json = proxy_get_header_map_value(MAP_RESPONSE_HEADERS, "content-type", 12, &v, &len) ==
-                 WASM_OK &&
-             contains_json(v, (u32)len);
-  free(v);
-  if (!json) {
-    if (hardening) metric(r, M_NOT_JSON, 1);
-    return HEADERS_CONTINUE;
+  if (!hardening && !feeding) return HEADERS_CONTINUE;
+  Want want[3] = {{":status", 7, 0, 0, 0},
+                  {"content-type", 12, 0, 0, 0},
+                  {"content-length", 14, 0, 0, 0}};
+  /* The status is for the feed only; without a body nothing else is needed. */
+  Want *first = feeding ? want : want + 1;
+  u32 nwant = (u32)(want + (eos ? 1 : 3) - first);
+  u8 *headers = read_headers(MAP_RESPONSE_HEADERS, first, nwant);
+  if (want[0].found) s->status = (u32)parse_uint(want[0].value, want[0].value_len);
+  int inspect = 0;
+  if (!eos) {
+    if (!want[1].found || !contains_json(want[1].value, want[1].value_len)) {
+      if (hardening) metric(r, M_NOT_JSON, 1);
+    } else if (want[2].found && parse_uint(want[2].value, want[2].value_len) > r->max_body) {
+      if (hardening) metric(r, M_TOO_LARGE, 1);
+    } else {
+      inspect = 1;
+    }
   }
-  v = 0;
-  len = 0;
-  if (proxy_get_header_map_value(MAP_RESPONSE_HEADERS, "content-length", 14, &v, &len) ==
-          WASM_OK &&
-      parse_uint(v, (u32)len) > r->max_body) {
-    free(v);
-    if (hardening) metric(r, M_TOO_LARGE, 1);
-    return HEADERS_CONTINUE;
-  }
-  free(v);
+  free(headers);
+  if (!inspect) return HEADERS_CONTINUE;
   s->inspect = 1;
   /* Held until the body is rewritten, so content-length can still be corrected. */
   return HEADERS_STOP;
@@ -1129,8 +1239,8 @@ static void delete_stream(u32 id) {
     if ((*p)->id == id) {
       Stream *s = *p;
       *p = s->next;
-      free(s->key);
-      free(s->path);
+      free(s->headers);
+      free(s->key_buf);
       buf_free(&s->request);
       free(s);
       return;

@@ -76,32 +76,6 @@ void *realloc(void *p, usize n) {
 
 EXPORT(proxy_on_memory_allocate) void *proxy_on_memory_allocate(usize n) { return malloc(n); }
 
-void *memcpy(void *dst, const void *src, usize n) {
-  u8 *d = dst;
-  const u8 *s = src;
-  while (n--) *d++ = *s++;
-  return dst;
-}
-
-void *memmove(void *dst, const void *src, usize n) {
-  u8 *d = dst;
-  const u8 *s = src;
-  if (d < s) {
-    while (n--) *d++ = *s++;
-  } else {
-    d += n;
-    s += n;
-    while (n--) *--d = *--s;
-  }
-  return dst;
-}
-
-void *memset(void *dst, int c, usize n) {
-  u8 *d = dst;
-  while (n--) *d++ = (u8)c;
-  return dst;
-}
-
 int memcmp(const void *a, const void *b, usize n) {
   const u8 *x = a, *y = b;
   for (; n; n--, x++, y++)
