@@ -13,13 +13,28 @@ and all measured in the same run with ``wrk`` (HTTP/1.1 keep-alive POSTs):
 For ``feed`` it also reports how many requests were shipped and how many were counted as
 unobserved: the feed must keep up, and what it drops it must count.
 
+``--compare OLD.wasm`` adds ``harden`` and ``feed`` with another build of the module (keep
+the old one in /tmp, e.g. ``git show HEAD~1:wasm/modelguard_filter.wasm``), interleaved in
+the same rounds. The sidecar's CPU per request is the figure to read (``/proc``, user +
+system); requests/s moves with whatever else the machine runs.
+
+``--instructions N`` counts instead the sidecar's instructions per request under valgrind's
+callgrind (N requests on one keep-alive connection after N of warm-up, each variant alone):
+slow, but the same on a loaded machine as on a quiet one (within ~1 %), so a small change
+shows. The sidecar runs ~50x slower there, so the feed's batches are smaller than at full
+speed (about 10 queries instead of ~100) and its per-batch cost weighs more.
+
     .venv/bin/python bench/wasm_filter.py [--seconds 5] [--rounds 3] [--connections 16]
+        [--compare OLD.wasm] [--instructions 300]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -28,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +63,7 @@ from controlplane.ir import (
     PolicyRef,
     QueryFeedIR,
 )
-from controlplane.local.envoy import EnvoyProcess
+from controlplane.local.envoy import EnvoyProcess, envoy_binary
 from controlplane.netutil import free_port, http_request
 from controlplane.translate.render import to_dict
 from controlplane.translate.wasm import extension_config
@@ -133,7 +149,16 @@ def _bootstrap(admin: int, listeners: list[Any], clusters: list[Any]) -> dict[st
     }
 
 
-def wasm_filter(feed: bool) -> dict[str, Any]:
+LABELS = {
+    "bare": "router only (baseline)",
+    "harden": "+ Wasm hardening (top-1, 2 digits)",
+    "feed": "+ Wasm hardening + query feed",
+    "harden-compare": "+ Wasm hardening, --compare module",
+    "feed-compare": "+ hardening + feed, --compare module",
+}
+
+
+def wasm_filter(feed: bool, module: Path | None = None) -> dict[str, Any]:
     ir = ExtractionIR(
         policy=PolicyRef("ExtractionPolicy", "bench", "digits"),
         client_key=ClientKeyIR("header", "x-api-key"),
@@ -143,6 +168,11 @@ def wasm_filter(feed: bool) -> dict[str, Any]:
         feed=QueryFeedIR() if feed else None,
     )
     resource = to_dict(extension_config(ir, "bench-sidecar"))
+    if module is not None:  # another build of the filter, in its own VM
+        code = module.read_bytes()
+        vm = resource["typed_config"]["config"]["vm_config"]
+        vm["code"]["local"]["inline_bytes"] = base64.b64encode(code).decode()
+        vm["vm_id"] = "modelguard-" + hashlib.sha256(code).hexdigest()[:16]
     return {"name": resource["name"], "typed_config": resource["typed_config"]}
 
 
@@ -216,13 +246,64 @@ def run_wrk(port: int, seconds: float, connections: int, lua: Path) -> tuple[flo
     return rate, total
 
 
+CALLGRIND = (
+    "valgrind",
+    "--tool=callgrind",
+    "--instr-atstart=no",  # instrumented from the warm-up on, not during start-up
+    "--smc-check=all-non-file",  # V8 and LuaJIT generate code
+)
+
+
+def instructions_per_request(envoy: EnvoyProcess, port: int, out: Path, requests: int) -> float:
+    """Instructions the callgrind-run ``envoy`` spends per request (warm-up excluded)."""
+    assert envoy.pid is not None
+    pid = str(envoy.pid)
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, pid], capture_output=True, check=True)
+
+    def post(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = json.dumps(QUERY).encode()
+        headers = {"content-type": "application/json", "x-api-key": "bench-client"}
+        for _ in range(n):
+            conn.request("POST", "/v1/predict", body, headers)
+            conn.getresponse().read()
+        conn.close()
+
+    control("--instr=on")
+    post(requests)
+    control("--zero")
+    post(requests)
+    time.sleep(0.5)  # a feed flush lands inside the window
+    control("--dump")
+    total = 0
+    for dump in out.glob(f"callgrind.{pid}*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+                break
+    return total / requests
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--compare", type=Path, help="another build of the module, measured beside this one"
+    )
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="count instructions per request under callgrind (N requests per variant)",
+    )
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
+    if args.instructions and shutil.which("valgrind") is None:
+        sys.exit("--instructions needs valgrind (Debian: apt-get install valgrind)")
+    if not args.instructions and shutil.which("wrk") is None:
         sys.exit("wrk is required (Debian: apt-get install wrk)")
 
     feed, feed_port, _ = start_feed_server()
@@ -272,10 +353,48 @@ def main() -> int:
         concurrency=1,
     )
     variants = {"bare": [], "harden": [wasm_filter(feed=False)], "feed": [wasm_filter(feed=True)]}
+    if args.compare is not None:
+        variants["harden-compare"] = [wasm_filter(feed=False, module=args.compare)]
+        variants["feed-compare"] = [wasm_filter(feed=True, module=args.compare)]
     sidecars: dict[str, tuple[EnvoyProcess, int]] = {}
+    wrapper = work / "envoy-callgrind"
+    wrapper.write_text(
+        f"#!/bin/sh\nexec {' '.join(CALLGRIND)} --callgrind-out-file={work}/callgrind.%p "
+        f'{envoy_binary()} "$@"\n'
+    )
+    wrapper.chmod(0o755)
     try:
         upstream.start()
         upstream.wait_ready(20)
+        if args.instructions:
+            counts: dict[str, float] = {}
+            for name, filters in variants.items():
+                port, admin = free_port(), free_port()
+                envoy = EnvoyProcess(
+                    _bootstrap(
+                        admin,
+                        [_listener(port, _hcm(filters, {"route": {"cluster": "model"}}))],
+                        [
+                            _cluster("model", upstream_port),
+                            _cluster(XDS_CLUSTER, feed_port, http2=True),
+                        ],
+                    ),
+                    admin_port=admin,
+                    log_level="warn",
+                    concurrency=1,
+                    binary=wrapper,
+                )
+                try:
+                    envoy.start(timeout=300)
+                    envoy.wait_ready(300)
+                    counts[name] = instructions_per_request(envoy, port, work, args.instructions)
+                finally:
+                    envoy.stop(grace=10)
+            print(f"{'sidecar carries':<38} {'instructions/request':>21} {'ratio to bare':>14}")
+            for name, count in counts.items():
+                print(f"{LABELS[name]:<38} {count:>21,.0f} {count / counts['bare']:>14.2f}")
+            print(f"\n{args.instructions} requests per variant under callgrind, after as many")
+            return 0
         for name, filters in variants.items():
             port, admin = free_port(), free_port()
             envoy = EnvoyProcess(
@@ -314,35 +433,34 @@ def main() -> int:
                 rate, total = run_wrk(port, args.seconds, args.connections, lua)
                 rps[name].append(rate)
                 cpu_us[name].append((cpu_seconds(envoy.pid) - before) / total * 1e6)
-        feed_envoy = sidecars["feed"][0]
-        stats = feed_envoy.stats("wasmcustom.modelguard.bench.digits.")
-        # Let the last batches land.
-        import time
-
-        time.sleep(1.0)
-        requests = feed_envoy.stats("http.bench.downstream_rq_completed").get(
-            "http.bench.downstream_rq_completed", 0
+        feeders = [envoy for name, (envoy, _) in sidecars.items() if name.startswith("feed")]
+        stats: dict[str, int] = {}
+        for envoy in feeders:
+            for k, v in envoy.stats("wasmcustom.modelguard.bench.digits.").items():
+                stats[k] = stats.get(k, 0) + v
+        time.sleep(1.0)  # let the last batches land
+        requests = sum(
+            envoy.stats("http.bench.downstream_rq_completed").get(
+                "http.bench.downstream_rq_completed", 0
+            )
+            for envoy in feeders
         )
         base = statistics.median(rps["bare"])
         base_cpu = statistics.median(cpu_us["bare"])
         print(
-            f"{'sidecar carries':<34} {'req/s (median)':>15} {'ratio to bare':>14} "
-            f"{'sidecar CPU/req':>16} {'CPU ratio':>10}"
+            f"{'sidecar carries':<38} {'req/s (median)':>15} {'ratio to bare':>14} "
+            f"{'sidecar CPU/req':>16} {'CPU ratio':>10} {'CPU/req spread':>16}"
         )
-        labels = {
-            "bare": "router only (baseline)",
-            "harden": "+ Wasm hardening (top-1, 2 digits)",
-            "feed": "+ Wasm hardening + query feed",
-        }
         for name in variants:
             median = statistics.median(rps[name])
             cpu = statistics.median(cpu_us[name])
             print(
-                f"{labels[name]:<34} {median:>15,.0f} {median / base:>14.2f} "
-                f"{cpu:>13.0f} µs {cpu / base_cpu:>10.2f}"
+                f"{LABELS[name]:<38} {median:>15,.0f} {median / base:>14.2f} "
+                f"{cpu:>13.0f} µs {cpu / base_cpu:>10.2f} "
+                f"{min(cpu_us[name]):>8.0f}–{max(cpu_us[name]):.0f} µs"
             )
         print(
-            f"\nfeed: {requests:,} requests through the feed sidecar; {feed.queries:,} queries "
+            f"\nfeed: {requests:,} requests through the feed sidecars; {feed.queries:,} queries "
             f"shipped in {feed.batches:,} batches ({feed.queries / max(feed.batches, 1):.0f} per "
             f"batch); unobserved reported {feed.unobserved:,}; filter counters: "
             + ", ".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in sorted(stats.items()) if v)
