@@ -436,8 +436,8 @@ def test_malformed_otlp_exports_are_stored_within_bounds_never_crash(
     raw = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
     with pytest.raises(grpc.RpcError) as err:
         raw(b"\xff\xff\xff\xff not otlp", timeout=10)
-    # grpc.aio answers undecodable unary requests itself (UNKNOWN, naming the decode error)
-    # before any handler runs.
+    # Refused before ingestion (grpcutil.decode_checked), naming the decode error.
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert "Wire format was corrupt" in (err.value.details() or ""), err.value
     traces.Export(trace_service_pb2.ExportTraceServiceRequest(), timeout=10)
 
