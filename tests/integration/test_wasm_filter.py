@@ -318,6 +318,30 @@ async def test_policy_change_swaps_the_filter_config_live_on_an_open_connection(
         conn.close()
 
 
+async def test_hardening_without_the_feed_reads_the_tier_alone(system: System) -> None:
+    # No detection: no feed, so the filter reads one request header (the tier, named here in
+    # capitals; header names are case-insensitive) and feeds nothing.
+    policy = POLICY.format(top_k=1, digits=2).replace("  detection: {detectors: [prada]}\n", "")
+    policy = policy.replace("tierHeader: x-tier", "tierHeader: X-Tier")
+    (system.policies / "extraction.yaml").write_text(policy)
+
+    async def fed_nothing() -> bool:
+        before = len(system.feed.queries())
+        await system.post({"x-api-key": "alice"})
+        await asyncio.sleep(0.4)  # past a flush (250 ms) if the feed were still on
+        return len(system.feed.queries()) == before
+
+    await eventually(fed_nothing, timeout=15)
+    _, _, body = await system.post()
+    default = _scores(body)
+    assert all(sum(1 for x in v if x != 0) == 1 for v in default)  # topK 1, 2 digits
+    assert any(max(v) < 1.0 for v in default)  # so label-only below is told apart
+    _, headers, body = await system.post({"x-api-key": "carol", "x-tier": "trial"})
+    assert int(headers["content-length"]) == len(body)
+    labels = [[1.0 if i == _argmax(v) else 0.0 for i in range(len(v))] for v in default]
+    assert _scores(body) == labels
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "counter"),
     [
