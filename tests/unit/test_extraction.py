@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from monitor_policy import policies
 
-from controlplane.api import parse_documents
 from controlplane.api.jsonpath import JsonPath, JsonPathError
 from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.feed import default_profile
@@ -25,27 +25,6 @@ from controlplane.extraction.verdicts import (
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
 from controlplane.local.model import load_model
-
-POLICY = """\
-apiVersion: modelguard.io/v1alpha1
-kind: ExtractionPolicy
-metadata: {name: digits-model, namespace: demo}
-spec:
-  targetRef: {service: digits-model}
-  clientKey: {header: x-api-key}
-  request: {features: "$.instances[*]"}
-  response: {scores: "$.predictions[*].probabilities"}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
-  actions:
-    onSuspicion: {throttle: {requests: 5, per: minute}}
-    onDetection: {quarantine: {duration: 1h}}
-"""
-
-
-def policies(text: str = POLICY):  # type: ignore[no-untyped-def]
-    loaded, violations = parse_documents(text, "test")
-    assert not violations
-    return [lp.policy for lp in loaded]
 
 
 class Clock:

@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from monitor_policy import policies
 
-from controlplane.api import parse_documents
 from controlplane.cli import main as cli
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import QueryFeedService, default_profile
@@ -23,21 +23,6 @@ from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.local.model import load_model
 
-POLICY = """\
-apiVersion: modelguard.io/v1alpha1
-kind: ExtractionPolicy
-metadata: {name: digits-model, namespace: demo}
-spec:
-  targetRef: {service: digits-model}
-  clientKey: {header: x-api-key}
-  request: {features: "$.instances[*]"}
-  response: {scores: "$.predictions[*].probabilities"}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
-  actions:
-    onSuspicion: {throttle: {requests: 5, per: minute}}
-    onDetection: {quarantine: {duration: 1h}}
-"""
-
 
 @pytest.fixture(scope="module")
 def model():  # type: ignore[no-untyped-def]
@@ -45,11 +30,9 @@ def model():  # type: ignore[no-untyped-def]
 
 
 def new_monitor(max_clients: int = 2048) -> ExtractionMonitor:
-    loaded, violations = parse_documents(POLICY, "test")
-    assert not violations
-    policies = [lp.policy for lp in loaded]
+    loaded = policies()
     return ExtractionMonitor(
-        lambda: policies,
+        lambda: loaded,
         VerdictStore(),
         InMemoryVerdictSink(),
         profile=default_profile,

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from monitor_policy import policies
 
-from controlplane.api import parse_documents
 from controlplane.extraction.calibrate import heavy_user, iid_user, whatif_user
 from controlplane.extraction.detectors import DETECTORS
 from controlplane.extraction.feed import default_profile
@@ -34,20 +34,6 @@ from controlplane.local.model import load_model
 
 RECORDED = Path(__file__).with_name("monitor_recorded.json")
 
-POLICY = """\
-apiVersion: modelguard.io/v1alpha1
-kind: ExtractionPolicy
-metadata: {name: digits-model, namespace: demo}
-spec:
-  targetRef: {service: digits-model}
-  clientKey: {header: x-api-key}
-  request: {features: "$.instances[*]"}
-  response: {scores: "$.predictions[*].probabilities"}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
-  actions:
-    onSuspicion: {throttle: {requests: 60, per: minute}}
-    onDetection: {quarantine: {duration: 24h}}
-"""
 
 # Bodies that must be counted, never analysed or fatal, in the middle of real traffic.
 JUNK_REQUESTS = [
@@ -144,13 +130,11 @@ def batches(model: Any) -> list[feed_pb2.FeedBatch]:
 
 
 def replay(model: Any) -> dict[str, Any]:
-    loaded, violations = parse_documents(POLICY, "test")
-    assert not violations
-    policies = [lp.policy for lp in loaded]
+    loaded = policies()
     now = [1_700_000_000.0]
     sink = InMemoryVerdictSink()
     monitor = ExtractionMonitor(
-        lambda: policies,
+        lambda: loaded,
         VerdictStore(clock=lambda: now[0]),
         sink,
         profile=default_profile,
