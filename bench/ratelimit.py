@@ -34,6 +34,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.lib.load import start_pinned, stop  # noqa: E402
 from controlplane.bootstrap import build_bootstrap  # noqa: E402
 from controlplane.inventory import Sidecar  # noqa: E402
 from controlplane.local.envoy import EnvoyProcess  # noqa: E402
@@ -131,24 +132,8 @@ async def latencies(port: int, rate: float, seconds: float) -> tuple[float, floa
 
 def start_server(kind: str, redis_url: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, "--port", str(port), "--redis", redis_url],
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(process.pid, {0})
-    wait_for_port("127.0.0.1", port, timeout=15)
-    return process, port
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    argv = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--redis", redis_url]
+    return start_pinned(argv, port), port
 
 
 def service_bench(redis_url: str, seconds: float) -> list[tuple[str, float, float, float]]:

@@ -77,30 +77,19 @@ async def serve(kind: str, port: int) -> None:
 
 
 def start_server(kind: str, tree: Path) -> tuple[subprocess.Popen[bytes], int]:
-    from controlplane.netutil import free_port, wait_for_port
+    from bench.lib.load import start_pinned
+    from controlplane.netutil import free_port
 
     port = free_port()
+    argv = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, "--port", str(port)],
-        stdin=subprocess.DEVNULL,
-        env=env,
-        cwd=str(tree),
-        start_new_session=True,
-    )
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(process.pid, {0})
-    wait_for_port("127.0.0.1", port, timeout=20)
-    return process, port
+    return start_pinned(argv, port, env=env, cwd=str(tree), timeout=20), port
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    from bench.lib.load import stop as stop_process
+
+    stop_process(process)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -7,6 +7,7 @@ what a benchmark measures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -188,3 +189,42 @@ def wrk(url: str, seconds: float, connections: int, script: Path) -> WrkResult:
         start_new_session=True,
     ).stdout
     return parse_wrk(out)
+
+
+# --- servers in processes of their own, pinned to one core -------------------------------
+
+
+def start_pinned(
+    argv: list[str],
+    port: int,
+    *,
+    cpu: int = 0,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float = 15.0,
+) -> subprocess.Popen[bytes]:
+    """Start a server process in its own session, pinned to ``cpu`` (where the machine
+    allows), and wait until it listens on ``port``. Stop it with ``stop``."""
+    from controlplane.netutil import wait_for_port
+
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True
+    )
+    try:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(process.pid, {cpu})
+        wait_for_port("127.0.0.1", port, timeout=timeout)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process by its PID: SIGTERM, then SIGKILL after 5 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
