@@ -6,11 +6,17 @@ forwards them. Exports are batched so the sidecar pays little per request: the t
 batch size and interval are Envoy runtime keys (set in the bootstrap, see
 ``controlplane.bootstrap``), the access logger's are fields of its gRPC config.
 
-Every access-log record carries the attributes in ``LOG_ATTRIBUTES`` (Envoy command
-operators); ``controlplane.telemetry.records`` reads them by the same names.
+An access-log record carries the attributes in ``LOG_ATTRIBUTES`` (Envoy command operators)
+that the sidecar's configuration can give a value (``log_attributes``): each one costs Envoy
+a formatter run, a string and its OTLP encoding on every request, and one that can only ever
+be "-" (no mTLS, no audit rules, no hardening) tells nobody anything. The receiver reads an
+absent attribute exactly as Envoy's "-" (``controlplane.telemetry.records``, by the same
+names), so leaving one out changes nothing it stores, shows or forwards.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
@@ -25,7 +31,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
-from controlplane.ir import SidecarIR, TelemetryIR
+from controlplane.ir import Action, HardeningIR, SidecarIR, TelemetryIR
 from controlplane.translate import names
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
@@ -81,6 +87,54 @@ CLIENT_KEY_ATTRIBUTE = "modelguard.client.key"
 HEADER_ATTRIBUTE_PREFIX = "http.request.header."
 
 
+def _mtls(ir: SidecarIR) -> bool:
+    # The inbound listener terminates TLS only with an SVID (translate/mtls.py); without
+    # one no request has a peer certificate.
+    return ir.mtls is not None
+
+
+def _hardens(ir: SidecarIR) -> bool:
+    # As translate/wasm.py decides: an ExtractionPolicy whose scores the sidecar can follow,
+    # with a default or a tier that changes them.
+    return any(
+        e.scores is not None
+        and (e.output is not None or any(h != HardeningIR() for _, h in e.tiers))
+        for e in ir.extraction
+    )
+
+
+def _audits_deny(ir: SidecarIR) -> bool:
+    # The deny filter's shadow rules (translate/rbac.py): audited Deny rules.
+    return ir.access is not None and any(r.action == Action.DENY for r in ir.access.audited)
+
+
+def _audits_allow(ir: SidecarIR) -> bool:
+    # The allow filter's shadow rules: an audited policy with defaultAction Deny.
+    return ir.access is not None and ir.access.audit_default_deny
+
+
+# Attributes that only some configurations can fill, and the test for it. The rate limit's
+# name stays unconditional: any filter, or the workload itself, may name a limit in
+# LIMIT_HEADER.
+CONDITIONAL_ATTRIBUTES: dict[str, Callable[[SidecarIR], bool]] = {
+    "modelguard.caller.identity": _mtls,
+    "modelguard.output.hardened": _hardens,
+    "envoy.rbac.audit_deny_shadow_engine_result": _audits_deny,
+    "envoy.rbac.audit_deny_shadow_effective_policy_id": _audits_deny,
+    "envoy.rbac.audit_allow_shadow_engine_result": _audits_allow,
+    "envoy.rbac.audit_allow_shadow_effective_policy_id": _audits_allow,
+}
+
+
+def log_attributes(ir: SidecarIR) -> list[tuple[str, str]]:
+    """The ``LOG_ATTRIBUTES`` this sidecar's configuration can give a value."""
+    return [
+        (key, operator)
+        for key, operator in LOG_ATTRIBUTES
+        if key not in CONDITIONAL_ATTRIBUTES or CONDITIONAL_ATTRIBUTES[key](ir)
+    ]
+
+
 def _text(value: str) -> common_pb2.AnyValue:
     return common_pb2.AnyValue(string_value=value)
 
@@ -97,7 +151,7 @@ def _grpc_service() -> grpc_service_pb2.GrpcService:
 
 
 def access_log(ir: SidecarIR, telemetry: TelemetryIR) -> accesslog_pb2.AccessLog:
-    attributes = [_kv(k, v) for k, v in LOG_ATTRIBUTES]
+    attributes = [_kv(k, v) for k, v in log_attributes(ir)]
     attributes.append(_kv(CLIENT_KEY_ATTRIBUTE, f"%REQ({telemetry.client_key_header})%"))
     attributes += [
         _kv(HEADER_ATTRIBUTE_PREFIX + h, f"%REQ({h})%") for h in telemetry.header_attributes
