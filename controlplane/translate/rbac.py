@@ -8,7 +8,12 @@ Policy names in the RBAC config are the rule names, so a denial names its rule.
 Callers are matched by:
 * workload identity and namespace: the peer certificate's URI SAN (mTLS, ``mtls.py``);
 * API key: a Lua filter adds the SHA-256 digest of ``x-api-key`` as a header the caller
-  cannot forge, and RBAC matches digests (no key is ever in the configuration);
+  cannot forge (no key is ever in the configuration). One lookup in a map of every digest
+  (an RBAC filter whose shadow ``matcher`` is an ``exact_match_map``, placed before the
+  others) names the digest's *key class* (the set of rules listing it) in dynamic metadata,
+  and a rule matches its classes there: one lookup per request, not one header comparison
+  per key (bench/policy_tax.py). The lookup filter decides nothing; the Deny and Allow
+  filters, their rule names, shadow rules and metadata stay as they were;
 * JWT: ``jwt_authn`` verifies tokens against a local JWKS (a token that is present but
   invalid gets 401), and RBAC matches the verified claims in its dynamic metadata.
 
@@ -34,8 +39,17 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
+from envoy.type.matcher.v3 import (
+    http_inputs_pb2,
+    metadata_pb2,
+    path_pb2,
+    regex_pb2,
+    string_pb2,
+    value_pb2,
+)
 from google.protobuf import struct_pb2
+from xds.core.v3 import extension_pb2
+from xds.type.matcher.v3 import matcher_pb2
 
 from controlplane.ir import AccessIR, AccessRule, Action, JwtRequirement, PathMatch, SidecarIR
 from controlplane.translate import apikey
@@ -49,9 +63,13 @@ RBAC_FILTER = "envoy.filters.http.rbac"
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 DENY_FILTER = "modelguard.access.deny"
 ALLOW_FILTER = "modelguard.access.allow"
+API_KEY_FILTER = "modelguard.access.api_keys"
 # Stat and metadata prefixes: ``<prefix>shadow_effective_policy_id`` names an audited rule.
 DENY_PREFIX, AUDIT_DENY_PREFIX = "deny_", "audit_deny_"
 ALLOW_PREFIX, AUDIT_ALLOW_PREFIX = "allow_", "audit_allow_"
+# The lookup filter writes the caller's key class as ``api_key_shadow_effective_policy_id``.
+API_KEY_PREFIX = "api_key_"
+API_KEY_CLASS = f"{API_KEY_PREFIX}shadow_effective_policy_id"
 ACCESS_LOG = "modelguard.access"
 
 
@@ -151,7 +169,78 @@ def _jwt(requirement: JwtRequirement) -> Principal:
     return parts[0] if len(parts) == 1 else Principal(and_ids=Principal.Set(ids=parts))
 
 
-def _principal(rule: AccessRule) -> Principal:
+def _key_classes(access: AccessIR) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """Digest → key class, and rule name → the classes of the keys it lists.
+
+    A class is the set of rules that list a digest, so one name per digest says every rule
+    it belongs to: rules sharing keys stay exact, and there are at most as many classes as
+    digests (one per distinct rule set, usually one per rule).
+    """
+    rules_of: dict[str, set[str]] = {}
+    for rule in access.enforced + access.audited:
+        for digest in rule.api_key_hashes:
+            rules_of.setdefault(digest, set()).add(rule.name)
+    class_of = {digest: tuple(sorted(names)) for digest, names in sorted(rules_of.items())}
+    label = {members: f"keys-{i}" for i, members in enumerate(sorted(set(class_of.values())))}
+    classes: dict[str, list[str]] = {}
+    for members, name in label.items():
+        for rule_name in members:
+            classes.setdefault(rule_name, []).append(name)
+    return (
+        {digest: label[members] for digest, members in class_of.items()},
+        {rule_name: tuple(names) for rule_name, names in classes.items()},
+    )
+
+
+def _key_class(label: str) -> Principal:
+    return Principal(
+        sourced_metadata=rbac_config_pb2.SourcedMetadata(
+            metadata_matcher=metadata_pb2.MetadataMatcher(
+                filter=RBAC_FILTER,
+                path=[metadata_pb2.MetadataMatcher.PathSegment(key=API_KEY_CLASS)],
+                value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=label)),
+            ),
+            metadata_source=rbac_config_pb2.MetadataSource.DYNAMIC,
+        )
+    )
+
+
+def api_key_lookup_filter(access: AccessIR) -> hcm_pb2.HttpFilter | None:
+    """The map of every digest to its key class; ``None`` when no rule lists API keys.
+
+    A shadow matcher only: it never denies. Its result lands in dynamic metadata
+    (``envoy.filters.http.rbac``: ``api_key_shadow_effective_policy_id``, set only when the
+    digest is in the map; the Lua filter sends at most one digest and drops forged ones).
+    """
+    digests, _ = _key_classes(access)
+    if not digests:
+        return None
+    header = extension_pb2.TypedExtensionConfig(
+        name="envoy.matching.inputs.request_headers",
+        typed_config=pack(
+            http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=apikey.DIGEST_HEADER)
+        ),
+    )
+
+    def on_match(label: str) -> matcher_pb2.Matcher.OnMatch:
+        action = rbac_config_pb2.Action(name=label, action=rbac_config_pb2.RBAC.ALLOW)
+        return matcher_pb2.Matcher.OnMatch(
+            action=extension_pb2.TypedExtensionConfig(name=label, typed_config=pack(action))
+        )
+
+    lookup = matcher_pb2.Matcher(
+        matcher_tree=matcher_pb2.Matcher.MatcherTree(
+            input=header,
+            exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(
+                map={digest: on_match(label) for digest, label in digests.items()}
+            ),
+        )
+    )
+    config = rbac_pb2.RBAC(shadow_matcher=lookup, shadow_rules_stat_prefix=API_KEY_PREFIX)
+    return _filter(API_KEY_FILTER, config)
+
+
+def _principal(rule: AccessRule, key_classes: dict[str, tuple[str, ...]]) -> Principal:
     if rule.unenforced and rule.action == Action.ALLOW:
         # Fail closed: an Allow whose condition the sidecar cannot check matches nobody.
         return Principal(not_id=Principal(any=True))
@@ -170,19 +259,7 @@ def _principal(rule: AccessRule) -> Principal:
     if rule.namespaces:
         parts.append(_one_of([_spiffe_namespace(ns) for ns in rule.namespaces]))
     if rule.api_key_hashes:
-        parts.append(
-            _one_of(
-                [
-                    Principal(
-                        header=route_components_pb2.HeaderMatcher(
-                            name=apikey.DIGEST_HEADER,
-                            string_match=string_pb2.StringMatcher(exact=digest),
-                        )
-                    )
-                    for digest in rule.api_key_hashes
-                ]
-            )
-        )
+        parts.append(_one_of([_key_class(label) for label in key_classes[rule.name]]))
     if rule.jwt is not None:
         parts.append(_jwt(rule.jwt))
     if not parts:
@@ -190,10 +267,12 @@ def _principal(rule: AccessRule) -> Principal:
     return parts[0] if len(parts) == 1 else Principal(and_ids=Principal.Set(ids=parts))
 
 
-def _policies(rules: tuple[AccessRule, ...], action: Action) -> dict[str, rbac_config_pb2.Policy]:
+def _policies(
+    rules: tuple[AccessRule, ...], action: Action, key_classes: dict[str, tuple[str, ...]]
+) -> dict[str, rbac_config_pb2.Policy]:
     return {
         rule.name: rbac_config_pb2.Policy(
-            permissions=[_permission(rule)], principals=[_principal(rule)]
+            permissions=[_permission(rule)], principals=[_principal(rule, key_classes)]
         )
         for rule in rules
         if rule.action == action
@@ -205,10 +284,13 @@ def _filter(name: str, config: rbac_pb2.RBAC) -> hcm_pb2.HttpFilter:
 
 
 def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
-    filters = []
+    """The API-key lookup (when a rule lists keys), then the Deny and Allow filters."""
+    _, key_classes = _key_classes(access)
+    lookup = api_key_lookup_filter(access)
+    filters = [] if lookup is None else [lookup]
     deny, audit_deny = (
-        _policies(access.enforced, Action.DENY),
-        _policies(access.audited, Action.DENY),
+        _policies(access.enforced, Action.DENY, key_classes),
+        _policies(access.audited, Action.DENY, key_classes),
     )
     if deny or audit_deny:
         config = rbac_pb2.RBAC(
@@ -231,7 +313,7 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
             config.rules.CopyFrom(
                 rbac_config_pb2.RBAC(
                     action=rbac_config_pb2.RBAC.ALLOW,
-                    policies=_policies(access.enforced, Action.ALLOW),
+                    policies=_policies(access.enforced, Action.ALLOW, key_classes),
                 )
             )
         if access.audit_default_deny:
@@ -239,7 +321,9 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
             config.shadow_rules.CopyFrom(
                 rbac_config_pb2.RBAC(
                     action=rbac_config_pb2.RBAC.ALLOW,
-                    policies=_policies(access.enforced + access.audited, Action.ALLOW),
+                    policies=_policies(
+                        access.enforced + access.audited, Action.ALLOW, key_classes
+                    ),
                 )
             )
         filters.append(_filter(ALLOW_FILTER, config))

@@ -5,12 +5,14 @@ across cache hits, evictions, keys too long to cache, and forged digest headers.
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from bench.lib.load import backend_bootstrap, bootstrap, cluster, hcm, listener
-from controlplane.ir import AccessIR, AccessRule, Action
+from controlplane.ir import AccessIR, AccessRule, Action, PathMatch
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.translate import apikey, rbac
@@ -89,3 +91,137 @@ def test_cached_digests_decide_like_fresh_ones(sidecar: int) -> None:
     assert _status(sidecar, forged) == 403
     assert _status(sidecar, {**forged, "x-api-key": "key-b"}) == 403
     assert _status(sidecar, {}) == 403
+
+
+# Rules sharing keys, with methods, paths, Deny, Audit: three key classes (k1: deny-admin
+# and allow-predict, k2: allow-predict and audit-deny, k3: allow-any and audit-allow).
+K1, K2, K3 = "key-one", "key-two", "key-three"
+SHARED = AccessIR(
+    enforced=(
+        AccessRule(
+            name="demo.x.rule-0",
+            action=Action.DENY,
+            paths=(PathMatch("/admin/*"),),
+            api_key_hashes=(_digest(K1),),
+        ),
+        AccessRule(
+            name="demo.x.rule-1",
+            action=Action.ALLOW,
+            methods=("POST",),
+            paths=(PathMatch("/v1/predict"),),
+            api_key_hashes=(_digest(K1), _digest(K2)),
+        ),
+        AccessRule(name="demo.x.rule-2", action=Action.ALLOW, api_key_hashes=(_digest(K3),)),
+    ),
+    audited=(
+        AccessRule(name="demo.y.rule-0", action=Action.DENY, api_key_hashes=(_digest(K2),)),
+        AccessRule(
+            name="demo.y.rule-1",
+            action=Action.ALLOW,
+            paths=(PathMatch("/v1/predict"),),
+            api_key_hashes=(_digest(K3),),
+        ),
+    ),
+    default_deny=True,
+    audit_default_deny=True,
+    api_keys=True,
+)
+
+
+@pytest.fixture
+def shared_sidecar() -> Iterator[tuple[int, EnvoyProcess]]:
+    filters = [to_dict(rbac.api_key_filter()), *(to_dict(f) for f in rbac.rbac_filters(SHARED))]
+    manager = hcm(filters, {"route": {"cluster": "model"}})
+    manager["typed_config"]["local_reply_config"] = to_dict(rbac.denial_reply())
+    manager["typed_config"]["access_log"] = [to_dict(rbac.decision_log(SHARED))]
+    backend_port, backend_admin = free_port(), free_port()
+    port, admin = free_port(), free_port()
+    backend = EnvoyProcess(backend_bootstrap(backend_port, backend_admin), admin_port=backend_admin)
+    proxy = EnvoyProcess(
+        bootstrap(admin, [listener(port, manager)], [cluster("model", backend_port)]),
+        admin_port=admin,
+        extra_args=("--file-flush-interval-msec", "100"),  # access-log lines within 0.1 s
+    )
+    try:
+        backend.start().wait_ready(20)
+        proxy.start().wait_ready(20)
+        yield port, proxy
+    finally:
+        proxy.stop()
+        backend.stop()
+
+
+def _decision_lines(proxy: EnvoyProcess) -> list[dict[str, object]]:
+    path = proxy.log_path
+    assert path is not None
+    # Envoy's stderr shares the file, and a log line may end where an access-log line starts.
+    decoder, lines = json.JSONDecoder(), []
+    for line in path.read_text(errors="replace").splitlines():
+        start = line.find('{"')
+        while start >= 0:
+            try:
+                entry, end = decoder.raw_decode(line, start)
+            except ValueError:
+                start = line.find('{"', start + 1)
+                continue
+            if isinstance(entry, dict) and entry.get("log") == "modelguard.access":
+                lines.append(entry)
+            start = line.find('{"', end)
+    return lines
+
+
+def test_rules_sharing_keys_decide_and_log_by_rule(
+    shared_sidecar: tuple[int, EnvoyProcess],
+) -> None:
+    """Each rule still matches exactly its own keys: denials name the deciding rule, and
+    the decision log names the audited rule, whatever other rules list the same key."""
+    port, proxy = shared_sidecar
+    none = "rbac_access_denied_matched_policy[none]"
+    forged = {"x-modelguard-api-key-sha256": _digest(K1)}
+    cases: list[tuple[str, str, dict[str, str], int, str, str]] = [
+        # method, path, headers, status, reason (403 only), audited Deny rule ("" = none)
+        ("POST", "/v1/predict", {"x-api-key": K1}, 200, "", ""),
+        ("POST", "/admin/x", {"x-api-key": K1}, 403, "demo.x.rule-0", ""),
+        ("GET", "/v1/predict", {"x-api-key": K1}, 403, "none", ""),
+        ("POST", "/v1/predict", {"x-api-key": K2}, 200, "", "demo.y.rule-0"),
+        ("POST", "/admin/x", {"x-api-key": K2}, 403, "none", "demo.y.rule-0"),
+        ("GET", "/anything", {"x-api-key": K3}, 200, "", ""),
+        ("POST", "/v1/predict", {}, 403, "none", ""),
+        ("POST", "/v1/predict", {"x-api-key": "wrong"}, 403, "none", ""),
+        ("POST", "/v1/predict", forged, 403, "none", ""),
+        ("POST", "/admin/x", forged, 403, "none", ""),
+    ]
+    for i, (method, path, headers, status, reason, _) in enumerate(cases):
+        request_id = f"case-{i}"
+        got, _, body = http_request(
+            method,
+            f"http://127.0.0.1:{port}{path}",
+            b"{}",
+            {**headers, "x-request-id": request_id},
+        )
+        assert got == status, (i, got, body)
+        if status == 403:
+            expected = none if reason == "none" else f"rbac_access_denied_matched_policy[{reason}]"
+            assert json.loads(body)["reason"] == expected, (i, body)
+    # Access logs are written when the stream ends: wait for the last case's line.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = {str(entry["request_id"]): entry for entry in _decision_lines(proxy)}
+        if f"case-{len(cases) - 1}" in lines:
+            break
+        time.sleep(0.1)
+    for i, (_, _, _, status, reason, audited) in enumerate(cases):
+        entry = lines.get(f"case-{i}")
+        if status == 200 and not audited:
+            assert entry is None, (i, entry)
+            continue
+        assert entry is not None, (i, sorted(lines))
+        assert entry["status"] == status, (i, entry)
+        if reason:
+            assert str(entry["reason"]).endswith(f"[{reason}]"), (i, entry)
+        if audited:
+            assert entry["audit_deny_rule"] == audited, (i, entry)
+            assert entry["audit_deny_result"] == "denied", (i, entry)
+        else:
+            assert entry["audit_deny_result"] == "allowed", (i, entry)
+            assert not entry["audit_deny_rule"], (i, entry)
