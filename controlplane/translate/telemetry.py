@@ -48,9 +48,11 @@ RBAC_METADATA = "envoy.filters.http.rbac"
 # A rate limit that rejects names itself in this response header (the rate-limit module sets
 # it on limited responses); Envoy marks the request with the RL response flag.
 LIMIT_HEADER = "x-modelguard-limit"
-# Output hardening (the WASM filter, to come) records what it did under this metadata
-# namespace, key "hardened" (e.g. "topK=1,round=2"); empty when the output was untouched.
-OUTPUT_METADATA = "modelguard.output"
+# Output hardening (the Wasm filter, wasm/src/filter.c) names the hardening that changed an
+# answer (its tier, or "default") in this filter state: a property a proxy-wasm plugin sets is
+# kept by Envoy as filter state "wasm.<property>" (the ABI cannot write dynamic metadata).
+# Absent ("-") when the output was untouched.
+OUTPUT_STATE = "wasm.modelguard.hardened"
 
 # Access-log attribute → Envoy command operator. Names follow OpenTelemetry's semantic
 # conventions where one exists; ours are under "modelguard.", Envoy's own under "envoy.".
@@ -69,7 +71,7 @@ LOG_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("modelguard.caller.identity", "%DOWNSTREAM_PEER_URI_SAN%"),
     ("http.request.id", "%REQ(X-REQUEST-ID)%"),
     ("modelguard.ratelimit.limit", f"%RESP({LIMIT_HEADER})%"),
-    ("modelguard.output.hardened", f"%DYNAMIC_METADATA({OUTPUT_METADATA}:hardened)%"),
+    ("modelguard.output.hardened", f"%FILTER_STATE({OUTPUT_STATE}:PLAIN)%"),
     *(
         (f"envoy.rbac.{key}", f"%DYNAMIC_METADATA({RBAC_METADATA}:{key})%")
         for key in (

@@ -170,8 +170,6 @@ class System:
         return status
 
 
-
-
 @pytest.fixture
 async def system(
     tmp_path: Path, demo_model: tuple[str, int], monkeypatch: pytest.MonkeyPatch
@@ -345,3 +343,66 @@ async def test_traces_cli_json_returns_the_scenario(system: System) -> None:
     denied = await asyncio.to_thread(cli, "--verdict", "denied", "--service", "digits-model")
     assert denied and all(r["verdict"] == "denied" for r in denied)
     assert await asyncio.to_thread(cli, "--client", key, "--status", "5xx") == []
+
+
+EXTRACTION = """\
+apiVersion: modelguard.io/v1alpha1
+kind: ExtractionPolicy
+metadata: {name: digits-model, namespace: demo}
+spec:
+  targetRef: {service: digits-model}
+  clientKey: {header: x-api-key}
+  request: {features: "$.instances[*]"}
+  response: {scores: "$.predictions[*].probabilities", label: "$.predictions[*].label"}
+  output:
+    topK: 1
+    tierHeader: x-tier
+    tiers:
+      trial: {labelOnly: true}
+      internal: {}
+"""
+
+
+async def test_hardened_answers_are_logged_with_the_hardening_that_changed_them(
+    system: System, tmp_path: Path
+) -> None:
+    (tmp_path / "policies" / "extraction.yaml").write_text(EXTRACTION)
+
+    # No probe requests: the sidecar's burst limit allows only BURST of them. Ready when the
+    # filter is configured (its stats exist) and the listener's access log reads its mark.
+    def configured() -> bool:
+        listeners = system.envoy.config_dump("dynamic_listeners")["configs"]
+        return bool(system.envoy.stats("wasmcustom.modelguard")) and all(
+            "wasm.modelguard.hardened" in json.dumps(listener.get("active_state", {}))
+            for listener in listeners
+        )
+
+    await eventually(configured)
+    first = len(_logs(system, service="digits-model"))
+    calls = [("a", ""), ("b", "trial"), ("c", "internal")]
+    for key, tier in calls:
+        headers = {"x-api-key": key, **({"x-tier": tier} if tier else {})}
+        assert await system.call("POST", "/v1/predict", headers) == 200
+    # A request the model refuses: its answer has no scores, so it passes unchanged.
+    await asyncio.to_thread(
+        http_request,
+        "POST",
+        f"http://127.0.0.1:{system.listen_port}/v1/predict",
+        b"not json",
+        {"content-type": "text/plain", "x-api-key": "d"},
+    )
+    await eventually(lambda: len(_logs(system, service="digits-model")) >= first + 4)
+    by_client = {r.client: r for r in _logs(system, service="digits-model")}
+    verdicts = {
+        k: (by_client[hash_secret(k)].verdict, by_client[hash_secret(k)].rule) for k in "abc"
+    }
+    assert verdicts == {
+        "a": ("hardened", "default"),
+        "b": ("hardened", "trial"),
+        # A tier that changes nothing: untouched, no mark.
+        "c": ("allowed", ""),
+    }
+    untouched = dict(by_client[hash_secret("c")].attributes)
+    assert untouched.get("modelguard.output.hardened", "-") == "-"
+    # An answer without scores passes unchanged: not hardened either.
+    assert by_client[hash_secret("d")].verdict != "hardened"

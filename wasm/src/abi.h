@@ -45,6 +45,8 @@ i32 proxy_replace_header_map_value(i32 type, const char *key, usize key_size, co
                                    usize value_size);
 IMPORT(proxy_get_property)
 i32 proxy_get_property(const char *path, usize path_size, u8 **value, usize *value_size);
+IMPORT(proxy_set_property)
+i32 proxy_set_property(const char *path, usize path_size, const char *value, usize value_size);
 IMPORT(proxy_set_tick_period_milliseconds) i32 proxy_set_tick_period_milliseconds(u32 ms);
 IMPORT(proxy_get_current_time_nanoseconds) i32 proxy_get_current_time_nanoseconds(u64 *ns);
 IMPORT(proxy_grpc_call)

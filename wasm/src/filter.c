@@ -1175,6 +1175,17 @@ EXPORT(proxy_on_response_headers) u32 proxy_on_response_headers(u32 id, u32 n, u
   return HEADERS_STOP;
 }
 
+/* Tells the access log which hardening changed this answer: the tier's name, or "default".
+ * Envoy keeps a property a plugin sets as filter state "wasm.<path>", which the access log
+ * reads with %FILTER_STATE(wasm.modelguard.hardened:PLAIN)%; the proxy-wasm ABI has no call
+ * that writes dynamic metadata. One host call, only for an answer actually rewritten. */
+static void mark_hardened(const Stream *s) {
+  const Root *r = s->root;
+  const char *name = "default";
+  if (s->hardening != &r->dflt) name = r->tier_names[s->hardening - r->tiers];
+  proxy_set_property("modelguard.hardened", 19, name, cstrlen(name));
+}
+
 EXPORT(proxy_on_response_body) u32 proxy_on_response_body(u32 id, u32 size, u32 eos) {
   Stream *s = find_stream(id);
   if (!s || !s->inspect) return DATA_CONTINUE;
@@ -1207,6 +1218,7 @@ EXPORT(proxy_on_response_body) u32 proxy_on_response_body(u32 id, u32 size, u32 
     } while (n);
     for (int i = 0; i < k; i++) digits[i] = tmp[k - 1 - i];
     proxy_replace_header_map_value(MAP_RESPONSE_HEADERS, "content-length", 14, digits, (usize)k);
+    mark_hardened(s);
   }
   free(body);
   return DATA_CONTINUE;
