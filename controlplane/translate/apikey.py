@@ -11,11 +11,13 @@ CACHE_ENTRIES = 4096
 
 API_KEY_HEADER = "x-api-key"
 DIGEST_HEADER = "x-modelguard-api-key-sha256"
+# The key class of the caller's digest (``rbac``): the set of rules that list it, by name.
+CLASS_HEADER = "x-modelguard-api-key-class"
 
 _SOURCE = r"""
 -- modelguard: add the SHA-256 digest of the caller's API key, for RBAC to match.
 -- Generated configuration holds only digests, never a key (Envoy has no hashing matcher).
--- Any digest header the caller sent is dropped first, so it cannot be forged.
+-- Any digest or class header the caller sent is dropped first, so it cannot be forged.
 local bit = require("bit")
 local band, bor, bxor, bnot = bit.band, bit.bor, bit.bxor, bit.bnot
 local rshift, lshift, ror, tobit, tohex = bit.rshift, bit.lshift, bit.ror, bit.tobit, bit.tohex
@@ -74,9 +76,13 @@ end
 -- real one are hashed every time rather than kept (headers may be up to 60 KiB).
 local cache, cached = {}, 0
 
+-- Digest -> key class (the set of rules listing it), for rules RBAC checks as policies.
+local classes = CLASSES
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   headers:remove("x-modelguard-api-key-sha256")
+  headers:remove("x-modelguard-api-key-class")
   local key = headers:get("x-api-key")
   if key ~= nil and key ~= "" then
     local digest = cache[key]
@@ -90,14 +96,27 @@ function envoy_on_request(handle)
       end
     end
     headers:add("x-modelguard-api-key-sha256", digest)
+    local class = classes[digest]
+    if class ~= nil then
+      headers:add("x-modelguard-api-key-class", class)
+    end
   end
 end
 """
 
 
-def script(cache_entries: int = CACHE_ENTRIES) -> str:
-    """The filter's Lua source; ``cache_entries`` bounds each worker's digest cache."""
-    return _SOURCE.replace("CACHE_ENTRIES", str(cache_entries))
+def script(cache_entries: int = CACHE_ENTRIES, classes: dict[str, str] | None = None) -> str:
+    """The filter's Lua source; ``cache_entries`` bounds each worker's digest cache, and
+    ``classes`` maps digests (hex) to the key class the filter names in ``CLASS_HEADER``."""
+    table = "{" + "".join(
+        f'\n  ["{digest}"] = "{label}",' for digest, label in sorted((classes or {}).items())
+    )
+    for text in (classes or {}).items():
+        if not all(c.isalnum() or c in "-_." for c in "".join(text)):
+            raise ValueError(f"not a digest and class name: {text!r}")
+    return _SOURCE.replace("CACHE_ENTRIES", str(cache_entries)).replace(
+        "CLASSES", table + ("\n}" if classes else "}")
+    )
 
 
 SCRIPT = script()

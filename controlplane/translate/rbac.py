@@ -8,12 +8,14 @@ Policy names in the RBAC config are the rule names, so a denial names its rule.
 Callers are matched by:
 * workload identity and namespace: the peer certificate's URI SAN (mTLS, ``mtls.py``);
 * API key: a Lua filter adds the SHA-256 digest of ``x-api-key`` as a header the caller
-  cannot forge (no key is ever in the configuration). One lookup in a map of every digest
-  (an RBAC filter whose shadow ``matcher`` is an ``exact_match_map``, placed before the
-  others) names the digest's *key class* (the set of rules listing it) in dynamic metadata,
-  and a rule matches its classes there: one lookup per request, not one header comparison
-  per key (bench/policy_tax.py). The lookup filter decides nothing; the Deny and Allow
-  filters, their rule names, shadow rules and metadata stay as they were;
+  cannot forge (no key is ever in the configuration), and no digest is compared key by
+  key. Allow rules whose callers are API keys alone (the common case) become the Allow
+  filter's ``matcher``: an ``exact_match_map`` of digests that names the rule, or nothing
+  (``[none]``). Other rules keep policies: the Lua filter also names the digest's *key
+  class* (the set of rules listing it, from a table in the script) in a second header, and
+  a rule compares that header with its classes. Filters, rule names, verdicts, shadow
+  results and the metadata the decision log reads are the same as with one header matcher
+  per key (bench/policy_tax.py: the cost no longer grows with the number of keys);
 * JWT: ``jwt_authn`` verifies tokens against a local JWKS (a token that is present but
   invalid gets 401), and RBAC matches the verified claims in its dynamic metadata.
 
@@ -58,18 +60,15 @@ from controlplane.translate.protos import pack
 
 Permission: TypeAlias = rbac_config_pb2.Permission
 Principal: TypeAlias = rbac_config_pb2.Principal
+OnMatch: TypeAlias = matcher_pb2.Matcher.OnMatch
 
 RBAC_FILTER = "envoy.filters.http.rbac"
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 DENY_FILTER = "modelguard.access.deny"
 ALLOW_FILTER = "modelguard.access.allow"
-API_KEY_FILTER = "modelguard.access.api_keys"
 # Stat and metadata prefixes: ``<prefix>shadow_effective_policy_id`` names an audited rule.
 DENY_PREFIX, AUDIT_DENY_PREFIX = "deny_", "audit_deny_"
 ALLOW_PREFIX, AUDIT_ALLOW_PREFIX = "allow_", "audit_allow_"
-# The lookup filter writes the caller's key class as ``api_key_shadow_effective_policy_id``.
-API_KEY_PREFIX = "api_key_"
-API_KEY_CLASS = f"{API_KEY_PREFIX}shadow_effective_policy_id"
 ACCESS_LOG = "modelguard.access"
 
 
@@ -169,7 +168,9 @@ def _jwt(requirement: JwtRequirement) -> Principal:
     return parts[0] if len(parts) == 1 else Principal(and_ids=Principal.Set(ids=parts))
 
 
-def _key_classes(access: AccessIR) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+def _key_classes(
+    rules: tuple[AccessRule, ...],
+) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
     """Digest → key class, and rule name → the classes of the keys it lists.
 
     A class is the set of rules that list a digest, so one name per digest says every rule
@@ -177,7 +178,7 @@ def _key_classes(access: AccessIR) -> tuple[dict[str, str], dict[str, tuple[str,
     digests (one per distinct rule set, usually one per rule).
     """
     rules_of: dict[str, set[str]] = {}
-    for rule in access.enforced + access.audited:
+    for rule in rules:
         for digest in rule.api_key_hashes:
             rules_of.setdefault(digest, set()).add(rule.name)
     class_of = {digest: tuple(sorted(names)) for digest, names in sorted(rules_of.items())}
@@ -194,50 +195,10 @@ def _key_classes(access: AccessIR) -> tuple[dict[str, str], dict[str, tuple[str,
 
 def _key_class(label: str) -> Principal:
     return Principal(
-        sourced_metadata=rbac_config_pb2.SourcedMetadata(
-            metadata_matcher=metadata_pb2.MetadataMatcher(
-                filter=RBAC_FILTER,
-                path=[metadata_pb2.MetadataMatcher.PathSegment(key=API_KEY_CLASS)],
-                value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=label)),
-            ),
-            metadata_source=rbac_config_pb2.MetadataSource.DYNAMIC,
+        header=route_components_pb2.HeaderMatcher(
+            name=apikey.CLASS_HEADER, string_match=string_pb2.StringMatcher(exact=label)
         )
     )
-
-
-def api_key_lookup_filter(access: AccessIR) -> hcm_pb2.HttpFilter | None:
-    """The map of every digest to its key class; ``None`` when no rule lists API keys.
-
-    A shadow matcher only: it never denies. Its result lands in dynamic metadata
-    (``envoy.filters.http.rbac``: ``api_key_shadow_effective_policy_id``, set only when the
-    digest is in the map; the Lua filter sends at most one digest and drops forged ones).
-    """
-    digests, _ = _key_classes(access)
-    if not digests:
-        return None
-    header = extension_pb2.TypedExtensionConfig(
-        name="envoy.matching.inputs.request_headers",
-        typed_config=pack(
-            http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=apikey.DIGEST_HEADER)
-        ),
-    )
-
-    def on_match(label: str) -> matcher_pb2.Matcher.OnMatch:
-        action = rbac_config_pb2.Action(name=label, action=rbac_config_pb2.RBAC.ALLOW)
-        return matcher_pb2.Matcher.OnMatch(
-            action=extension_pb2.TypedExtensionConfig(name=label, typed_config=pack(action))
-        )
-
-    lookup = matcher_pb2.Matcher(
-        matcher_tree=matcher_pb2.Matcher.MatcherTree(
-            input=header,
-            exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(
-                map={digest: on_match(label) for digest, label in digests.items()}
-            ),
-        )
-    )
-    config = rbac_pb2.RBAC(shadow_matcher=lookup, shadow_rules_stat_prefix=API_KEY_PREFIX)
-    return _filter(API_KEY_FILTER, config)
 
 
 def _principal(rule: AccessRule, key_classes: dict[str, tuple[str, ...]]) -> Principal:
@@ -283,55 +244,141 @@ def _filter(name: str, config: rbac_pb2.RBAC) -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=name, typed_config=pack(config))
 
 
-def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
-    """The API-key lookup (when a rule lists keys), then the Deny and Allow filters."""
-    _, key_classes = _key_classes(access)
-    lookup = api_key_lookup_filter(access)
-    filters = [] if lookup is None else [lookup]
-    deny, audit_deny = (
-        _policies(access.enforced, Action.DENY, key_classes),
-        _policies(access.audited, Action.DENY, key_classes),
+def _keys_only(rule: AccessRule) -> bool:
+    """A rule that matches API keys and nothing else: any method, path and peer."""
+    return (
+        bool(rule.api_key_hashes)
+        and not (rule.identities or rule.namespaces or rule.jwt is not None)
+        and not (rule.unenforced and rule.action == Action.ALLOW)
+        and _permission(rule) == Permission(any=True)
     )
+
+
+def _rbac_action(name: str, verdict: rbac_config_pb2.RBAC.Action.ValueType) -> OnMatch:
+    action = rbac_config_pb2.Action(name=name, action=verdict)
+    return OnMatch(action=extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(action)))
+
+
+def _digest_map(entries: dict[str, OnMatch]) -> matcher_pb2.Matcher:
+    header = extension_pb2.TypedExtensionConfig(
+        name="envoy.matching.inputs.request_headers",
+        typed_config=pack(
+            http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=apikey.DIGEST_HEADER)
+        ),
+    )
+    return matcher_pb2.Matcher(
+        matcher_tree=matcher_pb2.Matcher.MatcherTree(
+            input=header,
+            exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=entries),
+        )
+    )
+
+
+def _allow_map(rules: tuple[AccessRule, ...]) -> matcher_pb2.Matcher:
+    """Allow rules that all match keys only, as one map lookup that decides like policies.
+
+    Envoy checks policies in name order and names the first that matches; here each digest
+    maps to the first rule by name that lists it, so the verdict and the rule named in the
+    metadata are the same. A miss (unknown or no key) is denied naming no rule: ``[none]``.
+    """
+    first: dict[str, str] = {}
+    for rule in sorted(rules, key=lambda r: r.name):
+        for digest in rule.api_key_hashes:
+            first.setdefault(digest, rule.name)
+    allow = rbac_config_pb2.RBAC.ALLOW
+    return _digest_map({d: _rbac_action(name, allow) for d, name in sorted(first.items())})
+
+
+def _is_map(rules: tuple[AccessRule, ...]) -> bool:
+    """Whether an engine's rules (of one action) become a digest map: Allow rules that all
+    match keys only (the common case). Deny rules keep policies: a map's miss would have to
+    name an action that allows, and the name would show in the metadata the log reads."""
+    return bool(rules) and all(r.action == Action.ALLOW and _keys_only(r) for r in rules)
+
+
+Engines: TypeAlias = tuple[
+    tuple[AccessRule, ...],
+    tuple[AccessRule, ...],
+    tuple[AccessRule, ...] | None,
+    tuple[AccessRule, ...] | None,
+]
+
+
+def _engines(access: AccessIR) -> Engines:
+    """The rules of each engine: Deny, audited Deny, Allow and audited Allow (``None``: no
+    Allow engine, as no policy defaults to Deny)."""
+
+    def chosen(rules: tuple[AccessRule, ...], action: Action) -> tuple[AccessRule, ...]:
+        return tuple(rule for rule in rules if rule.action == action)
+
+    return (
+        chosen(access.enforced, Action.DENY),
+        chosen(access.audited, Action.DENY),
+        chosen(access.enforced, Action.ALLOW) if access.default_deny else None,
+        # What would be denied if the audited policies were enforced beside the others.
+        chosen(access.enforced + access.audited, Action.ALLOW)
+        if access.audit_default_deny
+        else None,
+    )
+
+
+def _policy_key_classes(access: AccessIR) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """Key classes of the rules checked as policies (digest maps need none)."""
+    engines = [rules or () for rules in _engines(access)]
+    return _key_classes(tuple(r for rules in engines if not _is_map(rules) for r in rules))
+
+
+def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
+    """The Deny and Allow filters.
+
+    Each engine (a filter's rules, its shadow rules) is a digest map or policies on its own,
+    so mixing them keeps every engine's verdict: Deny still wins, and the Allow filter still
+    denies what no Allow rule matches. Policies match a key by its class, which the Lua
+    filter names in a header (``api_key_filter(access)``): one comparison per rule.
+    """
+
+    deny, audit_deny, allow, audit_allow = _engines(access)
+    _, key_classes = _policy_key_classes(access)
+    verdict = {Action.DENY: rbac_config_pb2.RBAC.DENY, Action.ALLOW: rbac_config_pb2.RBAC.ALLOW}
+
+    def engine(
+        config: rbac_pb2.RBAC, rules: tuple[AccessRule, ...], action: Action, *, shadow: bool
+    ) -> None:
+        if _is_map(rules):
+            (config.shadow_matcher if shadow else config.matcher).CopyFrom(_allow_map(rules))
+            return
+        policies = rbac_config_pb2.RBAC(
+            action=verdict[action], policies=_policies(rules, action, key_classes)
+        )
+        (config.shadow_rules if shadow else config.rules).CopyFrom(policies)
+
+    filters = []
     if deny or audit_deny:
         config = rbac_pb2.RBAC(
             rules_stat_prefix=DENY_PREFIX, shadow_rules_stat_prefix=AUDIT_DENY_PREFIX
         )
         if deny:
-            config.rules.CopyFrom(
-                rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.DENY, policies=deny)
-            )
+            engine(config, deny, Action.DENY, shadow=False)
         if audit_deny:
-            config.shadow_rules.CopyFrom(
-                rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.DENY, policies=audit_deny)
-            )
+            engine(config, audit_deny, Action.DENY, shadow=True)
         filters.append(_filter(DENY_FILTER, config))
-    if access.default_deny or access.audit_default_deny:
+    if allow is not None or audit_allow is not None:
         config = rbac_pb2.RBAC(
             rules_stat_prefix=ALLOW_PREFIX, shadow_rules_stat_prefix=AUDIT_ALLOW_PREFIX
         )
-        if access.default_deny:
-            config.rules.CopyFrom(
-                rbac_config_pb2.RBAC(
-                    action=rbac_config_pb2.RBAC.ALLOW,
-                    policies=_policies(access.enforced, Action.ALLOW, key_classes),
-                )
-            )
-        if access.audit_default_deny:
-            # What would be denied if the audited policies were enforced beside the others.
-            config.shadow_rules.CopyFrom(
-                rbac_config_pb2.RBAC(
-                    action=rbac_config_pb2.RBAC.ALLOW,
-                    policies=_policies(
-                        access.enforced + access.audited, Action.ALLOW, key_classes
-                    ),
-                )
-            )
+        if allow is not None:
+            engine(config, allow, Action.ALLOW, shadow=False)
+        if audit_allow is not None:
+            engine(config, audit_allow, Action.ALLOW, shadow=True)
         filters.append(_filter(ALLOW_FILTER, config))
     return filters
 
 
-def api_key_filter() -> hcm_pb2.HttpFilter:
-    config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=apikey.SCRIPT))
+def api_key_filter(access: AccessIR | None = None) -> hcm_pb2.HttpFilter:
+    """The Lua filter that hashes the key, and names its class for the policies that need it."""
+    classes = _policy_key_classes(access)[0] if access is not None else {}
+    source = apikey.script(classes=classes) if classes else apikey.SCRIPT
+    config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=source))
     return hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=pack(config))
 
 
@@ -414,7 +461,9 @@ def _shadow_denied(prefix: str) -> accesslog_pb2.AccessLogFilter:
         metadata_filter=accesslog_pb2.MetadataFilter(
             matcher=metadata_pb2.MetadataMatcher(
                 filter=RBAC_FILTER,
-                path=[metadata_pb2.MetadataMatcher.PathSegment(key=f"{prefix}shadow_engine_result")],
+                path=[
+                    metadata_pb2.MetadataMatcher.PathSegment(key=f"{prefix}shadow_engine_result")
+                ],
                 value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact="denied")),
             ),
             match_if_key_not_found={"value": False},
@@ -477,7 +526,7 @@ class Rbac(Module):
             return []
         filters = []
         if access.api_keys:
-            filters.append(api_key_filter())
+            filters.append(api_key_filter(access))
         if access.jwt_providers:
             filters.append(jwt_filter(access))
         return filters + rbac_filters(access)

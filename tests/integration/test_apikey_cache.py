@@ -93,10 +93,11 @@ def test_cached_digests_decide_like_fresh_ones(sidecar: int) -> None:
     assert _status(sidecar, {}) == 403
 
 
-# Rules sharing keys, with methods, paths, Deny, Audit: three key classes (k1: deny-admin
-# and allow-predict, k2: allow-predict and audit-deny, k3: allow-any and audit-allow).
+# Rules sharing keys. Mixed: methods, paths, Deny and Audit beside keys (the Deny filter and
+# the Allow filter keep policies; key classes k1: deny-admin + allow-predict, k2:
+# allow-predict + audit-deny, k3: allow-any + audit-allow).
 K1, K2, K3 = "key-one", "key-two", "key-three"
-SHARED = AccessIR(
+MIXED = AccessIR(
     enforced=(
         AccessRule(
             name="demo.x.rule-0",
@@ -126,14 +127,79 @@ SHARED = AccessIR(
     audit_default_deny=True,
     api_keys=True,
 )
+# Keys alone: both Allow engines are digest maps (K1 is in two Allow rules: the first by
+# name is named, as with policies), the Deny rules keep policies over key classes.
+KEYS_ONLY = AccessIR(
+    enforced=(
+        AccessRule(name="demo.x.b", action=Action.ALLOW, api_key_hashes=(_digest(K1), _digest(K2))),
+        AccessRule(name="demo.x.a", action=Action.ALLOW, api_key_hashes=(_digest(K1),)),
+        AccessRule(name="demo.x.c", action=Action.DENY, api_key_hashes=(_digest(K3),)),
+    ),
+    audited=(
+        AccessRule(name="demo.y.d", action=Action.DENY, api_key_hashes=(_digest(K1),)),
+        AccessRule(name="demo.y.e", action=Action.ALLOW, api_key_hashes=(_digest(K3),)),
+    ),
+    default_deny=True,
+    audit_default_deny=True,
+    api_keys=True,
+)
+FORGED = {"x-modelguard-api-key-sha256": _digest(K1)}
+# Key classes are named keys-0, keys-1, ...: a caller naming one gets nothing for it.
+FORGED_CLASSES = [{"x-modelguard-api-key-class": f"keys-{i}"} for i in range(3)]
+# method, path, headers, status, deciding rule of a 403 ("none": no Allow rule), audited
+# Deny rule ("" = none), and the audit Allow engine's (rule, result) or None (not checked).
+Case = tuple[str, str, dict[str, str], int, str, str, "tuple[str | None, str] | None"]
+CASES: dict[str, tuple[AccessIR, list[Case]]] = {
+    "mixed": (
+        MIXED,
+        [
+            ("POST", "/v1/predict", {"x-api-key": K1}, 200, "", "", None),
+            ("POST", "/admin/x", {"x-api-key": K1}, 403, "demo.x.rule-0", "", None),
+            ("GET", "/v1/predict", {"x-api-key": K1}, 403, "none", "", (None, "denied")),
+            (
+                "POST",
+                "/v1/predict",
+                {"x-api-key": K2},
+                200,
+                "",
+                "demo.y.rule-0",
+                ("demo.x.rule-1", "allowed"),
+            ),
+            ("POST", "/admin/x", {"x-api-key": K2}, 403, "none", "demo.y.rule-0", None),
+            ("GET", "/anything", {"x-api-key": K3}, 200, "", "", None),
+            ("POST", "/v1/predict", {}, 403, "none", "", (None, "denied")),
+            ("POST", "/v1/predict", {"x-api-key": "wrong"}, 403, "none", "", None),
+            ("POST", "/v1/predict", FORGED, 403, "none", "", None),
+            ("POST", "/admin/x", FORGED, 403, "none", "", None),
+            *(
+                ("POST", "/v1/predict", {**forged, "x-api-key": "wrong"}, 403, "none", "", None)
+                for forged in FORGED_CLASSES
+            ),
+            *(("POST", "/admin/x", forged, 403, "none", "", None) for forged in FORGED_CLASSES),
+        ],
+    ),
+    "keys-only": (
+        KEYS_ONLY,
+        [
+            ("GET", "/v1/x", {"x-api-key": K1}, 200, "", "demo.y.d", ("demo.x.a", "allowed")),
+            ("GET", "/v1/x", {"x-api-key": K2}, 200, "", "", None),
+            ("GET", "/v1/x", {"x-api-key": K3}, 403, "demo.x.c", "", None),  # Deny first
+            ("GET", "/v1/x", {"x-api-key": "wrong"}, 403, "none", "", (None, "denied")),
+            ("GET", "/v1/x", {}, 403, "none", "", (None, "denied")),
+            ("GET", "/v1/x", FORGED, 403, "none", "", (None, "denied")),
+        ],
+    ),
+}
 
 
-@pytest.fixture
-def shared_sidecar() -> Iterator[tuple[int, EnvoyProcess]]:
-    filters = [to_dict(rbac.api_key_filter()), *(to_dict(f) for f in rbac.rbac_filters(SHARED))]
+@pytest.fixture(params=sorted(CASES))
+def policy_sidecar(request: pytest.FixtureRequest) -> Iterator[tuple[int, EnvoyProcess, str]]:
+    access = CASES[request.param][0]
+    lua = rbac.api_key_filter(access)
+    filters = [to_dict(lua), *(to_dict(f) for f in rbac.rbac_filters(access))]
     manager = hcm(filters, {"route": {"cluster": "model"}})
     manager["typed_config"]["local_reply_config"] = to_dict(rbac.denial_reply())
-    manager["typed_config"]["access_log"] = [to_dict(rbac.decision_log(SHARED))]
+    manager["typed_config"]["access_log"] = [to_dict(rbac.decision_log(access))]
     backend_port, backend_admin = free_port(), free_port()
     port, admin = free_port(), free_port()
     backend = EnvoyProcess(backend_bootstrap(backend_port, backend_admin), admin_port=backend_admin)
@@ -145,7 +211,7 @@ def shared_sidecar() -> Iterator[tuple[int, EnvoyProcess]]:
     try:
         backend.start().wait_ready(20)
         proxy.start().wait_ready(20)
-        yield port, proxy
+        yield port, proxy, request.param
     finally:
         proxy.stop()
         backend.stop()
@@ -171,38 +237,22 @@ def _decision_lines(proxy: EnvoyProcess) -> list[dict[str, object]]:
 
 
 def test_rules_sharing_keys_decide_and_log_by_rule(
-    shared_sidecar: tuple[int, EnvoyProcess],
+    policy_sidecar: tuple[int, EnvoyProcess, str],
 ) -> None:
-    """Each rule still matches exactly its own keys: denials name the deciding rule, and
-    the decision log names the audited rule, whatever other rules list the same key."""
-    port, proxy = shared_sidecar
-    none = "rbac_access_denied_matched_policy[none]"
-    forged = {"x-modelguard-api-key-sha256": _digest(K1)}
-    cases: list[tuple[str, str, dict[str, str], int, str, str]] = [
-        # method, path, headers, status, reason (403 only), audited Deny rule ("" = none)
-        ("POST", "/v1/predict", {"x-api-key": K1}, 200, "", ""),
-        ("POST", "/admin/x", {"x-api-key": K1}, 403, "demo.x.rule-0", ""),
-        ("GET", "/v1/predict", {"x-api-key": K1}, 403, "none", ""),
-        ("POST", "/v1/predict", {"x-api-key": K2}, 200, "", "demo.y.rule-0"),
-        ("POST", "/admin/x", {"x-api-key": K2}, 403, "none", "demo.y.rule-0"),
-        ("GET", "/anything", {"x-api-key": K3}, 200, "", ""),
-        ("POST", "/v1/predict", {}, 403, "none", ""),
-        ("POST", "/v1/predict", {"x-api-key": "wrong"}, 403, "none", ""),
-        ("POST", "/v1/predict", forged, 403, "none", ""),
-        ("POST", "/admin/x", forged, 403, "none", ""),
-    ]
-    for i, (method, path, headers, status, reason, _) in enumerate(cases):
-        request_id = f"case-{i}"
+    """Each rule still matches exactly its own keys, as digest map or as policies: denials
+    name the deciding rule, and the decision log names the audited rules."""
+    port, proxy, name = policy_sidecar
+    cases = CASES[name][1]
+    for i, (method, path, headers, status, reason, _, _) in enumerate(cases):
         got, _, body = http_request(
             method,
             f"http://127.0.0.1:{port}{path}",
             b"{}",
-            {**headers, "x-request-id": request_id},
+            {**headers, "x-request-id": f"case-{i}"},
         )
         assert got == status, (i, got, body)
         if status == 403:
-            expected = none if reason == "none" else f"rbac_access_denied_matched_policy[{reason}]"
-            assert json.loads(body)["reason"] == expected, (i, body)
+            assert json.loads(body)["reason"] == f"rbac_access_denied_matched_policy[{reason}]"
     # Access logs are written when the stream ends: wait for the last case's line.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -210,7 +260,7 @@ def test_rules_sharing_keys_decide_and_log_by_rule(
         if f"case-{len(cases) - 1}" in lines:
             break
         time.sleep(0.1)
-    for i, (_, _, _, status, reason, audited) in enumerate(cases):
+    for i, (_, _, _, status, reason, audited, audit_allow) in enumerate(cases):
         entry = lines.get(f"case-{i}")
         if status == 200 and not audited:
             assert entry is None, (i, entry)
@@ -218,10 +268,14 @@ def test_rules_sharing_keys_decide_and_log_by_rule(
         assert entry is not None, (i, sorted(lines))
         assert entry["status"] == status, (i, entry)
         if reason:
-            assert str(entry["reason"]).endswith(f"[{reason}]"), (i, entry)
+            assert entry["reason"] == f"rbac_access_denied_matched_policy[{reason}]", (i, entry)
         if audited:
             assert entry["audit_deny_rule"] == audited, (i, entry)
             assert entry["audit_deny_result"] == "denied", (i, entry)
         else:
             assert entry["audit_deny_result"] == "allowed", (i, entry)
             assert not entry["audit_deny_rule"], (i, entry)
+        if audit_allow is not None:
+            rule, result = audit_allow
+            assert entry["audit_allow_rule"] == rule, (i, entry)
+            assert entry["audit_allow_result"] == result, (i, entry)
