@@ -28,6 +28,15 @@ from google.protobuf.message import Message
 
 from controlplane.ir import SidecarIR, evolve
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
+from controlplane.xds.wire import (
+    WIRE_32,
+    WIRE_64,
+    WIRE_LEN,
+    WIRE_VARINT,
+    field_tag,
+    read_varint,
+    varint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +81,7 @@ def shape_of(ir: SidecarIR) -> tuple[SidecarIR, dict[str, str]]:
 # everything else keeps the exact bytes translate produced (map order included).
 _Part = bytes | tuple[bytes, str] | tuple[bytes, list["_Part"]]  # raw, or (tag, …)
 
-_WIRE_VARINT, _WIRE_64, _WIRE_LEN, _WIRE_32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_SIZES = tuple(_varint(n) for n in range(1 << 14))  # lengths of up to 16 KiB: two bytes
-
-
-def _tag(number: int) -> bytes:
-    return _varint(number << 3 | _WIRE_LEN)
+_SIZES = tuple(varint(n) for n in range(1 << 14))  # lengths of up to 16 KiB: two bytes
 
 
 def _contains(data: bytes) -> bool:
@@ -96,16 +89,10 @@ def _contains(data: bytes) -> bool:
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise _CannotTemplate("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
+    try:
+        return read_varint(data, pos)
+    except ValueError as err:
+        raise _CannotTemplate(str(err)) from err
 
 
 def _descriptor_of(type_url: str) -> Descriptor:
@@ -120,7 +107,7 @@ def _any_type_url(data: bytes) -> str:
     pos = 0
     while pos < len(data):
         key, pos = _read_varint(data, pos)
-        if key & 7 != _WIRE_LEN:
+        if key & 7 != WIRE_LEN:
             raise _CannotTemplate("an Any that is not an Any")
         size, pos = _read_varint(data, pos)
         if key >> 3 == 1:
@@ -139,16 +126,16 @@ def _cut(data: bytes, descriptor: Descriptor) -> list[_Part]:
         field_start = pos
         key, pos = _read_varint(data, pos)
         number, wire = key >> 3, key & 7
-        if wire == _WIRE_VARINT:
+        if wire == WIRE_VARINT:
             _, pos = _read_varint(data, pos)
             continue
-        if wire == _WIRE_64:
+        if wire == WIRE_64:
             pos += 8
             continue
-        if wire == _WIRE_32:
+        if wire == WIRE_32:
             pos += 4
             continue
-        if wire != _WIRE_LEN:
+        if wire != WIRE_LEN:
             raise _CannotTemplate(f"wire type {wire}")
         size, payload_at = _read_varint(data, pos)
         pos = payload_at + size
@@ -162,15 +149,15 @@ def _cut(data: bytes, descriptor: Descriptor) -> list[_Part]:
             parts.append(data[raw_from:field_start])
         if is_any and number == 2:
             assert packed is not None
-            parts.append((_tag(number), _cut(payload, packed)))
+            parts.append((field_tag(number), _cut(payload, packed)))
         elif is_any:
             raise _CannotTemplate("a placeholder in a type URL")
         elif field.type == FieldDescriptor.TYPE_STRING:
             if descriptor.GetOptions().map_entry and number == 1:
                 raise _CannotTemplate("a placeholder in a map key")
-            parts.append((_tag(number), payload.decode()))
+            parts.append((field_tag(number), payload.decode()))
         elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
-            parts.append((_tag(number), _cut(payload, field.message_type)))
+            parts.append((field_tag(number), _cut(payload, field.message_type)))
         else:
             raise _CannotTemplate(f"a placeholder in {field.full_name}")
         raw_from = pos
@@ -230,7 +217,7 @@ def _flatten(
             if isinstance(inner, str)
             else _flatten(inner, lengths, embedded)
         )
-        prefix = tag + (_SIZES[size] if size < len(_SIZES) else _varint(size))
+        prefix = tag + (_SIZES[size] if size < len(_SIZES) else varint(size))
         out.append(prefix)
         out += pieces
         total += len(prefix) + size

@@ -34,8 +34,9 @@ from google.protobuf.message import DecodeError
 
 from controlplane.xds import resources as rt
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.snapshot import Resource, Snapshot, version_of, wire_field
+from controlplane.xds.snapshot import Resource, Snapshot, version_of
 from controlplane.xds.status import NodeSync, StreamKind, SyncStatus
+from controlplane.xds.wire import wire_field
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from google.protobuf import any_pb2, json_format, struct_pb2
 from google.rpc import status_pb2
 
 from controlplane.xds import resources as rt
+from controlplane.xds.wire import WIRE_32, WIRE_64, WIRE_LEN, WIRE_VARINT, read_varint
 
 log = logging.getLogger(__name__)
 
@@ -323,33 +324,22 @@ def _name(type_url: str, packed: any_pb2.Any) -> str:
     type keeps its name (``cluster_name`` for endpoints) in field 1."""
     data, pos = packed.value, 0
     while pos < len(data):
-        key, pos = _varint(data, pos)
+        key, pos = read_varint(data, pos)
         number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(data, pos)
-        elif wire == 1:
+        if wire == WIRE_VARINT:
+            _, pos = read_varint(data, pos)
+        elif wire == WIRE_64:
             pos += 8
-        elif wire == 5:
+        elif wire == WIRE_32:
             pos += 4
-        elif wire == 2:
-            size, pos = _varint(data, pos)
+        elif wire == WIRE_LEN:
+            size, pos = read_varint(data, pos)
             if number == 1:
                 return data[pos : pos + size].decode()
             pos += size
         else:
             break
     raise ValueError(f"{rt.short_name(type_url)} resource without a name")
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
 
 
 def _eds_names(held: _Holding) -> set[str]:

@@ -20,6 +20,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
 from controlplane.xds import resources as rt
+from controlplane.xds.wire import wire_field
 
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})
 
@@ -34,23 +35,6 @@ class InconsistentSnapshot(ValueError):
 
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def wire_field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (strings, bytes, sub-messages)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 # Field numbers used to pre-encode response entries (envoy/service/discovery/v3).
