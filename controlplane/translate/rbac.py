@@ -425,6 +425,20 @@ def _rbac_meta(key: str) -> str:
     return f"%DYNAMIC_METADATA({RBAC_FILTER}:{key})%"
 
 
+def _denied_status() -> accesslog_pb2.AccessLogFilter:
+    """Responses with the denial status (403, runtime key modelguard.access.denied_status)."""
+    return accesslog_pb2.AccessLogFilter(
+        status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=accesslog_pb2.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(
+                    default_value=403, runtime_key="modelguard.access.denied_status"
+                ),
+            )
+        )
+    )
+
+
 def denial_reply() -> hcm_pb2.LocalReplyConfig:
     """403s get a JSON body naming the deciding rule, which users look up in their policies."""
     body = substitution_format_string_pb2.SubstitutionFormatString(
@@ -440,16 +454,7 @@ def denial_reply() -> hcm_pb2.LocalReplyConfig:
     return hcm_pb2.LocalReplyConfig(
         mappers=[
             hcm_pb2.ResponseMapper(
-                filter=accesslog_pb2.AccessLogFilter(
-                    status_code_filter=accesslog_pb2.StatusCodeFilter(
-                        comparison=accesslog_pb2.ComparisonFilter(
-                            op=accesslog_pb2.ComparisonFilter.EQ,
-                            value=base_pb2.RuntimeUInt32(
-                                default_value=403, runtime_key="modelguard.access.denied_status"
-                            ),
-                        )
-                    )
-                ),
+                filter=_denied_status(),
                 body_format_override=body,
             )
         ]
@@ -487,17 +492,7 @@ def decision_log(access: AccessIR) -> accesslog_pb2.AccessLog:
         "path": "%REQ(:PATH)%",
         "request_id": "%REQ(X-REQUEST-ID)%",
     }
-    denied = accesslog_pb2.AccessLogFilter(
-        status_code_filter=accesslog_pb2.StatusCodeFilter(
-            comparison=accesslog_pb2.ComparisonFilter(
-                op=accesslog_pb2.ComparisonFilter.EQ,
-                value=base_pb2.RuntimeUInt32(
-                    default_value=403, runtime_key="modelguard.access.denied_status"
-                ),
-            )
-        )
-    )
-    which = [denied]
+    which = [_denied_status()]
     if any(r.action == Action.DENY for r in access.audited):
         which.append(_shadow_denied(AUDIT_DENY_PREFIX))
     if access.audit_default_deny:
