@@ -51,8 +51,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# One instance of the digits model's answer, at full precision (bench/lib/load.py).
-from lib.load import ANSWER
+# Static Envoy configs and the model-like backend shared by the data-path benches.
+from lib.load import backend_bootstrap, bootstrap, cluster, hcm, listener
 
 from controlplane.bootstrap import XDS_CLUSTER
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
@@ -68,85 +68,7 @@ from controlplane.netutil import free_port, http_request
 from controlplane.translate.render import to_dict
 from controlplane.translate.wasm import extension_config
 
-TYPE = "type.googleapis.com/"
 QUERY = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
-
-
-def _hcm(http_filters: list[dict[str, Any]], route: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network."
-            "http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "bench",
-            "route_config": {
-                "virtual_hosts": [
-                    {
-                        "name": "all",
-                        "domains": ["*"],
-                        "routes": [{"match": {"prefix": "/"}, **route}],
-                    }
-                ]
-            },
-            "http_filters": [
-                *http_filters,
-                {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {
-                        "@type": TYPE + "envoy.extensions.filters.http.router.v3.Router"
-                    },
-                },
-            ],
-        },
-    }
-
-
-def _listener(port: int, hcm: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": f"listen-{port}",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [{"filters": [hcm]}],
-    }
-
-
-def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return cluster
-
-
-def _bootstrap(admin: int, listeners: list[Any], clusters: list[Any]) -> dict[str, Any]:
-    return {
-        "node": {"id": "bench-sidecar", "cluster": "bench"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }
 
 
 LABELS = {
@@ -317,41 +239,28 @@ def main() -> int:
     )
     upstream_port, upstream_admin = free_port(), free_port()
     upstream = EnvoyProcess(
-        _bootstrap(
-            upstream_admin,
-            [
-                _listener(
-                    upstream_port,
-                    _hcm(
-                        # Answer once the whole query is in, as a model does.
-                        [
-                            {
-                                "name": "envoy.filters.http.buffer",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.filters."
-                                    "http.buffer.v3.Buffer",
-                                    "max_request_bytes": 1048576,
-                                },
-                            }
-                        ],
-                        {
-                            "direct_response": {
-                                "status": 200,
-                                "body": {"inline_string": json.dumps(ANSWER)},
-                            },
-                            "response_headers_to_add": [
-                                {"header": {"key": "content-type", "value": "application/json"}}
-                            ],
-                        },
-                    ),
-                )
-            ],
-            [],
-        ),
+        backend_bootstrap(upstream_port, upstream_admin),
         admin_port=upstream_admin,
         log_level="warn",
         concurrency=1,
     )
+
+    def sidecar(
+        filters: list[dict[str, Any]], binary: Path | None = None
+    ) -> tuple[EnvoyProcess, int]:
+        """A sidecar Envoy (not started) carrying ``filters`` in front of the model."""
+        port, admin = free_port(), free_port()
+        manager = hcm(filters, {"route": {"cluster": "model"}})
+        config = bootstrap(
+            admin,
+            [listener(port, manager)],
+            [cluster("model", upstream_port), cluster(XDS_CLUSTER, feed_port, http2=True)],
+        )
+        envoy = EnvoyProcess(
+            config, admin_port=admin, log_level="warn", concurrency=1, binary=binary
+        )
+        return envoy, port
+
     variants = {"bare": [], "harden": [wasm_filter(feed=False)], "feed": [wasm_filter(feed=True)]}
     if args.compare is not None:
         variants["harden-compare"] = [wasm_filter(feed=False, module=args.compare)]
@@ -369,21 +278,7 @@ def main() -> int:
         if args.instructions:
             counts: dict[str, float] = {}
             for name, filters in variants.items():
-                port, admin = free_port(), free_port()
-                envoy = EnvoyProcess(
-                    _bootstrap(
-                        admin,
-                        [_listener(port, _hcm(filters, {"route": {"cluster": "model"}}))],
-                        [
-                            _cluster("model", upstream_port),
-                            _cluster(XDS_CLUSTER, feed_port, http2=True),
-                        ],
-                    ),
-                    admin_port=admin,
-                    log_level="warn",
-                    concurrency=1,
-                    binary=wrapper,
-                )
+                envoy, port = sidecar(filters, wrapper)
                 try:
                     envoy.start(timeout=300)
                     envoy.wait_ready(300)
@@ -396,20 +291,7 @@ def main() -> int:
             print(f"\n{args.instructions} requests per variant under callgrind, after as many")
             return 0
         for name, filters in variants.items():
-            port, admin = free_port(), free_port()
-            envoy = EnvoyProcess(
-                _bootstrap(
-                    admin,
-                    [_listener(port, _hcm(filters, {"route": {"cluster": "model"}}))],
-                    [
-                        _cluster("model", upstream_port),
-                        _cluster(XDS_CLUSTER, feed_port, http2=True),
-                    ],
-                ),
-                admin_port=admin,
-                log_level="warn",
-                concurrency=1,
-            )
+            envoy, port = sidecar(filters)
             envoy.start()
             envoy.wait_ready(20)
             sidecars[name] = (envoy, port)

@@ -84,9 +84,9 @@ def listener(port: int, manager: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def cluster(name: str, port: int) -> dict[str, Any]:
+def cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
     address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-    return {
+    out: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -95,6 +95,14 @@ def cluster(name: str, port: int) -> dict[str, Any]:
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
         },
     }
+    if http2:  # gRPC upstreams
+        out["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return out
 
 
 def bootstrap(admin: int, listeners: list[Any], clusters: list[Any]) -> dict[str, Any]:
