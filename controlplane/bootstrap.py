@@ -197,6 +197,9 @@ def with_credentials(
     return bootstrap
 
 
+ENVOY_ADMIN_KEY = "modelguard.io/envoy-admin"
+
+
 def build_bootstrap(
     sidecar: Sidecar,
     *,
@@ -214,7 +217,8 @@ def build_bootstrap(
         "node": {
             "id": sidecar.node_id,
             "cluster": cluster or f"{sidecar.service}.{sidecar.namespace}",
-            "metadata": sidecar.to_metadata(),
+            # Where its admin interface listens, for `modelguard proxy-config`.
+            "metadata": {**sidecar.to_metadata(), ENVOY_ADMIN_KEY: f"127.0.0.1:{admin_port}"},
         },
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}},

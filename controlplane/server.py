@@ -20,6 +20,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from controlplane.admin import AdminService
+from controlplane.bootstrap import ENVOY_ADMIN_KEY
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.identity.interceptor import SidecarAuthInterceptor
@@ -129,6 +130,8 @@ class ControlPlane:
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
         self.admin_port = 0
+        # Node id → its Envoy admin address, as its bootstrap announced it (proxy-config).
+        self.envoy_admins: dict[str, str] = {}
         self._xds_server: grpc.aio.Server | None = None
         self._admin_server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
@@ -166,6 +169,9 @@ class ControlPlane:
             log.warning("sidecar rejected: %s", err)
             raise RejectNode(str(err)) from err
         log.info("sidecar connected: %s (%s.%s)", node.id, sidecar.service, sidecar.namespace)
+        admin = node.metadata.fields.get(ENVOY_ADMIN_KEY)
+        if admin is not None and admin.string_value:
+            self.envoy_admins[node.id] = admin.string_value
         if self.identity is not None:
             self.identity.ensure(sidecar)  # its first snapshot already carries its SVID
         self.inventory.observe(sidecar)
@@ -173,6 +179,7 @@ class ControlPlane:
     def _on_disconnect(self, node_id: str) -> None:
         log.info("sidecar disconnected: %s", node_id)
         self.inventory.forget(node_id)
+        self.envoy_admins.pop(node_id, None)
         if self.identity is not None:
             self.identity.forget(node_id)
 
