@@ -231,6 +231,9 @@ def load_paths(paths: Sequence[str | Path]) -> tuple[list[LoadedPolicy], list[Vi
             found, bad = parse_documents(text, str(path))
             loaded.extend(found)
             violations.extend(bad)
+    # The first file in sorted order wins, whatever order the paths were given in: the
+    # same winner the policy store (the watcher) picks.
+    loaded.sort(key=lambda lp: (lp.source, lp.index))
     cross = validate_cross(loaded)
     rejected = {(v.source, v.index) for v in cross}
     return [p for p in loaded if (p.source, p.index) not in rejected], violations + cross
