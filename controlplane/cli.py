@@ -74,8 +74,14 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             await plane.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    from controlplane.server import PortInUse
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except PortInUse as err:
+        print(f"modelguard serve: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

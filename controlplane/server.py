@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +28,7 @@ from controlplane.identity.kubernetes import AuthenticationPending
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.identity.tokens import AuthenticationError, SidecarAuthenticator
 from controlplane.inventory import Inventory, InventoryError, Sidecar
+from controlplane.netutil import port_in_use_message
 from controlplane.pipeline import Debouncer, Pipeline
 from controlplane.ratelimit import RateLimitServices, backend_from_url
 from controlplane.ratelimit.admin import RateLimitAdmin
@@ -82,6 +83,25 @@ class ControlPlaneConfig:
 # it is freed by reference counting. Collecting every 20,000 instead keeps cyclic garbage
 # bounded (tens of thousands of objects at most) and takes the collector out of the push.
 GC_YOUNG_THRESHOLD = 20_000
+
+
+# gRPC binds its listening sockets with SO_REUSEPORT: a second control plane on the same
+# ports would start and share them silently. Without it the second bind fails (PortInUse).
+NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+
+
+class PortInUse(OSError):
+    """A port the control plane must listen on is taken; names it and, if known, its holder."""
+
+
+def _bind(add_port: Callable[[], int], what: str, host: str, port: int) -> int:
+    try:
+        bound = add_port()
+    except RuntimeError as err:  # grpc: "Failed to bind to address ..."
+        raise PortInUse(port_in_use_message(what, host, port)) from err
+    if bound == 0:  # older grpc reports a failed bind as port 0
+        raise PortInUse(port_in_use_message(what, host, port))
+    return bound
 
 
 def tune_gc() -> None:
@@ -199,6 +219,7 @@ class ControlPlane:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                *NO_REUSEPORT,
             ],
             # Every sidecar service on this port checks the sidecar's credential, as ADS does.
             interceptors=[self.call_auth] if self.call_auth is not None else None,
@@ -214,19 +235,35 @@ class ControlPlane:
             service.add_to(self._xds_server)
             await service.start()
         xds_address = f"{self.config.xds_host}:{self.config.xds_port}"
+        xds_server = self._xds_server
         if self.identity is not None and self.identity.config.xds_tls:
-            self.xds_port = self._xds_server.add_secure_port(
-                xds_address, self.identity.server_credentials()
+            credentials = self.identity.server_credentials()
+            self.xds_port = _bind(
+                lambda: xds_server.add_secure_port(xds_address, credentials),
+                "xDS",
+                self.config.xds_host,
+                self.config.xds_port,
             )
         else:
-            self.xds_port = self._xds_server.add_insecure_port(xds_address)
-        self._admin_server = grpc.aio.server()
+            self.xds_port = _bind(
+                lambda: xds_server.add_insecure_port(xds_address),
+                "xDS",
+                self.config.xds_host,
+                self.config.xds_port,
+            )
+        self._admin_server = grpc.aio.server(options=NO_REUSEPORT)
         AdminService(self).add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
         QuarantineAdmin(self.extraction.monitor).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
-        self.admin_port = self._admin_server.add_insecure_port(
-            f"{self.config.admin_host}:{self.config.admin_port}"
+        admin_server = self._admin_server
+        self.admin_port = _bind(
+            lambda: admin_server.add_insecure_port(
+                f"{self.config.admin_host}:{self.config.admin_port}"
+            ),
+            "admin",
+            self.config.admin_host,
+            self.config.admin_port,
         )
         await self._xds_server.start()
         await self._admin_server.start()
