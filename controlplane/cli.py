@@ -54,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit_backend=args.rate_limit_backend,
         quota_assignment_ttl=args.quota_assignment_ttl,
         identity=identity_service.config_from_args(args, ".modelguard/identity"),
+        watch_plaintext=True,
     )
 
     if getattr(args, "kubernetes", False):

@@ -25,6 +25,7 @@ from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.identity.interceptor import SidecarAuthInterceptor
 from controlplane.identity.kubernetes import AuthenticationPending
+from controlplane.identity.plaintext import PlaintextWatch
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.identity.tokens import AuthenticationError, SidecarAuthenticator
 from controlplane.inventory import Inventory, InventoryError, Sidecar
@@ -74,6 +75,9 @@ class ControlPlaneConfig:
     quota_assignment_ttl: int = 15
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
+    # Count plaintext sidecars on the TLS xDS port and advise them, by owning fd 2
+    # (identity/plaintext.py): for the CLI's processes only, never a library user's.
+    watch_plaintext: bool = False
 
 
 # The collector's youngest generation runs every 700 net container allocations by default.
@@ -170,6 +174,7 @@ class ControlPlane:
             else None
         )
         self._identity_task: asyncio.Task[None] | None = None
+        self._plaintext: PlaintextWatch | None = None
 
     def _authenticate(self, node: base_pb2.Node, metadata: Mapping[str, str]) -> None:
         assert self.identity is not None
@@ -267,6 +272,12 @@ class ControlPlane:
         )
         await self._xds_server.start()
         await self._admin_server.start()
+        if self.config.watch_plaintext and self.identity is not None:
+            if self.identity.config.xds_tls:
+                self._plaintext = PlaintextWatch(
+                    f"{self.config.xds_host}:{self.xds_port}", self.sync_status.dropped
+                )
+                self._plaintext.start()
         if self.config.watch:
             self._watch_task = asyncio.create_task(self.files.watch(self._stop))
         if self.identity is not None:
@@ -277,6 +288,9 @@ class ControlPlane:
 
     async def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        if self._plaintext is not None:
+            self._plaintext.stop()
+            self._plaintext = None
         if self._identity_task is not None:
             self._identity_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

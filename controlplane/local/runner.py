@@ -141,6 +141,7 @@ async def _serve(args: argparse.Namespace) -> None:
             admin_port=args.admin_port,
             # mTLS between sidecars, xDS over TLS, a token per sidecar (issue 6).
             identity=identity_config_from_args(args, str(workdir / "identity")),
+            watch_plaintext=True,
         )
     )
     await plane.start()

@@ -13,6 +13,8 @@ from controlplane.netutil import free_port, port_holder
 from tests.cli.embedded import MODELGUARD, modelguard, start_embedded
 from tests.conftest import Processes
 
+pytestmark = pytest.mark.envoy
+
 
 @pytest.mark.timeout(300)
 def test_a_second_run_on_busy_ports_exits_naming_the_port(
