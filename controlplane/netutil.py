@@ -84,9 +84,9 @@ def _listening_inodes(port: int) -> set[str]:
                 next(f, None)
                 for line in f:
                     fields = line.split()
-                    if len(fields) > 9 and fields[3] == "0A":  # 0A: LISTEN
-                        if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                            inodes.add(fields[9])
+                    listening = len(fields) > 9 and fields[3] == "0A"  # 0A: LISTEN
+                    if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
         except OSError:  # not Linux, or no /proc
             continue
     return inodes

@@ -30,9 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="the sidecar's Envoy admin address (default: as the control plane knows it)",
     )
-    parser.add_argument(
-        "--filter", default="", help="stats: only those whose name contains this"
-    )
+    parser.add_argument("--filter", default="", help="stats: only those whose name contains this")
     add_output_arguments(parser)  # json|yaml: Envoy's own dump of the section
 
 

@@ -272,12 +272,12 @@ class ControlPlane:
         )
         await self._xds_server.start()
         await self._admin_server.start()
-        if self.config.watch_plaintext and self.identity is not None:
-            if self.identity.config.xds_tls:
-                self._plaintext = PlaintextWatch(
-                    f"{self.config.xds_host}:{self.xds_port}", self.sync_status.dropped
-                )
-                self._plaintext.start()
+        identity = self.identity
+        if self.config.watch_plaintext and identity is not None and identity.config.xds_tls:
+            self._plaintext = PlaintextWatch(
+                f"{self.config.xds_host}:{self.xds_port}", self.sync_status.dropped
+            )
+            self._plaintext.start()
         if self.config.watch:
             self._watch_task = asyncio.create_task(self.files.watch(self._stop))
         if self.identity is not None:

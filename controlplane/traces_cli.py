@@ -166,9 +166,7 @@ def _asked(args: argparse.Namespace) -> str:
     return " ".join(filters) if filters else "(no filter: the store holds no records yet)"
 
 
-def _follow_widths(
-    records: Iterable[telemetry_pb2.TelemetryRecord], output: str
-) -> list[int]:
+def _follow_widths(records: Iterable[telemetry_pb2.TelemetryRecord], output: str) -> list[int]:
     wide = output == "wide"
     rows = [HEADER, *(row(r, wide) for r in records)]
     base = (*FOLLOW_WIDTHS[:6], 71 if wide else 12, FOLLOW_WIDTHS[7], 32 if wide else 16)

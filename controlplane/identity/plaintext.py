@@ -11,6 +11,7 @@ advice per minute; every other line goes on to the real stderr unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -84,10 +85,8 @@ class PlaintextWatch:
 
     def _line(self, line: bytes, out: int) -> None:
         if not is_plaintext_attempt(line):
-            try:
+            with contextlib.suppress(OSError):
                 os.write(out, line)
-            except OSError:
-                pass
             return
         self.attempts += 1
         self.count(REASON)

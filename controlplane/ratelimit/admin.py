@@ -105,9 +105,7 @@ def fetch_usage(
         return report
 
 
-def render(
-    report: ratelimit_pb2.UsageReport, limit_filter: str = "", wide: bool = False
-) -> str:
+def render(report: ratelimit_pb2.UsageReport, limit_filter: str = "", wide: bool = False) -> str:
     if not report.limits and limit_filter:
         return (
             f"no global limit whose name contains {limit_filter!r} has been asked about "

@@ -33,9 +33,11 @@ def test_plaintext_attempts_get_one_line_of_advice_and_are_counted(
     # What a sidecar bootstrapped without --identity-dir does: HTTP/2 in plaintext, again
     # and again (gRPC's reconnect backoff, like Envoy's).
     for _ in range(3):
-        with grpc.insecure_channel(f"127.0.0.1:{xds}") as channel:
-            with pytest.raises(grpc.FutureTimeoutError):
-                grpc.channel_ready_future(channel).result(timeout=1.5)
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{xds}") as channel,
+            pytest.raises(grpc.FutureTimeoutError),
+        ):
+            grpc.channel_ready_future(channel).result(timeout=1.5)
     time.sleep(0.5)
     log = processes.log_of(server)
     advice = [line for line in log.splitlines() if "speaks plaintext to the TLS xDS port" in line]
