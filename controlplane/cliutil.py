@@ -118,8 +118,9 @@ _STATUS = re.compile(r"[1-5](?:\d\d|xx)")
 
 
 def http_status(text: str) -> str:
-    """An argparse type: an HTTP status (``403``) or a class (``4xx``)."""
-    if not _STATUS.fullmatch(text.lower()):
+    """An argparse type: an HTTP status (``403``) or a class (``4xx``); '' is no filter
+    (argparse passes string defaults through the type too)."""
+    if text and not _STATUS.fullmatch(text.lower()):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an HTTP status: write a code such as 403 or a class such as 4xx"
         )
