@@ -451,6 +451,14 @@ def run(args: argparse.Namespace) -> int:
             delta=args.delta,
             credentials=credentials,
         )
+        # Say what landed on disk: two of the files hold or point at a secret.
+        base = Path(args.output).with_suffix("")
+        print(f"wrote {args.output} (the bootstrap: envoy -c {args.output})")
+        if credentials is not None:
+            token = base.with_name(base.name + TOKEN_SUFFIX)
+            sds = base.with_name(base.name + TOKEN_SDS_SUFFIX)
+            print(f"wrote {token} (the sidecar's token, mode 0600: keep it out of git)")
+            print(f"wrote {sds} (how Envoy reads the token: file SDS)")
     else:
         bootstrap = build_bootstrap(
             sidecar,
