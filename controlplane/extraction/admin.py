@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -15,6 +16,8 @@ from controlplane.cliutil import add_output_arguments, emit
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the CLI imports this module: keep numpy out of its start-up
     from controlplane.extraction.monitor import ExtractionMonitor
@@ -72,6 +75,13 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
         if not request.client_key:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_key: required")
         gone = self.monitor.release(request.client_key, request.policy or None)
+        for e in gone:  # a release is as much an event as a verdict
+            log.warning(
+                "%s of %s (%s) released by an admin request",
+                e.kind,
+                e.client.fingerprint,
+                e.client.policy,
+            )
         return admin_pb2.ReleaseQuarantineResponse(released=[entry(e) for e in gone])
 
     async def GetMonitorStats(
