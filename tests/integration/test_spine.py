@@ -156,7 +156,7 @@ async def test_config_arrives_over_ads_and_traffic_reaches_the_model(system: Sys
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     (sidecar,) = shown["sidecars"]
-    assert sidecar["node_id"] == "digits-model-0" and sidecar["state"] == "SYNCED"
+    assert sidecar["nodeId"] == "digits-model-0" and sidecar["state"] == "SYNCED"  # camelCase
     assert {r["type"]: r["state"] for r in sidecar["resources"]} == {
         "CDS": "SYNCED", "EDS": "SYNCED", "LDS": "SYNCED", "RDS": "SYNCED"
     }
