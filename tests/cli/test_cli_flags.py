@@ -172,3 +172,28 @@ def test_outputs_use_one_key_style_camel_case(control_plane: str) -> None:
     text = modelguard("status", env=env)
     assert text.returncode == 0, text.stdout + text.stderr
     assert "its target matches no connected sidecar" in text.stdout
+
+
+def test_follow_lines_keep_the_columns_of_the_listing() -> None:
+    from controlplane.gen.modelguard.admin.v1 import telemetry_pb2
+    from controlplane.traces_cli import _follow_widths, render
+
+    def record(service: str, verdict: str) -> telemetry_pb2.TelemetryRecord:
+        return telemetry_pb2.TelemetryRecord(
+            time_unix_nano=1_700_000_000_000_000_000, kind="log", service=service,
+            status=403, verdict=verdict, name="POST /v1/predict", trace_id="ab" * 16,
+        )  # fmt: skip
+
+    listing = [record("digits-model", "denied")]
+    widths = _follow_widths(listing, "table")
+    lines = [render(listing, header=True, widths=widths)]
+    # Streamed one at a time, each with other lengths than the listing's.
+    for service, verdict in (("m", "allowed"), ("fraud-model-v2", "rate_limited")):
+        lines.append(render([record(service, verdict)], header=False, widths=widths))
+    # A value wider than its column pushes its own line only.
+    lines.append(render([record("x" * 40, "denied")], header=False, widths=widths))
+    lines.append(render([record("m", "denied")], header=False, widths=widths))
+    text = "\n".join(lines).splitlines()
+    starts = {line.index("403") for i, line in enumerate(text[1:]) if i != 3}
+    assert len(starts) == 1, text  # STATUS starts in the same column on every line
+    assert text[0].index("STATUS") in starts
