@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="connected sidecars and policies, like istioctl proxy-status",
         description="Sidecars' sync state and every policy's state. Exit code: 0 when every "
-        "policy is accepted and no sidecar NACKed, 1 when a policy is rejected or a "
-        "sidecar NACKed (like istioctl analyze), 2 when the control plane cannot be reached.",
+        "policy is accepted and no sidecar NACKed, 1 when a policy is rejected, a "
+        "sidecar NACKed (like istioctl analyze) or no sidecar matches NODE, 2 when the "
+        "control plane cannot be reached.",
     )
     from controlplane import status_cli
 
