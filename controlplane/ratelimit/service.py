@@ -6,6 +6,19 @@ for a new client) and it answers with an assignment per client bucket, which the
 enforces by itself: a token bucket holding this sidecar's share of what is left of the
 client's budget, or deny-all once it is spent. Throttles pushed at run time reach the
 sidecars through the same streams, without a configuration push.
+
+Budgets of instances (``cost: instances``): RLQS reports count requests only, so the
+sidecar puts each request's instance *class* into the bucket id (one bucket per client and
+class, see ``controlplane.translate.ratelimit``). A bucket of class c is charged c per
+answered request (refused ones cost nothing) and assigned whole requests of c: a request
+costs its count rounded up to its class (at most 25% more; exact at 256).
+
+Across replicas: every bucket of a client on any sidecar of any replica is a holder of
+its budget; ``Backend.grant`` sizes a holder's assignment atomically from all live holders
+(Redis, or memory for one control plane): its fair share, never more than the others'
+assignments leave free. The overshoot of a budget of N is therefore bounded by what each
+holder serves before its first assignment arrives and while a report's answer is in
+flight (the README's rate-limit section has the bound and the measurement).
 """
 
 from __future__ import annotations
@@ -167,9 +180,9 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
     async def _release(self, stream: _Stream) -> None:
         """The stream's assignments no longer count against its clients' budgets (Envoy
         drops a stream's assignments with it); if the backend is gone they lapse anyway."""
-        for (_, client, units), (rule, _) in stream.buckets.items():
+        for (_, client, cost), (rule, _) in stream.buckets.items():
             try:
-                await self.budgets.release(rule, client, f"{stream.holder}/{units}")
+                await self.budgets.release(rule, client, f"{stream.holder}/{cost}")
             except BackendError as err:
                 log.debug("holder %s not released: %s", stream.holder, err)
                 return

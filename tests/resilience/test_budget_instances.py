@@ -127,8 +127,8 @@ def test_attacks_on_the_instance_count_are_charged_in_full(
     assert gate.post("duplicate", duplicate) == 200
     until(plane.counted(LIMIT, "duplicate", 256), 10, "a duplicate key charged in full")
     # Brackets inside strings are not instances; a body without instances costs 1.
-    assert gate.post("strings", b'{"note": "[[[,,,]]]", "instances": [[' + b"1," * 63
-                     + b'1]]}') == 200
+    strings = b'{"note": "[[[,,,]]]\\"", "instances": [[' + b"1," * 63 + b"1]]}"
+    assert gate.post("strings", strings) == 200
     until(plane.counted(LIMIT, "strings", 1), 10, "strings skipped")
     time.sleep(0.5)
     assert gate.envoy.server_state() == "LIVE"

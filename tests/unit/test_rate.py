@@ -246,7 +246,9 @@ async def test_a_bucket_of_instances_is_charged_and_sized_in_instances() -> None
         (255, 1, 0, 256, 0),
     ],
 )
-def test_grant_arithmetic(remaining: int, holders: int, reserved: int, units: int, tokens: int) -> None:
+def test_grant_arithmetic(
+    remaining: int, holders: int, reserved: int, units: int, tokens: int
+) -> None:
     assert grant_tokens(remaining, holders, reserved, units) == tokens
 
 
@@ -254,3 +256,36 @@ def test_backend_from_url() -> None:
     assert isinstance(backend_from_url("memory"), MemoryBackend)
     with pytest.raises(ValueError, match="redis://"):
         backend_from_url("postgres://x")
+
+
+@pytest.mark.parametrize(
+    ("limit", "path"),
+    [
+        ("{name: l, clientKey: {header: k}, requests: 5, per: day, cost: instances}", "cost"),
+        (
+            "{name: l, clientKey: {header: k}, requests: 5, per: minute, scope: Global,"
+            " cost: instances}",
+            "cost",
+        ),
+        (
+            "{name: l, clientKey: {header: k}, requests: 5, per: day, scope: Global, cost: bytes}",
+            "cost",
+        ),
+    ],
+)
+def test_only_budgets_charge_instances(limit: str, path: str) -> None:
+    text = POLICY.split("  limits:")[0] + f"  limits:\n  - {limit}\n"
+    _, violations = parse_documents(text, "rate.yaml")
+    assert [v.path for v in violations] == [f"spec.limits[0].{path}"], violations
+
+
+def test_a_budget_of_instances_reaches_the_ir() -> None:
+    text = POLICY.split("  limits:")[0] + (
+        "  limits:\n  - {name: d, clientKey: {header: k}, requests: 5, per: day,"
+        " scope: Global, cost: Instances}\n"
+    )
+    loaded, violations = parse_documents(text, "rate.yaml")
+    assert not violations
+    ir = compile_sidecar(SIDECAR, [lp.policy for lp in loaded]).rate
+    assert ir is not None and ir.limits[0].cost == "instances"
+    assert ir.limits[0].enforcement == RateEnforcement.QUOTA
