@@ -80,13 +80,15 @@ class Backend(Protocol):
         client: str,
         holder: str,
         *,
+        hits: int,
         budget: int,
         units: int,
         now: float,
         ttl: float,
     ) -> Grant:
-        """Atomically: size ``holder``'s next assignment (``grant_tokens``) from the client's
-        usage and every live holder of it, and record it until ``now + ttl``."""
+        """Atomically: count ``hits`` (as ``add``), size ``holder``'s next assignment
+        (``grant_tokens``) from the client's usage and every live holder of it, and record
+        it until ``now + ttl``."""
         ...
 
     async def release(self, limit: str, window: int, client: str, holder: str, now: float) -> None:
@@ -137,12 +139,13 @@ class MemoryBackend:
         client: str,
         holder: str,
         *,
+        hits: int,
         budget: int,
         units: int,
         now: float,
         ttl: float,
     ) -> Grant:
-        remaining = budget - self._window(limit, window, now).get(client, 0)
+        remaining = budget - await self.add(limit, window, client, hits, now)
         holders = self._holders.setdefault((limit, window_start(now, window), client), {})
         for name in [h for h, (expires, _, _) in holders.items() if expires <= now]:
             del holders[name]
@@ -176,12 +179,14 @@ class MemoryBackend:
         return None
 
 
-# One atomic step of RedisBackend.grant (the same arithmetic as grant_tokens): drop the
-# lapsed holders, size this holder's assignment from the client's usage and the others'
-# live assignments, record it. KEYS: the window's counts, the client's holders.
-# ARGV: client, holder, budget, units, now, ttl, key expiry (Unix seconds).
+# One atomic step of RedisBackend.grant (the same arithmetic as grant_tokens): count the
+# usage reported, drop the lapsed holders, size this holder's assignment from the client's
+# usage and the others' live assignments, record it.
+# KEYS: the window's counts, the client's holders.
+# ARGV: client, holder, budget, units, now, ttl, key expiry (Unix seconds), hits to count.
 _GRANT = """
-local used = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+local used = tonumber(redis.call('ZINCRBY', KEYS[1], ARGV[8], ARGV[1]))
+redis.call('EXPIREAT', KEYS[1], ARGV[7])
 local remaining = tonumber(ARGV[3]) - used
 local units, now, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local others, reserved = 0, 0
@@ -264,6 +269,7 @@ class RedisBackend:
         client: str,
         holder: str,
         *,
+        hits: int,
         budget: int,
         units: int,
         now: float,
@@ -271,10 +277,18 @@ class RedisBackend:
     ) -> Grant:
         expire_at = window_start(now, window) + window + 60
         keys = [self._key(limit, window, now), self._holders_key(limit, window, now, client)]
+        args: list[str | int | float] = [
+            client,
+            holder,
+            budget,
+            units,
+            f"{now:.3f}",
+            ttl,
+            expire_at,
+            hits,
+        ]
         try:
-            tokens, remaining = await self._grant(
-                keys=keys, args=[client, holder, budget, units, f"{now:.3f}", ttl, expire_at]
-            )
+            tokens, remaining = await self._grant(keys=keys, args=args)
         except (TimeoutError, RedisError, OSError) as err:
             raise BackendError(f"redis {self.url}: {err}") from err
         return Grant(int(tokens), int(remaining))

@@ -102,13 +102,18 @@ class Budgets:
         self.rules[rule.limit] = rule
         return await self.backend.add(rule.limit, rule.window, client, hits, self.clock())
 
-    async def grant(self, rule: Rule, client: str, holder: str, units: int, ttl: float) -> Grant:
-        """The next assignment of one holder of ``client``'s budget (see ``Backend.grant``)."""
+    async def grant(
+        self, rule: Rule, client: str, holder: str, *, hits: int, units: int, ttl: float
+    ) -> Grant:
+        """Count ``hits`` and size the next assignment of one holder of ``client``'s budget,
+        in one step (see ``Backend.grant``)."""
+        self.rules[rule.limit] = rule
         return await self.backend.grant(
             rule.limit,
             rule.window,
             client,
             holder,
+            hits=hits,
             budget=rule.requests,
             units=units,
             now=self.clock(),

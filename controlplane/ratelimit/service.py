@@ -183,7 +183,7 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
         for (_, client, cost), (rule, _) in stream.buckets.items():
             try:
                 await self.budgets.release(rule, client, f"{stream.holder}/{cost}")
-            except BackendError as err:
+            except Exception as err:  # they lapse with their TTL anyway
                 log.debug("holder %s not released: %s", stream.holder, err)
                 return
 
@@ -222,11 +222,13 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
             else:
                 hits = usage.num_requests_allowed + usage.num_requests_denied
             try:
-                await self.budgets.add(rule, client, hits)
-                tokens = 0
-                if not rule.shadow:
+                if rule.shadow:
+                    await self.budgets.add(rule, client, hits)
+                    tokens = 0
+                else:
+                    holder = f"{stream.holder}/{cost}"
                     granted = await self.budgets.grant(
-                        rule, client, f"{stream.holder}/{cost}", cost, self.assignment_ttl
+                        rule, client, holder, hits=hits, units=cost, ttl=self.assignment_ttl
                     )
                     tokens = granted.tokens
             except BackendError as err:

@@ -52,23 +52,21 @@ async def test_holders_on_all_replicas_share_one_budget_and_a_dead_replicas_laps
     assert parsed is not None
     rule_a = rule_b = parsed[0]
     try:
-        await a.add(rule_a, "c", 2)
-        assert await a.grant(rule_a, "c", "A/1/1", 1, 15) == Grant(8, 8)
+        assert await a.grant(rule_a, "c", "A/1/1", hits=2, units=1, ttl=15) == Grant(8, 8)
         await b.add(rule_b, "c", 2)
         # B's sidecar: 6 left, but A's sidecar holds 8 of them: nothing until A reports.
-        assert await b.grant(rule_b, "c", "B/1/1", 1, 15) == Grant(0, 6)
-        await a.add(rule_a, "c", 1)
-        assert await a.grant(rule_a, "c", "A/1/1", 1, 15) == Grant(3, 5)  # B wants a share
-        await b.add(rule_b, "c", 1)
-        assert await b.grant(rule_b, "c", "B/1/1", 1, 15) == Grant(1, 4)
+        assert await b.grant(rule_b, "c", "B/1/1", hits=0, units=1, ttl=15) == Grant(0, 6)
+        assert await a.grant(rule_a, "c", "A/1/1", hits=1, units=1, ttl=15) == Grant(
+            3, 5
+        )  # B wants a share
+        assert await b.grant(rule_b, "c", "B/1/1", hits=1, units=1, ttl=15) == Grant(1, 4)
         # Replica A dies: its holder lapses with its assignment (15 s), B gets what is left.
         now[0] += 16
-        assert await b.grant(rule_b, "c", "B/1/1", 1, 15) == Grant(4, 4)
+        assert await b.grant(rule_b, "c", "B/1/1", hits=0, units=1, ttl=15) == Grant(4, 4)
         # A holder released (its stream ended) frees its share at once.
-        await a.add(rule_a, "c", 0)
-        assert await a.grant(rule_a, "c", "A/2/1", 1, 15) == Grant(0, 4)
+        assert await a.grant(rule_a, "c", "A/2/1", hits=0, units=1, ttl=15) == Grant(0, 4)
         await b.release(rule_b, "c", "B/1/1")
-        assert await a.grant(rule_a, "c", "A/2/1", 1, 15) == Grant(4, 4)
+        assert await a.grant(rule_a, "c", "A/2/1", hits=0, units=1, ttl=15) == Grant(4, 4)
     finally:
         await a.stop()
         await b.stop()
