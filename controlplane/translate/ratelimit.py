@@ -263,47 +263,48 @@ def _client_input(key: ClientKeyIR) -> extension_pb2.TypedExtensionConfig:
 # Counts a request's instances: the length of the longest array that is the body itself or
 # the value of one of its top-level members ({"instances": [...]} and [[...], ...] alike),
 # whatever the member is called, so neither a spelling of the key (escapes) nor a
-# duplicate key can hide instances from the count. Only structural characters are visited
-# (numbers are skipped by string.find in C; inside an instance, commas too), so a 256 x 64
-# body costs a few hundred find calls. Sets the class the request is charged as: exact
+# duplicate key can hide instances from the count. One pass of string.byte over the body,
+# which LuaJIT compiles to a tight loop: a scan with string.find and a character-class
+# pattern cost ~4x more instructions per request (Lua's matcher walks the class per byte;
+# BENCHMARKS.md has the figures). Sets the class the request is charged as: exact
 # up to 8, then m * 2^k with m in 5..8 (at most 25% over the count, exact at 2^k): few
 # classes, so few quota buckets per client. No body, or no array: 1.
 INSTANCES_LUA = f"""
-local find, ceil = string.find, math.ceil
+local byte, find, ceil = string.byte, string.find, math.ceil
 local HEADER = "{INSTANCES_HEADER}"
 
-local function count(body)
-  local best, pos, depth = 0, 1, 0
+local function count(s)
+  local best, depth, i, n = 0, 0, 1, #s
   local kinds, counts = {{}}, {{}}
-  while true do
-    local at, _, c = find(body, depth < 3 and '([%[%]{{}}",])' or '([%[%]{{}}"])', pos)
-    if not at then return best end
-    pos = at + 1
-    if c == '"' then
-      while true do
-        local q, _, e = find(body, '(["\\\\])', pos)
-        if not q then return best end
-        pos = q + 1
-        if e == '"' then break end
-        pos = pos + 1
+  while i <= n do
+    local b = byte(s, i)
+    if b == 34 then
+      i = i + 1
+      while i <= n do
+        local c = byte(s, i)
+        if c == 34 then break end
+        i = i + (c == 92 and 2 or 1)
       end
-    elseif c == '[' or c == '{{' then
+    elseif b == 91 or b == 123 then
       depth = depth + 1
-      kinds[depth] = c
-      if c == '[' and (depth == 1 or (depth == 2 and kinds[1] == '{{')) then
-        counts[depth] = find(body, '^%s*%]', pos) and 0 or 1
+      kinds[depth] = b
+      if b == 91 and (depth == 1 or (depth == 2 and kinds[1] == 123)) then
+        counts[depth] = find(s, '^%s*%]', i + 1) and 0 or 1
       else
-        counts[depth] = nil
+        counts[depth] = false
       end
-    elseif c == ',' then
-      if counts[depth] then counts[depth] = counts[depth] + 1 end
-    else
-      if counts[depth] and counts[depth] > best then best = counts[depth] end
-      counts[depth] = nil
+    elseif b == 93 or b == 125 then
+      local c = counts[depth]
+      if c and c > best then best = c end
       depth = depth - 1
       if depth < 0 then return best end
+    elseif b == 44 then
+      local c = counts[depth]
+      if c then counts[depth] = c + 1 end
     end
+    i = i + 1
   end
+  return best
 end
 
 local function class(n)
