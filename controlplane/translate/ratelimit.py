@@ -270,7 +270,8 @@ def _client_input(key: ClientKeyIR) -> extension_pb2.TypedExtensionConfig:
 # up to 8, then m * 2^k with m in 5..8 (at most 25% over the count, exact at 2^k): few
 # classes, so few quota buckets per client. No body, or no array: 1.
 INSTANCES_LUA = f"""
-local byte, find, ceil = string.byte, string.find, math.ceil
+local byte, char, find, ceil = string.byte, string.char, string.find, math.ceil
+local concat = table.concat
 local HEADER = "{INSTANCES_HEADER}"
 
 local function count(s)
@@ -307,6 +308,38 @@ local function count(s)
   return best
 end
 
+-- JSON in UTF-16 or UTF-32 (Python's json.loads(bytes) reads both, told apart as it does:
+-- a BOM, or zero bytes among the first four): the count runs over the ASCII code units,
+-- every other unit replaced by "x", so no byte of a wide character (U+5B22 is 22 5B in
+-- UTF-16LE) can pass for a quote or a bracket.
+local function units(s)
+  local b1, b2, b3, b4 = byte(s, 1, 4)
+  if b1 == 255 and b2 == 254 then
+    if b3 == 0 and b4 == 0 then return 4, 0, 4 end
+    return 2, 0, 2
+  end
+  if b1 == 254 and b2 == 255 then return 2, 1, 2 end
+  if b1 == 0 and b2 == 0 and b3 == 254 and b4 == 255 then return 4, 3, 4 end
+  if b4 ~= nil then
+    if b1 == 0 then return (b2 ~= 0) and 2 or 4, (b2 ~= 0) and 1 or 3, 0 end
+    if b2 == 0 then return (b3 ~= 0 or b4 ~= 0) and 2 or 4, 0, 0 end
+  end
+  return 1, 0, 0
+end
+
+local function narrow(s, w, o, skip)
+  local out, n = {{}}, 0
+  for i = skip + 1, #s - w + 1, w do
+    local c = byte(s, i + o)
+    for k = 0, w - 1 do
+      if k ~= o and byte(s, i + k) ~= 0 then c = 120 end
+    end
+    n = n + 1
+    out[n] = c < 128 and char(c) or "x"
+  end
+  return concat(out)
+end
+
 local function class(n)
   if n <= 8 then return n end
   local step = 2
@@ -319,7 +352,12 @@ function envoy_on_request(handle)
   local body = handle:body()
   if body ~= nil then
     local size = body:length()
-    if size > 0 then n = count(body:getBytes(0, size)) end
+    if size > 0 then
+      local s = body:getBytes(0, size)
+      local w, o, skip = units(s)
+      if w > 1 then s = narrow(s, w, o, skip) end
+      n = count(s)
+    end
   end
   handle:headers():replace(HEADER, tostring(class(n > 0 and n or 1)))
 end

@@ -126,6 +126,14 @@ def test_attacks_on_the_instance_count_are_charged_in_full(
     duplicate = ('{"instances": [[0.0]], "instances": ' + rows + "}").encode()
     assert gate.post("duplicate", duplicate) == 200
     until(plane.counted(LIMIT, "duplicate", 256), 10, "a duplicate key charged in full")
+    # UTF-16 and UTF-32 (the model's json.loads reads both): counted by code unit, so a
+    # wide character whose bytes look like a quote and a bracket (U+5B22 is 22 5B in
+    # UTF-16LE) cannot end a string early and hide what follows.
+    wide = '{"note": "\u5b22\u5b22", "instances": ' + rows + "}"
+    assert gate.post("utf16", wide.encode("utf-16-le")) == 200
+    until(plane.counted(LIMIT, "utf16", 256), 10, "a UTF-16 body charged in full")
+    assert gate.post("utf32", wide.encode("utf-32")) == 200
+    until(plane.counted(LIMIT, "utf32", 256), 10, "a UTF-32 body charged in full")
     # Brackets inside strings are not instances; a body without instances costs 1.
     strings = b'{"note": "[[[,,,]]]\\"", "instances": [[' + b"1," * 63 + b"1]]}"
     assert gate.post("strings", strings) == 200
