@@ -189,6 +189,7 @@ class RateLimitIR:
     enforcement: RateEnforcement
     shadow: bool = False  # count and report, never reject
     fail_closed: bool = False  # reject while the rate limit service is unreachable
+    cost: str = "requests"  # "instances": a request costs its instance count (budgets only)
 
 
 @dataclass(frozen=True)
