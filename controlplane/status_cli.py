@@ -93,6 +93,7 @@ def render(report: admin_pb2.StatusReport) -> str:
     out += _egress_blocked(report)
     prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
     errors = []
+    warnings: list[str] = []
     for p in report.policies:
         state = (
             p.state if p.state == "Accepted" or not p.serving else f"{p.state} (last good serving)"
@@ -107,7 +108,10 @@ def render(report: admin_pb2.StatusReport) -> str:
             ]
         )
         errors += [f"  {e}" for e in p.errors]
+        warnings += [f"  {p.kind} {p.namespace}/{p.name}: {w}" for w in p.warnings]
     out += ["", _table(prows) if report.policies else "no policies"]
+    if warnings:
+        out += ["", "Policy warnings:", *warnings]
     if errors or report.source_errors:
         out += ["", "Policy errors:", *errors, *(f"  {e}" for e in report.source_errors)]
     return "\n".join(out)

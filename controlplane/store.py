@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controlplane.api import LoadedPolicy, Policy, Violation
+from controlplane.api.warnings import policy_warnings
 
 PolicyKey = tuple[str, str, str]  # kind, namespace, name
 
@@ -37,6 +38,7 @@ class PolicyStatus:
     state: str  # ACCEPTED | REJECTED
     errors: tuple[str, ...] = ()
     serving: bool = True  # a version of it is enforced (the last good one when REJECTED)
+    warnings: tuple[str, ...] = ()  # valid, but gives something away (api/warnings.py)
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,10 @@ class PolicyStore:
             for unit, lps in self._good.items():
                 for lp in lps:
                     key = _key(lp.policy)
-                    out[key] = PolicyStatus(key, unit, self.generation(key), ACCEPTED)
+                    out[key] = PolicyStatus(
+                        key, unit, self.generation(key), ACCEPTED,
+                        warnings=tuple(policy_warnings(lp.policy)),
+                    )
             for unit, (keys, errors) in self._rejected.items():
                 for key in keys:
                     mine = tuple(e for e in errors if _names(e, key)) or errors

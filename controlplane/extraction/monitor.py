@@ -87,8 +87,10 @@ class WatchedPolicy:
         on_detection = actions.on_detection if actions else None
         return cls(
             key=f"{policy.metadata.namespace}/{policy.metadata.name}",
-            key_source=spec.client_key.source,
-            key_header=spec.client_key.header,
+            # Verified keys are the headers the sidecar sets (key id, tenant, JWT claim):
+            # verdicts name that header and its value, never a secret.
+            key_source=spec.client_key.read_as[0],
+            key_header=spec.client_key.read_as[1] or None,
             features=JsonPath.parse(spec.request.features),
             scores=JsonPath.parse(spec.response.scores),
             detectors=tuple(spec.detection.detectors),

@@ -289,6 +289,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Secret files or folders with API keys of outside callers (repeatable)",
     )
     parser.add_argument(
+        "--xff-num-trusted-hops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="proxies in front of the sidecars (an ingress: 1) whose X-Forwarded-For entries "
+        "name the caller's address; 0 (default) believes only the TCP peer",
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="no CA: plaintext xDS, no sidecar tokens, no mTLS (development only)",

@@ -374,6 +374,11 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
     return filters
 
 
+def key_classes_of(access: AccessIR) -> dict[str, str]:
+    """Digest → key class, for the rules checked as policies (the Lua filter names it)."""
+    return _policy_key_classes(access)[0]
+
+
 def api_key_filter(access: AccessIR | None = None) -> hcm_pb2.HttpFilter:
     """The Lua filter that hashes the key, and names its class for the policies that need it."""
     classes = _policy_key_classes(access)[0] if access is not None else {}
@@ -520,9 +525,11 @@ class Rbac(Module):
         if access is None:
             return []
         filters = []
-        if access.api_keys:
+        # With a caller filter (translate/caller.py, first in the chain) the key is hashed
+        # and the JWT verified there, before quarantines read the verified caller.
+        if access.api_keys and ir.caller is None:
             filters.append(api_key_filter(access))
-        if access.jwt_providers:
+        if access.jwt_providers and ir.caller is None:
             filters.append(jwt_filter(access))
         return filters + rbac_filters(access)
 

@@ -233,6 +233,7 @@ class PolicyStatus(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     SIDECARS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     namespace: _builtins.str
     name: _builtins.str
@@ -251,6 +252,10 @@ class PolicyStatus(_message.Message):
     def sidecars(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """node ids this policy applies to"""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Valid, but giving something away (e.g. a client key any caller can choose)."""
+
     def __init__(
         self,
         *,
@@ -263,10 +268,11 @@ class PolicyStatus(_message.Message):
         errors: _abc.Iterable[_builtins.str] | None = ...,
         sidecars: _abc.Iterable[_builtins.str] | None = ...,
         serving: _builtins.bool = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "generation", b"generation", "kind", b"kind", "name", b"name", "namespace", b"namespace", "serving", b"serving", "sidecars", b"sidecars", "source", b"source", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "generation", b"generation", "kind", b"kind", "name", b"name", "namespace", b"namespace", "serving", b"serving", "sidecars", b"sidecars", "source", b"source", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,75 @@
+"""CallerIR → the first HTTP filters of the inbound chain: who the caller is (issue 14).
+
+JWT verification, then the Lua caller filter (``apikey.py``): it drops every
+``x-modelguard-*`` header the caller sent and sets the verified key id, tenant and tier
+(or the source address), before quarantines, RBAC, budgets and the Wasm filter read them.
+A key presented beside a JWT or client certificate it is not bound to is refused here by
+an RBAC filter, with the usual JSON 403 naming ``api-key-not-bound-to-principal``.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+
+from controlplane.ir import SidecarIR
+from controlplane.translate import apikey, rbac
+from controlplane.translate.module import Module
+from controlplane.translate.protos import pack
+
+BINDING_FILTER = "modelguard.caller.binding"
+UNBOUND_RULE = "api-key-not-bound-to-principal"
+
+
+def caller_filter(ir: SidecarIR) -> hcm_pb2.HttpFilter:
+    classes = rbac.key_classes_of(ir.access) if ir.access is not None else {}
+    source = apikey.script(classes=classes, caller=ir.caller)
+    config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=source))
+    return hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=pack(config))
+
+
+def binding_filter() -> hcm_pb2.HttpFilter:
+    principal = rbac_config_pb2.Principal(
+        header=route_components_pb2.HeaderMatcher(
+            name=apikey.UNBOUND_HEADER, present_match=True
+        )
+    )
+    config = rbac_pb2.RBAC(
+        rules=rbac_config_pb2.RBAC(
+            action=rbac_config_pb2.RBAC.DENY,
+            policies={
+                UNBOUND_RULE: rbac_config_pb2.Policy(
+                    permissions=[rbac_config_pb2.Permission(any=True)], principals=[principal]
+                )
+            },
+        ),
+        rules_stat_prefix="caller_binding_",
+    )
+    return hcm_pb2.HttpFilter(name=BINDING_FILTER, typed_config=pack(config))
+
+
+class Caller(Module):
+    name = "modelguard.caller"
+
+    def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
+        caller = ir.caller
+        if caller is None:
+            return []
+        filters = []
+        # Verified tokens first: the caller filter binds keys to their subject and copies
+        # the claims client keys read.
+        if ir.access is not None and ir.access.jwt_providers:
+            filters.append(rbac.jwt_filter(ir.access))
+        filters.append(caller_filter(ir))
+        if caller.bind_jwt or caller.bind_peer:
+            filters.append(binding_filter())
+        return filters
+
+
+MODULE = Caller()
