@@ -103,7 +103,7 @@ local anonymous, bind_jwt, bind_peer = @ANONYMOUS@, @BIND_JWT@, @BIND_PEER@
 local sub, match, find = string.sub, string.match, string.find
 
 local function peer_bound(handle, principals)
-  local ssl = handle:connection():ssl()
+  local ssl = handle:streamInfo():downstreamSslConnection()
   if ssl == nil or not ssl:peerCertificatePresented() then
     return nil
   end
