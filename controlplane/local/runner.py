@@ -69,6 +69,7 @@ def demo_keys(workdir: Path) -> tuple[Path, dict[str, str]]:
     The keys are kept in ``demo-keys.txt`` (0600) beside the run's other state, never in the
     Secret: what the control plane loads is the same as for any registered key."""
     folder, plain = workdir / "api-keys", workdir / "demo-keys.txt"
+    workdir.mkdir(parents=True, exist_ok=True)
     keys: dict[str, str] = {}
     if plain.exists():
         for line in plain.read_text().splitlines():
