@@ -145,6 +145,8 @@ class ControlPlane:
         )
         if self.identity is not None:
             self.pipeline.mesh_inputs = self.identity.mesh_inputs
+            # Many keys of one tenant count against that tenant's share of the monitor.
+            self.extraction.monitor.tenant_of = self.identity.tenant_of
         self.call_auth = (
             SidecarAuthInterceptor(self.identity, self.sync_status.dropped)
             if self.identity is not None

@@ -87,6 +87,7 @@ class IdentityService:
         self._issued: dict[str, _Issued] = {}
         self._lock = threading.Lock()
         self._api_keys: apikeys.Digests = {}
+        self._tenant_by_id: dict[str, str] = {}
         self._api_key_problems: list[str] = []
         self.rotations = 0
         self._server_cert: IssuedCertificate | None = None
@@ -183,8 +184,14 @@ class IdentityService:
         if digests == self._api_keys:
             return False
         self._api_keys = digests
+        self._tenant_by_id = {k.id: k.tenant for keys in digests.values() for k in keys}
         log.info("API keys loaded: %d key set(s)", len(digests))
         return True
+
+    def tenant_of(self, key_id: str) -> str | None:
+        """The tenant of a registered key, by its id (the extraction monitor's per-tenant
+        bound); None for anything else (a tenant, an address)."""
+        return self._tenant_by_id.get(key_id)
 
     @property
     def api_key_problems(self) -> list[str]:

@@ -494,6 +494,26 @@ class MonitorStats(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ClientsEvictedByTenantEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BATCHES_FIELD_NUMBER: _builtins.int
     QUERIES_FIELD_NUMBER: _builtins.int
     UNOBSERVED_FIELD_NUMBER: _builtins.int
@@ -507,6 +527,7 @@ class MonitorStats(_message.Message):
     CLIENTS_EXPIRED_FIELD_NUMBER: _builtins.int
     LONG_KEYS_FIELD_NUMBER: _builtins.int
     REFUSED_BATCHES_FIELD_NUMBER: _builtins.int
+    CLIENTS_EVICTED_BY_TENANT_FIELD_NUMBER: _builtins.int
     batches: _builtins.int
     """feed batches received"""
     queries: _builtins.int
@@ -537,6 +558,10 @@ class MonitorStats(_message.Message):
     def verdicts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """"stage:action" (e.g. "detection:quarantine") → count"""
 
+    @_builtins.property
+    def clients_evicted_by_tenant(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """evictions by the evicted client's tenant"""
+
     def __init__(
         self,
         *,
@@ -553,10 +578,11 @@ class MonitorStats(_message.Message):
         clients_expired: _builtins.int = ...,
         long_keys: _builtins.int = ...,
         refused_batches: _builtins.int = ...,
+        clients_evicted_by_tenant: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "clients_evicted", b"clients_evicted", "clients_expired", b"clients_expired", "clients_max", b"clients_max", "clients_tracked", b"clients_tracked", "long_keys", b"long_keys", "queries", b"queries", "refused_batches", b"refused_batches", "unknown_policy", b"unknown_policy", "unobserved", b"unobserved", "unobserved_by_reason", b"unobserved_by_reason", "unparsable", b"unparsable", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "clients_evicted", b"clients_evicted", "clients_evicted_by_tenant", b"clients_evicted_by_tenant", "clients_expired", b"clients_expired", "clients_max", b"clients_max", "clients_tracked", b"clients_tracked", "long_keys", b"long_keys", "queries", b"queries", "refused_batches", b"refused_batches", "unknown_policy", b"unknown_policy", "unobserved", b"unobserved", "unobserved_by_reason", b"unobserved_by_reason", "unparsable", b"unparsable", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
