@@ -164,23 +164,27 @@ function envoy_on_request(handle)
   if bind_jwt or claims[1] ~= nil then
     jwt = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.jwt_authn")
   end
-  if entry ~= nil then
-    if entry[4] then
-      headers:add("x-modelguard-api-key-class", entry[4])
-    end
-    -- A key beside a verified JWT or client certificate belongs to that principal or to
-    -- nobody: one stolen key cannot ride on another principal's token.
+  if key ~= nil and key ~= "" and (bind_peer or bind_jwt) then
+    -- A key beside a verified JWT or client certificate must be registered to that
+    -- principal: neither a stolen key nor a made-up one rides on another's credentials.
+    local principals = entry ~= nil and entry[5] or false
     local bound = true
-    if bind_peer and peer_bound(handle, entry[5]) == false then
+    if bind_peer and peer_bound(handle, principals) == false then
       bound = false
     end
-    if bound and bind_jwt and jwt ~= nil and jwt_bound(jwt, entry[5]) == false then
+    if bound and bind_jwt and jwt ~= nil and jwt_bound(jwt, principals) == false then
       bound = false
     end
     if not bound then
       headers:add("x-modelguard-key-unbound", "1")
       entry = nil
-    elseif entry[1] then
+    end
+  end
+  if entry ~= nil then
+    if entry[4] then
+      headers:add("x-modelguard-api-key-class", entry[4])
+    end
+    if entry[1] then
       headers:add("x-modelguard-key-id", entry[1])
       headers:add("x-modelguard-tenant", entry[2])
       if entry[3] then
