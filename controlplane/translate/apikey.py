@@ -1,7 +1,7 @@
 """The Lua script that verifies the caller's API key in the sidecar (see ``rbac``, ``caller``).
 
-It drops every ``x-modelguard-*`` header the caller sent, hashes ``x-api-key`` for RBAC
-to match, and, given the registered keys' metadata (``CallerIR``), names the verified
+After the connection manager dropped every ``x-modelguard-*`` header the caller sent
+(``caller.strip_internal_headers``), it hashes ``x-api-key`` for RBAC to match, and, given the registered keys' metadata (``CallerIR``), names the verified
 caller: ``x-modelguard-key-id``, ``-tenant`` and ``-tier`` from the key's entry (a key
 sent beside a verified JWT or client certificate must list that principal, or
 ``x-modelguard-key-unbound`` is set and the caller filter's RBAC refuses the request),
@@ -100,7 +100,7 @@ local cache, cached = {}, 0
 local keys = @KEYS@
 local claims = @CLAIMS@
 local anonymous, bind_jwt, bind_peer = @ANONYMOUS@, @BIND_JWT@, @BIND_PEER@
-local sub, match, find = string.sub, string.match, string.find
+local match = string.match
 
 local function peer_bound(handle, principals)
   local ssl = handle:streamInfo():downstreamSslConnection()
@@ -130,20 +130,12 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  -- Nothing a caller sends under x-modelguard-* survives: every such header is the
-  -- sidecar's own statement about the caller. (The map cannot change while iterated.)
-  local drop
-  for name, _ in pairs(headers) do
-    if byte(name, 1) == 120 and sub(name, 1, 13) == "x-modelguard-" then
-      drop = drop or {}
-      drop[#drop + 1] = name
-    end
-  end
-  if drop ~= nil then
-    for i = 1, #drop do
-      headers:remove(drop[i])
-    end
-  end
+  -- Every x-modelguard-* header a caller sent is already gone: the connection manager's
+  -- early header mutation removes them before any filter runs (translate/caller.py; a
+  -- native prefix match, far cheaper than walking the headers here). The two this filter
+  -- writes for RBAC are dropped here too, for a chain built without that mutation.
+  headers:remove("x-modelguard-api-key-sha256")
+  headers:remove("x-modelguard-api-key-class")
   local key = headers:get("x-api-key")
   local entry
   if key ~= nil and key ~= "" then

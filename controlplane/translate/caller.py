@@ -9,7 +9,8 @@ an RBAC filter, with the usual JSON 403 naming ``api-key-not-bound-to-principal`
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import base_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
@@ -17,10 +18,14 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2,
+)
+from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.ir import SidecarIR
 from controlplane.translate import apikey, rbac
-from controlplane.translate.module import Module
+from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
 
 BINDING_FILTER = "modelguard.caller.binding"
@@ -32,6 +37,26 @@ def caller_filter(ir: SidecarIR) -> hcm_pb2.HttpFilter:
     source = apikey.script(classes=classes, caller=ir.caller)
     config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=source))
     return hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=pack(config))
+
+
+INTERNAL_PREFIX = "x-modelguard-"
+
+
+def strip_internal_headers() -> extension_pb2.TypedExtensionConfig:
+    """Every x-modelguard-* header of a request, removed before any filter runs: only the
+    sidecar states who the caller is."""
+    mutation = header_mutation_pb2.HeaderMutation(
+        mutations=[
+            mutation_rules_pb2.HeaderMutation(
+                remove_on_match=mutation_rules_pb2.HeaderMutation.RemoveOnMatch(
+                    key_matcher=string_pb2.StringMatcher(prefix=INTERNAL_PREFIX)
+                )
+            )
+        ]
+    )
+    return extension_pb2.TypedExtensionConfig(
+        name="modelguard.strip-internal-headers", typed_config=pack(mutation)
+    )
 
 
 def binding_filter() -> hcm_pb2.HttpFilter:
@@ -70,6 +95,10 @@ class Caller(Module):
         if caller.bind_jwt or caller.bind_peer:
             filters.append(binding_filter())
         return filters
+
+    def patch(self, ir: SidecarIR, inbound: Inbound) -> None:
+        if ir.caller is not None:
+            inbound.manager.early_header_mutation_extensions.append(strip_internal_headers())
 
 
 MODULE = Caller()

@@ -134,6 +134,10 @@ def sidecar() -> Iterator[tuple[int, int]]:
         manager["typed_config"]["use_remote_address"] = True
         manager["typed_config"]["xff_num_trusted_hops"] = hops
         manager["typed_config"]["local_reply_config"] = to_dict(rbac.denial_reply())
+        # What Caller.patch adds to the connection manager: the prefix strip.
+        manager["typed_config"]["early_header_mutation_extensions"] = [
+            to_dict(caller.strip_internal_headers())
+        ]
         manager["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0].update(route)
         listeners.append(listener(port, manager))
     backend_port, backend_admin, admin = free_port(), free_port(), free_port()
