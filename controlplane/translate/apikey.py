@@ -1,13 +1,14 @@
 """The Lua script that verifies the caller's API key in the sidecar (see ``rbac``, ``caller``).
 
 After the connection manager dropped every ``x-modelguard-*`` header the caller sent
-(``caller.strip_internal_headers``), it hashes ``x-api-key`` for RBAC to match, and, given the registered keys' metadata (``CallerIR``), names the verified
-caller: ``x-modelguard-key-id``, ``-tenant`` and ``-tier`` from the key's entry (a key
-sent beside a verified JWT or client certificate must list that principal, or
-``x-modelguard-key-unbound`` is set and the caller filter's RBAC refuses the request),
-copies verified JWT claims into ``x-modelguard-jwt-<claim>``, and names a caller without
-a registered key by its source address (``addr:<ip>``, id and tenant), so no unkeyed
-caller shares one client with every other.
+(``caller.strip_internal_headers``), it hashes ``x-api-key`` for RBAC to match and, given
+the registered keys' metadata (``CallerIR``), names the verified caller:
+``x-modelguard-key-id``, ``-tenant`` and ``-tier`` from the key's entry. A key sent beside
+a verified JWT or client certificate must list that principal (the Deny RBAC filter checks
+that natively: ``rbac.binding_policy``). It copies verified JWT claims into
+``x-modelguard-jwt-<claim>``, and names a caller without a registered key by its source
+address (``addr:<ip>``, id and tenant), so no unkeyed caller shares one client with every
+other.
 
 LuaJIT's ``bit`` library gives a SHA-256 in a few tens of microseconds for a key-sized
 input; it runs only when an AccessPolicy matches API keys. A client sends the same key on
@@ -30,7 +31,6 @@ CLASS_HEADER = "x-modelguard-api-key-class"
 KEY_ID_HEADER = "x-modelguard-key-id"
 TENANT_HEADER = "x-modelguard-tenant"
 TIER_HEADER = "x-modelguard-tier"
-UNBOUND_HEADER = "x-modelguard-key-unbound"
 ANONYMOUS_PREFIX = "addr:"
 
 _SOURCE = r"""
@@ -99,43 +99,19 @@ local cache, cached = {}, 0
 -- (the set of rules listing the digest) is for rules RBAC checks as policies.
 local keys = @KEYS@
 local claims = @CLAIMS@
-local anonymous, bind_jwt, bind_peer = @ANONYMOUS@, @BIND_JWT@, @BIND_PEER@
+local anonymous, stripped = @ANONYMOUS@, @STRIPPED@
 local match = string.match
-
-local function peer_bound(handle, principals)
-  local ssl = handle:streamInfo():downstreamSslConnection()
-  if ssl == nil or not ssl:peerCertificatePresented() then
-    return nil
-  end
-  for _, san in ipairs(ssl:uriSanPeerCertificate()) do
-    if principals and principals[san] then
-      return true
-    end
-  end
-  return false
-end
-
-local function jwt_bound(jwt, principals)
-  local presented = nil
-  for _, payload in pairs(jwt) do
-    if type(payload) == "table" then
-      presented = false
-      if principals and payload.sub ~= nil and principals[tostring(payload.sub)] then
-        return true
-      end
-    end
-  end
-  return presented
-end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  -- Every x-modelguard-* header a caller sent is already gone: the connection manager's
-  -- early header mutation removes them before any filter runs (translate/caller.py; a
-  -- native prefix match, far cheaper than walking the headers here). The two this filter
-  -- writes for RBAC are dropped here too, for a chain built without that mutation.
-  headers:remove("x-modelguard-api-key-sha256")
-  headers:remove("x-modelguard-api-key-class")
+  -- With the caller filter, every x-modelguard-* header a caller sent is already gone:
+  -- the connection manager's early header mutation removes them before any filter runs
+  -- (translate/caller.py; a native prefix match, far cheaper than a header walk here).
+  -- Without it, the two headers this filter writes for RBAC are dropped here.
+  if not stripped then
+    headers:remove("x-modelguard-api-key-sha256")
+    headers:remove("x-modelguard-api-key-class")
+  end
   local key = headers:get("x-api-key")
   local entry
   if key ~= nil and key ~= "" then
@@ -152,26 +128,6 @@ function envoy_on_request(handle)
     headers:add("x-modelguard-api-key-sha256", digest)
     entry = keys[digest]
   end
-  local jwt
-  if bind_jwt or claims[1] ~= nil then
-    jwt = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.jwt_authn")
-  end
-  if key ~= nil and key ~= "" and (bind_peer or bind_jwt) then
-    -- A key beside a verified JWT or client certificate must be registered to that
-    -- principal: neither a stolen key nor a made-up one rides on another's credentials.
-    local principals = entry ~= nil and entry[5] or false
-    local bound = true
-    if bind_peer and peer_bound(handle, principals) == false then
-      bound = false
-    end
-    if bound and bind_jwt and jwt ~= nil and jwt_bound(jwt, principals) == false then
-      bound = false
-    end
-    if not bound then
-      headers:add("x-modelguard-key-unbound", "1")
-      entry = nil
-    end
-  end
   if entry ~= nil then
     if entry[4] then
       headers:add("x-modelguard-api-key-class", entry[4])
@@ -184,6 +140,9 @@ function envoy_on_request(handle)
       end
     end
   end
+  -- Claims client keys read, from the payloads jwt_authn verified (before this filter).
+  local jwt = claims[1] ~= nil
+    and handle:streamInfo():dynamicMetadata():get("envoy.filters.http.jwt_authn") or nil
   if jwt ~= nil then
     for i = 1, #claims do
       local claim = claims[i]
@@ -264,8 +223,7 @@ def script(
         "KEYS": table,
         "CLAIMS": claims,
         "ANONYMOUS": flag(bool(caller and caller.anonymous_by_address)),
-        "BIND_JWT": flag(bool(caller and caller.bind_jwt)),
-        "BIND_PEER": flag(bool(caller and caller.bind_peer)),
+        "STRIPPED": flag(caller is not None),
     }
     # One pass, so nothing inserted (a key id, a claim) is ever substituted again.
     return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], _SOURCE)

@@ -3,18 +3,16 @@
 JWT verification, then the Lua caller filter (``apikey.py``): it drops every
 ``x-modelguard-*`` header the caller sent and sets the verified key id, tenant and tier
 (or the source address), before quarantines, RBAC, budgets and the Wasm filter read them.
-A key presented beside a JWT or client certificate it is not bound to is refused here by
-an RBAC filter, with the usual JSON 403 naming ``api-key-not-bound-to-principal``.
+A key presented beside a JWT or client certificate it is not bound to is refused by the
+access Deny filter (``rbac.binding_policy``), with the usual JSON 403 naming
+``api-key-not-bound-to-principal``.
 """
 
 from __future__ import annotations
 
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import base_pb2, extension_pb2
-from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
-from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
-from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -28,8 +26,7 @@ from controlplane.translate import apikey, rbac
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
 
-BINDING_FILTER = "modelguard.caller.binding"
-UNBOUND_RULE = "api-key-not-bound-to-principal"
+UNBOUND_RULE = rbac.UNBOUND_RULE
 
 
 def caller_filter(ir: SidecarIR) -> hcm_pb2.HttpFilter:
@@ -59,26 +56,6 @@ def strip_internal_headers() -> extension_pb2.TypedExtensionConfig:
     )
 
 
-def binding_filter() -> hcm_pb2.HttpFilter:
-    principal = rbac_config_pb2.Principal(
-        header=route_components_pb2.HeaderMatcher(
-            name=apikey.UNBOUND_HEADER, present_match=True
-        )
-    )
-    config = rbac_pb2.RBAC(
-        rules=rbac_config_pb2.RBAC(
-            action=rbac_config_pb2.RBAC.DENY,
-            policies={
-                UNBOUND_RULE: rbac_config_pb2.Policy(
-                    permissions=[rbac_config_pb2.Permission(any=True)], principals=[principal]
-                )
-            },
-        ),
-        rules_stat_prefix="caller_binding_",
-    )
-    return hcm_pb2.HttpFilter(name=BINDING_FILTER, typed_config=pack(config))
-
-
 class Caller(Module):
     name = "modelguard.caller"
 
@@ -92,8 +69,6 @@ class Caller(Module):
         if ir.access is not None and ir.access.jwt_providers:
             filters.append(rbac.jwt_filter(ir.access))
         filters.append(caller_filter(ir))
-        if caller.bind_jwt or caller.bind_peer:
-            filters.append(binding_filter())
         return filters
 
     def patch(self, ir: SidecarIR, inbound: Inbound) -> None:

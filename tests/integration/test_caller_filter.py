@@ -113,7 +113,7 @@ def _filters() -> list[dict[str, Any]]:
     assert ir.caller is not None and ir.access is not None
     assert ir.caller.anonymous_by_address and ir.caller.bind_jwt
     assert ir.caller.jwt_claims == ("sub",)
-    filters = caller.MODULE.http_filters(ir) + rbac.rbac_filters(ir.access)
+    filters = caller.MODULE.http_filters(ir) + rbac.rbac_filters(ir.access, ir.caller)
     return [to_dict(f) for f in filters]
 
 
