@@ -348,3 +348,76 @@ async def test_b_noise_split_over_a_tenants_keys_is_quarantined_as_one_cohort(
         await eventually(every_key_refused, timeout=15)
         for _ in range(5):
             assert (await system.predict({"x-api-key": "globex-key-0"}))[0] == 200
+
+
+def _jwt_tools() -> tuple[str, Callable[[str], str]]:
+    import base64
+    import time
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    key = rsa.generate_private_key(65537, 2048)
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    n = key.public_key().public_numbers()
+    jwks = json.dumps({"keys": [{
+        "kty": "RSA", "alg": "RS256", "use": "sig", "kid": "k1",
+        "n": b64(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")),
+        "e": b64(n.e.to_bytes((n.e.bit_length() + 7) // 8, "big")),
+    }]})
+
+    def token(sub: str) -> str:
+        head = b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "k1"}).encode())
+        body = b64(json.dumps(
+            {"iss": "https://login.example.com", "sub": sub, "exp": int(time.time()) + 600}
+        ).encode())
+        signature = key.sign(f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{head}.{body}.{b64(signature)}"
+
+    return jwks, token
+
+
+async def test_a_jwt_claim_keys_the_feed_and_the_quarantine_end_to_end(
+    tmp_path: Path, demo_model: tuple[str, int]
+) -> None:
+    jwks, token = _jwt_tools()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "policy.yaml").write_text(
+        COHORT.replace(
+            "    from: {apiKeys: {secretRef: demo-keys}}",
+            "    from: {jwt: {issuer: 'https://login.example.com', jwks: "
+            + json.dumps(jwks)
+            + "}}",
+        ).replace("clientKey: {apiKey: {groupBy: tenant}}", "clientKey: {jwtClaim: sub}")
+    )
+    key_secret(tmp_path / "keys.yaml", {"unused": ("unused-key", "t", "standard")})
+    rng = np.random.default_rng(11)
+    alice = {"authorization": f"Bearer {token('alice')}"}
+    bob = {"authorization": f"Bearer {token('bob')}"}
+    async with identity_system(
+        tmp_path, policies, (str(tmp_path / "keys.yaml"),), demo_model[1]
+    ) as system:
+        await eventually(lambda: system.predict(bob), timeout=20)
+        sent = 0
+        quarantined: list[admin_pb2.QuarantineEntry] = []
+        while sent < 1000 and not quarantined:
+            for _ in range(10):
+                await system.predict(alice, [float(v) for v in rng.uniform(0, 16, 64)])
+                sent += 1
+            quarantined = [q for q in await system.quarantines() if q.kind == "quarantine"]
+        # The Wasm filter fed alice's queries under her verified subject, and the verdict
+        # names it (the header the sidecar set from the token, never the token).
+        assert [(q.client_key, q.key_source) for q in quarantined] == [("alice", "header")]
+
+        async def alice_refused() -> bool:
+            return (await system.predict(alice))[0] == 403
+
+        await eventually(alice_refused, timeout=15)
+        assert (await system.predict(bob))[0] == 200
+        # A forged claim header does not make bob alice, nor alice bob.
+        assert (await system.predict({**bob, "x-modelguard-jwt-sub": "alice"}))[0] == 200
+        assert (await system.predict({**alice, "x-modelguard-jwt-sub": "bob"}))[0] == 403
