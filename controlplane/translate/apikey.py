@@ -102,6 +102,11 @@ local claims = @CLAIMS@
 local anonymous, stripped = @ANONYMOUS@, @STRIPPED@
 local match = string.match
 
+local function caller_address(handle)
+  local remote = handle:streamInfo():downstreamRemoteAddress()
+  return "addr:" .. (match(remote, "^%[(.*)%]:%d+$") or match(remote, "^(.*):%d+$") or remote)
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   -- With the caller filter, every x-modelguard-* header a caller sent is already gone:
@@ -141,27 +146,32 @@ function envoy_on_request(handle)
     end
   end
   -- Claims client keys read, from the payloads jwt_authn verified (before this filter).
-  local jwt = claims[1] ~= nil
-    and handle:streamInfo():dynamicMetadata():get("envoy.filters.http.jwt_authn") or nil
-  if jwt ~= nil then
+  local address
+  if claims[1] ~= nil then
+    local jwt = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.jwt_authn")
     for i = 1, #claims do
-      local claim = claims[i]
-      for _, payload in pairs(jwt) do
-        local value = type(payload) == "table" and payload[claim[1]] or nil
-        if type(value) == "string" or type(value) == "number" then
-          headers:add(claim[2], tostring(value))
+      local claim, value = claims[i], nil
+      for _, payload in pairs(jwt or {}) do
+        local v = type(payload) == "table" and payload[claim[1]] or nil
+        if type(v) == "string" or type(v) == "number" then
+          value = tostring(v)
           break
         end
       end
+      if value == nil then
+        -- No verified token (or no such claim): the caller is its address.
+        address = address or caller_address(handle)
+        value = address
+      end
+      headers:add(claim[2], value)
     end
   end
   if anonymous and (entry == nil or not entry[1]) then
     -- No registered key: the caller is its address (after the trusted hops of
     -- X-Forwarded-For, xff_num_trusted_hops), never one shared anonymous client.
-    local remote = handle:streamInfo():downstreamRemoteAddress()
-    local ip = match(remote, "^%[(.*)%]:%d+$") or match(remote, "^(.*):%d+$") or remote
-    headers:add("x-modelguard-key-id", "addr:" .. ip)
-    headers:add("x-modelguard-tenant", "addr:" .. ip)
+    address = address or caller_address(handle)
+    headers:add("x-modelguard-key-id", address)
+    headers:add("x-modelguard-tenant", address)
   end
 end
 """

@@ -166,7 +166,7 @@ def test_a_verified_key_is_named_by_its_id_tenant_and_tier(sidecar: tuple[int, i
     assert status == 200
     assert seen == {
         "x-modelguard-key-id": "acme-1", "x-modelguard-tenant": "acme",
-        "x-modelguard-tier": "premium", "x-modelguard-jwt-sub": "",
+        "x-modelguard-tier": "premium", "x-modelguard-jwt-sub": "addr:127.0.0.1",
     }
 
 
@@ -182,7 +182,7 @@ def test_caller_sent_internal_headers_are_dropped_before_anything_reads_them(
     assert status == 200
     assert seen == {
         "x-modelguard-key-id": "acme-2", "x-modelguard-tenant": "acme",
-        "x-modelguard-tier": "standard", "x-modelguard-jwt-sub": "",
+        "x-modelguard-tier": "standard", "x-modelguard-jwt-sub": "addr:127.0.0.1",
     }
     # Without any key the forged identity buys nothing either: no rule admits it.
     assert _call(sidecar[0], forged)[0] == 403
@@ -197,6 +197,8 @@ def test_a_caller_without_a_registered_key_is_its_address_never_a_shared_client(
         assert status == 200
         assert seen["x-modelguard-key-id"] == seen["x-modelguard-tenant"] == "addr:127.0.0.1"
         assert seen["x-modelguard-tier"] == ""
+        # A jwtClaim key without a verified token: the address too, never "" for all.
+        assert seen["x-modelguard-jwt-sub"] == "addr:127.0.0.1"
     # X-Forwarded-For is a caller's word unless a trusted hop wrote it.
     xff = {"x-forwarded-for": "203.0.113.7"}
     assert _call(direct, xff, "/anon")[1]["x-modelguard-key-id"] == "addr:127.0.0.1"
