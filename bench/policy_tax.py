@@ -150,7 +150,7 @@ def rate(service: str, *, local: bool, budget: bool) -> str:
     if budget:
         limits += (
             "  - {name: daily, clientKey: {header: x-api-key}, requests: 1000000000, per: day,"
-            " scope: Global}\n"
+            " scope: Global, cost: instances}\n"
         )
     return (
         "apiVersion: modelguard.io/v1alpha1\nkind: RatePolicy\n"

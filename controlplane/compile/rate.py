@@ -55,6 +55,7 @@ def compile_rate(policies: Sequence[RatePolicy]) -> RateIR | None:
                     enforcement=enforcement(limit.scope, window),
                     shadow=policy.spec.shadow,
                     fail_closed=policy.spec.failure_mode == "FailClosed",
+                    cost=limit.cost,
                 )
             )
     return RateIR(limits=tuple(limits)) if limits else None

@@ -79,4 +79,4 @@ def test_a_raw_header_key_warns_in_validate_and_status(
         warnings=list(status.warnings),
     )
     shown = render(report)
-    assert "Policy warnings:\n  RatePolicy demo/p: spec.limits[2].clientKey.header" in shown
+    assert "Warnings:\n  RatePolicy demo/p: spec.limits[2].clientKey.header" in shown
