@@ -9,17 +9,32 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from controlplane.cliutil import GLOBAL_FLAGS_HELP, add_global_flags, resolve_globals
+
 
 def _validate(args: argparse.Namespace) -> int:
     from controlplane.api import load_paths
+    from controlplane.api.loader import empty_policy_files
 
     loaded, violations = load_paths(args.paths)
     for violation in violations:
         print(violation)
+    for empty in empty_policy_files(args.paths):
+        print(f"warning: {empty}: no policies in this file (empty)", file=sys.stderr)
     if violations:
         print(f"{len(violations)} violation(s) in {len(args.paths)} path(s)", file=sys.stderr)
         return 1
     print(f"{len(loaded)} polic{'y' if len(loaded) == 1 else 'ies'} valid")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        print(f"modelguard {version('modelguard')}")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        print("modelguard (not installed: version unknown)")
     return 0
 
 
@@ -39,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit_backend=args.rate_limit_backend,
         quota_assignment_ttl=args.quota_assignment_ttl,
         identity=identity_service.config_from_args(args, ".modelguard/identity"),
+        watch_plaintext=True,
     )
 
     if getattr(args, "kubernetes", False):
@@ -59,8 +75,14 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             await plane.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    from controlplane.server import PortInUse
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except PortInUse as err:
+        print(f"modelguard serve: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -94,9 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelguard",
         description="Protect model APIs from extraction: a control plane for Envoy sidecars.",
+        epilog=GLOBAL_FLAGS_HELP + ". Listing commands take -o json|yaml|wide (--json: -o json).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("version", help="this modelguard's version")
+    p.set_defaults(func=_version)
 
     p = sub.add_parser("validate", help="validate policy files; exit 1 on any violation")
     p.add_argument("paths", nargs="+", help="policy files or folders")
@@ -168,10 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine_admin.add_arguments(p)
     p.set_defaults(func=quarantine_admin.run)
 
-    p = sub.add_parser("status", help="connected sidecars and policies, like istioctl proxy-status")
-    p.add_argument("--admin", default="127.0.0.1:18001", help="admin address of the control plane")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("node", nargs="?", default="", help="only sidecars whose id contains this")
+    p = sub.add_parser(
+        "status",
+        help="connected sidecars and policies, like istioctl proxy-status",
+        description="Sidecars' sync state and every policy's state. Exit code: 0 when every "
+        "policy is accepted and no sidecar NACKed, 1 when a policy is rejected, a "
+        "sidecar NACKed (like istioctl analyze) or no sidecar matches NODE, 2 when the "
+        "control plane cannot be reached.",
+    )
+    from controlplane import status_cli
+
+    status_cli.add_arguments(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser("usage", help="rate limit and budget usage: top clients, who is over")
@@ -194,11 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - the module is part of the package
         pass
     p.set_defaults(func=_bootstrap)
+
+    p = sub.add_parser(
+        "proxy-config",
+        help="a sidecar's Envoy configuration and stats, like istioctl proxy-config",
+    )
+    from controlplane import proxy_config
+
+    proxy_config.add_arguments(p)
+    p.set_defaults(func=proxy_config.run)
+
+    # Last, so that every subcommand above (and any nested one) gets them.
+    add_global_flags(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = resolve_globals(build_parser().parse_args(argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

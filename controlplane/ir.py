@@ -296,7 +296,17 @@ class ExtractionIR:
     tier_header: str | None = None
     tiers: tuple[tuple[str, HardeningIR], ...] = ()  # tier → settings replacing the default
     feed: QueryFeedIR | None = None  # present when the policy asks for detection
-    max_body_bytes: int = 512 * 1024  # larger responses pass unchanged (and are counted)
+    max_body_bytes: int = 512 * 1024  # larger responses cannot be hardened (counted)
+    # Request limits the sidecar enforces before the model sees a request (413 / 400).
+    max_request_bytes: int = 64 * 1024
+    max_instances: int | None = None
+    max_depth: int = 64
+    # Where the rows are in a request (steps, as scores): counted for maxInstances and the
+    # feed. None when the path cannot be followed in one pass (negative indices).
+    instances: tuple[str | int | None, ...] | None = None
+    request_format: str = "json"  # json | kserveV2 (rows from the tensors' shape)
+    response_format: str = "json"
+    deny_unhardenable: bool = True  # an answer too large to harden: 502, not passed
 
 
 @dataclass(frozen=True)

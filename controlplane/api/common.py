@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from controlplane.api.base import DnsLabel, Model, exactly_one
 
@@ -108,8 +108,18 @@ def _duration(value: str) -> str:
     return value
 
 
+def _bare_number(value: object) -> object:
+    # YAML reads `duration: 90` as an int; "must be a string" would not say what to write.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(
+            f"must be a duration with a unit, e.g. {int(value)}s (a bare number has none)"
+        )
+    return value
+
+
 Duration = Annotated[
     str,
+    BeforeValidator(_bare_number),
     AfterValidator(_duration),
     Field(json_schema_extra={"pattern": f"^{_DURATION.pattern}$"}),
 ]

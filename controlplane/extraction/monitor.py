@@ -76,6 +76,9 @@ class WatchedPolicy:
     sensitivity: str
     throttle: tuple[int, int] | None  # requests per seconds
     quarantine_seconds: int | None
+    request_format: str = "json"  # json | kserveV2: how features/scores select rows
+    feature_names: tuple[str, ...] = ()  # rows sent as objects: their columns, in order
+    response_format: str = "json"
 
     @classmethod
     def of(cls, policy: ExtractionPolicy) -> WatchedPolicy | None:
@@ -100,6 +103,9 @@ class WatchedPolicy:
             if on_suspicion
             else None,
             quarantine_seconds=on_detection.quarantine.seconds if on_detection else None,
+            request_format=spec.request.format,
+            feature_names=tuple(spec.request.feature_names or ()),
+            response_format=spec.response.format,
         )
 
 
@@ -180,6 +186,85 @@ def _matrix(rows: list[list[Any]], dtype: type[np.floating[Any]]) -> tuple[Any, 
         with np.errstate(over="ignore"):
             M = M.astype(dtype)
     return M, np.isfinite(M).all(axis=1)
+
+
+def _flat(data: Any) -> list[Any] | None:
+    """A tensor's data, nested or flat, as one flat list (None if not lists and numbers)."""
+    if type(data) is not list:
+        return None
+    if not any(type(x) is list for x in data):
+        return data
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:  # no recursion: nesting is the client's to choose
+        for x in stack[-1]:
+            if type(x) is list:
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out
+
+
+def _tensor_rows(tensors: list[Any]) -> list[Any] | None:
+    """KServe v2 / Open Inference Protocol tensors ({"name", "shape", "datatype", "data"})
+    as rows: shape[0] rows each, of prod(shape[1:]) columns; several tensors (one per
+    input) give their columns side by side, in order. None if they do not fit together."""
+    columns: list[list[list[Any]]] = []
+    n_rows = None
+    for tensor in tensors:
+        if type(tensor) is not dict:
+            return None
+        shape, data = tensor.get("shape"), _flat(tensor.get("data"))
+        if (
+            data is None
+            or type(shape) is not list
+            or not shape
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
+            return None
+        width = 1
+        for d in shape[1:]:
+            width *= d
+        if shape[0] * width != len(data) or (n_rows is not None and shape[0] != n_rows):
+            return None
+        n_rows = shape[0]
+        columns.append([data[i * width : (i + 1) * width] for i in range(n_rows)])
+    if not columns:
+        return None
+    if len(columns) == 1:
+        return columns[0]
+    return [[x for part in parts for x in part] for parts in zip(*columns, strict=True)]
+
+
+def _rows(found: list[Any], fmt: str) -> list[Any] | None:
+    """The request's rows at ``request.features``, as the policy's format gives them."""
+    return _tensor_rows(found) if fmt == "kserveV2" else found
+
+
+def _columns(rows: list[Any], names: tuple[str, ...]) -> list[Any] | None:
+    """Rows sent as objects ({"age": 41, ...}) as lists in ``featureNames`` order; a row
+    without one of the names makes the query junk. Rows already lists stay as they are."""
+    out = []
+    for row in rows:
+        if type(row) is dict:
+            try:
+                row = [row[name] for name in names]
+            except KeyError:
+                return None
+        out.append(row)
+    return out
+
+
+def _scores(found: list[Any], fmt: str) -> list[Any]:
+    """The answer's score rows: per-class vectors, or single scores (one number per row,
+    regression or binary) as rows of one."""
+    if fmt == "kserveV2":
+        return _tensor_rows(found) or []
+    if found and _NUMBER_TYPES.issuperset(map(type, found)):
+        return [[x] for x in found]
+    return found
 
 
 def _finite(row: list[Any], dtype: type[np.floating[Any]]) -> bool:
@@ -279,8 +364,13 @@ class ExtractionMonitor:
             self.stats.unobserved += gap.count
             reason = gap.reason if gap.reason in UNOBSERVED_REASONS else "other"
             self.stats.unobserved_by_reason[reason] += gap.count
+            if gap.client_key_raw:
+                # Not UTF-8: no verdict could name it (the sidecar matches it as text).
+                self.stats.unparsable["client_key"] += gap.count
+                continue
             tracked = self._tracked(policy.key, gap.client_key, dim or 1, now)
-            tracked.state.unobserved += gap.count
+            # Evidence in proportion to what those answers returned: their rows.
+            tracked.state.unobserved += max(gap.count, gap.instances)
             self._judge(policy, profile, gap.client_key, tracked, now)
         self.stats.queries += accepted
         return accepted
@@ -300,12 +390,19 @@ class ExtractionMonitor:
         unparsable = self.stats.unparsable
         read: list[tuple[str, list[Any], list[Any] | str | None]] = []
         for query in queries:
+            if query.client_key_raw:
+                # A key that is not UTF-8: this query is dropped and counted, the batch
+                # goes on (a proto3 string key would have failed all of it).
+                unparsable["client_key"] += 1
+                continue
             try:
                 request = _loads(query.request_body)
             except _JSON_ERRORS:
                 unparsable["request_json"] += 1
                 continue
-            vectors = policy.features.find(request)
+            vectors = _rows(policy.features.find(request), policy.request_format)
+            if vectors and policy.feature_names:
+                vectors = _columns(vectors, policy.feature_names)
             if not vectors or not all(map(_is_numbers, vectors)):
                 unparsable["features"] += 1
                 continue
@@ -318,7 +415,7 @@ class ExtractionMonitor:
                     scores = "response_json"
                 else:
                     if response is not None:
-                        found = policy.scores.find(response)
+                        found = _scores(policy.scores.find(response), policy.response_format)
                         ok = len(found) == len(vectors) and all(map(_is_numbers, found))
                         scores = found if ok else "scores"
             read.append((query.client_key, vectors, scores))
@@ -358,7 +455,13 @@ class ExtractionMonitor:
         unreadable: set[int] = set()
         for score_rows, places in by_length.values():
             S, finite = _matrix(score_rows, np.float64)
-            top = S.argmax(axis=1).tolist()
+            # One score per row (regression, binary): its class is its side of 0.5, as the
+            # sidecar keeps it; a value outside [0, 1] (regression) is one class, 0.
+            top = (
+                ((S[:, 0] >= 0.5) & (S[:, 0] <= 1)).astype(int).tolist()
+                if S.shape[1] == 1
+                else S.argmax(axis=1).tolist()
+            )
             for i, (q, position) in enumerate(places):
                 if finite[i]:
                     classes[q][position] = top[i]  # type: ignore[index]

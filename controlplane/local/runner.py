@@ -21,8 +21,8 @@ from controlplane.bootstrap import XdsCredentials, build_bootstrap, render_boots
 from controlplane.identity.service import config_from_args as identity_config_from_args
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, wait_for_port
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.netutil import free_port, port_available, port_in_use_message, wait_for_port
+from controlplane.server import ControlPlane, ControlPlaneConfig, PortInUse
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ EGRESS_TLS = (
 )
 
 
-def banner(args: argparse.Namespace, admin_port: int, workdir: Path) -> str:
+def banner(
+    args: argparse.Namespace, admin_port: int, workdir: Path, envoy_admin: int | None = None
+) -> str:
     lines = [
         "",
         "modelguard is running (Ctrl-C stops everything):",
@@ -58,6 +60,14 @@ def banner(args: argparse.Namespace, admin_port: int, workdir: Path) -> str:
     lines += [
         f"  policies             {args.policies} (edits apply live)",
         f"  sidecar status       .venv/bin/modelguard status --admin 127.0.0.1:{admin_port}",
+    ]
+    if envoy_admin is not None:
+        lines += [
+            f"  sidecar Envoy admin  http://127.0.0.1:{envoy_admin}/ "
+            f"(.venv/bin/modelguard proxy-config {DEMO_SERVICE}-0 stats "
+            f"--admin 127.0.0.1:{admin_port})",
+        ]
+    lines += [
         f"  logs                 {workdir}/",
         "",
         "Try:",
@@ -118,6 +128,12 @@ def demo_sidecar(args: argparse.Namespace, model_port: int) -> Sidecar:
 async def _serve(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # The sidecar's ports are bound by Envoy, later and without SO_REUSEPORT: a taken port
+    # would only show as a NACKed listener. Refuse now, naming it (the control plane's own
+    # ports are refused by its bind).
+    for what, port in (("sidecar listener", args.listen_port), ("outbound", args.outbound_port)):
+        if port and not port_available("127.0.0.1", port):
+            raise PortInUse(port_in_use_message(what, "127.0.0.1", port))
     plane = ControlPlane(
         ControlPlaneConfig(
             policy_paths=(args.policies,),
@@ -125,6 +141,7 @@ async def _serve(args: argparse.Namespace) -> None:
             admin_port=args.admin_port,
             # mTLS between sidecars, xDS over TLS, a token per sidecar (issue 6).
             identity=identity_config_from_args(args, str(workdir / "identity")),
+            watch_plaintext=True,
         )
     )
     await plane.start()
@@ -151,7 +168,7 @@ async def _serve(args: argparse.Namespace) -> None:
         envoy = EnvoyProcess(bootstrap, admin_port=envoy_admin, log_path=workdir / "envoy.log")
         envoy.start()
         await asyncio.to_thread(envoy.wait_ready, 30)
-        print(banner(args, plane.admin_port, workdir), flush=True)
+        print(banner(args, plane.admin_port, workdir, envoy_admin), flush=True)
         await plane.wait_closed()
     finally:
         if envoy is not None:
