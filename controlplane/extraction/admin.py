@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
-from controlplane.cliutil import add_output_arguments, emit
+from controlplane.cliutil import add_output_arguments, emit, policy_ref
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
@@ -125,7 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(p)  # wide: when each verdict began, and where the key is read
     p = sub.add_parser("release", help="end a client's quarantine and throttle now")
     p.add_argument("key", help="the client key (e.g. the API key)")
-    p.add_argument("--policy", default="", help="namespace/name: only this policy's")
+    p.add_argument(
+        "--policy", default="", type=policy_ref, help="namespace/name: only this policy's"
+    )
 
 
 def _remaining(until: timestamp_pb2.Timestamp) -> str:

@@ -236,7 +236,8 @@ def _tensor_rows(tensors: list[Any]) -> list[Any] | None:
         width = 1
         for d in shape[1:]:
             width *= d
-        if shape[0] * width != len(data) or (n_rows is not None and shape[0] != n_rows):
+        # width 0 would let shape[0] (the client's number) size the rows, not the data
+        if width == 0 or shape[0] * width != len(data) or n_rows not in (None, shape[0]):
             return None
         n_rows = shape[0]
         columns.append([data[i * width : (i + 1) * width] for i in range(n_rows)])

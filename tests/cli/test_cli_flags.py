@@ -197,3 +197,21 @@ def test_follow_lines_keep_the_columns_of_the_listing() -> None:
     starts = {line.index("403") for i, line in enumerate(text[1:]) if i != 3}
     assert len(starts) == 1, text  # STATUS starts in the same column on every line
     assert text[0].index("STATUS") in starts
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["run", "--listen-port", "70000"], "70000 is not a port number"),
+        (["serve", "--xds-port", "x"], "'x' is not a port number"),
+        (["serve", "--quota-assignment-ttl", "5"], "must be over 5 seconds"),
+        (["serve", "--quota-assignment-ttl", "15s"], "(whole seconds, without a unit)"),
+        (["quarantine", "release", "k", "--policy", "digits-model"], "is not namespace/name"),
+    ],
+)
+def test_ports_seconds_and_policy_names_are_checked_too(
+    argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert complaint in capsys.readouterr().err
