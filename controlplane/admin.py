@@ -141,6 +141,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 state=status.state,
                 errors=list(status.errors),
                 serving=status.serving,
+                warnings=list(status.warnings),
                 sidecars=[s.node_id for s in sidecars if policy and targets(policy, s)],
             )
         for reason, count in plane.sync_status.drops().items():

@@ -21,12 +21,18 @@ from controlplane.cliutil import (
 def _validate(args: argparse.Namespace) -> int:
     from controlplane.api import load_paths
     from controlplane.api.loader import empty_policy_files
+    from controlplane.api.warnings import policy_warnings
 
     loaded, violations = load_paths(args.paths)
     for violation in violations:
         print(violation)
     for empty in empty_policy_files(args.paths):
         print(f"warning: {empty}: no policies in this file (empty)", file=sys.stderr)
+    for lp in loaded:
+        policy = lp.policy
+        for warning in policy_warnings(policy):
+            name = f"{policy.metadata.namespace}/{policy.metadata.name}"
+            print(f"{lp.source}[{lp.index}] {policy.kind} {name}: warning: {warning}")
     if violations:
         print(f"{len(violations)} violation(s) in {len(args.paths)} path(s)", file=sys.stderr)
         return 1
@@ -60,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit_backend=args.rate_limit_backend,
         quota_assignment_ttl=args.quota_assignment_ttl,
         identity=identity_service.config_from_args(args, ".modelguard/identity"),
+        xff_num_trusted_hops=args.xff_num_trusted_hops,
         watch_plaintext=True,
     )
 

@@ -73,6 +73,9 @@ class ControlPlaneConfig:
     # Seconds a sidecar keeps a budget's assignment without a fresh one (quota service or
     # its backend gone) before the policy's failureMode applies. Over the 5 s reports.
     quota_assignment_ttl: int = 15
+    # Proxies in front of every sidecar whose X-Forwarded-For entries are believed (the
+    # caller's address for anonymous clients and sourceIP keys); 0: only the TCP peer.
+    xff_num_trusted_hops: int = 0
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
     # Count plaintext sidecars on the TLS xDS port and advise them, by owning fd 2
@@ -137,6 +140,7 @@ class ControlPlane:
         self.sidecar_services: list[SidecarService] = []
         # Sidecars' traces and access logs; the control plane's own spans and metrics.
         self.pipeline.telemetry = config.telemetry
+        self.pipeline.xff_num_trusted_hops = config.xff_num_trusted_hops
         self.telemetry = TelemetryService(config.telemetry, self)
         self.sidecar_services.append(self.telemetry)
         # Rate limit (per request) and quota (RLQS) services over one budget backend.
@@ -168,6 +172,8 @@ class ControlPlane:
         )
         if self.identity is not None:
             self.pipeline.mesh_inputs = self.identity.mesh_inputs
+            # Many keys of one tenant count against that tenant's share of the monitor.
+            self.extraction.monitor.tenant_of = self.identity.tenant_of
         self.call_auth = (
             SidecarAuthInterceptor(self.identity, self.sync_status.dropped)
             if self.identity is not None

@@ -102,7 +102,7 @@ def render(report: admin_pb2.StatusReport, wide: bool = False) -> str:
     out += _egress_blocked(report)
     prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
     errors = []
-    warnings = []
+    warnings: list[str] = []
     for p in report.policies:
         state = (
             p.state if p.state == "Accepted" or not p.serving else f"{p.state} (last good serving)"
@@ -117,6 +117,7 @@ def render(report: admin_pb2.StatusReport, wide: bool = False) -> str:
             ]
         )
         errors += [f"  {e}" for e in p.errors]
+        warnings += [f"  {p.kind} {p.namespace}/{p.name}: {w}" for w in p.warnings]
         if p.state == "Accepted" and not p.sidecars:
             warnings.append(
                 f"  {p.kind} {p.namespace}/{p.name}: its target matches no connected sidecar "

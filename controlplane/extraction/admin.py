@@ -108,6 +108,7 @@ def monitor_stats(monitor: ExtractionMonitor) -> admin_pb2.MonitorStats:
         clients_expired=stats.expired,
         long_keys=stats.long_keys,
         refused_batches=stats.refused_batches,
+        clients_evicted_by_tenant=dict(stats.evicted_by_tenant),
     )
 
 
@@ -174,6 +175,9 @@ def render_stats(s: admin_pb2.MonitorStats) -> str:
         + (f", {s.long_keys:,} long keys by digest" if s.long_keys else "")
         + ")"
     )
+    if s.clients_evicted_by_tenant:
+        top = sorted(s.clients_evicted_by_tenant.items(), key=lambda kv: -kv[1])[:5]
+        clients += "; evicted by tenant: " + ", ".join(f"{t} {n:,}" for t, n in top)
     return "\n".join(
         [
             f"monitor: {s.queries:,} queries observed in {s.batches:,} batches, {unobserved}",

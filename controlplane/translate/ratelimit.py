@@ -347,16 +347,22 @@ local function class(n)
   return ceil(n / step) * step
 end
 
+local function measure(s)
+  local w, o, skip = units(s)
+  if w > 1 then s = narrow(s, w, o, skip) end
+  return count(s)
+end
+
 function envoy_on_request(handle)
   local n = 0
   local body = handle:body()
   if body ~= nil then
     local size = body:length()
     if size > 0 then
-      local s = body:getBytes(0, size)
-      local w, o, skip = units(s)
-      if w > 1 then s = narrow(s, w, o, skip) end
-      n = count(s)
+      -- If the count ever failed, the request would reach the quota filter without a
+      -- class; charge it as if every byte were an instance instead.
+      local ok, counted = pcall(measure, body:getBytes(0, size))
+      n = ok and counted or size
     end
   end
   handle:headers():replace(HEADER, tostring(class(n > 0 and n or 1)))

@@ -267,6 +267,7 @@ class PolicyStatus(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     SIDECARS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     namespace: _builtins.str
     name: _builtins.str
@@ -285,6 +286,10 @@ class PolicyStatus(_message.Message):
     def sidecars(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """node ids this policy applies to"""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Valid, but giving something away (e.g. a client key any caller can choose)."""
+
     def __init__(
         self,
         *,
@@ -297,10 +302,11 @@ class PolicyStatus(_message.Message):
         errors: _abc.Iterable[_builtins.str] | None = ...,
         sidecars: _abc.Iterable[_builtins.str] | None = ...,
         serving: _builtins.bool = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "generation", b"generation", "kind", b"kind", "name", b"name", "namespace", b"namespace", "serving", b"serving", "sidecars", b"sidecars", "source", b"source", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "generation", b"generation", "kind", b"kind", "name", b"name", "namespace", b"namespace", "serving", b"serving", "sidecars", b"sidecars", "source", b"source", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,6 +528,26 @@ class MonitorStats(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ClientsEvictedByTenantEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BATCHES_FIELD_NUMBER: _builtins.int
     QUERIES_FIELD_NUMBER: _builtins.int
     UNOBSERVED_FIELD_NUMBER: _builtins.int
@@ -535,6 +561,7 @@ class MonitorStats(_message.Message):
     CLIENTS_EXPIRED_FIELD_NUMBER: _builtins.int
     LONG_KEYS_FIELD_NUMBER: _builtins.int
     REFUSED_BATCHES_FIELD_NUMBER: _builtins.int
+    CLIENTS_EVICTED_BY_TENANT_FIELD_NUMBER: _builtins.int
     batches: _builtins.int
     """feed batches received"""
     queries: _builtins.int
@@ -565,6 +592,10 @@ class MonitorStats(_message.Message):
     def verdicts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """"stage:action" (e.g. "detection:quarantine") → count"""
 
+    @_builtins.property
+    def clients_evicted_by_tenant(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """evictions by the evicted client's tenant"""
+
     def __init__(
         self,
         *,
@@ -581,10 +612,11 @@ class MonitorStats(_message.Message):
         clients_expired: _builtins.int = ...,
         long_keys: _builtins.int = ...,
         refused_batches: _builtins.int = ...,
+        clients_evicted_by_tenant: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "clients_evicted", b"clients_evicted", "clients_expired", b"clients_expired", "clients_max", b"clients_max", "clients_tracked", b"clients_tracked", "long_keys", b"long_keys", "queries", b"queries", "refused_batches", b"refused_batches", "unknown_policy", b"unknown_policy", "unobserved", b"unobserved", "unobserved_by_reason", b"unobserved_by_reason", "unparsable", b"unparsable", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "clients_evicted", b"clients_evicted", "clients_evicted_by_tenant", b"clients_evicted_by_tenant", "clients_expired", b"clients_expired", "clients_max", b"clients_max", "clients_tracked", b"clients_tracked", "long_keys", b"long_keys", "queries", b"queries", "refused_batches", b"refused_batches", "unknown_policy", b"unknown_policy", "unobserved", b"unobserved", "unobserved_by_reason", b"unobserved_by_reason", "unparsable", b"unparsable", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
