@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 	# limit benchmark drives sidecars with wrk.
 	command -v redis-server >/dev/null && command -v wrk >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq redis-server wrk; }
+	# The observability tests: a real Prometheus scrapes the control plane, and the live page
+	# is driven in Debian's Chromium through its chromium-driver.
+	command -v prometheus >/dev/null && command -v chromium >/dev/null && \
+	  command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq prometheus chromium chromium-driver; }
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -68,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         identity=identity_service.config_from_args(args, ".modelguard/identity"),
         xff_num_trusted_hops=args.xff_num_trusted_hops,
         watch_plaintext=True,
+        metrics_port=args.metrics_port,
     )
 
     if getattr(args, "kubernetes", False):
@@ -80,7 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
         await plane.start()
         print(
             f"modelguard control plane: xDS on {config.xds_host}:{plane.xds_port}, "
-            f"admin on {config.admin_host}:{plane.admin_port}",
+            f"admin on {config.admin_host}:{plane.admin_port}"
+            + (f", metrics on {plane.http.url}/metrics" if plane.http is not None else ""),
             flush=True,
         )
         try:
@@ -154,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-port", type=port_number, default=18000)
     p.add_argument("--admin-port", type=port_number, default=18001)
     p.add_argument("--workdir", default=".modelguard", help="bootstraps and logs")
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=18002,
+        help="HTTP on 127.0.0.1: Prometheus /metrics and the live page /ui",
+    )
     identity_arguments(p)
     p.set_defaults(func=_run)
 
@@ -164,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-port", type=port_number, default=18000)
     p.add_argument("--admin-host", default="127.0.0.1")
     p.add_argument("--admin-port", type=port_number, default=18001)
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=None,
+        help="serve HTTP on the admin host: Prometheus /metrics and the live page /ui "
+        "(default: not served; 0: any free port)",
+    )
     p.add_argument(
         "--rate-limit-backend",
         default="memory",

@@ -71,6 +71,18 @@ INBOUND_PORT: Final = ANNOTATION_PREFIX + "inbound-port"
 # Opt-in, named like the namespace label modelguard.io/inject: it changes the pod's network.
 EGRESS: Final = "modelguard.io/egress"
 
+# Envoy's /stats/prometheus for Prometheus: the admin interface stays on loopback (it can
+# change the sidecar), so a static listener serves that one path to the pod network, like
+# Istio's 15090; the pod carries the usual scrape annotations unless it has its own.
+STATS_PORT: Final = 15090
+STATS_PORT_NAME: Final = "mg-stats"
+STATS_PATH: Final = "/stats/prometheus"
+SCRAPE_ANNOTATIONS: Final = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(STATS_PORT),
+    "prometheus.io/path": STATS_PATH,
+}
+
 # Kinds whose pod template lives at spec.template (CronJob one level deeper).
 _TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 
@@ -161,11 +173,58 @@ def sidecar_bootstrap(
         admin_port=config.admin_port,
         cluster=f"{service}.$(POD_NAMESPACE)",
     )
+    _add_stats_listener(bootstrap, config.admin_port)
     if not config.identity:
         return bootstrap
     from controlplane.identity.service import control_plane_id
 
     return k8s_identity.sidecar_xds_auth(bootstrap, control_plane_id(config.trust_domain))
+
+
+def _add_stats_listener(bootstrap: dict[str, Any], admin_port: int) -> None:
+    """GET /stats/prometheus on 0.0.0.0:STATS_PORT, proxied to the loopback admin."""
+    cluster = "modelguard-envoy-admin"
+    static = bootstrap["static_resources"]
+    static["clusters"].append(
+        {
+            "name": cluster,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": cluster,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": admin_port}}}}]}],
+            },
+        }
+    )
+    hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    static.setdefault("listeners", []).append(
+        {
+            "name": "modelguard-stats",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": STATS_PORT}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": f"{hcm}.HttpConnectionManager",
+                    "stat_prefix": "modelguard_stats",
+                    "route_config": {"virtual_hosts": [{
+                        "name": "stats",
+                        "domains": ["*"],
+                        "routes": [{
+                            "match": {"path": STATS_PATH, "headers": [
+                                {"name": ":method", "string_match": {"exact": "GET"}}]},
+                            "route": {"cluster": cluster},
+                        }],
+                    }]},
+                    "http_filters": [{
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/"
+                                         "envoy.extensions.filters.http.router.v3.Router"},
+                    }],
+                },
+            }]}],
+        }
+    )
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -193,7 +252,10 @@ def sidecar_container(
             _field_env("POD_NAMESPACE", "metadata.namespace"),
             _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ],
-        "ports": [{"name": INBOUND_PORT_NAME, "containerPort": inbound, "protocol": "TCP"}],
+        "ports": [
+            {"name": INBOUND_PORT_NAME, "containerPort": inbound, "protocol": "TCP"},
+            {"name": STATS_PORT_NAME, "containerPort": STATS_PORT, "protocol": "TCP"},
+        ],
         "resources": {
             "requests": {"cpu": "50m", "memory": "64Mi"},
             "limits": {"memory": "256Mi"},
@@ -271,9 +333,13 @@ def _strip(meta: dict[str, Any], spec: dict[str, Any]) -> None:
         status = json.loads(raw)
         containers, volumes = set(status["containers"]), set(status["volumes"])
         inits = set(status.get("initContainers", []))
+        added = set(status.get("annotations", []))
     except (ValueError, KeyError, TypeError, AttributeError):
         containers, volumes = {CONTAINER}, {TOKEN_VOLUME, CA_VOLUME}
         inits = {EGRESS_INIT}
+        added = set()
+    for name in added & set(SCRAPE_ANNOTATIONS):
+        annotations.pop(name, None)
     spec["containers"] = [c for c in spec.get("containers", []) if c.get("name") not in containers]
     kept_inits = [c for c in spec.get("initContainers", []) if c.get("name") not in inits]
     if kept_inits:
@@ -309,7 +375,7 @@ def inject_pod(
     if INBOUND_PORT in annotations:
         inbound = _port(annotations[INBOUND_PORT], f"metadata.annotations[{INBOUND_PORT!r}]")
     app_port = _app_port(meta, spec)
-    if app_port in (inbound, config.admin_port):
+    if app_port in (inbound, config.admin_port, STATS_PORT):
         raise InjectionError(
             f"metadata.annotations[{APP_PORT!r}]: the application port {app_port} is taken "
             "by the sidecar; set another sidecar.modelguard.io/inbound-port"
@@ -343,7 +409,12 @@ def inject_pod(
         # First: the redirect must be in place before any other init container talks out.
         spec["initContainers"] = [egress_init_container(config), *spec.get("initContainers", [])]
         status["initContainers"] = [EGRESS_INIT]
-    meta.setdefault("annotations", {})[STATUS] = json.dumps(status, separators=(",", ":"))
+    pod_annotations = meta.setdefault("annotations", {})
+    theirs = {k: v for k, v in pod_annotations.items() if k in SCRAPE_ANNOTATIONS}
+    if all(SCRAPE_ANNOTATIONS[k] == v for k, v in theirs.items()):
+        pod_annotations.update(SCRAPE_ANNOTATIONS)  # a pod's own scrape settings win
+        status["annotations"] = list(SCRAPE_ANNOTATIONS)
+    pod_annotations[STATUS] = json.dumps(status, separators=(",", ":"))
     return meta, spec
 
 

@@ -35,8 +35,10 @@ from controlplane.ratelimit import RateLimitServices, backend_from_url
 from controlplane.ratelimit.admin import RateLimitAdmin
 from controlplane.sources.files import FileSource
 from controlplane.store import PolicyStore
+from controlplane.telemetry.http import ObservabilityServer
 from controlplane.telemetry.service import TelemetryService
 from controlplane.telemetry.settings import TelemetrySettings
+from controlplane.telemetry.verdict_log import VerdictLog
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import AdsServer, RejectNode
 from controlplane.xds.status import SyncStatus
@@ -81,6 +83,9 @@ class ControlPlaneConfig:
     # Count plaintext sidecars on the TLS xDS port and advise them, by owning fd 2
     # (identity/plaintext.py): for the CLI's processes only, never a library user's.
     watch_plaintext: bool = False
+    # HTTP on admin_host: /metrics (Prometheus) and the live page /ui (telemetry/http.py).
+    # None: not served; 0: any free port.
+    metrics_port: int | None = None
 
 
 # The collector's youngest generation runs every 700 net container allocations by default.
@@ -156,6 +161,9 @@ class ControlPlane:
         )
         self.pipeline.verdicts = self.extraction.verdicts.active
         self.sidecar_services.append(self.extraction.feed)
+        # The monitor's recent verdicts, for /metrics and the live page.
+        self.verdict_log = VerdictLog.around(self.extraction.monitor)
+        self.http: ObservabilityServer | None = None
         self.xds_port = 0
         self.admin_port = 0
         # Node id → its Envoy admin address, as its bootstrap announced it (proxy-config).
@@ -278,6 +286,14 @@ class ControlPlane:
         )
         await self._xds_server.start()
         await self._admin_server.start()
+        if self.config.metrics_port is not None:
+            self.http = ObservabilityServer(self, self.config.admin_host, self.config.metrics_port)
+            try:
+                await self.http.start()
+            except OSError as err:
+                raise PortInUse(
+                    port_in_use_message("metrics", self.config.admin_host, self.config.metrics_port)
+                ) from err
         identity = self.identity
         if self.config.watch_plaintext and identity is not None and identity.config.xds_tls:
             self._plaintext = PlaintextWatch(
@@ -305,6 +321,8 @@ class ControlPlane:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
+        if self.http is not None:
+            await self.http.stop()
         for server in (self._xds_server, self._admin_server):
             if server is not None:
                 await server.stop(grace)

@@ -710,6 +710,15 @@ class ExtractionMonitor:
         self.throttler.release(key, policy)
         return self.verdicts.release(key, policy)
 
+    def clients(self) -> list[tuple[str, str, str, int, int]]:
+        """(policy, client key, stage, queries, unobserved) of every tracked client, for the
+        live page (telemetry/page.py): copied under the lock, nothing computed."""
+        with self._lock:
+            return [
+                (policy, key, t.stage, t.state.queries, t.state.unobserved)
+                for (policy, key), t in self._clients.items()
+            ]
+
     def client_count(self) -> int:
         return len(self._clients)
 

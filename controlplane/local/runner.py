@@ -109,6 +109,7 @@ def banner(
     workdir: Path,
     envoy_admin: int | None = None,
     keys: dict[str, str] | None = None,
+    web: str | None = None,
 ) -> str:
     keys = keys or {}
     lines = [
@@ -132,6 +133,11 @@ def banner(
             f"  sidecar Envoy admin  http://127.0.0.1:{envoy_admin}/ "
             f"(.venv/bin/modelguard proxy-config {DEMO_SERVICE}-0 stats "
             f"--admin 127.0.0.1:{admin_port})",
+        ]
+    if web is not None:
+        lines += [
+            f"  live defense page    {web}/ui",
+            f"  Prometheus metrics   {web}/metrics",
         ]
     lines += [
         f"  logs                 {workdir}/",
@@ -229,6 +235,7 @@ async def _serve(args: argparse.Namespace) -> None:
             identity=identity,
             xff_num_trusted_hops=getattr(args, "xff_num_trusted_hops", 0),
             watch_plaintext=True,
+            metrics_port=getattr(args, "metrics_port", None),
         )
     )
     await plane.start()
@@ -255,7 +262,8 @@ async def _serve(args: argparse.Namespace) -> None:
         envoy = EnvoyProcess(bootstrap, admin_port=envoy_admin, log_path=workdir / "envoy.log")
         envoy.start()
         await asyncio.to_thread(envoy.wait_ready, 30)
-        print(banner(args, plane.admin_port, workdir, envoy_admin, keys), flush=True)
+        web = plane.http.url if plane.http is not None else None
+        print(banner(args, plane.admin_port, workdir, envoy_admin, keys, web), flush=True)
         await plane.wait_closed()
     finally:
         if envoy is not None:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -35,9 +37,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, Tracer
+from prometheus_client import CollectorRegistry, generate_latest
 
 from controlplane.grpcutil import decode_failures
 from controlplane.telemetry.records import Record
+from controlplane.xds.status import State
 
 if TYPE_CHECKING:
     from controlplane.pipeline import Rebuild
@@ -46,6 +50,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "modelguard-control-plane"
+SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+VERDICT_KINDS = (
+    ("suspicion", "alert"),
+    ("suspicion", "throttle"),
+    ("detection", "alert"),
+    ("detection", "quarantine"),
+)
+SERIES_BUCKET_S, SERIES_BUCKETS = 5, 120  # the page's chart: 10 minutes in 5 s steps
+SYNC_STATES = tuple(str(state) for state in State)  # every one shown, 0 when none
 
 
 class _SpanSink(SpanExporter):
@@ -96,7 +109,13 @@ class SelfTelemetry:
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(_SpanSink(record_spans)))
         self.tracer: Tracer = self.tracer_provider.get_tracer("modelguard.controlplane")
         self.reader = InMemoryMetricReader()
-        readers: list[MetricReader] = [self.reader]
+        # /metrics (telemetry/http.py): the same instruments, read by Prometheus' exporter
+        # into a registry of this object's own (never prometheus_client's global one).
+        self.prometheus_registry = CollectorRegistry(auto_describe=False)
+        self.prometheus_reader = PrometheusMetricReader(
+            disable_target_info=True, registry=self.prometheus_registry
+        )
+        readers: list[MetricReader] = [self.reader, self.prometheus_reader]
         if forward_metrics is not None:
             readers.append(
                 PeriodicExportingMetricReader(
@@ -106,16 +125,25 @@ class SelfTelemetry:
             )
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         meter = self.meter_provider.get_meter("modelguard.controlplane")
+        # Seconds, not OTel's default buckets (0 … 10000, made for milliseconds): a compile
+        # takes milliseconds, a push to a thousand sidecars a few seconds.
         self.compile_seconds = meter.create_histogram(
-            "modelguard.compile.duration", unit="s", description="policies × inventory → IR → xDS"
+            "modelguard.compile.duration",
+            unit="s",
+            description="policies × inventory → IR → xDS",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self.push_seconds = meter.create_histogram(
-            "modelguard.push.duration", unit="s", description="snapshot set → every sidecar ACKed"
+            "modelguard.push.duration",
+            unit="s",
+            description="snapshot set → every sidecar ACKed",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self.convergence_seconds = meter.create_histogram(
             "modelguard.convergence.duration",
             unit="s",
             description="policy change → every sidecar ACKed",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self.verdicts = meter.create_counter(
             "modelguard.verdicts", description="sidecar requests by policy verdict"
@@ -127,6 +155,10 @@ class SelfTelemetry:
         self._meter = meter
         self._pending_change: float | None = None  # when the oldest unconverged change came
         self._push_tasks: set[asyncio.Task[None]] = set()
+        self._series: collections.deque[tuple[int, collections.Counter[str]]] = (
+            collections.deque(maxlen=SERIES_BUCKETS)
+        )
+        self._series_lock = threading.Lock()
 
     # -- spans and counts the control plane records directly --
 
@@ -159,11 +191,30 @@ class SelfTelemetry:
             decisions[limited, record.service, record.rule if limited else ""] += 1
         for (verdict, service), count in verdicts.items():
             self.verdicts.add(count, {"verdict": verdict, "service": service})
+        if verdicts:
+            self._series_add(verdicts)
         for (limited, service, limit), count in decisions.items():
             attrs = {"decision": "limited" if limited else "ok", "service": service}
             if limit:
                 attrs["limit"] = limit
             self.rate_limit_decisions.add(count, attrs)
+
+    def _series_add(self, verdicts: collections.Counter[tuple[str, str]]) -> None:
+        """Requests by verdict in SERIES_BUCKET_S buckets, the live page's chart: a few
+        hundred counts at most, whatever the traffic."""
+        bucket = int(time.time() // SERIES_BUCKET_S * SERIES_BUCKET_S)
+        with self._series_lock:
+            if not self._series or self._series[-1][0] != bucket:
+                self._series.append((bucket, collections.Counter()))
+            counts = self._series[-1][1]
+            for (verdict, _service), count in verdicts.items():
+                counts[verdict] += count
+
+    def verdict_series(self) -> list[tuple[int, dict[str, int]]]:
+        """(bucket start, unix seconds; requests by verdict) of the last buckets, oldest
+        first; buckets without requests are absent."""
+        with self._series_lock:
+            return [(start, dict(counts)) for start, counts in self._series]
 
     # -- observing the control plane without changing it --
 
@@ -216,6 +267,119 @@ class SelfTelemetry:
             "modelguard.grpc.undecodable_requests",
             [undecodable],
             description="unary requests refused because their body did not decode",
+        )
+        self._instrument_state(plane)
+
+    def _instrument_state(self, plane: ControlPlane) -> None:
+        """Gauges and counters read from the boxes' own state at collection time (every
+        scrape or export), so nothing on a request path pays for them. Labels are bounded:
+        states, kinds, reasons and policy names, never a client key (the live page ranks
+        clients; metrics do not)."""
+        meter = self._meter
+
+        def sidecars(_: CallbackOptions) -> Iterable[Observation]:
+            counts = collections.Counter(str(node.state) for node in plane.sync_status.nodes())
+            for state in SYNC_STATES:
+                yield Observation(counts.get(state, 0), {"state": state})
+
+        meter.create_observable_gauge(
+            "modelguard.sidecars", [sidecars], description="connected sidecars by sync state"
+        )
+
+        def policies(_: CallbackOptions) -> Iterable[Observation]:
+            counts = collections.Counter(
+                (status.key[0], status.state) for status in plane.store.statuses()
+            )
+            for (kind, state), count in sorted(counts.items()):
+                yield Observation(count, {"kind": kind, "state": state})
+
+        meter.create_observable_gauge(
+            "modelguard.policies", [policies], description="policies by kind and state"
+        )
+
+        def enforcements(_: CallbackOptions) -> Iterable[Observation]:
+            active = plane.extraction.verdicts.active()
+            for kind in ("quarantine", "throttle"):
+                yield Observation(sum(1 for e in active if e.kind == kind), {"kind": kind})
+
+        meter.create_observable_gauge(
+            "modelguard.extraction.enforcements",
+            [enforcements],
+            description="clients quarantined or throttled now",
+        )
+
+        def monitor_queries(_: CallbackOptions) -> Iterable[Observation]:
+            stats, _tracked = plane.extraction.monitor.counters()
+            yield Observation(stats.queries, {"outcome": "observed"})
+            yield Observation(stats.unobserved, {"outcome": "unobserved"})
+            yield Observation(sum(stats.unparsable.values()), {"outcome": "unreadable"})
+
+        meter.create_observable_counter(
+            "modelguard.extraction.queries",
+            [monitor_queries],
+            description="queries the extraction monitor saw (observed), was told it could "
+            "not see (unobserved) or could not read (unreadable)",
+        )
+
+        def tracked(_: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(plane.extraction.monitor.client_count())
+
+        meter.create_observable_gauge(
+            "modelguard.extraction.clients", [tracked], description="clients the monitor tracks"
+        )
+
+        def extraction_verdicts(_: CallbackOptions) -> Iterable[Observation]:
+            log_ = getattr(plane, "verdict_log", None)
+            counts = log_.counts() if log_ is not None else {}
+            # Every watched policy's series from 0, so rate() sees its first verdict.
+            for policy in plane.store.current().policies:
+                if policy.kind == "ExtractionPolicy":
+                    name = f"{policy.metadata.namespace}/{policy.metadata.name}"
+                    for stage, action in VERDICT_KINDS:
+                        counts.setdefault((name, stage, action), 0)
+            for (policy_name, stage, action), count in sorted(counts.items()):
+                yield Observation(
+                    count, {"policy": policy_name, "stage": stage, "action": action}
+                )
+
+        meter.create_observable_counter(
+            "modelguard.extraction.verdicts",
+            [extraction_verdicts],
+            description="the extraction monitor's verdicts by policy, stage and action",
+        )
+
+        def records(_: CallbackOptions) -> Iterable[Observation]:
+            stats = plane.telemetry.store.stats()
+            yield Observation(stats.received, {"outcome": "received"})
+            yield Observation(stats.evicted, {"outcome": "evicted"})
+            yield Observation(stats.watcher_dropped, {"outcome": "watcher_dropped"})
+            forwarder = plane.telemetry.forwarder
+            if forwarder is not None:
+                yield Observation(forwarder.dropped, {"outcome": "forward_dropped"})
+                yield Observation(forwarder.failed, {"outcome": "forward_failed"})
+
+        meter.create_observable_counter(
+            "modelguard.telemetry.records",
+            [records],
+            description="spans and access-log records the OTLP receiver stored, evicted or "
+            "dropped",
+        )
+
+        def stored(_: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(plane.telemetry.store.stats().records)
+
+        meter.create_observable_gauge(
+            "modelguard.telemetry.stored_records", [stored], description="records held now"
+        )
+
+        def refused(_: CallbackOptions) -> Iterable[Observation]:
+            for reason, count in plane.sync_status.drops().items():
+                yield Observation(count, {"reason": reason})
+
+        meter.create_observable_counter(
+            "modelguard.xds.refused",
+            [refused],
+            description="sidecar connections or calls refused, by reason",
         )
 
     def _on_policies(self, policy_set: Any) -> None:
@@ -298,6 +462,10 @@ class SelfTelemetry:
                                 (metric.name, attrs, float(point.value), 0, metric.unit or "")
                             )
         return out
+
+    def prometheus_text(self) -> bytes:
+        """Every metric now in Prometheus' text format (what /metrics serves)."""
+        return generate_latest(self.prometheus_registry)
 
     async def shutdown(self) -> None:
         for task in list(self._push_tasks):

@@ -24,6 +24,11 @@ class Embedded:
     outbound_port: int
     xds_port: int
     admin_port: int
+    metrics_port: int = 0  # HTTP: /metrics and /ui
+
+    @property
+    def web(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
     def admin(self) -> str:
@@ -38,11 +43,16 @@ class Embedded:
             "--outbound-port", str(self.outbound_port),
             "--xds-port", str(self.xds_port),
             "--admin-port", str(self.admin_port),
+            "--metrics-port", str(self.metrics_port),
         ]  # fmt: skip
 
 
 def start_embedded(
-    processes: Processes, workdir: Path, name: str = "run", timeout: float = 120.0
+    processes: Processes,
+    workdir: Path,
+    name: str = "run",
+    timeout: float = 120.0,
+    policies: str = "policies/",
 ) -> Embedded:
     """Start `modelguard run --policies policies/` on free ports; wait for its banner."""
     embedded = Embedded(
@@ -52,9 +62,10 @@ def start_embedded(
         outbound_port=free_port(),
         xds_port=free_port(),
         admin_port=free_port(),
+        metrics_port=free_port(),
     )
     argv = [
-        MODELGUARD, "run", "--policies", "policies/",  # as make run, from the repository
+        MODELGUARD, "run", "--policies", policies,  # as make run, from the repository
         "--workdir", str(workdir), *embedded.ports_argv(),
     ]  # fmt: skip
     embedded.process = processes.start(argv, name=name, env={**os.environ}, cwd=REPO)

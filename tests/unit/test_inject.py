@@ -145,7 +145,10 @@ def test_injected_sidecar_carries_identity_and_a_bootstrap_envoy_accepts(tmp_pat
     assert {"name": inject.CA_VOLUME, "mountPath": "/etc/modelguard/ca", "readOnly": True} in (
         sidecar["volumeMounts"]
     )
-    assert sidecar["ports"] == [{"name": "mg-inbound", "containerPort": 15006, "protocol": "TCP"}]
+    assert sidecar["ports"] == [
+        {"name": "mg-inbound", "containerPort": 15006, "protocol": "TCP"},
+        {"name": "mg-stats", "containerPort": 15090, "protocol": "TCP"},
+    ]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]}
     assert env == {
         "POD_NAME": "metadata.name",
@@ -423,3 +426,29 @@ def test_injected_manifests_are_valid_kubernetes_objects(case: str) -> None:
 
     for doc in yaml.safe_load_all((CASES_DIR / case / "out.yaml").read_text()):
         kubernetes_validate.validate(doc, "1.33.0", strict=True)
+
+
+def test_injected_pods_are_scraped_for_envoy_stats_unless_they_have_their_own() -> None:
+    """Issue 17: the scrape annotations point Prometheus at Envoy's /stats/prometheus, served
+    on the pod network by a static listener that routes only that path (GET) to the
+    loopback admin; a pod's own prometheus.io settings are left alone."""
+    pod = yaml.safe_load(inject_yaml((CASES_DIR / "pod" / "in.yaml").read_text(), CONFIG))
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "15090"
+    assert annotations["prometheus.io/path"] == "/stats/prometheus"
+    sidecar = next(c for c in pod["spec"]["containers"] if c["name"] == inject.CONTAINER)
+    bootstrap = json.loads(sidecar["args"][sidecar["args"].index("--config-yaml") + 1])
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["port_value"] == 15090
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["match"]["path"] == "/stats/prometheus"  # never the rest of the admin API
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    # Injecting again keeps them exactly once; a pod with its own scrape settings keeps them.
+    assert inject.inject_object(pod, CONFIG) == pod
+    own = yaml.safe_load((CASES_DIR / "pod" / "in.yaml").read_text())
+    own["metadata"].setdefault("annotations", {})["prometheus.io/port"] = "9100"
+    injected = inject.inject_object(own, CONFIG)["metadata"]["annotations"]
+    assert injected["prometheus.io/port"] == "9100" and "prometheus.io/path" not in injected
+    assert inject.inject_object(pod, CONFIG) == pod

@@ -1,0 +1,477 @@
+"""The live page (``/ui``): what an operator asks first, on one screen.
+
+Who is probing the models (clients ranked by the extraction monitor's stage and evidence),
+what the defense did (quarantines and throttles, with a release button; recent denials and
+blocked egress; requests by verdict over time) and whether every sidecar is in sync.
+
+The state is built here as a few tables of display strings (``state``): the server renders
+them into the first HTML (``html``), and the page's script renders the same JSON every
+POLL_MS, so there is one renderer of the data, in Python, and nothing to build in Node.
+
+Client keys may be secrets (a raw API-key header): the page names a client by its key only
+when the key is known not to be one (a verified key id or tenant set by the sidecar, a
+SPIFFE ID, a JWT claim, an address), and by its fingerprint otherwise; releasing works by
+fingerprint, so no key ever reaches the browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html as htmllib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import json_format
+
+from controlplane.telemetry.records import Kind
+
+if TYPE_CHECKING:
+    from controlplane.server import ControlPlane
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 2000
+CLIENTS_SHOWN = 25
+DENIALS_SHOWN = 20
+DENIAL_VERDICTS = ("denied", "rate_limited")
+VERIFIED_HEADER_PREFIX = "x-modelguard-"  # set by the sidecar after verifying (never secret)
+STAGE_RANK = {"detected": 2, "suspected": 1, "watching": 0}
+
+Cell = str | dict[str, str]
+
+
+def fingerprint(key: str) -> str:
+    """As ClientRef.fingerprint (extraction/verdicts.py) names a client in logs and events."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def shown_key(key: str, source: str, header: str | None) -> str:
+    if source == "header" and not (header or "").lower().startswith(VERIFIED_HEADER_PREFIX):
+        return fingerprint(key)  # a raw header may carry the API key itself
+    return key or "(no key)"
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds else ""
+
+
+def _ago(seconds: float, now: float) -> str:
+    left = int(seconds - now)
+    if left <= 0:
+        return "now"
+    if left >= 3600:
+        return f"{left // 3600}h{left % 3600 // 60:02d}m"
+    return f"{left // 60}m{left % 60:02d}s"
+
+
+def _evidence(evidence: Any) -> str:
+    return "; ".join(
+        f"{e.detector} {e.statistic:.3g} ≥ {e.threshold:.3g} after {e.queries} queries"
+        for e in evidence
+    )
+
+
+def _table(title: str, columns: list[str], rows: list[list[Cell]], empty: str) -> dict[str, Any]:
+    return {"title": title, "columns": columns, "rows": rows, "empty": empty}
+
+
+def state(plane: ControlPlane) -> dict[str, Any]:
+    from controlplane.admin import AdminService  # the status report `modelguard status` reads
+
+    now = time.time()
+    report = json_format.MessageToDict(AdminService(plane).report())
+    sidecar_state = {s["nodeId"]: s.get("state", "") for s in report.get("sidecars", [])}
+    sidecars: list[list[Cell]] = []
+    egress: list[list[Cell]] = []
+    for s in report.get("sidecars", []):
+        nacks = [
+            f"{r.get('type', '')}: {r.get('lastNackError', '')}"
+            for r in s.get("resources", [])
+            if r.get("lastNackError")
+        ]
+        synced = s.get("state") == "SYNCED"
+        sidecars.append(
+            [
+                s["nodeId"],
+                f"{s.get('namespace', '')}/{s.get('service', '')}",
+                s.get("stream", ""),
+                {"t": s.get("state", ""), "cls": "ok" if synced else "bad"},
+                s.get("snapshotVersion", "")[:12],
+                "; ".join(nacks),
+            ]
+        )
+        for block in s.get("egressBlocked", []):
+            egress.append(
+                [
+                    s["nodeId"],
+                    block.get("destination", ""),
+                    block.get("protocol", ""),
+                    block.get("verdict", ""),
+                    block.get("policy", ""),
+                    str(block.get("count", 0)),
+                    block.get("lastSeen", "")[11:19],
+                ]
+            )
+    policies: list[list[Cell]] = []
+    for p in report.get("policies", []):
+        accepted = p.get("state", "").lower() == "accepted"
+        targets = p.get("sidecars", [])
+        programmed = (
+            accepted and bool(targets) and all(sidecar_state.get(t) == "SYNCED" for t in targets)
+        )
+        conditions = [
+            {"t": f"Accepted={accepted}", "cls": "ok" if accepted else "bad"},
+            {"t": f"Programmed={programmed}", "cls": "ok" if programmed else "warn"},
+        ]
+        policies.append(
+            [
+                p.get("kind", ""),
+                f"{p.get('namespace', '')}/{p.get('name', '')}",
+                conditions[0],
+                conditions[1],
+                str(p.get("generation", "")),
+                str(len(targets)),
+                "; ".join(p.get("errors", []) + p.get("warnings", [])),
+            ]
+        )
+
+    monitor = plane.extraction.monitor
+    verdict_log = getattr(plane, "verdict_log", None)
+    latest: dict[tuple[str, str], Any] = {}
+    for verdict in verdict_log.recent() if verdict_log is not None else []:
+        latest[verdict.client.policy, verdict.client.key] = verdict
+    active = plane.extraction.verdicts.active()
+    enforced = {(e.client.policy, e.client.key): e for e in active}
+    ranked = []
+    for policy, key, stage, queries, unobserved in monitor.clients():
+        verdict = latest.get((policy, key))
+        ratio = (
+            max(
+                (e.statistic / e.threshold for e in verdict.evidence if e.threshold),
+                default=0.0,
+            )
+            if verdict is not None
+            else 0.0
+        )
+        ranked.append((STAGE_RANK.get(stage, 0), ratio, queries, policy, key, stage, unobserved))
+    # A quarantined client is forgotten by the monitor only on release: keep it listed.
+    tracked = {(r[3], r[4]) for r in ranked}
+    for policy, key in enforced:
+        if (policy, key) not in tracked:
+            ranked.append((2, 0.0, 0, policy, key, "detected", 0))
+    ranked.sort(key=lambda r: (-r[0], -r[1], -r[2]))
+    clients: list[list[Cell]] = []
+    for rank, (_s, _r, queries, policy, key, stage, unobserved) in enumerate(
+        ranked[:CLIENTS_SHOWN], 1
+    ):
+        verdict = latest.get((policy, key))
+        e = enforced.get((policy, key))
+        ref = verdict.client if verdict is not None else e.client if e is not None else None
+        watched = monitor._policy(policy)  # the policy's key source, for naming the client
+        source = ref.source if ref else watched.key_source if watched else "header"
+        header = ref.header if ref else watched.key_header if watched else None
+        clients.append(
+            [
+                str(rank),
+                shown_key(key, source, header),
+                policy,
+                {"t": stage, "cls": {"detected": "bad", "suspected": "warn"}.get(stage, "")},
+                {"t": e.kind, "cls": "bad"} if e is not None else "",
+                str(queries),
+                str(unobserved),
+                _evidence(verdict.evidence) if verdict is not None else "",
+            ]
+        )
+    quarantines: list[list[Cell]] = []
+    for e in sorted(active, key=lambda e: -e.since):
+        name = shown_key(e.client.key, e.client.source, e.client.header)
+        quarantines.append(
+            [
+                {"t": e.kind, "cls": "bad" if e.kind == "quarantine" else "warn"},
+                name,
+                e.client.policy,
+                e.reason,
+                _clock(e.since),
+                _ago(e.until, now),
+                {"t": "release", "release": e.client.fingerprint, "name": name},
+            ]
+        )
+    denials: list[list[Cell]] = []
+    records = []
+    store = plane.telemetry.store
+    for verdict_name in DENIAL_VERDICTS:
+        from controlplane.telemetry.store import Query
+
+        records += store.query(Query(verdict=verdict_name, kind=Kind.LOG), DENIALS_SHOWN)
+    for record in sorted(records, key=lambda r: -r.time_unix_nano)[:DENIALS_SHOWN]:
+        denials.append(
+            [
+                _clock(record.time_unix_nano / 1e9),
+                record.service,
+                str(record.status or ""),
+                {"t": record.verdict, "cls": "bad"},
+                record.rule,
+                record.client[:20],
+                record.route,
+            ]
+        )
+    stats, tracked_count = monitor.counters()
+    unreadable = sum(stats.unparsable.values())
+    seen = stats.queries + stats.unobserved
+    series = plane.telemetry.instrumentation.verdict_series()
+    return {
+        "generated_at": now,
+        "poll_ms": POLL_MS,
+        "summary": {
+            "sidecars": len(sidecars),
+            "synced": sum(1 for s in report.get("sidecars", []) if s.get("state") == "SYNCED"),
+            "policies": len(policies),
+            "quarantined": sum(1 for e in active if e.kind == "quarantine"),
+            "throttled": sum(1 for e in active if e.kind == "throttle"),
+            "clients": tracked_count,
+            "observed": stats.queries,
+            "unobserved": stats.unobserved,
+            "unreadable": unreadable,
+            "unobserved_share": round(stats.unobserved / seen, 4) if seen else 0.0,
+        },
+        "tables": {
+            "sidecars": _table(
+                "Sidecars",
+                ["node", "service", "stream", "sync", "snapshot", "last NACK"],
+                sidecars,
+                "no sidecar connected",
+            ),
+            "policies": _table(
+                "Policies",
+                ["kind", "name", "Accepted", "Programmed", "generation", "sidecars", "messages"],
+                policies,
+                "no policy loaded",
+            ),
+            "clients": _table(
+                "Clients by extraction risk",
+                [
+                    *("#", "client", "policy", "stage", "enforced", "queries", "unobserved"),
+                    "evidence (detector statistic ≥ threshold)",
+                ],
+                clients,
+                "no client tracked yet",
+            ),
+            "quarantines": _table(
+                "Active quarantines and throttles",
+                ["kind", "client", "policy", "reason", "since (UTC)", "ends in", ""],
+                quarantines,
+                "none",
+            ),
+            "denials": _table(
+                "Recent denials",
+                ["time (UTC)", "service", "status", "verdict", "rule", "client (hash)", "route"],
+                denials,
+                "none",
+            ),
+            "egress": _table(
+                "Blocked egress",
+                ["node", "destination", "protocol", "verdict", "policy", "count", "last"],
+                egress,
+                "none",
+            ),
+        },
+        "series": [{"t": start, "counts": counts} for start, counts in series],
+    }
+
+
+def release(plane: ControlPlane, client: str) -> list[dict[str, str]]:
+    """Release every quarantine and throttle of the client with this fingerprint (or this
+    shown key); returns what was released, as the page names it."""
+    monitor = plane.extraction.monitor
+    targets = {
+        (e.client.key, e.client.policy)
+        for e in plane.extraction.verdicts.active()
+        if client
+        in (e.client.fingerprint, shown_key(e.client.key, e.client.source, e.client.header))
+    }
+    released = []
+    for key, policy in sorted(targets):
+        for e in monitor.release(key, policy):
+            log.warning(
+                "%s of %s (%s) released from the live page", e.kind, e.client.fingerprint, policy
+            )
+            released.append({"kind": e.kind, "client": e.client.fingerprint, "policy": policy})
+    return released
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+
+def _cell(cell: Cell) -> str:
+    if isinstance(cell, dict):
+        text = htmllib.escape(cell.get("t", ""))
+        if "release" in cell:
+            return (
+                f'<td><button class="release" data-client="{htmllib.escape(cell["release"])}" '
+                f'data-name="{htmllib.escape(cell.get("name", ""))}">{text}</button></td>'
+            )
+        return f'<td class="{htmllib.escape(cell.get("cls", ""))}">{text}</td>'
+    return f"<td>{htmllib.escape(cell)}</td>"
+
+
+def render_table(name: str, table: dict[str, Any]) -> str:
+    head = "".join(f"<th>{htmllib.escape(c)}</th>" for c in table["columns"])
+    if table["rows"]:
+        body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in table["rows"])
+    else:
+        body = (
+            f'<tr><td class="empty" colspan="{len(table["columns"])}">'
+            f"{htmllib.escape(table['empty'])}</td></tr>"
+        )
+    return (
+        f'<section id="{name}"><h2>{htmllib.escape(table["title"])} '
+        f'<span class="count">{len(table["rows"])}</span></h2>'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>"
+    )
+
+
+def _summary(summary: dict[str, Any]) -> str:
+    items = [
+        ("sidecars in sync", f"{summary['synced']}/{summary['sidecars']}"),
+        ("policies", summary["policies"]),
+        ("quarantined", summary["quarantined"]),
+        ("throttled", summary["throttled"]),
+        ("clients tracked", summary["clients"]),
+        ("queries observed", summary["observed"]),
+        ("unobserved share", f"{summary['unobserved_share']:.1%}"),
+        ("unreadable", summary["unreadable"]),
+    ]
+    return "".join(
+        f'<div class="stat"><b>{htmllib.escape(str(v))}</b><span>{htmllib.escape(k)}</span></div>'
+        for k, v in items
+    )
+
+
+ORDER = ("clients", "quarantines", "denials", "sidecars", "policies", "egress")
+
+
+def html(plane: ControlPlane) -> str:
+    data = state(plane)
+    tables = "".join(render_table(name, data["tables"][name]) for name in ORDER)
+    initial = json.dumps(data).replace("</", "<\\/")
+    return (
+        PAGE.replace("{summary}", _summary(data["summary"]))
+        .replace("{tables}", tables)
+        .replace("{initial}", initial)
+    )
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>modelguard — live defense</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2430}
+header{background:#1d2430;color:#fff;padding:10px 20px;display:flex;gap:16px;align-items:baseline}
+header h1{font-size:18px;margin:0}header small{opacity:.7}
+main{padding:12px 20px;display:grid;grid-template-columns:1fr;gap:14px;max-width:1400px}
+#summary{display:flex;flex-wrap:wrap;gap:10px}
+.stat{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:6px 12px;min-width:110px}
+.stat b{display:block;font-size:20px}.stat span{color:#5b6474;font-size:12px}
+section{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:8px 12px;overflow:auto}
+h2{font-size:15px;margin:4px 0 8px}.count{color:#5b6474;font-weight:normal}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:3px 8px;
+border-bottom:1px solid #eef0f3;white-space:nowrap}td:last-child{white-space:normal}
+th{color:#5b6474;font-weight:600;font-size:12px}
+.ok{color:#18794e;font-weight:600}.bad{color:#c62828;font-weight:600}
+.warn{color:#a15c00;font-weight:600}.empty{color:#8a93a3}
+button.release{background:#c62828;color:#fff;border:0;border-radius:4px;padding:2px 10px;
+cursor:pointer}#chart svg{width:100%;height:180px}#legend span{margin-right:12px}
+#status{margin-left:auto}
+</style></head><body>
+<header><h1>modelguard</h1><small>live extraction defense</small>
+<small id="status">loading…</small></header>
+<main>
+<div id="summary">{summary}</div>
+<section id="chart"><h2>Requests by verdict <span class="count">(per 5 s, last 10 min)</span>
+</h2><svg viewBox="0 0 1000 180" preserveAspectRatio="none"></svg><div id="legend"></div>
+</section>
+<div id="tables">{tables}</div>
+</main>
+<script>
+"use strict";
+const ORDER = ["clients","quarantines","denials","sidecars","policies","egress"];
+const COLORS = {allowed:"#18794e",hardened:"#2f6fdb",denied:"#c62828",
+  rate_limited:"#a15c00",audit_denied:"#8e44ad",blocked:"#555",["would-block"]:"#999"};
+let initial = {initial};
+function esc(s){return String(s).replace(/[&<>"']/g,c=>({"&":"&amp;","<":"&lt;",
+  ">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));}
+function cell(c){
+  if (typeof c === "string") return "<td>"+esc(c)+"</td>";
+  if (c.release !== undefined) return '<td><button class="release" data-client="'+
+    esc(c.release)+'" data-name="'+esc(c.name||"")+'">'+esc(c.t)+"</button></td>";
+  return '<td class="'+esc(c.cls||"")+'">'+esc(c.t)+"</td>";
+}
+function table(name,t){
+  const head = t.columns.map(c=>"<th>"+esc(c)+"</th>").join("");
+  const body = t.rows.length ? t.rows.map(r=>"<tr>"+r.map(cell).join("")+"</tr>").join("")
+    : '<tr><td class="empty" colspan="'+t.columns.length+'">'+esc(t.empty)+"</td></tr>";
+  return '<section id="'+name+'"><h2>'+esc(t.title)+' <span class="count">'+t.rows.length+
+    "</span></h2><table><thead><tr>"+head+"</tr></thead><tbody>"+body+"</tbody></table></section>";
+}
+function summary(s){
+  const items = [["sidecars in sync", s.synced+"/"+s.sidecars],["policies",s.policies],
+    ["quarantined",s.quarantined],["throttled",s.throttled],["clients tracked",s.clients],
+    ["queries observed",s.observed],["unobserved share",(100*s.unobserved_share).toFixed(1)+"%"],
+    ["unreadable",s.unreadable]];
+  return items.map(([k,v])=>'<div class="stat"><b>'+esc(v)+"</b><span>"+esc(k)+
+    "</span></div>").join("");
+}
+function chart(series){
+  const svg = document.querySelector("#chart svg"), W=1000, H=170, step=5;
+  const now = Math.floor(Date.now()/1000/step)*step, start = now-119*step;
+  const names = [...new Set(series.flatMap(b=>Object.keys(b.counts)))].sort();
+  const at = new Map(series.map(b=>[b.t,b.counts]));
+  let max = 1;
+  for (const b of series) for (const n of names) max = Math.max(max, b.counts[n]||0);
+  let out = '<line x1="0" y1="'+H+'" x2="'+W+'" y2="'+H+'" stroke="#ccc"/>';
+  for (const n of names){
+    const pts = [];
+    for (let i=0;i<120;i++){
+      const c = (at.get(start+i*step)||{})[n]||0;
+      pts.push((i*W/119).toFixed(1)+","+(H-c*(H-10)/max).toFixed(1));
+    }
+    out += '<polyline class="series" data-verdict="'+esc(n)+
+      '" fill="none" stroke-width="2" stroke="'+
+      (COLORS[n]||"#333")+'" points="'+pts.join(" ")+'"/>';
+  }
+  out += '<text x="4" y="12" font-size="11" fill="#5b6474">max '+max+"</text>";
+  svg.innerHTML = out;
+  document.getElementById("legend").innerHTML = names.map(n=>'<span style="color:'+
+    (COLORS[n]||"#333")+'">■ '+esc(n)+"</span>").join("");
+}
+function render(data){
+  document.getElementById("summary").innerHTML = summary(data.summary);
+  document.getElementById("tables").innerHTML = ORDER.map(n=>table(n,data.tables[n])).join("");
+  chart(data.series);
+  document.getElementById("status").textContent = "updated "+
+    new Date(data.generated_at*1000).toISOString().slice(11,19)+" UTC";
+}
+async function poll(){
+  try {
+    const r = await fetch("/ui/state",{cache:"no-store"});
+    if (r.ok) render(await r.json()); else throw new Error(r.status);
+  } catch(e) { document.getElementById("status").textContent = "control plane unreachable"; }
+  setTimeout(poll, initial.poll_ms);
+}
+document.addEventListener("click", async ev => {
+  const b = ev.target.closest("button.release");
+  if (!b) return;
+  b.disabled = true;
+  const r = await fetch("/ui/release",{method:"POST",headers:{"content-type":"application/json",
+    "x-modelguard-action":"release"},body:JSON.stringify({client:b.dataset.client})});
+  document.getElementById("status").textContent = r.ok ? "released "+b.dataset.name
+    : "release refused: "+(await r.text());
+  const s = await fetch("/ui/state",{cache:"no-store"}); if (s.ok) render(await s.json());
+});
+render(initial);
+setTimeout(poll, initial.poll_ms);
+</script></body></html>
+"""
