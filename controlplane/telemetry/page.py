@@ -384,10 +384,10 @@ th{color:#5b6474;font-weight:600;font-size:12px}
 .warn{color:#a15c00;font-weight:600}.empty{color:#8a93a3}
 button.release{background:#c62828;color:#fff;border:0;border-radius:4px;padding:2px 10px;
 cursor:pointer}#chart svg{width:100%;height:180px}#legend span{margin-right:12px}
-#status{margin-left:auto}
+#status{margin-left:auto}#notice{color:#ffd479;margin-left:auto}
 </style></head><body>
 <header><h1>modelguard</h1><small>live extraction defense</small>
-<small id="status">loading…</small></header>
+<small id="notice"></small><small id="status">loading…</small></header>
 <main>
 <div id="summary">{summary}</div>
 <section id="chart"><h2>Requests by verdict <span class="count">(per 5 s, last 10 min)</span>
@@ -467,7 +467,7 @@ document.addEventListener("click", async ev => {
   b.disabled = true;
   const r = await fetch("/ui/release",{method:"POST",headers:{"content-type":"application/json",
     "x-modelguard-action":"release"},body:JSON.stringify({client:b.dataset.client})});
-  document.getElementById("status").textContent = r.ok ? "released "+b.dataset.name
+  document.getElementById("notice").textContent = r.ok ? "released "+b.dataset.name
     : "release refused: "+(await r.text());
   const s = await fetch("/ui/state",{cache:"no-store"}); if (s.ok) render(await s.json());
 });

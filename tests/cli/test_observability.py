@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -296,3 +297,113 @@ def test_every_dashboard_query_reads_metrics_that_are_exported(system: System) -
             if not any(re.fullmatch(regex, name) for name in exported):
                 problems.append(f"{board} {title!r}: nothing exported matches {regex!r}")
     assert not problems, "\n".join(problems)
+
+
+# --- the live page, in a real browser -------------------------------------------------------
+
+
+def _post(system: System, path: str, body: bytes, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(f"{system.run.web}{path}", body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_release_is_held_to_the_admin_rules(system: System) -> None:
+    from controlplane.telemetry.http import ObservabilityServer, _Bad
+
+    body = json.dumps({"client": "sha256:0000000000000000"}).encode()
+    # Without the custom header (what a cross-site form could send): refused.
+    assert _post(system, "/ui/release", body, {"content-type": "application/json"}) == 403
+    # With it, a Host that is not loopback (a rebound DNS name): refused.
+    rebound = {"x-modelguard-action": "release", "host": "attacker.example:80"}
+    assert _post(system, "/ui/release", body, rebound) == 403
+    # Well-formed, but nobody by that fingerprint is quarantined.
+    assert _post(system, "/ui/release", body, {"x-modelguard-action": "release"}) == 404
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        system.get("/nothing-here")
+    assert missing.value.code == 404
+    # A peer off loopback is refused whatever it sends (the admin API's rule).
+    server = ObservabilityServer(None, "127.0.0.1", 0)  # type: ignore[arg-type]
+    good = {"x-modelguard-action": "release", "host": "127.0.0.1:1"}
+    server._authorize_release(("127.0.0.1", 5), good)
+    with pytest.raises(_Bad):
+        server._authorize_release(("10.1.2.3", 5), good)
+
+
+def _browser(profile: Path) -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        "--window-size=1400,1000", f"--user-data-dir={profile}",
+    ):  # fmt: skip
+        options.add_argument(argument)
+    service = Service(CHROMEDRIVER, popen_kw={"start_new_session": True})
+    return webdriver.Chrome(service=service, options=options)
+
+
+@pytest.mark.timeout(300)
+def test_live_page_shows_an_attack_its_evidence_and_releases_the_quarantine(
+    system: System,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    digits, _ = load_digits_data()
+    rng = np.random.default_rng(17)
+    attacker, benign = system.keys["acme-standard"], system.keys["globex-standard"]
+    # A uniform-noise extraction attack (tenant acme) beside a benign client (globex), until
+    # the monitor quarantines the attacker; the throttle before it slows the attack down.
+    for i in range(300):
+        assert system.predict(benign, digits[(i * 4) % 1700 :][:4]) == 200
+        code = system.predict(attacker, rng.uniform(0, 16, size=(8, 64)).round(1))
+        if system.state()["summary"]["quarantined"]:
+            break
+        if code == 429:
+            time.sleep(1.0)
+    else:
+        raise AssertionError("no quarantine after 300 attack requests")
+    until(lambda: system.predict(attacker, digits[:1]) == 403, what="quarantine enforced")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver = _browser(system.tmp / "chromium-profile")
+    try:
+        driver.get(f"{system.run.web}/ui")
+
+        def text(section: str) -> str:
+            return str(driver.find_element(By.ID, section).text)
+
+        # The attacker ranks first, detected, with its evidence; its quarantine is listed;
+        # its 403s show among the recent denials (access logs arrive within seconds).
+        until(lambda: "acme" in text("clients").splitlines()[2], what="acme ranked first")
+        first = text("clients").splitlines()[2]
+        assert "detected" in first and "quarantine" in first, first
+        assert re.search(r"\w+ [\d.e+]+ ≥ [\d.e+]+ after \d+ queries", first), first
+        assert "globex" in text("clients") and "watching" in text("clients")
+        quarantines = text("quarantines")
+        assert "quarantine" in quarantines and "acme" in quarantines, quarantines
+        until(lambda: "denied" in text("denials"), what="denials on the page")
+        until(
+            lambda: driver.find_elements(By.CSS_SELECTOR, "#chart polyline.series"),
+            what="the verdict chart",
+        )
+        assert "SYNCED" in text("sidecars") and "Accepted=True" in text("policies")
+        driver.save_screenshot(str(ARTIFACTS / "live-page-quarantined.png"))
+        # Release from the page: the quarantine is gone and the attacker is served again.
+        driver.find_element(By.CSS_SELECTOR, "#quarantines button.release").click()
+        until(lambda: "released acme" in text("notice"), what="release acknowledged")
+        until(lambda: "none" in text("quarantines"), what="quarantine gone from the page")
+        assert not system.state()["summary"]["quarantined"]
+        until(lambda: system.predict(attacker, digits[:1]) == 200, what="attacker served again")
+        until(lambda: "acme" not in text("quarantines"), what="page updated")
+        driver.save_screenshot(str(ARTIFACTS / "live-page-released.png"))
+    finally:
+        driver.quit()
+    metrics = system.metrics()
+    assert _value(metrics["modelguard_extraction_verdicts_total"], stage="detection") >= 1
+    assert _value(metrics["modelguard_extraction_enforcements"], kind="quarantine") == 0
