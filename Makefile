@@ -75,6 +75,7 @@ bench: $(STAMP)
 	$(PY) bench/egress.py
 	$(PY) bench/extraction/throughput.py
 	$(PY) bench/extraction/run.py --json .modelguard/bench-extraction.json
+	$(PY) bench/observability.py --json .modelguard/bench-observability.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
