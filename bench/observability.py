@@ -110,7 +110,8 @@ def main() -> int:
              "-s", str(work / "load.lua"), f"http://127.0.0.1:{ports['listen']}/v1/predict"],
             capture_output=True, text=True, timeout=args.fill_seconds + 60,
         )  # fmt: skip
-        rps = next((ln.split()[1] for ln in fill.stdout.splitlines() if "Requests/sec" in ln), "?")
+        lines = fill.stdout.splitlines()
+        rps = next((ln.split()[1] for ln in lines if "Requests/sec" in ln), "?")
         time.sleep(3)  # the last access logs and feed batches arrive
         state = json.loads(get(f"{web}/ui/state"))
         metrics_bytes = len(get(f"{web}/metrics"))
@@ -123,7 +124,7 @@ def main() -> int:
         share = results["scrape"]["cpu_ms"] / 1000 / 15 + results["poll"]["cpu_ms"] / 1000 / 2
         print(f"state after wrk ({rps} req/s for {args.fill_seconds:.0f} s): "
               f"{summary['clients']} clients tracked, {summary['observed']} queries observed, "
-              f"telemetry store {state_records(web)} records; /metrics {metrics_bytes} bytes")  # fmt: skip
+              f"telemetry store {state_records(web)} records; /metrics {metrics_bytes} bytes")
         for name, figures in results.items():
             print(f"  {name:<7} {figures['cpu_ms']:7.2f} ms CPU per request "
                   f"({figures['wall_ms']:.2f} ms wall)")  # fmt: skip
