@@ -216,7 +216,7 @@ class ControlPlane:
         self._admin_server = grpc.aio.server()
         AdminService(self).add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
-        QuarantineAdmin(self.extraction.monitor).add_to(self._admin_server)
+        QuarantineAdmin(self.extraction.monitor, self.rate_limits).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
         self.admin_port = self._admin_server.add_insecure_port(
             f"{self.config.admin_host}:{self.config.admin_port}"

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import Backend, BackendError, MemoryBackend, RedisBackend
-from controlplane.ratelimit.budgets import Budgets, Decision, tightest
+from controlplane.ratelimit.budgets import Budgets, Decision, Throttle, tightest
 from controlplane.ratelimit.rules import Rule
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,13 @@ class RateLimitServices:
     ) -> None:
         """Throttle one client of one policy at run time (see ``Budgets.throttle``)."""
         await self.budgets.throttle(policy, client, requests, per, until)
+
+    def runtime_throttles(self) -> dict[tuple[str, str], Throttle]:
+        return self.budgets.runtime_throttles()
+
+    async def unthrottle(self, client: str, policy: str | None = None) -> list[tuple[str, str]]:
+        """End run-time throttles of a client (see ``Budgets.unthrottle``)."""
+        return await self.budgets.unthrottle(client, policy)
 
 
 def backend_from_url(url: str) -> Backend:

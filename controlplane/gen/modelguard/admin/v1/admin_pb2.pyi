@@ -304,11 +304,15 @@ class QuarantineEntry(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     PER_SECONDS_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"quarantine" | "throttle" """
     policy: _builtins.str
     """namespace/name of the ExtractionPolicy"""
     client_key: _builtins.str
+    """Header keys (API keys: secrets) by fingerprint, "sha256:" + 16 hex digits of the key's
+    SHA-256 (as traces name them); a SPIFFE ID or an address as it is.
+    """
     key_source: _builtins.str
     """header | identity | jwtClaim | sourceIP"""
     reason: _builtins.str
@@ -316,6 +320,8 @@ class QuarantineEntry(_message.Message):
     requests: _builtins.int
     """throttle: requests per per_seconds"""
     per_seconds: _builtins.int
+    fingerprint: _builtins.str
+    """"sha256:" + 16 hex digits, for every source"""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -332,10 +338,11 @@ class QuarantineEntry(_message.Message):
         reason: _builtins.str = ...,
         requests: _builtins.int = ...,
         per_seconds: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "fingerprint", b"fingerprint", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -368,6 +375,7 @@ class ReleaseQuarantineRequest(_message.Message):
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     client_key: _builtins.str
+    """the key, its SHA-256 (hex) or a fingerprint (12+ hex digits)"""
     policy: _builtins.str
     """namespace/name; empty: every policy"""
     def __init__(
