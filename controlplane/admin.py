@@ -104,6 +104,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 state=str(node.state),
                 egress_blocked=blocked.get(node.node_id, []),
             )
+            for peer, since in node.replaced:
+                entry.replaced_streams.add(peer=peer, connected_at=_timestamp(since))
             if sidecar is not None:
                 entry.service, entry.namespace = sidecar.service, sidecar.namespace
                 entry.identity = sidecar.identity

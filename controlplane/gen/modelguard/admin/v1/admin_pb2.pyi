@@ -90,6 +90,7 @@ class SidecarStatus(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     EGRESS_BLOCKED_FIELD_NUMBER: _builtins.int
+    REPLACED_STREAMS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     service: _builtins.str
     namespace: _builtins.str
@@ -111,6 +112,12 @@ class SidecarStatus(_message.Message):
         recently: from the telemetry store, so only what it still holds. Most recent first.
         """
 
+    @_builtins.property
+    def replaced_streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplacedStream]:
+        """Earlier streams of this node id that a newer one replaced (a second ADS stream with a
+        connected node id closes the first; audited in the control plane's log). Newest first.
+        """
+
     def __init__(
         self,
         *,
@@ -125,14 +132,38 @@ class SidecarStatus(_message.Message):
         resources: _abc.Iterable[Global___ResourceSync] | None = ...,
         state: _builtins.str = ...,
         egress_blocked: _abc.Iterable[Global___EgressBlock] | None = ...,
+        replaced_streams: _abc.Iterable[Global___ReplacedStream] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "egress_blocked", b"egress_blocked", "identity", b"identity", "namespace", b"namespace", "node_id", b"node_id", "peer", b"peer", "resources", b"resources", "service", b"service", "snapshot_version", b"snapshot_version", "state", b"state", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "egress_blocked", b"egress_blocked", "identity", b"identity", "namespace", b"namespace", "node_id", b"node_id", "peer", b"peer", "replaced_streams", b"replaced_streams", "resources", b"resources", "service", b"service", "snapshot_version", b"snapshot_version", "state", b"state", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SidecarStatus: _TypeAlias = SidecarStatus  # noqa: Y015
+
+@_typing.final
+class ReplacedStream(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    @_builtins.property
+    def connected_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        connected_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplacedStream: _TypeAlias = ReplacedStream  # noqa: Y015
 
 @_typing.final
 class EgressBlock(_message.Message):
