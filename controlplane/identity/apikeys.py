@@ -77,8 +77,14 @@ def load(paths: Iterable[str | Path]) -> tuple[Digests, list[str]]:
             files += sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
         elif path.exists():
             files.append(path)
+    from controlplane.api.limits import MAX_KEYS_PER_SECRET, file_too_large
+
     for file in files:
         try:
+            too_large = file_too_large(file.stat().st_size)
+            if too_large is not None:
+                problems.append(f"{file}: {too_large}")
+                continue
             docs = list(yaml.safe_load_all(file.read_text()))
         except (OSError, yaml.YAMLError) as err:
             problems.append(f"{file}: cannot read YAML ({type(err).__name__})")
@@ -89,6 +95,12 @@ def load(paths: Iterable[str | Path]) -> tuple[Digests, list[str]]:
             if found is None:
                 continue
             ref, entries = found
+            if len(entries) > MAX_KEYS_PER_SECRET:
+                problems.append(
+                    f"{where} Secret {ref[0]}/{ref[1]}: stringData/data: {len(entries):,} keys, "
+                    f"over the limit of {MAX_KEYS_PER_SECRET:,} per Secret"
+                )
+                continue
             keys = []
             for client, value, field in entries:
                 hexdigest = _value_digest(value) if value is not None else None

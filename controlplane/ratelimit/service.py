@@ -243,14 +243,33 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
         return action
 
     async def _push_throttle(self, policy: str, client: str) -> None:
+        lifted = self.budgets.throttle_for(policy, client) is None
         for stream in list(self._streams):
-            actions = [
-                self._action(rule, c, bucket_id)
+            held = [
+                (rule, c, bucket_id)
                 for (_, c), (rule, bucket_id) in stream.buckets.items()
                 if c == client and rule.policy == policy
             ]
+            if lifted and held:
+                # Envoy keeps a token bucket's drained tokens across token-bucket assignments
+                # (measured: a lifted 1/day throttle stayed 429), so a lifted throttle first
+                # goes through an allow-all assignment, and the budget's bucket starts anew.
+                stream.outbox.put_nowait(
+                    rlqs_pb2.RateLimitQuotaResponse(
+                        bucket_action=[self._allow_action(b) for _, _, b in held]
+                    )
+                )
+            actions = [self._action(rule, c, bucket_id) for rule, c, bucket_id in held]
             if actions:
                 stream.outbox.put_nowait(rlqs_pb2.RateLimitQuotaResponse(bucket_action=actions))
+
+    def _allow_action(
+        self, bucket_id: rlqs_pb2.BucketId
+    ) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+        action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
+        action.quota_assignment_action.rate_limit_strategy.blanket_rule = Strategy.ALLOW_ALL
+        action.quota_assignment_action.assignment_time_to_live.FromSeconds(self.assignment_ttl)
+        return action
 
 
 class RateLimitServices:
