@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -30,9 +27,8 @@ from controlplane.gen.modelguard.admin.v1 import (
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.identity.service import IdentityConfig
 from controlplane.inventory import Sidecar
-from controlplane.netutil import free_port
 from controlplane.ratelimit.admin import fetch_usage, fingerprint, render
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.server import ControlPlaneConfig
 from controlplane.xds import resources as rt
 from tests.integration.test_rate_envoy import policy, rate_system
 from tests.resilience.conftest import PlaneThread, write_policies
