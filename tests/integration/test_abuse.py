@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from polling import eventually
 
+from controlplane.extraction.verdicts import ClientRef, digest
 from controlplane.gen.modelguard.admin.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -30,6 +33,12 @@ from controlplane.inventory import Sidecar
 from controlplane.ratelimit.admin import fetch_usage, fingerprint, render
 from controlplane.server import ControlPlaneConfig
 from controlplane.xds import resources as rt
+from tests.integration.test_extraction_envoy import (  # noqa: F401  (the fixture)
+    System,
+    status_of,
+    system,
+    until,
+)
 from tests.integration.test_rate_envoy import policy, rate_system
 from tests.resilience.conftest import PlaneThread, write_policies
 
@@ -74,9 +83,9 @@ async def test_a_runtime_throttle_is_bounded_listed_and_removed(
     text = policy(
         "{name: daily, clientKey: {header: x-api-key}, requests: 1000, per: day, scope: Global}"
     )
-    async with rate_system(tmp_path, demo_model[1], text) as system:
-        address = f"127.0.0.1:{system.admin_port}"
-        assert (await system.get("victim-paying-customer"))[0] == 200
+    async with rate_system(tmp_path, demo_model[1], text) as rates:
+        address = f"127.0.0.1:{rates.admin_port}"
+        assert (await rates.get("victim-paying-customer"))[0] == 200
         # The red team's throttle "until 9999" is refused, with the bound in the message.
         with pytest.raises(grpc.RpcError) as err:
             await asyncio.to_thread(_throttle, address, "victim-paying-customer", 400 * 86400)
@@ -85,7 +94,7 @@ async def test_a_runtime_throttle_is_bounded_listed_and_removed(
         await asyncio.to_thread(_throttle, address, "victim-paying-customer", 3600)
 
         async def throttled() -> bool:
-            return (await system.statuses("victim-paying-customer", 2))[-1] == 429
+            return (await rates.statuses("victim-paying-customer", 2))[-1] == 429
 
         await eventually(throttled, timeout=10)
         # Listed by fingerprint (usage and `quarantine list --all`), never by key.
@@ -98,7 +107,7 @@ async def test_a_runtime_throttle_is_bounded_listed_and_removed(
         assert [t.client for t in removed.removed] == [fp]
 
         async def served() -> bool:
-            return (await system.get("victim-paying-customer"))[0] == 200
+            return (await rates.get("victim-paying-customer"))[0] == 200
 
         await eventually(served, timeout=10)
         assert not (await asyncio.to_thread(fetch_usage, address)).throttles
@@ -336,3 +345,99 @@ def test_a_second_stream_of_a_node_id_replaces_the_first_and_status_shows_both(
         first.close()
         if second is not None:
             second.close()
+
+
+# --- no raw key anywhere (item 6) --------------------------------------------------------------
+
+RATE = """\
+apiVersion: modelguard.io/v1alpha1
+kind: RatePolicy
+metadata: {name: digits-model, namespace: demo}
+spec:
+  targetRef: {service: digits-model}
+  limits:
+  - {name: daily, clientKey: {header: x-api-key}, requests: 100000, per: day, scope: Global}
+"""
+
+
+async def test_a_known_api_key_appears_nowhere(
+    system: System,  # noqa: F811  (the fixture of test_extraction_envoy)
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The red team found plain keys in `quarantine list`, `usage` and about 20 times in
+    config_dump. Quarantine one key through the real monitor, throttle it at run time, then
+    read every output a person or a process can: none may hold the key."""
+    import logging
+
+    import numpy as np
+
+    from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
+    from controlplane.status_cli import render as render_status
+    from controlplane.traces_cli import render as render_traces
+
+    caplog.set_level(logging.DEBUG)
+    secret = "sk-live-" + os.urandom(16).hex()
+    (system.policies / "rate.yaml").write_text(RATE)
+    address = f"127.0.0.1:{system.admin_port}"
+    attack = np.random.default_rng(7).uniform(0, 16, size=(400, 64)).round(1)
+    position = 0
+    store = system.plane.extraction.verdicts
+    while not any(e.kind == "quarantine" for e in store.active()):
+        assert position < len(attack), "not quarantined"
+        await system.query(secret, attack[position : position + 8])
+        position += 8
+    await until(lambda: _status_is(system, secret, attack[0], 403))
+    await asyncio.to_thread(_throttle, address, secret, 600)
+    await asyncio.sleep(1.5)  # access logs and spans reach the receiver
+
+    def admin_outputs() -> dict[str, str]:
+        with grpc.insecure_channel(address) as channel:
+            status = admin_pb2_grpc.AdminStub(channel).GetStatus(
+                admin_pb2.GetStatusRequest(), timeout=5
+            )
+            quarantines = admin_pb2_grpc.QuarantinesStub(channel)
+            listed = quarantines.ListQuarantines(
+                admin_pb2.ListQuarantinesRequest(include_throttles=True), timeout=5
+            )
+            stats = quarantines.GetMonitorStats(admin_pb2.MonitorStatsRequest(), timeout=5)
+            traces = telemetry_pb2_grpc.TelemetryStub(channel).ListTelemetry(
+                telemetry_pb2.TelemetryQuery(), timeout=5
+            )
+        usage = fetch_usage(address)
+        from controlplane.extraction.admin import render as render_quarantines
+
+        return {
+            "status": json_format.MessageToJson(status) + render_status(status),
+            "quarantine list": json_format.MessageToJson(listed)
+            + render_quarantines(list(listed.entries))
+            + json_format.MessageToJson(stats),
+            "usage": json_format.MessageToJson(usage) + render(usage),
+            "traces": json_format.MessageToJson(traces) + render_traces(traces.records),
+        }
+
+    outputs = await asyncio.to_thread(admin_outputs)
+    assert len(json.loads(json_format.MessageToJson(
+        await asyncio.to_thread(fetch_usage, address)))["throttles"]) == 1
+    outputs["config_dump"] = await asyncio.to_thread(
+        system.envoy.admin_get, "/config_dump?include_eds"
+    )
+    outputs["control-plane logs"] = caplog.text
+    outputs["verdict file"] = system.verdicts.read_text()
+    fp = ClientRef.of("demo/digits-model", secret).fingerprint
+    assert fp in outputs["quarantine list"] and fp in outputs["usage"]
+    # The checks have teeth: the sidecar enforces the key (by digest), traces were taken.
+    assert digest(secret)[:32] in outputs["config_dump"]
+    assert "records" in outputs["traces"]
+    leaks = [where for where, text in outputs.items() if secret in text]
+    assert leaks == [], f"the key appears in {leaks}"
+    # Nor any long piece of it (a prefix or suffix a log might truncate to).
+    pieces = re.compile("|".join(re.escape(secret[i : i + 16]) for i in range(8, 24)))
+    assert [w for w, text in outputs.items() if pieces.search(text)] == []
+
+
+async def _status_is(
+    system: System,  # noqa: F811
+    key: str, row: object, code: int,
+) -> bool:
+    values = [float(v) for v in row]  # type: ignore[attr-defined]
+    return await status_of(system, key, values) == code
