@@ -30,8 +30,9 @@ from controlplane.gen.modelguard.admin.v1 import (
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.identity.service import IdentityConfig
 from controlplane.inventory import Sidecar
+from controlplane.netutil import free_port
 from controlplane.ratelimit.admin import fetch_usage, fingerprint, render
-from controlplane.server import ControlPlaneConfig
+from controlplane.server import ControlPlane, ControlPlaneConfig
 from controlplane.xds import resources as rt
 from tests.integration.test_extraction_envoy import (  # noqa: F401  (the fixture)
     System,
@@ -441,3 +442,93 @@ async def _status_is(
 ) -> bool:
     values = [float(v) for v in row]  # type: ignore[attr-defined]
     return await status_of(system, key, values) == code
+
+
+# --- policy size limits (item 8) ------------------------------------------------------------
+
+
+def _access_rules(count: int) -> str:
+    rules = "".join(
+        f"  - action: Allow\n    to: {{methods: [POST], paths: [/v1/predict/{i}]}}\n"
+        for i in range(count)
+    )
+    return (
+        "apiVersion: modelguard.io/v1alpha1\nkind: AccessPolicy\n"
+        "metadata: {name: huge, namespace: demo}\n"
+        "spec:\n  targetRef: {service: digits-model}\n  defaultAction: Deny\n  rules:\n" + rules
+    )
+
+
+async def test_a_50_mb_policy_file_is_refused_and_the_admin_api_keeps_answering(
+    tmp_path: Path,
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "extraction.yaml").write_text(EXTRACTION)
+    plane = ControlPlane(
+        ControlPlaneConfig(
+            policy_paths=(str(policies),), xds_port=free_port(), admin_port=free_port(),
+            debounce_quiet=0.05, debounce_max=0.3,
+        )
+    )
+    await plane.start()
+    try:
+        address = f"127.0.0.1:{plane.admin_port}"
+        latencies: list[float] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            with grpc.insecure_channel(address) as channel:
+                stub = admin_pb2_grpc.AdminStub(channel)
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
+                    latencies.append(time.perf_counter() - started)
+                    time.sleep(0.01)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        # The red team's file: 331k rules in 50 MB, written in place while we watch.
+        unit = "  - action: Allow\n    to: {methods: [POST], paths: [/v1/predict]}\n"
+        head = _access_rules(0)
+        big = policies / "huge.yaml"
+        with big.open("w") as out:
+            out.write(head)
+            out.write(unit * (50 * 1024 * 1024 // len(unit)))
+        # A small file with too many rules is refused by its rule count, with the path.
+        (policies / "many-rules.yaml").write_text(_access_rules(1_500))
+
+        def errors() -> list[str]:
+            with grpc.insecure_channel(address) as channel:
+                report = admin_pb2_grpc.AdminStub(channel).GetStatus(
+                    admin_pb2.GetStatusRequest(), timeout=10
+                )
+            return [*report.source_errors, *(e for p in report.policies for e in p.errors)]
+
+        async def both_refused() -> list[str]:
+            found = await asyncio.to_thread(errors)
+            ok = any("huge.yaml" in e and "over the limit" in e for e in found) and any(
+                "many-rules.yaml" in e and "spec.rules" in e for e in found
+            )
+            return found if ok else []
+
+        found = await eventually(both_refused, timeout=30)
+        await asyncio.sleep(1.0)  # keep probing a while after the refusal
+        stop.set()
+        prober.join(15)
+        assert len(latencies) >= 20
+        p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1]
+        assert p99 <= 0.100, f"admin p99 {p99 * 1000:.0f} ms while the file was read"
+        # The last good policies keep serving; removing the files clears the errors.
+        assert any(p.kind == "ExtractionPolicy" for p in plane.store.current().policies)
+        assert "huge" not in {p.metadata.name for p in plane.store.current().policies}
+        big.unlink()
+        (policies / "many-rules.yaml").unlink()
+
+        async def cleared() -> bool:
+            return not await asyncio.to_thread(errors)
+
+        await eventually(cleared, timeout=15)
+        assert found
+    finally:
+        await plane.stop(grace=0)
