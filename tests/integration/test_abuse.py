@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from controlplane.netutil import free_port
 from controlplane.ratelimit.admin import fetch_usage, fingerprint, render
 from controlplane.server import ControlPlane, ControlPlaneConfig
 from controlplane.xds import resources as rt
+from tests.conftest import Processes
 from tests.integration.test_extraction_envoy import (  # noqa: F401  (the fixture)
     System,
     status_of,
@@ -552,3 +554,53 @@ async def test_many_quarantined_keys_stay_cheap_in_the_sidecar_and_the_control_p
     # Scaled to 10,000 keys (×5), with the noise of an RSS reading on top.
     assert figures.envoy_growth * 5 <= 20 * mb + 5 * 2 * mb, figures.summary()
     assert figures.plane_growth * 5 <= 50 * mb + 5 * 2 * mb, figures.summary()
+
+
+# --- token files (item 5) ---------------------------------------------------------------------
+
+
+def test_modelguard_run_keeps_every_token_and_key_file_private(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """The red team read the sidecar's token from a 0644 bootstrap and received its SVID.
+    Now the bootstrap holds no token, and every file that holds a token or key is 0600."""
+    import sys
+
+    from controlplane.netutil import http_request, wait_for_port
+
+    workdir = tmp_path / "run"
+    listen, xds, admin = free_port(), free_port(), free_port()
+    repo = Path(__file__).resolve().parents[2]
+    processes.start(
+        [
+            str(Path(sys.executable).parent / "modelguard"), "run",
+            "--policies", str(repo / "policies"), "--workdir", str(workdir),
+            "--listen-port", str(listen), "--outbound-port", "0",
+            "--xds-port", str(xds), "--admin-port", str(admin),
+        ],
+        name="modelguard-run",
+    )
+    wait_for_port("127.0.0.1", listen, 90)
+    deadline = time.monotonic() + 60
+    while True:  # served through the sidecar: it got its token through file SDS
+        code, _, _ = http_request(
+            "POST", f"http://127.0.0.1:{listen}/v1/predict",
+            json.dumps({"instances": [[0.0] * 64]}).encode(),
+            {"content-type": "application/json", "x-api-key": "demo-key"},
+        )
+        if code == 200:
+            break
+        assert time.monotonic() < deadline, f"the sidecar never served: {code}"
+        time.sleep(0.5)
+    bootstrap = workdir / "sidecar-bootstrap.yaml"
+    token_file = workdir / "sidecar-bootstrap.token"
+    token = token_file.read_text().strip()
+    assert token and token not in bootstrap.read_text()
+    secret_files = [
+        bootstrap, token_file,
+        *(p for p in (workdir / "identity").rglob("*") if p.is_file() and p.suffix == ".key"),
+    ]
+    assert len(secret_files) >= 3, secret_files
+    modes = {str(p.relative_to(workdir)): stat.S_IMODE(p.stat().st_mode) for p in secret_files}
+    assert set(modes.values()) == {0o600}, modes
+    assert stat.S_IMODE((workdir / "identity").stat().st_mode) & 0o077 == 0
