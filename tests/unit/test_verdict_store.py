@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from monitor_policy import policies
+
 from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.verdicts import (
     ClientRef,
@@ -14,8 +16,6 @@ from controlplane.extraction.verdicts import (
     digest,
 )
 from controlplane.translate.verdicts import DIGEST_HEX, digest_filter
-
-from monitor_policy import policies
 
 POLICY = "demo/digits-model"
 
