@@ -23,6 +23,7 @@ from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
 from controlplane.extraction.verdicts import (
     OtelVerdictSink,
     Throttler,
+    VerdictBackend,
     VerdictSink,
     VerdictStore,
 )
@@ -149,9 +150,12 @@ class Extraction:
         sink: VerdictSink | None = None,
         throttler: Throttler | None = None,
         profile: Callable[[WatchedPolicy], Profile | None] = default_profile,
+        verdict_backend: VerdictBackend | None = None,
     ) -> None:
         one_blas_thread()
-        self.verdicts = VerdictStore(state_path)
+        # ``verdict_backend``: where verdicts persist (default: the file at ``state_path``,
+        # or memory); a shared one lets several replicas enforce one set of verdicts.
+        self.verdicts = VerdictStore(state_path, backend=verdict_backend)
         self.monitor = ExtractionMonitor(
             policies,
             self.verdicts,

@@ -474,6 +474,9 @@ async def test_a_50_mb_policy_file_is_refused_and_the_admin_api_keeps_answering(
         )
     )
     await plane.start()
+    from bench.verdict_scale import rss
+
+    rss_before = rss()
     try:
         address = f"127.0.0.1:{plane.admin_port}"
         latencies: list[float] = []
@@ -532,6 +535,8 @@ async def test_a_50_mb_policy_file_is_refused_and_the_admin_api_keeps_answering(
 
         await eventually(cleared, timeout=15)
         assert found
+        # Nothing of the 50 MB file was kept (it was never read): memory stays where it was.
+        assert rss() - rss_before < 64 * 1024 * 1024, (rss() - rss_before) / 2**20
     finally:
         await plane.stop(grace=0)
 

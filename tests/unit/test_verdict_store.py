@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from monitor_policy import policies
 
 from controlplane.compile.verdicts import compile_verdicts
@@ -119,3 +120,26 @@ def test_ten_thousand_quarantines_cost_under_64_bytes_each_in_the_sidecar_config
 
     per_key = (size(many) - size(few)) / (10_000 - 10)
     assert per_key <= DIGEST_HEX + 2 + 1  # the digest, the policy's index
+
+
+def test_usage_unthrottle_parses_a_client_and_a_policy() -> None:
+    from controlplane.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["usage", "unthrottle", "sha256:3c1f0e9a2b7d", "--policy", "demo/digits-model"]
+    )
+    assert (args.limit, args.client, args.policy) == (
+        "unthrottle", "sha256:3c1f0e9a2b7d", "demo/digits-model"
+    )
+    # Without `unthrottle`, the positional is still the limit filter it always was.
+    assert build_parser().parse_args(["usage", "daily"]).limit == "daily"
+
+
+def test_usage_unthrottle_without_a_control_plane_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from controlplane.cli import main
+    from controlplane.netutil import free_port
+
+    assert main(["usage", "--admin", f"127.0.0.1:{free_port()}", "unthrottle", "k"]) == 1
+    assert "modelguard usage" in capsys.readouterr().err
