@@ -185,7 +185,10 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
                     rule, client, usage.num_requests_allowed + usage.num_requests_denied
                 )
             except BackendError as err:
-                log.warning("quota for %s/%s not assigned: %s", rule.limit, client, err)
+                # A client key may be an API key: logs name it by fingerprint only.
+                log.warning(
+                    "quota for %s/%s not assigned: %s", rule.limit, _fingerprint(client), err
+                )
                 if key not in stream.assigned:
                     # A bucket that never had an assignment would stay under the sidecar's
                     # no-assignment behaviour (allow, for both failure modes): expire it at
@@ -270,6 +273,12 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
         action.quota_assignment_action.rate_limit_strategy.blanket_rule = Strategy.ALLOW_ALL
         action.quota_assignment_action.assignment_time_to_live.FromSeconds(self.assignment_ttl)
         return action
+
+
+def _fingerprint(client: str) -> str:
+    from controlplane.extraction.verdicts import digest, fingerprint_of
+
+    return fingerprint_of(digest(client))
 
 
 class RateLimitServices:
