@@ -228,8 +228,9 @@ class VerdictBackend(Protocol):
 
     def remove(self, gone: Sequence[Enforcement]) -> None: ...
 
-    def compact(self, live: Sequence[Enforcement]) -> None:
-        """A hint that only ``live`` matters now (a file may rewrite itself smaller)."""
+    def compact(self, count: int, live: Callable[[], Sequence[Enforcement]]) -> None:
+        """A hint that only the ``count`` enforcements ``live()`` returns matter now (a file
+        may rewrite itself smaller); ``live`` is called only if the backend compacts."""
         ...
 
 
@@ -243,7 +244,7 @@ class MemoryBackend:
     def remove(self, gone: Sequence[Enforcement]) -> None:
         return None
 
-    def compact(self, live: Sequence[Enforcement]) -> None:
+    def compact(self, count: int, live: Callable[[], Sequence[Enforcement]]) -> None:
         return None
 
 
@@ -306,7 +307,8 @@ class FileBackend:
                 continue
             c = e.client
             out.append(replace(e, client=ClientRef.of(c.policy, c.key, c.source, c.header)))
-        self.compact(out)
+        self._lines = 0
+        self.compact(len(out), lambda: out)
         return out
 
     def _aside(self, err: Exception) -> None:
@@ -329,18 +331,19 @@ class FileBackend:
         for e in gone:
             self._append({"del": list(VerdictStore.key_of(e))})
 
-    def compact(self, live: Sequence[Enforcement]) -> None:
-        if self._lines and self._lines < max(self.COMPACT_MIN, 2 * len(live)):
+    def compact(self, count: int, live: Callable[[], Sequence[Enforcement]]) -> None:
+        if self._lines and self._lines < max(self.COMPACT_MIN, 2 * count):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".verdicts-", dir=self.path.parent)
         with os.fdopen(fd, "w") as out:  # mkstemp: 0600
-            for e in live:
+            kept = live()
+            for e in kept:
                 out.write(json.dumps({"put": e.to_json()}, separators=(",", ":")) + "\n")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
-        self._lines = len(live)
+        self._lines = len(kept)
 
 
 class VerdictStore:
@@ -374,7 +377,10 @@ class VerdictStore:
         for e in loaded:
             if e.until > now:
                 self._add(e)
-        self.backend.compact(list(self._items.values()))
+        self._compact()
+
+    def _compact(self) -> None:
+        self.backend.compact(len(self._items), lambda: list(self._items.values()))
 
     @staticmethod
     def key_of(e: Enforcement) -> StoreKey:
@@ -444,7 +450,7 @@ class VerdictStore:
             self.backend.put(enforcement)
             if gone:
                 self.backend.remove(gone)
-            self.backend.compact(list(self._items.values()))
+            self._compact()
         self._notify()
 
     def release(
@@ -467,7 +473,7 @@ class VerdictStore:
                 self._drop(self.key_of(e))
             if gone:
                 self.backend.remove(gone)
-                self.backend.compact(list(self._items.values()))
+                self._compact()
         if gone:
             self._notify()
         return gone
@@ -481,7 +487,7 @@ class VerdictStore:
                 self._drop(self.key_of(e))
             if gone:
                 self.backend.remove(gone)
-                self.backend.compact(list(self._items.values()))
+                self._compact()
         if gone:
             self._notify()
         return gone
