@@ -390,6 +390,21 @@ async def test_a_known_api_key_appears_nowhere(
         await system.query(secret, attack[position : position + 8])
         position += 8
     await until(lambda: _status_is(system, secret, attack[0], 403))
+    # The digest and verdict headers cannot be forged: a caller sending the quarantined
+    # key's digest (or a verdict header) under another key is judged by its own key.
+    from controlplane.netutil import http_request
+    from controlplane.translate.verdicts import DIGEST_PREFIX, QUARANTINED_HEADER
+
+    forged, _, _ = await asyncio.to_thread(
+        http_request, "POST", f"http://127.0.0.1:{system.listen_port}/v1/predict",
+        json.dumps({"instances": [[0.0] * 64]}).encode(),
+        {
+            "content-type": "application/json", "x-api-key": "someone-else",
+            DIGEST_PREFIX + "x-api-key": digest(secret)[:32],
+            QUARANTINED_HEADER: "demo/digits-model",
+        },
+    )
+    assert forged == 200
     await asyncio.to_thread(_throttle, address, secret, 600)
     await asyncio.sleep(1.5)  # access logs and spans reach the receiver
 
