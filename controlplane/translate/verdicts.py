@@ -62,13 +62,13 @@ SHA256
 local cache, cached = {}, 0
 local policies = POLICIES
 -- Per header, the quarantined digests as one string of fixed-width entries (digest, then
--- the policy's index in two digits), read into a table once: one constant however many.
+-- the policy's index), read into a table once: one constant however many.
 local quarantined = {}
 for name, data in pairs(QUARANTINED) do
   local set = {}
-  for i = 1, #data, DIGEST_HEX + 2 do
+  for i = 1, #data, DIGEST_HEX + INDEX_WIDTH do
     set[string.sub(data, i, i + DIGEST_HEX - 1)] =
-      tonumber(string.sub(data, i + DIGEST_HEX, i + DIGEST_HEX + 1))
+      tonumber(string.sub(data, i + DIGEST_HEX, i + DIGEST_HEX + INDEX_WIDTH - 1))
   end
   quarantined[name] = set
 end
@@ -167,14 +167,14 @@ def _lua_string(text: str) -> str:
 def digest_script(clients: tuple[ClientVerdictIR, ...], headers: tuple[str, ...]) -> str:
     """The digest filter's Lua: ``headers`` to hash, the quarantined ``clients`` by digest."""
     policies = sorted({f"{c.policy.namespace}/{c.policy.name}" for c in clients})
-    if len(policies) > 99:
-        raise ValueError("over 99 ExtractionPolicies with quarantines on one sidecar")
+    # The policy's index, in as many digits as the count needs (two for up to 99).
+    width = max(2, len(str(len(policies))))
     index = {p: i + 1 for i, p in enumerate(policies)}
     tables: dict[str, list[str]] = {h.lower(): [] for h in headers}
     for c in clients:
         name = c.client_key.name.lower()
         policy = index[f"{c.policy.namespace}/{c.policy.name}"]
-        tables.setdefault(name, []).append(f"{_short(c.value)}{policy:02d}")
+        tables.setdefault(name, []).append(f"{_short(c.value)}{policy:0{width}d}")
     body = "{" + "".join(
         f'[{_lua_string(h)}]="' + "".join(sorted(rows)) + '",' for h, rows in sorted(tables.items())
     ) + "}"
@@ -182,6 +182,7 @@ def digest_script(clients: tuple[ClientVerdictIR, ...], headers: tuple[str, ...]
         _LUA.replace("SHA256", _SHA256.strip())
         .replace("QUARANTINED_HEADER", QUARANTINED_HEADER)
         .replace("DIGEST_PREFIX", DIGEST_PREFIX)
+        .replace("INDEX_WIDTH", str(width))
         .replace("DIGEST_HEX", str(DIGEST_HEX))
         .replace("QUARANTINED", body)
         .replace("POLICIES", "{" + ",".join(_lua_string(p) for p in policies) + "}")

@@ -143,3 +143,22 @@ def test_usage_unthrottle_without_a_control_plane_says_so(
 
     assert main(["usage", "--admin", f"127.0.0.1:{free_port()}", "unthrottle", "k"]) == 1
     assert "modelguard usage" in capsys.readouterr().err
+
+
+def test_over_99_policies_widen_the_policy_index_instead_of_failing() -> None:
+    import re as regex
+
+    from controlplane.ir import ClientKeyIR, ClientVerdictIR, PolicyRef
+    from controlplane.translate.verdicts import digest_script
+
+    clients = tuple(
+        ClientVerdictIR(
+            PolicyRef("ExtractionPolicy", "demo", f"p{i}"), ClientKeyIR("header", "x-api-key"),
+            digest(f"k{i}"),
+        )
+        for i in range(120)
+    )
+    script = digest_script(clients, ("x-api-key",))
+    (data,) = regex.findall(r'\["x-api-key"\]="([0-9a-f]*)"', script)
+    assert len(data) == 120 * (DIGEST_HEX + 3)
+    assert f"for i = 1, #data, {DIGEST_HEX} + 3 do" in script  # the Lua reads 3-digit indexes
