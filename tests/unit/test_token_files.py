@@ -58,3 +58,21 @@ def test_a_token_cannot_claim_another_service_of_its_own_identity(tmp_path: Path
             assert "not valid" in str(err)
         else:
             raise AssertionError(f"{claimed.service}.{claimed.namespace} was accepted")
+
+
+def test_a_key_secret_over_the_limit_is_refused_with_its_path(tmp_path: Path) -> None:
+    from controlplane.api.limits import MAX_KEYS_PER_SECRET
+    from controlplane.identity import apikeys
+
+    keys = "".join(f"  k{i}: key-{i}\n" for i in range(MAX_KEYS_PER_SECRET + 1))
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: partner-keys, namespace: ml}\n"
+        "stringData:\n" + keys
+    )
+    digests, problems = apikeys.load([path])
+    assert digests == {}
+    assert problems == [
+        f"{path}[0] Secret ml/partner-keys: stringData/data: {MAX_KEYS_PER_SECRET + 1:,} keys, "
+        f"over the limit of {MAX_KEYS_PER_SECRET:,} per Secret"
+    ]
