@@ -17,9 +17,11 @@ __all__ = ["REGISTRY", "Inbound", "Module"]
 
 # Access control first (a denied request costs nothing further), the router last.
 REGISTRY: tuple[Module, ...] = (
-    # Quarantined and throttled clients (extraction verdicts) before anything else.
-    extraction_verdicts.MODULE,
     rbac.MODULE,
+    # Quarantined and throttled clients (extraction verdicts): right after access control,
+    # whose API-key filter names the verified key (x-modelguard-key-id, issue 14) that an
+    # ExtractionPolicy may key on; still before every limit, the Wasm filter and the model.
+    extraction_verdicts.MODULE,
     # Rate limits: header renaming first (responses cross it last), then the free local
     # buckets, the locally enforced quota assignments, and the per-request service last.
     ratelimit.HEADERS, ratelimit.LOCAL, ratelimit.QUOTA, ratelimit.EXACT,
