@@ -9,7 +9,7 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import egress, mtls, ratelimit, rbac, router, telemetry, wasm
+from controlplane.translate import caller, egress, mtls, ratelimit, rbac, router, telemetry, wasm
 from controlplane.translate import verdicts as extraction_verdicts
 from controlplane.translate.module import Inbound, Module
 
@@ -17,11 +17,13 @@ __all__ = ["REGISTRY", "Inbound", "Module"]
 
 # Access control first (a denied request costs nothing further), the router last.
 REGISTRY: tuple[Module, ...] = (
-    rbac.MODULE,
-    # Quarantined and throttled clients (extraction verdicts): right after access control,
-    # whose API-key filter names the verified key (x-modelguard-key-id, issue 14) that an
-    # ExtractionPolicy may key on; still before every limit, the Wasm filter and the model.
+    # Who the caller is: caller-sent x-modelguard-* headers dropped, the verified key id,
+    # tenant and tier (or source address) set, before anything reads them (issue 14).
+    caller.MODULE,
+    # Quarantined and throttled clients (extraction verdicts) before anything else: they
+    # may key on the verified key id the caller filter just set.
     extraction_verdicts.MODULE,
+    rbac.MODULE,
     # Rate limits: header renaming first (responses cross it last), then the free local
     # buckets, the locally enforced quota assignments, and the per-request service last.
     ratelimit.HEADERS, ratelimit.LOCAL, ratelimit.QUOTA, ratelimit.EXACT,

@@ -1,4 +1,4 @@
-"""VerdictsIR → HTTP filters right after access control: digest, quarantine, throttle.
+"""VerdictsIR → the first HTTP filters after the caller filter: digest, quarantine, throttle.
 
 No client key is ever in the configuration: header keys (API keys are secrets) are known
 by their SHA-256 only, and a 50 KB key costs what a short one does.
@@ -13,8 +13,8 @@ by their SHA-256 only, and a 50 KB key costs what a short one does.
   with AccessPolicies that match keys; this one only while a header verdict is in force.
 * Quarantine: an RBAC DENY filter: one policy per ExtractionPolicy matching its name in
   that header, plus one policy per quarantined SPIFFE ID or address (not secrets; matched
-  natively). It runs right after access control (whose API-key filter names a verified key)
-  and before everything else: a quarantined client costs nothing further.
+  natively). It runs right after the caller filter (which sets the verified key id a policy
+  may key on) and before everything else: a quarantined client costs nothing further.
 * Throttle: a ``local_ratelimit`` filter with one descriptor (and token bucket) per
   throttled client, on its digest header; other clients match no descriptor and pass.
 
