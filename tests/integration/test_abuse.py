@@ -601,12 +601,14 @@ def test_modelguard_run_keeps_every_token_and_key_file_private(
         name="modelguard-run",
     )
     wait_for_port("127.0.0.1", listen, 90)
+    # The demo's registered keys (written 0600 on the first start).
+    key = (workdir / "demo-keys.txt").read_text().split()[1]
     deadline = time.monotonic() + 60
     while True:  # served through the sidecar: it got its token through file SDS
         code, _, _ = http_request(
             "POST", f"http://127.0.0.1:{listen}/v1/predict",
             json.dumps({"instances": [[0.0] * 64]}).encode(),
-            {"content-type": "application/json", "x-api-key": "demo-key"},
+            {"content-type": "application/json", "x-api-key": key},
         )
         if code == 200:
             break
@@ -617,7 +619,7 @@ def test_modelguard_run_keeps_every_token_and_key_file_private(
     token = token_file.read_text().strip()
     assert token and token not in bootstrap.read_text()
     secret_files = [
-        bootstrap, token_file,
+        bootstrap, token_file, workdir / "demo-keys.txt",
         *(p for p in (workdir / "identity").rglob("*") if p.is_file() and p.suffix == ".key"),
     ]
     assert len(secret_files) >= 3, secret_files
