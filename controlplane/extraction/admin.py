@@ -34,7 +34,7 @@ def entry(e: Enforcement) -> admin_pb2.QuarantineEntry:
     return admin_pb2.QuarantineEntry(
         kind=e.kind,
         policy=e.client.policy,
-        client_key=e.client.fingerprint if e.client.digested else e.client.key,
+        client_key=e.client.shown,
         fingerprint=e.client.fingerprint,
         key_source=e.client.source,
         since=_timestamp(e.since),

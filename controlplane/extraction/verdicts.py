@@ -44,6 +44,10 @@ DIGESTED: tuple[KeySource, ...] = ("header",)
 # Enforcements per policy at most. Sized for a large attack (10,000 keys quarantined cost
 # well under a megabyte of sidecar configuration, BENCHMARKS.md) with room for throttles.
 MAX_PER_POLICY = 20_000
+# Headers the sidecar sets itself from a verified credential (issue 14): their values are
+# ids, tenants and claims, not secrets, and may be shown (up to LABEL_MAX characters).
+VERIFIED_PREFIX = "x-modelguard-"
+LABEL_MAX = 256
 FINGERPRINT_HEX = 16  # what people see: "sha256:" + this many hex digits (as traces show)
 _HEX = re.compile(r"(?:sha256:)?([0-9a-f]{12,64})")
 
@@ -86,6 +90,10 @@ class ClientRef:
     key: str
     source: KeySource = "header"
     header: str | None = None  # for source "header": which header carries the key
+    # What people may see of a header key that is no secret: a header the sidecar sets
+    # itself (``x-modelguard-*``: a verified key id, tenant or JWT claim). None: a raw
+    # header such as x-api-key, shown by fingerprint only.
+    label: str | None = None
 
     @classmethod
     def of(
@@ -94,7 +102,11 @@ class ClientRef:
     ) -> ClientRef:
         """The reference for a key's value as the sidecar reports it: digested if secret."""
         if source in DIGESTED:
-            return cls(policy, digest(value), source, header)
+            label = None
+            if header is not None and header.lower().startswith(VERIFIED_PREFIX):
+                text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                label = text[:LABEL_MAX]
+            return cls(policy, digest(value), source, header, label)
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         return cls(policy, text, source, header)
 
@@ -108,8 +120,16 @@ class ClientRef:
         The same name as traces give the key (``telemetry.records.hash_secret``)."""
         return fingerprint_of(self.key if self.digested else digest(self.key))
 
+    @property
+    def shown(self) -> str:
+        """How admin answers and tables name the client: a label, a fingerprint for a
+        secret, or the value itself (a SPIFFE ID, an address)."""
+        if self.label is not None:
+            return self.label
+        return self.fingerprint if self.digested else self.key
+
     def named_by(self, given: str) -> bool:
-        return matches(given, self.key, digested=self.digested)
+        return given == self.label or matches(given, self.key, digested=self.digested)
 
 
 @dataclass(frozen=True)

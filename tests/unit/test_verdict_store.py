@@ -162,3 +162,17 @@ def test_over_99_policies_widen_the_policy_index_instead_of_failing() -> None:
     (data,) = regex.findall(r'\["x-api-key"\]="([0-9a-f]*)"', script)
     assert len(data) == 120 * (DIGEST_HEX + 3)
     assert f"for i = 1, #data, {DIGEST_HEX} + 3 do" in script  # the Lua reads 3-digit indexes
+
+
+def test_verified_ids_are_shown_raw_keys_only_by_fingerprint() -> None:
+    # A key id / tenant / claim header the sidecar sets itself is no secret: shown as is.
+    tenant = ClientRef.of(POLICY, "acme", "header", "x-modelguard-tenant")
+    assert (tenant.key, tenant.shown) == (digest("acme"), "acme")
+    assert tenant.named_by("acme") and tenant.named_by(tenant.fingerprint)
+    # A raw header (x-api-key) is a secret: stored as a digest, shown as a fingerprint.
+    raw = ClientRef.of(POLICY, "sk-live-1", "header", "x-api-key")
+    assert raw.label is None and raw.shown == raw.fingerprint
+    assert "sk-live-1" not in json.dumps(Enforcement("quarantine", raw, 0, 1, "p").to_json())
+    # The label survives the verdict file.
+    again = Enforcement.from_json(Enforcement("quarantine", tenant, 0, 1, "p").to_json())
+    assert again.client == tenant

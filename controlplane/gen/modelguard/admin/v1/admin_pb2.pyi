@@ -381,8 +381,9 @@ class QuarantineEntry(_message.Message):
     policy: _builtins.str
     """namespace/name of the ExtractionPolicy"""
     client_key: _builtins.str
-    """Header keys (API keys: secrets) by fingerprint, "sha256:" + 16 hex digits of the key's
-    SHA-256 (as traces name them); a SPIFFE ID or an address as it is.
+    """Raw header keys (API keys: secrets) by fingerprint, "sha256:" + 16 hex digits of the
+    key's SHA-256 (as traces name them); a verified key id, tenant or JWT claim (headers the
+    sidecar sets itself), a SPIFFE ID or an address as it is.
     """
     key_source: _builtins.str
     """header | identity | jwtClaim | sourceIP"""
