@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
         return 2
     if not released.released:
-        print("no quarantine or throttle matches that client", file=sys.stderr)
+        print(f"{args.key}: not quarantined or throttled", file=sys.stderr)  # what was typed
         return 1
     for e in released.released:
         print(f"released {e.kind} of {e.client_key} ({e.policy})")
