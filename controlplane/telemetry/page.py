@@ -16,7 +16,6 @@ fingerprint, so no key ever reaches the browser.
 
 from __future__ import annotations
 
-import hashlib
 import html as htmllib
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
+from controlplane.extraction.verdicts import ClientRef
 from controlplane.telemetry.records import Kind
 
 if TYPE_CHECKING:
@@ -36,21 +36,9 @@ POLL_MS = 2000
 CLIENTS_SHOWN = 25
 DENIALS_SHOWN = 20
 DENIAL_VERDICTS = ("denied", "rate_limited")
-VERIFIED_HEADER_PREFIX = "x-modelguard-"  # set by the sidecar after verifying (never secret)
 STAGE_RANK = {"detected": 2, "suspected": 1, "watching": 0}
 
 Cell = str | dict[str, str]
-
-
-def fingerprint(key: str) -> str:
-    """As ClientRef.fingerprint (extraction/verdicts.py) names a client in logs and events."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def shown_key(key: str, source: str, header: str | None) -> str:
-    if source == "header" and not (header or "").lower().startswith(VERIFIED_HEADER_PREFIX):
-        return fingerprint(key)  # a raw header may carry the API key itself
-    return key or "(no key)"
 
 
 def _clock(seconds: float) -> str:
@@ -139,44 +127,40 @@ def state(plane: ControlPlane) -> dict[str, Any]:
 
     monitor = plane.extraction.monitor
     verdict_log = getattr(plane, "verdict_log", None)
+    # Joined on the ClientRef's key: a header key's digest (never the key), else the value.
     latest: dict[tuple[str, str], Any] = {}
     for verdict in verdict_log.recent() if verdict_log is not None else []:
         latest[verdict.client.policy, verdict.client.key] = verdict
     active = plane.extraction.verdicts.active()
     enforced = {(e.client.policy, e.client.key): e for e in active}
-    ranked = []
+    ranked: list[tuple[int, float, int, str, str, int, ClientRef]] = []
     for policy, key, stage, queries, unobserved in monitor.clients():
-        verdict = latest.get((policy, key))
-        ratio = (
-            max(
-                (e.statistic / e.threshold for e in verdict.evidence if e.threshold),
-                default=0.0,
-            )
-            if verdict is not None
-            else 0.0
-        )
-        ranked.append((STAGE_RANK.get(stage, 0), ratio, queries, policy, key, stage, unobserved))
+        watched = monitor._policy(policy)  # its key source: how the client may be named
+        if watched is None:
+            continue
+        ref = ClientRef.of(policy, key, watched.key_source, watched.key_header)
+        verdict = latest.get((policy, ref.key))
+        ratio = max(
+            (e.statistic / e.threshold for e in verdict.evidence if e.threshold), default=0.0
+        ) if verdict is not None else 0.0  # fmt: skip
+        ranked.append((STAGE_RANK.get(stage, 0), ratio, queries, stage, "", unobserved, ref))
     # A quarantined client is forgotten by the monitor only on release: keep it listed.
-    tracked = {(r[3], r[4]) for r in ranked}
-    for policy, key in enforced:
+    tracked = {(r[6].policy, r[6].key) for r in ranked}
+    for (policy, key), held in enforced.items():
         if (policy, key) not in tracked:
-            ranked.append((2, 0.0, 0, policy, key, "detected", 0))
+            ranked.append((2, 0.0, 0, "detected", "", 0, held.client))
     ranked.sort(key=lambda r: (-r[0], -r[1], -r[2]))
     clients: list[list[Cell]] = []
-    for rank, (_s, _r, queries, policy, key, stage, unobserved) in enumerate(
+    for rank, (_s, _r, queries, stage, _, unobserved, ref) in enumerate(
         ranked[:CLIENTS_SHOWN], 1
     ):
-        verdict = latest.get((policy, key))
-        e = enforced.get((policy, key))
-        ref = verdict.client if verdict is not None else e.client if e is not None else None
-        watched = monitor._policy(policy)  # the policy's key source, for naming the client
-        source = ref.source if ref else watched.key_source if watched else "header"
-        header = ref.header if ref else watched.key_header if watched else None
+        verdict = latest.get((ref.policy, ref.key))
+        e = enforced.get((ref.policy, ref.key))
         clients.append(
             [
                 str(rank),
-                shown_key(key, source, header),
-                policy,
+                ref.shown,
+                ref.policy,
                 {"t": stage, "cls": {"detected": "bad", "suspected": "warn"}.get(stage, "")},
                 {"t": e.kind, "cls": "bad"} if e is not None else "",
                 str(queries),
@@ -186,7 +170,7 @@ def state(plane: ControlPlane) -> dict[str, Any]:
         )
     quarantines: list[list[Cell]] = []
     for e in sorted(active, key=lambda e: -e.since):
-        name = shown_key(e.client.key, e.client.source, e.client.header)
+        name = e.client.shown
         quarantines.append(
             [
                 {"t": e.kind, "cls": "bad" if e.kind == "quarantine" else "warn"},
@@ -286,14 +270,14 @@ def release(plane: ControlPlane, client: str) -> list[dict[str, str]]:
     shown key); returns what was released, as the page names it."""
     monitor = plane.extraction.monitor
     targets = {
-        (e.client.key, e.client.policy)
+        (e.client.fingerprint, e.client.policy)
         for e in plane.extraction.verdicts.active()
-        if client
-        in (e.client.fingerprint, shown_key(e.client.key, e.client.source, e.client.header))
+        if client in (e.client.fingerprint, e.client.shown)
     }
     released = []
-    for key, policy in sorted(targets):
-        for e in monitor.release(key, policy):
+    # By fingerprint: the monitor and the verdict store both take one (ClientRef.named_by).
+    for name, policy in sorted(targets):
+        for e in monitor.release(name, policy):
             log.warning(
                 "%s of %s (%s) released from the live page", e.kind, e.client.fingerprint, policy
             )
