@@ -141,9 +141,10 @@ class ObservabilityServer:
                 text = self.plane.telemetry.instrumentation.prometheus_text()
                 return 200, PROMETHEUS_TEXT, text
             if path in ("/ui", "/ui/"):
-                return 200, "text/html; charset=utf-8", page.html(self.plane).encode()
+                budgets = await page.budget_use(self.plane)
+                return 200, "text/html; charset=utf-8", page.html(self.plane, budgets).encode()
             if path == "/ui/state":
-                state = page.state(self.plane)
+                state = page.state(self.plane, await page.budget_use(self.plane))
                 return 200, "application/json", json.dumps(state).encode()
             if path == "/":
                 return 200, "text/plain; charset=utf-8", b"modelguard: /metrics /ui\n"

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "modelguard-control-plane"
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FIDELITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 VERDICT_KINDS = (
     ("suspicion", "alert"),
     ("suspicion", "throttle"),
@@ -348,6 +349,26 @@ class SelfTelemetry:
             description="the extraction monitor's verdicts by policy, stage and action",
         )
 
+        def fidelity(_: CallbackOptions) -> Iterable[Observation]:
+            # Clients by the monitor's estimated extraction fidelity (issue 10), as a
+            # histogram's cumulative buckets (le): histogram_quantile works on it, and no
+            # client is named. Absent where the monitor keeps no estimate.
+            risks = getattr(plane.extraction.monitor, "risks", None)
+            if risks is None:
+                return
+            estimates = [r[2] for r in risks()]
+            for bound in FIDELITY_BUCKETS:
+                yield Observation(
+                    sum(1 for f in estimates if f <= bound), {"le": _bucket_label(bound)}
+                )
+            yield Observation(len(estimates), {"le": "+Inf"})
+
+        meter.create_observable_gauge(
+            "modelguard.extraction.fidelity.clients",
+            [fidelity],
+            description="clients whose estimated extraction fidelity is at most le",
+        )
+
         def records(_: CallbackOptions) -> Iterable[Observation]:
             stats = plane.telemetry.store.stats()
             yield Observation(stats.received, {"outcome": "received"})
@@ -472,6 +493,10 @@ class SelfTelemetry:
             task.cancel()
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+def _bucket_label(bound: float) -> str:
+    return f"{bound:g}"
 
 
 def _clean(attributes: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ fingerprint, so no key ever reaches the browser.
 
 from __future__ import annotations
 
+import asyncio
 import html as htmllib
 import json
 import logging
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 2000
 CLIENTS_SHOWN = 25
+BUDGET_CLIENTS = 5  # per global limit
 DENIALS_SHOWN = 20
 DENIAL_VERDICTS = ("denied", "rate_limited")
 STAGE_RANK = {"detected": 2, "suspected": 1, "watching": 0}
@@ -65,7 +67,33 @@ def _table(title: str, columns: list[str], rows: list[list[Cell]], empty: str) -
     return {"title": title, "columns": columns, "rows": rows, "empty": empty}
 
 
-def state(plane: ControlPlane) -> dict[str, Any]:
+async def budget_use(plane: ControlPlane) -> list[list[Cell]] | str:
+    """The global limits' top clients now (what `modelguard usage` shows), by fingerprint as
+    there; a message when the budget backend cannot be read."""
+    from controlplane.ratelimit.admin import fingerprint as usage_fingerprint
+    from controlplane.ratelimit.backend import BackendError
+
+    try:
+        usage = await asyncio.wait_for(plane.rate_limits.budgets.usage("", BUDGET_CLIENTS), 2.0)
+    except (BackendError, TimeoutError) as err:
+        return f"budget backend unavailable: {err}"
+    rows: list[list[Cell]] = []
+    for limit in usage:
+        rule = limit.rule
+        for client in limit.clients:
+            rows.append(
+                [
+                    rule.limit,
+                    rule.policy,
+                    usage_fingerprint(client.client),
+                    f"{client.used} / {rule.requests} per {rule.window}s",
+                    {"t": "at/over limit", "cls": "bad"} if client.over else "ok",
+                ]
+            )
+    return rows
+
+
+def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str, Any]:
     from controlplane.admin import AdminService  # the status report `modelguard status` reads
 
     now = time.time()
@@ -133,7 +161,10 @@ def state(plane: ControlPlane) -> dict[str, Any]:
         latest[verdict.client.policy, verdict.client.key] = verdict
     active = plane.extraction.verdicts.active()
     enforced = {(e.client.policy, e.client.key): e for e in active}
-    ranked: list[tuple[int, float, int, str, str, int, ClientRef]] = []
+    # The monitor's estimated extraction fidelity per client (issue 10), where it keeps one.
+    risks = getattr(monitor, "risks", None)
+    fidelity = {(r[0], r[1]): r[2] for r in risks()} if risks is not None else {}
+    ranked: list[tuple[int, float, float, int, str, str, int, ClientRef]] = []
     for policy, key, stage, queries, unobserved in monitor.clients():
         watched = monitor._policy(policy)  # its key source: how the client may be named
         if watched is None:
@@ -143,28 +174,35 @@ def state(plane: ControlPlane) -> dict[str, Any]:
         ratio = max(
             (e.statistic / e.threshold for e in verdict.evidence if e.threshold), default=0.0
         ) if verdict is not None else 0.0  # fmt: skip
-        ranked.append((STAGE_RANK.get(stage, 0), ratio, queries, stage, "", unobserved, ref))
+        estimate = fidelity.get((policy, key))
+        shown = f"{estimate:.0%}" if estimate is not None else ""
+        # Stage first; then the estimate (how much of the model it may have copied), then
+        # how far past its threshold its evidence is.
+        risk = estimate if estimate is not None else 0.0
+        rank = STAGE_RANK.get(stage, 0)
+        ranked.append((rank, risk, ratio, queries, stage, shown, unobserved, ref))
     # A quarantined client is forgotten by the monitor only on release: keep it listed.
-    tracked = {(r[6].policy, r[6].key) for r in ranked}
+    tracked = {(r[7].policy, r[7].key) for r in ranked}
     for (policy, key), held in enforced.items():
         if (policy, key) not in tracked:
-            ranked.append((2, 0.0, 0, "detected", "", 0, held.client))
-    ranked.sort(key=lambda r: (-r[0], -r[1], -r[2]))
+            ranked.append((2, 0.0, 0.0, 0, "detected", "", 0, held.client))
+    ranked.sort(key=lambda r: (-r[0], -r[1], -r[2], -r[3]))
     clients: list[list[Cell]] = []
-    for rank, (_s, _r, queries, stage, _, unobserved, ref) in enumerate(
+    for position, (_s, _f, _r, queries, stage, shown, unobserved, ref) in enumerate(
         ranked[:CLIENTS_SHOWN], 1
     ):
         verdict = latest.get((ref.policy, ref.key))
         e = enforced.get((ref.policy, ref.key))
         clients.append(
             [
-                str(rank),
+                str(position),
                 ref.shown,
                 ref.policy,
                 {"t": stage, "cls": {"detected": "bad", "suspected": "warn"}.get(stage, "")},
                 {"t": e.kind, "cls": "bad"} if e is not None else "",
                 str(queries),
                 str(unobserved),
+                *([shown] if risks is not None else []),
                 _evidence(verdict.evidence) if verdict is not None else "",
             ]
         )
@@ -237,6 +275,7 @@ def state(plane: ControlPlane) -> dict[str, Any]:
                 "Clients by extraction risk",
                 [
                     *("#", "client", "policy", "stage", "enforced", "queries", "unobserved"),
+                    *(["est. fidelity"] if risks is not None else []),
                     "evidence (detector statistic ≥ threshold)",
                 ],
                 clients,
@@ -253,6 +292,12 @@ def state(plane: ControlPlane) -> dict[str, Any]:
                 ["time (UTC)", "service", "status", "verdict", "rule", "client (hash)", "route"],
                 denials,
                 "none",
+            ),
+            "budgets": _table(
+                "Budget use (global limits, this window)",
+                ["limit", "policy", "client", "used", "state"],
+                budgets if isinstance(budgets, list) else [],
+                budgets if isinstance(budgets, str) and budgets else "no budget asked about yet",
             ),
             "egress": _table(
                 "Blocked egress",
@@ -333,11 +378,11 @@ def _summary(summary: dict[str, Any]) -> str:
     )
 
 
-ORDER = ("clients", "quarantines", "denials", "sidecars", "policies", "egress")
+ORDER = ("clients", "quarantines", "denials", "budgets", "sidecars", "policies", "egress")
 
 
-def html(plane: ControlPlane) -> str:
-    data = state(plane)
+def html(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> str:
+    data = state(plane, budgets)
     tables = "".join(render_table(name, data["tables"][name]) for name in ORDER)
     initial = json.dumps(data).replace("</", "<\\/")
     return (
@@ -381,7 +426,7 @@ cursor:pointer}#chart svg{width:100%;height:180px}#legend span{margin-right:12px
 </main>
 <script>
 "use strict";
-const ORDER = ["clients","quarantines","denials","sidecars","policies","egress"];
+const ORDER = ["clients","quarantines","denials","budgets","sidecars","policies","egress"];
 const COLORS = {allowed:"#18794e",hardened:"#2f6fdb",denied:"#c62828",
   rate_limited:"#a15c00",audit_denied:"#8e44ad",blocked:"#555",["would-block"]:"#999"};
 let initial = {initial};
