@@ -333,6 +333,31 @@ def test_release_is_held_to_the_admin_rules(system: System) -> None:
         server._authorize_release(("10.1.2.3", 5), good)
 
 
+def _raw(system: System, request: bytes) -> str:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", system.run.metrics_port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_bad_requests_get_a_clear_error_and_the_listener_keeps_serving(system: System) -> None:
+    assert _raw(system, b"NONSENSE\r\n\r\n").startswith("HTTP/1.1 400 ")
+    huge = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 100_000 + b"\r\n\r\n"
+    assert _raw(system, huge).startswith("HTTP/1.1 413 ")
+    assert _raw(system, b"DELETE /metrics HTTP/1.1\r\n\r\n").startswith("HTTP/1.1 405 ")
+    bad_json = (
+        b"POST /ui/release HTTP/1.1\r\nHost: 127.0.0.1\r\nx-modelguard-action: release\r\n"
+        b"Content-Length: 5\r\n\r\n{nope"
+    )
+    answer = _raw(system, bad_json)
+    assert answer.startswith("HTTP/1.1 400 ") and "client" in answer, answer
+    assert "modelguard_sidecars" in system.get("/metrics")
+
+
 def _browser(profile: Path) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
