@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 POLL_MS = 2000
 CLIENTS_SHOWN = 25
 BUDGET_CLIENTS = 5  # per global limit
+TOP_CHARTED = 5
 DENIALS_SHOWN = 20
 DENIAL_VERDICTS = ("denied", "rate_limited")
 STAGE_RANK = {"detected": 2, "suspected": 1, "watching": 0}
@@ -187,6 +188,17 @@ def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str
         if (policy, key) not in tracked:
             ranked.append((2, 0.0, 0.0, 0, "detected", "", 0, held.client))
     ranked.sort(key=lambda r: (-r[0], -r[1], -r[2], -r[3]))
+    # The leaders' numbers for the page's risk chart (it keeps their history while open).
+    top = [
+        {
+            "client": r[7].shown,
+            "stage": r[4],
+            "queries": r[3],
+            "fidelity": fidelity.get((r[7].policy, r[7].key)) if risks is not None else None,
+            "evidence": round(r[2], 4),
+        }
+        for r in ranked[:TOP_CHARTED]
+    ]
     clients: list[list[Cell]] = []
     for position, (_s, _f, _r, queries, stage, shown, unobserved, ref) in enumerate(
         ranked[:CLIENTS_SHOWN], 1
@@ -307,6 +319,7 @@ def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str
             ),
         },
         "series": [{"t": start, "counts": counts} for start, counts in series],
+        "top": top,
     }
 
 
@@ -412,7 +425,8 @@ th{color:#5b6474;font-weight:600;font-size:12px}
 .ok{color:#18794e;font-weight:600}.bad{color:#c62828;font-weight:600}
 .warn{color:#a15c00;font-weight:600}.empty{color:#8a93a3}
 button.release{background:#c62828;color:#fff;border:0;border-radius:4px;padding:2px 10px;
-cursor:pointer}#chart svg{width:100%;height:180px}#legend span{margin-right:12px}
+cursor:pointer}#chart svg,#risk svg{width:100%;height:180px}
+.note{color:#5b6474;font-size:12px}#legend span{margin-right:12px}
 #status{margin-left:auto}#notice{color:#ffd479;margin-left:auto}
 </style></head><body>
 <header><h1>modelguard</h1><small>live extraction defense</small>
@@ -422,6 +436,11 @@ cursor:pointer}#chart svg{width:100%;height:180px}#legend span{margin-right:12px
 <section id="chart"><h2>Requests by verdict <span class="count">(per 5 s, last 10 min)</span>
 </h2><svg viewBox="0 0 1000 180" preserveAspectRatio="none"></svg><div id="legend"></div>
 </section>
+<section id="risk"><h2>Top client's risk as its queries arrive <span class="count"
+id="risk-client"></span></h2><svg viewBox="0 0 1000 180" preserveAspectRatio="none"></svg>
+<div class="note">x: the client's queries; y: the monitor's estimated extraction fidelity
+where it keeps one, else its stage (watching, suspected, detected) — since this page opened
+</div></section>
 <div id="tables">{tables}</div>
 </main>
 <script>
@@ -476,10 +495,32 @@ function chart(series){
   document.getElementById("legend").innerHTML = names.map(n=>'<span style="color:'+
     (COLORS[n]||"#333")+'">■ '+esc(n)+"</span>").join("");
 }
+const history = new Map();  // client → [[queries, level]] seen while the page is open
+function risk(top){
+  for (const c of top){
+    const level = c.fidelity !== null ? c.fidelity :
+      ({watching:0, suspected:0.5, detected:1}[c.stage] || 0);
+    const h = history.get(c.client) || [];
+    if (!h.length || h[h.length-1][0] !== c.queries || h[h.length-1][1] !== level)
+      h.push([c.queries, level]);
+    history.set(c.client, h.slice(-500));
+  }
+  const svg = document.querySelector("#risk svg"), W=1000, H=170;
+  if (!top.length){ svg.innerHTML = ""; return; }
+  const name = top[0].client, h = history.get(name) || [];
+  document.getElementById("risk-client").textContent = name+" ("+top[0].stage+")";
+  const maxQ = Math.max(1, ...h.map(p=>p[0]));
+  const pts = h.map(p=>(p[0]*W/maxQ).toFixed(1)+","+(H-p[1]*(H-10)).toFixed(1));
+  svg.innerHTML = '<line x1="0" y1="'+H+'" x2="'+W+'" y2="'+H+'" stroke="#ccc"/>'+
+    '<polyline id="risk-line" fill="none" stroke="#c62828" stroke-width="2" points="'+
+    pts.join(" ")+'"/><text x="4" y="12" font-size="11" fill="#5b6474">'+maxQ+
+    " queries</text>";
+}
 function render(data){
   document.getElementById("summary").innerHTML = summary(data.summary);
   document.getElementById("tables").innerHTML = ORDER.map(n=>table(n,data.tables[n])).join("");
   chart(data.series);
+  risk(data.top);
   document.getElementById("status").textContent = "updated "+
     new Date(data.generated_at*1000).toISOString().slice(11,19)+" UTC";
 }

@@ -417,6 +417,9 @@ def test_live_page_shows_an_attack_its_evidence_and_releases_the_quarantine(
             lambda: driver.find_elements(By.CSS_SELECTOR, "#chart polyline.series"),
             what="the verdict chart",
         )
+        # The leader's risk over its queries (stage, or the estimated fidelity).
+        until(lambda: driver.find_elements(By.ID, "risk-line"), what="the risk chart")
+        assert "acme" in text("risk")
         assert "SYNCED" in text("sidecars") and "Accepted=True" in text("policies")
         budgets = text("budgets")  # the tenant's daily budget, by fingerprint as `usage`
         assert "daily-budget" in budgets and "sha256:" in budgets and "acme" not in budgets
