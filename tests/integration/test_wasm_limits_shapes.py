@@ -251,9 +251,12 @@ async def test_max_instances_counts_rows_in_every_shape(
     )
 
     def tensor(rows: int) -> bytes:
+        # Two input tensors of the same rows: rows are shape[0], not the sum over inputs.
         return json.dumps(
             {"inputs": [{"name": "x", "shape": [rows, 2], "datatype": "FP32",
-                         "data": [0.5] * (2 * rows)}]}
+                         "data": [0.5] * (2 * rows)},
+                        {"name": "y", "shape": [rows], "datatype": "FP32",
+                         "data": [0.5] * rows}]}
         ).encode()
 
     await eventually(lambda: _status(system, tensor(5), 413))

@@ -837,7 +837,7 @@ typedef struct {
   int error;
   u8 nested; /* kserve: data at the path may be nested arrays of rows */
   u8 count_mode; /* count the values at the path instead of collecting score vectors */
-  u8 count_value; /* ... adding the number found there (kserve: shape[0]) */
+  u8 count_value; /* ... taking the number found there (kserve: the largest shape[0]) */
   u8 inside; /* kserve: within one tensor's nested data */
   u64 counted;
   u32 leaves; /* values at the path seen so far */
@@ -960,7 +960,9 @@ static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth) {
       double v;
       const u8 *after = json_number(p, sc->end, &v);
       if (after) {
-        if (v > 0) sc->counted += v < 4e9 ? (u64)v : 4000000000ULL;
+        /* every input tensor has the same rows: the largest shape[0] counts, not the sum */
+        u64 rows = v > 0 ? (v < 4e9 ? (u64)v : 4000000000ULL) : 0;
+        if (rows > sc->counted) sc->counted = rows;
         return after;
       }
     }
