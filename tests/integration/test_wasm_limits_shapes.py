@@ -334,6 +334,25 @@ async def test_answers_too_large_to_harden_are_denied_unless_the_policy_passes_t
     status, _, body = await post(system, SMALL)
     assert status == 502 and json.loads(body)["error"] == "answer_unhardenable"
     await eventually(lambda: stats(system).get("denied_unhardenable", 0) >= 1)
+    # The model did answer it: the query still reaches the monitor (without the answer).
+    await eventually(
+        lambda: [q.request_body for q in system.feed.queries() if not q.response_body]
+        == [SMALL]
+    )
+    # An answer over the feed's 64 KiB but hardenable: hardened for the client, and its
+    # query fed without the answer, rather than counted as unobserved.
+    mid = {"predictions": [{"probabilities": [0.1234, 0.8766]}] * 3000}
+    upstream.body = json.dumps(mid).encode()
+    assert 64 * 1024 < len(upstream.body) < 512 * 1024
+    status, _, body = await post(system, SMALL, {"x-api-key": "bob"})
+    assert status == 200
+    assert json.loads(body)["predictions"][0] == {"probabilities": [0.0, 0.88]}
+    await eventually(
+        lambda: [q.response_body for q in system.feed.queries() if q.client_key == "bob"]
+        == [b""]
+    )
+    assert not system.feed.unobserved()
+    upstream.body = json.dumps(big).encode()
     apply(
         system,
         '{features: "$.instances[*]"}',
