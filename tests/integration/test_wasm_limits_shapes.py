@@ -218,6 +218,14 @@ async def test_oversized_and_deep_requests_never_reach_the_model(
     assert status == 400 and json.loads(body)["error"] == "request_too_deep"
     status, _, _ = await post(system, deep)  # over maxBytes too: refused either way
     assert status in (400, 413)
+    # The same in UTF-16 and UTF-32 (Python's json.loads reads them), with and without a
+    # byte-order mark, and behind a wide character whose low byte is a quote: still 400.
+    hidden = '{"x": "\u0122", "instances": ' + "[" * 200 + "]" * 200 + "}"
+    for text in (deep[:3_000].decode() + "]}", hidden):
+        for encoding in ("utf-16", "utf-16-be", "utf-32-le", "utf-8-sig"):
+            status, _, body = await post(system, text.encode(encoding))
+            assert status == 400, (encoding, text[:20])
+    assert json.loads(hidden)  # well-formed: only its depth is refused
     assert upstream.seen == [SMALL]  # none of the refused bodies reached the model
     await eventually(lambda: stats(system).get("refused_too_large", 0) >= 2)
     assert stats(system)["refused_too_deep"] >= 1
@@ -242,6 +250,11 @@ async def test_max_instances_counts_rows_in_every_shape(
     assert (await post(system, four))[0] == 200
     status, _, body = await post(system, five)
     assert status == 413 and json.loads(body)["error"] == "too_many_instances"
+    assert upstream.seen == [four]
+    # Rows in a body the model reads as UTF-16 or with a UTF-8 byte-order mark count too.
+    for encoding in ("utf-16", "utf-16-le", "utf-32", "utf-8-sig"):
+        status, _, _ = await post(system, five.decode().encode(encoding))
+        assert status == 413, encoding
     assert upstream.seen == [four]
     # KServe v2: rows are shape[0] of the input tensors.
     apply(
