@@ -3,22 +3,34 @@
 ``QueryFeed.Report`` is called by sidecars with batches of queries, off the request path.
 The detectors run on a worker thread so the event loop (which also serves ADS) never waits
 on numpy. The same service keeps enforcements expiring on time.
+
+Every policy gets its own profile (``ProfileBook``): from its reference data, calibrated
+on a background thread (never on the event loop, never on the feed's path) and cached on
+disk by content hash, so a restart does not recalibrate. Until it is ready the policy runs
+with the reference-free profile (prada and nearDuplicate, which need no reference data);
+a policy without reference data keeps that one. Each policy's ``Calibrated`` condition
+(True/False with a reason: NoReference, Pending, Calibrating, Calibrated, Failed) is what
+``modelguard status`` and the CRD status show.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from controlplane.api import Policy
-from controlplane.extraction.calibrate import Profile, digits_profile
+from controlplane.extraction.calibrate import Profile, Settings, cached_profile, reference_free
+from controlplane.extraction.reference import ReferenceData, load_file, parse
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
 from controlplane.extraction.verdicts import (
     OtelVerdictSink,
@@ -86,18 +98,134 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
         return feed_pb2.FeedAck(accepted=accepted)
 
 
-@functools.cache
-def _digits_profile() -> Profile:
-    return digits_profile()
+@dataclass(frozen=True)
+class CalibratedCondition:
+    """A policy's ``Calibrated`` condition."""
+
+    status: str  # "True" | "False"
+    reason: str  # NoReference | Pending | Calibrating | Calibrated | Failed
+    message: str
 
 
-def default_profile(policy: WatchedPolicy) -> Profile | None:
-    """The demo digits model's calibrated profile for every policy.
+# Reads a ConfigMap key (namespace, name, key) → bytes; cluster mode provides one.
+ConfigMapReader = Callable[[str, str, str], bytes]
 
-    Other models need their own reference data and calibration (``calibrate.calibrate``);
-    queries whose dimension does not match the profile are counted and not analysed.
-    """
-    return _digits_profile()
+
+@dataclass
+class _Entry:
+    source: Any  # the policy's ReferenceSource (None without reference data)
+    profile: Profile
+    condition: CalibratedCondition
+
+
+class ProfileBook:
+    """Each policy's profile (the monitor's ``profile`` callable), calibrated off the event
+    loop on one background thread and cached by content hash under ``cache_dir``."""
+
+    def __init__(
+        self,
+        cache_dir: Path | None = None,
+        settings: Settings = Settings(),
+        configmaps: ConfigMapReader | None = None,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.settings = settings
+        self.configmaps = configmaps
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibrate")
+        self._done: dict[str, threading.Event] = {}
+
+    def __call__(self, policy: WatchedPolicy) -> Profile | None:
+        entry = self._entries.get(policy.key)
+        if entry is None or entry.source != policy.reference:
+            entry = self._start(policy)
+        return entry.profile
+
+    def _start(self, policy: WatchedPolicy) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(policy.key)
+            if entry is not None and entry.source == policy.reference:
+                return entry
+            done = self._done[policy.key] = threading.Event()
+            if policy.reference is None:
+                entry = _Entry(
+                    None,
+                    reference_free(policy.key),
+                    CalibratedCondition(
+                        "False", "NoReference",
+                        "no spec.detection.reference: prada and nearDuplicate run with "
+                        "reference-free thresholds",
+                    ),
+                )
+                done.set()
+            else:
+                entry = _Entry(
+                    policy.reference,
+                    reference_free(policy.key),
+                    CalibratedCondition("False", "Pending", "waiting to calibrate"),
+                )
+            self._entries[policy.key] = entry
+            if policy.reference is not None:
+                self._executor.submit(self._calibrate, policy, entry, done)
+            return entry
+
+    def read(self, policy: WatchedPolicy) -> ReferenceData:
+        """A policy's reference data, from its file or (cluster mode) its ConfigMap."""
+        source = policy.reference
+        if source.file is not None:
+            return load_file(source.file, source.label_column)
+        if self.configmaps is None:
+            raise ValueError("configMap references need cluster mode (modelguard cluster)")
+        ref = source.config_map
+        data = self.configmaps(policy.namespace, ref.name, ref.key)
+        return parse(data, ref.key, source.label_column, loc=("configMap",))
+
+    def _calibrate(self, policy: WatchedPolicy, entry: _Entry, done: threading.Event) -> None:
+        def current() -> bool:
+            return self._entries.get(policy.key) is entry
+
+        try:
+            if not current():
+                return
+            entry.condition = CalibratedCondition("False", "Calibrating", "reading reference")
+            data = self.read(policy)
+            # The dimension is known now: prada and nearDuplicate run meanwhile.
+            entry.profile = reference_free(policy.key, data.dim)
+            entry.condition = CalibratedCondition(
+                "False", "Calibrating", f"calibrating on {len(data.X)} reference rows"
+            )
+            started = time.monotonic()
+            profile, cached = cached_profile(
+                policy.key, data, self.cache_dir, self.settings, policy.reference.label_column
+            )
+            took = time.monotonic() - started
+            if current():
+                entry.profile = profile
+                how = "from cache" if cached else f"calibrated in {took:.1f}s"
+                entry.condition = CalibratedCondition(
+                    "True", "Calibrated",
+                    f"{how}: {len(data.X)} rows of {data.dim} features, "
+                    f"{sum(profile.calibration['benign_clients'].values())} simulated clients",
+                )
+                log.info("policy %s: profile %s", policy.key, how)
+        except Exception as err:  # a bad reference must not stop the monitor
+            log.warning("policy %s: calibration failed: %s", policy.key, err)
+            entry.condition = CalibratedCondition("False", "Failed", str(err))
+        finally:
+            done.set()
+
+    def conditions(self) -> dict[str, CalibratedCondition]:
+        """Each known policy's (namespace/name) Calibrated condition."""
+        return {key: entry.condition for key, entry in list(self._entries.items())}
+
+    def wait(self, key: str, timeout: float = 300.0) -> bool:
+        """Until the policy's calibration ended (tests, the profile CLI)."""
+        done = self._done.get(key)
+        return done is not None and done.wait(timeout)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def one_blas_thread() -> None:
@@ -125,9 +253,16 @@ class Extraction:
         *,
         sink: VerdictSink | None = None,
         throttler: Throttler | None = None,
-        profile: Callable[[WatchedPolicy], Profile | None] = default_profile,
+        profile: Callable[[WatchedPolicy], Profile | None] | None = None,
+        profiles_dir: Path | None = None,
     ) -> None:
         one_blas_thread()
+        # Profiles are cached next to the verdicts (the control plane's state directory).
+        if profiles_dir is None and state_path is not None:
+            profiles_dir = state_path.parent / "profiles"
+        self.profiles = ProfileBook(profiles_dir)
+        if profile is None:
+            profile = self.profiles
         self.verdicts = VerdictStore(state_path)
         self.monitor = ExtractionMonitor(
             policies,
