@@ -128,10 +128,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             for p in plane.store.current().policies
         }
         sidecars = plane.inventory.snapshot()
+        calibrated = plane.extraction.profiles.conditions()
         for status in plane.store.statuses():
             policy = policies.get(status.key)
             kind, namespace, name = status.key
-            report.policies.add(
+            entry = report.policies.add(
                 kind=kind,
                 namespace=namespace,
                 name=name,
@@ -142,6 +143,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 serving=status.serving,
                 sidecars=[s.node_id for s in sidecars if policy and targets(policy, s)],
             )
+            condition = calibrated.get(f"{namespace}/{name}") if kind == "ExtractionPolicy" else None
+            if condition is not None:
+                entry.conditions.add(
+                    type="Calibrated",
+                    status=condition.status,
+                    reason=condition.reason,
+                    message=condition.message,
+                )
         named = {e for p in report.policies for e in p.errors}
         for errors in plane.store.unit_errors().values():
             report.source_errors.extend(e for e in errors if e not in named)

@@ -93,6 +93,7 @@ def render(report: admin_pb2.StatusReport) -> str:
     out += _egress_blocked(report)
     prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
     errors = []
+    conditions: list[str] = []
     for p in report.policies:
         state = (
             p.state if p.state == "Accepted" or not p.serving else f"{p.state} (last good serving)"
@@ -107,7 +108,13 @@ def render(report: admin_pb2.StatusReport) -> str:
             ]
         )
         errors += [f"  {e}" for e in p.errors]
+        conditions += [
+            f"  {p.kind} {p.namespace}/{p.name}: {c.type}={c.status} ({c.reason}) {c.message}"
+            for c in p.conditions
+        ]
     out += ["", _table(prows) if report.policies else "no policies"]
+    if conditions:
+        out += ["", "Conditions:", *conditions]
     if errors or report.source_errors:
         out += ["", "Policy errors:", *errors, *(f"  {e}" for e in report.source_errors)]
     return "\n".join(out)
