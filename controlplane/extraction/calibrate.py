@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -74,6 +75,12 @@ N_SEGMENTS = 8  # clusters standing in for classes when the reference has no ans
 RELATIVE_RADIUS = 0.02  # reference-free near-duplicate radius, as a fraction of |x|
 
 IntArray = npt.NDArray[np.int16]
+
+
+class Cancelled(Exception):
+    """The control plane is stopping: a calibration in progress gives up."""
+
+
 Labeller = Callable[[FloatArray], IntArray]
 
 
@@ -409,6 +416,7 @@ def calibrate(
     seed: int = 0,
     per_kind: int = 24,
     segments: tuple[FloatArray, IntArray] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Profile:
     """Thresholds from benign data only; ``predict`` maps rows to the model's classes.
 
@@ -425,6 +433,8 @@ def calibrate(
     maxima: dict[str, list[float]] = {d: [] for d in DETECTORS}
     kinds: dict[str, int] = {}
     for kind, X in benign_clients(rng, held_out, per_kind, segments):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("calibration cancelled")
         kinds[kind] = kinds.get(kind, 0) + 1
         labels = np.asarray(predict(X), dtype=np.int16)
         for detector, value in stream_maxima(X, labels, reference, probe).items():
@@ -494,7 +504,12 @@ def split(data: ReferenceData, seed: int = 0) -> Split:
     return Split(X_ref, X_held, answers, labeller, segments, clusters, classes is not None)
 
 
-def calibrate_reference(name: str, data: ReferenceData, settings: Settings = Settings()) -> Profile:
+def calibrate_reference(
+    name: str,
+    data: ReferenceData,
+    settings: Settings = Settings(),
+    cancel: threading.Event | None = None,
+) -> Profile:
     """A policy's profile from its reference data (what the control plane runs)."""
     parts = split(data, settings.seed)
     profile = calibrate(
@@ -505,6 +520,7 @@ def calibrate_reference(name: str, data: ReferenceData, settings: Settings = Set
         seed=settings.seed,
         per_kind=settings.per_kind,
         segments=parts.segments,
+        cancel=cancel,
     )
     calibration = {
         **profile.calibration,
@@ -534,6 +550,7 @@ def cached_profile(
     cache_dir: Path | None,
     settings: Settings = Settings(),
     label_column: object = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[Profile, bool]:
     """The profile of ``data``, from ``cache_dir`` when calibrated before (a restart does
     not recalibrate), else calibrated now and cached. Returns (profile, from_cache)."""
@@ -546,7 +563,7 @@ def cached_profile(
             return replace(profile, name=name), True
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: calibrate again and overwrite it
-    profile = calibrate_reference(name, data, settings)
+    profile = calibrate_reference(name, data, settings, cancel)
     if path is not None:
         profile.save(path)
     return profile, False

@@ -29,7 +29,13 @@ from typing import Any
 import grpc
 
 from controlplane.api import Policy
-from controlplane.extraction.calibrate import Profile, Settings, cached_profile, reference_free
+from controlplane.extraction.calibrate import (
+    Cancelled,
+    Profile,
+    Settings,
+    cached_profile,
+    reference_free,
+)
 from controlplane.extraction.reference import ReferenceData, load_file, parse
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
 from controlplane.extraction.verdicts import (
@@ -45,12 +51,15 @@ from controlplane.identity.interceptor import current_caller
 log = logging.getLogger(__name__)
 
 EXPIRY_POLL = 1.0  # seconds: the latest an expired enforcement stays in force
+WARM_EVERY = 0.5  # seconds between looks for new or changed policies' profiles
 
 
 class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
     def __init__(self, monitor: ExtractionMonitor) -> None:
         self.monitor = monitor
         self._expiry: asyncio.Task[None] | None = None
+        self._warm: asyncio.Task[None] | None = None
+        self.profiles: ProfileBook | None = None  # closed with the service
 
     @property
     def refused_node(self) -> int:
@@ -63,12 +72,26 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
     async def start(self) -> None:
         self.monitor.verdicts.expire()
         self._expiry = asyncio.create_task(self._expire_loop())
+        self._warm = asyncio.create_task(self._warm_loop())
 
     async def stop(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
+        for task in (self._expiry, self._warm):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.profiles is not None:
+            self.profiles.close()
+
+    async def _warm_loop(self) -> None:
+        """Policies' profiles are asked for as policies change (calibration then runs on
+        the profile book's own thread), not only when their first query arrives."""
+        while True:
+            try:
+                self.monitor.warm_profiles()
+            except Exception:
+                log.exception("looking up extraction profiles failed")
+            await asyncio.sleep(WARM_EVERY)
 
     async def _expire_loop(self) -> None:
         store = self.monitor.verdicts
@@ -135,6 +158,7 @@ class ProfileBook:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibrate")
         self._done: dict[str, threading.Event] = {}
+        self._closing = threading.Event()
 
     def __call__(self, policy: WatchedPolicy) -> Profile | None:
         entry = self._entries.get(policy.key)
@@ -197,7 +221,8 @@ class ProfileBook:
             )
             started = time.monotonic()
             profile, cached = cached_profile(
-                policy.key, data, self.cache_dir, self.settings, policy.reference.label_column
+                policy.key, data, self.cache_dir, self.settings, policy.reference.label_column,
+                self._closing,
             )
             took = time.monotonic() - started
             if current():
@@ -209,6 +234,8 @@ class ProfileBook:
                     f"{sum(profile.calibration['benign_clients'].values())} simulated clients",
                 )
                 log.info("policy %s: profile %s", policy.key, how)
+        except Cancelled:
+            entry.condition = CalibratedCondition("False", "Pending", "control plane stopping")
         except Exception as err:  # a bad reference must not stop the monitor
             log.warning("policy %s: calibration failed: %s", policy.key, err)
             entry.condition = CalibratedCondition("False", "Failed", str(err))
@@ -225,6 +252,7 @@ class ProfileBook:
         return done is not None and done.wait(timeout)
 
     def close(self) -> None:
+        self._closing.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -272,3 +300,4 @@ class Extraction:
             throttler=throttler,
         )
         self.feed = QueryFeedService(self.monitor)
+        self.feed.profiles = self.profiles

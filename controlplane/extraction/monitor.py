@@ -284,6 +284,15 @@ class ExtractionMonitor:
             self._watched, self._watched_from = watched, current
         return self._watched.get(key)
 
+    def warm_profiles(self) -> None:
+        """Ask for every watched policy's profile, so calibration starts when a policy
+        appears or changes rather than at its first query (and status shows it)."""
+        with self._lock:
+            self._policy("")
+            watched = list(self._watched.values())
+        for policy in watched:
+            self._profile(policy)
+
     # --- the feed ---------------------------------------------------------------------------
 
     def report(self, batch: feed_pb2.FeedBatch) -> int:
