@@ -26,7 +26,9 @@ read by ``reference.py``); same data, same settings, same numbers:
    cluster segments) never take part: tests and the benchmark report them apart.
 4. A detector's threshold is set against those per-client maxima: ``high`` sensitivity is
    their 99th percentile (about 1% of benign clients would be flagged), ``medium`` 25%
-   above their maximum (no simulated benign client is flagged), ``low`` 50% above it.
+   above their maximum (no simulated benign client is flagged), ``low`` 50% above it;
+   ``outOfDistribution`` never below a fixed tail probability (``OOD_FLOOR``), and the
+   novelty rate its null assumes is the measured rate's upper confidence bound.
 
 Without reference data only ``prada`` and ``nearDuplicate`` run (``reference_free``): a
 near-duplicate is then a query within ``RELATIVE_RADIUS`` of its own norm of an earlier
@@ -65,9 +67,15 @@ from controlplane.extraction.reference import ReferenceData
 SENSITIVITIES = ("low", "medium", "high")
 MARGIN = {"low": 1.5, "medium": 1.25}
 BATCH = 8  # calibrate at a finer grain than sidecars batch: maxima are then conservative
+# outOfDistribution is a binomial tail (-log10 p): never below these. The simulated users
+# draw from the held-out rows the novelty rate was measured on, so their maxima understate
+# what another population of natural queries (the model's real users) reaches; measured on
+# the digits' test split, 1.5 within the first 40 queries of a heavy user. A floor is a
+# tail probability every client may reach once in a thousand (100 at high).
+OOD_FLOOR = {"low": 4.0, "medium": 3.0, "high": 2.0}
 # Part of every cache key: bump whenever the procedure (generators, split, statistics)
 # changes, so a cached profile is never one the current code would not produce.
-VERSION = "13.1"
+VERSION = "13.3"
 HELD_OUT_FRACTION = 0.25
 MAX_HELD_OUT = 2000
 MAX_REFERENCE = 20_000  # reference points kept for novelty (a distance matrix per batch)
@@ -375,6 +383,15 @@ class Cutoffs:
         )
 
 
+def rate_upper_bound(k: int, n: int, confidence: float = 0.975) -> float:
+    """One-sided upper confidence bound of a rate seen k times in n (Clopper-Pearson)."""
+    from scipy import special  # type: ignore[import-untyped]
+
+    if k >= n:
+        return 1.0
+    return float(special.betaincinv(k + 1, n - k, confidence))
+
+
 def per_query_cutoffs(reference: Reference, held_out: FloatArray) -> Cutoffs:
     d2 = _sq_distances(held_out, reference.points)
     nearest = np.sqrt(d2.min(axis=1))
@@ -384,8 +401,11 @@ def per_query_cutoffs(reference: Reference, held_out: FloatArray) -> Cutoffs:
     return Cutoffs(
         duplicate_radius=float(np.quantile(nearest[nearest > 0], 0.01)),
         novelty_cut=cut,
-        # Never below 1%: a rate measured on a few hundred records is itself uncertain.
-        novelty_rate=max(float((novelty > cut).mean()), 0.01),
+        # A rate measured on a few hundred records is itself uncertain, and another
+        # population of natural queries (a model's real users) is novel a little more or
+        # less often: the null is the rate's one-sided 97.5% upper confidence bound
+        # (Clopper-Pearson), never below 1%.
+        novelty_rate=max(rate_upper_bound(int((novelty > cut).sum()), len(novelty)), 0.01),
         residual_mean=float(residual.mean()),
         residual_std=float(residual.std()),
     )
@@ -451,7 +471,7 @@ def calibrate(
         thresholds[sensitivity] = cutoffs.thresholds(
             prada=min(values["prada"], 0.999),
             near_duplicate=values["nearDuplicate"],
-            out_of_distribution=values["outOfDistribution"],
+            out_of_distribution=max(values["outOfDistribution"], OOD_FLOOR[sensitivity]),
             coverage=values["coverage"],
         )
     calibration = {
