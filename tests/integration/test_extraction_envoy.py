@@ -223,6 +223,14 @@ async def test_extraction_client_is_throttled_then_quarantined_benign_clients_ar
         ("quarantine", "mallory", "demo/digits-model")
     ]
     assert system.verdicts.exists()  # persisted
+    # A narrow user (issue 13): scikit-learn's own digit images of class 1, one by one
+    # (class 1 was quarantined at query 83 before per-policy calibration): never refused.
+    from controlplane.local.model import load_digits_data
+
+    X, y = load_digits_data()
+    for start in range(0, int((y == 1).sum()), 8):
+        assert set(await system.query("ones", X[y == 1][start : start + 8])) == {200}
+    assert [e.client_key for e in await system.quarantines() if e.client_key == "ones"] == []
     # Release: mallory is served again (and starts with a clean slate).
     assert [e.client_key for e in await system.release("mallory")] == ["mallory"]
     await until(lambda: _is(system, "mallory", probe, 200))
