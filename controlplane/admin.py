@@ -132,7 +132,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         for status in plane.store.statuses():
             policy = policies.get(status.key)
             kind, namespace, name = status.key
-            entry = report.policies.add(
+            policy_entry = report.policies.add(
                 kind=kind,
                 namespace=namespace,
                 name=name,
@@ -143,9 +143,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 serving=status.serving,
                 sidecars=[s.node_id for s in sidecars if policy and targets(policy, s)],
             )
-            condition = calibrated.get(f"{namespace}/{name}") if kind == "ExtractionPolicy" else None
+            condition = (
+                calibrated.get(f"{namespace}/{name}") if kind == "ExtractionPolicy" else None
+            )
             if condition is not None:
-                entry.conditions.add(
+                policy_entry.conditions.add(
                     type="Calibrated",
                     status=condition.status,
                     reason=condition.reason,

@@ -186,3 +186,49 @@ def drive(
                     o.quarantined_at = o.sent
             seen_verdicts = len(verdicts)
     return outcomes
+
+
+def cancer_scenario(model: BreastCancerModel) -> list[Any]:
+    """The breast-cancer model's clients: off-distribution attacks over the features'
+    documented ranges, natural in-distribution extraction, and benign users from its test
+    split (calibration's generators with other seeds, and the held-out ones)."""
+    from attacks import Spec, fixed, interleaved
+
+    from controlplane.extraction import calibrate as C
+
+    pool = model.test_X.astype(np.float32)
+    lo, hi = model.train_X.min(axis=0), model.train_X.max(axis=0)
+    classes = model.predict(pool).astype(np.int16)
+    clusters = C.kmeans(pool, 8, 1)
+
+    def box(rng: np.random.Generator, n: int) -> Any:
+        return fixed(uniform_box(rng, lo, hi, n))
+
+    def pool_fixed(fn: Any) -> Any:
+        return lambda rng, n: fixed(fn(rng, pool, n))
+
+    return [
+        Spec("equation-solving (uniform, Tramèr)", "attack", 1, box, 1000),
+        Spec("uniform random", "attack", 1, box, 1000),
+        Spec("in-distribution", "attack", 1,
+             lambda rng, n: fixed(pool[rng.integers(0, len(pool), n)]), 1000),
+        Spec("uniform split over 4 keys", "attack", 4, box, 1000),
+        Spec("uniform interleaved with benign", "attack", 1, interleaved(box, pool), 1000),
+        *[Spec(f"benign iid #{i}", "benign", 1, pool_fixed(C.iid_user), 143) for i in range(5)],
+        *[Spec(f"benign heavy #{i}", "benign", 1, pool_fixed(C.heavy_user), 1000)
+          for i in range(3)],
+        *[Spec(f"benign what-if #{i}", "benign", 1, pool_fixed(C.whatif_user), 300)
+          for i in range(4)],
+        *[Spec(f"benign local (LIME-style) #{i}", "benign", 1, pool_fixed(C.local_user), 600)
+          for i in range(4)],
+        *[Spec(f"benign single class #{i}", "benign", 1,
+               lambda rng, n: fixed(C.segment_user(rng, pool, n, classes)), 300)
+          for i in range(4)],
+        *[Spec(f"held-out sweep #{i}", "held-out", 1, pool_fixed(C.sweep_user), 300)
+          for i in range(4)],
+        *[Spec(f"held-out SHAP-style #{i}", "held-out", 1, pool_fixed(C.shap_user), 600)
+          for i in range(4)],
+        *[Spec(f"held-out cluster #{i}", "held-out", 1,
+               lambda rng, n: fixed(C.segment_user(rng, pool, n, clusters)), 300)
+          for i in range(4)],
+    ]

@@ -103,6 +103,9 @@ class Settings:
         return {**asdict(self), "version": VERSION}
 
 
+DEFAULT_SETTINGS = Settings()
+
+
 @dataclass(frozen=True)
 class Profile:
     """A model's reference distribution and its thresholds per sensitivity.
@@ -181,7 +184,9 @@ def reference_free(name: str, dim: int | None = None) -> Profile:
     scale = {"low": 1.5, "medium": 1.0, "high": 0.8}
     thresholds = {
         s: replace(
-            base, prada=min(base.prada * scale[s], 0.999), near_duplicate=base.near_duplicate * scale[s]
+            base,
+            prada=min(base.prada * scale[s], 0.999),
+            near_duplicate=base.near_duplicate * scale[s],
         )
         for s in SENSITIVITIES
     }
@@ -250,7 +255,8 @@ def segment_user(
     values = values[counts >= 20] if (counts >= 20).any() else values
     members = np.flatnonzero(segments == values[int(rng.integers(0, len(values)))])
     idx = rng.permutation(members)[:n]
-    return pool[idx]
+    rows: FloatArray = pool[idx]
+    return rows
 
 
 # Held-out generators: never used by calibration; tests and the benchmark report them apart.
@@ -354,7 +360,8 @@ def nearest_labeller(points: FloatArray, labels: IntArray) -> Labeller:
     """The label of each query's nearest point: the model's class, approximately."""
 
     def label(X: FloatArray) -> IntArray:
-        out: IntArray = labels[_sq_distances(np.asarray(X, dtype=np.float32), points).argmin(axis=1)]
+        nearest = _sq_distances(np.asarray(X, dtype=np.float32), points).argmin(axis=1)
+        out: IntArray = labels[nearest]
         return out
 
     return label
@@ -509,10 +516,7 @@ def split(data: ReferenceData, seed: int = 0) -> Split:
     X_ref, X_held = data.X[ref], data.X[held]
     classes = class_answers(data.answers)
     ref_clusters = kmeans(X_ref, N_SEGMENTS, seed)
-    if classes is not None:
-        ref_labels = classes[ref]
-    else:
-        ref_labels = ref_clusters
+    ref_labels = classes[ref] if classes is not None else ref_clusters
     labeller = nearest_labeller(X_ref, ref_labels)
     clusters = nearest_labeller(X_ref, ref_clusters)(X_held)
     everything = np.concatenate([X_ref, X_held])
@@ -527,7 +531,7 @@ def split(data: ReferenceData, seed: int = 0) -> Split:
 def calibrate_reference(
     name: str,
     data: ReferenceData,
-    settings: Settings = Settings(),
+    settings: Settings = DEFAULT_SETTINGS,
     cancel: threading.Event | None = None,
 ) -> Profile:
     """A policy's profile from its reference data (what the control plane runs)."""
@@ -568,7 +572,7 @@ def cached_profile(
     name: str,
     data: ReferenceData,
     cache_dir: Path | None,
-    settings: Settings = Settings(),
+    settings: Settings = DEFAULT_SETTINGS,
     label_column: object = None,
     cancel: threading.Event | None = None,
 ) -> tuple[Profile, bool]:

@@ -30,14 +30,15 @@ import grpc
 
 from controlplane.api import Policy
 from controlplane.extraction.calibrate import (
+    DEFAULT_SETTINGS,
     Cancelled,
     Profile,
     Settings,
     cached_profile,
     reference_free,
 )
-from controlplane.extraction.reference import ReferenceData, load_file, parse
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
+from controlplane.extraction.reference import ReferenceData, load_file, parse
 from controlplane.extraction.verdicts import (
     OtelVerdictSink,
     Throttler,
@@ -148,7 +149,7 @@ class ProfileBook:
     def __init__(
         self,
         cache_dir: Path | None = None,
-        settings: Settings = Settings(),
+        settings: Settings = DEFAULT_SETTINGS,
         configmaps: ConfigMapReader | None = None,
     ) -> None:
         self.cache_dir = cache_dir

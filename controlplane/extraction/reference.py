@@ -132,7 +132,7 @@ def parse(
             raw: list[list[object]] = _parse_jsonl(text, loc)
         else:
             header, raw_csv = _parse_csv(text, loc)
-            raw = list(raw_csv)
+            raw = [list[object](row) for row in raw_csv]
         if not raw:
             raise ReferenceError(loc, "has no data rows")
         width = len(raw[0])

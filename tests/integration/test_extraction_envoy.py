@@ -43,11 +43,11 @@ spec:
   response: {scores: "$.predictions[*].probabilities"}
   detection:
     detectors: [prada, nearDuplicate, outOfDistribution, coverage]
-    reference: {file: %s, labelColumn: label}
+    reference: {file: REFERENCE, labelColumn: label}
   actions:
     onSuspicion: {throttle: {requests: 5, per: second}}
     onDetection: {quarantine: {duration: 1h}}
-""" % DIGITS_REFERENCE
+""".replace("REFERENCE", str(DIGITS_REFERENCE))
 
 
 @dataclass

@@ -49,11 +49,11 @@ spec:
   output: {topK: 1, roundDigits: 2}
   detection:
     detectors: [prada, nearDuplicate, outOfDistribution, coverage]
-    reference: {file: %s, labelColumn: label}
+    reference: {file: REFERENCE, labelColumn: label}
   actions:
     onSuspicion: {throttle: {requests: 50, per: second}}
     onDetection: {quarantine: {duration: 1h}}
-""" % DIGITS_REFERENCE
+""".replace("REFERENCE", str(DIGITS_REFERENCE))
 
 
 class PlaneThread:

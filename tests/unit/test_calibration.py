@@ -68,7 +68,8 @@ def test_generators_stay_near_their_inputs_and_in_their_segment() -> None:
     assert changed.min() >= 1 and changed.max() <= 4
     segments = (pool[:, 0] > 0).astype(np.int16)
     one = C.segment_user(rng, pool, 50, segments)
-    assert len({int(s) for s in segments[[int(np.argmin(np.abs(pool - r).sum(1))) for r in one]]}) == 1
+    rows = [int(np.argmin(np.abs(pool - r).sum(1))) for r in one]
+    assert len({int(s) for s in segments[rows]}) == 1
     shap = C.shap_user(rng, pool, 300)
     # The instance: each input's most frequent value (each query changes at most 4 of 10).
     x0 = np.array([max(set(col.tolist()), key=col.tolist().count) for col in shap.T])

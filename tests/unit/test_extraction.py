@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from monitor_policy import fixed_profile, policies
 
 from controlplane.api.jsonpath import JsonPath, JsonPathError

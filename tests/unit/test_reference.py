@@ -33,7 +33,7 @@ def rows(n: int = 120, d: int = 4, seed: int = 0) -> np.ndarray:
 def violations(tmp_path: Path, detection: str) -> list[str]:
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY.format(detection=detection))
-    loaded, found = parse_documents(path.read_text(), str(path))
+    _, found = parse_documents(path.read_text(), str(path))
     return [str(v).split(HEAD, 1)[-1] for v in found]
 
 
