@@ -255,6 +255,57 @@ async def test_api_keys_and_jwt_for_outside_callers(mesh: Mesh) -> None:
     assert __import__("hashlib").sha256(b"partner-a-secret-key").hexdigest() in dump
 
 
+BOUND_KEYS = f"""\
+apiVersion: v1
+kind: Secret
+metadata:
+  name: partner-keys
+  namespace: demo
+  annotations:
+    modelguard.io/keys: |
+      partner-a: {{principals: ["{CHECKOUT_ID}", alice]}}
+stringData:
+  partner-a: partner-a-secret-key
+  partner-b: partner-b-secret-key
+"""
+
+
+async def test_a_key_beside_a_certificate_or_token_must_belong_to_that_principal(
+    mesh: Mesh,
+) -> None:
+    """Issue 14: a key sent by a mesh caller (client certificate) or beside a verified JWT
+    is refused unless its Secret entry lists that SPIFFE ID or subject."""
+    issuer = Issuer()
+    (mesh.root / "secrets" / "keys.yaml").write_text(BOUND_KEYS)
+    rules = ALLOW_CHECKOUT + f"""\
+  - name: partners
+    action: Allow
+    from: {{{{apiKeys: {{{{secretRef: partner-keys}}}}}}}}
+  - name: ml-users
+    action: Allow
+    from: {{{{jwt: {{{{issuer: {ISSUER}, jwks: {json.dumps(issuer.jwks())}}}}}}}}}
+""".replace("{{", "{").replace("}}", "}")
+    mesh.write_policy(policy(rules, mtls="Permissive"))
+    await eventually(lambda: _direct_is(mesh, 200, {"x-api-key": "partner-b-secret-key"}))
+    unbound = "rbac_access_denied_matched_policy[api-key-not-bound-to-principal]"
+    # checkout's own key over mTLS: admitted. Another key, or a made-up one: refused.
+    assert (await mesh.via("checkout", {"x-api-key": "partner-a-secret-key"}))[0] == 200
+    for key in ("partner-b-secret-key", "made-up"):
+        status, body = await mesh.via("checkout", {"x-api-key": key})
+        assert status == 403 and json.loads(body)["reason"] == unbound, body
+    # The intruder (no rule for its identity) cannot borrow checkout's key either.
+    status, body = await mesh.via("intruder", {"x-api-key": "partner-a-secret-key"})
+    assert status == 403 and json.loads(body)["reason"] == unbound, body
+    # Beside alice's token, only a key bound to alice.
+    alice = {"authorization": f"Bearer {issuer.token(sub='alice')}"}
+    bob = {"authorization": f"Bearer {issuer.token(sub='bob')}"}
+    assert (await mesh.direct({**alice, "x-api-key": "partner-a-secret-key"}))[0] == 200
+    status, body = await mesh.direct({**bob, "x-api-key": "partner-a-secret-key"})
+    assert status == 403 and json.loads(body)["reason"] == unbound, body
+    # A key alone, in plaintext (no principal presented): its own authority.
+    assert (await mesh.direct({"x-api-key": "partner-b-secret-key"}))[0] == 200
+
+
 async def _direct_is(mesh: Mesh, code: int, headers: dict[str, str] | None = None) -> bool:
     return (await mesh.direct(headers))[0] == code
 

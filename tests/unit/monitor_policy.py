@@ -32,12 +32,12 @@ spec:
   actions:
     onSuspicion: {throttle: {requests: 5, per: minute}}
     onDetection: {quarantine: {duration: 1h}}
-"""
+""".replace("{reference}", str(DIGITS_REFERENCE))
 
 
 def policies(text: str = POLICY) -> list[Any]:
     """The policies of ``text``, which must be valid."""
-    loaded, violations = parse_documents(text.replace("{reference}", str(DIGITS_REFERENCE)), "test")
+    loaded, violations = parse_documents(text, "test")
     assert not violations, violations
     return [lp.policy for lp in loaded]
 
