@@ -215,3 +215,25 @@ def test_ports_seconds_and_policy_names_are_checked_too(
     with pytest.raises(SystemExit):
         main(argv)
     assert complaint in capsys.readouterr().err
+
+
+def test_wide_output_adds_columns() -> None:
+    from controlplane.extraction.admin import render as render_quarantines
+    from controlplane.gen.modelguard.admin.v1 import admin_pb2
+    from controlplane.status_cli import render as render_status
+
+    report = admin_pb2.StatusReport()
+    report.sidecars.add(
+        node_id="s-0", service="svc", namespace="ns", stream="SotW", peer="ipv4:127.0.0.1:1",
+        identity="spiffe://cluster.local/ns/ns/sa/svc",
+    )  # fmt: skip
+    assert render_status(report).splitlines()[0].split()[-1] == "VERSION"
+    wide = render_status(report, wide=True).splitlines()
+    assert wide[0].split()[-2:] == ["PEER", "IDENTITY"]
+    assert wide[1].split()[-1] == "spiffe://cluster.local/ns/ns/sa/svc"
+    entry = admin_pb2.QuarantineEntry(
+        kind="quarantine", policy="demo/p", client_key="k", key_source="header", reason="prada"
+    )
+    entry.until.FromSeconds(int(time.time()) + 60)
+    header = render_quarantines([entry], wide=True).splitlines()[0]
+    assert header.split()[-3:] == ["SINCE", "KEY", "SOURCE"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -439,3 +440,60 @@ async def test_rotation_under_traffic_fails_no_request(
         for envoy in [m.model, *m.clients.values()]:
             envoy.stop()
         await m.plane.stop(grace=0)
+
+
+IDENTITY_EXTRACTION = """\
+apiVersion: modelguard.io/v1alpha1
+kind: ExtractionPolicy
+metadata: {name: by-workload, namespace: demo}
+spec:
+  targetRef: {service: digits-model}
+  clientKey: {identity: true}
+  request: {features: "$.instances[*]"}
+  response: {scores: "$.predictions[*].probabilities"}
+  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
+  actions:
+    onDetection: {quarantine: {duration: 1h}}
+"""
+
+
+async def test_an_identity_client_key_feeds_and_quarantines_by_spiffe_id(mesh: Mesh) -> None:
+    """Issue 14: `clientKey: {identity: true}` end to end: the Wasm filter feeds a mesh
+    caller's queries under its verified SPIFFE ID, the verdict names it, and the quarantine
+    blocks that workload only."""
+    import numpy as np
+
+    from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
+
+    rules = """\
+  - name: web
+    action: Allow
+    from: {namespaces: [web]}
+"""
+    mesh.write_policy(policy(rules))
+    mesh.write_policy(IDENTITY_EXTRACTION, "extraction.yaml")
+    await eventually(lambda: _is(mesh, "intruder", 200))
+
+    async def quarantines() -> list[admin_pb2.QuarantineEntry]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.plane.admin_port}") as channel:
+            listed = await admin_pb2_grpc.QuarantinesStub(channel).ListQuarantines(
+                admin_pb2.ListQuarantinesRequest(), timeout=5
+            )
+        return [q for q in listed.entries if q.kind == "quarantine"]
+
+    rng = np.random.default_rng(5)
+    sent, found = 0, []
+    while sent < 1000 and not found:
+        for _ in range(10):
+            row = [float(v) for v in rng.uniform(0, 16, 64)]
+            body = json.dumps({"instances": [row]}).encode()
+            await asyncio.to_thread(
+                http_request, "POST", f"http://127.0.0.1:{mesh.mesh_ports['intruder']}/v1/predict",
+                body, {"host": "digits-model.demo", "content-type": "application/json"},
+            )
+            sent += 1
+        found = await quarantines()
+    intruder = "spiffe://cluster.local/ns/web/sa/intruder"
+    assert [(q.client_key, q.key_source) for q in found] == [(intruder, "identity")], sent
+    await eventually(lambda: _is(mesh, "intruder", 403), timeout=15)
+    assert (await mesh.via("checkout"))[0] == 200
