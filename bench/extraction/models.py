@@ -147,10 +147,13 @@ def drive(
     stop_at_quarantine: bool = True,
 ) -> dict[str, Outcome]:
     """Feed each client's stream into the monitor, batches interleaved round-robin."""
+    from controlplane.extraction.verdicts import digest
     from controlplane.gen.modelguard.feed.v1 import feed_pb2
 
     queue = [(name, np.asarray(X, dtype=np.float64)) for name, X in streams]
     outcomes = {name: Outcome(name) for name, _ in queue}
+    # Verdicts name a header key by its digest (never the key): map them back.
+    by_digest = {digest(name): outcomes[name] for name in outcomes}
     position = dict.fromkeys(outcomes, 0)
     seen_verdicts = 0
     while True:
@@ -174,7 +177,7 @@ def drive(
             outcomes[name].sent = position[name]
             verdicts = monitor.sink.verdicts
             for v in verdicts[seen_verdicts:]:
-                o = outcomes.get(v.client.key)
+                o = outcomes.get(v.client.key) or by_digest.get(v.client.key)
                 if o is None:
                     continue
                 o.detectors.update(e.detector for e in v.evidence)
