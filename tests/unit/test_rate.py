@@ -289,3 +289,28 @@ def test_a_budget_of_instances_reaches_the_ir() -> None:
     ir = compile_sidecar(SIDECAR, [lp.policy for lp in loaded]).rate
     assert ir is not None and ir.limits[0].cost == "instances"
     assert ir.limits[0].enforcement == RateEnforcement.QUOTA
+
+
+async def test_memory_holders_lapse_and_release_as_in_redis() -> None:
+    """The sequence tests/resilience/test_budget_replicas.py runs on Redis, in memory."""
+    clock = Clock(5000.0)
+    budgets = Budgets(MemoryBackend(), clock=clock)
+    parsed = Rule.parse(
+        {"limit": "demo.p.d", "policy": "demo/p", "requests": "10", "window": "86400"}
+    )
+    assert parsed is not None
+    rule = parsed[0]
+
+    async def grant(holder: str, hits: int) -> tuple[int, int]:
+        g = await budgets.grant(rule, "c", holder, hits=hits, units=1, ttl=15)
+        return g.tokens, g.remaining
+
+    assert await grant("A/1/1", 2) == (8, 8)
+    assert await grant("B/1/1", 2) == (0, 6)
+    assert await grant("A/1/1", 1) == (3, 5)
+    assert await grant("B/1/1", 1) == (1, 4)
+    clock.now += 16  # A's holder lapsed with its assignment
+    assert await grant("B/1/1", 0) == (4, 4)
+    assert await grant("A/2/1", 0) == (0, 4)
+    await budgets.release(rule, "c", "B/1/1")
+    assert await grant("A/2/1", 0) == (4, 4)
