@@ -266,9 +266,10 @@ def _client_input(key: ClientKeyIR) -> extension_pb2.TypedExtensionConfig:
 # duplicate key can hide instances from the count. Only the structural bytes are visited
 # in Lua: plain string.find (memchr speed) gives the next of each; a byte-by-byte loop, or
 # string.find with a character class (Lua's matcher walks the class for every byte), cost
-# more instructions per request (BENCHMARKS.md has the figures). Sets the class the request is charged as: exact
-# up to 8, then m * 2^k with m in 5..8 (at most 25% over the count, exact at 2^k): few
-# classes, so few quota buckets per client. No body, or no array: 1.
+# more instructions per request (BENCHMARKS.md has the figures). Sets the class the
+# request is charged as: exact up to 8, then m * 2^k with m in 5..8 (at most 25% over the
+# count, exact at 2^k): few classes, so few quota buckets per client. No body, or no
+# array: 1.
 INSTANCES_LUA = f"""
 local byte, char, find, ceil, min = string.byte, string.char, string.find, math.ceil, math.min
 local concat = table.concat
