@@ -9,18 +9,30 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from controlplane.cliutil import GLOBAL_FLAGS_HELP, add_global_flags, resolve_globals
+from controlplane.cliutil import (
+    GLOBAL_FLAGS_HELP,
+    add_global_flags,
+    port_number,
+    resolve_globals,
+    seconds_over,
+)
 
 
 def _validate(args: argparse.Namespace) -> int:
     from controlplane.api import load_paths
     from controlplane.api.loader import empty_policy_files
+    from controlplane.api.warnings import policy_warnings
 
     loaded, violations = load_paths(args.paths)
     for violation in violations:
         print(violation)
     for empty in empty_policy_files(args.paths):
         print(f"warning: {empty}: no policies in this file (empty)", file=sys.stderr)
+    for lp in loaded:
+        policy = lp.policy
+        for warning in policy_warnings(policy):
+            name = f"{policy.metadata.namespace}/{policy.metadata.name}"
+            print(f"{lp.source}[{lp.index}] {policy.kind} {name}: warning: {warning}")
     if violations:
         print(f"{len(violations)} violation(s) in {len(args.paths)} path(s)", file=sys.stderr)
         return 1
@@ -54,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit_backend=args.rate_limit_backend,
         quota_assignment_ttl=args.quota_assignment_ttl,
         identity=identity_service.config_from_args(args, ".modelguard/identity"),
+        xff_num_trusted_hops=args.xff_num_trusted_hops,
         watch_plaintext=True,
     )
 
@@ -129,15 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the embedded default: control plane, demo model, sidecar")
     p.add_argument("--policies", default="policies/", help="policy folder (watched)")
-    p.add_argument("--listen-port", type=int, default=10000, help="sidecar port for clients")
+    p.add_argument(
+        "--listen-port", type=port_number, default=10000, help="sidecar port for clients"
+    )
     p.add_argument(
         "--outbound-port",
-        type=int,
+        type=port_number,
         default=15001,
         help="the demo workload's egress port on the sidecar (0: no egress control)",
     )
-    p.add_argument("--xds-port", type=int, default=18000)
-    p.add_argument("--admin-port", type=int, default=18001)
+    p.add_argument("--xds-port", type=port_number, default=18000)
+    p.add_argument("--admin-port", type=port_number, default=18001)
     p.add_argument("--workdir", default=".modelguard", help="bootstraps and logs")
     identity_arguments(p)
     p.set_defaults(func=_run)
@@ -146,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", default=["policies/"])
     identity_arguments(p)
     p.add_argument("--xds-host", default="127.0.0.1")
-    p.add_argument("--xds-port", type=int, default=18000)
+    p.add_argument("--xds-port", type=port_number, default=18000)
     p.add_argument("--admin-host", default="127.0.0.1")
-    p.add_argument("--admin-port", type=int, default=18001)
+    p.add_argument("--admin-port", type=port_number, default=18001)
     p.add_argument(
         "--rate-limit-backend",
         default="memory",
@@ -156,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quota-assignment-ttl",
-        type=int,
+        type=seconds_over(5),
         default=15,
         metavar="SECONDS",
         help="how long sidecars keep a budget's last assignment when the quota service or its "

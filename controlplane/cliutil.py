@@ -114,6 +114,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def seconds_over(least: int) -> Any:
+    """An argparse type: whole seconds, more than ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            hint = " (whole seconds, without a unit)" if text[-1:].isalpha() else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number{hint}") from None
+        if value <= least:
+            raise argparse.ArgumentTypeError(f"must be over {least} seconds, not {value}")
+        return value
+
+    return parse
+
+
+_POLICY_REF = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+
+
+def policy_ref(text: str) -> str:
+    """An argparse type: ``namespace/name`` of a policy ('' is no filter)."""
+    if text and not _POLICY_REF.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not namespace/name (e.g. demo/digits-model)")
+    return text
+
+
 _STATUS = re.compile(r"[1-5](?:\d\d|xx)")
 
 

@@ -158,6 +158,9 @@ class InboundIR:
     port: int
     app_address: str
     app_port: int
+    # Proxies in front of the sidecar whose X-Forwarded-For entries are believed (0: the
+    # caller is the TCP peer; XFF is never trusted).
+    xff_num_trusted_hops: int = 0
 
 
 class RateEnforcement(StrEnum):
@@ -329,6 +332,34 @@ class VerdictsIR:
 
 
 @dataclass(frozen=True)
+class ApiKeyIR:
+    """A registered API key as the sidecar knows it: its digest and metadata, never the key."""
+
+    digest: str  # SHA-256 hex of the key
+    id: str  # its entry name in the key Secret: what budgets, the feed and verdicts see
+    tenant: str  # its cohort (defaults to the id)
+    tier: str = ""  # its hardening tier ("": the policy's default hardening)
+    principals: tuple[str, ...] = ()  # JWT subjects / SPIFFE IDs that may present it
+
+
+@dataclass(frozen=True)
+class CallerIR:
+    """How the sidecar names a verified caller before any other filter reads it (issue 14).
+
+    It drops every ``x-modelguard-*`` header the caller sent, then sets the key id, tenant
+    and tier of a registered key, the values of JWT claims that client keys read, and, for
+    callers without a registered key, their source address as id and tenant.
+    """
+
+    keys: tuple[ApiKeyIR, ...] = ()  # every key of the Secrets this sidecar's rules name
+    key_classes: tuple[tuple[str, str], ...] = ()  # digest → key class (RBAC policies)
+    jwt_claims: tuple[str, ...] = ()  # claims published as headers, for jwtClaim client keys
+    anonymous_by_address: bool = False  # an apiKey client key: unkeyed callers by address
+    bind_jwt: bool = False  # JWT providers: a key beside a verified JWT must list its sub
+    bind_peer: bool = False  # mTLS: a key beside a client certificate must list its SPIFFE ID
+
+
+@dataclass(frozen=True)
 class SidecarIR:
     node_id: str
     service: str
@@ -342,6 +373,7 @@ class SidecarIR:
     mtls: MtlsIR | None = None  # present when the control plane runs a CA (issue 6)
     extraction: tuple[ExtractionIR, ...] = ()  # one per ExtractionPolicy, sorted by name
     verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
+    caller: CallerIR | None = None  # verified caller identity headers (issue 14)
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted
 
 

@@ -21,13 +21,14 @@ from google.protobuf import json_format
 
 from controlplane.admin import AdminService
 from controlplane.bootstrap import ENVOY_ADMIN_KEY
+from controlplane.compile import targets
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.identity.interceptor import SidecarAuthInterceptor
 from controlplane.identity.kubernetes import AuthenticationPending
 from controlplane.identity.plaintext import PlaintextWatch
 from controlplane.identity.service import IdentityConfig, IdentityService
-from controlplane.identity.tokens import AuthenticationError, SidecarAuthenticator
+from controlplane.identity.tokens import AuthenticationError, Caller, SidecarAuthenticator
 from controlplane.inventory import Inventory, InventoryError, Sidecar
 from controlplane.netutil import port_in_use_message
 from controlplane.pipeline import Debouncer, Pipeline
@@ -73,6 +74,9 @@ class ControlPlaneConfig:
     # Seconds a sidecar keeps a budget's assignment without a fresh one (quota service or
     # its backend gone) before the policy's failureMode applies. Over the 5 s reports.
     quota_assignment_ttl: int = 15
+    # Proxies in front of every sidecar whose X-Forwarded-For entries are believed (the
+    # caller's address for anonymous clients and sourceIP keys); 0: only the TCP peer.
+    xff_num_trusted_hops: int = 0
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
     # Count plaintext sidecars on the TLS xDS port and advise them, by owning fd 2
@@ -137,6 +141,7 @@ class ControlPlane:
         self.sidecar_services: list[SidecarService] = []
         # Sidecars' traces and access logs; the control plane's own spans and metrics.
         self.pipeline.telemetry = config.telemetry
+        self.pipeline.xff_num_trusted_hops = config.xff_num_trusted_hops
         self.telemetry = TelemetryService(config.telemetry, self)
         self.sidecar_services.append(self.telemetry)
         # Rate limit (per request) and quota (RLQS) services over one budget backend.
@@ -151,6 +156,7 @@ class ControlPlane:
             Path(config.verdicts_path) if config.verdicts_path else None,
         )
         self.pipeline.verdicts = self.extraction.verdicts.active
+        self.extraction.feed.authorize = self._feed_authorized
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
         self.admin_port = 0
@@ -168,6 +174,8 @@ class ControlPlane:
         )
         if self.identity is not None:
             self.pipeline.mesh_inputs = self.identity.mesh_inputs
+            # Many keys of one tenant count against that tenant's share of the monitor.
+            self.extraction.monitor.tenant_of = self.identity.tenant_of
         self.call_auth = (
             SidecarAuthInterceptor(self.identity, self.sync_status.dropped)
             if self.identity is not None
@@ -186,6 +194,32 @@ class ControlPlane:
             raise RejectNode(str(err), grpc.StatusCode.UNAUTHENTICATED, pending=True) from err
         except AuthenticationError as err:
             raise RejectNode(str(err), grpc.StatusCode.UNAUTHENTICATED) from err
+
+    def _feed_authorized(self, caller: Caller, node_id: str, policy: str) -> str | None:
+        """A sidecar may report only for an ExtractionPolicy that targets it, as the
+        inventory (its authenticated node metadata) describes it, and as its credential's
+        identity. A batch for no known policy goes on: the monitor counts it as such."""
+        namespace, _, name = policy.partition("/")
+        found = [
+            p for p in self.store.current().policies
+            if p.kind == "ExtractionPolicy"
+            and (p.metadata.namespace, p.metadata.name) == (namespace, name)
+        ]
+        if not found:
+            return None
+        sidecar = self.inventory.get(node_id)
+        if sidecar is None:
+            return f"node {node_id!r} is not connected: it reports for no policy"
+        if sidecar.identity != caller.identity or caller.workload not in (
+            None, (sidecar.service, sidecar.namespace)
+        ):
+            return f"node {node_id!r} is not {caller.identity}"
+        if not targets(found[0], sidecar):
+            return (
+                f"policy {policy} does not target node {node_id!r} "
+                f"({sidecar.service}.{sidecar.namespace})"
+            )
+        return None
 
     def _on_connect(self, node: base_pb2.Node) -> None:
         try:
@@ -259,7 +293,7 @@ class ControlPlane:
         self._admin_server = grpc.aio.server(options=NO_REUSEPORT)
         AdminService(self).add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
-        QuarantineAdmin(self.extraction.monitor).add_to(self._admin_server)
+        QuarantineAdmin(self.extraction.monitor, self.rate_limits).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
         admin_server = self._admin_server
         self.admin_port = _bind(

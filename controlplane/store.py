@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controlplane.api import LoadedPolicy, Policy, Violation
+from controlplane.api.warnings import policy_warnings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class PolicyStatus:
     state: str  # ACCEPTED | REJECTED
     errors: tuple[str, ...] = ()
     serving: bool = True  # a version of it is enforced (the last good one when REJECTED)
+    warnings: tuple[str, ...] = ()  # valid, but gives something away (api/warnings.py)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class PolicyStore:
     _generations: dict[PolicyKey, tuple[int, str]] = field(default_factory=dict)
     _latest: dict[str, UnitContent] = field(default_factory=dict)  # unit → what it holds now
     _serving: dict[PolicyKey, str] = field(default_factory=dict)  # policy → the unit served
+    # Valid but giving something away (api/warnings.py), for status.
+    _warnings: dict[PolicyKey, tuple[str, ...]] = field(default_factory=dict)
     _revision: int = 0
     _listeners: list[Callable[[PolicySet], None]] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -115,6 +119,9 @@ class PolicyStore:
                 for lp in serving:
                     owners.setdefault(_key(lp.policy), lp)
             self._serving = {key: lp.source for key, lp in owners.items()}
+            self._warnings = {
+                key: tuple(w) for key, lp in owners.items() if (w := policy_warnings(lp.policy))
+            }
             policies = tuple(sorted((lp.policy for lp in owners.values()), key=_key))
             self._bump_generations(policies)
             _log_changes(was_rejected, self._rejected, changed, self._good)
@@ -153,7 +160,10 @@ class PolicyStore:
         with self._lock:
             out: dict[PolicyKey, PolicyStatus] = {}
             for key, unit in self._serving.items():
-                out[key] = PolicyStatus(key, unit, self.generation(key), ACCEPTED)
+                out[key] = PolicyStatus(
+                    key, unit, self.generation(key), ACCEPTED,
+                    warnings=self._warnings.get(key, ()),
+                )
             for unit, (keys, errors) in self._rejected.items():
                 for key in keys:
                     winner = self._serving.get(key)

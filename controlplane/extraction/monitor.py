@@ -16,7 +16,11 @@ ship them) is suspected too: a gap in observation is a signal. It is never quara
 that alone, since there is no evidence about its queries.
 
 Client state is bounded (``max_clients``, least recently seen evicted first) and expires
-after ``idle_ttl`` seconds without a query.
+after ``idle_ttl`` seconds without a query. It is also bounded per tenant
+(``max_clients_per_tenant``): a tenant with many keys (each its own client under
+``clientKey: {apiKey: {}}``) evicts its own least recently seen clients, never other
+tenants'; evictions are counted per tenant. A client's tenant is ``tenant_of`` its key id
+(the registered keys' metadata), or the client itself (a tenant, an address, a claim).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from controlplane.extraction.verdicts import (
     Verdict,
     VerdictSink,
     VerdictStore,
+    matches,
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
 
@@ -90,8 +95,10 @@ class WatchedPolicy:
         on_detection = actions.on_detection if actions else None
         return cls(
             key=f"{policy.metadata.namespace}/{policy.metadata.name}",
-            key_source=spec.client_key.source,
-            key_header=spec.client_key.header,
+            # Verified keys are the headers the sidecar sets (key id, tenant, JWT claim):
+            # verdicts name that header and its value, never a secret.
+            key_source=spec.client_key.read_as[0],
+            key_header=spec.client_key.read_as[1] or None,
             features=JsonPath.parse(spec.request.features),
             scores=JsonPath.parse(spec.response.scores),
             detectors=tuple(spec.detection.detectors),
@@ -116,6 +123,7 @@ class Tracked:
     suspected_at: int = 0  # distinct queries when suspected
     evaluated: int = 0  # queries (observed or not) at the last evaluation
     last_seen: float = 0.0
+    tenant: str = ""  # what its per-tenant bound counts it under
 
 
 @dataclass
@@ -131,10 +139,12 @@ class MonitorStats:
     verdicts: Counter[str] = field(default_factory=Counter)
     long_keys: int = 0  # client states filed under a digest: keys over KEY_LIMIT bytes
     refused_batches: int = 0  # batches naming another node than their caller (feed service)
+    evicted_by_tenant: Counter[str] = field(default_factory=Counter)
 
     def copy(self) -> MonitorStats:
         return dataclasses.replace(
             self,
+            evicted_by_tenant=Counter(self.evicted_by_tenant),
             unobserved_by_reason=Counter(self.unobserved_by_reason),
             unparsable=Counter(self.unparsable),
             verdicts=Counter(self.verdicts),
@@ -227,7 +237,8 @@ def _tensor_rows(tensors: list[Any]) -> list[Any] | None:
         width = 1
         for d in shape[1:]:
             width *= d
-        if shape[0] * width != len(data) or (n_rows is not None and shape[0] != n_rows):
+        # width 0 would let shape[0] (the client's number) size the rows, not the data
+        if width == 0 or shape[0] * width != len(data) or n_rows not in (None, shape[0]):
             return None
         n_rows = shape[0]
         columns.append([data[i * width : (i + 1) * width] for i in range(n_rows)])
@@ -303,6 +314,8 @@ class ExtractionMonitor:
         profile: Callable[[WatchedPolicy], Profile | None],
         throttler: Throttler | None = None,
         max_clients: int = 2048,
+        max_clients_per_tenant: int = 256,
+        tenant_of: Callable[[str], str | None] | None = None,
         idle_ttl: float = 3600.0,
         confirm: int = 16,
         clock: Callable[[], float] = time.time,
@@ -313,10 +326,14 @@ class ExtractionMonitor:
         self._profile = profile
         self.throttler: Throttler = throttler or CompiledThrottler(verdicts)
         self.max_clients = max_clients
+        self.max_clients_per_tenant = max_clients_per_tenant
+        self.tenant_of = tenant_of  # set by the control plane from the registered keys
         self.idle_ttl = idle_ttl
         self.confirm = confirm
         self._clock = clock
         self._clients: OrderedDict[tuple[str, str], Tracked] = OrderedDict()
+        # (policy, tenant) → its clients' filed keys, least recently seen first.
+        self._tenants: dict[tuple[str, str], OrderedDict[str, None]] = {}
         self._lock = threading.Lock()
         self.stats = MonitorStats()
         self._watched: dict[str, WatchedPolicy] = {}
@@ -535,6 +552,23 @@ class ExtractionMonitor:
             self._judge(policy, profile, client_key, tracked, now)
         return accepted
 
+    def _tenant(self, client_key: str) -> str:
+        tenant = self.tenant_of(client_key) if self.tenant_of is not None else None
+        return tracking_key(tenant or client_key)
+
+    def _forget(self, key: tuple[str, str], tracked: Tracked) -> None:
+        members = self._tenants.get((key[0], tracked.tenant))
+        if members is not None:
+            members.pop(key[1], None)
+            if not members:
+                del self._tenants[(key[0], tracked.tenant)]
+
+    def _evict(self, key: tuple[str, str]) -> None:
+        tracked = self._clients.pop(key)
+        self._forget(key, tracked)
+        self.stats.evicted += 1
+        self.stats.evicted_by_tenant[tracked.tenant] += 1
+
     def _tracked(self, policy: str, client_key: str, dim: int, now: float) -> Tracked:
         filed = tracking_key(client_key)
         key = (policy, filed)
@@ -542,13 +576,21 @@ class ExtractionMonitor:
         if tracked is None:
             if filed != client_key:
                 self.stats.long_keys += 1
-            tracked = Tracked(ClientState(dim=dim))
+            tracked = Tracked(ClientState(dim=dim), tenant=self._tenant(client_key))
+            members = self._tenants.setdefault((policy, tracked.tenant), OrderedDict())
+            # A tenant over its share evicts its own least recently seen client first, so
+            # many keys of one tenant cannot push other tenants' state out of the table.
+            while members and len(members) >= self.max_clients_per_tenant:
+                self._evict((policy, next(iter(members))))
             self._clients[key] = tracked
+            members[filed] = None
             while len(self._clients) > self.max_clients:
-                self._clients.popitem(last=False)
-                self.stats.evicted += 1
+                self._evict(next(iter(self._clients)))
         else:
             self._clients.move_to_end(key)
+            mine = self._tenants.get((policy, tracked.tenant))
+            if mine is not None and filed in mine:
+                mine.move_to_end(filed)
         tracked.last_seen = now
         return tracked
 
@@ -558,6 +600,7 @@ class ExtractionMonitor:
             if now - oldest.last_seen < self.idle_ttl:
                 return
             del self._clients[key]
+            self._forget(key, oldest)
             self.stats.expired += 1
 
     # --- verdicts ---------------------------------------------------------------------------
@@ -607,7 +650,8 @@ class ExtractionMonitor:
             self._detection(policy, client_key, tuple(evidence), now)
 
     def _ref(self, policy: WatchedPolicy, client_key: str) -> ClientRef:
-        return ClientRef(policy.key, client_key, policy.key_source, policy.key_header)
+        # Digested here: no raw key reaches the verdict store, events or admin answers.
+        return ClientRef.of(policy.key, client_key, policy.key_source, policy.key_header)
 
     def _emit(self, verdict: Verdict) -> None:
         self.stats.verdicts[f"{verdict.stage}:{verdict.action}"] += 1
@@ -662,9 +706,12 @@ class ExtractionMonitor:
         """End a client's quarantine and throttle, and forget what it was suspected of."""
         with self._lock:
             tracked = tracking_key(key)
-            for client in [c for c in self._clients if c[1] == tracked]:
+            # By the key itself, its digest or its fingerprint (what `quarantine list` shows).
+            for client in [
+                c for c in self._clients if c[1] == tracked or matches(key, c[1], digested=False)
+            ]:
                 if policy is None or client[0] == policy:
-                    del self._clients[client]
+                    self._forget(client, self._clients.pop(client))
         self.throttler.release(key, policy)
         return self.verdicts.release(key, policy)
 

@@ -92,8 +92,9 @@ def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
     elif key.source == "identity":
         client_key = {"identity": True}
     else:
-        # A JWT claim is not readable by the filter yet: its queries are fed as the
-        # anonymous client "" and the monitor treats them together.
+        # Compile reads a jwtClaim key as the header the caller filter copies the verified
+        # claim into (compile.rate.client_key), so policies never get here; an IR built by
+        # hand with a claim is fed as the anonymous client "".
         client_key = {"jwtClaim": key.name}
     config: dict[str, Any] = {
         "policy": f"{extraction.policy.namespace}/{extraction.policy.name}",

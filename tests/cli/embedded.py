@@ -54,7 +54,7 @@ def start_embedded(
         admin_port=free_port(),
     )
     argv = [
-        MODELGUARD, "run", "--policies", str(REPO / "policies"),
+        MODELGUARD, "run", "--policies", "policies/",  # as make run, from the repository
         "--workdir", str(workdir), *embedded.ports_argv(),
     ]  # fmt: skip
     embedded.process = processes.start(argv, name=name, env={**os.environ}, cwd=REPO)

@@ -197,3 +197,43 @@ def test_follow_lines_keep_the_columns_of_the_listing() -> None:
     starts = {line.index("403") for i, line in enumerate(text[1:]) if i != 3}
     assert len(starts) == 1, text  # STATUS starts in the same column on every line
     assert text[0].index("STATUS") in starts
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["run", "--listen-port", "70000"], "70000 is not a port number"),
+        (["serve", "--xds-port", "x"], "'x' is not a port number"),
+        (["serve", "--quota-assignment-ttl", "5"], "must be over 5 seconds"),
+        (["serve", "--quota-assignment-ttl", "15s"], "(whole seconds, without a unit)"),
+        (["quarantine", "release", "k", "--policy", "digits-model"], "is not namespace/name"),
+    ],
+)
+def test_ports_seconds_and_policy_names_are_checked_too(
+    argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert complaint in capsys.readouterr().err
+
+
+def test_wide_output_adds_columns() -> None:
+    from controlplane.extraction.admin import render as render_quarantines
+    from controlplane.gen.modelguard.admin.v1 import admin_pb2
+    from controlplane.status_cli import render as render_status
+
+    report = admin_pb2.StatusReport()
+    report.sidecars.add(
+        node_id="s-0", service="svc", namespace="ns", stream="SotW", peer="ipv4:127.0.0.1:1",
+        identity="spiffe://cluster.local/ns/ns/sa/svc",
+    )  # fmt: skip
+    assert render_status(report).splitlines()[0].split()[-1] == "VERSION"
+    wide = render_status(report, wide=True).splitlines()
+    assert wide[0].split()[-2:] == ["PEER", "IDENTITY"]
+    assert wide[1].split()[-1] == "spiffe://cluster.local/ns/ns/sa/svc"
+    entry = admin_pb2.QuarantineEntry(
+        kind="quarantine", policy="demo/p", client_key="k", key_source="header", reason="prada"
+    )
+    entry.until.FromSeconds(int(time.time()) + 60)
+    header = render_quarantines([entry], wide=True).splitlines()[0]
+    assert header.split()[-3:] == ["SINCE", "KEY", "SOURCE"]

@@ -20,6 +20,8 @@ import itertools
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane.netutil import free_port
+from controlplane.netutil import free_port, http_request
 from tests.cli.embedded import MODELGUARD, Embedded, modelguard, start_embedded
 from tests.conftest import REPO, Processes
 
@@ -50,10 +52,12 @@ def marked_blocks(text: str, marker: str) -> list[list[str]]:
     lines = text.splitlines()
     blocks = []
     for i, line in enumerate(lines):
-        if line.startswith(f"<!-- readme-test: {marker}"):
-            assert lines[i + 1].startswith("```"), f"README line {i + 2}: a fence must follow"
-            end = next(j for j in range(i + 2, len(lines)) if lines[j].startswith("```"))
-            blocks.append(lines[i + 2 : end])
+        if line.lstrip().startswith(f"<!-- readme-test: {marker}"):
+            indent = len(line) - len(line.lstrip())  # a block inside a list item
+            fence = lines[i + 1].lstrip()
+            assert fence.startswith("```"), f"README line {i + 2}: a fence must follow"
+            end = next(j for j in range(i + 2, len(lines)) if lines[j].lstrip().startswith("```"))
+            blocks.append([row[indent:] for row in lines[i + 2 : end]])
     return blocks
 
 
@@ -101,7 +105,8 @@ def test_the_readme_marks_the_blocks_this_test_runs() -> None:
     text = README.read_text()
     embedded = [s for b in marked_blocks(text, "embedded") for s in steps(b)]
     assert {s.command.split()[0] for s in embedded} >= {"validate", "status", "proxy-config"}
-    assert all(s.expected for s in embedded), "every tested command shows its output"
+    # Every tested block shows some output to compare.
+    assert all(any(s.expected for s in steps(b)) for b in marked_blocks(text, "embedded"))
     assert len(marked_blocks(text, "sidecar")) == 1
 
 
@@ -129,6 +134,23 @@ def test_the_readme_blocks_run_against_the_embedded_default(embedded: Embedded) 
     env = {"MODELGUARD_ADMIN": embedded.admin}
     deadline = time.monotonic() + 30  # every resource type ACKed
     while "NOT_SENT" in (status := modelguard("status", env=env).stdout) or "STALE" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    # What the egress sample shows: a workload's HTTP and TLS attempts to reach hosts no
+    # EgressPolicy allows, through the sidecar's outbound port.
+    status_code, _, _ = http_request(
+        "GET", f"http://127.0.0.1:{embedded.outbound_port}/", headers={"Host": "example.com"}
+    )
+    assert status_code == 403
+    context = ssl.create_default_context()
+    with (
+        socket.create_connection(("127.0.0.1", embedded.outbound_port), timeout=5) as raw,
+        pytest.raises((ssl.SSLError, OSError)),
+        context.wrap_socket(raw, server_hostname="evil.example.org"),
+    ):
+        pass  # closed during the handshake: refused
+    deadline = time.monotonic() + 30  # access logs are flushed every second
+    while (status := modelguard("status", env=env).stdout).count("blocked  ") < 2:
         assert time.monotonic() < deadline, status
         time.sleep(0.5)
     for block in marked_blocks(README.read_text(), "embedded"):

@@ -153,7 +153,8 @@ def send_then_read(port: int, body: bytes) -> tuple[bytes, bytes]:
             if b"content-length: " in data
             else 1 << 30
         ):
-            readable, writable, _ = select.select([sock], [sock] if sent < len(body) else [], [], 30)
+            sending = [sock] if sent < len(body) else []
+            readable, writable, _ = select.select([sock], sending, [], 30)
             if not readable and not writable:
                 raise TimeoutError("no answer")
             if readable:
@@ -304,7 +305,7 @@ async def test_kserve_v2_and_single_score_answers_are_hardened(
     assert await data("trial") == [1.0, 0.0, 1.0]  # the class: its side of 0.5
     for _ in range(5):
         noisy = await data("noisy")
-        assert all(abs(a - b) <= 0.3 + 1e-9 for a, b in zip(noisy, [0.734, 0.2, 0.5]))
+        assert all(abs(a - b) <= 0.3 + 1e-9 for a, b in zip(noisy, [0.734, 0.2, 0.5], strict=True))
         assert [x >= 0.5 for x in noisy] == [True, False, True]  # classes kept
     # Plain JSON single scores: `$.predictions[*]` selects one number per row.
     apply(system, '{features: "$.instances[*]"}', '{scores: "$.predictions[*]"}')
@@ -315,9 +316,9 @@ async def test_kserve_v2_and_single_score_answers_are_hardened(
         return bool(json.loads(body) == {"predictions": [0.73, 0.2, 41.37]})
 
     await eventually(single_scores)
-    status, _, body = await post(system, SMALL, {"x-tier": "round1"})
+    _, _, body = await post(system, SMALL, {"x-tier": "round1"})
     assert json.loads(body) == {"predictions": [0.7, 0.2, 41.4]}  # regression: rounded
-    status, _, body = await post(system, SMALL, {"x-tier": "trial"})
+    _, _, body = await post(system, SMALL, {"x-tier": "trial"})
     assert json.loads(body) == {"predictions": [1.0, 0.0, 41.0]}
 
 

@@ -130,10 +130,11 @@ def test_kserve_tensors_that_do_not_fit_their_shape_are_junk(model: Any) -> None
         [{"name": "a", "shape": [1, 32], "data": [1.0] * 32},
          {"name": "b", "shape": [2, 16], "data": [1.0] * 32}],  # rows differ
         [{"name": "a", "shape": "1x64", "data": [1.0] * 64}],
+        [{"name": "a", "shape": [10**12, 0], "data": []}],  # rows sized by data, not shape
     ):
         batch.queries.add(client_key="k", request_body=json.dumps({"inputs": inputs}).encode())
     assert mon.report(batch) == 0
-    assert mon.stats.unparsable == {"features": 3}
+    assert mon.stats.unparsable == {"features": 4}
 
 
 def test_a_key_that_is_not_utf8_costs_only_its_own_query(model: Any) -> None:

@@ -63,7 +63,7 @@ def test_compile_chooses_where_each_limit_is_counted() -> None:
         RateLimitIR(
             "demo.p.daily",
             "demo/p",
-            ClientKeyIR("jwtClaim", "sub"),
+            ClientKeyIR("header", "x-modelguard-jwt-sub"),  # set by the caller filter
             10000,
             86400,
             10000,

@@ -887,6 +887,33 @@ static int push_num(double v, u32 start, u32 end) {
 
 static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth);
 
+/* Skips one value without reading it (no number is parsed): a container by its brackets
+ * outside strings, a scalar up to the next delimiter. For counting rows, where the value
+ * itself does not matter; the request was checked for depth already. NULL if unbalanced. */
+static const u8 *skip_value(const u8 *p, const u8 *end) {
+  if (p < end && *p == '"') return json_skip_string(p, end);
+  if (p < end && (*p == '[' || *p == '{')) {
+    u32 depth = 0;
+    for (; p < end; p++) {
+      u8 c = *p;
+      if (c == '"') {
+        p = json_skip_string(p, end);
+        if (!p) return 0;
+        p--;
+      } else if (c == '[' || c == '{') {
+        depth++;
+      } else if (c == ']' || c == '}') {
+        if (--depth == 0) return p + 1;
+      }
+    }
+    return 0;
+  }
+  while (p < end && *p != ',' && *p != ']' && *p != '}' && *p != ' ' && *p != '\n' &&
+         *p != '\r' && *p != '\t')
+    p++;
+  return p;
+}
+
 /* An array of numbers at a matched path: a score vector. NULL if it is something else. */
 static const u8 *scan_scores(Scan *sc, const u8 *p) {
   const u8 *start = p;
@@ -938,7 +965,7 @@ static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth) {
       }
     }
     sc->counted++;
-    return scan_value(sc, p, -1, depth);
+    return skip_value(p, sc->end);
   }
   if (at_leaf && c != '[' && c != '{' && c != '"') {
     /* A number where scores are: one row's single score (regression, binary). */
@@ -1398,7 +1425,11 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
     path = nwant;
     want[nwant++] = (Want){":path", 5, 0, 0, 0};
   }
-  if (r->max_request && !eos) {
+  /* The declared size, when other headers are read anyway (one call reads them all): a
+   * large upload is then refused before any of it is sent. Otherwise the body's own size
+   * refuses it (Envoy reports it chunk by chunk, without a copy into the VM); a host call
+   * for this header alone would cost as much as the rest of the request's checks. */
+  if (r->max_request && !eos && nwant > 0) {
     length = nwant;
     want[nwant++] = (Want){"content-length", 14, 0, 0, 0};
   }
