@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
 from controlplane.server import ControlPlane, ControlPlaneConfig
+from tests.conftest import DIGITS_REFERENCE
 
 pytestmark = pytest.mark.envoy
 log = logging.getLogger(__name__)
@@ -46,11 +47,13 @@ spec:
   request: {{features: "$.instances[*]"{limits}}}
   response: {{scores: "$.predictions[*].probabilities"}}
   output: {{topK: 1, roundDigits: 2}}
-  detection: {{detectors: [prada, nearDuplicate, outOfDistribution, coverage]}}
+  detection:
+    detectors: [prada, nearDuplicate, outOfDistribution, coverage]
+    reference: {{file: REFERENCE, labelColumn: label}}
   actions:
     onSuspicion: {{throttle: {{requests: 1000, per: second}}}}
     onDetection: {{quarantine: {{duration: 1h}}}}
-"""
+""".replace("REFERENCE", str(DIGITS_REFERENCE))
 PADDED = 70_000  # bytes: past the feed's 64 KiB, as the red team sent them
 
 
@@ -89,8 +92,16 @@ def body(rows: np.ndarray, pad_to: int = 0) -> bytes:
     return data[:-1] + b" " * max(0, pad_to - len(data)) + b"}"  # still valid JSON
 
 
+async def _calibrated(plane: ControlPlane) -> bool:
+    found = plane.extraction.profiles.conditions().get("demo/digits-model")
+    return found is not None and found.status == "True"
+
+
 @pytest.fixture
-async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[System]:
+async def system(
+    tmp_path: Path, demo_model: tuple[str, int], profile_cache: Callable[[Path], Path]
+) -> AsyncIterator[System]:
+    profile_cache(tmp_path)  # next to verdicts.json: the digits profile, calibrated once
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "extraction.yaml").write_text(POLICY.format(limits=""))
@@ -125,6 +136,7 @@ async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[S
         await asyncio.to_thread(envoy.wait_ready, 30)
         s = System(plane, envoy, listen, policies)
         await eventually(lambda: _served(s), timeout=30)
+        await eventually(lambda: _calibrated(plane), timeout=60)
         yield s
     finally:
         envoy.stop()
