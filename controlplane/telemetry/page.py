@@ -425,7 +425,7 @@ th{color:#5b6474;font-weight:600;font-size:12px}
 .ok{color:#18794e;font-weight:600}.bad{color:#c62828;font-weight:600}
 .warn{color:#a15c00;font-weight:600}.empty{color:#8a93a3}
 button.release{background:#c62828;color:#fff;border:0;border-radius:4px;padding:2px 10px;
-cursor:pointer}#chart svg,#risk svg{width:100%;height:180px}
+cursor:pointer}#chart svg{width:100%;height:180px}#risk svg{width:100%;height:120px}
 .note{color:#5b6474;font-size:12px}#legend span{margin-right:12px}
 #status{margin-left:auto}#notice{color:#ffd479;margin-left:auto}
 </style></head><body>
@@ -511,9 +511,11 @@ function risk(top){
   document.getElementById("risk-client").textContent = name+" ("+top[0].stage+")";
   const maxQ = Math.max(1, ...h.map(p=>p[0]));
   const pts = h.map(p=>(p[0]*W/maxQ).toFixed(1)+","+(H-p[1]*(H-10)).toFixed(1));
+  const dots = pts.map(p=>{const [x,y]=p.split(",");
+    return '<circle cx="'+x+'" cy="'+y+'" r="4" fill="#c62828"/>';}).join("");
   svg.innerHTML = '<line x1="0" y1="'+H+'" x2="'+W+'" y2="'+H+'" stroke="#ccc"/>'+
     '<polyline id="risk-line" fill="none" stroke="#c62828" stroke-width="2" points="'+
-    pts.join(" ")+'"/><text x="4" y="12" font-size="11" fill="#5b6474">'+maxQ+
+    pts.join(" ")+'"/>'+dots+'<text x="4" y="12" font-size="11" fill="#5b6474">'+maxQ+
     " queries</text>";
 }
 function render(data){
