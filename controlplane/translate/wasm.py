@@ -33,7 +33,9 @@ from controlplane.translate.protos import ads_source, pack
 from controlplane.xds import resources as rt
 
 WASM_ENV = "MODELGUARD_WASM"
-MODULE_PATH = Path(__file__).resolve().parents[2] / "wasm" / "modelguard_filter.wasm"
+# Package data (pyproject.toml), so a non-editable install (the image) finds it. In the
+# source tree the file is a symlink to wasm/modelguard_filter.wasm, the one `make wasm` builds.
+MODULE_PATH = Path(__file__).resolve().parent / "data" / "modelguard_filter.wasm"
 WASM_FILTER_TYPE = "type.googleapis.com/" + wasm_filter_pb2.Wasm.DESCRIPTOR.full_name
 V8 = "envoy.wasm.runtime.v8"
 
