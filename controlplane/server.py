@@ -22,6 +22,7 @@ from google.protobuf import json_format
 from controlplane.admin import AdminService
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
+from controlplane.extraction.shared import SharedVerdicts
 from controlplane.identity.interceptor import SidecarAuthInterceptor
 from controlplane.identity.kubernetes import AuthenticationPending
 from controlplane.identity.service import IdentityConfig, IdentityService
@@ -126,6 +127,14 @@ class ControlPlane:
             Path(config.verdicts_path) if config.verdicts_path else None,
         )
         self.pipeline.verdicts = self.extraction.verdicts.active
+        # Replicas sharing a Redis (the budgets' backend) share their verdicts through it.
+        self.shared_verdicts: SharedVerdicts | None = None
+        if config.rate_limit_backend.startswith(("redis://", "rediss://", "unix://")):
+            self.shared_verdicts = SharedVerdicts(
+                self.extraction.verdicts,
+                config.rate_limit_backend,
+                release=self.extraction.monitor.release,
+            )
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
         self.admin_port = 0
@@ -186,6 +195,8 @@ class ControlPlane:
         self.inventory.subscribe(debouncer.trigger)
         self.extraction.verdicts.subscribe(debouncer.trigger)
         self.files.sync()  # the first policy set is in place before any sidecar is served
+        if self.shared_verdicts is not None:  # and the verdicts every replica shares
+            await asyncio.to_thread(self.shared_verdicts.start)
 
         self._xds_server = grpc.aio.server(
             options=[
@@ -246,3 +257,5 @@ class ControlPlane:
                 await server.stop(grace)
         for service in self.sidecar_services:
             await service.stop()
+        if self.shared_verdicts is not None:
+            await asyncio.to_thread(self.shared_verdicts.stop)
