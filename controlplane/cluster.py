@@ -89,16 +89,15 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     from controlplane.server import ControlPlane
 
     api_client = api_client_from_args(args)
-    config = dataclasses.replace(plane_config, policy_paths=(), watch=False)
+    replica_id = args.replica_id or socket.gethostname()
+    config = dataclasses.replace(plane_config, policy_paths=(), watch=False, replica_id=replica_id)
 
     async def main() -> None:
         authenticator = cluster_authenticator(api_client, config.identity)
         plane = ControlPlane(config, authenticator=authenticator)
         tracker = ProgramTracker(plane)
         source = KubernetesSource(api_client, plane.store, plane.inventory, args.watch_namespace)
-        elector = LeaderElector(
-            api_client, args.lease_namespace, args.replica_id or socket.gethostname()
-        )
+        elector = LeaderElector(api_client, args.lease_namespace, replica_id)
         bundle = None
         if plane.identity is not None:
             # One input of API-key digests: --api-keys files and the labelled Secrets.

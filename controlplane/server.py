@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from google.protobuf import json_format
 from controlplane.admin import AdminService
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
+from controlplane.extraction.routing import FeedRouter
 from controlplane.extraction.shared import SharedVerdicts
 from controlplane.identity.interceptor import SidecarAuthInterceptor
 from controlplane.identity.kubernetes import AuthenticationPending
@@ -73,6 +76,8 @@ class ControlPlaneConfig:
     quota_assignment_ttl: int = 15
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
+    # This replica's name among those sharing a Redis (feed routing); "" : host and pid.
+    replica_id: str = ""
 
 
 # The collector's youngest generation runs every 700 net container allocations by default.
@@ -134,6 +139,11 @@ class ControlPlane:
                 self.extraction.verdicts,
                 config.rate_limit_backend,
                 release=self.extraction.monitor.release,
+            )
+            self.extraction.feed.router = FeedRouter(
+                config.rate_limit_backend,
+                config.replica_id or f"{socket.gethostname()}-{os.getpid()}",
+                self.extraction.monitor.report,
             )
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
@@ -197,6 +207,8 @@ class ControlPlane:
         self.files.sync()  # the first policy set is in place before any sidecar is served
         if self.shared_verdicts is not None:  # and the verdicts every replica shares
             await asyncio.to_thread(self.shared_verdicts.start)
+        if self.extraction.feed.router is not None:
+            await asyncio.to_thread(self.extraction.feed.router.start)
 
         self._xds_server = grpc.aio.server(
             options=[
@@ -259,3 +271,5 @@ class ControlPlane:
             await service.stop()
         if self.shared_verdicts is not None:
             await asyncio.to_thread(self.shared_verdicts.stop)
+        if self.extraction.feed.router is not None:
+            await asyncio.to_thread(self.extraction.feed.router.stop)

@@ -20,6 +20,7 @@ import grpc
 from controlplane.api import Policy
 from controlplane.extraction.calibrate import Profile, digits_profile
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
+from controlplane.extraction.routing import FeedRouter
 from controlplane.extraction.verdicts import (
     OtelVerdictSink,
     Throttler,
@@ -39,6 +40,9 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
     def __init__(self, monitor: ExtractionMonitor) -> None:
         self.monitor = monitor
         self._expiry: asyncio.Task[None] | None = None
+        # Replicas sharing Redis: hands each client's queries to its owner replica
+        # (controlplane/extraction/routing.py), so a client is judged once.
+        self.router: FeedRouter | None = None
 
     @property
     def refused_node(self) -> int:
@@ -82,6 +86,12 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"batch names node {request.node_id!r}, but the caller is not that sidecar",
             )
+        router = self.router
+        if router is not None:
+            mine = await asyncio.to_thread(router.route, request)
+            forwarded = len(request.queries) - len(mine.queries)
+            accepted = await asyncio.to_thread(self.monitor.report, mine) if mine.queries else 0
+            return feed_pb2.FeedAck(accepted=accepted + forwarded)
         accepted = await asyncio.to_thread(self.monitor.report, request)
         return feed_pb2.FeedAck(accepted=accepted)
 
