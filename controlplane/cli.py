@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         xds_port=args.xds_port,
         admin_host=args.admin_host,
         admin_port=args.admin_port,
+        admin_token_file=args.admin_token_file or None,
         telemetry=telemetry_settings.from_args(args),
         verdicts_path=args.verdicts or None,
         rate_limit_backend=args.rate_limit_backend,
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-port", type=int, default=18000)
     p.add_argument("--admin-host", default="127.0.0.1")
     p.add_argument("--admin-port", type=int, default=18001)
+    p.add_argument(
+        "--admin-token-file",
+        help="bearer token (a mounted Secret) every admin call must carry; required when "
+        "--admin-host is not a loopback address",
+    )
     p.add_argument(
         "--rate-limit-backend",
         default="memory",

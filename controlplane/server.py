@@ -22,6 +22,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from controlplane.admin import AdminService
+from controlplane.adminauth import server_interceptors
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.extraction.routing import FeedRouter
@@ -76,6 +77,8 @@ class ControlPlaneConfig:
     quota_assignment_ttl: int = 15
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
+    # Beyond loopback the admin API demands this bearer token (controlplane/adminauth.py).
+    admin_token_file: str | None = None
     # This replica's name among those sharing a Redis (feed routing); "" : host and pid.
     replica_id: str = ""
 
@@ -236,7 +239,10 @@ class ControlPlane:
             )
         else:
             self.xds_port = self._xds_server.add_insecure_port(xds_address)
-        self._admin_server = grpc.aio.server()
+        self._admin_server = grpc.aio.server(
+            interceptors=server_interceptors(self.config.admin_host, self.config.admin_token_file)
+            or None
+        )
         AdminService(self).add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
         QuarantineAdmin(self.extraction.monitor).add_to(self._admin_server)

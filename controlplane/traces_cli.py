@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from controlplane.adminauth import admin_channel
 from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
 from controlplane.telemetry.records import hash_secret
 
@@ -105,7 +106,7 @@ def render(records: Iterable[telemetry_pb2.TelemetryRecord], header: bool = True
 def show_traces(args: argparse.Namespace) -> int:
     query = build_query(args)
     try:
-        with grpc.insecure_channel(args.admin) as channel:
+        with admin_channel(args.admin) as channel:
             stub = telemetry_pb2_grpc.TelemetryStub(channel)
             listing: telemetry_pb2.TelemetryList = stub.ListTelemetry(query, timeout=10)
             _print(listing.records, args.json, header=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from controlplane.adminauth import admin_channel
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
@@ -185,7 +186,7 @@ def _stats(stub: admin_pb2_grpc.QuarantinesStub) -> admin_pb2.MonitorStats | Non
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with grpc.insecure_channel(args.admin) as channel:
+        with admin_channel(args.admin) as channel:
             stub = admin_pb2_grpc.QuarantinesStub(channel)
             if args.quarantine_command == "list":
                 listed = stub.ListQuarantines(

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from controlplane.adminauth import admin_channel
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import BackendError, RedisBackend
@@ -97,7 +98,7 @@ class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[mis
 def fetch_usage(
     address: str, limit_filter: str = "", top: int = 10, timeout: float = 5.0
 ) -> ratelimit_pb2.UsageReport:
-    with grpc.insecure_channel(address) as channel:
+    with admin_channel(address) as channel:
         stub = ratelimit_pb2_grpc.RateLimitsStub(channel)
         report: ratelimit_pb2.UsageReport = stub.GetUsage(
             ratelimit_pb2.GetUsageRequest(limit_filter=limit_filter, top=top), timeout=timeout
