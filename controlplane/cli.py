@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_host=args.admin_host,
         admin_port=args.admin_port,
         admin_token_file=args.admin_token_file or None,
+        xds_max_connection_age=args.xds_max_connection_age,
         telemetry=telemetry_settings.from_args(args),
         verdicts_path=args.verdicts or None,
         rate_limit_backend=args.rate_limit_backend,
@@ -50,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         plane = ControlPlane(config)
         await plane.start()
+        plane.install_signal_handlers()
         print(
             f"modelguard control plane: xDS on {config.xds_host}:{plane.xds_port}, "
             f"admin on {config.admin_host}:{plane.admin_port}",
@@ -58,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             await plane.wait_closed()
         finally:
-            await plane.stop()
+            await plane.stop(config.shutdown_grace)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
@@ -125,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-port", type=int, default=18000)
     p.add_argument("--admin-host", default="127.0.0.1")
     p.add_argument("--admin-port", type=int, default=18001)
+    p.add_argument(
+        "--xds-max-connection-age",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="sidecar connections are closed (GOAWAY) after this long, so they rebalance "
+        "over replicas after a rollout",
+    )
     p.add_argument(
         "--admin-token-file",
         help="bearer token (a mounted Secret) every admin call must carry; required when "

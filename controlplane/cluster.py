@@ -134,6 +134,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
             webhook.start()
         source.start()
         await plane.start()
+        plane.install_signal_handlers()
         elector.start()
         if bundle is not None:
             bundle.start()
@@ -147,17 +148,19 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         try:
             await plane.wait_closed()
         finally:
+            # Sidecars first (no new calls, GOAWAY, streams end: they reconnect to another
+            # replica), then the Lease is released so another replica writes status at once.
             stop.set()
             await status_task
+            await plane.stop(config.shutdown_grace)
+            elector.stop(release=True)
             if bundle is not None:
                 bundle.stop()
             if authenticator is not None:
                 authenticator.close()
-            elector.stop()
             source.stop()
             if webhook is not None:
                 webhook.stop()
-            await plane.stop()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ class ControlPlaneConfig:
     verdicts_path: str | None = None
     # Beyond loopback the admin API demands this bearer token (controlplane/adminauth.py).
     admin_token_file: str | None = None
+    # Connections to sidecars are closed (GOAWAY) after this many seconds (±10 % jitter,
+    # gRPC's) so that after a rollout or a scale-up sidecars spread over all replicas.
+    xds_max_connection_age: float = 1800.0
+    # On SIGTERM: in-flight calls get this long; then streams end and sidecars reconnect.
+    shutdown_grace: float = 2.0
     # This replica's name among those sharing a Redis (feed routing); "" : host and pid.
     replica_id: str = ""
 
@@ -218,6 +224,9 @@ class ControlPlane:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.max_connection_age_ms", int(self.config.xds_max_connection_age * 1000)),
+                # ADS streams never finish by themselves: end them soon after the GOAWAY.
+                ("grpc.max_connection_age_grace_ms", 10_000),
             ],
             # Every sidecar service on this port checks the sidecar's credential, as ADS does.
             interceptors=[self.call_auth] if self.call_auth is not None else None,
@@ -260,8 +269,23 @@ class ControlPlane:
     async def wait_closed(self) -> None:
         await self._stop.wait()
 
+    def install_signal_handlers(self) -> None:
+        """SIGTERM (Kubernetes stopping the pod) and SIGINT end ``wait_closed``; the caller
+        then runs ``stop``: no new calls, GOAWAY, in-flight calls get ``shutdown_grace``,
+        the remaining streams end and their sidecars reconnect to another replica."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+        self._stop.set()
+
     async def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        if self.extraction.feed.router is not None:
+            # Leave the feed's membership first: the others take this replica's clients.
+            await asyncio.to_thread(self.extraction.feed.router.stop)
         if self._identity_task is not None:
             self._identity_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -270,12 +294,11 @@ class ControlPlane:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
-        for server in (self._xds_server, self._admin_server):
-            if server is not None:
-                await server.stop(grace)
+        # Both at once: each stops taking calls, sends GOAWAY and gives calls ``grace``.
+        await asyncio.gather(
+            *(s.stop(grace) for s in (self._xds_server, self._admin_server) if s is not None)
+        )
         for service in self.sidecar_services:
             await service.stop()
         if self.shared_verdicts is not None:
             await asyncio.to_thread(self.shared_verdicts.stop)
-        if self.extraction.feed.router is not None:
-            await asyncio.to_thread(self.extraction.feed.router.stop)

@@ -126,7 +126,9 @@ class ApiKeys:
             if not ok:
                 log.error(
                     "Secret %s/%s: data.%s: must be a non-empty key or sha256:<64 hex digits>",
-                    namespace, name, client,
+                    namespace,
+                    name,
+                    client,
                 )
                 continue
             keys.append((str(client), hexdigest))
@@ -645,10 +647,38 @@ class LeaderElector:
         self._thread = threading.Thread(target=run, name="k8s-lease", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, release: bool = False) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if release:
+            self.release()
+
+    def release(self) -> None:
+        """Give the Lease up (as client-go's ReleaseOnCancel): an empty holder, so another
+        replica takes it at its next try instead of after ``lease_duration``."""
+        if self._renewed_at is None:
+            return
+        self._renewed_at = None
+        try:
+            lease = self.api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=(5, 10)
+            )
+            if lease.spec is None or lease.spec.holder_identity != self.identity:
+                return
+            patch: dict[str, Any] = {"spec": {"holderIdentity": None, "leaseDurationSeconds": 1}}
+            if lease.metadata is not None and lease.metadata.resource_version:
+                patch["metadata"] = {"resourceVersion": lease.metadata.resource_version}
+            self.api.patch_namespaced_lease(
+                self.name,
+                self.namespace,
+                patch,
+                _content_type="application/merge-patch+json",
+                _request_timeout=(5, 10),
+            )
+            log.info("status writer: %s released lease %s", self.identity, self.name)
+        except Exception as err:
+            log.warning("lease %s: not released: %s", self.name, err)
 
 
 # ---- status --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
+from controlplane.sources.kubernetes import LEASE_NAME
 from tests.conftest import Processes, stop_process
 from tests.integration import test_kubernetes as k8s
 from tests.integration.test_kubernetes import GROUP, VERSION, call, policy
@@ -335,3 +337,113 @@ async def test_a_client_alternating_between_replicas_is_judged_as_one(
     alternating = await queries_to_quarantine("mallory-on-both", [a, b])
     print(f"quarantined after {alone} queries on one replica, {alternating} alternating")
     assert abs(alternating - alone) <= max(1, round(0.1 * alone)), (alone, alternating)
+
+
+async def _connected(replica: Replica, node_id: str) -> bool:
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.admin_port}") as channel:
+            report = await admin_pb2_grpc.AdminStub(channel).GetStatus(
+                admin_pb2.GetStatusRequest(node_filter=node_id), timeout=5
+            )
+    except grpc.aio.AioRpcError:
+        return False
+    return any(s.node_id == node_id for s in report.sidecars)
+
+
+async def test_a_replica_stopped_with_sigterm_hands_its_sidecars_over_without_a_failure(
+    two_replicas: Cluster, api_client: client.ApiClient, tmp_path: Path,
+    demo_model: tuple[str, int],
+) -> None:  # fmt: skip
+    system = two_replicas
+    a, b = system.replicas["a"], system.replicas["b"]
+    attack = np.random.default_rng(2).uniform(0, 16, size=(400, 64)).round(1)
+    benign = [float(v) for v in load_model(0).test_X[0]]
+    probe = [float(v) for v in attack[0]]
+    position = 0
+    while "mallory" not in await a.quarantined():
+        assert position < 320, "no quarantine"
+        await query(system.sidecar_ports["a"], a.xds_port, "mallory", attack[position:][:8])
+        position += 8
+
+    # A sidecar whose bootstrap lists both replicas (as a Service name resolving to both).
+    listen, envoy_admin = free_port(), free_port()
+    node_id = "digits-model-s.demo"
+    sidecar = Sidecar(
+        node_id, "digits-model", "demo", "spiffe://cluster.local/ns/demo/sa/digits-model",
+        demo_model[1], listen, inbound_address="127.0.0.1",
+    )  # fmt: skip
+    bootstrap = build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=a.xds_port,
+                                admin_port=envoy_admin)  # fmt: skip
+    (xds,) = bootstrap["static_resources"]["clusters"]
+    endpoints = xds["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    second = json.loads(json.dumps(endpoints[0]))
+    second["endpoint"]["address"]["socket_address"]["port_value"] = b.xds_port
+    endpoints.append(second)
+    envoy = system.processes.track(
+        EnvoyProcess(bootstrap, admin_port=envoy_admin, log_path=tmp_path / "envoy-s.log")
+    )
+    envoy.start()
+    await asyncio.to_thread(envoy.wait_ready, 30)
+
+    async def expected(key: str, row: list[float], code: int) -> bool:
+        return (await predict(listen, key, row))[0] == code
+
+    await until(lambda: expected("mallory", probe, 403), timeout=20)
+
+    async def connected_somewhere() -> bool:
+        return await _connected(a, node_id) or await _connected(b, node_id)
+
+    await until(connected_somewhere, timeout=20)
+    leaving, staying = (a, b) if await _connected(a, node_id) else (b, a)
+
+    outcomes: list[tuple[str, int]] = []
+    done = asyncio.Event()
+
+    async def traffic() -> None:
+        while not done.is_set():
+            for key, row in (("alice", benign), ("mallory", probe)):
+                outcomes.append((key, (await predict(listen, key, row))[0]))
+            await asyncio.sleep(0.01)
+
+    sender = asyncio.create_task(traffic())
+    await asyncio.sleep(0.5)
+    assert leaving.process is not None
+    leaving.process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(leaving.process.wait, 20)
+    assert code == 0, system.log(leaving)
+    log = system.log(leaving)
+    assert "SIGTERM: shutting down gracefully" in log, log
+    moved = await until(lambda: _connected(staying, node_id), timeout=20, every=0.1)
+    print(f"sidecar reconnected to replica {staying.name} {moved:.2f} s after {leaving.name} "
+          "exited")  # fmt: skip
+    await asyncio.sleep(1.0)
+    done.set()
+    await sender
+    failed = [
+        (key, status)
+        for key, status in outcomes
+        if status != (200 if key == "alice" else 403)
+    ]
+    print(f"{len(outcomes)} requests during the hand-over, {len(failed)} failed")
+    assert len(outcomes) > 40
+    assert failed == []
+
+    # The new connection carries new verdicts: a release on the survivor reaches the sidecar.
+    await staying.admin(
+        "ReleaseQuarantine", admin_pb2.ReleaseQuarantineRequest(client_key="mallory")
+    )
+    await until(lambda: expected("mallory", probe, 200), timeout=5)
+
+    # The Lease is (or stays) with the survivor: released at once if the leaver held it
+    # (an unreleased Lease would take its 15 s duration to expire).
+    coordination = client.CoordinationV1Api(api_client)
+
+    async def survivor_leads() -> bool:
+        lease = await call(coordination.read_namespaced_lease, LEASE_NAME, "modelguard-system")
+        return bool(lease.spec.holder_identity == staying.name)
+
+    try:
+        await until(survivor_leads, timeout=12, every=0.2)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{log}\n{system.log(staying)}") from err
+    print(f"leaver held the Lease: {'released lease' in log}")
