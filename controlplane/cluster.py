@@ -108,12 +108,27 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
                 namespaces=[args.watch_namespace] if args.watch_namespace else None,
                 is_leader=lambda: elector.is_leader,
             )
+        sidecars: Any = plane.inventory.snapshot
+        programmed: Any = tracker.nodes
+        shared_status = None
+        if config.rate_limit_backend.startswith(("redis://", "rediss://", "unix://")):
+            # "Programmed N of M" over every replica's sidecars, not only the leader's.
+            from controlplane.cluster_status import SharedStatus, versions_of
+
+            shared_status = SharedStatus(
+                config.rate_limit_backend,
+                replica_id,
+                plane.inventory.snapshot,
+                tracker.nodes,
+                lambda: versions_of(plane.store.current().policies),
+            )
+            sidecars, programmed = shared_status.sidecars, shared_status.programmed
         writer = StatusWriter(
             api_client,
             source,
             lambda: elector.is_leader,
-            tracker.nodes,
-            plane.inventory.snapshot,
+            programmed,
+            sidecars,
         )
         webhook = None
         if args.webhook_port:
@@ -135,6 +150,8 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         source.start()
         await plane.start()
         plane.install_signal_handlers()
+        if shared_status is not None:
+            shared_status.start()
         elector.start()
         if bundle is not None:
             bundle.start()
@@ -152,6 +169,8 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
             # replica), then the Lease is released so another replica writes status at once.
             stop.set()
             await status_task
+            if shared_status is not None:
+                shared_status.stop()
             await plane.stop(config.shutdown_grace)
             elector.stop(release=True)
             if bundle is not None:
