@@ -8,6 +8,7 @@ kustomize features k8s/ uses otherwise; where both exist, they must agree.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -184,7 +185,58 @@ def test_control_plane_deployment(objects: list[dict[str, Any]]) -> None:
     ]
     parsed = cli.build_parser().parse_args(args)
     assert parsed.kubernetes and parsed.webhook_port == 9443
-    assert parsed.rate_limit_backend.startswith("redis://redis.modelguard-system.svc:")
+    # Redis with its password from the Secret (the kubelet expands $(REDIS_PASSWORD)).
+    assert parsed.rate_limit_backend.startswith(
+        "redis://:$(REDIS_PASSWORD)@redis.modelguard-system.svc:"
+    )
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "modelguard-redis"
+    # The CA key is readable by the non-root process: group 65532 through fsGroup, 0440.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 65532
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["ca"]["secret"]["defaultMode"] == 0o440
+    # The admin API stays on loopback (kubectl port-forward) and out of the Service.
+    assert parsed.admin_host == "127.0.0.1"
+    assert "admin" not in {p["name"] for p in container["ports"]}
+    service = _one(objects, "Service", "modelguard")
+    assert 18001 not in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_redis_is_private_persistent_and_password_protected(
+    objects: list[dict[str, Any]],
+) -> None:
+    redis = _one(objects, "Deployment", "redis")
+    pod = redis["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--requirepass" in container["args"] and "--protected-mode" not in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "modelguard-redis"
+    (data,) = (v for v in pod["volumes"] if v["name"] == "data")
+    claim = _one(objects, "PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+    assert claim["metadata"]["namespace"] == "modelguard-system"
+    policy = _one(objects, "NetworkPolicy", "redis")
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    control_plane = _one(objects, "Deployment", "modelguard")
+    assert peer["podSelector"]["matchLabels"] == control_plane["spec"]["selector"]["matchLabels"]
+
+
+def test_webhook_certificate_comes_from_a_ca_issuer(objects: list[dict[str, Any]]) -> None:
+    """The injected caBundle is then the CA, valid across renewals of the serving cert."""
+    leaf = _one(objects, "Certificate", "modelguard-webhook")
+    issuer = _one(objects, "Issuer", leaf["spec"]["issuerRef"]["name"])
+    ca = _one(objects, "Certificate", issuer["spec"]["ca"]["secretName"])
+    assert ca["spec"]["isCA"] and not leaf["spec"].get("isCA")
+
+
+def test_demo_probes_do_not_go_through_the_sidecar(objects: list[dict[str, Any]]) -> None:
+    """A probe through the sidecar is a keyless client spending a budget."""
+    model = _one(objects, "Deployment", "digits-model")
+    for container in model["spec"]["template"]["spec"]["containers"]:
+        for probe in ("readinessProbe", "livenessProbe"):
+            spec = container.get(probe) or {}
+            assert "mg-inbound" not in json.dumps(spec), (container["name"], probe)
 
 
 def test_webhook_reaches_the_control_plane_over_a_certified_name(
