@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kubeconfig", help="default: in-cluster config, else ~/.kube/config")
     group.add_argument("--watch-namespace", help="watch one namespace (default: all)")
     group.add_argument("--lease-namespace", default="modelguard-system")
+    group.add_argument(
+        "--api-key-namespaces",
+        help="comma-separated namespaces whose Secrets labelled modelguard.io/api-keys=true "
+        "are read (RBAC: a Role there); default: every namespace (a ClusterRole)",
+    )
     group.add_argument("--replica-id", help="this replica's name in the Lease (default: host)")
     group.add_argument("--webhook-host", default="0.0.0.0")
     group.add_argument("--webhook-port", type=int, default=9443, help="0: no webhook")
@@ -96,7 +101,18 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         authenticator = cluster_authenticator(api_client, config.identity)
         plane = ControlPlane(config, authenticator=authenticator)
         tracker = ProgramTracker(plane)
-        source = KubernetesSource(api_client, plane.store, plane.inventory, args.watch_namespace)
+        secret_namespaces = (
+            [ns.strip() for ns in args.api_key_namespaces.split(",") if ns.strip()]
+            if args.api_key_namespaces
+            else None
+        )
+        source = KubernetesSource(
+            api_client,
+            plane.store,
+            plane.inventory,
+            args.watch_namespace,
+            secret_namespaces=secret_namespaces,
+        )
         elector = LeaderElector(api_client, args.lease_namespace, replica_id)
         bundle = None
         if plane.identity is not None:

@@ -33,7 +33,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -181,7 +181,10 @@ class KubernetesSource:
         namespace: str | None = None,
         watch_timeout: int = 300,
         retry_interval: float = 1.0,
+        secret_namespaces: Sequence[str] | None = None,
     ) -> None:
+        # ``secret_namespaces``: read API-key Secrets only there (one watch each), so RBAC
+        # can grant Secrets with namespaced Roles instead of cluster-wide.
         from kubernetes import client
 
         self.store = store
@@ -264,6 +267,19 @@ class KubernetesSource:
         ):
             if name == "secrets":
                 kwargs = {**kwargs, "label_selector": API_KEYS_LABEL}
+                if secret_namespaces is not None:
+                    for secret_ns in secret_namespaces:
+                        self._watched.append(
+                            _Watched(
+                                f"secrets:{secret_ns}",
+                                core.list_namespaced_secret,
+                                {"namespace": secret_ns, "label_selector": API_KEYS_LABEL},
+                                upsert,
+                                delete,
+                                _meta_key,
+                            )
+                        )
+                    continue
             self._watched.append(_Watched(name, fn, kwargs, upsert, delete, _meta_key))
         if inventory is not None:
             inventory.subscribe(self._reconcile_inventory)
@@ -390,8 +406,10 @@ class KubernetesSource:
                 return list(self.cluster.services)
             if watched.name == "endpointslices":
                 return list(self.cluster.slices)
+        namespace = watched.kwargs.get("namespace")
         with self.api_keys._lock:
-            return list(self.api_keys._keys)
+            # A relist of one namespace's Secrets must not drop the others' keys.
+            return [k for k in self.api_keys._keys if namespace is None or k[0] == namespace]
 
     def _notify(self) -> None:
         for listener in list(self._listeners):

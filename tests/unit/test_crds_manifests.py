@@ -46,7 +46,11 @@ def render(directory: Path) -> list[dict[str, Any]]:
             meta["namespace"] = namespace
         if namespace and obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
             for subject in obj.get("subjects", []):
-                if subject.get("kind") == "ServiceAccount":
+                # As kustomize: a subject naming another namespace keeps it.
+                if subject.get("kind") == "ServiceAccount" and subject.get("namespace") in (
+                    None,
+                    "default",
+                ):
                     subject["namespace"] = namespace
         for group in kustomization.get("labels", []):
             meta.setdefault("labels", {}).update(group["pairs"])
@@ -155,6 +159,19 @@ def test_rbac_is_least_privilege(objects: list[dict[str, Any]]) -> None:
             assert rule["apiGroups"] == [""] and rule["resources"] == ["configmaps"], rule
             if writes != {"create"}:  # changing is limited to our own ConfigMap
                 assert rule["resourceNames"] == ["modelguard-ca-root"], rule
+    # Secrets: never cluster-wide; a namespaced Role where API-key Secrets live, read-only.
+    assert not any("secrets" in rule["resources"] for rule in role["rules"])
+    keys = _one(objects, "Role", "modelguard-api-keys")
+    assert keys["metadata"]["namespace"] == "demo"
+    (rule,) = keys["rules"]
+    assert rule["resources"] == ["secrets"] and set(rule["verbs"]) == {"get", "list", "watch"}
+    binding = _one(objects, "RoleBinding", "modelguard-api-keys")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "modelguard", "namespace": "modelguard-system"}
+    ]
+    deployment = _one(objects, "Deployment", "modelguard")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--api-key-namespaces=demo" in container["args"]
     lease = _one(objects, "Role", "modelguard-leader-election")
     assert lease["metadata"]["namespace"] == "modelguard-system"
     for rule in lease["rules"]:
