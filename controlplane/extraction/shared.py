@@ -11,10 +11,11 @@ this module mirrors it both ways:
   down), and applies the difference to its store. Its sidecars then get the verdict through
   the ordinary debounced push, well within a second.
 
-Redis is the truth: a replica (re)starting takes the hash as it is, so verdicts survive
-restarts and Lease moves, and a release made on any replica ends the verdict everywhere
-(a remote release goes through the same ``release`` callable as a local one, so the
-monitor also forgets what the client was suspected of). While Redis is unreachable each
+Redis is the truth: a replica (re)starting takes the hash (plus what its own file held,
+where it has one), so verdicts survive restarts and Lease moves, and a release made on
+any replica ends the verdict everywhere (a remote release goes through the same
+``release`` callable as a local one, so the monitor also forgets what the client was
+suspected of). While Redis is unreachable each
 replica keeps enforcing what it has and retries the write it owes.
 
 Why Redis and not a ``ClientQuarantine`` Kubernetes kind: verdicts are decided at query
@@ -115,6 +116,10 @@ class SharedVerdicts:
                 pipe.execute()
         except (redis.RedisError, OSError) as err:
             self._owed = True
+            # What Redis holds is unknown now (it may come back empty): the retry writes
+            # every local verdict, not only this change. Keeping a verdict someone released
+            # meanwhile is the safe side; releasing one nobody released is not.
+            self._synced = {}
             log.error("verdicts: cannot write to %s (%s); retrying", self.url, err)
             return
         self._owed = False
@@ -155,19 +160,37 @@ class SharedVerdicts:
             ):
                 return False
             version, remote = self._read()
+            if version is None and self._version is not None:
+                # Redis lost its data (restarted without persistence, flushed, failed over
+                # to an empty replica): write back what this replica enforces, then read.
+                log.warning("verdicts: %s came back empty; writing ours back", self.url)
+                self._synced = {}
+                self._push()
+                version, remote = self._read()
             local = {field_of(e): e for e in self.store.active()}
+            # Only what Redis had and lost was released elsewhere; a local verdict Redis has
+            # not seen yet (its listener waits for this lock) is a change still to write,
+            # and so is a local release of something Redis still has.
+            synced = self._synced
             released = {
-                (e.client.key, e.client.policy) for f, e in local.items() if f not in remote
+                (e.client.key, e.client.policy)
+                for f, e in local.items()
+                if f not in remote and f in synced
             }
-            added = [e for f, e in remote.items() if local.get(f) != e]
+            added = [
+                e
+                for f, e in remote.items()
+                if local.get(f) != e and not (f in synced and f not in local)
+            ]
             self._applying = True
             try:
                 for key, policy in sorted(released):
                     self._release(key, policy)
                 # A release ends both kinds of a client: put back what the hash still holds.
                 current = {field_of(e): e for e in self.store.active()}
+                keep_released = {f for f in synced if f not in local}
                 for name, e in remote.items():
-                    if current.get(name) != e:
+                    if current.get(name) != e and name not in keep_released:
                         self.store.put(e)
             finally:
                 self._applying = False
@@ -180,9 +203,12 @@ class SharedVerdicts:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Take the shared verdicts (Redis is the truth), then follow them."""
+        """Take the shared verdicts, add this replica's own (from its file, if any), then
+        follow them."""
         try:
             self.pull(force=True)
+            with self._lock:
+                self._push()  # verdicts this replica had before (its file) join the others
         except (redis.RedisError, OSError) as err:
             log.error("verdicts: %s unreachable at start (%s); following when it is", self.url, err)
         self.store.subscribe(self._local_changed)
