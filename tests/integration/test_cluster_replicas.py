@@ -444,9 +444,7 @@ async def test_a_replica_stopped_with_sigterm_hands_its_sidecars_over_without_a_
     done.set()
     await sender
     failed = [
-        (key, status)
-        for key, status in outcomes
-        if status != (200 if key == "alice" else 403)
+        (key, status) for key, status in outcomes if status != (200 if key == "alice" else 403)
     ]
     print(f"{len(outcomes)} requests during the hand-over, {len(failed)} failed")
     assert len(outcomes) > 40

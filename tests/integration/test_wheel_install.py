@@ -102,7 +102,12 @@ def test_wheel_installed_non_editable_serves_a_real_envoy(
          "--no-index", str(wheel)],
         cwd=tmp_path,
     )  # fmt: skip
-    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=work).strip())  # noqa: E501
+    purelib = Path(
+        _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            cwd=work,
+        ).strip()
+    )
     (purelib / "_modelguard_test_dependencies.pth").write_text(
         sysconfig.get_paths()["purelib"] + "\n"
     )
