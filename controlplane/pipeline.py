@@ -183,6 +183,7 @@ class Pipeline:
     last_rebuild_seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)  # node id → why its snapshot is old
     telemetry: TelemetrySettings | None = None  # what every sidecar records
+    xff_num_trusted_hops: int = 0  # X-Forwarded-For hops every sidecar believes
     # Certificates, API-key digests and mesh services from the identity box (None: no CA).
     mesh_inputs: Callable[[tuple[Sidecar, ...]], MeshInputs] | None = None
     # Quarantines and throttles in force (the extraction monitor's verdicts).
@@ -233,7 +234,8 @@ class Pipeline:
             ir = replicas.ir(sidecar)
             if ir is None:
                 ir = compile_sidecar(
-                    sidecar, policies, telemetry=self.telemetry, mesh=mesh, verdicts=verdicts
+                    sidecar, policies, telemetry=self.telemetry, mesh=mesh, verdicts=verdicts,
+                    xff_num_trusted_hops=self.xff_num_trusted_hops,
                 )
                 replicas.compiled(sidecar, ir)
             previous = self._irs.get(sidecar.node_id)

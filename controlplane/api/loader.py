@@ -231,6 +231,34 @@ def load_paths(paths: Sequence[str | Path]) -> tuple[list[LoadedPolicy], list[Vi
             found, bad = parse_documents(text, str(path))
             loaded.extend(found)
             violations.extend(bad)
+    # The first file in sorted order wins, whatever order the paths were given in: the
+    # same winner the policy store (the watcher) picks.
+    loaded.sort(key=lambda lp: (lp.source, lp.index))
     cross = validate_cross(loaded)
     rejected = {(v.source, v.index) for v in cross}
     return [p for p in loaded if (p.source, p.index) not in rejected], violations + cross
+
+
+def is_empty_policy_text(text: str) -> bool:
+    """No YAML document with content: nothing but blank lines, comments and ``---``."""
+    try:
+        return all(doc is None for doc in yaml.safe_load_all(text))
+    except yaml.YAMLError:
+        return False  # a syntax error is reported as a violation, not as emptiness
+
+
+def empty_policy_files(paths: Sequence[str | Path]) -> list[str]:
+    """The policy files among ``paths`` that hold no policy at all (worth a warning: an
+    empty file is more often a mistake than an intent)."""
+    out = []
+    for given in paths:
+        root = Path(given)
+        files = policy_files(root) if root.is_dir() else [root] if root.is_file() else []
+        for path in files:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue  # reported as a violation by load_paths
+            if is_empty_policy_text(text):
+                out.append(str(path))
+    return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -13,9 +13,12 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from controlplane.adminauth import admin_channel
+from controlplane.cliutil import add_output_arguments, emit, policy_ref
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the CLI imports this module: keep numpy out of its start-up
     from controlplane.extraction.monitor import ExtractionMonitor
@@ -73,6 +76,13 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
         if not request.client_key:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_key: required")
         gone = self.monitor.release(request.client_key, request.policy or None)
+        for e in gone:  # a release is as much an event as a verdict
+            log.warning(
+                "%s of %s (%s) released by an admin request",
+                e.kind,
+                e.client.fingerprint,
+                e.client.policy,
+            )
         return admin_pb2.ReleaseQuarantineResponse(released=[entry(e) for e in gone])
 
     async def GetMonitorStats(
@@ -99,6 +109,7 @@ def monitor_stats(monitor: ExtractionMonitor) -> admin_pb2.MonitorStats:
         clients_expired=stats.expired,
         long_keys=stats.long_keys,
         refused_batches=stats.refused_batches,
+        clients_evicted_by_tenant=dict(stats.evicted_by_tenant),
     )
 
 
@@ -106,17 +117,18 @@ def monitor_stats(monitor: ExtractionMonitor) -> admin_pb2.MonitorStats:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--admin", default="127.0.0.1:18001", help="admin address")
     sub = parser.add_subparsers(dest="quarantine_command", required=True)
     p = sub.add_parser(
         "list",
         help="quarantined clients (and, with --all, throttled ones), and the monitor's counters",
     )
     p.add_argument("--all", action="store_true", help="throttles too")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output_arguments(p)  # wide: when each verdict began, and where the key is read
     p = sub.add_parser("release", help="end a client's quarantine and throttle now")
     p.add_argument("key", help="the client key (e.g. the API key)")
-    p.add_argument("--policy", default="", help="namespace/name: only this policy's")
+    p.add_argument(
+        "--policy", default="", type=policy_ref, help="namespace/name: only this policy's"
+    )
 
 
 def _remaining(until: timestamp_pb2.Timestamp) -> str:
@@ -125,13 +137,17 @@ def _remaining(until: timestamp_pb2.Timestamp) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def render(entries: list[admin_pb2.QuarantineEntry]) -> str:
+def render(entries: list[admin_pb2.QuarantineEntry], wide: bool = False) -> str:
     if not entries:
         return "no clients quarantined"
     rows = [["KIND", "POLICY", "CLIENT", "REMAINING", "REASON"]]
+    if wide:
+        rows[0] += ["SINCE", "KEY SOURCE"]
     for e in entries:
         kind = e.kind if e.kind == "quarantine" else f"throttle {e.requests}/{e.per_seconds}s"
         rows.append([kind, e.policy, e.client_key, _remaining(e.until), e.reason])
+        if wide:
+            rows[-1] += [e.since.ToDatetime().isoformat(timespec="seconds") + "Z", e.key_source]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
@@ -160,6 +176,9 @@ def render_stats(s: admin_pb2.MonitorStats) -> str:
         + (f", {s.long_keys:,} long keys by digest" if s.long_keys else "")
         + ")"
     )
+    if s.clients_evicted_by_tenant:
+        top = sorted(s.clients_evicted_by_tenant.items(), key=lambda kv: -kv[1])[:5]
+        clients += "; evicted by tenant: " + ", ".join(f"{t} {n:,}" for t, n in top)
     return "\n".join(
         [
             f"monitor: {s.queries:,} queries observed in {s.batches:,} batches, {unobserved}",
@@ -193,17 +212,15 @@ def run(args: argparse.Namespace) -> int:
                     admin_pb2.ListQuarantinesRequest(include_throttles=args.all), timeout=5
                 )
                 stats = _stats(stub)
-                if args.json:
-                    out = json_format.MessageToDict(listed, preserving_proto_field_name=True)
+                if args.output in ("json", "yaml"):
+                    out = json_format.MessageToDict(listed)
                     if stats is not None:
                         out["monitor"] = json_format.MessageToDict(
-                            stats,
-                            preserving_proto_field_name=True,
-                            always_print_fields_with_no_presence=True,
+                            stats, always_print_fields_with_no_presence=True
                         )
-                    print(json.dumps(out, indent=2))
+                    print(emit(out, args.output))
                 else:
-                    print(render(list(listed.entries)))
+                    print(render(list(listed.entries), wide=args.output == "wide"))
                     if stats is not None:
                         print("\n" + render_stats(stats))
                 return 0

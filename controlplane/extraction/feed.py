@@ -69,7 +69,13 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
             wait = EXPIRY_POLL if due is None else min(EXPIRY_POLL, max(0.0, due - time.time()))
             await asyncio.sleep(wait)
             try:
-                store.expire()
+                for gone in store.expire():  # a release is as much an event as a verdict
+                    log.warning(
+                        "%s of %s (%s) expired: released",
+                        gone.kind,
+                        gone.client.fingerprint,
+                        gone.client.policy,
+                    )
             except Exception:
                 log.exception("expiring verdicts failed")
 

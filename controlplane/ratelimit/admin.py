@@ -4,7 +4,6 @@ and ``modelguard usage``, which reads the former."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -13,6 +12,7 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from controlplane.adminauth import admin_channel
+from controlplane.cliutil import add_output_arguments, emit, positive_int
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import BackendError, RedisBackend
@@ -106,7 +106,12 @@ def fetch_usage(
         return report
 
 
-def render(report: ratelimit_pb2.UsageReport) -> str:
+def render(report: ratelimit_pb2.UsageReport, limit_filter: str = "", wide: bool = False) -> str:
+    if not report.limits and limit_filter:
+        return (
+            f"no global limit whose name contains {limit_filter!r} has been asked about "
+            f"(backend: {report.backend})"
+        )
     if not report.limits:
         return (
             f"no global limit has been asked about yet (backend: {report.backend}); "
@@ -118,6 +123,7 @@ def render(report: ratelimit_pb2.UsageReport) -> str:
             f"{limit.limit}  {limit.requests} per {limit.window_seconds}s"
             f"{'  (shadow)' if limit.shadow else ''}  window since "
             f"{limit.window_start.ToDatetime().isoformat()}Z"
+            + (f"  policy {limit.policy}" if wide else "")
         )
         rows = [["CLIENT", "USED", "REMAINING", "STATE"]]
         rows += [
@@ -134,9 +140,8 @@ def render(report: ratelimit_pb2.UsageReport) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--admin", default="127.0.0.1:18001", help="admin address")
-    parser.add_argument("--top", type=int, default=10, help="clients per limit")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--top", type=positive_int, default=10, help="clients per limit")
+    add_output_arguments(parser)  # wide: the policy of each limit
     parser.add_argument("limit", nargs="?", default="", help="only limits whose name has this")
 
 
@@ -146,8 +151,12 @@ def run(args: argparse.Namespace) -> int:
     except grpc.RpcError as err:
         print(f"modelguard usage: {args.admin}: {err.details() or err.code()}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(json_format.MessageToDict(report), indent=2))
+    if args.output in ("json", "yaml"):
+        print(emit(json_format.MessageToDict(report), args.output))
     else:
-        print(render(report))
-    return 0
+        found = bool(report.limits) or not args.limit
+        print(
+            render(report, args.limit, wide=args.output == "wide"),
+            file=sys.stdout if found else sys.stderr,
+        )
+    return 1 if args.limit and not report.limits else 0

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from controlplane.api.common import WINDOW_SECONDS, parse_duration
-from controlplane.ratelimit.backend import Backend, BackendError
+from controlplane.ratelimit.backend import Backend, BackendError, Grant
 from controlplane.ratelimit.rules import Rule, window_start
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,27 @@ class Budgets:
         """Count ``hits`` requests; the client's total in the rule's current window."""
         self.rules[rule.limit] = rule
         return await self.backend.add(rule.limit, rule.window, client, hits, self.clock())
+
+    async def grant(
+        self, rule: Rule, client: str, holder: str, *, hits: int, units: int, ttl: float
+    ) -> Grant:
+        """Count ``hits`` and size the next assignment of one holder of ``client``'s budget,
+        in one step (see ``Backend.grant``)."""
+        self.rules[rule.limit] = rule
+        return await self.backend.grant(
+            rule.limit,
+            rule.window,
+            client,
+            holder,
+            hits=hits,
+            budget=rule.requests,
+            units=units,
+            now=self.clock(),
+            ttl=ttl,
+        )
+
+    async def release(self, rule: Rule, client: str, holder: str) -> None:
+        await self.backend.release(rule.limit, rule.window, client, holder, self.clock())
 
     async def hit(self, rule: Rule, client: str, hits: int = 1) -> Decision:
         """Count a request against ``rule`` (and any throttle on its client): the decision."""

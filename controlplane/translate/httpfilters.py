@@ -9,7 +9,7 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import egress, mtls, ratelimit, rbac, router, telemetry, wasm
+from controlplane.translate import caller, egress, mtls, ratelimit, rbac, router, telemetry, wasm
 from controlplane.translate import verdicts as extraction_verdicts
 from controlplane.translate.module import Inbound, Module
 
@@ -17,6 +17,9 @@ __all__ = ["REGISTRY", "Inbound", "Module"]
 
 # Access control first (a denied request costs nothing further), the router last.
 REGISTRY: tuple[Module, ...] = (
+    # Who the caller is: caller-sent x-modelguard-* headers dropped, the verified key id,
+    # tenant and tier (or source address) set, before anything reads them (issue 14).
+    caller.MODULE,
     # Quarantined and throttled clients (extraction verdicts) before anything else.
     extraction_verdicts.MODULE,
     rbac.MODULE,

@@ -69,6 +69,20 @@ def _hardening(h: HardeningIR | None) -> dict[str, Any]:
     return out
 
 
+def _request(extraction: ExtractionIR) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "maxBytes": extraction.max_request_bytes,
+        "maxDepth": extraction.max_depth,
+    }
+    if extraction.max_instances is not None:
+        out["maxInstances"] = extraction.max_instances
+    if extraction.instances is not None:
+        out["instances"] = list(extraction.instances)
+    if extraction.request_format != "json":
+        out["format"] = extraction.request_format
+    return out
+
+
 def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
     """The JSON the filter reads in ``proxy_on_configure`` (wasm/src/filter.c)."""
     key = extraction.client_key
@@ -80,15 +94,21 @@ def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
     elif key.source == "identity":
         client_key = {"identity": True}
     else:
-        # A JWT claim is not readable by the filter yet: its queries are fed as the
-        # anonymous client "" and the monitor treats them together.
+        # Compile reads a jwtClaim key as the header the caller filter copies the verified
+        # claim into (compile.rate.client_key), so policies never get here; an IR built by
+        # hand with a claim is fed as the anonymous client "".
         client_key = {"jwtClaim": key.name}
     config: dict[str, Any] = {
         "policy": f"{extraction.policy.namespace}/{extraction.policy.name}",
         "clientKey": client_key,
         "scores": list(extraction.scores) if extraction.scores is not None else [],
         "maxBodyBytes": extraction.max_body_bytes,
+        "request": _request(extraction),
     }
+    if extraction.response_format != "json":
+        config["responseFormat"] = extraction.response_format
+    if extraction.deny_unhardenable:
+        config["onUnhardenable"] = "Deny"
     if extraction.scores is not None and extraction.output is not None:
         config["output"] = _hardening(extraction.output)
     if extraction.scores is not None and extraction.tier_header and extraction.tiers:
@@ -136,7 +156,9 @@ def _active(extraction: ExtractionIR) -> bool:
     hardens = extraction.scores is not None and (
         extraction.output is not None or any(h != HardeningIR() for _, h in extraction.tiers)
     )
-    return hardens or extraction.feed is not None
+    # Request limits (size, depth, instances) apply to every policy's traffic.
+    limits = extraction.max_request_bytes > 0
+    return hardens or extraction.feed is not None or limits
 
 
 class WasmExtraction(Module):
