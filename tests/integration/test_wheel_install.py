@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.local.envoy import EnvoyProcess
+from controlplane.local.runner import demo_keys
 from controlplane.netutil import free_port, http_request
 from tests.conftest import REPO, Processes
 
@@ -128,9 +129,13 @@ def test_wheel_installed_non_editable_serves_a_real_envoy(
         name="model", env=env, cwd=work,
     )  # fmt: skip
     identity = work / "identity"
+    # The demo policies admit registered keys only (the Secret demo-keys, as `make run` has).
+    key_folder, keys = demo_keys(work)
+    api_key = next(iter(keys.values()))
     plane = processes.start(
         [modelguard, "serve", "--policies", str(REPO / "policies"), "--xds-port", str(xds_port),
-         "--admin-port", str(admin_port), "--verdicts", "", "--identity-dir", str(identity)],
+         "--admin-port", str(admin_port), "--verdicts", "", "--identity-dir", str(identity),
+         "--api-keys", str(key_folder)],
         name="serve", env=env, cwd=work,
     )  # fmt: skip
     # The CA and the bootstrap-token key exist once the control plane listens.
@@ -163,7 +168,7 @@ def test_wheel_installed_non_editable_serves_a_real_envoy(
                 "POST",
                 f"http://127.0.0.1:{listen_port}/v1/predict",
                 json.dumps(INSTANCE).encode(),
-                {"content-type": "application/json", "x-api-key": "demo-key"},
+                {"content-type": "application/json", "x-api-key": api_key},
                 timeout=5.0,
             )
         except OSError:
