@@ -105,6 +105,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 egress_blocked=blocked.get(node.node_id, []),
                 envoy_admin=plane.envoy_admins.get(node.node_id, ""),
             )
+            for peer, since in node.replaced:
+                entry.replaced_streams.add(peer=peer, connected_at=_timestamp(since))
             if sidecar is not None:
                 entry.service, entry.namespace = sidecar.service, sidecar.namespace
                 entry.identity = sidecar.identity

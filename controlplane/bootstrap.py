@@ -137,7 +137,7 @@ class XdsCredentials:
         trust_domain = sidecar.identity.removeprefix("spiffe://").split("/", 1)[0]
         return cls(
             token=BootstrapTokens.load_or_create(identity_dir).issue(
-                sidecar.node_id, sidecar.identity
+                sidecar.node_id, sidecar.identity, sidecar.service, sidecar.namespace
             ),
             ca_pem=root_pem(identity_dir),
             server_id=control_plane_id(trust_domain),

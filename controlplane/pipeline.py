@@ -28,6 +28,9 @@ from controlplane.xds.snapshot import InconsistentSnapshot
 
 log = logging.getLogger(__name__)
 
+# The longest stretch a rebuild holds the event loop (seconds) before it lets others run.
+REBUILD_SLICE = 0.05
+
 
 class Debouncer:
     """Calls ``action`` once things have been quiet for ``quiet`` s, at most ``max_delay`` late.
@@ -230,7 +233,13 @@ class Pipeline:
         self.shapes.begin()
         replicas = _Replicas(mesh)
         same_ir = _Comparer().same
+        sliced = time.perf_counter()
         for sidecar in sidecars:
+            if batch and time.perf_counter() - sliced > REBUILD_SLICE:
+                # Large policies (up to api.limits) take tens of ms per distinct sidecar:
+                # let ADS and the admin API run between slices, not only every ``batch``.
+                yield
+                sliced = time.perf_counter()
             ir = replicas.ir(sidecar)
             if ir is None:
                 ir = compile_sidecar(
@@ -254,6 +263,7 @@ class Pipeline:
                 changed.append(sidecar.node_id)
                 if batch and len(changed) % batch == 0:
                     yield
+                    sliced = time.perf_counter()
         self.shapes.end()
         self.rebuilds += 1
         self.compiled_revision = policy_set.revision

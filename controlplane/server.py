@@ -25,6 +25,7 @@ from google.protobuf import json_format
 from controlplane.admin import AdminService
 from controlplane.adminauth import server_interceptors
 from controlplane.bootstrap import ENVOY_ADMIN_KEY
+from controlplane.compile import targets
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.extraction.routing import FeedRouter
@@ -33,7 +34,7 @@ from controlplane.identity.interceptor import SidecarAuthInterceptor
 from controlplane.identity.kubernetes import AuthenticationPending
 from controlplane.identity.plaintext import PlaintextWatch
 from controlplane.identity.service import IdentityConfig, IdentityService
-from controlplane.identity.tokens import AuthenticationError, SidecarAuthenticator
+from controlplane.identity.tokens import AuthenticationError, Caller, SidecarAuthenticator
 from controlplane.inventory import Inventory, InventoryError, Sidecar
 from controlplane.netutil import port_in_use_message
 from controlplane.pipeline import Debouncer, Pipeline
@@ -183,6 +184,7 @@ class ControlPlane:
                 config.replica_id or f"{socket.gethostname()}-{os.getpid()}",
                 self.extraction.monitor.report,
             )
+        self.extraction.feed.authorize = self._feed_authorized
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
         self.admin_port = 0
@@ -220,6 +222,32 @@ class ControlPlane:
             raise RejectNode(str(err), grpc.StatusCode.UNAUTHENTICATED, pending=True) from err
         except AuthenticationError as err:
             raise RejectNode(str(err), grpc.StatusCode.UNAUTHENTICATED) from err
+
+    def _feed_authorized(self, caller: Caller, node_id: str, policy: str) -> str | None:
+        """A sidecar may report only for an ExtractionPolicy that targets it, as the
+        inventory (its authenticated node metadata) describes it, and as its credential's
+        identity. A batch for no known policy goes on: the monitor counts it as such."""
+        namespace, _, name = policy.partition("/")
+        found = [
+            p for p in self.store.current().policies
+            if p.kind == "ExtractionPolicy"
+            and (p.metadata.namespace, p.metadata.name) == (namespace, name)
+        ]
+        if not found:
+            return None
+        sidecar = self.inventory.get(node_id)
+        if sidecar is None:
+            return f"node {node_id!r} is not connected: it reports for no policy"
+        if sidecar.identity != caller.identity or caller.workload not in (
+            None, (sidecar.service, sidecar.namespace)
+        ):
+            return f"node {node_id!r} is not {caller.identity}"
+        if not targets(found[0], sidecar):
+            return (
+                f"policy {policy} does not target node {node_id!r} "
+                f"({sidecar.service}.{sidecar.namespace})"
+            )
+        return None
 
     def _on_connect(self, node: base_pb2.Node) -> None:
         try:
@@ -304,7 +332,7 @@ class ControlPlane:
         )
         AdminService(self).add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
-        QuarantineAdmin(self.extraction.monitor).add_to(self._admin_server)
+        QuarantineAdmin(self.extraction.monitor, self.rate_limits).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
         admin_server = self._admin_server
         self.admin_port = _bind(

@@ -91,6 +91,11 @@ def render(report: admin_pb2.StatusReport, wide: bool = False) -> str:
         )
         if wide:
             rows[-1] += [sidecar.peer or "-", sidecar.identity or "-"]
+        for old in sidecar.replaced_streams:
+            problems.append(
+                f"  {sidecar.node_id}: a second stream (from {sidecar.peer}) replaced the one "
+                f"from {old.peer} (connected {old.connected_at.ToDatetime().isoformat()}Z)"
+            )
         for r in sidecar.resources:
             if r.last_nack_error:
                 problems.append(
@@ -99,7 +104,7 @@ def render(report: admin_pb2.StatusReport, wide: bool = False) -> str:
                 )
     out = [_table(rows) if report.sidecars else "no sidecars connected"]
     if problems:
-        out += ["", "NACKs:", *problems]
+        out += ["", "NACKs and replaced streams:", *problems]
     out += _egress_blocked(report)
     prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
     errors = []

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from controlplane.api.base import API_VERSION, Metadata, Model
 from controlplane.api.kinds import KINDS, Policy
+from controlplane.api.limits import file_too_large, too_many_rules
 from controlplane.api.violations import Violation, from_validation_error
 
 SUFFIXES = (".yaml", ".yml")
@@ -98,6 +99,9 @@ def validate_document(
     def violation(path: str, message: str) -> Violation:
         return Violation(source, index, kind, name, path, message)
 
+    over = too_many_rules(doc)
+    if over is not None:  # before pydantic builds a model per rule
+        return None, [violation(*over)]
     found = []
     if doc.get("apiVersion") != API_VERSION:
         found.append(violation("apiVersion", f"must be {API_VERSION}"))
@@ -220,6 +224,10 @@ def load_paths(paths: Sequence[str | Path]) -> tuple[list[LoadedPolicy], list[Vi
                 continue
             seen.add(path.resolve())
             try:
+                too_large = file_too_large(path.stat().st_size)
+                if too_large is not None:
+                    violations.append(Violation(str(path), None, None, None, "", too_large))
+                    continue
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 violations.append(Violation(str(path), None, None, None, "", "not UTF-8 text"))

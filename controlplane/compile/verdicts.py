@@ -23,10 +23,12 @@ def _client(policy: ExtractionPolicy, e: Enforcement) -> ClientVerdictIR | None:
     key = client_key(policy.spec.client_key)
     if key.source not in ENFORCEABLE or not e.client.key:
         return None
+    if (key.source == "header") != e.client.digested:
+        return None  # a header verdict carries the key's digest (``ClientRef.of``), never a key
     return ClientVerdictIR(
         policy=PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name),
         client_key=key,
-        value=e.client.key,
+        value=e.client.key,  # a header key's SHA-256: the sidecar matches digests
         requests=e.requests,
         window_seconds=e.per_seconds,
     )

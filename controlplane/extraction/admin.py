@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from controlplane.adminauth import admin_channel
 from controlplane.cliutil import add_output_arguments, emit, policy_ref
-from controlplane.extraction.verdicts import Enforcement
+from controlplane.extraction.verdicts import Enforcement, digest, fingerprint_of
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
 
@@ -34,7 +35,8 @@ def entry(e: Enforcement) -> admin_pb2.QuarantineEntry:
     return admin_pb2.QuarantineEntry(
         kind=e.kind,
         policy=e.client.policy,
-        client_key=e.client.key,
+        client_key=e.client.shown,
+        fingerprint=e.client.fingerprint,
         key_source=e.client.source,
         since=_timestamp(e.since),
         until=_timestamp(e.until),
@@ -44,9 +46,38 @@ def entry(e: Enforcement) -> admin_pb2.QuarantineEntry:
     )
 
 
+class RuntimeThrottles(Protocol):
+    """Run-time throttles set through the rate limit admin API (``RateLimits.Throttle``):
+    ``quarantine list --all`` shows them and ``quarantine release`` ends them too."""
+
+    def runtime_throttles(self) -> Mapping[tuple[str, str], object]: ...
+
+    def unthrottle(
+        self, client: str, policy: str | None = None
+    ) -> Awaitable[list[tuple[str, str]]]: ...
+
+
+def _runtime_entry(policy: str, client: str, throttle: object) -> admin_pb2.QuarantineEntry:
+    until = float(getattr(throttle, "until", 0.0))
+    return admin_pb2.QuarantineEntry(
+        kind="runtime-throttle",
+        policy=policy,  # the RatePolicy's namespace/name
+        client_key=fingerprint_of(digest(client)),
+        fingerprint=fingerprint_of(digest(client)),
+        key_source="rateLimit",
+        until=_timestamp(until),
+        reason="run-time throttle (RateLimits.Throttle)",
+        requests=int(getattr(throttle, "requests", 0)),
+        per_seconds=int(getattr(throttle, "per", 0)),
+    )
+
+
 class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
-    def __init__(self, monitor: ExtractionMonitor) -> None:
+    def __init__(
+        self, monitor: ExtractionMonitor, throttles: RuntimeThrottles | None = None
+    ) -> None:
         self.monitor = monitor
+        self.throttles = throttles
 
     def add_to(self, server: grpc.aio.Server) -> None:
         admin_pb2_grpc.add_QuarantinesServicer_to_server(self, decode_checked(server))
@@ -58,13 +89,17 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
             admin_pb2.ListQuarantinesRequest, admin_pb2.QuarantineList
         ],
     ) -> admin_pb2.QuarantineList:
-        return admin_pb2.QuarantineList(
+        listed = admin_pb2.QuarantineList(
             entries=[
                 entry(e)
                 for e in self.monitor.verdicts.active()
                 if request.include_throttles or e.kind == "quarantine"
             ]
         )
+        if request.include_throttles and self.throttles is not None:
+            for (policy, client), t in sorted(self.throttles.runtime_throttles().items()):
+                listed.entries.append(_runtime_entry(policy, client, t))
+        return listed
 
     async def ReleaseQuarantine(
         self,
@@ -75,7 +110,9 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
     ) -> admin_pb2.ReleaseQuarantineResponse:
         if not request.client_key:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_key: required")
-        gone = self.monitor.release(request.client_key, request.policy or None)
+        gone = await asyncio.to_thread(
+            self.monitor.release, request.client_key, request.policy or None
+        )
         for e in gone:  # a release is as much an event as a verdict
             log.warning(
                 "%s of %s (%s) released by an admin request",
@@ -83,7 +120,15 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
                 e.client.fingerprint,
                 e.client.policy,
             )
-        return admin_pb2.ReleaseQuarantineResponse(released=[entry(e) for e in gone])
+        released = [entry(e) for e in gone]
+        if self.throttles is not None:
+            # A released client is not left throttled by hand either (issue 18, item 10).
+            before = dict(self.throttles.runtime_throttles())
+            for policy, client in await self.throttles.unthrottle(
+                request.client_key, request.policy or None
+            ):
+                released.append(_runtime_entry(policy, client, before.get((policy, client))))
+        return admin_pb2.ReleaseQuarantineResponse(released=released)
 
     async def GetMonitorStats(
         self,
@@ -125,7 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="throttles too")
     add_output_arguments(p)  # wide: when each verdict began, and where the key is read
     p = sub.add_parser("release", help="end a client's quarantine and throttle now")
-    p.add_argument("key", help="the client key (e.g. the API key)")
+    p.add_argument(
+        "key", help="the client key (e.g. the API key), its SHA-256 or its fingerprint"
+    )
     p.add_argument(
         "--policy", default="", type=policy_ref, help="namespace/name: only this policy's"
     )
@@ -144,7 +191,7 @@ def render(entries: list[admin_pb2.QuarantineEntry], wide: bool = False) -> str:
     if wide:
         rows[0] += ["SINCE", "KEY SOURCE"]
     for e in entries:
-        kind = e.kind if e.kind == "quarantine" else f"throttle {e.requests}/{e.per_seconds}s"
+        kind = e.kind if e.kind == "quarantine" else f"{e.kind} {e.requests}/{e.per_seconds}s"
         rows.append([kind, e.policy, e.client_key, _remaining(e.until), e.reason])
         if wide:
             rows[-1] += [e.since.ToDatetime().isoformat(timespec="seconds") + "Z", e.key_source]
@@ -232,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
         return 2
     if not released.released:
-        print(f"{args.key}: not quarantined or throttled", file=sys.stderr)
+        print(f"{args.key}: not quarantined or throttled", file=sys.stderr)  # what was typed
         return 1
     for e in released.released:
         print(f"released {e.kind} of {e.client_key} ({e.policy})")

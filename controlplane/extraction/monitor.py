@@ -55,6 +55,7 @@ from controlplane.extraction.verdicts import (
     Verdict,
     VerdictSink,
     VerdictStore,
+    matches,
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
 
@@ -649,7 +650,8 @@ class ExtractionMonitor:
             self._detection(policy, client_key, tuple(evidence), now)
 
     def _ref(self, policy: WatchedPolicy, client_key: str) -> ClientRef:
-        return ClientRef(policy.key, client_key, policy.key_source, policy.key_header)
+        # Digested here: no raw key reaches the verdict store, events or admin answers.
+        return ClientRef.of(policy.key, client_key, policy.key_source, policy.key_header)
 
     def _emit(self, verdict: Verdict) -> None:
         self.stats.verdicts[f"{verdict.stage}:{verdict.action}"] += 1
@@ -704,7 +706,10 @@ class ExtractionMonitor:
         """End a client's quarantine and throttle, and forget what it was suspected of."""
         with self._lock:
             tracked = tracking_key(key)
-            for client in [c for c in self._clients if c[1] == tracked]:
+            # By the key itself, its digest or its fingerprint (what `quarantine list` shows).
+            for client in [
+                c for c in self._clients if c[1] == tracked or matches(key, c[1], digested=False)
+            ]:
                 if policy is None or client[0] == policy:
                     self._forget(client, self._clients.pop(client))
         self.throttler.release(key, policy)

@@ -141,7 +141,17 @@ def keys_of(
     problems: list[str],
 ) -> tuple[ApiKey, ...]:
     """A Secret's (id, value or None, field) entries and annotations → its keys, sorted.
-    A problem names the Secret and entry, never a value; a bad entry is left out."""
+    A problem names the Secret and entry, never a value; a bad entry is left out, and a
+    Secret over ``MAX_KEYS_PER_SECRET`` keys is refused whole (files and cluster alike)."""
+    from controlplane.api.limits import MAX_KEYS_PER_SECRET
+
+    values = list(values)
+    if len(values) > MAX_KEYS_PER_SECRET:
+        problems.append(
+            f"{where}: stringData/data: {len(values):,} keys, "
+            f"over the limit of {MAX_KEYS_PER_SECRET:,} per Secret"
+        )
+        return ()
     defaults, per_key = _metadata(annotations, where, problems)
     keys = []
     seen = set()
@@ -206,8 +216,14 @@ def load(paths: Iterable[str | Path]) -> tuple[Digests, list[str]]:
             files += sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
         elif path.exists():
             files.append(path)
+    from controlplane.api.limits import file_too_large
+
     for file in files:
         try:
+            too_large = file_too_large(file.stat().st_size)
+            if too_large is not None:
+                problems.append(f"{file}: {too_large}")
+                continue
             docs = list(yaml.safe_load_all(file.read_text()))
         except (OSError, yaml.YAMLError) as err:
             problems.append(f"{file}: cannot read YAML ({type(err).__name__})")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from controlplane.bootstrap import XdsCredentials, build_bootstrap, render_bootstrap
+from controlplane.bootstrap import XdsCredentials, write_bootstrap
 from controlplane.identity.apikeys import digest
 from controlplane.identity.service import config_from_args as identity_config_from_args
 from controlplane.inventory import Sidecar
@@ -244,15 +244,19 @@ async def _serve(args: argparse.Namespace) -> None:
             if plane.identity is not None
             else None
         )
-        bootstrap = build_bootstrap(
+        # As `modelguard bootstrap -o` writes it: the bootstrap (0600) holds no secret, the
+        # token is in its own 0600 file beside it, read by Envoy through file SDS.
+        bootstrap_path = write_bootstrap(
+            workdir / "sidecar-bootstrap.yaml",
             sidecar,
             xds_host="127.0.0.1",
             xds_port=plane.xds_port,
             admin_port=envoy_admin,
             credentials=credentials,
         )
-        (workdir / "sidecar-bootstrap.yaml").write_text(render_bootstrap(bootstrap))
-        envoy = EnvoyProcess(bootstrap, admin_port=envoy_admin, log_path=workdir / "envoy.log")
+        envoy = EnvoyProcess(
+            bootstrap_path.read_text(), admin_port=envoy_admin, log_path=workdir / "envoy.log"
+        )
         envoy.start()
         await asyncio.to_thread(envoy.wait_ready, 30)
         print(banner(args, plane.admin_port, workdir, envoy_admin, keys), flush=True)

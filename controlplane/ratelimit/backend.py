@@ -99,6 +99,8 @@ class Backend(Protocol):
 
     async def throttles(self, now: float) -> dict[tuple[str, str], str]: ...
 
+    async def delete_throttle(self, policy: str, client: str) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -174,6 +176,9 @@ class MemoryBackend:
         for key in [k for k, (_, until) in self._throttles.items() if until <= now]:
             del self._throttles[key]
         return {k: v for k, (v, _) in self._throttles.items()}
+
+    async def delete_throttle(self, policy: str, client: str) -> None:
+        self._throttles.pop((policy, client), None)
 
     async def close(self) -> None:
         return None
@@ -320,6 +325,12 @@ class RedisBackend:
             policy, _, client = str(key)[len(prefix) :].partition("\x00")
             out[(policy, client)] = str(value)
         return out
+
+    async def delete_throttle(self, policy: str, client: str) -> None:
+        try:
+            await self._redis.delete(f"{KEY_PREFIX}:throttle:{policy}\x00{client}")
+        except (TimeoutError, RedisError, OSError) as err:
+            raise BackendError(f"redis {self.url}: {err}") from err
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -40,7 +40,7 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import Backend, BackendError, MemoryBackend, RedisBackend
-from controlplane.ratelimit.budgets import Budgets, Decision, tightest
+from controlplane.ratelimit.budgets import Budgets, Decision, Throttle, tightest
 from controlplane.ratelimit.rules import UNITS_KEY, Rule, units
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,10 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
                     )
                     tokens = granted.tokens
             except BackendError as err:
-                log.warning("quota for %s/%s not assigned: %s", rule.limit, client, err)
+                # A client key may be an API key: logs name it by fingerprint only.
+                log.warning(
+                    "quota for %s/%s not assigned: %s", rule.limit, _fingerprint(client), err
+                )
                 if key not in stream.assigned:
                     # A bucket that never had an assignment would stay under the sidecar's
                     # no-assignment behaviour (allow, for both failure modes): expire it at
@@ -240,9 +243,27 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
                     # assignment keeps it until it expires.
                     response.bucket_action.append(self._expired_action(usage.bucket_id))
                 continue
+            if tokens > 0 and stream.assigned.get(key, 0) > 0 and not rule.shadow:
+                # Envoy 1.40 keeps a token bucket's state across token-bucket assignments
+                # (measured: a grant shrunk from 29 to 5 let 3 requests through, not 5; a
+                # lifted throttle's drained bucket stayed at 0), so a new grant would not
+                # be what the sidecar serves. A deny-all first, in the same response, makes
+                # it start the grant's bucket anew, full; deny, not allow, so nothing slips
+                # through in between.
+                response.bucket_action.append(self._blanket_action(usage.bucket_id, allow=False))
             stream.assigned[key] = tokens
             response.bucket_action.append(self._action(rule, client, usage.bucket_id, tokens))
         return response
+
+    def _blanket_action(
+        self, bucket_id: rlqs_pb2.BucketId, *, allow: bool
+    ) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+        action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
+        action.quota_assignment_action.rate_limit_strategy.blanket_rule = (
+            Strategy.ALLOW_ALL if allow else Strategy.DENY_ALL
+        )
+        action.quota_assignment_action.assignment_time_to_live.FromSeconds(self.assignment_ttl)
+        return action
 
     def _action(
         self, rule: Rule, client: str, bucket_id: rlqs_pb2.BucketId, tokens: int
@@ -286,14 +307,42 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
         return action
 
     async def _push_throttle(self, policy: str, client: str) -> None:
+        lifted = self.budgets.throttle_for(policy, client) is None
         for stream in list(self._streams):
-            actions = [
-                self._action(rule, c, bucket_id, stream.assigned.get(key, 0))
+            held = [
+                (key, rule, bucket_id)
                 for key, (rule, bucket_id) in stream.buckets.items()
-                if (c := key[1]) == client and rule.policy == policy and key in stream.assigned
+                if key[1] == client and rule.policy == policy and key in stream.assigned
+            ]
+            if lifted and held:
+                # Envoy keeps a token bucket's drained tokens across token-bucket assignments
+                # (measured: a lifted 1/day throttle stayed 429), so a lifted throttle first
+                # goes through an allow-all assignment, and the budget's bucket starts anew.
+                stream.outbox.put_nowait(
+                    rlqs_pb2.RateLimitQuotaResponse(
+                        bucket_action=[self._allow_action(b) for _, _, b in held]
+                    )
+                )
+            actions = [
+                self._action(rule, key[1], bucket_id, stream.assigned.get(key, 0))
+                for key, rule, bucket_id in held
             ]
             if actions:
                 stream.outbox.put_nowait(rlqs_pb2.RateLimitQuotaResponse(bucket_action=actions))
+
+    def _allow_action(
+        self, bucket_id: rlqs_pb2.BucketId
+    ) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+        action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
+        action.quota_assignment_action.rate_limit_strategy.blanket_rule = Strategy.ALLOW_ALL
+        action.quota_assignment_action.assignment_time_to_live.FromSeconds(self.assignment_ttl)
+        return action
+
+
+def _fingerprint(client: str) -> str:
+    from controlplane.extraction.verdicts import digest, fingerprint_of
+
+    return fingerprint_of(digest(client))
 
 
 class RateLimitServices:
@@ -325,6 +374,13 @@ class RateLimitServices:
     ) -> None:
         """Throttle one client of one policy at run time (see ``Budgets.throttle``)."""
         await self.budgets.throttle(policy, client, requests, per, until)
+
+    def runtime_throttles(self) -> dict[tuple[str, str], Throttle]:
+        return self.budgets.runtime_throttles()
+
+    async def unthrottle(self, client: str, policy: str | None = None) -> list[tuple[str, str]]:
+        """End run-time throttles of a client (see ``Budgets.unthrottle``)."""
+        return await self.budgets.unthrottle(client, policy)
 
 
 def backend_from_url(url: str) -> Backend:

@@ -20,7 +20,8 @@ REGISTRY: tuple[Module, ...] = (
     # Who the caller is: caller-sent x-modelguard-* headers dropped, the verified key id,
     # tenant and tier (or source address) set, before anything reads them (issue 14).
     caller.MODULE,
-    # Quarantined and throttled clients (extraction verdicts) before anything else.
+    # Quarantined and throttled clients (extraction verdicts) before anything else: they
+    # may key on the verified key id the caller filter just set.
     extraction_verdicts.MODULE,
     rbac.MODULE,
     # Rate limits: header renaming first (responses cross it last), then the free local

@@ -77,7 +77,7 @@ class System:
 
     def quarantined(self, key: str) -> bool:
         return any(
-            e.kind == "quarantine" and e.client.key == key
+            e.kind == "quarantine" and e.client.named_by(key)  # stored by digest
             for e in self.plane.extraction.verdicts.active()
         )
 

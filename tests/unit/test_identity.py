@@ -223,10 +223,14 @@ def test_bootstrap_token_names_its_sidecar_for_calls_without_a_node(tmp_path: Pa
     token = tokens.issue(SIDECAR.node_id, ID)
     for metadata in ({"authorization": f"Bearer {token}"}, {TOKEN_METADATA: token}):
         caller = tokens.identify(metadata)
-        assert caller == Caller(identity=ID, node_ids=frozenset({SIDECAR.node_id}))
+        assert caller == Caller(
+            identity=ID, node_ids=frozenset({SIDECAR.node_id}),
+            workload=(SIDECAR.service, SIDECAR.namespace),
+        )
         assert caller.is_node(SIDECAR.node_id) and not caller.is_node("other-0")
         tokens.authenticate(SIDECAR, metadata)  # ADS: both header forms
-    version, node, spiffe, mac = token.split(".")
+    version, node, spiffe, service, namespace, mac = token.split(".")
+    spiffe = ".".join([spiffe, service, namespace])
     forged = {
         "other node, same MAC": ".".join([version, "b3RoZXItMA", spiffe, mac]),
         "non-ASCII MAC": f"{version}.{node}.{spiffe}.\u00e9{mac[1:]}",

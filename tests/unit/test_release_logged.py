@@ -16,7 +16,7 @@ from controlplane.gen.modelguard.admin.v1 import admin_pb2
 
 
 def _quarantine(key: str, until: float) -> Enforcement:
-    client = ClientRef("demo/digits-model", key, "header", "x-api-key")
+    client = ClientRef.of("demo/digits-model", key, "header", "x-api-key")  # digested
     return Enforcement("quarantine", client, time.time() - 1, until, "prada")
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelguard/admin/v1/admin.proto\x12\x13modelguard.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x10GetStatusRequest\x12\x13\n\x0bnode_filter\x18\x01 \x01(\t\"\xb3\x02\n\x0cStatusReport\x12\x34\n\x08sidecars\x18\x01 \x03(\x0b\x32\".modelguard.admin.v1.SidecarStatus\x12\x33\n\x08policies\x18\x02 \x03(\x0b\x32!.modelguard.admin.v1.PolicyStatus\x12\x15\n\rsource_errors\x18\x03 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12?\n\x07refused\x18\x05 \x03(\x0b\x32..modelguard.admin.v1.StatusReport.RefusedEntry\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xd4\x02\n\rSidecarStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0e\n\x06stream\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10snapshot_version\x18\x08 \x01(\t\x12\x34\n\tresources\x18\t \x03(\x0b\x32!.modelguard.admin.v1.ResourceSync\x12\r\n\x05state\x18\n \x01(\t\x12\x38\n\x0e\x65gress_blocked\x18\x0b \x03(\x0b\x32 .modelguard.admin.v1.EgressBlock\x12\x13\n\x0b\x65nvoy_admin\x18\x0c \x01(\t\"\x93\x01\n\x0b\x45gressBlock\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xea\x01\n\x0cResourceSync\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08type_url\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x14\n\x0csent_version\x18\x04 \x01(\t\x12\x15\n\racked_version\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x19\n\x11last_nack_version\x18\x07 \x01(\t\x12\x17\n\x0flast_nack_error\x18\x08 \x01(\t\x12\x32\n\x0elast_nack_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb5\x01\n\x0cPolicyStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x07 \x03(\t\x12\x10\n\x08sidecars\x18\x08 \x03(\t\x12\x0f\n\x07serving\x18\t \x01(\x08\x12\x10\n\x08warnings\x18\n \x03(\t\"3\n\x16ListQuarantinesRequest\x12\x19\n\x11include_throttles\x18\x01 \x01(\x08\"\xe4\x01\n\x0fQuarantineEntry\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nclient_key\x18\x03 \x01(\t\x12\x12\n\nkey_source\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08requests\x18\x08 \x01(\r\x12\x13\n\x0bper_seconds\x18\t \x01(\r\"G\n\x0eQuarantineList\x12\x35\n\x07\x65ntries\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.QuarantineEntry\">\n\x18ReleaseQuarantineRequest\x12\x12\n\nclient_key\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"S\n\x19ReleaseQuarantineResponse\x12\x36\n\x08released\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.QuarantineEntry\"\x15\n\x13MonitorStatsRequest\"\x8b\x06\n\x0cMonitorStats\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x0f\n\x07queries\x18\x02 \x01(\x04\x12\x12\n\nunobserved\x18\x03 \x01(\x04\x12W\n\x14unobserved_by_reason\x18\x04 \x03(\x0b\x32\x39.modelguard.admin.v1.MonitorStats.UnobservedByReasonEntry\x12\x45\n\nunparsable\x18\x05 \x03(\x0b\x32\x31.modelguard.admin.v1.MonitorStats.UnparsableEntry\x12\x16\n\x0eunknown_policy\x18\x06 \x01(\x04\x12\x41\n\x08verdicts\x18\x07 \x03(\x0b\x32/.modelguard.admin.v1.MonitorStats.VerdictsEntry\x12\x17\n\x0f\x63lients_tracked\x18\x08 \x01(\x04\x12\x13\n\x0b\x63lients_max\x18\t \x01(\x04\x12\x17\n\x0f\x63lients_evicted\x18\n \x01(\x04\x12\x17\n\x0f\x63lients_expired\x18\x0b \x01(\x04\x12\x11\n\tlong_keys\x18\x0c \x01(\x04\x12\x17\n\x0frefused_batches\x18\r \x01(\x04\x12`\n\x19\x63lients_evicted_by_tenant\x18\x0e \x03(\x0b\x32=.modelguard.admin.v1.MonitorStats.ClientsEvictedByTenantEntry\x1a\x39\n\x17UnobservedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fUnparsableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a/\n\rVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a=\n\x1b\x43lientsEvictedByTenantEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32^\n\x05\x41\x64min\x12U\n\tGetStatus\x12%.modelguard.admin.v1.GetStatusRequest\x1a!.modelguard.admin.v1.StatusReport2\xc6\x02\n\x0bQuarantines\x12\x63\n\x0fListQuarantines\x12+.modelguard.admin.v1.ListQuarantinesRequest\x1a#.modelguard.admin.v1.QuarantineList\x12r\n\x11ReleaseQuarantine\x12-.modelguard.admin.v1.ReleaseQuarantineRequest\x1a..modelguard.admin.v1.ReleaseQuarantineResponse\x12^\n\x0fGetMonitorStats\x12(.modelguard.admin.v1.MonitorStatsRequest\x1a!.modelguard.admin.v1.MonitorStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelguard/admin/v1/admin.proto\x12\x13modelguard.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x10GetStatusRequest\x12\x13\n\x0bnode_filter\x18\x01 \x01(\t\"\xb3\x02\n\x0cStatusReport\x12\x34\n\x08sidecars\x18\x01 \x03(\x0b\x32\".modelguard.admin.v1.SidecarStatus\x12\x33\n\x08policies\x18\x02 \x03(\x0b\x32!.modelguard.admin.v1.PolicyStatus\x12\x15\n\rsource_errors\x18\x03 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12?\n\x07refused\x18\x05 \x03(\x0b\x32..modelguard.admin.v1.StatusReport.RefusedEntry\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x93\x03\n\rSidecarStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0e\n\x06stream\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10snapshot_version\x18\x08 \x01(\t\x12\x34\n\tresources\x18\t \x03(\x0b\x32!.modelguard.admin.v1.ResourceSync\x12\r\n\x05state\x18\n \x01(\t\x12\x38\n\x0e\x65gress_blocked\x18\x0b \x03(\x0b\x32 .modelguard.admin.v1.EgressBlock\x12\x13\n\x0b\x65nvoy_admin\x18\x0c \x01(\t\x12=\n\x10replaced_streams\x18\r \x03(\x0b\x32#.modelguard.admin.v1.ReplacedStream\"P\n\x0eReplacedStream\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x01\n\x0b\x45gressBlock\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xea\x01\n\x0cResourceSync\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08type_url\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x14\n\x0csent_version\x18\x04 \x01(\t\x12\x15\n\racked_version\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x19\n\x11last_nack_version\x18\x07 \x01(\t\x12\x17\n\x0flast_nack_error\x18\x08 \x01(\t\x12\x32\n\x0elast_nack_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb5\x01\n\x0cPolicyStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x07 \x03(\t\x12\x10\n\x08sidecars\x18\x08 \x03(\t\x12\x0f\n\x07serving\x18\t \x01(\x08\x12\x10\n\x08warnings\x18\n \x03(\t\"3\n\x16ListQuarantinesRequest\x12\x19\n\x11include_throttles\x18\x01 \x01(\x08\"\xf9\x01\n\x0fQuarantineEntry\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nclient_key\x18\x03 \x01(\t\x12\x12\n\nkey_source\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08requests\x18\x08 \x01(\r\x12\x13\n\x0bper_seconds\x18\t \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\"G\n\x0eQuarantineList\x12\x35\n\x07\x65ntries\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.QuarantineEntry\">\n\x18ReleaseQuarantineRequest\x12\x12\n\nclient_key\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"S\n\x19ReleaseQuarantineResponse\x12\x36\n\x08released\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.QuarantineEntry\"\x15\n\x13MonitorStatsRequest\"\x8b\x06\n\x0cMonitorStats\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x0f\n\x07queries\x18\x02 \x01(\x04\x12\x12\n\nunobserved\x18\x03 \x01(\x04\x12W\n\x14unobserved_by_reason\x18\x04 \x03(\x0b\x32\x39.modelguard.admin.v1.MonitorStats.UnobservedByReasonEntry\x12\x45\n\nunparsable\x18\x05 \x03(\x0b\x32\x31.modelguard.admin.v1.MonitorStats.UnparsableEntry\x12\x16\n\x0eunknown_policy\x18\x06 \x01(\x04\x12\x41\n\x08verdicts\x18\x07 \x03(\x0b\x32/.modelguard.admin.v1.MonitorStats.VerdictsEntry\x12\x17\n\x0f\x63lients_tracked\x18\x08 \x01(\x04\x12\x13\n\x0b\x63lients_max\x18\t \x01(\x04\x12\x17\n\x0f\x63lients_evicted\x18\n \x01(\x04\x12\x17\n\x0f\x63lients_expired\x18\x0b \x01(\x04\x12\x11\n\tlong_keys\x18\x0c \x01(\x04\x12\x17\n\x0frefused_batches\x18\r \x01(\x04\x12`\n\x19\x63lients_evicted_by_tenant\x18\x0e \x03(\x0b\x32=.modelguard.admin.v1.MonitorStats.ClientsEvictedByTenantEntry\x1a\x39\n\x17UnobservedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fUnparsableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a/\n\rVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a=\n\x1b\x43lientsEvictedByTenantEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32^\n\x05\x41\x64min\x12U\n\tGetStatus\x12%.modelguard.admin.v1.GetStatusRequest\x1a!.modelguard.admin.v1.StatusReport2\xc6\x02\n\x0bQuarantines\x12\x63\n\x0fListQuarantines\x12+.modelguard.admin.v1.ListQuarantinesRequest\x1a#.modelguard.admin.v1.QuarantineList\x12r\n\x11ReleaseQuarantine\x12-.modelguard.admin.v1.ReleaseQuarantineRequest\x1a..modelguard.admin.v1.ReleaseQuarantineResponse\x12^\n\x0fGetMonitorStats\x12(.modelguard.admin.v1.MonitorStatsRequest\x1a!.modelguard.admin.v1.MonitorStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,37 +49,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREPORT_REFUSEDENTRY']._serialized_start=392
   _globals['_STATUSREPORT_REFUSEDENTRY']._serialized_end=438
   _globals['_SIDECARSTATUS']._serialized_start=441
-  _globals['_SIDECARSTATUS']._serialized_end=781
-  _globals['_EGRESSBLOCK']._serialized_start=784
-  _globals['_EGRESSBLOCK']._serialized_end=931
-  _globals['_RESOURCESYNC']._serialized_start=934
-  _globals['_RESOURCESYNC']._serialized_end=1168
-  _globals['_POLICYSTATUS']._serialized_start=1171
-  _globals['_POLICYSTATUS']._serialized_end=1352
-  _globals['_LISTQUARANTINESREQUEST']._serialized_start=1354
-  _globals['_LISTQUARANTINESREQUEST']._serialized_end=1405
-  _globals['_QUARANTINEENTRY']._serialized_start=1408
-  _globals['_QUARANTINEENTRY']._serialized_end=1636
-  _globals['_QUARANTINELIST']._serialized_start=1638
-  _globals['_QUARANTINELIST']._serialized_end=1709
-  _globals['_RELEASEQUARANTINEREQUEST']._serialized_start=1711
-  _globals['_RELEASEQUARANTINEREQUEST']._serialized_end=1773
-  _globals['_RELEASEQUARANTINERESPONSE']._serialized_start=1775
-  _globals['_RELEASEQUARANTINERESPONSE']._serialized_end=1858
-  _globals['_MONITORSTATSREQUEST']._serialized_start=1860
-  _globals['_MONITORSTATSREQUEST']._serialized_end=1881
-  _globals['_MONITORSTATS']._serialized_start=1884
-  _globals['_MONITORSTATS']._serialized_end=2663
-  _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_start=2443
-  _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_end=2500
-  _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_start=2502
-  _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_end=2551
-  _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_start=2553
-  _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_end=2600
-  _globals['_MONITORSTATS_CLIENTSEVICTEDBYTENANTENTRY']._serialized_start=2602
-  _globals['_MONITORSTATS_CLIENTSEVICTEDBYTENANTENTRY']._serialized_end=2663
-  _globals['_ADMIN']._serialized_start=2665
-  _globals['_ADMIN']._serialized_end=2759
-  _globals['_QUARANTINES']._serialized_start=2762
-  _globals['_QUARANTINES']._serialized_end=3088
+  _globals['_SIDECARSTATUS']._serialized_end=844
+  _globals['_REPLACEDSTREAM']._serialized_start=846
+  _globals['_REPLACEDSTREAM']._serialized_end=926
+  _globals['_EGRESSBLOCK']._serialized_start=929
+  _globals['_EGRESSBLOCK']._serialized_end=1076
+  _globals['_RESOURCESYNC']._serialized_start=1079
+  _globals['_RESOURCESYNC']._serialized_end=1313
+  _globals['_POLICYSTATUS']._serialized_start=1316
+  _globals['_POLICYSTATUS']._serialized_end=1497
+  _globals['_LISTQUARANTINESREQUEST']._serialized_start=1499
+  _globals['_LISTQUARANTINESREQUEST']._serialized_end=1550
+  _globals['_QUARANTINEENTRY']._serialized_start=1553
+  _globals['_QUARANTINEENTRY']._serialized_end=1802
+  _globals['_QUARANTINELIST']._serialized_start=1804
+  _globals['_QUARANTINELIST']._serialized_end=1875
+  _globals['_RELEASEQUARANTINEREQUEST']._serialized_start=1877
+  _globals['_RELEASEQUARANTINEREQUEST']._serialized_end=1939
+  _globals['_RELEASEQUARANTINERESPONSE']._serialized_start=1941
+  _globals['_RELEASEQUARANTINERESPONSE']._serialized_end=2024
+  _globals['_MONITORSTATSREQUEST']._serialized_start=2026
+  _globals['_MONITORSTATSREQUEST']._serialized_end=2047
+  _globals['_MONITORSTATS']._serialized_start=2050
+  _globals['_MONITORSTATS']._serialized_end=2829
+  _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_start=2609
+  _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_end=2666
+  _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_start=2668
+  _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_end=2717
+  _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_start=2719
+  _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_end=2766
+  _globals['_MONITORSTATS_CLIENTSEVICTEDBYTENANTENTRY']._serialized_start=2768
+  _globals['_MONITORSTATS_CLIENTSEVICTEDBYTENANTENTRY']._serialized_end=2829
+  _globals['_ADMIN']._serialized_start=2831
+  _globals['_ADMIN']._serialized_end=2925
+  _globals['_QUARANTINES']._serialized_start=2928
+  _globals['_QUARANTINES']._serialized_end=3254
 # @@protoc_insertion_point(module_scope)

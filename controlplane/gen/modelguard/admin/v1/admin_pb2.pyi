@@ -119,6 +119,7 @@ class SidecarStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     EGRESS_BLOCKED_FIELD_NUMBER: _builtins.int
     ENVOY_ADMIN_FIELD_NUMBER: _builtins.int
+    REPLACED_STREAMS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     service: _builtins.str
     namespace: _builtins.str
@@ -144,6 +145,12 @@ class SidecarStatus(_message.Message):
         recently: from the telemetry store, so only what it still holds. Most recent first.
         """
 
+    @_builtins.property
+    def replaced_streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplacedStream]:
+        """Earlier streams of this node id that a newer one replaced (a second ADS stream with a
+        connected node id closes the first; audited in the control plane's log). Newest first.
+        """
+
     def __init__(
         self,
         *,
@@ -159,14 +166,38 @@ class SidecarStatus(_message.Message):
         state: _builtins.str = ...,
         egress_blocked: _abc.Iterable[Global___EgressBlock] | None = ...,
         envoy_admin: _builtins.str = ...,
+        replaced_streams: _abc.Iterable[Global___ReplacedStream] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "egress_blocked", b"egress_blocked", "envoy_admin", b"envoy_admin", "identity", b"identity", "namespace", b"namespace", "node_id", b"node_id", "peer", b"peer", "resources", b"resources", "service", b"service", "snapshot_version", b"snapshot_version", "state", b"state", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "egress_blocked", b"egress_blocked", "envoy_admin", b"envoy_admin", "identity", b"identity", "namespace", b"namespace", "node_id", b"node_id", "peer", b"peer", "replaced_streams", b"replaced_streams", "resources", b"resources", "service", b"service", "snapshot_version", b"snapshot_version", "state", b"state", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SidecarStatus: _TypeAlias = SidecarStatus  # noqa: Y015
+
+@_typing.final
+class ReplacedStream(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    @_builtins.property
+    def connected_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        connected_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplacedStream: _TypeAlias = ReplacedStream  # noqa: Y015
 
 @_typing.final
 class EgressBlock(_message.Message):
@@ -344,11 +375,16 @@ class QuarantineEntry(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     PER_SECONDS_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"quarantine" | "throttle" """
     policy: _builtins.str
     """namespace/name of the ExtractionPolicy"""
     client_key: _builtins.str
+    """Raw header keys (API keys: secrets) by fingerprint, "sha256:" + 16 hex digits of the
+    key's SHA-256 (as traces name them); a verified key id, tenant or JWT claim (headers the
+    sidecar sets itself), a SPIFFE ID or an address as it is.
+    """
     key_source: _builtins.str
     """header | identity | jwtClaim | sourceIP"""
     reason: _builtins.str
@@ -356,6 +392,8 @@ class QuarantineEntry(_message.Message):
     requests: _builtins.int
     """throttle: requests per per_seconds"""
     per_seconds: _builtins.int
+    fingerprint: _builtins.str
+    """"sha256:" + 16 hex digits, for every source"""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -372,10 +410,11 @@ class QuarantineEntry(_message.Message):
         reason: _builtins.str = ...,
         requests: _builtins.int = ...,
         per_seconds: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "fingerprint", b"fingerprint", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -408,6 +447,7 @@ class ReleaseQuarantineRequest(_message.Message):
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     client_key: _builtins.str
+    """the key, its SHA-256 (hex) or a fingerprint (12+ hex digits)"""
     policy: _builtins.str
     """namespace/name; empty: every policy"""
     def __init__(
