@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 import time
@@ -36,7 +37,7 @@ from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
 from controlplane.sources.kubernetes import LEASE_NAME
-from tests.conftest import Processes, stop_process
+from tests.conftest import DIGITS_REFERENCE, Processes, stop_process
 from tests.integration import test_kubernetes as k8s
 from tests.integration.test_kubernetes import GROUP, VERSION, call, conditions, policy
 from tests.resilience.conftest import Redis
@@ -60,7 +61,11 @@ EXTRACTION = {
     "clientKey": {"header": "x-api-key"},
     "request": {"features": "$.instances[*]"},
     "response": {"scores": "$.predictions[*].probabilities"},
-    "detection": {"detectors": ["prada", "nearDuplicate", "outOfDistribution", "coverage"]},
+    "detection": {
+        "detectors": ["prada", "nearDuplicate", "outOfDistribution", "coverage"],
+        # The replicas' own files: both calibrate the same profile from it.
+        "reference": {"file": str(DIGITS_REFERENCE), "labelColumn": "label"},
+    },
     "actions": {"onDetection": {"quarantine": {"duration": "1h"}}},
 }
 MODELGUARD = str(Path(sys.executable).parent / "modelguard")
@@ -234,6 +239,16 @@ async def two_replicas(
                 await until(served, timeout=60, every=0.2)
             except AssertionError as err:
                 raise AssertionError(f"{err}\n{system.log(replica)}") from err
+        # Each replica calibrates the policy's detectors from the reference first; queries
+        # before that are not judged, which would skew the counts below.
+        for replica in replicas.values():
+
+            async def calibrated(replica: Replica = replica) -> bool:
+                assert replica.process is not None
+                log = system.processes.log_of(replica.process)
+                return bool(re.search(r"policy .*digits-model.*: profile ", log))
+
+            await until(calibrated, timeout=120, every=0.2)
         yield system
     finally:
         for envoy in envoys:
