@@ -126,6 +126,7 @@ class ControlPlane:
             Path(config.verdicts_path) if config.verdicts_path else None,
         )
         self.pipeline.verdicts = self.extraction.verdicts.active
+        self.pipeline.hardened = self.extraction.hardened.active
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
         self.admin_port = 0
@@ -185,6 +186,7 @@ class ControlPlane:
         self.store.subscribe(lambda _policies: debouncer.trigger())
         self.inventory.subscribe(debouncer.trigger)
         self.extraction.verdicts.subscribe(debouncer.trigger)
+        self.extraction.hardened.subscribe(debouncer.trigger)
         self.files.sync()  # the first policy set is in place before any sidecar is served
 
         self._xds_server = grpc.aio.server(

@@ -15,6 +15,7 @@ from controlplane.compile.extraction import compile_extraction
 from controlplane.compile.mesh import MeshInputs, compile_mtls
 from controlplane.compile.telemetry import compile_telemetry
 from controlplane.compile.verdicts import compile_verdicts
+from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
@@ -45,6 +46,7 @@ def compile_sidecar(
     telemetry: TelemetrySettings | None = None,
     mesh: MeshInputs | None = None,
     verdicts: Sequence[Enforcement] = (),
+    hardened: Sequence[Hardened] = (),
 ) -> SidecarIR:
     mine = sorted(
         (p for p in policies if targets(p, sidecar)),
@@ -66,7 +68,9 @@ def compile_sidecar(
         telemetry=compile_telemetry(telemetry),
         rate=rate.compile_rate([p for p in mine if isinstance(p, RatePolicy)]),
         egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
-        extraction=compile_extraction([p for p in mine if isinstance(p, ExtractionPolicy)]),
+        extraction=compile_extraction(
+            [p for p in mine if isinstance(p, ExtractionPolicy)], hardened
+        ),
         verdicts=compile_verdicts([p for p in mine if isinstance(p, ExtractionPolicy)], verdicts),
         policies=tuple(policy_ref(p) for p in mine),
     )

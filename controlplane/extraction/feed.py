@@ -19,7 +19,9 @@ import grpc
 
 from controlplane.api import Policy
 from controlplane.extraction.calibrate import Profile, digits_profile
+from controlplane.extraction.hardened import HardenStore
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
+from controlplane.extraction.risk import HeldOut, held_out_of
 from controlplane.extraction.verdicts import (
     OtelVerdictSink,
     Throttler,
@@ -50,6 +52,7 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
 
     async def start(self) -> None:
         self.monitor.verdicts.expire()
+        self.monitor.hardened.expire()
         self._expiry = asyncio.create_task(self._expire_loop())
 
     async def stop(self) -> None:
@@ -61,11 +64,15 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
     async def _expire_loop(self) -> None:
         store = self.monitor.verdicts
         while True:
-            due = store.next_expiry()
+            due = min(
+                (t for t in (store.next_expiry(), self.monitor.hardened.next_expiry()) if t),
+                default=None,
+            )
             wait = EXPIRY_POLL if due is None else min(EXPIRY_POLL, max(0.0, due - time.time()))
             await asyncio.sleep(wait)
             try:
                 store.expire()
+                self.monitor.hardened.expire()
             except Exception:
                 log.exception("expiring verdicts failed")
 
@@ -100,6 +107,26 @@ def default_profile(policy: WatchedPolicy) -> Profile | None:
     return _digits_profile()
 
 
+def interim_held_out(profile: Profile) -> HeldOut | None:
+    """The held-out rows the risk estimate scores on (``risk.held_out_of``), and until
+    per-policy reference data lands (CONTRACTS.md #2: ``profile.held_out`` and
+    ``held_out_answers``), the digits profile's from the demo model's test split and its
+    predictions: the rows its calibration kept out of the reference. The one adapter to drop
+    when profiles carry their own."""
+    held = held_out_of(profile)
+    if held is None and profile.name == "digits-logreg":
+        held = _digits_held_out()
+    return held
+
+
+@functools.cache
+def _digits_held_out() -> HeldOut:
+    from controlplane.local.model import load_model
+
+    model = load_model(0)
+    return HeldOut.of(model.test_X, model.predict(model.test_X))
+
+
 def one_blas_thread() -> None:
     """Keep the process's BLAS (OpenBLAS under numpy) on the calling thread.
 
@@ -126,14 +153,18 @@ class Extraction:
         sink: VerdictSink | None = None,
         throttler: Throttler | None = None,
         profile: Callable[[WatchedPolicy], Profile | None] = default_profile,
+        held_out: Callable[[Profile], HeldOut | None] = interim_held_out,
     ) -> None:
         one_blas_thread()
         self.verdicts = VerdictStore(state_path)
+        self.hardened = HardenStore()
         self.monitor = ExtractionMonitor(
             policies,
             self.verdicts,
             sink or OtelVerdictSink(),
             profile=profile,
             throttler=throttler,
+            hardened=self.hardened,
+            held_out=held_out,
         )
         self.feed = QueryFeedService(self.monitor)

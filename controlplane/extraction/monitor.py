@@ -41,6 +41,8 @@ from controlplane.api.common import WINDOW_SECONDS
 from controlplane.api.jsonpath import JsonPath
 from controlplane.extraction.calibrate import BATCH, Profile
 from controlplane.extraction.detectors import ClientState, DetectorName, Finding
+from controlplane.extraction.hardened import Hardened, HardenStore
+from controlplane.extraction.risk import HeldOut, RiskPlan, RiskSample, held_out_of
 from controlplane.extraction.verdicts import (
     ClientRef,
     CompiledThrottler,
@@ -76,6 +78,7 @@ class WatchedPolicy:
     sensitivity: str
     throttle: tuple[int, int] | None  # requests per seconds
     quarantine_seconds: int | None
+    on_risk: RiskPlan | None = None
 
     @classmethod
     def of(cls, policy: ExtractionPolicy) -> WatchedPolicy | None:
@@ -100,6 +103,7 @@ class WatchedPolicy:
             if on_suspicion
             else None,
             quarantine_seconds=on_detection.quarantine.seconds if on_detection else None,
+            on_risk=RiskPlan.of(actions.on_risk) if actions and actions.on_risk else None,
         )
 
 
@@ -110,6 +114,10 @@ class Tracked:
     suspected_at: int = 0  # distinct queries when suspected
     evaluated: int = 0  # queries (observed or not) at the last evaluation
     last_seen: float = 0.0
+    risk: RiskSample | None = None  # what the client could have learned (risk.py)
+    risk_tiers: tuple[tuple[str, str], ...] = ()  # onRisk harden table in force
+    risk_throttle: float = 0.0  # the onRisk throttle step in force (its fidelity)
+    risk_until: float = 0.0  # when what onRisk put in force runs out
 
 
 @dataclass
@@ -217,6 +225,8 @@ class ExtractionMonitor:
         *,
         profile: Callable[[WatchedPolicy], Profile | None],
         throttler: Throttler | None = None,
+        hardened: HardenStore | None = None,
+        held_out: Callable[[Profile], HeldOut | None] = held_out_of,
         max_clients: int = 2048,
         idle_ttl: float = 3600.0,
         confirm: int = 16,
@@ -227,6 +237,9 @@ class ExtractionMonitor:
         self.sink = sink
         self._profile = profile
         self.throttler: Throttler = throttler or CompiledThrottler(verdicts)
+        self.hardened = hardened or HardenStore(clock)
+        self._held_out = held_out
+        self._held: dict[int, tuple[Profile, HeldOut | None]] = {}
         self.max_clients = max_clients
         self.idle_ttl = idle_ttl
         self.confirm = confirm
@@ -406,6 +419,7 @@ class ExtractionMonitor:
         """
         dim = profile.reference.dim
         thresholds = profile.thresholds[policy.sensitivity]
+        held = self._held_out_for(profile)
         matched = []
         accepted = 0
         for client in clients.values():
@@ -418,6 +432,10 @@ class ExtractionMonitor:
             accepted += len(X)
             tracked = self._tracked(policy.key, client.key, dim, now)
             matched.append((client.key, tracked, tracked.state.match(X, y, thresholds)))
+            if held is not None:
+                if tracked.risk is None:
+                    tracked.risk = RiskSample(dim)
+                tracked.risk.add(X, y)
         fresh = [F for _, _, F in matched if len(F)]
         if fresh:
             everything = np.concatenate(fresh)
@@ -429,8 +447,22 @@ class ExtractionMonitor:
                 end = start + len(F)
                 tracked.state.fold(novelty[start:end], residual[start:end], thresholds)
                 start = end
+            if held is not None and tracked.risk is not None and tracked.risk.due():
+                tracked.risk.update(held)
+                self._assess(policy, client_key, tracked, now)
             self._judge(policy, profile, client_key, tracked, now)
         return accepted
+
+    def _held_out_for(self, profile: Profile) -> HeldOut | None:
+        """The profile's held-out rows and answers, read once per profile."""
+        cached = self._held.get(id(profile))
+        if cached is None or cached[0] is not profile:
+            held = self._held_out(profile)
+            if held is not None and held.dim != profile.reference.dim:
+                log.error("%s: held-out rows of another dimension: no risk estimate", profile.name)
+                held = None
+            cached = self._held[id(profile)] = (profile, held)
+        return cached[1]
 
     def _tracked(self, policy: str, client_key: str, dim: int, now: float) -> Tracked:
         filed = tracking_key(client_key)
@@ -488,7 +520,7 @@ class ExtractionMonitor:
                 )
             if evidence:
                 tracked.stage, tracked.suspected_at = "suspected", state.stored
-                self._suspicion(policy, client_key, tuple(evidence), now)
+                self._suspicion(policy, client_key, tuple(evidence), now, _peak(tracked))
             return
         # The throttle comes first: only a client that goes on sending new queries after
         # its suspicion (repeats do not count) can be confirmed — by a second detector, by a
@@ -501,7 +533,7 @@ class ExtractionMonitor:
         )
         if findings and confirmed:
             tracked.stage = "detected"
-            self._detection(policy, client_key, tuple(evidence), now)
+            self._detection(policy, client_key, tuple(evidence), now, _peak(tracked))
 
     def _ref(self, policy: WatchedPolicy, client_key: str) -> ClientRef:
         return ClientRef(policy.key, client_key, policy.key_source, policy.key_header)
@@ -514,12 +546,18 @@ class ExtractionMonitor:
             log.exception("could not emit verdict %s", verdict.summary())
 
     def _suspicion(
-        self, policy: WatchedPolicy, client_key: str, evidence: tuple[Evidence, ...], now: float
+        self,
+        policy: WatchedPolicy,
+        client_key: str,
+        evidence: tuple[Evidence, ...],
+        now: float,
+        fidelity: float | None = None,
     ) -> None:
         client = self._ref(policy, client_key)
         # An absent client key cannot be told apart at the sidecar: alert only.
         enforce = policy.throttle is not None and client_key != ""
-        self._emit(Verdict(client, "suspicion", "throttle" if enforce else "alert", evidence, now))
+        action: Literal["throttle", "alert"] = "throttle" if enforce else "alert"
+        self._emit(Verdict(client, "suspicion", action, evidence, now, fidelity))
         if enforce and policy.throttle is not None:
             requests, per = policy.throttle
             self.throttler.throttle(
@@ -535,13 +573,17 @@ class ExtractionMonitor:
             )
 
     def _detection(
-        self, policy: WatchedPolicy, client_key: str, evidence: tuple[Evidence, ...], now: float
+        self,
+        policy: WatchedPolicy,
+        client_key: str,
+        evidence: tuple[Evidence, ...],
+        now: float,
+        fidelity: float | None = None,
     ) -> None:
         client = self._ref(policy, client_key)
         enforce = policy.quarantine_seconds is not None and client_key != ""
-        self._emit(
-            Verdict(client, "detection", "quarantine" if enforce else "alert", evidence, now)
-        )
+        action: Literal["quarantine", "alert"] = "quarantine" if enforce else "alert"
+        self._emit(Verdict(client, "detection", action, evidence, now, fidelity))
         if enforce and policy.quarantine_seconds is not None:
             self.verdicts.put(
                 Enforcement(
@@ -553,6 +595,47 @@ class ExtractionMonitor:
                 )
             )
 
+    def _assess(
+        self, policy: WatchedPolicy, client_key: str, tracked: Tracked, now: float
+    ) -> None:
+        """Apply ``onRisk`` to a client's new estimate: the highest step its peak reached.
+
+        A knowledge budget, not a detector verdict: it hardens and throttles, never
+        quarantines; a step holds ``duration`` after the estimate that last confirmed it.
+        What is in force is renewed when half of its time has run, so an active client's
+        sidecars are not recompiled at every estimate.
+        """
+        plan, risk = policy.on_risk, tracked.risk
+        if plan is None or risk is None or client_key == "":
+            return  # an absent client key cannot be told apart at the sidecar
+        reached = risk.peak
+        tiers = plan.tiers(reached)
+        throttle = plan.throttle_step(reached)
+        new_tiers = tiers != tracked.risk_tiers
+        new_throttle = throttle is not None and throttle[0] > tracked.risk_throttle
+        renew = bool(tiers or throttle) and now >= tracked.risk_until - plan.seconds / 2
+        if not (new_tiers or new_throttle or renew):
+            return
+        client = self._ref(policy, client_key)
+        until = now + plan.seconds
+        if tiers:
+            if new_tiers:
+                threshold = max(t for _, steps in plan.harden for t, _ in steps if t <= reached)
+                evidence = (Evidence("risk", reached, threshold, risk.distinct),)
+                self._emit(Verdict(client, "risk", "harden", evidence, now, reached))
+            self.hardened.put(Hardened(client, now, until, tiers, reached))
+        if throttle is not None:
+            threshold, requests, per = throttle
+            if new_throttle:
+                evidence = (Evidence("risk", reached, threshold, risk.distinct),)
+                self._emit(Verdict(client, "risk", "throttle", evidence, now, reached))
+            self.throttler.throttle(
+                Enforcement("throttle", client, now, until, "risk", requests, per)
+            )
+            tracked.risk_throttle = threshold
+        tracked.risk_tiers = tiers
+        tracked.risk_until = until
+
     # --- admin ------------------------------------------------------------------------------
 
     def release(self, key: str, policy: str | None = None) -> list[Enforcement]:
@@ -563,7 +646,19 @@ class ExtractionMonitor:
                 if policy is None or client[0] == policy:
                     del self._clients[client]
         self.throttler.release(key, policy)
+        self.hardened.release(key, policy)
         return self.verdicts.release(key, policy)
+
+    def risks(self) -> list[tuple[str, str, float, int]]:
+        """(policy, client key, estimated fidelity, distinct pairs) of every tracked client
+        with an estimate, highest first."""
+        with self._lock:
+            found = [
+                (policy, key, t.risk.peak, t.risk.distinct)
+                for (policy, key), t in self._clients.items()
+                if t.risk is not None and t.risk.estimate is not None
+            ]
+        return sorted(found, key=lambda r: (-r[2], r[0], r[1]))
 
     def client_count(self) -> int:
         return len(self._clients)
@@ -572,3 +667,8 @@ class ExtractionMonitor:
         """A consistent copy of the counters, and the clients tracked, for the admin API."""
         with self._lock:
             return self.stats.copy(), len(self._clients)
+
+
+def _peak(tracked: Tracked) -> float | None:
+    risk = tracked.risk
+    return risk.peak if risk is not None and risk.estimate is not None else None

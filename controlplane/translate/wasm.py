@@ -92,6 +92,9 @@ def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
     if extraction.scores is not None and extraction.tier_header and extraction.tiers:
         config["tierHeader"] = extraction.tier_header
         config["tiers"] = {name: _hardening(h) for name, h in extraction.tiers}
+        if extraction.risk_overrides:
+            # Per-client tier overrides from the extraction-risk estimate (onRisk harden).
+            config["riskOverrides"] = {key: dict(t) for key, t in extraction.risk_overrides}
     feed = extraction.feed
     if feed is not None:
         config["feed"] = {

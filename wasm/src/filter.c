@@ -250,6 +250,15 @@ static const char *METRIC_NAMES[M_COUNT] = {
     "hardened",   "passed_not_json", "passed_malformed", "passed_unmatched", "passed_too_large",
     "feed_queries", "feed_batches",  "feed_unobserved",  "feed_call_failures"};
 
+/* A per-client tier override (riskOverrides, from the control plane's extraction-risk
+ * estimate): the client `key` whose own tier is `from` ("" = any other) is answered with
+ * tier `to` (an index into tiers; -1 keeps its own). Strings point into the config tree. */
+typedef struct {
+  const char *key, *from;
+  u32 key_len, from_len;
+  i32 to;
+} Override;
+
 typedef struct Root {
   u32 id;
   struct Root *next;
@@ -268,6 +277,8 @@ typedef struct Root {
   u32 ntiers;
   char **tier_names;
   Hardening *tiers;
+  Override *over;
+  u32 nover;
   u32 max_body;
   u32 metrics[M_COUNT];
   /* the query feed */
@@ -435,6 +446,9 @@ static void free_root_config(Root *r) {
   for (u32 i = 0; i < r->ntiers; i++) free(r->tier_names[i]);
   free(r->tier_names);
   free(r->tiers);
+  free(r->over);
+  r->over = 0;
+  r->nover = 0;
   free(r->key_header);
   free(r->tier_header);
   free(r->node_id);
@@ -447,6 +461,47 @@ static void free_root_config(Root *r) {
   r->key_header = r->tier_header = r->node_id = 0;
   r->key_header_len = r->tier_header_len = r->node_id_len = 0;
   r->config = 0;
+}
+
+/* riskOverrides: {"<client key>": {"<its tier, or empty>": "<tier to answer with, or empty>"}}.
+ * Flattened into one array: the control plane caps it at a few hundred clients, so a
+ * linear scan per request costs less than building a table would. */
+static void read_overrides(Root *r, const JNode *map) {
+  if (!map || map->type != J_OBJECT) return;
+  u32 n = 0;
+  for (const JNode *c = map->child; c; c = c->next)
+    if (c->type == J_OBJECT)
+      for (const JNode *t = c->child; t; t = t->next) n++;
+  if (!n) return;
+  r->over = malloc(n * sizeof(Override));
+  for (const JNode *c = map->child; c; c = c->next) {
+    if (c->type != J_OBJECT) continue;
+    for (const JNode *t = c->child; t; t = t->next) {
+      Override *o = &r->over[r->nover++];
+      *o = (Override){c->key, t->key, c->key_len, t->key_len, -1};
+      for (u32 i = 0; t->type == J_STRING && i < r->ntiers; i++)
+        if (cstrlen(r->tier_names[i]) == t->str_len &&
+            memcmp(r->tier_names[i], t->str, t->str_len) == 0)
+          o->to = (i32)i;
+    }
+  }
+}
+
+/* The override for this client and its own tier (or, failing that, for any tier). */
+static void apply_override(Stream *s, const u8 *tier, usize tier_len) {
+  const Root *r = s->root;
+  const Override *any = 0;
+  for (u32 i = 0; i < r->nover; i++) {
+    const Override *o = &r->over[i];
+    if (o->key_len != s->key_len || memcmp(o->key, s->key, s->key_len) != 0) continue;
+    if (o->from_len == 0) {
+      any = o;
+    } else if (tier && o->from_len == tier_len && memcmp(o->from, tier, tier_len) == 0) {
+      any = o;
+      break;
+    }
+  }
+  if (any && any->to >= 0) s->hardening = &r->tiers[any->to];
 }
 
 static int configure(Root *r, const char *text, u32 len) {
@@ -511,6 +566,7 @@ static int configure(Root *r, const char *text, u32 len) {
       r->tiers[i] = read_hardening(t);
     }
   }
+  read_overrides(r, json_get(cfg, "riskOverrides"));
   r->max_body = num_or(cfg, "maxBodyBytes", 1 << 20);
 
   JNode *feed = json_get(cfg, "feed");
@@ -1109,6 +1165,10 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
     s->key = s->key_buf;
   }
   if (!s->key) s->key_len = 0;
+  /* Overrides come with the feed (the risk estimate is computed from it): its key is here. */
+  if (r->nover && s->key)
+    apply_override(s, tier < 3 && want[tier].found ? want[tier].value : 0,
+                   tier < 3 && want[tier].found ? want[tier].value_len : 0);
   if (path < 3 && want[path].found) {
     s->path = want[path].value;
     s->path_len = want[path].value_len;

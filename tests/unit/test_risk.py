@@ -1,0 +1,214 @@
+"""The extraction-risk estimate (controlplane/extraction/risk.py) and onRisk in the monitor.
+
+Real digits model, its own data: natural clients draw from the training split, the estimate
+scores on the test split (the held-out rows), as the control plane does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from monitor_policy import POLICY, policies
+
+from controlplane.compile.extraction import compile_one
+from controlplane.extraction.feed import default_profile, interim_held_out
+from controlplane.extraction.monitor import ExtractionMonitor
+from controlplane.extraction.risk import CAPACITY, HeldOut, RiskSample, fidelity
+from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
+from controlplane.gen.modelguard.feed.v1 import feed_pb2
+from controlplane.local.model import load_model
+from controlplane.translate.wasm import filter_config
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return load_model(0)
+
+
+@pytest.fixture(scope="module")
+def held(model: Any) -> HeldOut:
+    return HeldOut.of(model.test_X, model.predict(model.test_X))
+
+
+def natural(model: Any, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return model.train_X[rng.choice(len(model.train_X), n, replace=False)].astype(np.float32)
+
+
+def what_if(model: Any, n: int, seed: int, bases: int = 3) -> np.ndarray:
+    """An analyst (or LIME/SHAP): a few inputs, 1–4 features nudged per query."""
+    rng = np.random.default_rng(seed)
+    base = model.train_X[rng.choice(len(model.train_X), bases, replace=False)]
+    out = []
+    for _ in range(n):
+        x = base[rng.integers(bases)].copy()
+        features = rng.choice(64, int(rng.integers(1, 5)), replace=False)
+        x[features] = np.clip(x[features] + rng.integers(-4, 5, len(features)), 0, 16)
+        out.append(x)
+    return np.asarray(out, dtype=np.float32)
+
+
+def gaussian_around(model: Any, n: int, seed: int) -> np.ndarray:
+    """LIME's tabular sampler: every feature perturbed around one instance."""
+    rng = np.random.default_rng(seed)
+    x = model.train_X[rng.integers(len(model.train_X))]
+    return np.clip(x + rng.normal(0, 2.0, (n, 64)), 0, 16).astype(np.float32)
+
+
+def estimate(model: Any, held: HeldOut, X: np.ndarray) -> float:
+    return fidelity(held, X, model.predict(X))
+
+
+def test_fidelity_rises_with_natural_in_distribution_queries(model: Any, held: HeldOut) -> None:
+    f = {n: np.mean([estimate(model, held, natural(model, n, s)) for s in range(3)])
+         for n in (20, 100, 300)}
+    assert f[20] < 0.85
+    assert f[100] > f[20] + 0.05
+    # BENCHMARKS.md: 300 natural queries give a copy that is ~96% faithful.
+    assert f[300] == pytest.approx(0.96, abs=0.03)
+
+
+@pytest.mark.parametrize("stream", [what_if, gaussian_around])
+def test_local_exploration_stays_low(model: Any, held: HeldOut, stream: Any) -> None:
+    for seed in range(3):
+        assert estimate(model, held, stream(model, 1000, seed)) < 0.45
+
+
+def test_single_class_streams_stay_low(model: Any, held: HeldOut) -> None:
+    labels = model.predict(model.train_X)
+    for c in range(10):
+        X = model.train_X[labels == c].astype(np.float32)
+        # A constant copy agrees on that class's share of the held-out rows (~10%).
+        assert estimate(model, held, X) < 0.2, c
+
+
+def test_sample_is_bounded_counts_distinct_pairs_and_keeps_a_cadence(model: Any) -> None:
+    sample = RiskSample(64)
+    X = model.train_X.astype(np.float32)
+    y = model.predict(X).astype(np.int16)
+    sample.add(X[:10], y[:10])
+    sample.add(X[:10], y[:10])  # repeats are no new knowledge
+    assert (sample.size, sample.distinct) == (10, 10)
+    sample.add(X[10:20], np.full(10, -1, dtype=np.int16))  # no answer: nothing learned
+    assert sample.distinct == 10
+    assert not sample.due()
+    sample.add(X[20:60], y[20:60])
+    assert sample.due()
+    sample.estimated_at = sample.distinct
+    assert not sample.due()
+    rng = np.random.default_rng(0)
+    many = rng.uniform(0, 16, (3000, 64)).astype(np.float32)
+    sample.add(many, rng.integers(0, 10, 3000).astype(np.int16))
+    assert sample.size == CAPACITY and sample.distinct == 3050
+    assert len(sample.X) == CAPACITY
+    # The reservoir stays uniform over the stream: most of it is the later, larger part.
+    assert 0.9 < float((sample.X[: sample.size] > 0).mean()) <= 1.0
+
+
+# --- onRisk in the monitor --------------------------------------------------------------------
+
+RISK_POLICY = POLICY.replace(
+    "  detection:",
+    "  output: {roundDigits: 2, tierHeader: x-tier,"
+    " tiers: {strict: {labelOnly: true}, premium: {}}}\n  detection:",
+).replace(
+    "    onDetection: {quarantine: {duration: 1h}}\n",
+    "    onDetection: {quarantine: {duration: 1h}}\n"
+    "    onRisk:\n"
+    "      steps:\n"
+    "      - {fidelity: 0.8, harden: strict}\n"
+    "      - {fidelity: 0.9, throttle: {requests: 30, per: minute}}\n"
+    "      tiers: {premium: [{fidelity: 0.99, harden: strict}]}\n"
+    "      duration: 2h\n",
+)
+
+
+def feed(model: Any, key: str, X: np.ndarray) -> feed_pb2.FeedBatch:
+    out = feed_pb2.FeedBatch(node_id="n", policy="demo/digits-model")
+    for row in X:
+        proba = model.predict_proba(row[None])[0]
+        out.queries.add(
+            client_key=key,
+            status=200,
+            request_body=json.dumps({"instances": [row.tolist()]}).encode(),
+            response_body=json.dumps({"predictions": [{"probabilities": proba.tolist()}]}).encode(),
+        )
+    return out
+
+
+class Clock:
+    now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_client_that_learned_a_lot_is_hardened_then_throttled_never_quarantined(
+    model: Any,
+) -> None:
+    clock = Clock()
+    sink = InMemoryVerdictSink()
+    current = policies(RISK_POLICY)
+    mon = ExtractionMonitor(
+        lambda: current,
+        VerdictStore(clock=clock),
+        sink,
+        profile=default_profile,
+        held_out=interim_held_out,
+        clock=clock,
+    )
+    learner = natural(model, 400, seed=7)
+    explorer = what_if(model, 400, seed=8)
+    for start in range(0, 400, 16):
+        mon.report(feed(model, "learner", learner[start : start + 16]))
+        mon.report(feed(model, "explorer", explorer[start : start + 16]))
+        clock.now += 1
+    risks = {key: (f, n) for _, key, f, n in mon.risks()}
+    assert risks["learner"][0] > 0.9 and risks["learner"][1] == 400
+    assert risks["explorer"][0] < 0.45
+    (hardened,) = mon.hardened.active()
+    assert hardened.client.key == "learner"
+    # Clients of the premium tier may learn more (its own list); every other tier: strict.
+    assert dict(hardened.tiers) == {"": "strict", "premium": ""}
+    assert hardened.until == pytest.approx(clock.now + 7200, abs=400)
+    throttle = mon.verdicts.of("throttle", "demo/digits-model", "learner")
+    assert throttle is not None and throttle.reason == "risk" and throttle.requests == 30
+    assert mon.verdicts.of("quarantine", "demo/digits-model", "learner") is None
+    risk_verdicts = [v for v in sink.verdicts if v.stage == "risk"]
+    assert [v.action for v in risk_verdicts] == ["harden", "throttle"]
+    assert all(v.client.key == "learner" for v in risk_verdicts)
+    attrs = risk_verdicts[0].attributes()
+    # The estimate when the step was reached: past it, and not past the latest.
+    assert 0.8 <= attrs["modelguard.risk.fidelity"] <= risks["learner"][0]
+    assert attrs["modelguard.detector"] == "risk"
+    # The sidecar's filter gets the override for the learner only.
+    (policy,) = current
+    config = filter_config(compile_one(policy, mon.hardened.active()), "n")
+    assert config["riskOverrides"] == {"learner": {"": "strict", "premium": ""}}
+    # Released with its other verdicts.
+    mon.release("learner")
+    assert mon.hardened.active() == ()
+    clock.now += 7201
+    assert mon.verdicts.of("throttle", "demo/digits-model", "learner") is None
+
+
+def test_harden_records_expire(model: Any) -> None:
+    clock = Clock()
+    current = policies(RISK_POLICY)
+    mon = ExtractionMonitor(
+        lambda: current,
+        VerdictStore(clock=clock),
+        InMemoryVerdictSink(),
+        profile=default_profile,
+        held_out=interim_held_out,
+        clock=clock,
+        idle_ttl=10**9,
+    )
+    mon.report(feed(model, "learner", natural(model, 200, seed=3)))
+    assert len(mon.hardened.active()) == 1
+    clock.now += 7201
+    assert mon.hardened.active() == ()
+    assert [h.client.key for h in mon.hardened.expire()] == ["learner"]
