@@ -140,9 +140,17 @@ class RiskStep(Model):
     """One step of ``onRisk``: once a client's estimated extraction fidelity reaches
     ``fidelity``, it is answered with the output tier ``harden`` names, or throttled."""
 
-    fidelity: float = Field(gt=0, le=1)
+    # In (0, 1]: the bound is checked below (CRD schemas take exclusive bounds on integers only).
+    fidelity: float = Field(ge=0, le=1)
     harden: DnsLabel | None = None  # a name in spec.output.tiers
     throttle: Throttle | None = None
+
+    @field_validator("fidelity")
+    @classmethod
+    def _above_zero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must be greater than 0: every client starts at fidelity 0")
+        return value
 
     @model_validator(mode="after")
     def _one_action(self) -> RiskStep:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
@@ -24,6 +25,24 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+MAX_ESTIMATES = 100  # clients listed for their estimate alone (quarantine list --all)
+
+
+def harden_entry(h: Hardened) -> admin_pb2.QuarantineEntry:
+    return admin_pb2.QuarantineEntry(
+        kind="harden",
+        policy=h.client.policy,
+        client_key=h.client.key,
+        key_source=h.client.source,
+        since=_timestamp(h.since),
+        until=_timestamp(h.until),
+        reason="risk",
+        tier=", ".join(f"{mine or '*'}→{to or mine or 'own'}" for mine, to in h.tiers)
+        if len(h.tiers) > 1
+        else h.tier,
+    )
 
 
 def entry(e: Enforcement) -> admin_pb2.QuarantineEntry:
@@ -54,13 +73,14 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
             admin_pb2.ListQuarantinesRequest, admin_pb2.QuarantineList
         ],
     ) -> admin_pb2.QuarantineList:
-        return admin_pb2.QuarantineList(
-            entries=[
-                entry(e)
-                for e in self.monitor.verdicts.active()
-                if request.include_throttles or e.kind == "quarantine"
-            ]
-        )
+        entries = [
+            entry(e)
+            for e in self.monitor.verdicts.active()
+            if request.include_throttles or e.kind == "quarantine"
+        ]
+        if request.include_throttles:
+            entries += [harden_entry(h) for h in self.monitor.hardened.active()]
+        return admin_pb2.QuarantineList(entries=with_estimates(self.monitor, entries, request))
 
     async def ReleaseQuarantine(
         self,
@@ -80,6 +100,31 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
         context: grpc.aio.ServicerContext[admin_pb2.MonitorStatsRequest, admin_pb2.MonitorStats],
     ) -> admin_pb2.MonitorStats:
         return monitor_stats(self.monitor)
+
+
+def with_estimates(
+    monitor: ExtractionMonitor,
+    entries: list[admin_pb2.QuarantineEntry],
+    request: admin_pb2.ListQuarantinesRequest,
+) -> list[admin_pb2.QuarantineEntry]:
+    """Each entry with its client's risk estimate; with ``include_throttles``, the other
+    clients that have one (highest first) as kind ``estimate``."""
+    listed = set()
+    risks = {(policy, key): (f, n) for policy, key, f, n in monitor.risks()}
+    for e in entries:
+        found = risks.get((e.policy, e.client_key))
+        if found is not None:
+            e.fidelity, e.distinct_queries = found
+        listed.add((e.policy, e.client_key))
+    if request.include_throttles:
+        others = [(k, v) for k, v in risks.items() if k not in listed][:MAX_ESTIMATES]
+        entries += [
+            admin_pb2.QuarantineEntry(
+                kind="estimate", policy=policy, client_key=key, fidelity=f, distinct_queries=n
+            )
+            for (policy, key), (f, n) in others
+        ]
+    return entries
 
 
 def monitor_stats(monitor: ExtractionMonitor) -> admin_pb2.MonitorStats:
@@ -111,7 +156,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "list",
         help="quarantined clients (and, with --all, throttled ones), and the monitor's counters",
     )
-    p.add_argument("--all", action="store_true", help="throttles too")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="throttles, hardened clients and every client's extraction-risk estimate too",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("release", help="end a client's quarantine and throttle now")
     p.add_argument("key", help="the client key (e.g. the API key)")
@@ -124,13 +173,30 @@ def _remaining(until: timestamp_pb2.Timestamp) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def _kind(e: admin_pb2.QuarantineEntry) -> str:
+    if e.kind == "throttle":
+        return f"throttle {e.requests}/{e.per_seconds}s"
+    if e.kind == "harden":
+        return f"harden {e.tier}"
+    return str(e.kind)
+
+
+def _fidelity(e: admin_pb2.QuarantineEntry) -> str:
+    if not e.HasField("fidelity"):
+        return "-"
+    return f"{e.fidelity:.2f} ({e.distinct_queries:,} q)"
+
+
 def render(entries: list[admin_pb2.QuarantineEntry]) -> str:
     if not entries:
         return "no clients quarantined"
-    rows = [["KIND", "POLICY", "CLIENT", "REMAINING", "REASON"]]
+    risk = any(e.HasField("fidelity") or e.kind != "quarantine" for e in entries)
+    rows = [["KIND", "POLICY", "CLIENT", "REMAINING", "REASON"] + (["FIDELITY"] if risk else [])]
     for e in entries:
-        kind = e.kind if e.kind == "quarantine" else f"throttle {e.requests}/{e.per_seconds}s"
-        rows.append([kind, e.policy, e.client_key, _remaining(e.until), e.reason])
+        remaining = _remaining(e.until) if e.kind != "estimate" else "-"
+        reason = e.reason or "-"
+        row = [_kind(e), e.policy, e.client_key, remaining, reason]
+        rows.append(row + ([_fidelity(e)] if risk else []))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows

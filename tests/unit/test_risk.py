@@ -212,3 +212,96 @@ def test_harden_records_expire(model: Any) -> None:
     clock.now += 7201
     assert mon.hardened.active() == ()
     assert [h.client.key for h in mon.hardened.expire()] == ["learner"]
+
+
+# --- the API ------------------------------------------------------------------------------------
+
+ON_RISK_BASE = POLICY.replace(
+    "  detection:",
+    "  output: {topK: 1, tierHeader: x-tier, tiers: {strict: {labelOnly: true}, premium: {}}}"
+    "\n  detection:",
+).replace("    onDetection: {quarantine: {duration: 1h}}\n", "    onRisk:\n")
+P = "test[0] ExtractionPolicy demo/digits-model: spec.actions.onRisk."
+
+
+@pytest.mark.parametrize(
+    ("on_risk", "expected"),
+    [
+        (
+            "      steps: [{fidelity: 0.6, harden: strict}, {fidelity: 0.5, harden: strict}]\n",
+            [P + "steps[1].fidelity: must be above the previous step's 0.6: steps are listed "
+             "from the lowest fidelity up"],
+        ),
+        (
+            "      steps: [{fidelity: 0, harden: strict}, {fidelity: 1.5, harden: strict}]\n",
+            [P + "steps[0].fidelity: must be greater than 0: every client starts at fidelity 0",
+             P + "steps[1].fidelity: must be at most 1.0"],
+        ),
+        (
+            "      steps: [{fidelity: 0.6}]\n",
+            [P + "steps[0]: needs exactly one of harden or throttle"],
+        ),
+        (
+            "      steps: [{fidelity: 0.6, harden: gold}]\n",
+            [P + "steps[0].harden: no output tier 'gold' (spec.output.tiers has premium, strict)"],
+        ),
+        (
+            "      steps: [{fidelity: 0.6, harden: strict}]\n"
+            "      tiers: {gold: [{fidelity: 0.7, harden: strict}]}\n",
+            [P + "tiers.gold: no output tier 'gold' (spec.output.tiers has premium, strict)"],
+        ),
+        (
+            "      steps: [{fidelity: 0.6, harden: strict}]\n"
+            "      tiers: {premium: [{fidelity: 0.7, throttle: {requests: 5, per: minute}}]}\n",
+            [P + "tiers.premium[0].throttle: tier lists take harden steps only (the sidecar "
+             "knows a client's tier, the control plane does not); put throttle steps in steps"],
+        ),
+        ("      steps: []\n", [P + "steps: must not be empty"]),
+    ],
+)
+def test_on_risk_violations_name_their_field(on_risk: str, expected: list[str]) -> None:
+    from controlplane.api import parse_documents
+
+    _, found = parse_documents(ON_RISK_BASE + on_risk, "test")
+    assert [str(v) for v in found] == expected
+
+
+def test_harden_needs_output_tiers() -> None:
+    from controlplane.api import parse_documents
+
+    text = POLICY.replace(
+        "    onDetection: {quarantine: {duration: 1h}}\n",
+        "    onRisk: {steps: [{fidelity: 0.6, harden: strict}]}\n",
+    )
+    _, found = parse_documents(text, "test")
+    assert [str(v) for v in found] == [
+        P + "steps[0].harden: no output tier 'strict' (no spec.output.tiers)"
+    ]
+
+
+def test_quarantine_list_shows_each_clients_fidelity() -> None:
+    from google.protobuf import timestamp_pb2
+
+    from controlplane.extraction.admin import render
+    from controlplane.gen.modelguard.admin.v1 import admin_pb2
+
+    until = timestamp_pb2.Timestamp(seconds=2_000_000_000)
+    text = render(
+        [
+            admin_pb2.QuarantineEntry(
+                kind="harden", policy="demo/d", client_key="k1", until=until, reason="risk",
+                tier="strict", fidelity=0.934, distinct_queries=412,
+            ),
+            admin_pb2.QuarantineEntry(
+                kind="estimate", policy="demo/d", client_key="k2", fidelity=0.21,
+                distinct_queries=1200,
+            ),
+            admin_pb2.QuarantineEntry(kind="quarantine", policy="demo/d", client_key="k3",
+                                      until=until, reason="prada"),
+        ]
+    )
+    header, harden, estimate, quarantine = text.splitlines()
+    assert header.split() == ["KIND", "POLICY", "CLIENT", "REMAINING", "REASON", "FIDELITY"]
+    assert harden.startswith("harden strict") and harden.endswith("0.93 (412 q)")
+    assert estimate.startswith("estimate") and estimate.endswith("0.21 (1,200 q)")
+    assert quarantine.split()[-2:] == ["prada", "-"]

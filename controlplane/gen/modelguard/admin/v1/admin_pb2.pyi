@@ -304,8 +304,11 @@ class QuarantineEntry(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     PER_SECONDS_FIELD_NUMBER: _builtins.int
+    FIDELITY_FIELD_NUMBER: _builtins.int
+    DISTINCT_QUERIES_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """"quarantine" | "throttle" """
+    """"quarantine" | "throttle" | "harden" | "estimate" """
     policy: _builtins.str
     """namespace/name of the ExtractionPolicy"""
     client_key: _builtins.str
@@ -316,6 +319,15 @@ class QuarantineEntry(_message.Message):
     requests: _builtins.int
     """throttle: requests per per_seconds"""
     per_seconds: _builtins.int
+    fidelity: _builtins.float
+    """The extraction-risk estimate (controlplane/extraction/risk.py): the highest estimated
+    extraction fidelity the client reached, in [0, 1], when it has one; over how many
+    distinct queries; and for kind "harden", the output tier its answers get. With
+    include_throttles, clients with an estimate and nothing in force are listed too, as
+    kind "estimate" (the 100 highest).
+    """
+    distinct_queries: _builtins.int
+    tier: _builtins.str
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -332,12 +344,17 @@ class QuarantineEntry(_message.Message):
         reason: _builtins.str = ...,
         requests: _builtins.int = ...,
         per_seconds: _builtins.int = ...,
+        fidelity: _builtins.float | None = ...,
+        distinct_queries: _builtins.int = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "fidelity", b"fidelity", "since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "client_key", b"client_key", "distinct_queries", b"distinct_queries", "fidelity", b"fidelity", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "tier", b"tier", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__fidelity: _TypeAlias = _typing.Literal["fidelity"]  # noqa: Y015
+    _WhichOneofArgType__fidelity: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fidelity) -> _WhichOneofReturnType__fidelity | None: ...
 
 Global___QuarantineEntry: _TypeAlias = QuarantineEntry  # noqa: Y015
 
