@@ -374,6 +374,7 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
             f1, a1 = substitute_quality(model, X1[:budget], o.answers[:budget], equation)
             row["fidelity"][budget] = {"without": f0, "with": f1}
             row["accuracy"][budget] = {"without": a0, "with": a1}
+        row["risk"] = risk_row(system, model, spec, outcomes[0], 1000 * index, equation)
         results["attacks"][spec.name] = row
         print(f"  {spec.name}: detected {len(detected)}/{repeats} at {detected}", flush=True)
     flagged = [o for o in benign if o.suspected_at is not None or o.detected_at is not None]
@@ -396,6 +397,11 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
         "top1_changes": top1 / n if n else 0.0,
         "mean_probability_shift": shift / n if n else 0.0,
     }
+    results["benign"]["estimated_fidelity"] = {
+        o.name: estimated_fidelity(system, [f"benign-{seed}-0"])
+        for o, seed in benign_seeds(specs, benign)
+    }
+    results["risk_correlation"] = risk_correlation(results["attacks"])
     results["seconds"] = round(time.monotonic() - started, 1)
     results["monitor"] = {
         "batches": system.plane.extraction.monitor.stats.batches,
@@ -406,6 +412,56 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+# --- the extraction-risk estimate next to the truth ------------------------------------------
+
+
+def estimated_fidelity(system: System, keys: list[str]) -> float | None:
+    """The monitor's estimate for a client (risk.py): the highest over its keys, each of
+    which the monitor tracks on its own."""
+    found = [f for _, key, f, _ in system.plane.extraction.monitor.risks() if key in keys]
+    return max(found) if found else None
+
+
+def risk_row(
+    system: System, model: DigitsModel, spec: Spec, o: Outcome, seed: int, equation: bool
+) -> dict[str, Any]:
+    """An attacker's estimated extraction fidelity next to the true fidelity of its substitute
+    trained on everything it was answered (hardened, as the sidecar sent it)."""
+    keys = [f"{spec.kind}-{seed}-{k}" for k in range(spec.keys)]
+    true, _ = substitute_quality(model, np.asarray(o.queries), o.answers, equation)
+    return {"estimated": estimated_fidelity(system, keys), "true": true, "sent": o.sent}
+
+
+def benign_seeds(specs: list[Spec], benign: list[Outcome]) -> list[tuple[Outcome, int]]:
+    seeds = [1000 * i for i, spec in enumerate(specs) if spec.kind == "benign"]
+    return list(zip(benign, seeds, strict=True))
+
+
+def risk_correlation(attacks: dict[str, Any]) -> float | None:
+    pairs = [(r["risk"]["estimated"], r["risk"]["true"]) for r in attacks.values()
+             if r["risk"]["estimated"] is not None]
+    if len(pairs) < 3:
+        return None
+    est, true = np.asarray(pairs).T
+    if est.std() == 0 or true.std() == 0:
+        return None
+    return float(np.corrcoef(est, true)[0, 1])
+
+
+def print_risk(results: dict[str, Any]) -> None:
+    print(f"\n{'attack':40s} {'sent':>5s} {'estimated fidelity':>19s} {'true fidelity':>14s}")
+    for name, row in results["attacks"].items():
+        r = row["risk"]
+        print(f"{name:40s} {r['sent']:>5d} {_fmt(r['estimated'], '.2f'):>19s} "
+              f"{r['true']:>14.2f}")
+    print(f"correlation (Pearson, attackers): {_fmt(results['risk_correlation'], '.2f')}")
+    benign = results["benign"]["estimated_fidelity"]
+    for kind in ("iid", "heavy", "what-if"):
+        values = [v for k, v in benign.items() if f"benign {kind} " in k and v is not None]
+        if values:
+            print(f"benign {kind}: estimated fidelity {min(values):.2f}–{max(values):.2f}")
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -435,6 +491,7 @@ def print_table(results: dict[str, Any]) -> None:
           f"mean probability shift {b['mean_probability_shift']:.4f}")
     print(f"feed: {results['feed']}; hardening in the sidecar: {results['hardening']}; "
           f"{results['seconds']} s")
+    print_risk(results)
 
 
 if __name__ == "__main__":
