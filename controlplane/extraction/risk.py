@@ -7,36 +7,42 @@ a 96%-faithful copy). This estimates what the client could have *learned* instea
 (Kesarwani et al., ACSAC 2018: a per-user proxy model):
 
 1. Each client's observed (query, unhardened answer) pairs — the monitor already has the
-   query vectors and the argmax class of the model's scores — are kept as a bounded sample:
-   a reservoir of at most ``CAPACITY`` distinct pairs (exact repeats are not new
-   knowledge), uniformly over everything the client asked.
-2. A surrogate is fitted on that sample: **1-nearest-neighbour**. It needs no training (the
-   sample *is* the model), no hyper-parameter tuned to any attack, and it tracks what real
-   substitutes achieve from natural queries: on digits, 1-NN over 30 / 100 / 300 / 1,000
-   natural pairs agrees with the model on 74% / 90% / 96% / 95% of held-out rows, as the
-   logistic-regression copies of BENCHMARKS.md do. It also says *where* the client has
+   query vectors and the argmax class of the model's scores — are what it could learn from.
+   Exact repeats are no new knowledge and are skipped.
+2. The surrogate fitted on them is **1-nearest-neighbour**. It needs no training and no
+   hyper-parameter tuned to any attack, and it tracks what real substitutes achieve from
+   natural queries: on digits, 1-NN over 30 / 100 / 300 / 1,000 natural pairs agrees with
+   the model on 74% / 90% / 96% / 95% of held-out rows, as the logistic-regression copies
+   of BENCHMARKS.md do (300 natural queries, 96%). It also says *where* the client has
    looked: a client that explores locally (many perturbations of a few inputs) or asks
    about one class only can only answer with those few points' labels, so its estimate
    stays near the share of held-out rows that have those labels (digits: 10–25%).
    Its limit, said plainly: a learner that generalises better than 1-NN from few,
    well-chosen points (equation solving on a linear model) can beat the estimate; those
    streams are off-distribution and are the detectors' job.
+   A 1-NN surrogate is kept as what it predicts on the held-out rows (``RiskSample``): per
+   row, the nearest pair so far and its answer. A new pair only has to be compared with
+   the held-out rows, so the surrogate covers *everything* the client asked, exactly, in
+   memory bounded by the held-out set (~3 KB a client at 512 rows, plus at most ``EVERY``
+   pending pairs and ``RECENT`` hashes of recent ones), not by the client's history.
 3. Its agreement with the model's own answers on held-out reference rows is the client's
-   **estimated extraction fidelity**, in [0, 1]: ``fidelity(held_out, X, y)``. A client
-   cannot unlearn, so the monitor acts on the highest estimate a client has reached.
-   For a model whose most common answer covers a share p of the reference rows, a constant
-   copy already agrees on p of them: set onRisk steps above p.
+   **estimated extraction fidelity**, in [0, 1] (``fidelity`` computes the same from
+   scratch). A client cannot unlearn, so the monitor acts on (and shows) the highest
+   estimate a client has reached. For a model whose most common answer covers a share p
+   of the reference rows, a constant copy already agrees on p of them: set onRisk steps
+   above p.
 
-Cadence and cost (measured on this machine, one BLAS thread, digits: 64 features, 450
-held-out rows): one estimate costs about 4.4 µs per pair in the sample (a (held-out ×
-sample) distance product and an argmin), 4.5 ms at the full 1,024 pairs. A client is
-re-estimated every ``max(EVERY, distinct / SPACING)`` new distinct pairs: every 32 pairs up
-to 128, then every quarter of what it has sent — so the estimate lags by at most a quarter
-of a client's knowledge, and the amortised cost is at most about 18 µs per distinct query
-(≈ 4 × 4.4 µs), falling once the reservoir is full. Held-out rows beyond ``MAX_HELD_OUT``
-are subsampled (reproducibly) to bound it for large reference sets; 512 rows give the
-estimate a standard error under 2.2 points. Repeats cost a hash lookup. It all runs in the
-monitor, on the feed's worker thread: never on the request path.
+Cadence and cost. A client's new pairs are folded in, and its estimate recomputed, every
+``EVERY`` = 32 new distinct pairs: one (32 × held-out) distance product, an argmin and a
+comparison. Measured on this machine (one BLAS thread, digits: 64 features, 450 held-out
+rows): a fold takes ~100 µs, so ~3 µs per distinct query, and ~0.3 µs per repeat (a hash
+lookup), whatever the client's history — against ~70 µs per query for the monitor's
+detectors (bench/extraction/throughput.py). The cost grows with held-out rows × features;
+rows beyond ``MAX_HELD_OUT`` are subsampled (reproducibly), and 512 rows give the estimate
+a standard error under 2.2 points. It all runs in the monitor, on the feed's worker thread:
+never on the request path. Client state (and with it the estimate) is bounded and expires
+like the detectors' (``max_clients``, ``idle_ttl``): a client idle past it starts again
+from zero, so onRisk is a budget per session of activity, not per lifetime.
 
 The held-out rows and the model's answers on them come from the policy's profile
 (``profile.held_out``, ``profile.held_out_answers``: the reference data's optional answer
@@ -45,7 +51,6 @@ column); ``held_out_of`` is the one place that reads them.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +63,8 @@ from controlplane.api.extraction import OnRisk, RiskStep
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
-CAPACITY = 1024  # distinct (query, answer) pairs kept per client
-EVERY = 32  # new distinct pairs between two estimates, at least ...
-SPACING = 4  # ... or a 1/SPACING of the client's distinct pairs so far
+EVERY = 32  # new distinct pairs between two estimates
+RECENT = 256  # recent pairs remembered to skip exact repeats
 MAX_HELD_OUT = 512  # held-out rows an estimate is scored on
 
 
@@ -118,23 +122,24 @@ def fidelity(held_out: HeldOut, X: FloatArray, y: npt.NDArray[Any]) -> float:
 
 @dataclass
 class RiskSample:
-    """One client's distinct (query, answer) pairs: a uniform reservoir, bounded."""
+    """One client's 1-NN surrogate, kept as what it predicts on the held-out rows.
+
+    For each held-out row: the (shifted) squared distance to the nearest pair the client
+    has been answered, and that pair's answer. A new pair only has to be compared with the
+    held-out rows, so the surrogate covers everything the client asked, exactly, in memory
+    bounded by the held-out set (6 bytes a row) instead of by the client's history. New
+    pairs wait in ``pending`` (at most ``EVERY``) and are folded in one product.
+    """
 
     dim: int
-    capacity: int = CAPACITY
-    X: FloatArray = field(init=False)
-    y: npt.NDArray[np.int16] = field(init=False)
-    size: int = 0
-    distinct: int = 0  # distinct pairs seen (a repeat of an evicted pair counts again)
+    distinct: int = 0  # new pairs seen (a repeat older than ``RECENT`` pairs counts again)
     estimated_at: int = 0  # distinct pairs at the last estimate
     estimate: float | None = None  # the latest estimate
     peak: float = 0.0  # the highest estimate so far: what the client has shown it can learn
-    _slots: dict[bytes, int] = field(default_factory=dict)
-    _rng: random.Random = field(default_factory=lambda: random.Random(0))
-
-    def __post_init__(self) -> None:
-        self.X = np.zeros((0, self.dim), dtype=np.float32)
-        self.y = np.zeros(0, dtype=np.int16)
+    nearest: FloatArray | None = None  # per held-out row: |x|² - 2 x·h of its nearest pair
+    label: npt.NDArray[np.int16] | None = None  # per held-out row: that pair's answer
+    pending: list[tuple[FloatArray, int]] = field(default_factory=list)
+    _recent: dict[bytes, None] = field(default_factory=dict)  # insertion-ordered, bounded
 
     def add(self, X: FloatArray, y: npt.NDArray[np.int16]) -> None:
         """Fold a client's queries and the classes the model answered (-1: unknown)."""
@@ -142,33 +147,43 @@ class RiskSample:
             if label < 0:
                 continue
             raw = row.tobytes()
-            if raw in self._slots:
+            if raw in self._recent:  # a repeat is no new knowledge (and costs no product)
                 continue
+            self._recent[raw] = None
+            if len(self._recent) > RECENT:
+                del self._recent[next(iter(self._recent))]
             self.distinct += 1
-            if self.size < self.capacity:
-                slot = self.size
-                self.size += 1
-                if slot >= len(self.X):  # grown in steps: most clients stay small
-                    grown = min(self.capacity, max(64, 2 * len(self.X)))
-                    self.X = np.resize(self.X, (grown, self.dim))
-                    self.y = np.resize(self.y, grown)
-            else:
-                slot = self._rng.randrange(self.distinct)
-                if slot >= self.capacity:
-                    continue
-                del self._slots[self.X[slot].tobytes()]
-            self.X[slot] = row
-            self.y[slot] = label
-            self._slots[raw] = slot
+            self.pending.append((row, label))
 
     def due(self) -> bool:
-        return self.distinct - self.estimated_at >= max(EVERY, self.estimated_at // SPACING)
+        return len(self.pending) >= EVERY
 
     def update(self, held_out: HeldOut) -> float:
+        if self.pending:
+            X = np.asarray([row for row, _ in self.pending], dtype=np.float32)
+            y = np.asarray([label for _, label in self.pending], dtype=np.int16)
+            self.pending.clear()
+            # |h|² is the same for every pair of a held-out row: left out.
+            d = X @ held_out.X.T
+            d *= -2.0
+            d += np.einsum("ij,ij->i", X, X)[:, None]
+            best = d.argmin(axis=0)
+            d_best = d[best, np.arange(d.shape[1])]
+            if self.nearest is None or self.label is None:
+                self.nearest, self.label = d_best, y[best]
+            else:
+                closer = d_best < self.nearest
+                self.nearest = np.where(closer, d_best, self.nearest)
+                self.label = np.where(closer, y[best], self.label)
         self.estimated_at = self.distinct
-        self.estimate = fidelity(held_out, self.X[: self.size], self.y[: self.size])
-        self.peak = max(self.peak, self.estimate)
-        return self.estimate
+        agree = 0.0 if self.label is None else float((self.label == held_out.answers).mean())
+        self.estimate = agree
+        self.peak = max(self.peak, agree)
+        return agree
+
+    def memory_bytes(self) -> int:
+        rows = 0 if self.nearest is None else len(self.nearest)
+        return 6 * rows + len(self.pending) * (4 * self.dim + 64) + len(self._recent) * 80
 
 
 # --- onRisk, as the monitor applies it ---------------------------------------------------------

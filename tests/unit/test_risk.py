@@ -16,7 +16,7 @@ from monitor_policy import POLICY, policies
 from controlplane.compile.extraction import compile_one
 from controlplane.extraction.feed import default_profile, interim_held_out
 from controlplane.extraction.monitor import ExtractionMonitor
-from controlplane.extraction.risk import CAPACITY, HeldOut, RiskSample, fidelity
+from controlplane.extraction.risk import HeldOut, RiskSample, fidelity
 from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
 from controlplane.local.model import load_model
@@ -85,27 +85,36 @@ def test_single_class_streams_stay_low(model: Any, held: HeldOut) -> None:
         assert estimate(model, held, X) < 0.2, c
 
 
-def test_sample_is_bounded_counts_distinct_pairs_and_keeps_a_cadence(model: Any) -> None:
+def test_sample_counts_distinct_pairs_keeps_a_cadence_and_stays_bounded(
+    model: Any, held: HeldOut
+) -> None:
     sample = RiskSample(64)
     X = model.train_X.astype(np.float32)
     y = model.predict(X).astype(np.int16)
     sample.add(X[:10], y[:10])
     sample.add(X[:10], y[:10])  # repeats are no new knowledge
-    assert (sample.size, sample.distinct) == (10, 10)
-    sample.add(X[10:20], np.full(10, -1, dtype=np.int16))  # no answer: nothing learned
     assert sample.distinct == 10
-    assert not sample.due()
+    sample.add(X[10:20], np.full(10, -1, dtype=np.int16))  # no answer: nothing learned
+    assert sample.distinct == 10 and not sample.due()
     sample.add(X[20:60], y[20:60])
     assert sample.due()
-    sample.estimated_at = sample.distinct
-    assert not sample.due()
+    sample.update(held)
+    assert not sample.due() and sample.estimated_at == 50
+    # Folded in pieces, the surrogate is the 1-NN over everything the client asked.
     rng = np.random.default_rng(0)
-    many = rng.uniform(0, 16, (3000, 64)).astype(np.float32)
-    sample.add(many, rng.integers(0, 10, 3000).astype(np.int16))
-    assert sample.size == CAPACITY and sample.distinct == 3050
-    assert len(sample.X) == CAPACITY
-    # The reservoir stays uniform over the stream: most of it is the later, larger part.
-    assert 0.9 < float((sample.X[: sample.size] > 0).mean()) <= 1.0
+    noise = rng.uniform(0, 16, (3000, 64)).astype(np.float32)
+    noise_y = model.predict(noise).astype(np.int16)
+    for start in range(0, 3000, 40):
+        sample.add(noise[start : start + 40], noise_y[start : start + 40])
+        if sample.due():
+            sample.update(held)
+    got = sample.update(held)
+    everything = np.concatenate([X[:10], X[20:60], noise])
+    labels = np.concatenate([y[:10], y[20:60], noise_y])
+    assert got == pytest.approx(fidelity(held, everything, labels), abs=0.005)
+    assert sample.peak >= got
+    # Memory follows the held-out set, not the client's history.
+    assert sample.memory_bytes() < 32 * 1024
 
 
 # --- onRisk in the monitor --------------------------------------------------------------------
