@@ -369,8 +369,11 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
         X0, A0 = undefended(model, spec, 1000 * index)
         o = outcomes[0]
         X1 = np.asarray(o.queries)
+        row["risk_undefended"] = {}
         for budget in BUDGETS:
             f0, a0 = substitute_quality(model, X0[:budget], A0[:budget], equation)
+            row["risk_undefended"][budget] = {
+                "estimated": offline_estimate(model, X0[:budget]), "true": f0}
             f1, a1 = substitute_quality(model, X1[:budget], o.answers[:budget], equation)
             row["fidelity"][budget] = {"without": f0, "with": f1}
             row["accuracy"][budget] = {"without": a0, "with": a1}
@@ -402,6 +405,7 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
         for o, seed in benign_seeds(specs, benign)
     }
     results["risk_correlation"] = risk_correlation(results["attacks"])
+    results["risk_correlation_undefended"] = undefended_correlation(results["attacks"])
     results["seconds"] = round(time.monotonic() - started, 1)
     results["monitor"] = {
         "batches": system.plane.extraction.monitor.stats.batches,
@@ -439,9 +443,28 @@ def benign_seeds(specs: list[Spec], benign: list[Outcome]) -> list[tuple[Outcome
     return list(zip(benign, seeds, strict=True))
 
 
+def offline_estimate(model: DigitsModel, X: np.ndarray) -> float:
+    """The monitor's estimate (risk.py, the same held-out rows) for a stream it never saw."""
+    from controlplane.extraction.feed import _digits_held_out
+    from controlplane.extraction.risk import RiskSample
+
+    sample = RiskSample(X.shape[1])
+    sample.add(np.asarray(X, dtype=np.float32), model.predict(X).astype(np.int16))
+    return sample.update(_digits_held_out())
+
+
 def risk_correlation(attacks: dict[str, Any]) -> float | None:
     pairs = [(r["risk"]["estimated"], r["risk"]["true"]) for r in attacks.values()
              if r["risk"]["estimated"] is not None]
+    return correlation(pairs)
+
+
+def undefended_correlation(attacks: dict[str, Any]) -> float | None:
+    return correlation([(v["estimated"], v["true"]) for r in attacks.values()
+                        for v in r["risk_undefended"].values()])
+
+
+def correlation(pairs: list[tuple[float, float]]) -> float | None:
     if len(pairs) < 3:
         return None
     est, true = np.asarray(pairs).T
@@ -457,6 +480,14 @@ def print_risk(results: dict[str, Any]) -> None:
         print(f"{name:40s} {r['sent']:>5d} {_fmt(r['estimated'], '.2f'):>19s} "
               f"{r['true']:>14.2f}")
     print(f"correlation (Pearson, attackers): {_fmt(results['risk_correlation'], '.2f')}")
+    print("\nundefended (raw answers, nobody watching): estimated → true fidelity at "
+          + ", ".join(str(b) for b in BUDGETS) + " queries")
+    for name, row in results["attacks"].items():
+        cells = "  ".join(f"{row['risk_undefended'][b]['estimated']:.2f}→"
+                          f"{row['risk_undefended'][b]['true']:.2f}" for b in BUDGETS)
+        print(f"{name:40s} {cells}")
+    print("correlation (Pearson, attackers x budgets): "
+          f"{_fmt(results['risk_correlation_undefended'], '.2f')}")
     benign = results["benign"]["estimated_fidelity"]
     for kind in ("iid", "heavy", "what-if"):
         values = [v for k, v in benign.items() if f"benign {kind} " in k and v is not None]

@@ -9,22 +9,31 @@ a 96%-faithful copy). This estimates what the client could have *learned* instea
 1. Each client's observed (query, unhardened answer) pairs — the monitor already has the
    query vectors and the argmax class of the model's scores — are what it could learn from.
    Exact repeats are no new knowledge and are skipped.
-2. The surrogate fitted on them is **1-nearest-neighbour**. It needs no training and no
-   hyper-parameter tuned to any attack, and it tracks what real substitutes achieve from
-   natural queries: on digits, 1-NN over 30 / 100 / 300 / 1,000 natural pairs agrees with
-   the model on 74% / 90% / 96% / 95% of held-out rows, as the logistic-regression copies
-   of BENCHMARKS.md do (300 natural queries, 96%). It also says *where* the client has
-   looked: a client that explores locally (many perturbations of a few inputs) or asks
-   about one class only can only answer with those few points' labels, so its estimate
-   stays near the share of held-out rows that have those labels (digits: 10–25%).
-   Its limit, said plainly: a learner that generalises better than 1-NN from few,
-   well-chosen points (equation solving on a linear model) can beat the estimate; those
-   streams are off-distribution and are the detectors' job.
-   A 1-NN surrogate is kept as what it predicts on the held-out rows (``RiskSample``): per
-   row, the nearest pair so far and its answer. A new pair only has to be compared with
-   the held-out rows, so the surrogate covers *everything* the client asked, exactly, in
-   memory bounded by the held-out set (~3 KB a client at 512 rows, plus at most ``EVERY``
-   pending pairs and ``RECENT`` hashes of recent ones), not by the client's history.
+2. Two surrogates are fitted on them, and the better one counts (each is a lower bound on
+   what the client could learn, so their maximum is a tighter one):
+   - **1-nearest-neighbour**: no training, no hyper-parameter tuned to any attack, and it
+     tracks what real substitutes achieve from natural queries: on digits, over 20 / 100 /
+     300 / 1,000 natural pairs it agrees with the model on ~68% / 90% / 95% / 96% of
+     held-out rows, as the logistic-regression copies of BENCHMARKS.md do (300 natural
+     queries, 96%).
+   - **nearest centroid** (the mean of each class's pairs): it generalises linearly from
+     scattered queries, where 1-NN cannot (a uniform-noise stream's class means point along
+     a linear model's weights): over 1,000 uniform queries 1-NN says 39%, nearest centroid
+     90%, a logistic-regression copy reaches 88%. Kept only while classes x features stays
+     under 8,192 sums.
+   Both say *where* the client has looked: a client that explores locally (many
+   perturbations of a few inputs) or asks about one class only can only answer with those
+   few points' labels, so its estimate stays near the share of held-out rows that have
+   those labels (digits: 10–28%). Their limit, said plainly: a learner built for the
+   victim's exact family can beat both (equation solving recovers a logistic regression
+   from ~100 noise queries: 100% faithful, estimated 81–86%); such streams are
+   off-distribution and are the detectors' job.
+   A client's surrogates are kept as what they need (``RiskSample``): per held-out row, the
+   nearest pair so far and its answer; per class, the sum and count of its pairs. A new
+   pair only has to be compared with the held-out rows, so the surrogates cover
+   *everything* the client asked, exactly, in memory bounded by the held-out set and the
+   classes (~8 KB a client on digits, plus at most ``EVERY`` pending pairs and ``RECENT``
+   hashes of recent ones), not by the client's history.
 3. Its agreement with the model's own answers on held-out reference rows is the client's
    **estimated extraction fidelity**, in [0, 1] (``fidelity`` computes the same from
    scratch). A client cannot unlearn, so the monitor acts on (and shows) the highest
@@ -33,13 +42,15 @@ a 96%-faithful copy). This estimates what the client could have *learned* instea
    above p.
 
 Cadence and cost. A client's new pairs are folded in, and its estimate recomputed, every
-``EVERY`` = 32 new distinct pairs: one (32 × held-out) distance product, an argmin and a
-comparison. Measured on this machine (one BLAS thread, digits: 64 features, 450 held-out
-rows): a fold takes ~100 µs, so ~3 µs per distinct query, and ~0.3 µs per repeat (a hash
-lookup), whatever the client's history — against ~70 µs per query for the monitor's
-detectors (bench/extraction/throughput.py). The cost grows with held-out rows × features;
-rows beyond ``MAX_HELD_OUT`` are subsampled (reproducibly), and 512 rows give the estimate
-a standard error under 2.2 points. It all runs in the monitor, on the feed's worker thread:
+``EVERY`` = 32 new distinct pairs: one (held-out × 32) distance product, an argmin and a
+comparison, a (classes × 32) one-hot product into the class sums, and the centroids' scores
+on the held-out rows. On this machine (one BLAS thread, digits: 64 features, 450 held-out
+rows, 2 cores shared with other work) a fold takes 0.2–0.4 ms, so 6–12 µs per distinct
+query, and ~0.3 µs per repeat (a hash lookup), whatever the client's history; the
+monitor's detectors take ~70 µs per query. bench/extraction/throughput.py measures the
+monitor with and without it (``--before``). The cost grows with held-out rows × features;
+rows beyond ``MAX_HELD_OUT`` are subsampled (reproducibly), and 512 rows give the estimate a
+standard error under 2.2 points. It all runs in the monitor, on the feed's worker thread:
 never on the request path. Client state (and with it the estimate) is bounded and expires
 like the detectors' (``max_clients``, ``idle_ttl``): a client idle past it starts again
 from zero, so onRisk is a budget per session of activity, not per lifetime.
@@ -75,6 +86,7 @@ class HeldOut:
     X: FloatArray  # (n, d)
     answers: IntArray  # (n,) the model's predicted class on each row
     sq: FloatArray  # squared norm of each row
+    classes: IntArray  # the distinct answers, sorted: the nearest-centroid surrogate's classes
 
     @classmethod
     def of(cls, X: npt.ArrayLike, answers: npt.ArrayLike, seed: int = 0) -> HeldOut:
@@ -85,7 +97,14 @@ class HeldOut:
         if len(rows) > MAX_HELD_OUT:
             keep = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_HELD_OUT, False))
             rows, labels = rows[keep], labels[keep]
-        return cls(rows, labels.astype(np.int64), np.einsum("ij,ij->i", rows, rows))
+        answers_ = labels.astype(np.int64)
+        return cls(rows, answers_, np.einsum("ij,ij->i", rows, rows), np.unique(answers_))
+
+    @property
+    def centroids(self) -> bool:
+        """Whether a nearest-centroid surrogate fits in a client's state (classes x features
+        sums; 64 KiB at most)."""
+        return len(self.classes) * self.dim <= 8192
 
     @property
     def dim(self) -> int:
@@ -108,16 +127,12 @@ def held_out_of(profile: Any) -> HeldOut | None:
     return HeldOut.of(X, answers)
 
 
-def fidelity(held_out: HeldOut, X: FloatArray, y: npt.NDArray[Any]) -> float:
-    """Agreement of the 1-NN surrogate on (X, y) with the model on the held-out rows."""
-    if len(X) == 0:
-        return 0.0
-    # Nearest pair of each held-out row: |h|² is the same for every pair, so it is left out.
-    d = X @ held_out.X.T
-    d *= -2.0
-    d += np.einsum("ij,ij->i", X, X)[:, None]
-    nearest = d.argmin(axis=0)
-    return float((y[nearest] == held_out.answers).mean())
+def fidelity(held_out: HeldOut, X: npt.ArrayLike, y: npt.ArrayLike) -> float:
+    """The estimate for pairs (X, y) in one go: what ``RiskSample`` reaches folding them in."""
+    rows = np.asarray(X, dtype=np.float32)
+    sample = RiskSample(rows.shape[1])
+    sample.add(rows, np.asarray(y).astype(np.int16))
+    return sample.update(held_out)
 
 
 @dataclass
@@ -138,6 +153,8 @@ class RiskSample:
     peak: float = 0.0  # the highest estimate so far: what the client has shown it can learn
     nearest: FloatArray | None = None  # per held-out row: |x|² - 2 x·h of its nearest pair
     label: npt.NDArray[np.int16] | None = None  # per held-out row: that pair's answer
+    sums: npt.NDArray[np.float64] | None = None  # per held-out class: sum of its pairs
+    counts: npt.NDArray[np.int64] | None = None
     pending: list[tuple[FloatArray, int]] = field(default_factory=list)
     _recent: dict[bytes, None] = field(default_factory=dict)  # insertion-ordered, bounded
 
@@ -160,29 +177,59 @@ class RiskSample:
 
     def update(self, held_out: HeldOut) -> float:
         if self.pending:
-            X = np.asarray([row for row, _ in self.pending], dtype=np.float32)
-            y = np.asarray([label for _, label in self.pending], dtype=np.int16)
+            X = np.stack([row for row, _ in self.pending])
+            y = np.fromiter((label for _, label in self.pending), np.int16, len(self.pending))
             self.pending.clear()
+            # Held-out rows × new pairs, so each row's nearest pair is a contiguous argmin;
             # |h|² is the same for every pair of a held-out row: left out.
-            d = X @ held_out.X.T
+            d = held_out.X @ X.T
             d *= -2.0
-            d += np.einsum("ij,ij->i", X, X)[:, None]
-            best = d.argmin(axis=0)
-            d_best = d[best, np.arange(d.shape[1])]
+            d += np.einsum("ij,ij->i", X, X)[None, :]
+            best = d.argmin(axis=1)
+            d_best = d[np.arange(len(d)), best]
             if self.nearest is None or self.label is None:
                 self.nearest, self.label = d_best, y[best]
             else:
                 closer = d_best < self.nearest
                 self.nearest = np.where(closer, d_best, self.nearest)
                 self.label = np.where(closer, y[best], self.label)
+            if held_out.centroids:
+                self._fold_centroids(held_out, X, y)
         self.estimated_at = self.distinct
         agree = 0.0 if self.label is None else float((self.label == held_out.answers).mean())
+        agree = max(agree, self._centroid_agreement(held_out))
         self.estimate = agree
         self.peak = max(self.peak, agree)
         return agree
 
+    def _fold_centroids(self, held_out: HeldOut, X: FloatArray, y: npt.NDArray[np.int16]) -> None:
+        # Answers the held-out rows never give cannot be agreed on: not folded in.
+        k = np.minimum(np.searchsorted(held_out.classes, y), len(held_out.classes) - 1)
+        known = held_out.classes[k] == y
+        if self.sums is None or self.counts is None:
+            self.sums = np.zeros((len(held_out.classes), self.dim))
+            self.counts = np.zeros(len(held_out.classes), dtype=np.int64)
+        # A one-hot product: np.add.at takes ten times as long for a few dozen rows.
+        onehot = (k[known][None, :] == np.arange(len(held_out.classes))[:, None]).astype(np.float64)
+        self.sums += onehot @ X[known]
+        self.counts += onehot.sum(axis=1).astype(np.int64)
+
+    def _centroid_agreement(self, held_out: HeldOut) -> float:
+        """Nearest-centroid surrogate: each held-out row gets the class whose pairs' mean is
+        closest. Unlike 1-NN it generalises linearly from scattered queries (a uniform-noise
+        stream's class means point along a linear model's weights)."""
+        if self.sums is None or self.counts is None or not self.counts.any():
+            return 0.0
+        present = np.flatnonzero(self.counts)
+        C = (self.sums[present] / self.counts[present, None]).astype(np.float32)
+        score = held_out.X @ C.T
+        score -= 0.5 * np.einsum("ij,ij->i", C, C)[None, :]
+        predicted = held_out.classes[present[score.argmax(axis=1)]]
+        return float((predicted == held_out.answers).mean())
+
     def memory_bytes(self) -> int:
         rows = 0 if self.nearest is None else len(self.nearest)
+        rows += 0 if self.sums is None else self.sums.nbytes // 6
         return 6 * rows + len(self.pending) * (4 * self.dim + 64) + len(self._recent) * 80
 
 
