@@ -32,8 +32,8 @@ a 96%-faithful copy). This estimates what the client could have *learned* instea
    nearest pair so far and its answer; per class, the sum and count of its pairs. A new
    pair only has to be compared with the held-out rows, so the surrogates cover
    *everything* the client asked, exactly, in memory bounded by the held-out set and the
-   classes (~8 KB a client on digits, plus at most ``EVERY`` pending pairs and ``RECENT``
-   hashes of recent ones), not by the client's history.
+   classes: ~45 KB a client on digits (8 KB of surrogates, ``EVERY`` pending pairs and
+   ``RECENT`` hashes of recent ones; the detectors keep ~100 KB), whatever its history.
 3. Its agreement with the model's own answers on held-out reference rows is the client's
    **estimated extraction fidelity**, in [0, 1] (``fidelity`` computes the same from
    scratch). A client cannot unlearn, so the monitor acts on (and shows) the highest
@@ -62,6 +62,7 @@ column); ``held_out_of`` is the one place that reads them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,7 @@ from controlplane.api.extraction import OnRisk, RiskStep
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
-EVERY = 32  # new distinct pairs between two estimates
+EVERY = 64  # new distinct pairs between two estimates
 RECENT = 256  # recent pairs remembered to skip exact repeats
 MAX_HELD_OUT = 512  # held-out rows an estimate is scored on
 
@@ -143,7 +144,8 @@ class RiskSample:
     has been answered, and that pair's answer. A new pair only has to be compared with the
     held-out rows, so the surrogate covers everything the client asked, exactly, in memory
     bounded by the held-out set (6 bytes a row) instead of by the client's history. New
-    pairs wait in ``pending`` (at most ``EVERY``) and are folded in one product.
+    pairs wait in ``pending_X`` (``EVERY`` of them, or a batch's) and are folded in one
+    product.
     """
 
     dim: int
@@ -155,31 +157,41 @@ class RiskSample:
     label: npt.NDArray[np.int16] | None = None  # per held-out row: that pair's answer
     sums: npt.NDArray[np.float64] | None = None  # per held-out class: sum of its pairs
     counts: npt.NDArray[np.int64] | None = None
-    pending: list[tuple[FloatArray, int]] = field(default_factory=list)
-    _recent: dict[bytes, None] = field(default_factory=dict)  # insertion-ordered, bounded
+    pending_X: FloatArray = field(init=False)  # new pairs not folded in yet: the first
+    pending_y: npt.NDArray[np.int16] = field(init=False)  # n_pending rows
+    n_pending: int = 0
+    _recent: OrderedDict[int, None] = field(default_factory=OrderedDict)  # recent rows' hashes
+
+    def __post_init__(self) -> None:
+        self.pending_X = np.empty((EVERY, self.dim), dtype=np.float32)
+        self.pending_y = np.empty(EVERY, dtype=np.int16)
 
     def add(self, X: FloatArray, y: npt.NDArray[np.int16]) -> None:
         """Fold a client's queries and the classes the model answered (-1: unknown)."""
         for row, label in zip(X, y.tolist(), strict=True):
             if label < 0:
                 continue
-            raw = row.tobytes()
+            raw = hash(row.tobytes())  # a collision only skips a pair
             if raw in self._recent:  # a repeat is no new knowledge (and costs no product)
                 continue
             self._recent[raw] = None
             if len(self._recent) > RECENT:
-                del self._recent[next(iter(self._recent))]
+                self._recent.popitem(last=False)
             self.distinct += 1
-            self.pending.append((row, label))
+            if self.n_pending == len(self.pending_X):  # more than EVERY between two folds
+                self.pending_X = np.resize(self.pending_X, (2 * self.n_pending, self.dim))
+                self.pending_y = np.resize(self.pending_y, 2 * self.n_pending)
+            self.pending_X[self.n_pending] = row
+            self.pending_y[self.n_pending] = label
+            self.n_pending += 1
 
     def due(self) -> bool:
-        return len(self.pending) >= EVERY
+        return self.n_pending >= EVERY
 
     def update(self, held_out: HeldOut) -> float:
-        if self.pending:
-            X = np.stack([row for row, _ in self.pending])
-            y = np.fromiter((label for _, label in self.pending), np.int16, len(self.pending))
-            self.pending.clear()
+        if self.n_pending:
+            X, y = self.pending_X[: self.n_pending], self.pending_y[: self.n_pending]
+            self.n_pending = 0
             # Held-out rows × new pairs, so each row's nearest pair is a contiguous argmin;
             # |h|² is the same for every pair of a held-out row: left out.
             d = held_out.X @ X.T
@@ -195,6 +207,8 @@ class RiskSample:
                 self.label = np.where(closer, y[best], self.label)
             if held_out.centroids:
                 self._fold_centroids(held_out, X, y)
+            if len(self.pending_X) > EVERY:  # grown by a large batch: back to its size
+                self.__post_init__()
         self.estimated_at = self.distinct
         agree = 0.0 if self.label is None else float((self.label == held_out.answers).mean())
         agree = max(agree, self._centroid_agreement(held_out))
@@ -230,7 +244,7 @@ class RiskSample:
     def memory_bytes(self) -> int:
         rows = 0 if self.nearest is None else len(self.nearest)
         rows += 0 if self.sums is None else self.sums.nbytes // 6
-        return 6 * rows + len(self.pending) * (4 * self.dim + 64) + len(self._recent) * 80
+        return 6 * rows + self.pending_X.nbytes + self.pending_y.nbytes + len(self._recent) * 100
 
 
 # --- onRisk, as the monitor applies it ---------------------------------------------------------

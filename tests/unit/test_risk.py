@@ -96,10 +96,10 @@ def test_sample_counts_distinct_pairs_keeps_a_cadence_and_stays_bounded(
     assert sample.distinct == 10
     sample.add(X[10:20], np.full(10, -1, dtype=np.int16))  # no answer: nothing learned
     assert sample.distinct == 10 and not sample.due()
-    sample.add(X[20:60], y[20:60])
-    assert sample.due()
+    sample.add(X[20:74], y[20:74])
+    assert sample.distinct == 64 and sample.due()
     sample.update(held)
-    assert not sample.due() and sample.estimated_at == 50
+    assert not sample.due() and sample.estimated_at == 64
     # Folded in pieces, the surrogate is the 1-NN over everything the client asked.
     rng = np.random.default_rng(0)
     noise = rng.uniform(0, 16, (3000, 64)).astype(np.float32)
@@ -109,12 +109,12 @@ def test_sample_counts_distinct_pairs_keeps_a_cadence_and_stays_bounded(
         if sample.due():
             sample.update(held)
     got = sample.update(held)
-    everything = np.concatenate([X[:10], X[20:60], noise])
-    labels = np.concatenate([y[:10], y[20:60], noise_y])
+    everything = np.concatenate([X[:10], X[20:74], noise])
+    labels = np.concatenate([y[:10], y[20:74], noise_y])
     assert got == pytest.approx(fidelity(held, everything, labels), abs=0.005)
     assert sample.peak >= got
     # Memory follows the held-out set, not the client's history.
-    assert sample.memory_bytes() < 32 * 1024
+    assert sample.memory_bytes() < 64 * 1024
 
 
 # --- onRisk in the monitor --------------------------------------------------------------------
