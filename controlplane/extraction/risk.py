@@ -168,22 +168,42 @@ class RiskSample:
 
     def add(self, X: FloatArray, y: npt.NDArray[np.int16]) -> None:
         """Fold a client's queries and the classes the model answered (-1: unknown)."""
-        for row, label in zip(X, y.tolist(), strict=True):
-            if label < 0:
-                continue
-            raw = hash(row.tobytes())  # a collision only skips a pair
-            if raw in self._recent:  # a repeat is no new knowledge (and costs no product)
-                continue
-            self._recent[raw] = None
-            if len(self._recent) > RECENT:
-                self._recent.popitem(last=False)
-            self.distinct += 1
-            if self.n_pending == len(self.pending_X):  # more than EVERY between two folds
-                self.pending_X = np.resize(self.pending_X, (2 * self.n_pending, self.dim))
-                self.pending_y = np.resize(self.pending_y, 2 * self.n_pending)
-            self.pending_X[self.n_pending] = row
+        recent = self._recent
+        if len(X) == 1:  # the common case (a batch mixes many clients): no lists, no copies
+            label = int(y[0])
+            key = hash(X[0].tobytes())  # a collision only skips a pair
+            if label < 0 or key in recent:  # a repeat is no new knowledge
+                return
+            recent[key] = None
+            if len(recent) > RECENT:
+                recent.popitem(last=False)
+            if self.n_pending == len(self.pending_X):
+                self.pending_X = np.resize(self.pending_X, (self.n_pending + EVERY, self.dim))
+                self.pending_y = np.resize(self.pending_y, self.n_pending + EVERY)
+            self.pending_X[self.n_pending] = X[0]
             self.pending_y[self.n_pending] = label
             self.n_pending += 1
+            self.distinct += 1
+            return
+        keys = [hash(row.tobytes()) for row in X]
+        new = []
+        for i, (key, label) in enumerate(zip(keys, y.tolist(), strict=True)):
+            if label < 0 or key in recent:  # a repeat is no new knowledge
+                continue
+            recent[key] = None
+            new.append(i)
+        while len(recent) > RECENT:
+            recent.popitem(last=False)
+        if not new:
+            return
+        self.distinct += len(new)
+        end = self.n_pending + len(new)
+        if end > len(self.pending_X):  # more than EVERY between two folds
+            self.pending_X = np.resize(self.pending_X, (end, self.dim))
+            self.pending_y = np.resize(self.pending_y, end)
+        self.pending_X[self.n_pending : end] = X[new]
+        self.pending_y[self.n_pending : end] = y[new]
+        self.n_pending = end
 
     def due(self) -> bool:
         return self.n_pending >= EVERY
