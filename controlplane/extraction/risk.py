@@ -42,13 +42,15 @@ a 96%-faithful copy). This estimates what the client could have *learned* instea
    above p.
 
 Cadence and cost. A client's new pairs are folded in, and its estimate recomputed, every
-``EVERY`` = 32 new distinct pairs: one (held-out × 32) distance product, an argmin and a
-comparison, a (classes × 32) one-hot product into the class sums, and the centroids' scores
+``EVERY`` = 64 new distinct pairs: one (held-out × 64) distance product, an argmin and a
+comparison, a (classes × 64) one-hot product into the class sums, and the centroids' scores
 on the held-out rows. On this machine (one BLAS thread, digits: 64 features, 450 held-out
-rows, 2 cores shared with other work) a fold takes 0.2–0.4 ms, so 6–12 µs per distinct
-query, and ~0.3 µs per repeat (a hash lookup), whatever the client's history; the
-monitor's detectors take ~70 µs per query. bench/extraction/throughput.py measures the
-monitor with and without it (``--before``). The cost grows with held-out rows × features;
+rows, 2 cores shared with other work) a fold takes ~0.2 ms and recording a pair ~1.5 µs:
+~5 µs per distinct query, ~1 µs per repeat (a hash lookup), whatever the client's history.
+The monitor's detectors take 60–70 µs per query; with the estimate on, the monitor's CPU
+per query rose 11–16% on all-distinct traffic (bench/extraction/risk_cost.py) and not
+measurably on bench/extraction/throughput.py's (``--before``; BENCHMARKS.md). It lags a client's
+knowledge by at most 64 distinct queries. The cost grows with held-out rows × features;
 rows beyond ``MAX_HELD_OUT`` are subsampled (reproducibly), and 512 rows give the estimate a
 standard error under 2.2 points. It all runs in the monitor, on the feed's worker thread:
 never on the request path. Client state (and with it the estimate) is bounded and expires
