@@ -41,21 +41,22 @@ a 96%-faithful copy). This estimates what the client could have *learned* instea
    of the reference rows, a constant copy already agrees on p of them: set onRisk steps
    above p.
 
-Cadence and cost. A client's new pairs are folded in, and its estimate recomputed, every
-``EVERY`` = 64 new distinct pairs: one (held-out × 64) distance product, an argmin and a
-comparison, a (classes × 64) one-hot product into the class sums, and the centroids' scores
-on the held-out rows. On this machine (one BLAS thread, digits: 64 features, 450 held-out
-rows, 2 cores shared with other work) a fold takes ~0.2 ms and recording a pair ~1.5 µs:
-~5 µs per distinct query, ~1 µs per repeat (a hash lookup), whatever the client's history.
-The monitor's detectors take 60–70 µs per query; with the estimate on, the monitor's CPU
-per query rose 11–16% on all-distinct traffic (bench/extraction/risk_cost.py) and not
-measurably on bench/extraction/throughput.py's (``--before``; BENCHMARKS.md). It lags a client's
-knowledge by at most 64 distinct queries. The cost grows with held-out rows × features;
-rows beyond ``MAX_HELD_OUT`` are subsampled (reproducibly), and 512 rows give the estimate a
-standard error under 2.2 points. It all runs in the monitor, on the feed's worker thread:
-never on the request path. Client state (and with it the estimate) is bounded and expires
-like the detectors' (``max_clients``, ``idle_ttl``): a client idle past it starts again
-from zero, so onRisk is a budget per session of activity, not per lifetime.
+Cadence and cost. A client's new pairs are folded in, and its estimate recomputed, at its
+``FIRST`` = 16 distinct pairs, then every ``EVERY`` = 64 new ones: one (held-out × 64)
+distance product, an argmin and a comparison, a (classes × 64) one-hot product into the
+class sums, and the centroids' scores on the held-out rows. On this machine (one BLAS
+thread, digits: 64 features, 450 held-out rows, 2 cores shared with other work) a fold takes
+~0.2 ms and recording a pair ~1.5 µs: ~5 µs per distinct query, ~1 µs per repeat (a hash
+lookup), whatever the client's history. The monitor's detectors take 60–70 µs per query;
+with the estimate on, the monitor's CPU per query rose 11–16% on all-distinct traffic
+(bench/extraction/risk_cost.py) and not measurably on bench/extraction/throughput.py's
+(``--before``; BENCHMARKS.md). It lags a client's knowledge by at most 64 distinct queries.
+The cost grows with held-out rows × features; rows beyond ``MAX_HELD_OUT`` are subsampled
+(reproducibly), and 512 rows give the estimate a standard error under 2.2 points. It all
+runs in the monitor, on the feed's worker thread: never on the request path. Client state
+(and with it the estimate) is bounded and expires like the detectors' (``max_clients``,
+``idle_ttl``): a client idle past it starts again from zero, so onRisk is a budget per
+session of activity, not per lifetime.
 
 The held-out rows and the model's answers on them come from the policy's profile
 (``profile.held_out``, ``profile.held_out_answers``: the reference data's optional answer
@@ -77,7 +78,8 @@ from controlplane.api.extraction import OnRisk, RiskStep
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
-EVERY = 64  # new distinct pairs between two estimates
+EVERY = 64  # new distinct pairs between two estimates ...
+FIRST = 16  # ... and before the first: a client stopped early still gets one
 RECENT = 256  # recent pairs remembered to skip exact repeats
 MAX_HELD_OUT = 512  # held-out rows an estimate is scored on
 
@@ -208,7 +210,7 @@ class RiskSample:
         self.n_pending = end
 
     def due(self) -> bool:
-        return self.n_pending >= EVERY
+        return self.n_pending >= (EVERY if self.estimate is not None else FIRST)
 
     def update(self, held_out: HeldOut) -> float:
         if self.n_pending:

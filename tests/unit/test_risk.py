@@ -96,10 +96,15 @@ def test_sample_counts_distinct_pairs_keeps_a_cadence_and_stays_bounded(
     assert sample.distinct == 10
     sample.add(X[10:20], np.full(10, -1, dtype=np.int16))  # no answer: nothing learned
     assert sample.distinct == 10 and not sample.due()
-    sample.add(X[20:74], y[20:74])
-    assert sample.distinct == 64 and sample.due()
+    sample.add(X[20:26], y[20:26])
+    assert sample.distinct == 16 and sample.due()  # a first estimate early ...
     sample.update(held)
-    assert not sample.due() and sample.estimated_at == 64
+    sample.add(X[26:89], y[26:89])
+    assert not sample.due()  # ... then every 64 new pairs
+    sample.add(X[89:90], y[89:90])
+    assert sample.due()
+    sample.update(held)
+    assert not sample.due() and sample.estimated_at == 80
     # Folded in pieces, the surrogate is the 1-NN over everything the client asked.
     rng = np.random.default_rng(0)
     noise = rng.uniform(0, 16, (3000, 64)).astype(np.float32)
@@ -109,8 +114,8 @@ def test_sample_counts_distinct_pairs_keeps_a_cadence_and_stays_bounded(
         if sample.due():
             sample.update(held)
     got = sample.update(held)
-    everything = np.concatenate([X[:10], X[20:74], noise])
-    labels = np.concatenate([y[:10], y[20:74], noise_y])
+    everything = np.concatenate([X[:10], X[20:90], noise])
+    labels = np.concatenate([y[:10], y[20:90], noise_y])
     assert got == pytest.approx(fidelity(held, everything, labels), abs=0.005)
     assert sample.peak >= got
     # Memory follows the held-out set, not the client's history.
