@@ -14,6 +14,8 @@ the order of variants shuffled every round, so the machine's noise hits both sid
     empty      a modelguard sidecar with no policy (the xDS-delivered skeleton)
     rbac       AccessPolicy: default deny, 4 rules by method and path
     apikey     AccessPolicy allowing 100 API keys (Lua SHA-256 of x-api-key; Permissive)
+    tenants    the same keys with metadata (10 tenants, 2 tiers): the sidecar verifies the key
+               and sets its id, tenant and tier headers, after dropping caller-sent ones
     local      RatePolicy: a per-client token bucket (Local)
     budget     RatePolicy: a per-client daily budget (Global: RLQS quota assignments)
     wasm       ExtractionPolicy: output hardening (top-1, 2 digits) in the Wasm filter
@@ -148,7 +150,7 @@ def rate(service: str, *, local: bool, budget: bool) -> str:
     if budget:
         limits += (
             "  - {name: daily, clientKey: {header: x-api-key}, requests: 1000000000, per: day,"
-            " scope: Global}\n"
+            " scope: Global, cost: instances}\n"
         )
     return (
         "apiVersion: modelguard.io/v1alpha1\nkind: RatePolicy\n"
@@ -181,6 +183,20 @@ API_KEYS_SECRET = (
     + "".join(f"  client-{i}: key-{i}\n" for i in range(KEYS))
 )
 FROM_KEYS = "{apiKeys: {secretRef: bench-keys}}"
+# The same keys with a tenant (10 keys each) and a tier (issue 14's key verification and
+# tenant lookup).
+TENANT_KEYS_SECRET = (
+    "apiVersion: v1\nkind: Secret\n"
+    f"metadata:\n  name: bench-tenant-keys\n  namespace: {NS}\n"
+    "  annotations:\n    modelguard.io/keys: |\n"
+    + "".join(
+        f"      client-{i}: {{tenant: tenant-{i // 10}, tier: {('standard', 'premium')[i % 2]}}}\n"
+        for i in range(KEYS)
+    )
+    + "stringData:\n"
+    + "".join(f"  client-{i}: key-{i}\n" for i in range(KEYS))
+)
+FROM_TENANT_KEYS = "{apiKeys: {secretRef: bench-tenant-keys}}"
 
 
 # --- variants ------------------------------------------------------------------------------
@@ -218,6 +234,14 @@ def variants() -> list[Variant]:
             1,
             access("apikey", mtls="Permissive", callers=[FROM_KEYS]),
             ("envoy.filters.http.lua", "modelguard.access.allow"),
+        ),
+        Variant(
+            "tenants",
+            "API key + key id, tenant, tier (10 tenants)",
+            "mesh",
+            1,
+            access("tenants", mtls="Permissive", callers=[FROM_TENANT_KEYS]),
+            ("envoy.filters.http.lua", "modelguard.access.allow", "tenant-9"),
         ),
         Variant(
             "local",
@@ -521,8 +545,8 @@ def check(
         status, _ = post(path.port, path.host, path="/admin/dump")
         if status != 403:
             raise RuntimeError(f"{variant.name}: /admin/* answered {status}, expected 403")
-    if variant.name == "apikey" and post(path.port, path.host, key="wrong")[0] != 403:
-        raise RuntimeError("apikey: a wrong key was let through")
+    if variant.name in ("apikey", "tenants") and post(path.port, path.host, key="wrong")[0] != 403:
+        raise RuntimeError(f"{variant.name}: a wrong key was let through")
     if variant.hops == 2:
         try:
             status, _ = post(server_port, path.host)
@@ -601,7 +625,7 @@ def main() -> int:
             (folder / "policies.yaml").write_text("".join(v.policies for v in mine) or "")
             secrets = work / plane_name / "secrets"
             secrets.mkdir()
-            (secrets / "keys.yaml").write_text(API_KEYS_SECRET)
+            (secrets / "keys.yaml").write_text(API_KEYS_SECRET + "---\n" + TENANT_KEYS_SECRET)
             identity = (
                 IdentityConfig(
                     directory=str(work / plane_name / "identity"), api_key_paths=(str(secrets),)

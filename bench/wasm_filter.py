@@ -85,6 +85,7 @@ def wasm_filter(feed: bool, module: Path | None = None) -> dict[str, Any]:
         policy=PolicyRef("ExtractionPolicy", "bench", "digits"),
         client_key=ClientKeyIR("header", "x-api-key"),
         features="$.instances[*]",
+        instances=("instances", None),  # as compile derives it from features
         scores=("predictions", None, "probabilities"),
         output=HardeningIR(top_k=1, round_digits=2),
         feed=QueryFeedIR() if feed else None,

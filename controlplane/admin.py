@@ -103,7 +103,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 snapshot_version=snapshot.version if snapshot is not None else "",
                 state=str(node.state),
                 egress_blocked=blocked.get(node.node_id, []),
+                envoy_admin=plane.envoy_admins.get(node.node_id, ""),
             )
+            for peer, since in node.replaced:
+                entry.replaced_streams.add(peer=peer, connected_at=_timestamp(since))
             if sidecar is not None:
                 entry.service, entry.namespace = sidecar.service, sidecar.namespace
                 entry.identity = sidecar.identity
@@ -140,8 +143,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 state=status.state,
                 errors=list(status.errors),
                 serving=status.serving,
+                warnings=list(status.warnings),
                 sidecars=[s.node_id for s in sidecars if policy and targets(policy, s)],
             )
+        for reason, count in plane.sync_status.drops().items():
+            report.refused[reason] = count
         named = {e for p in report.policies for e in p.errors}
         for errors in plane.store.unit_errors().values():
             report.source_errors.extend(e for e in errors if e not in named)

@@ -137,7 +137,7 @@ class XdsCredentials:
         trust_domain = sidecar.identity.removeprefix("spiffe://").split("/", 1)[0]
         return cls(
             token=BootstrapTokens.load_or_create(identity_dir).issue(
-                sidecar.node_id, sidecar.identity
+                sidecar.node_id, sidecar.identity, sidecar.service, sidecar.namespace
             ),
             ca_pem=root_pem(identity_dir),
             server_id=control_plane_id(trust_domain),
@@ -197,6 +197,9 @@ def with_credentials(
     return bootstrap
 
 
+ENVOY_ADMIN_KEY = "modelguard.io/envoy-admin"
+
+
 def build_bootstrap(
     sidecar: Sidecar,
     *,
@@ -214,7 +217,8 @@ def build_bootstrap(
         "node": {
             "id": sidecar.node_id,
             "cluster": cluster or f"{sidecar.service}.{sidecar.namespace}",
-            "metadata": sidecar.to_metadata(),
+            # Where its admin interface listens, for `modelguard proxy-config`.
+            "metadata": {**sidecar.to_metadata(), ENVOY_ADMIN_KEY: f"127.0.0.1:{admin_port}"},
         },
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}},
@@ -447,6 +451,14 @@ def run(args: argparse.Namespace) -> int:
             delta=args.delta,
             credentials=credentials,
         )
+        # Say what landed on disk: two of the files hold or point at a secret.
+        base = Path(args.output).with_suffix("")
+        print(f"wrote {args.output} (the bootstrap: envoy -c {args.output})")
+        if credentials is not None:
+            token = base.with_name(base.name + TOKEN_SUFFIX)
+            sds = base.with_name(base.name + TOKEN_SDS_SUFFIX)
+            print(f"wrote {token} (the sidecar's token, mode 0600: keep it out of git)")
+            print(f"wrote {sds} (how Envoy reads the token: file SDS)")
     else:
         bootstrap = build_bootstrap(
             sidecar,

@@ -9,17 +9,44 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from controlplane.cliutil import (
+    GLOBAL_FLAGS_HELP,
+    add_global_flags,
+    port_number,
+    resolve_globals,
+    seconds_over,
+)
+
 
 def _validate(args: argparse.Namespace) -> int:
     from controlplane.api import load_paths
+    from controlplane.api.loader import empty_policy_files
+    from controlplane.api.warnings import policy_warnings
 
     loaded, violations = load_paths(args.paths)
     for violation in violations:
         print(violation)
+    for empty in empty_policy_files(args.paths):
+        print(f"warning: {empty}: no policies in this file (empty)", file=sys.stderr)
+    for lp in loaded:
+        policy = lp.policy
+        for warning in policy_warnings(policy):
+            name = f"{policy.metadata.namespace}/{policy.metadata.name}"
+            print(f"{lp.source}[{lp.index}] {policy.kind} {name}: warning: {warning}")
     if violations:
         print(f"{len(violations)} violation(s) in {len(args.paths)} path(s)", file=sys.stderr)
         return 1
     print(f"{len(loaded)} polic{'y' if len(loaded) == 1 else 'ies'} valid")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        print(f"modelguard {version('modelguard')}")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        print("modelguard (not installed: version unknown)")
     return 0
 
 
@@ -39,6 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit_backend=args.rate_limit_backend,
         quota_assignment_ttl=args.quota_assignment_ttl,
         identity=identity_service.config_from_args(args, ".modelguard/identity"),
+        xff_num_trusted_hops=args.xff_num_trusted_hops,
+        watch_plaintext=True,
     )
 
     if getattr(args, "kubernetes", False):
@@ -59,8 +88,14 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             await plane.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    from controlplane.server import PortInUse
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except PortInUse as err:
+        print(f"modelguard serve: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -94,9 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelguard",
         description="Protect model APIs from extraction: a control plane for Envoy sidecars.",
+        epilog=GLOBAL_FLAGS_HELP + ". Listing commands take -o json|yaml|wide (--json: -o json).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("version", help="this modelguard's version")
+    p.set_defaults(func=_version)
 
     p = sub.add_parser("validate", help="validate policy files; exit 1 on any violation")
     p.add_argument("paths", nargs="+", help="policy files or folders")
@@ -104,15 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the embedded default: control plane, demo model, sidecar")
     p.add_argument("--policies", default="policies/", help="policy folder (watched)")
-    p.add_argument("--listen-port", type=int, default=10000, help="sidecar port for clients")
+    p.add_argument(
+        "--listen-port", type=port_number, default=10000, help="sidecar port for clients"
+    )
     p.add_argument(
         "--outbound-port",
-        type=int,
+        type=port_number,
         default=15001,
         help="the demo workload's egress port on the sidecar (0: no egress control)",
     )
-    p.add_argument("--xds-port", type=int, default=18000)
-    p.add_argument("--admin-port", type=int, default=18001)
+    p.add_argument("--xds-port", type=port_number, default=18000)
+    p.add_argument("--admin-port", type=port_number, default=18001)
     p.add_argument("--workdir", default=".modelguard", help="bootstraps and logs")
     identity_arguments(p)
     p.set_defaults(func=_run)
@@ -121,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", default=["policies/"])
     identity_arguments(p)
     p.add_argument("--xds-host", default="127.0.0.1")
-    p.add_argument("--xds-port", type=int, default=18000)
+    p.add_argument("--xds-port", type=port_number, default=18000)
     p.add_argument("--admin-host", default="127.0.0.1")
-    p.add_argument("--admin-port", type=int, default=18001)
+    p.add_argument("--admin-port", type=port_number, default=18001)
     p.add_argument(
         "--rate-limit-backend",
         default="memory",
@@ -131,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quota-assignment-ttl",
-        type=int,
+        type=seconds_over(5),
         default=15,
         metavar="SECONDS",
         help="how long sidecars keep a budget's last assignment when the quota service or its "
@@ -168,10 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine_admin.add_arguments(p)
     p.set_defaults(func=quarantine_admin.run)
 
-    p = sub.add_parser("status", help="connected sidecars and policies, like istioctl proxy-status")
-    p.add_argument("--admin", default="127.0.0.1:18001", help="admin address of the control plane")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("node", nargs="?", default="", help="only sidecars whose id contains this")
+    p = sub.add_parser(
+        "status",
+        help="connected sidecars and policies, like istioctl proxy-status",
+        description="Sidecars' sync state and every policy's state. Exit code: 0 when every "
+        "policy is accepted and no sidecar NACKed, 1 when a policy is rejected, a "
+        "sidecar NACKed (like istioctl analyze) or no sidecar matches NODE, 2 when the "
+        "control plane cannot be reached.",
+    )
+    from controlplane import status_cli
+
+    status_cli.add_arguments(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser("usage", help="rate limit and budget usage: top clients, who is over")
@@ -194,11 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - the module is part of the package
         pass
     p.set_defaults(func=_bootstrap)
+
+    p = sub.add_parser(
+        "proxy-config",
+        help="a sidecar's Envoy configuration and stats, like istioctl proxy-config",
+    )
+    from controlplane import proxy_config
+
+    proxy_config.add_arguments(p)
+    p.set_defaults(func=proxy_config.run)
+
+    # Last, so that every subcommand above (and any nested one) gets them.
+    add_global_flags(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = resolve_globals(build_parser().parse_args(argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

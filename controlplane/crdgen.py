@@ -88,9 +88,10 @@ VALIDATIONS: Final[dict[str, list[dict[str, str]]]] = {
     ],
     "ClientKey": [
         _rule(
-            "(has(self.header) ? 1 : 0) + (" + _true("identity") + " ? 1 : 0) + "
+            "(has(self.apiKey) ? 1 : 0) + (has(self.header) ? 1 : 0) + ("
+            + _true("identity") + " ? 1 : 0) + "
             "(has(self.jwtClaim) ? 1 : 0) + (" + _true("sourceIP") + " ? 1 : 0) == 1",
-            "exactly one of header, identity, jwtClaim, sourceIP must be set",
+            "exactly one of apiKey, header, identity, jwtClaim, sourceIP must be set",
         )
     ],
     "From": [

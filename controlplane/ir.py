@@ -158,6 +158,9 @@ class InboundIR:
     port: int
     app_address: str
     app_port: int
+    # Proxies in front of the sidecar whose X-Forwarded-For entries are believed (0: the
+    # caller is the TCP peer; XFF is never trusted).
+    xff_num_trusted_hops: int = 0
 
 
 class RateEnforcement(StrEnum):
@@ -189,6 +192,7 @@ class RateLimitIR:
     enforcement: RateEnforcement
     shadow: bool = False  # count and report, never reject
     fail_closed: bool = False  # reject while the rate limit service is unreachable
+    cost: str = "requests"  # "instances": a request costs its instance count (budgets only)
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,17 @@ class ExtractionIR:
     feed: QueryFeedIR | None = None  # present when the policy asks for detection
     # Clients answered with another tier (onRisk): client key → ((its tier, answered with), ...)
     risk_overrides: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
-    max_body_bytes: int = 512 * 1024  # larger responses pass unchanged (and are counted)
+    max_body_bytes: int = 512 * 1024  # larger responses cannot be hardened (counted)
+    # Request limits the sidecar enforces before the model sees a request (413 / 400).
+    max_request_bytes: int = 64 * 1024
+    max_instances: int | None = None
+    max_depth: int = 64
+    # Where the rows are in a request (steps, as scores): counted for maxInstances and the
+    # feed. None when the path cannot be followed in one pass (negative indices).
+    instances: tuple[str | int | None, ...] | None = None
+    request_format: str = "json"  # json | kserveV2 (rows from the tensors' shape)
+    response_format: str = "json"
+    deny_unhardenable: bool = True  # an answer too large to harden: 502, not passed
 
 
 @dataclass(frozen=True)
@@ -320,6 +334,34 @@ class VerdictsIR:
 
 
 @dataclass(frozen=True)
+class ApiKeyIR:
+    """A registered API key as the sidecar knows it: its digest and metadata, never the key."""
+
+    digest: str  # SHA-256 hex of the key
+    id: str  # its entry name in the key Secret: what budgets, the feed and verdicts see
+    tenant: str  # its cohort (defaults to the id)
+    tier: str = ""  # its hardening tier ("": the policy's default hardening)
+    principals: tuple[str, ...] = ()  # JWT subjects / SPIFFE IDs that may present it
+
+
+@dataclass(frozen=True)
+class CallerIR:
+    """How the sidecar names a verified caller before any other filter reads it (issue 14).
+
+    It drops every ``x-modelguard-*`` header the caller sent, then sets the key id, tenant
+    and tier of a registered key, the values of JWT claims that client keys read, and, for
+    callers without a registered key, their source address as id and tenant.
+    """
+
+    keys: tuple[ApiKeyIR, ...] = ()  # every key of the Secrets this sidecar's rules name
+    key_classes: tuple[tuple[str, str], ...] = ()  # digest → key class (RBAC policies)
+    jwt_claims: tuple[str, ...] = ()  # claims published as headers, for jwtClaim client keys
+    anonymous_by_address: bool = False  # an apiKey client key: unkeyed callers by address
+    bind_jwt: bool = False  # JWT providers: a key beside a verified JWT must list its sub
+    bind_peer: bool = False  # mTLS: a key beside a client certificate must list its SPIFFE ID
+
+
+@dataclass(frozen=True)
 class SidecarIR:
     node_id: str
     service: str
@@ -333,6 +375,7 @@ class SidecarIR:
     mtls: MtlsIR | None = None  # present when the control plane runs a CA (issue 6)
     extraction: tuple[ExtractionIR, ...] = ()  # one per ExtractionPolicy, sorted by name
     verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
+    caller: CallerIR | None = None  # verified caller identity headers (issue 14)
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted
 
 

@@ -73,3 +73,66 @@ def http_request(
         return response.status, merged, data
     finally:
         conn.close()
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on ``port`` (any address), from /proc/net."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    listening = len(fields) > 9 and fields[3] == "0A"  # 0A: LISTEN
+                    if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:  # not Linux, or no /proc
+            continue
+    return inodes
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on ``port``: ``pid 123 (modelguard run ...)``, or None when that cannot
+    be told (no /proc, or the process belongs to another user)."""
+    import os
+
+    inodes = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if not any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to inspect
+            continue
+        command = " ".join(a.decode("utf-8", "replace") for a in argv if a)
+        if len(command) > 100:
+            command = command[:97] + "..."
+        return f"pid {pid} ({command})"
+    return None
+
+
+def port_in_use_message(what: str, host: str, port: int) -> str:
+    """``the xDS port 127.0.0.1:18000 is in use by pid 42 (...)``, for a failed bind."""
+    holder = port_holder(port)
+    return (
+        f"the {what} port {host}:{port} is already in use"
+        + (f" by {holder}" if holder else "")
+        + ": stop that process or choose another port"
+    )
+
+
+def port_available(host: str, port: int) -> bool:
+    """Whether a listener could bind ``host:port`` now (no SO_REUSEPORT: a port someone
+    listens on is refused, as Envoy's and gRPC's binds will be)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no holder
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True

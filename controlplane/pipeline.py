@@ -29,6 +29,9 @@ from controlplane.xds.snapshot import InconsistentSnapshot
 
 log = logging.getLogger(__name__)
 
+# The longest stretch a rebuild holds the event loop (seconds) before it lets others run.
+REBUILD_SLICE = 0.05
+
 
 class Debouncer:
     """Calls ``action`` once things have been quiet for ``quiet`` s, at most ``max_delay`` late.
@@ -184,6 +187,7 @@ class Pipeline:
     last_rebuild_seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)  # node id → why its snapshot is old
     telemetry: TelemetrySettings | None = None  # what every sidecar records
+    xff_num_trusted_hops: int = 0  # X-Forwarded-For hops every sidecar believes
     # Certificates, API-key digests and mesh services from the identity box (None: no CA).
     mesh_inputs: Callable[[tuple[Sidecar, ...]], MeshInputs] | None = None
     # Quarantines and throttles in force (the extraction monitor's verdicts).
@@ -233,7 +237,13 @@ class Pipeline:
         self.shapes.begin()
         replicas = _Replicas(mesh)
         same_ir = _Comparer().same
+        sliced = time.perf_counter()
         for sidecar in sidecars:
+            if batch and time.perf_counter() - sliced > REBUILD_SLICE:
+                # Large policies (up to api.limits) take tens of ms per distinct sidecar:
+                # let ADS and the admin API run between slices, not only every ``batch``.
+                yield
+                sliced = time.perf_counter()
             ir = replicas.ir(sidecar)
             if ir is None:
                 ir = compile_sidecar(
@@ -243,6 +253,7 @@ class Pipeline:
                     mesh=mesh,
                     verdicts=verdicts,
                     hardened=hardened,
+                    xff_num_trusted_hops=self.xff_num_trusted_hops,
                 )
                 replicas.compiled(sidecar, ir)
             previous = self._irs.get(sidecar.node_id)
@@ -261,6 +272,7 @@ class Pipeline:
                 changed.append(sidecar.node_id)
                 if batch and len(changed) % batch == 0:
                     yield
+                    sliced = time.perf_counter()
         self.shapes.end()
         self.rebuilds += 1
         self.compiled_revision = policy_set.revision

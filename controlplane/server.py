@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,13 +20,17 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from controlplane.admin import AdminService
+from controlplane.bootstrap import ENVOY_ADMIN_KEY
+from controlplane.compile import targets
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.identity.interceptor import SidecarAuthInterceptor
 from controlplane.identity.kubernetes import AuthenticationPending
+from controlplane.identity.plaintext import PlaintextWatch
 from controlplane.identity.service import IdentityConfig, IdentityService
-from controlplane.identity.tokens import AuthenticationError, SidecarAuthenticator
+from controlplane.identity.tokens import AuthenticationError, Caller, SidecarAuthenticator
 from controlplane.inventory import Inventory, InventoryError, Sidecar
+from controlplane.netutil import port_in_use_message
 from controlplane.pipeline import Debouncer, Pipeline
 from controlplane.ratelimit import RateLimitServices, backend_from_url
 from controlplane.ratelimit.admin import RateLimitAdmin
@@ -70,8 +74,14 @@ class ControlPlaneConfig:
     # Seconds a sidecar keeps a budget's assignment without a fresh one (quota service or
     # its backend gone) before the policy's failureMode applies. Over the 5 s reports.
     quota_assignment_ttl: int = 15
+    # Proxies in front of every sidecar whose X-Forwarded-For entries are believed (the
+    # caller's address for anonymous clients and sourceIP keys); 0: only the TCP peer.
+    xff_num_trusted_hops: int = 0
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
+    # Count plaintext sidecars on the TLS xDS port and advise them, by owning fd 2
+    # (identity/plaintext.py): for the CLI's processes only, never a library user's.
+    watch_plaintext: bool = False
 
 
 # The collector's youngest generation runs every 700 net container allocations by default.
@@ -81,6 +91,25 @@ class ControlPlaneConfig:
 # it is freed by reference counting. Collecting every 20,000 instead keeps cyclic garbage
 # bounded (tens of thousands of objects at most) and takes the collector out of the push.
 GC_YOUNG_THRESHOLD = 20_000
+
+
+# gRPC binds its listening sockets with SO_REUSEPORT: a second control plane on the same
+# ports would start and share them silently. Without it the second bind fails (PortInUse).
+NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+
+
+class PortInUse(OSError):
+    """A port the control plane must listen on is taken; names it and, if known, its holder."""
+
+
+def _bind(add_port: Callable[[], int], what: str, host: str, port: int) -> int:
+    try:
+        bound = add_port()
+    except RuntimeError as err:  # grpc: "Failed to bind to address ..."
+        raise PortInUse(port_in_use_message(what, host, port)) from err
+    if bound == 0:  # older grpc reports a failed bind as port 0
+        raise PortInUse(port_in_use_message(what, host, port))
+    return bound
 
 
 def tune_gc() -> None:
@@ -112,6 +141,7 @@ class ControlPlane:
         self.sidecar_services: list[SidecarService] = []
         # Sidecars' traces and access logs; the control plane's own spans and metrics.
         self.pipeline.telemetry = config.telemetry
+        self.pipeline.xff_num_trusted_hops = config.xff_num_trusted_hops
         self.telemetry = TelemetryService(config.telemetry, self)
         self.sidecar_services.append(self.telemetry)
         # Rate limit (per request) and quota (RLQS) services over one budget backend.
@@ -127,9 +157,12 @@ class ControlPlane:
         )
         self.pipeline.verdicts = self.extraction.verdicts.active
         self.pipeline.hardened = self.extraction.hardened.active
+        self.extraction.feed.authorize = self._feed_authorized
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
         self.admin_port = 0
+        # Node id → its Envoy admin address, as its bootstrap announced it (proxy-config).
+        self.envoy_admins: dict[str, str] = {}
         self._xds_server: grpc.aio.Server | None = None
         self._admin_server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
@@ -142,12 +175,15 @@ class ControlPlane:
         )
         if self.identity is not None:
             self.pipeline.mesh_inputs = self.identity.mesh_inputs
+            # Many keys of one tenant count against that tenant's share of the monitor.
+            self.extraction.monitor.tenant_of = self.identity.tenant_of
         self.call_auth = (
             SidecarAuthInterceptor(self.identity, self.sync_status.dropped)
             if self.identity is not None
             else None
         )
         self._identity_task: asyncio.Task[None] | None = None
+        self._plaintext: PlaintextWatch | None = None
 
     def _authenticate(self, node: base_pb2.Node, metadata: Mapping[str, str]) -> None:
         assert self.identity is not None
@@ -160,6 +196,32 @@ class ControlPlane:
         except AuthenticationError as err:
             raise RejectNode(str(err), grpc.StatusCode.UNAUTHENTICATED) from err
 
+    def _feed_authorized(self, caller: Caller, node_id: str, policy: str) -> str | None:
+        """A sidecar may report only for an ExtractionPolicy that targets it, as the
+        inventory (its authenticated node metadata) describes it, and as its credential's
+        identity. A batch for no known policy goes on: the monitor counts it as such."""
+        namespace, _, name = policy.partition("/")
+        found = [
+            p for p in self.store.current().policies
+            if p.kind == "ExtractionPolicy"
+            and (p.metadata.namespace, p.metadata.name) == (namespace, name)
+        ]
+        if not found:
+            return None
+        sidecar = self.inventory.get(node_id)
+        if sidecar is None:
+            return f"node {node_id!r} is not connected: it reports for no policy"
+        if sidecar.identity != caller.identity or caller.workload not in (
+            None, (sidecar.service, sidecar.namespace)
+        ):
+            return f"node {node_id!r} is not {caller.identity}"
+        if not targets(found[0], sidecar):
+            return (
+                f"policy {policy} does not target node {node_id!r} "
+                f"({sidecar.service}.{sidecar.namespace})"
+            )
+        return None
+
     def _on_connect(self, node: base_pb2.Node) -> None:
         try:
             sidecar = sidecar_from_node(node)
@@ -167,6 +229,9 @@ class ControlPlane:
             log.warning("sidecar rejected: %s", err)
             raise RejectNode(str(err)) from err
         log.info("sidecar connected: %s (%s.%s)", node.id, sidecar.service, sidecar.namespace)
+        admin = node.metadata.fields.get(ENVOY_ADMIN_KEY)
+        if admin is not None and admin.string_value:
+            self.envoy_admins[node.id] = admin.string_value
         if self.identity is not None:
             self.identity.ensure(sidecar)  # its first snapshot already carries its SVID
         self.inventory.observe(sidecar)
@@ -174,6 +239,7 @@ class ControlPlane:
     def _on_disconnect(self, node_id: str) -> None:
         log.info("sidecar disconnected: %s", node_id)
         self.inventory.forget(node_id)
+        self.envoy_admins.pop(node_id, None)
         if self.identity is not None:
             self.identity.forget(node_id)
 
@@ -194,6 +260,7 @@ class ControlPlane:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                *NO_REUSEPORT,
             ],
             # Every sidecar service on this port checks the sidecar's credential, as ADS does.
             interceptors=[self.call_auth] if self.call_auth is not None else None,
@@ -209,22 +276,44 @@ class ControlPlane:
             service.add_to(self._xds_server)
             await service.start()
         xds_address = f"{self.config.xds_host}:{self.config.xds_port}"
+        xds_server = self._xds_server
         if self.identity is not None and self.identity.config.xds_tls:
-            self.xds_port = self._xds_server.add_secure_port(
-                xds_address, self.identity.server_credentials()
+            credentials = self.identity.server_credentials()
+            self.xds_port = _bind(
+                lambda: xds_server.add_secure_port(xds_address, credentials),
+                "xDS",
+                self.config.xds_host,
+                self.config.xds_port,
             )
         else:
-            self.xds_port = self._xds_server.add_insecure_port(xds_address)
-        self._admin_server = grpc.aio.server()
+            self.xds_port = _bind(
+                lambda: xds_server.add_insecure_port(xds_address),
+                "xDS",
+                self.config.xds_host,
+                self.config.xds_port,
+            )
+        self._admin_server = grpc.aio.server(options=NO_REUSEPORT)
         AdminService(self).add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
-        QuarantineAdmin(self.extraction.monitor).add_to(self._admin_server)
+        QuarantineAdmin(self.extraction.monitor, self.rate_limits).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
-        self.admin_port = self._admin_server.add_insecure_port(
-            f"{self.config.admin_host}:{self.config.admin_port}"
+        admin_server = self._admin_server
+        self.admin_port = _bind(
+            lambda: admin_server.add_insecure_port(
+                f"{self.config.admin_host}:{self.config.admin_port}"
+            ),
+            "admin",
+            self.config.admin_host,
+            self.config.admin_port,
         )
         await self._xds_server.start()
         await self._admin_server.start()
+        identity = self.identity
+        if self.config.watch_plaintext and identity is not None and identity.config.xds_tls:
+            self._plaintext = PlaintextWatch(
+                f"{self.config.xds_host}:{self.xds_port}", self.sync_status.dropped
+            )
+            self._plaintext.start()
         if self.config.watch:
             self._watch_task = asyncio.create_task(self.files.watch(self._stop))
         if self.identity is not None:
@@ -235,6 +324,9 @@ class ControlPlane:
 
     async def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        if self._plaintext is not None:
+            self._plaintext.stop()
+            self._plaintext = None
         if self._identity_task is not None:
             self._identity_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import grpc
 from google.protobuf import json_format
 
+from controlplane.cliutil import add_output_arguments, emit
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 
 TYPES = ("CDS", "EDS", "LDS", "RDS", "SDS", "ECDS")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_output_arguments(parser)
+    parser.add_argument("node", nargs="?", default="", help="only sidecars whose id contains this")
 
 
 def fetch_status(
@@ -64,10 +69,12 @@ def _egress_blocked(report: admin_pb2.StatusReport) -> list[str]:
     return ["", "Egress blocked (recent telemetry):", _table(rows)]
 
 
-def render(report: admin_pb2.StatusReport) -> str:
+def render(report: admin_pb2.StatusReport, wide: bool = False) -> str:
     used = [t for t in TYPES if any(r.type == t for s in report.sidecars for r in s.resources)]
     used = used or ["CDS", "EDS", "LDS", "RDS"]
     rows = [["SIDECAR", "SERVICE", "STREAM", *used, "VERSION"]]
+    if wide:
+        rows[0] += ["PEER", "IDENTITY"]
     problems = []
     for sidecar in report.sidecars:
         by_type = {r.type: r for r in sidecar.resources}
@@ -81,6 +88,13 @@ def render(report: admin_pb2.StatusReport) -> str:
                 sidecar.snapshot_version[:12] or "-",
             ]
         )
+        if wide:
+            rows[-1] += [sidecar.peer or "-", sidecar.identity or "-"]
+        for old in sidecar.replaced_streams:
+            problems.append(
+                f"  {sidecar.node_id}: a second stream (from {sidecar.peer}) replaced the one "
+                f"from {old.peer} (connected {old.connected_at.ToDatetime().isoformat()}Z)"
+            )
         for r in sidecar.resources:
             if r.last_nack_error:
                 problems.append(
@@ -89,10 +103,11 @@ def render(report: admin_pb2.StatusReport) -> str:
                 )
     out = [_table(rows) if report.sidecars else "no sidecars connected"]
     if problems:
-        out += ["", "NACKs:", *problems]
+        out += ["", "NACKs and replaced streams:", *problems]
     out += _egress_blocked(report)
     prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
     errors = []
+    warnings: list[str] = []
     for p in report.policies:
         state = (
             p.state if p.state == "Accepted" or not p.serving else f"{p.state} (last good serving)"
@@ -107,10 +122,34 @@ def render(report: admin_pb2.StatusReport) -> str:
             ]
         )
         errors += [f"  {e}" for e in p.errors]
+        warnings += [f"  {p.kind} {p.namespace}/{p.name}: {w}" for w in p.warnings]
+        if p.state == "Accepted" and not p.sidecars:
+            warnings.append(
+                f"  {p.kind} {p.namespace}/{p.name}: its target matches no connected sidecar "
+                "(check spec.targetRef)"
+            )
     out += ["", _table(prows) if report.policies else "no policies"]
     if errors or report.source_errors:
         out += ["", "Policy errors:", *errors, *(f"  {e}" for e in report.source_errors)]
+    if warnings:
+        out += ["", "Warnings:", *warnings]
+    plaintext = report.refused.get("plaintext_on_tls", 0)
+    if plaintext:
+        out += [
+            "",
+            f"Refused: {plaintext} plaintext connection(s) to the TLS xDS port "
+            "(bootstrap with --identity-dir, or serve --insecure)",
+        ]
     return "\n".join(out)
+
+
+def unhealthy(report: admin_pb2.StatusReport) -> bool:
+    """What makes ``status`` exit 1: a rejected policy (or policy file), or a NACK."""
+    return (
+        any(p.state != "Accepted" for p in report.policies)
+        or bool(report.source_errors)
+        or any(r.last_nack_error for s in report.sidecars for r in s.resources)
+    )
 
 
 def show_status(args: argparse.Namespace) -> int:
@@ -119,12 +158,11 @@ def show_status(args: argparse.Namespace) -> int:
     except grpc.RpcError as err:
         print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
         return 2
-    if args.json:
-        print(
-            json.dumps(
-                json_format.MessageToDict(report, preserving_proto_field_name=True), indent=2
-            )
-        )
+    if args.output in ("json", "yaml"):
+        print(emit(json_format.MessageToDict(report), args.output))
     else:
-        print(render(report))
-    return 0
+        print(render(report, wide=args.output == "wide"))
+    if args.node and not report.sidecars:
+        print(f"no connected sidecar's id contains {args.node!r}", file=sys.stderr)
+        return 1
+    return 1 if unhealthy(report) else 0

@@ -9,11 +9,15 @@ for status. Nothing is ever half-applied.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controlplane.api import LoadedPolicy, Policy, Violation
+from controlplane.api.warnings import policy_warnings
+
+log = logging.getLogger(__name__)
 
 PolicyKey = tuple[str, str, str]  # kind, namespace, name
 
@@ -37,6 +41,7 @@ class PolicyStatus:
     state: str  # ACCEPTED | REJECTED
     errors: tuple[str, ...] = ()
     serving: bool = True  # a version of it is enforced (the last good one when REJECTED)
+    warnings: tuple[str, ...] = ()  # valid, but gives something away (api/warnings.py)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,10 @@ class PolicyStore:
         default_factory=dict
     )
     _generations: dict[PolicyKey, tuple[int, str]] = field(default_factory=dict)
+    _latest: dict[str, UnitContent] = field(default_factory=dict)  # unit → what it holds now
+    _serving: dict[PolicyKey, str] = field(default_factory=dict)  # policy → the unit served
+    # Valid but giving something away (api/warnings.py), for status.
+    _warnings: dict[PolicyKey, tuple[str, ...]] = field(default_factory=dict)
     _revision: int = 0
     _listeners: list[Callable[[PolicySet], None]] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -74,24 +83,48 @@ class PolicyStore:
     # ---- writing -------------------------------------------------------------------------
 
     def apply(self, changed: Mapping[str, UnitContent], removed: Iterable[str] = ()) -> bool:
-        """Apply changed and removed units; returns whether the enforced set changed."""
+        """Apply changed and removed units; returns whether the enforced set changed.
+
+        Which unit owns a policy that several define does not depend on the order edits
+        arrive in: the first unit in sorted order wins, as in ``modelguard validate`` (which
+        reads files in the same order). Every unit is re-judged on each change, so removing
+        or fixing the winner hands the policy to the next one.
+        """
         with self._lock:
             before = self._current.policies
+            was_rejected = dict(self._rejected)
             for unit in removed:
+                self._latest.pop(unit, None)
                 self._good.pop(unit, None)
                 self._rejected.pop(unit, None)
-            for unit, content in sorted(changed.items()):
+            self._latest.update(changed)
+            owners: dict[PolicyKey, LoadedPolicy] = {}
+            for unit in sorted(self._latest):
+                content = self._latest[unit]
                 problems = [str(v) for v in content.violations]
-                problems += self._clashes(unit, content.policies)
+                problems += _clashes(content.policies, owners)
                 if problems:
-                    self._rejected[unit] = (_keys_named(content), tuple(problems))
-                    continue
-                self._rejected.pop(unit, None)
-                self._good[unit] = content.policies
-            policies = tuple(
-                sorted((lp.policy for lps in self._good.values() for lp in lps), key=_key)
-            )
+                    # Also the policies its last good version holds: they are what a
+                    # rejected file (a YAML syntax error names none) still serves.
+                    named = set(_keys_named(content))
+                    named |= {_key(lp.policy) for lp in self._good.get(unit, ())}
+                    self._rejected[unit] = (tuple(sorted(named)), tuple(problems))
+                    # The last good version keeps serving, but never over a winner.
+                    serving = tuple(
+                        lp for lp in self._good.get(unit, ()) if _key(lp.policy) not in owners
+                    )
+                else:
+                    self._rejected.pop(unit, None)
+                    self._good[unit] = serving = content.policies
+                for lp in serving:
+                    owners.setdefault(_key(lp.policy), lp)
+            self._serving = {key: lp.source for key, lp in owners.items()}
+            self._warnings = {
+                key: tuple(w) for key, lp in owners.items() if (w := policy_warnings(lp.policy))
+            }
+            policies = tuple(sorted((lp.policy for lp in owners.values()), key=_key))
             self._bump_generations(policies)
+            _log_changes(was_rejected, self._rejected, changed, self._good)
             if policies == before:
                 return False
             self._revision += 1
@@ -100,24 +133,6 @@ class PolicyStore:
         for listener in list(self._listeners):
             listener(current)
         return True
-
-    def _clashes(self, unit: str, loaded: tuple[LoadedPolicy, ...]) -> list[str]:
-        owners = {
-            _key(lp.policy): (other, lp)
-            for other, lps in self._good.items()
-            if other != unit
-            for lp in lps
-        }
-        out = []
-        for lp in loaded:
-            owner = owners.get(_key(lp.policy))
-            if owner is not None:
-                kind, ns, name = _key(lp.policy)
-                out.append(
-                    f"{lp.source}[{lp.index}] {kind} {ns}/{name}: metadata.name: "
-                    f"duplicate of {owner[1].source}[{owner[1].index}]"
-                )
-        return out
 
     def _bump_generations(self, policies: tuple[Policy, ...]) -> None:
         # Like Kubernetes' metadata.generation: bumped on every change of the spec.
@@ -144,16 +159,21 @@ class PolicyStore:
         """Every policy we know of, serving or rejected, with its errors."""
         with self._lock:
             out: dict[PolicyKey, PolicyStatus] = {}
-            for unit, lps in self._good.items():
-                for lp in lps:
-                    key = _key(lp.policy)
-                    out[key] = PolicyStatus(key, unit, self.generation(key), ACCEPTED)
+            for key, unit in self._serving.items():
+                out[key] = PolicyStatus(
+                    key, unit, self.generation(key), ACCEPTED,
+                    warnings=self._warnings.get(key, ()),
+                )
             for unit, (keys, errors) in self._rejected.items():
                 for key in keys:
+                    winner = self._serving.get(key)
+                    if winner is not None and winner != unit:
+                        # Served from another unit (this one duplicates it): the row is
+                        # the winner's; this unit's errors are listed as unit errors.
+                        continue
                     mine = tuple(e for e in errors if _names(e, key)) or errors
-                    serving = key in out
                     out[key] = PolicyStatus(
-                        key, unit, self.generation(key), REJECTED, mine, serving=serving
+                        key, unit, self.generation(key), REJECTED, mine, serving=winner == unit
                     )
             return [out[k] for k in sorted(out)]
 
@@ -161,6 +181,50 @@ class PolicyStore:
         """Errors of rejected units, including those no policy name can be pinned on."""
         with self._lock:
             return {unit: errors for unit, (_, errors) in sorted(self._rejected.items())}
+
+
+def _clashes(
+    loaded: tuple[LoadedPolicy, ...], owners: Mapping[PolicyKey, LoadedPolicy]
+) -> list[str]:
+    """Policies of a unit that an earlier unit (or an earlier document) already defines."""
+    out = []
+    mine: dict[PolicyKey, LoadedPolicy] = {}
+    for lp in loaded:
+        key = _key(lp.policy)
+        owner = owners.get(key) or mine.get(key)
+        if owner is not None:
+            kind, ns, name = key
+            out.append(
+                f"{lp.source}[{lp.index}] {kind} {ns}/{name}: metadata.name: "
+                f"duplicate of {owner.source}[{owner.index}], which is the one served"
+            )
+        mine.setdefault(key, lp)
+    return out
+
+
+def _log_changes(
+    before: Mapping[str, tuple[tuple[PolicyKey, ...], tuple[str, ...]]],
+    after: Mapping[str, tuple[tuple[PolicyKey, ...], tuple[str, ...]]],
+    changed: Mapping[str, UnitContent],
+    good: Mapping[str, tuple[LoadedPolicy, ...]],
+) -> None:
+    """One line per unit whose verdict changed: rejected (every reason), or accepted again.
+    A source logs its own parse errors; clashes are only known here."""
+    for unit, (_, errors) in after.items():
+        if before.get(unit, ((), ()))[1] != errors:
+            for error in errors:
+                if unit not in changed or error not in {str(v) for v in changed[unit].violations}:
+                    log.error("policy rejected: %s", error)
+            log.warning(
+                "%s rejected: %d problem(s); its last good version keeps serving", unit, len(errors)
+            )
+    for unit in changed:
+        if unit not in after:
+            count = len(good.get(unit, ()))
+            if unit in before:
+                log.info("%s accepted again: %d polic%s", unit, count, "y" if count == 1 else "ies")
+            elif not changed[unit].policies and not changed[unit].violations:
+                log.warning("%s: no policies in this file (empty)", unit)
 
 
 def _names(error: str, key: PolicyKey) -> bool:

@@ -114,7 +114,8 @@ class System:
         self.model_server.stop()
 
     def enforcement(self, key: str) -> str | None:
-        kinds = {e.kind for e in self.plane.extraction.verdicts.active() if e.client.key == key}
+        # The store keeps a header key's digest: match the key through it.
+        kinds = {e.kind for e in self.plane.extraction.verdicts.active() if e.client.named_by(key)}
         return "quarantine" if "quarantine" in kinds else ("throttle" if kinds else None)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from controlplane.api.base import DnsLabel, Model, exactly_one
 
@@ -56,9 +56,31 @@ def _header_name(value: str) -> str:
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
+# The verified caller identity the sidecar sets (issue 14; controlplane/translate/apikey.py
+# sets them after dropping every x-modelguard-* header a caller sent).
+KEY_ID_HEADER = "x-modelguard-key-id"
+TENANT_HEADER = "x-modelguard-tenant"
+TIER_HEADER = "x-modelguard-tier"
+CLAIM_HEADER_PREFIX = "x-modelguard-jwt-"
+
+
+def claim_header(claim: str) -> str:
+    """The header the sidecar copies a verified JWT claim into (one per claim read)."""
+    return CLAIM_HEADER_PREFIX + re.sub(r"[^a-z0-9-]", "-", claim.lower())
+
+
+class ApiKeyClient(Model):
+    """Clients named by their verified, registered API key (never by the raw header)."""
+
+    # key: each key is a client. tenant: all keys of one tenant are one client (a cohort:
+    # one budget, one detector state, one quarantine), so more keys buy an attacker nothing.
+    group_by: Literal["key", "tenant"] = "key"
+
+
 class ClientKey(Model):
     """What identifies one client for budgets and detection. Exactly one is set."""
 
+    api_key: ApiKeyClient | None = None
     header: HeaderName | None = None
     identity: bool = False  # the caller's SPIFFE ID (mTLS)
     jwt_claim: str | None = Field(default=None, min_length=1)
@@ -68,6 +90,7 @@ class ClientKey(Model):
     def _one_key(self) -> ClientKey:
         exactly_one(
             {
+                "apiKey": self.api_key,
                 "header": self.header,
                 "identity": self.identity,
                 "jwtClaim": self.jwt_claim,
@@ -77,8 +100,10 @@ class ClientKey(Model):
         return self
 
     @property
-    def source(self) -> Literal["header", "identity", "jwtClaim", "sourceIP"]:
-        """Which of the four sources this key reads (its YAML field name)."""
+    def source(self) -> Literal["apiKey", "header", "identity", "jwtClaim", "sourceIP"]:
+        """Which of the five sources this key reads (its YAML field name)."""
+        if self.api_key is not None:
+            return "apiKey"
         if self.header is not None:
             return "header"
         if self.identity:
@@ -86,6 +111,34 @@ class ClientKey(Model):
         if self.jwt_claim is not None:
             return "jwtClaim"
         return "sourceIP"
+
+    @property
+    def read_as(self) -> tuple[Literal["header", "identity", "sourceIP"], str]:
+        """Where a sidecar reads this key: a verified key and a JWT claim are headers the
+        sidecar sets itself (after dropping any the caller sent), so budgets, the query feed
+        and verdicts see a key id, tenant or claim value and never a secret."""
+        if self.api_key is not None:
+            return "header", TENANT_HEADER if self.api_key.group_by == "tenant" else KEY_ID_HEADER
+        if self.jwt_claim is not None:
+            return "header", claim_header(self.jwt_claim)
+        if self.header is not None:
+            return "header", self.header
+        return ("identity", "") if self.identity else ("sourceIP", "")
+
+    def warnings(self) -> list[str]:
+        """What this key gives away (a warning: unauthenticated set-ups may need it)."""
+        if self.header is None:
+            return []
+        if self.header.startswith("x-modelguard-"):
+            return [
+                f"header {self.header}: the sidecar sets x-modelguard-* headers itself; "
+                "use apiKey: {} (key id) or apiKey: {groupBy: tenant}"
+            ]
+        return [
+            f"header {self.header}: any caller picks its own value, so a new value is a new "
+            "client with a fresh budget, detector state and no quarantine; use apiKey, "
+            "jwtClaim or identity when callers authenticate"
+        ]
 
 
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
@@ -108,8 +161,18 @@ def _duration(value: str) -> str:
     return value
 
 
+def _bare_number(value: object) -> object:
+    # YAML reads `duration: 90` as an int; "must be a string" would not say what to write.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(
+            f"must be a duration with a unit, e.g. {int(value)}s (a bare number has none)"
+        )
+    return value
+
+
 Duration = Annotated[
     str,
+    BeforeValidator(_bare_number),
     AfterValidator(_duration),
     Field(json_schema_extra={"pattern": f"^{_DURATION.pattern}$"}),
 ]

@@ -39,13 +39,53 @@ JsonPath = Annotated[
 ]
 
 
+# Body shapes. json: the paths select the vectors themselves (rows as arrays, or as objects
+# with featureNames); kserveV2: they select KServe v2 / Open Inference Protocol tensors
+# ({"name", "shape", "datatype", "data"}), whose rows come from shape[0] (data flat or nested).
+BodyFormat = Literal["json", "kserveV2"]
+
+# Envoy's default per-connection buffer limit: the filter buffers a request to check it, and
+# Envoy itself answers 413 past this, so a larger cap would be a promise not kept.
+MAX_REQUEST_BYTES = 1024 * 1024
+# The default cap is what the query feed ships whole (QueryFeedIR.max_body_bytes): every
+# request a model answers then reaches the monitor and is judged, padded or not.
+DEFAULT_REQUEST_BYTES = 64 * 1024
+DEFAULT_MAX_DEPTH = 64  # JSON nesting the sidecar lets through (the hardening scan's own bound)
+
+
 class RequestFields(Model):
-    features: JsonPath  # the query vectors in a request body
+    features: JsonPath  # the query vectors (json) or input tensors (kserveV2) in a request
+    format: BodyFormat = "json"
+    # Rows sent as objects ({"age": 41, ...}): the columns, in the model's order.
+    feature_names: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1
+    )
+    # Refused by the sidecar with 413 and a JSON reason before the model sees them.
+    max_bytes: int = Field(default=DEFAULT_REQUEST_BYTES, ge=1024, le=MAX_REQUEST_BYTES)
+    max_instances: PositiveInt | None = None  # rows per request (at features); None: any
+    max_depth: int = Field(default=DEFAULT_MAX_DEPTH, ge=4, le=256)  # deeper: 400
+
+    @field_validator("feature_names")
+    @classmethod
+    def _unique_names(cls, names: list[str] | None) -> list[str] | None:
+        for i, name in enumerate(names or []):
+            if name in (names or [])[:i]:
+                raise FieldError((i,), f"duplicate feature name {name!r}")
+        return names
+
+    @model_validator(mode="after")
+    def _names_need_json(self) -> RequestFields:
+        if self.feature_names is not None and self.format != "json":
+            raise FieldError(
+                ("featureNames",), "applies to format json (kserveV2 tensors carry columns)"
+            )
+        return self
 
 
 class ResponseFields(Model):
-    scores: JsonPath  # per-class scores (probabilities) in a response body
+    scores: JsonPath  # per-class scores (json) or the output tensor (kserveV2) in a response
     label: JsonPath | None = None  # the predicted label, when the model returns one
+    format: BodyFormat = "json"
 
 
 class Hardening(Model):
@@ -220,6 +260,10 @@ class ExtractionPolicySpec(Model):
     request: RequestFields
     response: ResponseFields
     output: OutputHardening | None = None
+    # An answer the sidecar cannot harden because it is too large: Deny (502 with a JSON
+    # reason) or Pass. Deny by default: otherwise a client that makes answers large (many
+    # instances) gets them unhardened. Malformed or unmatched answers always pass (counted).
+    on_unhardenable: Literal["Deny", "Pass"] = "Deny"
     detection: Detection | None = None
     actions: Actions | None = None
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from controlplane.api.base import API_VERSION, Metadata, Model
 from controlplane.api.kinds import KINDS, Policy
+from controlplane.api.limits import file_too_large, too_many_rules
 from controlplane.api.violations import Violation, from_validation_error
 
 SUFFIXES = (".yaml", ".yml")
@@ -98,6 +99,9 @@ def validate_document(
     def violation(path: str, message: str) -> Violation:
         return Violation(source, index, kind, name, path, message)
 
+    over = too_many_rules(doc)
+    if over is not None:  # before pydantic builds a model per rule
+        return None, [violation(*over)]
     found = []
     if doc.get("apiVersion") != API_VERSION:
         found.append(violation("apiVersion", f"must be {API_VERSION}"))
@@ -220,6 +224,10 @@ def load_paths(paths: Sequence[str | Path]) -> tuple[list[LoadedPolicy], list[Vi
                 continue
             seen.add(path.resolve())
             try:
+                too_large = file_too_large(path.stat().st_size)
+                if too_large is not None:
+                    violations.append(Violation(str(path), None, None, None, "", too_large))
+                    continue
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 violations.append(Violation(str(path), None, None, None, "", "not UTF-8 text"))
@@ -231,6 +239,34 @@ def load_paths(paths: Sequence[str | Path]) -> tuple[list[LoadedPolicy], list[Vi
             found, bad = parse_documents(text, str(path))
             loaded.extend(found)
             violations.extend(bad)
+    # The first file in sorted order wins, whatever order the paths were given in: the
+    # same winner the policy store (the watcher) picks.
+    loaded.sort(key=lambda lp: (lp.source, lp.index))
     cross = validate_cross(loaded)
     rejected = {(v.source, v.index) for v in cross}
     return [p for p in loaded if (p.source, p.index) not in rejected], violations + cross
+
+
+def is_empty_policy_text(text: str) -> bool:
+    """No YAML document with content: nothing but blank lines, comments and ``---``."""
+    try:
+        return all(doc is None for doc in yaml.safe_load_all(text))
+    except yaml.YAMLError:
+        return False  # a syntax error is reported as a violation, not as emptiness
+
+
+def empty_policy_files(paths: Sequence[str | Path]) -> list[str]:
+    """The policy files among ``paths`` that hold no policy at all (worth a warning: an
+    empty file is more often a mistake than an intent)."""
+    out = []
+    for given in paths:
+        root = Path(given)
+        files = policy_files(root) if root.is_dir() else [root] if root.is_file() else []
+        for path in files:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue  # reported as a violation by load_paths
+            if is_empty_policy_text(text):
+                out.append(str(path))
+    return out

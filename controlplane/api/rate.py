@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 from controlplane.api.base import DnsLabel, FieldError, Model, PolicyBase, duplicate_names
@@ -23,11 +23,30 @@ class Limit(Model):
     per: Window
     burst: PositiveInt | None = None  # bucket size when larger than `requests`
     scope: Literal["Local", "Global"] = "Local"
+    # What one request costs: 1 (``requests``), or the number of instances its body carries
+    # (``instances``: ``requests`` is then a budget of instances). Only budgets (Global,
+    # per hour/day/month) can charge instances: they are counted by the quota service from
+    # bucket ids, which carry the request's instance class; per-request limits stay per
+    # request.
+    cost: Literal["requests", "instances"] = "requests"
+
+    @field_validator("cost", mode="before")
+    @classmethod
+    def _cost_any_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _burst_covers_rate(self) -> Limit:
         if self.burst is not None and self.burst < self.requests:
             raise FieldError(("burst",), f"must be at least requests ({self.requests})")
+        if self.cost == "instances" and (
+            self.scope != "Global" or self.per not in ("hour", "day", "month")
+        ):
+            raise FieldError(
+                ("cost",),
+                "instances can be charged only by a budget (scope: Global, per: hour, day "
+                "or month); per-second and per-minute limits count requests",
+            )
         return self
 
 

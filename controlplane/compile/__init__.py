@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 from controlplane.api import AccessPolicy, EgressPolicy, ExtractionPolicy, Policy, RatePolicy
 from controlplane.compile import access, rate
+from controlplane.compile.caller import compile_caller
 from controlplane.compile.egress import compile_egress
 from controlplane.compile.extraction import compile_extraction
 from controlplane.compile.mesh import MeshInputs, compile_mtls
@@ -47,11 +48,18 @@ def compile_sidecar(
     mesh: MeshInputs | None = None,
     verdicts: Sequence[Enforcement] = (),
     hardened: Sequence[Hardened] = (),
+    xff_num_trusted_hops: int = 0,
 ) -> SidecarIR:
     mine = sorted(
         (p for p in policies if targets(p, sidecar)),
         key=lambda p: (p.kind, p.metadata.namespace, p.metadata.name),
     )
+    access_policies = [p for p in mine if isinstance(p, AccessPolicy)]
+    rate_policies = [p for p in mine if isinstance(p, RatePolicy)]
+    extraction_policies = [p for p in mine if isinstance(p, ExtractionPolicy)]
+    access_ir = access.compile_access(access_policies, mesh)
+    mtls_ir = compile_mtls(sidecar, access_policies, mesh)
+    extraction_ir = compile_extraction(extraction_policies, hardened)
     return SidecarIR(
         node_id=sidecar.node_id,
         service=sidecar.service,
@@ -62,16 +70,19 @@ def compile_sidecar(
             port=sidecar.inbound_port,
             app_address=sidecar.app_address,
             app_port=sidecar.app_port,
+            xff_num_trusted_hops=xff_num_trusted_hops,
         ),
-        access=access.compile_access([p for p in mine if isinstance(p, AccessPolicy)], mesh),
-        mtls=compile_mtls(sidecar, [p for p in mine if isinstance(p, AccessPolicy)], mesh),
+        access=access_ir,
+        mtls=mtls_ir,
         telemetry=compile_telemetry(telemetry),
-        rate=rate.compile_rate([p for p in mine if isinstance(p, RatePolicy)]),
+        rate=rate.compile_rate(rate_policies),
         egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
-        extraction=compile_extraction(
-            [p for p in mine if isinstance(p, ExtractionPolicy)], hardened
+        extraction=extraction_ir,
+        verdicts=compile_verdicts(extraction_policies, verdicts),
+        caller=compile_caller(
+            access_policies, rate_policies, extraction_policies, mesh, access_ir, mtls_ir,
+            extraction_ir,
         ),
-        verdicts=compile_verdicts([p for p in mine if isinstance(p, ExtractionPolicy)], verdicts),
         policies=tuple(policy_ref(p) for p in mine),
     )
 

@@ -48,7 +48,7 @@ def _rules(policy: AccessPolicy, inputs: MeshInputs | None) -> list[AccessRule]:
                 (namespace, source.api_keys.secret_ref)
             )
             if keys:
-                key_hashes = tuple(sorted(digest for _client, digest in keys))
+                key_hashes = tuple(sorted(key.digest for key in keys))
             else:
                 # No such key set (yet): fail closed rather than match any caller.
                 unenforced.append("apiKeys")

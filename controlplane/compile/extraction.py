@@ -59,6 +59,16 @@ def score_steps(policy: ExtractionPolicy) -> tuple[Step, ...] | None:
     return steps
 
 
+def instance_steps(policy: ExtractionPolicy) -> tuple[Step, ...] | None:
+    """The features path as steps, for the sidecar to count a request's rows (kserveV2:
+    the input tensors, whose rows it reads from their shape)."""
+    try:
+        steps = parse_json_path(policy.spec.request.features)
+    except ValueError:
+        return None
+    return None if any(isinstance(s, int) and s < 0 for s in steps) else steps
+
+
 def _ref(policy: ExtractionPolicy) -> tuple[str, str]:
     return policy.metadata.namespace, policy.metadata.name
 
@@ -112,7 +122,17 @@ def compile_one(policy: ExtractionPolicy, hardened: Sequence[Hardened] = ()) -> 
         output=hardening(output) if output is not None else None,
         tier_header=output.tier_header if output is not None else None,
         tiers=tiers,
-        feed=QueryFeedIR() if spec.detection is not None else None,
+        # The feed ships whole every request the policy lets through: all are judged.
+        feed=QueryFeedIR(max_body_bytes=max(QueryFeedIR.max_body_bytes, spec.request.max_bytes))
+        if spec.detection is not None
+        else None,
+        max_request_bytes=spec.request.max_bytes,
+        max_instances=spec.request.max_instances,
+        max_depth=spec.request.max_depth,
+        instances=instance_steps(policy),
+        request_format=spec.request.format,
+        response_format=spec.response.format,
+        deny_unhardenable=spec.on_unhardenable == "Deny",
         risk_overrides=risk_overrides(policy, hardened) if output is not None else (),
     )
 

@@ -11,11 +11,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from controlplane.api import AccessPolicy
+from controlplane.identity.apikeys import ApiKey
 from controlplane.inventory import Sidecar
 from controlplane.ir import MeshService, MtlsIR, MtlsMode, PolicyRef, WorkloadCertificate
 
-# (namespace, secret name) → ((client name, SHA-256 hex of its key), ...)
-ApiKeyDigests = Mapping[tuple[str, str], tuple[tuple[str, str], ...]]
+# (namespace, secret name) → its keys: (id, SHA-256 hex of the key, tenant, tier, principals)
+ApiKeyDigests = Mapping[tuple[str, str], tuple[ApiKey, ...]]
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,10 @@ EXACT_MAX_WINDOW_SECONDS = 60
 
 
 def client_key(key: ClientKey) -> ClientKeyIR:
-    source = key.source
-    if source == "header":
-        return ClientKeyIR("header", key.header or "")
-    if source == "jwtClaim":
-        return ClientKeyIR("jwtClaim", key.jwt_claim or "")
-    return ClientKeyIR(source)
+    # A verified API key (its id or tenant) and a JWT claim are headers the sidecar's
+    # caller filter sets after dropping the caller's own x-modelguard-* headers (issue 14).
+    source, name = key.read_as
+    return ClientKeyIR(source, name)
 
 
 def enforcement(scope: str, window_seconds: int) -> RateEnforcement:
@@ -57,6 +55,7 @@ def compile_rate(policies: Sequence[RatePolicy]) -> RateIR | None:
                     enforcement=enforcement(limit.scope, window),
                     shadow=policy.spec.shadow,
                     fail_closed=policy.spec.failure_mode == "FailClosed",
+                    cost=limit.cost,
                 )
             )
     return RateIR(limits=tuple(limits)) if limits else None

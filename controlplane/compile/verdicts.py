@@ -10,21 +10,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.api import ExtractionPolicy
+from controlplane.compile.rate import client_key
 from controlplane.extraction.verdicts import Enforcement
-from controlplane.ir import ClientKeyIR, ClientVerdictIR, PolicyRef, VerdictsIR
+from controlplane.ir import ClientVerdictIR, PolicyRef, VerdictsIR
 
-# Sources a sidecar can match a client by today; jwtClaim needs the JWT filter's metadata.
+# Sources a sidecar can match a client by (API keys and JWT claims are read as the headers
+# the sidecar sets itself: compile.rate.client_key).
 ENFORCEABLE = ("header", "sourceIP", "identity")
 
 
 def _client(policy: ExtractionPolicy, e: Enforcement) -> ClientVerdictIR | None:
-    key = policy.spec.client_key
+    key = client_key(policy.spec.client_key)
     if key.source not in ENFORCEABLE or not e.client.key:
         return None
+    if (key.source == "header") != e.client.digested:
+        return None  # a header verdict carries the key's digest (``ClientRef.of``), never a key
     return ClientVerdictIR(
         policy=PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name),
-        client_key=ClientKeyIR(key.source, key.header or ""),
-        value=e.client.key,
+        client_key=key,
+        value=e.client.key,  # a header key's SHA-256: the sidecar matches digests
         requests=e.requests,
         window_seconds=e.per_seconds,
     )

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
+import logging
 import sys
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from controlplane.cliutil import add_output_arguments, emit, policy_ref
 from controlplane.extraction.hardened import Hardened
-from controlplane.extraction.verdicts import Enforcement
+from controlplane.extraction.verdicts import Enforcement, digest, fingerprint_of
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the CLI imports this module: keep numpy out of its start-up
     from controlplane.extraction.monitor import ExtractionMonitor
@@ -34,7 +38,8 @@ def harden_entry(h: Hardened) -> admin_pb2.QuarantineEntry:
     return admin_pb2.QuarantineEntry(
         kind="harden",
         policy=h.client.policy,
-        client_key=h.client.key,
+        client_key=h.client.shown,
+        fingerprint=h.client.fingerprint,
         key_source=h.client.source,
         since=_timestamp(h.since),
         until=_timestamp(h.until),
@@ -49,7 +54,8 @@ def entry(e: Enforcement) -> admin_pb2.QuarantineEntry:
     return admin_pb2.QuarantineEntry(
         kind=e.kind,
         policy=e.client.policy,
-        client_key=e.client.key,
+        client_key=e.client.shown,
+        fingerprint=e.client.fingerprint,
         key_source=e.client.source,
         since=_timestamp(e.since),
         until=_timestamp(e.until),
@@ -59,9 +65,38 @@ def entry(e: Enforcement) -> admin_pb2.QuarantineEntry:
     )
 
 
+class RuntimeThrottles(Protocol):
+    """Run-time throttles set through the rate limit admin API (``RateLimits.Throttle``):
+    ``quarantine list --all`` shows them and ``quarantine release`` ends them too."""
+
+    def runtime_throttles(self) -> Mapping[tuple[str, str], object]: ...
+
+    def unthrottle(
+        self, client: str, policy: str | None = None
+    ) -> Awaitable[list[tuple[str, str]]]: ...
+
+
+def _runtime_entry(policy: str, client: str, throttle: object) -> admin_pb2.QuarantineEntry:
+    until = float(getattr(throttle, "until", 0.0))
+    return admin_pb2.QuarantineEntry(
+        kind="runtime-throttle",
+        policy=policy,  # the RatePolicy's namespace/name
+        client_key=fingerprint_of(digest(client)),
+        fingerprint=fingerprint_of(digest(client)),
+        key_source="rateLimit",
+        until=_timestamp(until),
+        reason="run-time throttle (RateLimits.Throttle)",
+        requests=int(getattr(throttle, "requests", 0)),
+        per_seconds=int(getattr(throttle, "per", 0)),
+    )
+
+
 class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
-    def __init__(self, monitor: ExtractionMonitor) -> None:
+    def __init__(
+        self, monitor: ExtractionMonitor, throttles: RuntimeThrottles | None = None
+    ) -> None:
         self.monitor = monitor
+        self.throttles = throttles
 
     def add_to(self, server: grpc.aio.Server) -> None:
         admin_pb2_grpc.add_QuarantinesServicer_to_server(self, decode_checked(server))
@@ -80,6 +115,9 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
         ]
         if request.include_throttles:
             entries += [harden_entry(h) for h in self.monitor.hardened.active()]
+        if request.include_throttles and self.throttles is not None:
+            for (policy, client), t in sorted(self.throttles.runtime_throttles().items()):
+                entries.append(_runtime_entry(policy, client, t))
         return admin_pb2.QuarantineList(entries=with_estimates(self.monitor, entries, request))
 
     async def ReleaseQuarantine(
@@ -91,8 +129,25 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
     ) -> admin_pb2.ReleaseQuarantineResponse:
         if not request.client_key:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_key: required")
-        gone = self.monitor.release(request.client_key, request.policy or None)
-        return admin_pb2.ReleaseQuarantineResponse(released=[entry(e) for e in gone])
+        gone = await asyncio.to_thread(
+            self.monitor.release, request.client_key, request.policy or None
+        )
+        for e in gone:  # a release is as much an event as a verdict
+            log.warning(
+                "%s of %s (%s) released by an admin request",
+                e.kind,
+                e.client.fingerprint,
+                e.client.policy,
+            )
+        released = [entry(e) for e in gone]
+        if self.throttles is not None:
+            # A released client is not left throttled by hand either (issue 18, item 10).
+            before = dict(self.throttles.runtime_throttles())
+            for policy, client in await self.throttles.unthrottle(
+                request.client_key, request.policy or None
+            ):
+                released.append(_runtime_entry(policy, client, before.get((policy, client))))
+        return admin_pb2.ReleaseQuarantineResponse(released=released)
 
     async def GetMonitorStats(
         self,
@@ -143,6 +198,7 @@ def monitor_stats(monitor: ExtractionMonitor) -> admin_pb2.MonitorStats:
         clients_expired=stats.expired,
         long_keys=stats.long_keys,
         refused_batches=stats.refused_batches,
+        clients_evicted_by_tenant=dict(stats.evicted_by_tenant),
     )
 
 
@@ -150,7 +206,6 @@ def monitor_stats(monitor: ExtractionMonitor) -> admin_pb2.MonitorStats:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--admin", default="127.0.0.1:18001", help="admin address")
     sub = parser.add_subparsers(dest="quarantine_command", required=True)
     p = sub.add_parser(
         "list",
@@ -161,10 +216,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="throttles, hardened clients and every client's extraction-risk estimate too",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output_arguments(p)  # wide: when each verdict began, and where the key is read
     p = sub.add_parser("release", help="end a client's quarantine and throttle now")
-    p.add_argument("key", help="the client key (e.g. the API key)")
-    p.add_argument("--policy", default="", help="namespace/name: only this policy's")
+    p.add_argument(
+        "key", help="the client key (e.g. the API key), its SHA-256 or its fingerprint"
+    )
+    p.add_argument(
+        "--policy", default="", type=policy_ref, help="namespace/name: only this policy's"
+    )
 
 
 def _remaining(until: timestamp_pb2.Timestamp) -> str:
@@ -174,11 +233,11 @@ def _remaining(until: timestamp_pb2.Timestamp) -> str:
 
 
 def _kind(e: admin_pb2.QuarantineEntry) -> str:
-    if e.kind == "throttle":
-        return f"throttle {e.requests}/{e.per_seconds}s"
     if e.kind == "harden":
         return f"harden {e.tier}"
-    return str(e.kind)
+    if e.kind in ("quarantine", "estimate"):
+        return str(e.kind)
+    return f"{e.kind} {e.requests}/{e.per_seconds}s"
 
 
 def _fidelity(e: admin_pb2.QuarantineEntry) -> str:
@@ -187,16 +246,19 @@ def _fidelity(e: admin_pb2.QuarantineEntry) -> str:
     return f"{e.fidelity:.2f} ({e.distinct_queries:,} q)"
 
 
-def render(entries: list[admin_pb2.QuarantineEntry]) -> str:
+def render(entries: list[admin_pb2.QuarantineEntry], wide: bool = False) -> str:
     if not entries:
         return "no clients quarantined"
-    risk = any(e.HasField("fidelity") or e.kind != "quarantine" for e in entries)
+    risk = any(e.HasField("fidelity") or e.kind in ("harden", "estimate") for e in entries)
     rows = [["KIND", "POLICY", "CLIENT", "REMAINING", "REASON"] + (["FIDELITY"] if risk else [])]
+    if wide:
+        rows[0] += ["SINCE", "KEY SOURCE"]
     for e in entries:
         remaining = _remaining(e.until) if e.kind != "estimate" else "-"
-        reason = e.reason or "-"
-        row = [_kind(e), e.policy, e.client_key, remaining, reason]
+        row = [_kind(e), e.policy, e.client_key, remaining, e.reason or "-"]
         rows.append(row + ([_fidelity(e)] if risk else []))
+        if wide:
+            rows[-1] += [e.since.ToDatetime().isoformat(timespec="seconds") + "Z", e.key_source]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
@@ -225,6 +287,9 @@ def render_stats(s: admin_pb2.MonitorStats) -> str:
         + (f", {s.long_keys:,} long keys by digest" if s.long_keys else "")
         + ")"
     )
+    if s.clients_evicted_by_tenant:
+        top = sorted(s.clients_evicted_by_tenant.items(), key=lambda kv: -kv[1])[:5]
+        clients += "; evicted by tenant: " + ", ".join(f"{t} {n:,}" for t, n in top)
     return "\n".join(
         [
             f"monitor: {s.queries:,} queries observed in {s.batches:,} batches, {unobserved}",
@@ -258,17 +323,15 @@ def run(args: argparse.Namespace) -> int:
                     admin_pb2.ListQuarantinesRequest(include_throttles=args.all), timeout=5
                 )
                 stats = _stats(stub)
-                if args.json:
-                    out = json_format.MessageToDict(listed, preserving_proto_field_name=True)
+                if args.output in ("json", "yaml"):
+                    out = json_format.MessageToDict(listed)
                     if stats is not None:
                         out["monitor"] = json_format.MessageToDict(
-                            stats,
-                            preserving_proto_field_name=True,
-                            always_print_fields_with_no_presence=True,
+                            stats, always_print_fields_with_no_presence=True
                         )
-                    print(json.dumps(out, indent=2))
+                    print(emit(out, args.output))
                 else:
-                    print(render(list(listed.entries)))
+                    print(render(list(listed.entries), wide=args.output == "wide"))
                     if stats is not None:
                         print("\n" + render_stats(stats))
                 return 0
@@ -280,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
         return 2
     if not released.released:
-        print(f"{args.key}: not quarantined or throttled", file=sys.stderr)
+        print(f"{args.key}: not quarantined or throttled", file=sys.stderr)  # what was typed
         return 1
     for e in released.released:
         print(f"released {e.kind} of {e.client_key} ({e.policy})")

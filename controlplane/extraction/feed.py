@@ -25,21 +25,34 @@ from controlplane.extraction.risk import HeldOut, held_out_of
 from controlplane.extraction.verdicts import (
     OtelVerdictSink,
     Throttler,
+    VerdictBackend,
     VerdictSink,
     VerdictStore,
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.grpcutil import decode_checked
 from controlplane.identity.interceptor import current_caller
+from controlplane.identity.tokens import Caller
 
 log = logging.getLogger(__name__)
 
 EXPIRY_POLL = 1.0  # seconds: the latest an expired enforcement stays in force
 
 
+# Whether the authenticated ``caller`` (sidecar ``node_id``) may report for ``policy``
+# (namespace/name): None if so, else why not (safe to return: names no secret).
+FeedAuthorizer = Callable[[Caller, str, str], "str | None"]
+
+
 class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
-    def __init__(self, monitor: ExtractionMonitor) -> None:
+    def __init__(
+        self, monitor: ExtractionMonitor, authorize: FeedAuthorizer | None = None
+    ) -> None:
         self.monitor = monitor
+        # Authorisation, beyond authentication: a sidecar reports only for the policies
+        # that target it (the server knows policies and inventory; this box does not).
+        self.authorize = authorize
+        self.refused_by_reason: dict[str, int] = {}
         self._expiry: asyncio.Task[None] | None = None
 
     @property
@@ -71,24 +84,41 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
             wait = EXPIRY_POLL if due is None else min(EXPIRY_POLL, max(0.0, due - time.time()))
             await asyncio.sleep(wait)
             try:
-                store.expire()
+                for gone in store.expire():  # a release is as much an event as a verdict
+                    log.warning(
+                        "%s of %s (%s) expired: released",
+                        gone.kind,
+                        gone.client.fingerprint,
+                        gone.client.policy,
+                    )
                 self.monitor.hardened.expire()
             except Exception:
                 log.exception("expiring verdicts failed")
+
+    def _refuse(self, reason: str) -> None:
+        self.monitor.stats.refused_batches += 1
+        self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
 
     async def Report(
         self,
         request: feed_pb2.FeedBatch,
         context: grpc.aio.ServicerContext[feed_pb2.FeedBatch, feed_pb2.FeedAck],
     ) -> feed_pb2.FeedAck:
-        caller = current_caller()  # None with identity off
+        caller = current_caller()  # None with identity off: no one is authenticated
         if caller is not None and not caller.is_node(request.node_id):
             # A valid token for one sidecar must not report (or blame a key) as another.
-            self.monitor.stats.refused_batches += 1
+            self._refuse("other_node")
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"batch names node {request.node_id!r}, but the caller is not that sidecar",
             )
+        if caller is not None and self.authorize is not None:
+            why = self.authorize(caller, request.node_id, request.policy)
+            if why is not None:
+                # Nothing of the batch reaches the monitor: a forged batch blames no one.
+                self._refuse("not_targeted")
+                log.warning("feed batch refused: %s", why)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         accepted = await asyncio.to_thread(self.monitor.report, request)
         return feed_pb2.FeedAck(accepted=accepted)
 
@@ -153,10 +183,13 @@ class Extraction:
         sink: VerdictSink | None = None,
         throttler: Throttler | None = None,
         profile: Callable[[WatchedPolicy], Profile | None] = default_profile,
+        verdict_backend: VerdictBackend | None = None,
         held_out: Callable[[Profile], HeldOut | None] = interim_held_out,
     ) -> None:
         one_blas_thread()
-        self.verdicts = VerdictStore(state_path)
+        # ``verdict_backend``: where verdicts persist (default: the file at ``state_path``,
+        # or memory); a shared one lets several replicas enforce one set of verdicts.
+        self.verdicts = VerdictStore(state_path, backend=verdict_backend)
         self.hardened = HardenStore()
         self.monitor = ExtractionMonitor(
             policies,

@@ -64,7 +64,8 @@ class HardenStore:
             gone = [
                 h
                 for h in self._items.values()
-                if h.client.key == key and (policy is None or h.client.policy == policy)
+                # By the key itself, its digest or fingerprint, or its label (as verdicts).
+                if h.client.named_by(key) and (policy is None or h.client.policy == policy)
             ]
             for h in gone:
                 del self._items[(h.client.policy, h.client.key)]

@@ -16,7 +16,11 @@ ship them) is suspected too: a gap in observation is a signal. It is never quara
 that alone, since there is no evidence about its queries.
 
 Client state is bounded (``max_clients``, least recently seen evicted first) and expires
-after ``idle_ttl`` seconds without a query.
+after ``idle_ttl`` seconds without a query. It is also bounded per tenant
+(``max_clients_per_tenant``): a tenant with many keys (each its own client under
+``clientKey: {apiKey: {}}``) evicts its own least recently seen clients, never other
+tenants'; evictions are counted per tenant. A client's tenant is ``tenant_of`` its key id
+(the registered keys' metadata), or the client itself (a tenant, an address, a claim).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from controlplane.extraction.verdicts import (
     Verdict,
     VerdictSink,
     VerdictStore,
+    matches,
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
 
@@ -78,6 +83,9 @@ class WatchedPolicy:
     sensitivity: str
     throttle: tuple[int, int] | None  # requests per seconds
     quarantine_seconds: int | None
+    request_format: str = "json"  # json | kserveV2: how features/scores select rows
+    feature_names: tuple[str, ...] = ()  # rows sent as objects: their columns, in order
+    response_format: str = "json"
     on_risk: RiskPlan | None = None
 
     @classmethod
@@ -90,8 +98,10 @@ class WatchedPolicy:
         on_detection = actions.on_detection if actions else None
         return cls(
             key=f"{policy.metadata.namespace}/{policy.metadata.name}",
-            key_source=spec.client_key.source,
-            key_header=spec.client_key.header,
+            # Verified keys are the headers the sidecar sets (key id, tenant, JWT claim):
+            # verdicts name that header and its value, never a secret.
+            key_source=spec.client_key.read_as[0],
+            key_header=spec.client_key.read_as[1] or None,
             features=JsonPath.parse(spec.request.features),
             scores=JsonPath.parse(spec.response.scores),
             detectors=tuple(spec.detection.detectors),
@@ -103,6 +113,9 @@ class WatchedPolicy:
             if on_suspicion
             else None,
             quarantine_seconds=on_detection.quarantine.seconds if on_detection else None,
+            request_format=spec.request.format,
+            feature_names=tuple(spec.request.feature_names or ()),
+            response_format=spec.response.format,
             on_risk=RiskPlan.of(actions.on_risk) if actions and actions.on_risk else None,
         )
 
@@ -114,6 +127,7 @@ class Tracked:
     suspected_at: int = 0  # distinct queries when suspected
     evaluated: int = 0  # queries (observed or not) at the last evaluation
     last_seen: float = 0.0
+    tenant: str = ""  # what its per-tenant bound counts it under
     risk: RiskSample | None = None  # what the client could have learned (risk.py)
     risk_tiers: tuple[tuple[str, str], ...] = ()  # onRisk harden table in force
     risk_throttle: float = 0.0  # the onRisk throttle step in force (its fidelity)
@@ -133,10 +147,12 @@ class MonitorStats:
     verdicts: Counter[str] = field(default_factory=Counter)
     long_keys: int = 0  # client states filed under a digest: keys over KEY_LIMIT bytes
     refused_batches: int = 0  # batches naming another node than their caller (feed service)
+    evicted_by_tenant: Counter[str] = field(default_factory=Counter)
 
     def copy(self) -> MonitorStats:
         return dataclasses.replace(
             self,
+            evicted_by_tenant=Counter(self.evicted_by_tenant),
             unobserved_by_reason=Counter(self.unobserved_by_reason),
             unparsable=Counter(self.unparsable),
             verdicts=Counter(self.verdicts),
@@ -190,6 +206,86 @@ def _matrix(rows: list[list[Any]], dtype: type[np.floating[Any]]) -> tuple[Any, 
     return M, np.isfinite(M).all(axis=1)
 
 
+def _flat(data: Any) -> list[Any] | None:
+    """A tensor's data, nested or flat, as one flat list (None if not lists and numbers)."""
+    if type(data) is not list:
+        return None
+    if not any(type(x) is list for x in data):
+        return data
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:  # no recursion: nesting is the client's to choose
+        for x in stack[-1]:
+            if type(x) is list:
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out
+
+
+def _tensor_rows(tensors: list[Any]) -> list[Any] | None:
+    """KServe v2 / Open Inference Protocol tensors ({"name", "shape", "datatype", "data"})
+    as rows: shape[0] rows each, of prod(shape[1:]) columns; several tensors (one per
+    input) give their columns side by side, in order. None if they do not fit together."""
+    columns: list[list[list[Any]]] = []
+    n_rows = None
+    for tensor in tensors:
+        if type(tensor) is not dict:
+            return None
+        shape, data = tensor.get("shape"), _flat(tensor.get("data"))
+        if (
+            data is None
+            or type(shape) is not list
+            or not shape
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
+            return None
+        width = 1
+        for d in shape[1:]:
+            width *= d
+        # width 0 would let shape[0] (the client's number) size the rows, not the data
+        if width == 0 or shape[0] * width != len(data) or n_rows not in (None, shape[0]):
+            return None
+        n_rows = shape[0]
+        columns.append([data[i * width : (i + 1) * width] for i in range(n_rows)])
+    if not columns:
+        return None
+    if len(columns) == 1:
+        return columns[0]
+    return [[x for part in parts for x in part] for parts in zip(*columns, strict=True)]
+
+
+def _rows(found: list[Any], fmt: str) -> list[Any] | None:
+    """The request's rows at ``request.features``, as the policy's format gives them."""
+    return _tensor_rows(found) if fmt == "kserveV2" else found
+
+
+def _columns(rows: list[Any], names: tuple[str, ...]) -> list[Any] | None:
+    """Rows sent as objects ({"age": 41, ...}) as lists in ``featureNames`` order; a row
+    without one of the names makes the query junk. Rows already lists stay as they are."""
+    out = []
+    for row in rows:
+        if type(row) is dict:
+            try:
+                row = [row[name] for name in names]
+            except KeyError:
+                return None
+        out.append(row)
+    return out
+
+
+def _scores(found: list[Any], fmt: str) -> list[Any]:
+    """The answer's score rows: per-class vectors, or single scores (one number per row,
+    regression or binary) as rows of one."""
+    if fmt == "kserveV2":
+        return _tensor_rows(found) or []
+    if found and _NUMBER_TYPES.issuperset(map(type, found)):
+        return [[x] for x in found]
+    return found
+
+
 def _finite(row: list[Any], dtype: type[np.floating[Any]]) -> bool:
     return bool(_matrix([row], dtype)[1][0])
 
@@ -228,6 +324,8 @@ class ExtractionMonitor:
         hardened: HardenStore | None = None,
         held_out: Callable[[Profile], HeldOut | None] = held_out_of,
         max_clients: int = 2048,
+        max_clients_per_tenant: int = 256,
+        tenant_of: Callable[[str], str | None] | None = None,
         idle_ttl: float = 3600.0,
         confirm: int = 16,
         clock: Callable[[], float] = time.time,
@@ -241,10 +339,14 @@ class ExtractionMonitor:
         self._held_out = held_out
         self._held: dict[int, tuple[Profile, HeldOut | None]] = {}
         self.max_clients = max_clients
+        self.max_clients_per_tenant = max_clients_per_tenant
+        self.tenant_of = tenant_of  # set by the control plane from the registered keys
         self.idle_ttl = idle_ttl
         self.confirm = confirm
         self._clock = clock
         self._clients: OrderedDict[tuple[str, str], Tracked] = OrderedDict()
+        # (policy, tenant) → its clients' filed keys, least recently seen first.
+        self._tenants: dict[tuple[str, str], OrderedDict[str, None]] = {}
         self._lock = threading.Lock()
         self.stats = MonitorStats()
         self._watched: dict[str, WatchedPolicy] = {}
@@ -292,8 +394,13 @@ class ExtractionMonitor:
             self.stats.unobserved += gap.count
             reason = gap.reason if gap.reason in UNOBSERVED_REASONS else "other"
             self.stats.unobserved_by_reason[reason] += gap.count
+            if gap.client_key_raw:
+                # Not UTF-8: no verdict could name it (the sidecar matches it as text).
+                self.stats.unparsable["client_key"] += gap.count
+                continue
             tracked = self._tracked(policy.key, gap.client_key, dim or 1, now)
-            tracked.state.unobserved += gap.count
+            # Evidence in proportion to what those answers returned: their rows.
+            tracked.state.unobserved += max(gap.count, gap.instances)
             self._judge(policy, profile, gap.client_key, tracked, now)
         self.stats.queries += accepted
         return accepted
@@ -313,12 +420,19 @@ class ExtractionMonitor:
         unparsable = self.stats.unparsable
         read: list[tuple[str, list[Any], list[Any] | str | None]] = []
         for query in queries:
+            if query.client_key_raw:
+                # A key that is not UTF-8: this query is dropped and counted, the batch
+                # goes on (a proto3 string key would have failed all of it).
+                unparsable["client_key"] += 1
+                continue
             try:
                 request = _loads(query.request_body)
             except _JSON_ERRORS:
                 unparsable["request_json"] += 1
                 continue
-            vectors = policy.features.find(request)
+            vectors = _rows(policy.features.find(request), policy.request_format)
+            if vectors and policy.feature_names:
+                vectors = _columns(vectors, policy.feature_names)
             if not vectors or not all(map(_is_numbers, vectors)):
                 unparsable["features"] += 1
                 continue
@@ -331,7 +445,7 @@ class ExtractionMonitor:
                     scores = "response_json"
                 else:
                     if response is not None:
-                        found = policy.scores.find(response)
+                        found = _scores(policy.scores.find(response), policy.response_format)
                         ok = len(found) == len(vectors) and all(map(_is_numbers, found))
                         scores = found if ok else "scores"
             read.append((query.client_key, vectors, scores))
@@ -371,7 +485,13 @@ class ExtractionMonitor:
         unreadable: set[int] = set()
         for score_rows, places in by_length.values():
             S, finite = _matrix(score_rows, np.float64)
-            top = S.argmax(axis=1).tolist()
+            # One score per row (regression, binary): its class is its side of 0.5, as the
+            # sidecar keeps it; a value outside [0, 1] (regression) is one class, 0.
+            top = (
+                ((S[:, 0] >= 0.5) & (S[:, 0] <= 1)).astype(int).tolist()
+                if S.shape[1] == 1
+                else S.argmax(axis=1).tolist()
+            )
             for i, (q, position) in enumerate(places):
                 if finite[i]:
                     classes[q][position] = top[i]  # type: ignore[index]
@@ -464,6 +584,23 @@ class ExtractionMonitor:
             cached = self._held[id(profile)] = (profile, held)
         return cached[1]
 
+    def _tenant(self, client_key: str) -> str:
+        tenant = self.tenant_of(client_key) if self.tenant_of is not None else None
+        return tracking_key(tenant or client_key)
+
+    def _forget(self, key: tuple[str, str], tracked: Tracked) -> None:
+        members = self._tenants.get((key[0], tracked.tenant))
+        if members is not None:
+            members.pop(key[1], None)
+            if not members:
+                del self._tenants[(key[0], tracked.tenant)]
+
+    def _evict(self, key: tuple[str, str]) -> None:
+        tracked = self._clients.pop(key)
+        self._forget(key, tracked)
+        self.stats.evicted += 1
+        self.stats.evicted_by_tenant[tracked.tenant] += 1
+
     def _tracked(self, policy: str, client_key: str, dim: int, now: float) -> Tracked:
         filed = tracking_key(client_key)
         key = (policy, filed)
@@ -471,13 +608,21 @@ class ExtractionMonitor:
         if tracked is None:
             if filed != client_key:
                 self.stats.long_keys += 1
-            tracked = Tracked(ClientState(dim=dim))
+            tracked = Tracked(ClientState(dim=dim), tenant=self._tenant(client_key))
+            members = self._tenants.setdefault((policy, tracked.tenant), OrderedDict())
+            # A tenant over its share evicts its own least recently seen client first, so
+            # many keys of one tenant cannot push other tenants' state out of the table.
+            while members and len(members) >= self.max_clients_per_tenant:
+                self._evict((policy, next(iter(members))))
             self._clients[key] = tracked
+            members[filed] = None
             while len(self._clients) > self.max_clients:
-                self._clients.popitem(last=False)
-                self.stats.evicted += 1
+                self._evict(next(iter(self._clients)))
         else:
             self._clients.move_to_end(key)
+            mine = self._tenants.get((policy, tracked.tenant))
+            if mine is not None and filed in mine:
+                mine.move_to_end(filed)
         tracked.last_seen = now
         return tracked
 
@@ -487,6 +632,7 @@ class ExtractionMonitor:
             if now - oldest.last_seen < self.idle_ttl:
                 return
             del self._clients[key]
+            self._forget(key, oldest)
             self.stats.expired += 1
 
     # --- verdicts ---------------------------------------------------------------------------
@@ -536,7 +682,8 @@ class ExtractionMonitor:
             self._detection(policy, client_key, tuple(evidence), now, _peak(tracked))
 
     def _ref(self, policy: WatchedPolicy, client_key: str) -> ClientRef:
-        return ClientRef(policy.key, client_key, policy.key_source, policy.key_header)
+        # Digested here: no raw key reaches the verdict store, events or admin answers.
+        return ClientRef.of(policy.key, client_key, policy.key_source, policy.key_header)
 
     def _emit(self, verdict: Verdict) -> None:
         self.stats.verdicts[f"{verdict.stage}:{verdict.action}"] += 1
@@ -642,22 +789,32 @@ class ExtractionMonitor:
         """End a client's quarantine and throttle, and forget what it was suspected of."""
         with self._lock:
             tracked = tracking_key(key)
-            for client in [c for c in self._clients if c[1] == tracked]:
+            # By the key itself, its digest or its fingerprint (what `quarantine list` shows).
+            for client in [
+                c for c in self._clients if c[1] == tracked or matches(key, c[1], digested=False)
+            ]:
                 if policy is None or client[0] == policy:
-                    del self._clients[client]
+                    self._forget(client, self._clients.pop(client))
         self.throttler.release(key, policy)
         self.hardened.release(key, policy)
         return self.verdicts.release(key, policy)
 
     def risks(self) -> list[tuple[str, str, float, int]]:
-        """(policy, client key, estimated fidelity, distinct pairs) of every tracked client
-        with an estimate, highest first."""
+        """(policy, client as shown, estimated fidelity, distinct pairs) of every tracked
+        client with an estimate, highest first. Clients are named as admin answers name
+        them (``ClientRef.shown``): a secret header key by its fingerprint."""
         with self._lock:
-            found = [
-                (policy, key, t.risk.peak, t.risk.distinct)
-                for (policy, key), t in self._clients.items()
-                if t.risk is not None and t.risk.estimate is not None
-            ]
+            found = []
+            for (policy, key), t in self._clients.items():
+                if t.risk is None or t.risk.estimate is None:
+                    continue
+                watched = self._watched.get(policy)
+                ref = (
+                    ClientRef.of(policy, key, watched.key_source, watched.key_header)
+                    if watched is not None
+                    else ClientRef.of(policy, key)
+                )
+                found.append((policy, ref.shown, t.risk.peak, t.risk.distinct))
         return sorted(found, key=lambda r: (-r[2], r[0], r[1]))
 
     def client_count(self) -> int:

@@ -6,6 +6,16 @@ each active enforcement becomes an RBAC deny (quarantine) or a per-client rate l
 and are persisted to a JSON file (written atomically), so they survive a control-plane
 restart. Every verdict is also emitted to a ``VerdictSink`` (OpenTelemetry log records by
 default) with its evidence.
+
+No raw client key is kept: a header key (an API key is a secret) is filed under its SHA-256
+digest (``ClientRef.of``), which is also what the sidecar matches (``translate/verdicts``
+hashes the header itself), so a 50 KB key costs what a short one does. People see a
+``fingerprint``; release takes the key, its digest or a fingerprint.
+
+The store is bounded: at most ``max_per_policy`` enforcements per policy; past it the oldest
+throttle goes first, then the oldest quarantine (each eviction is logged and counted).
+Persistence goes through a ``VerdictBackend``: ``FileBackend`` appends one JSON line per
+change (compacted now and then), never a full rewrite per verdict.
 """
 
 from __future__ import annotations
@@ -14,11 +24,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -27,6 +38,38 @@ log = logging.getLogger(__name__)
 Stage = Literal["suspicion", "detection", "risk"]  # risk: an onRisk step reached
 KeySource = Literal["header", "identity", "jwtClaim", "sourceIP"]
 Kind = Literal["quarantine", "throttle"]
+
+# Sources whose key is a secret (an API key in a header): filed and matched by digest only.
+DIGESTED: tuple[KeySource, ...] = ("header",)
+# Enforcements per policy at most. Sized for a large attack (10,000 keys quarantined cost
+# well under a megabyte of sidecar configuration, BENCHMARKS.md) with room for throttles.
+MAX_PER_POLICY = 20_000
+# Headers the sidecar sets itself from a verified credential (issue 14): their values are
+# ids, tenants and claims, not secrets, and may be shown (up to LABEL_MAX characters).
+VERIFIED_PREFIX = "x-modelguard-"
+LABEL_MAX = 256
+FINGERPRINT_HEX = 16  # what people see: "sha256:" + this many hex digits (as traces show)
+_HEX = re.compile(r"(?:sha256:)?([0-9a-f]{12,64})")
+
+
+def digest(value: str | bytes) -> str:
+    """The SHA-256 (hex) of a client key as the sidecar hashes its header's bytes."""
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def fingerprint_of(hexdigest: str) -> str:
+    return "sha256:" + hexdigest[:FINGERPRINT_HEX]
+
+
+def matches(given: str, key: str, *, digested: bool) -> bool:
+    """Whether what an operator typed (the key itself, its digest, or a fingerprint of at
+    least 12 hex digits, with or without ``sha256:``) names the stored ``key``."""
+    full = key if digested else digest(key)
+    if given == key or (digested and digest(given) == key):
+        return True
+    found = _HEX.fullmatch(given.lower())
+    return found is not None and full.startswith(found.group(1))
 
 
 @dataclass(frozen=True)
@@ -42,14 +85,51 @@ class ClientRef:
     """One client of one ExtractionPolicy, as the sidecar can recognise it again."""
 
     policy: str  # namespace/name of the ExtractionPolicy
-    key: str  # the client key's value (API key, SPIFFE ID, IP address...)
+    # The client key as stored and matched: for a header, the SHA-256 (hex) of its value
+    # (never the key); otherwise the value itself (a SPIFFE ID or an IP address).
+    key: str
     source: KeySource = "header"
     header: str | None = None  # for source "header": which header carries the key
+    # What people may see of a header key that is no secret: a header the sidecar sets
+    # itself (``x-modelguard-*``: a verified key id, tenant or JWT claim). None: a raw
+    # header such as x-api-key, shown by fingerprint only.
+    label: str | None = None
+
+    @classmethod
+    def of(
+        cls, policy: str, value: str | bytes, source: KeySource = "header",
+        header: str | None = None,
+    ) -> ClientRef:
+        """The reference for a key's value as the sidecar reports it: digested if secret."""
+        if source in DIGESTED:
+            label = None
+            if header is not None and header.lower().startswith(VERIFIED_PREFIX):
+                text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                label = text[:LABEL_MAX]
+            return cls(policy, digest(value), source, header, label)
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        return cls(policy, text, source, header)
+
+    @property
+    def digested(self) -> bool:
+        return self.source in DIGESTED
 
     @property
     def fingerprint(self) -> str:
-        """What logs and events name the client by: API keys are secrets."""
-        return "sha256:" + hashlib.sha256(self.key.encode()).hexdigest()[:16]
+        """What logs, events and admin answers name the client by: API keys are secrets.
+        The same name as traces give the key (``telemetry.records.hash_secret``)."""
+        return fingerprint_of(self.key if self.digested else digest(self.key))
+
+    @property
+    def shown(self) -> str:
+        """How admin answers and tables name the client: a label, a fingerprint for a
+        secret, or the value itself (a SPIFFE ID, an address)."""
+        if self.label is not None:
+            return self.label
+        return self.fingerprint if self.digested else self.key
+
+    def named_by(self, given: str) -> bool:
+        return given == self.label or matches(given, self.key, digested=self.digested)
 
 
 @dataclass(frozen=True)
@@ -153,55 +233,222 @@ class OtelVerdictSink:
 
 # --- the store ---------------------------------------------------------------------------------
 
+StoreKey = tuple[Kind, str, str]
+
+
+class VerdictBackend(Protocol):
+    """Where enforcements persist. ``FileBackend`` (the embedded default) and
+    ``MemoryBackend`` here; a shared backend (Redis, for several replicas) implements the
+    same four calls. Calls come under the store's lock, one change at a time."""
+
+    def load(self) -> Iterable[Enforcement]:
+        """Everything stored (expired entries too: the store drops them)."""
+        ...
+
+    def put(self, enforcement: Enforcement) -> None: ...
+
+    def remove(self, gone: Sequence[Enforcement]) -> None: ...
+
+    def compact(self, count: int, live: Callable[[], Sequence[Enforcement]]) -> None:
+        """A hint that only the ``count`` enforcements ``live()`` returns matter now (a file
+        may rewrite itself smaller); ``live`` is called only if the backend compacts."""
+        ...
+
+
+class MemoryBackend:
+    def load(self) -> Iterable[Enforcement]:
+        return ()
+
+    def put(self, enforcement: Enforcement) -> None:
+        return None
+
+    def remove(self, gone: Sequence[Enforcement]) -> None:
+        return None
+
+    def compact(self, count: int, live: Callable[[], Sequence[Enforcement]]) -> None:
+        return None
+
+
+class FileBackend:
+    """An append-only JSON Lines log: ``{"put": enforcement}`` or ``{"del": [kind, policy,
+    key]}`` per line, so a verdict costs one short write. When the log holds more than
+    twice the live entries (and ``COMPACT_MIN`` lines), it is rewritten with the live ones
+    only (atomically: a reader never sees half a file). Mode 0600: it names clients."""
+
+    COMPACT_MIN = 1024
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lines = 0
+
+    def load(self) -> Iterable[Enforcement]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            self._aside(err)
+            return []
+        if text.lstrip().startswith("{") and '"enforcements"' in text[:200]:
+            return self._legacy(text)
+        items: dict[StoreKey, Enforcement] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if "put" in record:
+                    e = Enforcement.from_json(record["put"])
+                    items[VerdictStore.key_of(e)] = e
+                else:
+                    kind, policy, key = record["del"]
+                    items.pop((kind, policy, key), None)
+            except (ValueError, TypeError, KeyError) as err:
+                if number == 1 and not items:
+                    self._aside(err)
+                    return []
+                # A torn last line (a crash mid-write) or one bad line: skip it, keep the rest.
+                log.error("%s:%d: %s; skipped", self.path, number, err)
+        self._lines = len(text.splitlines())
+        return list(items.values())
+
+    def _legacy(self, text: str) -> list[Enforcement]:
+        """The earlier format (one JSON object, raw keys): read and digest the keys."""
+        try:
+            raw = json.loads(text)
+        except ValueError as err:
+            self._aside(err)
+            return []
+        out = []
+        for i, item in enumerate(raw.get("enforcements", [])):
+            try:
+                e = Enforcement.from_json(item)
+            except (TypeError, KeyError) as err:
+                log.error("%s: enforcements[%d]: %s; skipped", self.path, i, err)
+                continue
+            c = e.client
+            out.append(replace(e, client=ClientRef.of(c.policy, c.key, c.source, c.header)))
+        self._lines = 0
+        self.compact(len(out), lambda: out)
+        return out
+
+    def _aside(self, err: Exception) -> None:
+        # Never lose the file: keep it aside for a human and start empty.
+        aside = self.path.with_suffix(self.path.suffix + f".unreadable-{int(time.time())}")
+        log.error("cannot read verdicts %s (%s); kept as %s", self.path, err, aside)
+        os.replace(self.path, aside)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as out:
+            out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._lines += 1
+
+    def put(self, enforcement: Enforcement) -> None:
+        self._append({"put": enforcement.to_json()})
+
+    def remove(self, gone: Sequence[Enforcement]) -> None:
+        for e in gone:
+            self._append({"del": list(VerdictStore.key_of(e))})
+
+    def compact(self, count: int, live: Callable[[], Sequence[Enforcement]]) -> None:
+        if self._lines and self._lines < max(self.COMPACT_MIN, 2 * count):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verdicts-", dir=self.path.parent)
+        with os.fdopen(fd, "w") as out:  # mkstemp: 0600
+            kept = live()
+            for e in kept:
+                out.write(json.dumps({"put": e.to_json()}, separators=(",", ":")) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        self._lines = len(kept)
+
 
 class VerdictStore:
     """Active quarantines and throttles; thread-safe; listeners hear of every change."""
 
-    def __init__(self, path: Path | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        backend: VerdictBackend | None = None,
+        max_per_policy: int = MAX_PER_POLICY,
+    ) -> None:
         self.path = path
         self._clock = clock
         self._lock = threading.Lock()
-        self._items: dict[tuple[Kind, str, str], Enforcement] = {}
+        self.backend: VerdictBackend = backend or (
+            FileBackend(path) if path is not None else MemoryBackend()
+        )
+        self.max_per_policy = max_per_policy
+        self.evicted = 0  # enforcements dropped to stay within max_per_policy
+        self._items: dict[StoreKey, Enforcement] = {}
+        # Per policy and kind, keys in the order they were put: who goes first past the cap.
+        self._order: dict[tuple[str, Kind], dict[str, None]] = {}
         self._listeners: list[Callable[[], None]] = []
-        if path is not None:
-            self._load(path)
+        self._load()
 
-    def _load(self, path: Path) -> None:
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as err:
-            # Never lose the file: keep it aside for a human and start empty.
-            aside = path.with_suffix(path.suffix + f".unreadable-{int(self._clock())}")
-            log.error("cannot read verdicts %s (%s); kept as %s", path, err, aside)
-            os.replace(path, aside)
-            return
+    def _load(self) -> None:
         now = self._clock()
-        for i, item in enumerate(raw.get("enforcements", [])):
-            try:
-                enforcement = Enforcement.from_json(item)
-            except (TypeError, KeyError) as err:
-                log.error("%s: enforcements[%d]: %s; skipped", path, i, err)
-                continue
-            if enforcement.until > now:
-                self._items[self._key(enforcement)] = enforcement
+        loaded = sorted(self.backend.load(), key=lambda e: e.since)
+        for e in loaded:
+            if e.until > now:
+                self._add(e)
+        self._compact()
+
+    def _compact(self) -> None:
+        self.backend.compact(len(self._items), lambda: list(self._items.values()))
 
     @staticmethod
-    def _key(e: Enforcement) -> tuple[Kind, str, str]:
+    def key_of(e: Enforcement) -> StoreKey:
         return (e.kind, e.client.policy, e.client.key)
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"enforcements": [e.to_json() for e in self._items.values()]}
-        fd, tmp = tempfile.mkstemp(prefix=".verdicts-", dir=self.path.parent)
-        with os.fdopen(fd, "w") as out:
-            json.dump(payload, out, indent=1)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
+    _key = key_of  # the name earlier callers used
+
+    def _add(self, e: Enforcement) -> None:
+        key = self.key_of(e)
+        self._items[key] = e
+        order = self._order.setdefault((e.client.policy, e.kind), {})
+        order.pop(e.client.key, None)
+        order[e.client.key] = None
+
+    def _drop(self, key: StoreKey) -> Enforcement | None:
+        e = self._items.pop(key, None)
+        if e is not None:
+            order = self._order.get((key[1], key[0]))
+            if order is not None:
+                order.pop(key[2], None)
+                if not order:
+                    del self._order[(key[1], key[0])]
+        return e
+
+    def _count(self, policy: str) -> int:
+        return sum(len(self._order.get((policy, k), ())) for k in ("quarantine", "throttle"))
+
+    def _evict(self, policy: str) -> list[Enforcement]:
+        """Past the cap: the oldest throttles first (a throttle only slows a client down),
+        then the oldest quarantines."""
+        gone = []
+        while self._count(policy) > self.max_per_policy:
+            for kind in ("throttle", "quarantine"):
+                order = self._order.get((policy, kind))
+                if order:
+                    oldest = next(iter(order))
+                    e = self._drop((kind, policy, oldest))
+                    if e is not None:
+                        gone.append(e)
+                    break
+        if gone:
+            self.evicted += len(gone)
+            log.warning(
+                "%s: over %d verdicts: dropped the oldest %d (%s)", policy,
+                self.max_per_policy, len(gone), ", ".join(sorted({e.kind for e in gone})),
+            )
+        return gone
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -212,26 +459,42 @@ class VerdictStore:
 
     def put(self, enforcement: Enforcement) -> None:
         with self._lock:
-            self._items[self._key(enforcement)] = enforcement
+            self._add(enforcement)
+            gone = []
             if enforcement.kind == "quarantine":
                 # A quarantined client needs no throttle on top.
                 client = enforcement.client
-                self._items.pop(("throttle", client.policy, client.key), None)
-            self._save()
+                dropped = self._drop(("throttle", client.policy, client.key))
+                if dropped is not None:
+                    gone.append(dropped)
+            gone += self._evict(enforcement.client.policy)
+            self.backend.put(enforcement)
+            if gone:
+                self.backend.remove(gone)
+            self._compact()
         self._notify()
 
-    def release(self, key: str, policy: str | None = None) -> list[Enforcement]:
-        """End every enforcement on a client key (of one policy, or of all); returns them."""
+    def release(
+        self,
+        key: str,
+        policy: str | None = None,
+        kinds: tuple[Kind, ...] = ("quarantine", "throttle"),
+    ) -> list[Enforcement]:
+        """End every enforcement on a client (of one policy, or of all) named by its key,
+        digest or fingerprint (``ClientRef.named_by``); returns them."""
         with self._lock:
             gone = [
                 e
                 for e in self._items.values()
-                if e.client.key == key and (policy is None or e.client.policy == policy)
+                if e.kind in kinds
+                and (policy is None or e.client.policy == policy)
+                and e.client.named_by(key)
             ]
             for e in gone:
-                del self._items[self._key(e)]
+                self._drop(self.key_of(e))
             if gone:
-                self._save()
+                self.backend.remove(gone)
+                self._compact()
         if gone:
             self._notify()
         return gone
@@ -242,12 +505,27 @@ class VerdictStore:
         with self._lock:
             gone = [e for e in self._items.values() if e.until <= now]
             for e in gone:
-                del self._items[self._key(e)]
+                self._drop(self.key_of(e))
             if gone:
-                self._save()
+                self.backend.remove(gone)
+                self._compact()
         if gone:
             self._notify()
         return gone
+
+    def refresh(self) -> bool:
+        """Read the backend again (a shared backend changed by another replica); listeners
+        hear of it when anything changed. Returns whether it did."""
+        now = self._clock()
+        fresh = {self.key_of(e): e for e in self.backend.load() if e.until > now}
+        with self._lock:
+            if fresh == self._items:
+                return False
+            self._items, self._order = {}, {}
+            for e in sorted(fresh.values(), key=lambda e: e.since):
+                self._add(e)
+        self._notify()
+        return True
 
     def active(self) -> tuple[Enforcement, ...]:
         now = self._clock()
@@ -259,11 +537,16 @@ class VerdictStore:
                 )
             )
 
+    def count(self, policy: str | None = None) -> int:
+        with self._lock:
+            return len(self._items) if policy is None else self._count(policy)
+
     def next_expiry(self) -> float | None:
         with self._lock:
             return min((e.until for e in self._items.values()), default=None)
 
     def of(self, kind: Kind, policy: str, key: str) -> Enforcement | None:
+        """The enforcement on a client of a policy, by the stored key (``ClientRef.key``)."""
         found = self._items.get((kind, policy, key))
         return found if found is not None and found.until > self._clock() else None
 

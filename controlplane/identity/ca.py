@@ -150,7 +150,7 @@ class CertificateAuthority:
         if cert_path.exists() or key_path.exists():
             return cls.load(cert_path, key_path)
         ca = cls.generate(trust_domain)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the CA key
         _write_private(key_path, _pem_key(ca.key))
         cert_path.write_text(ca.root_pem)
         return ca
@@ -231,6 +231,7 @@ def _write_private(path: Path, text: str) -> None:
     """Write a secret readable by its owner only, atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as out:
         out.write(text)
     os.replace(tmp, path)

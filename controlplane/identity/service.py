@@ -87,6 +87,7 @@ class IdentityService:
         self._issued: dict[str, _Issued] = {}
         self._lock = threading.Lock()
         self._api_keys: apikeys.Digests = {}
+        self._tenant_by_id: dict[str, str] = {}
         self._api_key_problems: list[str] = []
         self.rotations = 0
         self._server_cert: IssuedCertificate | None = None
@@ -183,8 +184,14 @@ class IdentityService:
         if digests == self._api_keys:
             return False
         self._api_keys = digests
+        self._tenant_by_id = {k.id: k.tenant for keys in digests.values() for k in keys}
         log.info("API keys loaded: %d key set(s)", len(digests))
         return True
+
+    def tenant_of(self, key_id: str) -> str | None:
+        """The tenant of a registered key, by its id (the extraction monitor's per-tenant
+        bound); None for anything else (a tenant, an address)."""
+        return self._tenant_by_id.get(key_id)
 
     @property
     def api_key_problems(self) -> list[str]:
@@ -287,6 +294,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATH",
         help="Secret files or folders with API keys of outside callers (repeatable)",
+    )
+    parser.add_argument(
+        "--xff-num-trusted-hops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="proxies in front of the sidecars (an ingress: 1) whose X-Forwarded-For entries "
+        "name the caller's address; 0 (default) believes only the TCP peer",
     )
     parser.add_argument(
         "--insecure",

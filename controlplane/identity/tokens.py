@@ -8,9 +8,12 @@ Two ways, behind one interface (``SidecarAuthenticator``):
   feed). A token is an HMAC over the node id and the SPIFFE ID with a key only the control
   plane (and whoever may run ``modelguard bootstrap``) can read, so a token is bound to one
   sidecar: it cannot be replayed to claim another node id or another identity, and the
-  control plane stores nothing per sidecar. The token names the node id and SPIFFE ID it
-  was issued for (``mgt2``), so a call that carries no node (a rate limit request, an OTLP
-  export) still says who made it (``identify``).
+  control plane stores nothing per sidecar. The token names the node id, SPIFFE ID,
+  service and namespace it was issued for (``mgt3``), so a call that carries no node (a
+  rate limit request, an OTLP export) still says who made it (``identify``), and a token
+  cannot claim another workload's service (its listener, its policies) even within its own
+  identity. Older tokens (``mgt2``, ``mgt1``) bind the service and namespace their SPIFFE
+  ID names (``/ns/<namespace>/sa/<service>``) and nothing else.
 * **Kubernetes service-account tokens** (in a cluster): see ``kubernetes.py``.
 
 A sidecar that fails gets nothing: the ADS stream is refused before any resource or
@@ -40,7 +43,8 @@ TOKEN_KEY_FILE = "bootstrap-token.key"
 TOKEN_METADATA = "x-modelguard-token"
 AUTHORIZATION_METADATA = "authorization"
 _LEGACY = "mgt1"  # HMAC only: proves a node it does not name (ADS carries the node)
-_VERSION = "mgt2"  # names its node id and SPIFFE ID, so any call can be authenticated
+_V2 = "mgt2"  # names its node id and SPIFFE ID, so any call can be authenticated
+_VERSION = "mgt3"  # also names the service and namespace it may claim
 
 
 class AuthenticationError(Exception):
@@ -55,6 +59,8 @@ class Caller:
     # The node ids the credential is bound to; None: it binds none (a service-account
     # token not bound to a pod), so the caller may speak for any sidecar of its identity.
     node_ids: frozenset[str] | None
+    # The workload (service, namespace) the credential may claim; None: any of its identity.
+    workload: tuple[str, str] | None = None
 
     def is_node(self, node_id: str) -> bool:
         return self.node_ids is None or node_id in self.node_ids
@@ -97,34 +103,49 @@ class BootstrapTokens:
         _write_private(path, base64.b64encode(key).decode() + "\n")
         return cls(key)
 
-    def _mac(self, version: str, node_id: str, spiffe_id: str) -> str:
-        message = f"{version}\0{node_id}\0{spiffe_id}".encode()
+    def _mac(self, version: str, *fields: str) -> str:
+        message = "\0".join((version, *fields)).encode()
         digest = hmac.new(self._key, message, hashlib.sha256).digest()
         return _b64(digest)
 
-    def issue(self, node_id: str, spiffe_id: str) -> str:
-        mac = self._mac(_VERSION, node_id, spiffe_id)
-        return f"{_VERSION}.{_b64(node_id.encode())}.{_b64(spiffe_id.encode())}.{mac}"
+    def issue(
+        self, node_id: str, spiffe_id: str, service: str = "", namespace: str = ""
+    ) -> str:
+        """A token for one sidecar: its node id, SPIFFE ID, service and namespace (by
+        default the ones its SPIFFE ID names)."""
+        default_service, default_namespace = workload_of(spiffe_id)
+        fields = (node_id, spiffe_id, service or default_service, namespace or default_namespace)
+        mac = self._mac(_VERSION, *fields)
+        return ".".join((_VERSION, *(_b64(f.encode()) for f in fields), mac))
 
-    def _claims(self, token: str) -> tuple[str, str] | None:
-        """(node id, SPIFFE ID) of a genuine mgt2 token, else None."""
+    def _claims(self, token: str) -> tuple[str, str, str, str] | None:
+        """(node id, SPIFFE ID, service, namespace) of a genuine token, else None."""
         parts = token.split(".")
-        if len(parts) != 4 or parts[0] != _VERSION:
+        shape = (len(parts), parts[0])
+        if shape not in ((6, _VERSION), (4, _V2)):
             return None
         try:
-            node_id = _unb64(parts[1]).decode()
-            spiffe_id = _unb64(parts[2]).decode()
+            fields = tuple(_unb64(p).decode() for p in parts[1:-1])
         except (ValueError, UnicodeDecodeError):
             return None
-        if not _same(parts[3], self._mac(_VERSION, node_id, spiffe_id)):
+        if not _same(parts[-1], self._mac(parts[0], *fields)):
             return None
-        return node_id, spiffe_id
+        if len(fields) == 2:  # mgt2: the workload its SPIFFE ID names
+            fields = (*fields, *workload_of(fields[1]))
+        node_id, spiffe_id, service, namespace = fields
+        return node_id, spiffe_id, service, namespace
 
-    def verify(self, token: str, node_id: str, spiffe_id: str) -> bool:
+    def verify(
+        self, token: str, node_id: str, spiffe_id: str, service: str = "", namespace: str = ""
+    ) -> bool:
+        claimed = (service, namespace) if service or namespace else workload_of(spiffe_id)
         if token.startswith(f"{_LEGACY}."):
             mac = token.partition(".")[2]
-            return _same(mac, self._mac(_LEGACY, node_id, spiffe_id))
-        return self._claims(token) == (node_id, spiffe_id)
+            return (
+                _same(mac, self._mac(_LEGACY, node_id, spiffe_id))
+                and claimed == workload_of(spiffe_id)
+            )
+        return self._claims(token) == (node_id, spiffe_id, *claimed)
 
     def identify(self, metadata: Mapping[str, str]) -> Caller:
         token = credential(metadata)
@@ -138,7 +159,9 @@ class BootstrapTokens:
                     "modelguard bootstrap"
                 )
             raise AuthenticationError("bootstrap token is not valid")
-        return Caller(identity=claims[1], node_ids=frozenset({claims[0]}))
+        return Caller(
+            identity=claims[1], node_ids=frozenset({claims[0]}), workload=(claims[2], claims[3])
+        )
 
     def authenticate(self, sidecar: Sidecar, metadata: Mapping[str, str]) -> None:
         token = credential(metadata)
@@ -147,11 +170,13 @@ class BootstrapTokens:
                 f"node {sidecar.node_id!r}: no bootstrap token ({AUTHORIZATION_METADATA} "
                 f"or {TOKEN_METADATA} metadata)"
             )
-        if not self.verify(token, sidecar.node_id, sidecar.identity):
+        if not self.verify(
+            token, sidecar.node_id, sidecar.identity, sidecar.service, sidecar.namespace
+        ):
             # Never echo the token: it is a credential.
             raise AuthenticationError(
-                f"node {sidecar.node_id!r}: bootstrap token is not valid for this node id "
-                f"and identity {sidecar.identity}"
+                f"node {sidecar.node_id!r}: bootstrap token is not valid for this node id, "
+                f"identity {sidecar.identity} and workload {sidecar.service}.{sidecar.namespace}"
             )
 
 
@@ -179,6 +204,15 @@ class AnyOf:
             except AuthenticationError as err:
                 reasons.append(str(err))
         raise AuthenticationError("; ".join(reasons) or "no authenticator configured")
+
+
+def workload_of(spiffe_id: str) -> tuple[str, str]:
+    """(service, namespace) a SPIFFE ID names (``spiffe://<td>/ns/<ns>/sa/<sa>``), or
+    ("", "") for another shape (which then matches no sidecar's claim)."""
+    parts = spiffe_id.removeprefix("spiffe://").split("/")
+    if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
+        return parts[4], parts[2]
+    return "", ""
 
 
 def _same(given: str, expected: str) -> bool:

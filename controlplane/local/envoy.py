@@ -76,12 +76,14 @@ def envoy_binary() -> Path:
 
 def _write_config(config: dict[str, Any] | str, directory: Path) -> Path:
     # Envoy picks the parser from the extension; JSON is exact for dicts built in Python.
+    # 0600: a bootstrap may hold a sidecar's token inline.
     if isinstance(config, str):
-        path = directory / "envoy.yaml"
-        path.write_text(config, encoding="utf-8")
+        path, text = directory / "envoy.yaml", config
     else:
-        path = directory / "envoy.json"
-        path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+        path, text = directory / "envoy.json", json.dumps(config, indent=1)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
     return path
 
 

@@ -7,6 +7,8 @@ A scikit-learn ``LogisticRegression`` on the 8x8 digits that ship inside scikit-
   ``{"predictions": [{"label": 3, "probabilities": [10 floats]}], "model": "digits-logreg"}``
 - ``GET /v1/model``     what the model takes and returns
 - ``GET /healthz``      ``{"status": "ok"}``
+- ``GET /v1/stats``     ``{"predict_requests": N}``: predict requests that reached the model
+  (what shows that a refused caller never got here)
 
 Importing scikit-learn alone takes 1.5 to 2 s on small machines, so the trained weights are
 cached (keyed by scikit-learn version and seed) and a warm start needs numpy only. Inference
@@ -275,6 +277,8 @@ class ModelHandler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, {"status": "ok"})
         elif path == "/v1/model":
             self._send_json(HTTPStatus.OK, self.server.model.metadata())
+        elif path == "/v1/stats":
+            self._send_json(HTTPStatus.OK, {"predict_requests": self.server.predict_requests})
         elif path == "/v1/predict":
             self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST", {"Allow": "POST"})
         else:
@@ -289,6 +293,8 @@ class ModelHandler(BaseHTTPRequestHandler):
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such path: {path}")
             return
+        with self.server._count_lock:
+            self.server.predict_requests += 1
         try:
             body = self._read_body()
             X = parse_instances(body)
@@ -368,6 +374,8 @@ class ModelServer(ThreadingHTTPServer):
         super().__init__(address, ModelHandler)
         self.model = model
         self.verbose = verbose
+        self.predict_requests = 0
+        self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property

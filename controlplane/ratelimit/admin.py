@@ -1,10 +1,12 @@
 """The admin side of rate limits: usage per budget and run-time throttles (admin port),
-and ``modelguard usage``, which reads the former."""
+and ``modelguard usage``, which reads the former and ends throttles (``usage unthrottle``).
+
+Clients are named by fingerprint ("sha256:" + 16 hex digits of the key, as traces and
+``quarantine list`` name them): a client key is often an API key, a secret."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -12,9 +14,12 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from controlplane.cliutil import add_output_arguments, emit, positive_int
+from controlplane.extraction.verdicts import digest, fingerprint_of
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import BackendError, RedisBackend
+from controlplane.ratelimit.budgets import Throttle
 from controlplane.ratelimit.service import RateLimitServices
 
 
@@ -25,6 +30,17 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 MAX_UNTIL = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
+def fingerprint(client: str) -> str:
+    return client if client in ("", "-") else fingerprint_of(digest(client))
+
+
+def _runtime(policy: str, client: str, t: Throttle) -> ratelimit_pb2.RuntimeThrottle:
+    return ratelimit_pb2.RuntimeThrottle(
+        policy=policy, client=fingerprint(client), requests=t.requests, per_seconds=t.per,
+        until=_timestamp(t.until),
+    )
 
 
 class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[misc]
@@ -58,11 +74,13 @@ class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[mis
             )
             for client in limit.clients:
                 entry.clients.add(
-                    client=client.client,
+                    client=fingerprint(client.client),
                     used=client.used,
                     remaining=client.remaining,
                     at_or_over=client.over,
                 )
+        for (policy, key), throttle in sorted(budgets.runtime_throttles().items()):
+            report.throttles.append(_runtime(policy, key, throttle))
         return report
 
     async def Throttle(
@@ -86,9 +104,25 @@ class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[mis
             await self.services.throttle(
                 request.policy, request.client, request.requests, request.per_seconds, until
             )
+        except ValueError as err:  # beyond the longest throttle allowed
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except BackendError as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         return ratelimit_pb2.ThrottleResponse()
+
+    async def Unthrottle(
+        self, request: ratelimit_pb2.UnthrottleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ratelimit_pb2.UnthrottleResponse:
+        if not request.client:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client: required")
+        before = self.services.budgets.runtime_throttles()
+        try:
+            gone = await self.services.unthrottle(request.client, request.policy or None)
+        except BackendError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return ratelimit_pb2.UnthrottleResponse(
+            removed=[_runtime(p, c, before[(p, c)]) for p, c in gone if (p, c) in before]
+        )
 
 
 # --- `modelguard usage` --------------------------------------------------------------------
@@ -105,8 +139,13 @@ def fetch_usage(
         return report
 
 
-def render(report: ratelimit_pb2.UsageReport) -> str:
-    if not report.limits:
+def render(report: ratelimit_pb2.UsageReport, limit_filter: str = "", wide: bool = False) -> str:
+    if not report.limits and limit_filter:
+        return (
+            f"no global limit whose name contains {limit_filter!r} has been asked about "
+            f"(backend: {report.backend})"
+        )
+    if not report.limits and not report.throttles:
         return (
             f"no global limit has been asked about yet (backend: {report.backend}); "
             "Local limits are counted inside each sidecar"
@@ -117,6 +156,7 @@ def render(report: ratelimit_pb2.UsageReport) -> str:
             f"{limit.limit}  {limit.requests} per {limit.window_seconds}s"
             f"{'  (shadow)' if limit.shadow else ''}  window since "
             f"{limit.window_start.ToDatetime().isoformat()}Z"
+            + (f"  policy {limit.policy}" if wide else "")
         )
         rows = [["CLIENT", "USED", "REMAINING", "STATE"]]
         rows += [
@@ -129,24 +169,77 @@ def render(report: ratelimit_pb2.UsageReport) -> str:
             for r in rows
         )
         blocks.append(f"{head}\n{table}")
-    return "\n\n".join(blocks) + f"\n\nbackend: {report.backend}"
+    return "\n\n".join(blocks + render_throttles(report)) + f"\n\nbackend: {report.backend}"
+
+
+def render_throttles(report: ratelimit_pb2.UsageReport) -> list[str]:
+    if not report.throttles:
+        return []
+    rows = [["THROTTLED CLIENT", "POLICY", "LIMIT", "UNTIL"]]
+    rows += [
+        [t.client, t.policy, f"{t.requests}/{t.per_seconds}s",
+         t.until.ToDatetime().isoformat(timespec="seconds") + "Z"]
+        for t in report.throttles
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return [
+        "run-time throttles (end one: modelguard usage unthrottle CLIENT [--policy P])\n"
+        + "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        )
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--admin", default="127.0.0.1:18001", help="admin address")
-    parser.add_argument("--top", type=int, default=10, help="clients per limit")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("limit", nargs="?", default="", help="only limits whose name has this")
+    parser.add_argument("--top", type=positive_int, default=10, help="clients per limit")
+    add_output_arguments(parser)  # wide: the policy of each limit
+    parser.add_argument(
+        "limit", nargs="?", default="",
+        help="only limits whose name has this; or 'unthrottle' to end a run-time throttle",
+    )
+    parser.add_argument(
+        "client", nargs="?", default="",
+        help="with unthrottle: the client key, its SHA-256 or its fingerprint",
+    )
+    parser.add_argument("--policy", default="", help="with unthrottle: only this RatePolicy's")
+
+
+def unthrottle(args: argparse.Namespace) -> int:
+    if not args.client:
+        print("modelguard usage unthrottle: which client? (key or fingerprint)", file=sys.stderr)
+        return 2
+    try:
+        with grpc.insecure_channel(args.admin) as channel:
+            removed = ratelimit_pb2_grpc.RateLimitsStub(channel).Unthrottle(
+                ratelimit_pb2.UnthrottleRequest(client=args.client, policy=args.policy),
+                timeout=5,
+            )
+    except grpc.RpcError as err:
+        print(f"modelguard usage: {args.admin}: {err.details() or err.code()}", file=sys.stderr)
+        return 1
+    if not removed.removed:
+        print("modelguard usage unthrottle: no run-time throttle matches", file=sys.stderr)
+        return 1
+    for t in removed.removed:
+        print(f"unthrottled {t.client} ({t.policy})")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.limit == "unthrottle":
+        return unthrottle(args)
     try:
         report = fetch_usage(args.admin, args.limit, args.top)
     except grpc.RpcError as err:
         print(f"modelguard usage: {args.admin}: {err.details() or err.code()}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(json_format.MessageToDict(report), indent=2))
+    if args.output in ("json", "yaml"):
+        print(emit(json_format.MessageToDict(report), args.output))
     else:
-        print(render(report))
-    return 0
+        found = bool(report.limits) or not args.limit
+        print(
+            render(report, args.limit, wide=args.output == "wide"),
+            file=sys.stdout if found else sys.stderr,
+        )
+    return 1 if args.limit and not report.limits else 0

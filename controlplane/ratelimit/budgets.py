@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from controlplane.api.common import WINDOW_SECONDS, parse_duration
-from controlplane.ratelimit.backend import Backend, BackendError
+from controlplane.ratelimit.backend import Backend, BackendError, Grant
 from controlplane.ratelimit.rules import Rule, window_start
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ def _seconds(per: str | int) -> int:
 
 ThrottleListener = Callable[[str, str], Awaitable[None]]
 
+# The longest a run-time throttle may last (30 days): one mistaken or forged call must not
+# lock a paying client out for ever. Longer ones are refused (the admin API says so).
+MAX_THROTTLE_SECONDS = 30 * 86400
+
 
 class Budgets:
     def __init__(
@@ -101,6 +105,27 @@ class Budgets:
         """Count ``hits`` requests; the client's total in the rule's current window."""
         self.rules[rule.limit] = rule
         return await self.backend.add(rule.limit, rule.window, client, hits, self.clock())
+
+    async def grant(
+        self, rule: Rule, client: str, holder: str, *, hits: int, units: int, ttl: float
+    ) -> Grant:
+        """Count ``hits`` and size the next assignment of one holder of ``client``'s budget,
+        in one step (see ``Backend.grant``)."""
+        self.rules[rule.limit] = rule
+        return await self.backend.grant(
+            rule.limit,
+            rule.window,
+            client,
+            holder,
+            hits=hits,
+            budget=rule.requests,
+            units=units,
+            now=self.clock(),
+            ttl=ttl,
+        )
+
+    async def release(self, rule: Rule, client: str, holder: str) -> None:
+        await self.backend.release(rule.limit, rule.window, client, holder, self.clock())
 
     async def hit(self, rule: Rule, client: str, hits: int = 1) -> Decision:
         """Count a request against ``rule`` (and any throttle on its client): the decision."""
@@ -153,12 +178,40 @@ class Budgets:
         """
         if requests <= 0:
             raise ValueError("requests must be positive")
+        if until > self.clock() + MAX_THROTTLE_SECONDS:
+            raise ValueError(
+                f"until: at most {MAX_THROTTLE_SECONDS // 86400} days from now "
+                "(a run-time throttle is a stopgap; use a RatePolicy for a lasting limit)"
+            )
         throttle = Throttle(requests, _seconds(per), until)
         await self.backend.set_throttle(policy, client, throttle.encode(), until)
         self._throttles[(policy, client)] = throttle
         for listener in list(self._listeners):
             await listener(policy, client)
         return throttle
+
+    def runtime_throttles(self) -> dict[tuple[str, str], Throttle]:
+        """Run-time throttles in force, by (policy, client)."""
+        now = self.clock()
+        return {k: t for k, t in self._throttles.items() if t.until > now}
+
+    async def unthrottle(self, client: str, policy: str | None = None) -> list[tuple[str, str]]:
+        """End the run-time throttles of a client, named by its key or anything
+        ``matches`` accepts (its SHA-256, a fingerprint), of one policy or all; returns the
+        (policy, client) pairs ended. Sidecars hear of it at once (listeners)."""
+        from controlplane.extraction.verdicts import matches
+
+        gone = [
+            (p, c)
+            for p, c in list(self._throttles)
+            if (policy is None or p == policy) and matches(client, c, digested=False)
+        ]
+        for p, c in gone:
+            await self.backend.delete_throttle(p, c)
+            self._throttles.pop((p, c), None)
+            for listener in list(self._listeners):
+                await listener(p, c)
+        return gone
 
     async def _refresh_throttles(self) -> None:
         # Throttles set through another replica arrive through the shared backend.

@@ -16,6 +16,9 @@ POLICY_KEY = "policy"
 REQUESTS_KEY = "requests"
 WINDOW_KEY = "window"
 SHADOW_KEY = "shadow"
+# A budget that charges instances: the request's instance class (what one request of this
+# bucket costs), computed by the sidecar from the body before the quota filter.
+UNITS_KEY = "instances"
 CLIENT_KEYS = ("client", "remote_address")
 ANONYMOUS = "-"
 
@@ -45,6 +48,14 @@ class Rule:
             return None
         client = next((entries[k] for k in CLIENT_KEYS if k in entries), ANONYMOUS)
         return rule, client or ANONYMOUS
+
+
+def units(entries: Mapping[str, str]) -> int:
+    """What one request of this bucket costs: its instance class, or 1 (a request)."""
+    try:
+        return max(1, int(entries.get(UNITS_KEY, "1")))
+    except ValueError:
+        return 1
 
 
 def window_start(now: float, window: int) -> int:

@@ -6,13 +6,27 @@ for a new client) and it answers with an assignment per client bucket, which the
 enforces by itself: a token bucket holding this sidecar's share of what is left of the
 client's budget, or deny-all once it is spent. Throttles pushed at run time reach the
 sidecars through the same streams, without a configuration push.
+
+Budgets of instances (``cost: instances``): RLQS reports count requests only, so the
+sidecar puts each request's instance *class* into the bucket id (one bucket per client and
+class, see ``controlplane.translate.ratelimit``). A bucket of class c is charged c per
+answered request (refused ones cost nothing) and assigned whole requests of c: a request
+costs its count rounded up to its class (at most 25% more; exact at 256).
+
+Across replicas: every bucket of a client on any sidecar of any replica is a holder of
+its budget; ``Backend.grant`` sizes a holder's assignment atomically from all live holders
+(Redis, or memory for one control plane): its fair share, never more than the others'
+assignments leave free. The overshoot of a budget of N is therefore bounded by what each
+holder serves before its first assignment arrives and while a report's answer is in
+flight (the README's rate-limit section has the bound and the measurement).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections import defaultdict
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +40,8 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import Backend, BackendError, MemoryBackend, RedisBackend
-from controlplane.ratelimit.budgets import Budgets, Decision, tightest
-from controlplane.ratelimit.rules import Rule
+from controlplane.ratelimit.budgets import Budgets, Decision, Throttle, tightest
+from controlplane.ratelimit.rules import UNITS_KEY, Rule, units
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +121,30 @@ class _Stream:
     """One sidecar's RLQS stream: the buckets it reported and what to send it."""
 
     peer: str
+    holder: str  # this stream's name among a budget's holders (unique across replicas)
     outbox: asyncio.Queue[rlqs_pb2.RateLimitQuotaResponse | None] = field(
         default_factory=asyncio.Queue
     )
-    # (limit, client) → (rule, bucket id as the sidecar sent it)
-    buckets: dict[tuple[str, str], tuple[Rule, rlqs_pb2.BucketId]] = field(default_factory=dict)
-    # Buckets this stream has had a counted assignment for.
-    assigned: set[tuple[str, str]] = field(default_factory=set)
+    # (limit, client, units) → (rule, bucket id as the sidecar sent it)
+    buckets: dict[tuple[str, str, int], tuple[Rule, rlqs_pb2.BucketId]] = field(
+        default_factory=dict
+    )
+    # Buckets this stream has had a counted assignment for, with its size in requests.
+    assigned: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
 
 class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore[misc]
-    """``envoy.service.rate_limit_quota.v3`` (RLQS): budgets enforced by the sidecars."""
+    """``envoy.service.rate_limit_quota.v3`` (RLQS): budgets enforced by the sidecars.
+
+    Each sidecar bucket of a client (one per instance class for budgets that charge
+    instances) is a *holder* of the client's budget, on whichever replica its stream
+    reached. At each of its reports a holder gets its fair share of what the client has
+    left (what remains over the number of holders, across all replicas), but never more
+    than the other holders' live assignments leave free: the assignments handed out never
+    add up to more than the budget, so replicas sharing a backend cannot overshoot it by
+    their number. The backend keeps the holders, each until its assignment lapses (the
+    assignment TTL), so a dead replica's holders vanish with their assignments.
+    """
 
     def __init__(self, budgets: Budgets, *, assignment_ttl: int = ASSIGNMENT_TTL_SECONDS) -> None:
         # Whole seconds: Envoy reads only the seconds of assignment_time_to_live.
@@ -128,10 +155,10 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
             )
         self.budgets = budgets
         self.assignment_ttl = assignment_ttl
+        # Names this replica's holders apart from every other replica's.
+        self.replica = uuid.uuid4().hex[:12]
         self._streams: set[_Stream] = set()
-        # Which streams hold each client bucket: its remaining budget is split among them.
-        self._holders: dict[tuple[str, str], set[_Stream]] = defaultdict(set)
-        self._used: dict[tuple[str, str], int] = {}
+        self._serial = itertools.count(1)
         budgets.on_throttle(self._push_throttle)
 
     async def StreamRateLimitQuotas(
@@ -139,7 +166,7 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
         request_iterator: AsyncIterator[rlqs_pb2.RateLimitQuotaUsageReports],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[rlqs_pb2.RateLimitQuotaResponse]:
-        stream = _Stream(peer=context.peer())
+        stream = _Stream(peer=context.peer(), holder=f"{self.replica}/{next(self._serial)}")
         self._streams.add(stream)
         reader = asyncio.create_task(self._read(request_iterator, stream))
         try:
@@ -148,10 +175,17 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
         finally:
             reader.cancel()
             self._streams.discard(stream)
-            for key in stream.buckets:
-                self._holders[key].discard(stream)
-                if not self._holders[key]:
-                    del self._holders[key]
+            await self._release(stream)
+
+    async def _release(self, stream: _Stream) -> None:
+        """The stream's assignments no longer count against its clients' budgets (Envoy
+        drops a stream's assignments with it); if the backend is gone they lapse anyway."""
+        for (_, client, cost), (rule, _) in stream.buckets.items():
+            try:
+                await self.budgets.release(rule, client, f"{stream.holder}/{cost}")
+            except Exception as err:  # they lapse with their TTL anyway
+                log.debug("holder %s not released: %s", stream.holder, err)
+                return
 
     async def _read(
         self,
@@ -173,19 +207,35 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
     ) -> rlqs_pb2.RateLimitQuotaResponse:
         response = rlqs_pb2.RateLimitQuotaResponse()
         for usage in report.bucket_quota_usages:
-            parsed = Rule.parse(dict(usage.bucket_id.bucket))
+            entries = dict(usage.bucket_id.bucket)
+            parsed = Rule.parse(entries)
             if parsed is None:
                 continue
             rule, client = parsed
-            key = (rule.limit, client)
+            cost = units(entries)
+            key = (rule.limit, client, cost)
             stream.buckets[key] = (rule, usage.bucket_id)
-            self._holders[key].add(stream)
+            # A budget of instances charges each answered request its instance class;
+            # a refused one returned nothing. A budget of requests counts every request.
+            if UNITS_KEY in entries:
+                hits = usage.num_requests_allowed * cost
+            else:
+                hits = usage.num_requests_allowed + usage.num_requests_denied
             try:
-                used = await self.budgets.add(
-                    rule, client, usage.num_requests_allowed + usage.num_requests_denied
-                )
+                if rule.shadow:
+                    await self.budgets.add(rule, client, hits)
+                    tokens = 0
+                else:
+                    holder = f"{stream.holder}/{cost}"
+                    granted = await self.budgets.grant(
+                        rule, client, holder, hits=hits, units=cost, ttl=self.assignment_ttl
+                    )
+                    tokens = granted.tokens
             except BackendError as err:
-                log.warning("quota for %s/%s not assigned: %s", rule.limit, client, err)
+                # A client key may be an API key: logs name it by fingerprint only.
+                log.warning(
+                    "quota for %s/%s not assigned: %s", rule.limit, _fingerprint(client), err
+                )
                 if key not in stream.assigned:
                     # A bucket that never had an assignment would stay under the sidecar's
                     # no-assignment behaviour (allow, for both failure modes): expire it at
@@ -193,33 +243,29 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
                     # assignment keeps it until it expires.
                     response.bucket_action.append(self._expired_action(usage.bucket_id))
                 continue
-            self._used[key] = used
-            stream.assigned.add(key)
-            response.bucket_action.append(self._action(rule, client, usage.bucket_id))
+            stream.assigned[key] = tokens
+            response.bucket_action.append(self._action(rule, client, usage.bucket_id, tokens))
         return response
 
     def _action(
-        self, rule: Rule, client: str, bucket_id: rlqs_pb2.BucketId
+        self, rule: Rule, client: str, bucket_id: rlqs_pb2.BucketId, tokens: int
     ) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
-        key = (rule.limit, client)
-        remaining = rule.requests - self._used.get(key, 0)
         throttle = self.budgets.throttle_for(rule.policy, client)
         if rule.shadow:
             strategy = Strategy(blanket_rule=Strategy.ALLOW_ALL)
-        elif remaining <= 0:
+        elif tokens <= 0:
             strategy = Strategy(blanket_rule=Strategy.DENY_ALL)
         else:
-            share = max(1, remaining // max(1, len(self._holders.get(key, ()))))
-            # A full bucket of this sidecar's share; the next report (5 s) resizes it, so
+            # A full bucket of this holder's grant; the next report (5 s) resizes it, so
             # the refill hardly matters (fill intervals under 1 s would disable it).
             bucket = token_bucket_pb2.TokenBucket(
-                max_tokens=share,
+                max_tokens=tokens,
                 tokens_per_fill=wrappers_pb2.UInt32Value(value=1),
                 fill_interval=duration_pb2.Duration(seconds=rule.window),
             )
             if throttle is not None:
                 bucket = token_bucket_pb2.TokenBucket(
-                    max_tokens=min(share, throttle.requests),
+                    max_tokens=min(tokens, throttle.requests),
                     tokens_per_fill=wrappers_pb2.UInt32Value(value=throttle.requests),
                     fill_interval=duration_pb2.Duration(seconds=throttle.per),
                 )
@@ -243,14 +289,42 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
         return action
 
     async def _push_throttle(self, policy: str, client: str) -> None:
+        lifted = self.budgets.throttle_for(policy, client) is None
         for stream in list(self._streams):
+            held = [
+                (key, rule, bucket_id)
+                for key, (rule, bucket_id) in stream.buckets.items()
+                if key[1] == client and rule.policy == policy and key in stream.assigned
+            ]
+            if lifted and held:
+                # Envoy keeps a token bucket's drained tokens across token-bucket assignments
+                # (measured: a lifted 1/day throttle stayed 429), so a lifted throttle first
+                # goes through an allow-all assignment, and the budget's bucket starts anew.
+                stream.outbox.put_nowait(
+                    rlqs_pb2.RateLimitQuotaResponse(
+                        bucket_action=[self._allow_action(b) for _, _, b in held]
+                    )
+                )
             actions = [
-                self._action(rule, c, bucket_id)
-                for (_, c), (rule, bucket_id) in stream.buckets.items()
-                if c == client and rule.policy == policy
+                self._action(rule, key[1], bucket_id, stream.assigned.get(key, 0))
+                for key, rule, bucket_id in held
             ]
             if actions:
                 stream.outbox.put_nowait(rlqs_pb2.RateLimitQuotaResponse(bucket_action=actions))
+
+    def _allow_action(
+        self, bucket_id: rlqs_pb2.BucketId
+    ) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+        action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
+        action.quota_assignment_action.rate_limit_strategy.blanket_rule = Strategy.ALLOW_ALL
+        action.quota_assignment_action.assignment_time_to_live.FromSeconds(self.assignment_ttl)
+        return action
+
+
+def _fingerprint(client: str) -> str:
+    from controlplane.extraction.verdicts import digest, fingerprint_of
+
+    return fingerprint_of(digest(client))
 
 
 class RateLimitServices:
@@ -282,6 +356,13 @@ class RateLimitServices:
     ) -> None:
         """Throttle one client of one policy at run time (see ``Budgets.throttle``)."""
         await self.budgets.throttle(policy, client, requests, per, until)
+
+    def runtime_throttles(self) -> dict[tuple[str, str], Throttle]:
+        return self.budgets.runtime_throttles()
+
+    async def unthrottle(self, client: str, policy: str | None = None) -> list[tuple[str, str]]:
+        """End run-time throttles of a client (see ``Budgets.unthrottle``)."""
+        return await self.budgets.unthrottle(client, policy)
 
 
 def backend_from_url(url: str) -> Backend:

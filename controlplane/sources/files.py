@@ -16,6 +16,8 @@ from pathlib import Path
 import watchfiles
 
 from controlplane.api import parse_documents, policy_files
+from controlplane.api.limits import file_too_large
+from controlplane.api.violations import Violation
 from controlplane.store import PolicyStore, UnitContent
 
 log = logging.getLogger(__name__)
@@ -45,15 +47,27 @@ class FileSource:
             unit = str(path)
             seen.add(unit)
             try:
-                data = path.read_bytes()
+                stat = path.stat()
+                too_large = file_too_large(stat.st_size)
+                # Never read an oversized file: refused by its size, remembered by its stat.
+                data = b"" if too_large is not None else path.read_bytes()
             except OSError as err:  # deleted between listing and reading
                 log.debug("skipping %s: %s", path, err)
                 seen.discard(unit)
                 continue
-            digest = hashlib.sha256(data).hexdigest()
+            digest = (
+                hashlib.sha256(data).hexdigest()
+                if too_large is None
+                else f"too-large:{stat.st_size}:{stat.st_mtime_ns}"
+            )
             if self._digests.get(unit) == digest:
                 continue
             self._digests[unit] = digest
+            if too_large is not None:
+                violation = Violation(unit, None, None, None, "", too_large)
+                changed[unit] = UnitContent((), (violation,))
+                log.error("policy rejected: %s", violation)
+                continue
             loaded, violations = parse_documents(data.decode("utf-8", "replace"), unit)
             changed[unit] = UnitContent(tuple(loaded), tuple(violations))
             for violation in violations:
@@ -74,6 +88,8 @@ class FileSource:
             *watch_paths, stop_event=stop, debounce=50, step=20, recursive=True
         ):
             try:
-                self.sync()
+                # Off the event loop: reading, parsing and validating a large file must not
+                # stall ADS or the admin API (the store and its listeners are thread-safe).
+                await asyncio.to_thread(self.sync)
             except Exception:  # a source must never die on one bad read
                 log.exception("policy sync failed; last good policies keep serving")

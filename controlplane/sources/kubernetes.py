@@ -40,6 +40,7 @@ from typing import Any, Final
 from controlplane.api import API_VERSION, KINDS, Policy, validate_document
 from controlplane.compile import targets
 from controlplane.crdgen import NAMES
+from controlplane.identity import apikeys
 from controlplane.inventory import Inventory, Sidecar
 from controlplane.store import ACCEPTED, PolicyKey, PolicyStore, UnitContent
 
@@ -108,30 +109,30 @@ class ApiKeys:
     dropped. A value that is neither is reported with its Secret and key, never its value.
     """
 
-    _keys: dict[tuple[str, str], tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    _keys: dict[tuple[str, str], tuple[apikeys.ApiKey, ...]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def set(self, namespace: str, name: str, data: Mapping[str, str]) -> None:
-        keys = []
+    def set(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, str],
+        annotations: Mapping[str, Any] | None = None,
+    ) -> None:
+        values: list[tuple[str, str | None, str]] = []
         for client, value in sorted(data.items()):
             try:
-                text = base64.b64decode(value, validate=True).decode().strip()
+                text: str | None = base64.b64decode(value, validate=True).decode().strip()
             except (ValueError, UnicodeDecodeError):
-                text = ""
-            if text.startswith("sha256:"):
-                hexdigest = text.removeprefix("sha256:").lower()
-                ok = len(hexdigest) == 64 and all(c in "0123456789abcdef" for c in hexdigest)
-            else:
-                hexdigest, ok = hashlib.sha256(text.encode()).hexdigest(), bool(text)
-            if not ok:
-                log.error(
-                    "Secret %s/%s: data.%s: must be a non-empty key or sha256:<64 hex digits>",
-                    namespace, name, client,
-                )
-                continue
-            keys.append((str(client), hexdigest))
+                text = None
+            values.append((str(client), text, "data"))
+        problems: list[str] = []
+        # Tenants, tiers and principals come from annotations, as in --api-keys files.
+        keys = apikeys.keys_of(values, annotations or {}, f"Secret {namespace}/{name}", problems)
+        for problem in problems:
+            log.error("%s", problem)
         with self._lock:
-            self._keys[(namespace, name)] = tuple(keys)
+            self._keys[(namespace, name)] = keys
 
     def remove(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -139,10 +140,10 @@ class ApiKeys:
 
     def hashes(self, namespace: str, name: str) -> frozenset[str]:
         with self._lock:
-            return frozenset(digest for _, digest in self._keys.get((namespace, name), ()))
+            return frozenset(key.digest for key in self._keys.get((namespace, name), ()))
 
-    def digests(self) -> dict[tuple[str, str], tuple[tuple[str, str], ...]]:
-        """Every Secret's (client, digest) pairs: the identity box's API-key input."""
+    def digests(self) -> dict[tuple[str, str], tuple[apikeys.ApiKey, ...]]:
+        """Every Secret's keys (id, digest, metadata): the identity box's API-key input."""
         with self._lock:
             return dict(self._keys)
 
@@ -487,7 +488,8 @@ class KubernetesSource:
 
     def _secret_upsert(self, obj: dict[str, Any]) -> None:
         namespace, name = _meta_key(obj)
-        self.api_keys.set(namespace, name, obj.get("data") or {})
+        meta = obj.get("metadata") or {}
+        self.api_keys.set(namespace, name, obj.get("data") or {}, meta.get("annotations") or {})
 
     def _secret_delete(self, obj: dict[str, Any]) -> None:
         self.api_keys.remove(*_meta_key(obj))

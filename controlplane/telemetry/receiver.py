@@ -26,6 +26,11 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from controlplane.grpcutil import add_service, decode_checked
 from controlplane.telemetry import wire
+from controlplane.telemetry.conventions import (
+    INT_ATTRIBUTES,
+    current_span_attributes,
+    typed_int,
+)
 from controlplane.telemetry.records import (
     _RECORD_OVERHEAD,
     CLIENT_HASH_ATTRIBUTE,
@@ -115,6 +120,7 @@ class OtlpReceiver:
             resource = attribute_map(resource_spans.resource.attributes)
             for scope in resource_spans.scope_spans:
                 for span in scope.spans:
+                    current_span_attributes(span.attributes)
                     start = span.start_time_unix_nano
                     records.append(
                         make_record(
@@ -152,6 +158,8 @@ class OtlpReceiver:
         texts: dict[bytes, str] = {}
         durations: dict[bytes, float] = {}
         hashes: dict[bytes, tuple[str, bytes, int] | None] = {}
+        ints: dict[bytes, bytes | None] = {}
+        int_attributes = INT_ATTRIBUTES
 
         def text_of(raw: bytes) -> str:
             text = texts[raw] = value_text(raw) or ""
@@ -219,6 +227,16 @@ class OtlpReceiver:
                         duration = durations.get(value, -1.0)
                         if duration < 0:
                             duration = durations[value] = float(small_int(text_of(value)))
+                    # Numbers as numbers (conventions.py), once per distinct value.
+                    for name in int_attributes:
+                        if name in attrs:
+                            value = attrs[name]
+                            if value in ints:
+                                typed = ints[value]
+                            else:
+                                typed = ints[value] = typed_int(value)
+                            if typed is not None:
+                                attrs[name] = typed
                     if forwarding:
                         _scrub_for_forwarding(attrs, verdict, rule)
                     trace_id = entry.trace_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from envoy.config.listener.v3 import listener_pb2
 from google.protobuf.message import Message
 
 from controlplane.ir import SidecarIR
@@ -36,4 +37,10 @@ def translate(ir: SidecarIR) -> dict[str, list[Message]]:
     out[rt.ROUTE].append(parts.route_config)
     out[rt.CLUSTER].append(parts.cluster)
     out[rt.ENDPOINT].append(parts.load_assignment)
+    for listener in out[rt.LISTENER]:
+        assert isinstance(listener, listener_pb2.Listener)
+        # Envoy binds listeners with SO_REUSEPORT by default on Linux, so a second sidecar
+        # given the same port shares it silently and takes half the connections. Without
+        # it the bind fails, the listener is NACKed and `modelguard status` says so.
+        listener.enable_reuse_port.value = False
     return {t: sorted(msgs, key=rt.resource_name) for t, msgs in out.items()}

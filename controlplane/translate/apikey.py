@@ -1,4 +1,14 @@
-"""The Lua script that hashes the caller's API key in the sidecar (see ``rbac``).
+"""The Lua script that verifies the caller's API key in the sidecar (see ``rbac``, ``caller``).
+
+After the connection manager dropped every ``x-modelguard-*`` header the caller sent
+(``caller.strip_internal_headers``), it hashes ``x-api-key`` for RBAC to match and, given
+the registered keys' metadata (``CallerIR``), names the verified caller:
+``x-modelguard-key-id``, ``-tenant`` and ``-tier`` from the key's entry. A key sent beside
+a verified JWT or client certificate must list that principal (the Deny RBAC filter checks
+that natively: ``rbac.binding_policy``). It copies verified JWT claims into
+``x-modelguard-jwt-<claim>``, and names a caller without a registered key by its source
+address (``addr:<ip>``, id and tenant), so no unkeyed caller shares one client with every
+other.
 
 LuaJIT's ``bit`` library gives a SHA-256 in a few tens of microseconds for a key-sized
 input; it runs only when an AccessPolicy matches API keys. A client sends the same key on
@@ -7,12 +17,21 @@ keys and hashes only keys it has not seen (bench/policy_tax.py: the hash was mos
 filter's cost).
 """
 
+import re
+
+from controlplane.ir import CallerIR
+
 CACHE_ENTRIES = 4096
 
 API_KEY_HEADER = "x-api-key"
 DIGEST_HEADER = "x-modelguard-api-key-sha256"
 # The key class of the caller's digest (``rbac``): the set of rules that list it, by name.
 CLASS_HEADER = "x-modelguard-api-key-class"
+# The verified caller (CONTRACTS.md #1; the same names as controlplane/api/common.py).
+KEY_ID_HEADER = "x-modelguard-key-id"
+TENANT_HEADER = "x-modelguard-tenant"
+TIER_HEADER = "x-modelguard-tier"
+ANONYMOUS_PREFIX = "addr:"
 
 _SOURCE = r"""
 -- modelguard: add the SHA-256 digest of the caller's API key, for RBAC to match.
@@ -76,47 +95,153 @@ end
 -- real one are hashed every time rather than kept (headers may be up to 60 KiB).
 local cache, cached = {}, 0
 
--- Digest -> key class (the set of rules listing it), for rules RBAC checks as policies.
-local classes = CLASSES
+-- Digest -> {key id, tenant, tier, key class, principals}: false where unknown. The class
+-- (the set of rules listing the digest) is for rules RBAC checks as policies.
+local keys = @KEYS@
+local claims = @CLAIMS@
+local anonymous, stripped = @ANONYMOUS@, @STRIPPED@
+local match = string.match
+
+local function caller_address(handle)
+  local remote = handle:streamInfo():downstreamRemoteAddress()
+  return "addr:" .. (match(remote, "^%[(.*)%]:%d+$") or match(remote, "^(.*):%d+$") or remote)
+end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  headers:remove("x-modelguard-api-key-sha256")
-  headers:remove("x-modelguard-api-key-class")
+  -- With the caller filter, every x-modelguard-* header a caller sent is already gone:
+  -- the connection manager's early header mutation removes them before any filter runs
+  -- (translate/caller.py; a native prefix match, far cheaper than a header walk here).
+  -- Without it, the two headers this filter writes for RBAC are dropped here.
+  if not stripped then
+    headers:remove("x-modelguard-api-key-sha256")
+    headers:remove("x-modelguard-api-key-class")
+  end
   local key = headers:get("x-api-key")
+  local entry
   if key ~= nil and key ~= "" then
     local digest = cache[key]
     if digest == nil then
       digest = sha256(key)
       if #key <= 256 then
-        if cached >= CACHE_ENTRIES then
+        if cached >= @CACHE_ENTRIES@ then
           cache, cached = {}, 0
         end
         cache[key], cached = digest, cached + 1
       end
     end
     headers:add("x-modelguard-api-key-sha256", digest)
-    local class = classes[digest]
-    if class ~= nil then
-      headers:add("x-modelguard-api-key-class", class)
+    entry = keys[digest]
+  end
+  if entry ~= nil then
+    if entry[4] then
+      headers:add("x-modelguard-api-key-class", entry[4])
     end
+    if entry[1] then
+      headers:add("x-modelguard-key-id", entry[1])
+      headers:add("x-modelguard-tenant", entry[2])
+      if entry[3] then
+        headers:add("x-modelguard-tier", entry[3])
+      end
+    end
+  end
+  -- Claims client keys read, from the payloads jwt_authn verified (before this filter).
+  local address
+  if claims[1] ~= nil then
+    local jwt = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.jwt_authn")
+    for i = 1, #claims do
+      local claim, value = claims[i], nil
+      for _, payload in pairs(jwt or {}) do
+        local v = type(payload) == "table" and payload[claim[1]] or nil
+        if type(v) == "string" or type(v) == "number" then
+          value = tostring(v)
+          break
+        end
+      end
+      if value == nil then
+        -- No verified token (or no such claim): the caller is its address.
+        address = address or caller_address(handle)
+        value = address
+      end
+      headers:add(claim[2], value)
+    end
+  end
+  if anonymous and (entry == nil or not entry[1]) then
+    -- No registered key: the caller is its address (after the trusted hops of
+    -- X-Forwarded-For, xff_num_trusted_hops), never one shared anonymous client.
+    address = address or caller_address(handle)
+    headers:add("x-modelguard-key-id", address)
+    headers:add("x-modelguard-tenant", address)
   end
 end
 """
 
 
-def script(cache_entries: int = CACHE_ENTRIES, classes: dict[str, str] | None = None) -> str:
-    """The filter's Lua source; ``cache_entries`` bounds each worker's digest cache, and
-    ``classes`` maps digests (hex) to the key class the filter names in ``CLASS_HEADER``."""
-    table = "{" + "".join(
-        f'\n  ["{digest}"] = "{label}",' for digest, label in sorted((classes or {}).items())
-    )
-    for text in (classes or {}).items():
-        if not all(c.isalnum() or c in "-_." for c in "".join(text)):
-            raise ValueError(f"not a digest and class name: {text!r}")
-    return _SOURCE.replace("CACHE_ENTRIES", str(cache_entries)).replace(
-        "CLASSES", table + ("\n}" if classes else "}")
-    )
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _lua_string(text: str, what: str) -> str:
+    # Every value is checked where it is loaded (identity/apikeys.py); this keeps the
+    # generated source safe whatever a caller of this function passes.
+    if any(c in '"\\' or ord(c) < 0x20 or ord(c) > 0x7E for c in text):
+        raise ValueError(f"not a {what}: {text!r}")
+    return f'"{text}"'
+
+
+def _name(text: str, what: str) -> str:
+    if not text or not set(text) <= _SAFE:
+        raise ValueError(f"not a {what}: {text!r}")
+    return f'"{text}"'
+
+
+def script(
+    cache_entries: int = CACHE_ENTRIES,
+    classes: dict[str, str] | None = None,
+    caller: CallerIR | None = None,
+) -> str:
+    """The filter's Lua source; ``cache_entries`` bounds each worker's digest cache,
+    ``classes`` maps digests (hex) to the key class the filter names in ``CLASS_HEADER``,
+    and ``caller`` gives the registered keys' metadata and what else to name."""
+    classes = classes or {}
+    keys = {k.digest: k for k in (caller.keys if caller else ())}
+    rows = []
+    for digest in sorted(set(classes) | set(keys)):
+        key = keys.get(digest)
+        label = classes.get(digest)
+        fields = [
+            _name(key.id, "key id") if key else "false",
+            _name(key.tenant, "tenant") if key else "false",
+            _name(key.tier, "tier") if key and key.tier else "false",
+            _name(label, "key class") if label else "false",
+            "{" + ", ".join(f"[{_lua_string(p, 'principal')}] = true" for p in key.principals)
+            + "}"
+            if key and key.principals
+            else "false",
+        ]
+        rows.append(f'\n  [{_name(digest, "digest")}] = {{{", ".join(fields)}}},')
+    table = "{" + "".join(rows) + ("\n}" if rows else "}")
+    claims = "{" + ", ".join(
+        f"{{{_lua_string(c, 'claim')}, {_lua_string(claim_header(c), 'header')}}}"
+        for c in (caller.jwt_claims if caller else ())
+    ) + "}"
+
+    def flag(value: bool) -> str:
+        return "true" if value else "false"
+
+    values = {
+        "CACHE_ENTRIES": str(cache_entries),
+        "KEYS": table,
+        "CLAIMS": claims,
+        "ANONYMOUS": flag(bool(caller and caller.anonymous_by_address)),
+        "STRIPPED": flag(caller is not None),
+    }
+    # One pass, so nothing inserted (a key id, a claim) is ever substituted again.
+    return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], _SOURCE)
+
+
+def claim_header(claim: str) -> str:
+    """The header a verified JWT claim is copied into (as controlplane/api/common.py)."""
+    return "x-modelguard-jwt-" + re.sub(r"[^a-z0-9-]", "-", claim.lower())
 
 
 SCRIPT = script()

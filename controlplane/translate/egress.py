@@ -97,7 +97,10 @@ EGRESS_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("verdict", "modelguard.egress.verdict"),
     ("policy", "modelguard.policy"),
     ("rule", "modelguard.egress.rule"),
-    ("outbound_port", "modelguard.egress.port"),
+    # The sidecar's outbound listener; the destination's port is the next one (the port
+    # the sidecar dialled: none when the destination was refused).
+    ("outbound_port", "modelguard.egress.listener.port"),
+    ("port", "modelguard.egress.port"),
     ("method", "http.request.method"),
     ("path", "url.path"),
     ("code", "http.response.status_code"),
@@ -209,6 +212,7 @@ def _tcp_fields(egress: EgressIR, verdict: str, policy: str, rule: str) -> dict[
         "upstream": "%UPSTREAM_HOST%",
         "duration_ms": "%DURATION%",
         "outbound_port": str(egress.port),
+        "port": "%UPSTREAM_REMOTE_PORT%",
     }
 
 
@@ -229,6 +233,7 @@ def _http_fields(egress: EgressIR) -> dict[str, str]:
         "upstream": "%UPSTREAM_HOST%",
         "duration_ms": "%DURATION%",
         "outbound_port": str(egress.port),
+        "port": "%UPSTREAM_REMOTE_PORT%",
     }
 
 

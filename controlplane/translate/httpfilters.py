@@ -9,7 +9,7 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import egress, mtls, ratelimit, rbac, router, telemetry, wasm
+from controlplane.translate import caller, egress, mtls, ratelimit, rbac, router, telemetry, wasm
 from controlplane.translate import verdicts as extraction_verdicts
 from controlplane.translate.module import Inbound, Module
 
@@ -17,7 +17,11 @@ __all__ = ["REGISTRY", "Inbound", "Module"]
 
 # Access control first (a denied request costs nothing further), the router last.
 REGISTRY: tuple[Module, ...] = (
-    # Quarantined and throttled clients (extraction verdicts) before anything else.
+    # Who the caller is: caller-sent x-modelguard-* headers dropped, the verified key id,
+    # tenant and tier (or source address) set, before anything reads them (issue 14).
+    caller.MODULE,
+    # Quarantined and throttled clients (extraction verdicts) before anything else: they
+    # may key on the verified key id the caller filter just set.
     extraction_verdicts.MODULE,
     rbac.MODULE,
     # Rate limits: header renaming first (responses cross it last), then the free local

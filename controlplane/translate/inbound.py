@@ -27,6 +27,9 @@ def connection_manager(ir: SidecarIR) -> hcm_pb2.HttpConnectionManager:
         rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=names.inbound_route(ir)),
         # The sidecar answers for the workload: never trust a caller's forwarding headers.
         use_remote_address={"value": True},
+        # Behind an ingress (or N proxies) the caller's address is the Nth entry from the
+        # right of X-Forwarded-For; 0 keeps the TCP peer and ignores what a caller writes.
+        xff_num_trusted_hops=ir.inbound.xff_num_trusted_hops,
     )
 
 

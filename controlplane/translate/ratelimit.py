@@ -5,6 +5,15 @@
 * ``QuotaRateLimit``: one ``rate_limit_quota`` (RLQS) filter per long-window budget. Each
   client is a bucket whose id carries the limit itself; the quota service assigns it a
   share of the remaining budget and the sidecar enforces that share locally.
+  A budget of instances (``cost: instances``) also needs what each request carries, but
+  RLQS counts requests only (its usage reports hold requests allowed and denied; there is
+  no cost or ``hits_addend`` as in the ``ratelimit`` filter) and decides on the request
+  headers. So a small Lua filter in front reads the body, counts its instances and sets
+  their *class* as a header (``x-modelguard-instances``); the class is part of the bucket
+  id, so each client has one bucket per class, and the quota service charges and sizes
+  each bucket in instances: a request is charged its count rounded up to its class
+  (exact up to 8 and at powers of two, at most 25% more otherwise; a 256-instance
+  request costs exactly 256).
 * ``ExactRateLimit``: the ``ratelimit`` filter, which asks the rate limit service about
   every request (short global windows). Its descriptors carry the limit too, so the service
   needs no copy of the policies: whatever compiled the sidecar's config also told it.
@@ -27,6 +36,7 @@ from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_rl_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.rate_limit_quota.v3 import rate_limit_quota_pb2 as rlq_pb2
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -55,6 +65,9 @@ REQUESTS_KEY = "requests"
 WINDOW_KEY = "window"
 SHADOW_KEY = "shadow"
 CLIENT_KEY = "client"
+UNITS_KEY = "instances"
+# Set by the instance-counting Lua filter (it replaces whatever a caller sent).
+INSTANCES_HEADER = "x-modelguard-instances"
 ANONYMOUS = "-"
 DOMAIN = "modelguard"
 
@@ -247,6 +260,122 @@ def _client_input(key: ClientKeyIR) -> extension_pb2.TypedExtensionConfig:
     return extension_pb2.TypedExtensionConfig(name=CLIENT_KEY, typed_config=typed)
 
 
+# Counts a request's instances: the length of the longest array that is the body itself or
+# the value of one of its top-level members ({"instances": [...]} and [[...], ...] alike),
+# whatever the member is called, so neither a spelling of the key (escapes) nor a
+# duplicate key can hide instances from the count. One pass of string.byte over the body,
+# which LuaJIT compiles to a tight loop: a scan with string.find and a character-class
+# pattern cost ~4x more instructions per request (Lua's matcher walks the class per byte;
+# BENCHMARKS.md has the figures). Sets the class the request is charged as: exact
+# up to 8, then m * 2^k with m in 5..8 (at most 25% over the count, exact at 2^k): few
+# classes, so few quota buckets per client. No body, or no array: 1.
+INSTANCES_LUA = f"""
+local byte, char, find, ceil = string.byte, string.char, string.find, math.ceil
+local concat = table.concat
+local HEADER = "{INSTANCES_HEADER}"
+
+local function count(s)
+  local best, depth, i, n = 0, 0, 1, #s
+  local kinds, counts = {{}}, {{}}
+  while i <= n do
+    local b = byte(s, i)
+    if b == 34 then
+      i = i + 1
+      while i <= n do
+        local c = byte(s, i)
+        if c == 34 then break end
+        i = i + (c == 92 and 2 or 1)
+      end
+    elseif b == 91 or b == 123 then
+      depth = depth + 1
+      kinds[depth] = b
+      if b == 91 and (depth == 1 or (depth == 2 and kinds[1] == 123)) then
+        counts[depth] = find(s, '^%s*%]', i + 1) and 0 or 1
+      else
+        counts[depth] = false
+      end
+    elseif b == 93 or b == 125 then
+      local c = counts[depth]
+      if c and c > best then best = c end
+      depth = depth - 1
+      if depth < 0 then return best end
+    elseif b == 44 then
+      local c = counts[depth]
+      if c then counts[depth] = c + 1 end
+    end
+    i = i + 1
+  end
+  return best
+end
+
+-- JSON in UTF-16 or UTF-32 (Python's json.loads(bytes) reads both, told apart as it does:
+-- a BOM, or zero bytes among the first four): the count runs over the ASCII code units,
+-- every other unit replaced by "x", so no byte of a wide character (U+5B22 is 22 5B in
+-- UTF-16LE) can pass for a quote or a bracket.
+local function units(s)
+  local b1, b2, b3, b4 = byte(s, 1, 4)
+  if b1 == 255 and b2 == 254 then
+    if b3 == 0 and b4 == 0 then return 4, 0, 4 end
+    return 2, 0, 2
+  end
+  if b1 == 254 and b2 == 255 then return 2, 1, 2 end
+  if b1 == 0 and b2 == 0 and b3 == 254 and b4 == 255 then return 4, 3, 4 end
+  if b4 ~= nil then
+    if b1 == 0 then return (b2 ~= 0) and 2 or 4, (b2 ~= 0) and 1 or 3, 0 end
+    if b2 == 0 then return (b3 ~= 0 or b4 ~= 0) and 2 or 4, 0, 0 end
+  end
+  return 1, 0, 0
+end
+
+local function narrow(s, w, o, skip)
+  local out, n = {{}}, 0
+  for i = skip + 1, #s - w + 1, w do
+    local c = byte(s, i + o)
+    for k = 0, w - 1 do
+      if k ~= o and byte(s, i + k) ~= 0 then c = 120 end
+    end
+    n = n + 1
+    out[n] = c < 128 and char(c) or "x"
+  end
+  return concat(out)
+end
+
+local function class(n)
+  if n <= 8 then return n end
+  local step = 2
+  while n > 8 * step do step = step * 2 end
+  return ceil(n / step) * step
+end
+
+local function measure(s)
+  local w, o, skip = units(s)
+  if w > 1 then s = narrow(s, w, o, skip) end
+  return count(s)
+end
+
+function envoy_on_request(handle)
+  local n = 0
+  local body = handle:body()
+  if body ~= nil then
+    local size = body:length()
+    if size > 0 then
+      -- If the count ever failed, the request would reach the quota filter without a
+      -- class; charge it as if every byte were an instance instead.
+      local ok, counted = pcall(measure, body:getBytes(0, size))
+      n = ok and counted or size
+    end
+  end
+  handle:headers():replace(HEADER, tostring(class(n > 0 and n or 1)))
+end
+"""
+
+
+def instances_filter() -> hcm_pb2.HttpFilter:
+    """In front of the quota filters of budgets that charge instances."""
+    config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=INSTANCES_LUA))
+    return hcm_pb2.HttpFilter(name="modelguard.rate.instances", typed_config=pack(config))
+
+
 def _strategy(allow: bool) -> ratelimit_strategy_pb2.RateLimitStrategy:
     rule = ratelimit_strategy_pb2.RateLimitStrategy
     return rule(blanket_rule=rule.ALLOW_ALL if allow else rule.DENY_ALL)
@@ -265,6 +394,15 @@ def _bucket(
         SHADOW_KEY: value(string_value="true" if limit.shadow else "false"),
         CLIENT_KEY: value(custom_value=client) if client else value(string_value=ANONYMOUS),
     }
+    if limit.cost == "instances":
+        ids[UNITS_KEY] = value(
+            custom_value=extension_pb2.TypedExtensionConfig(
+                name=UNITS_KEY,
+                typed_config=pack(
+                    http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=INSTANCES_HEADER)
+                ),
+            )
+        )
     bucket = settings(
         bucket_id_builder=settings.BucketIdBuilder(bucket_id_builder=ids),
         # Required, though Envoy 1.40 reports every 5 s whatever it says.
@@ -334,7 +472,8 @@ class QuotaRateLimit(Module):
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
         limits = ir.rate.by(RateEnforcement.QUOTA) if ir.rate else ()
-        return [quota_filter(limit) for limit in limits]
+        counted = any(limit.cost == "instances" for limit in limits)
+        return [instances_filter()] * counted + [quota_filter(limit) for limit in limits]
 
 
 # --- exact (ratelimit service) -------------------------------------------------------------

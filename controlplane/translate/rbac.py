@@ -53,7 +53,15 @@ from google.protobuf import struct_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
-from controlplane.ir import AccessIR, AccessRule, Action, JwtRequirement, PathMatch, SidecarIR
+from controlplane.ir import (
+    AccessIR,
+    AccessRule,
+    Action,
+    CallerIR,
+    JwtRequirement,
+    PathMatch,
+    SidecarIR,
+)
 from controlplane.translate import apikey
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
@@ -166,6 +174,84 @@ def _jwt(requirement: JwtRequirement) -> Principal:
     )
     parts = [verified] + [_claim(requirement.provider, c, v) for c, v in requirement.claims]
     return parts[0] if len(parts) == 1 else Principal(and_ids=Principal.Set(ids=parts))
+
+
+UNBOUND_RULE = "api-key-not-bound-to-principal"
+
+
+def _header(name: str, exact: str | None = None) -> Principal:
+    matcher = route_components_pb2.HeaderMatcher(name=name)
+    if exact is None:
+        matcher.present_match = True
+    else:
+        matcher.string_match.exact = exact
+    return Principal(header=matcher)
+
+
+def _jwt_value(provider: str, claim: str, exact: str | None = None) -> Principal:
+    value = (
+        value_pb2.ValueMatcher(present_match=True)
+        if exact is None
+        else value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=exact))
+    )
+    return Principal(
+        metadata=metadata_pb2.MetadataMatcher(
+            filter=JWT_FILTER,
+            path=[
+                metadata_pb2.MetadataMatcher.PathSegment(key=provider),
+                metadata_pb2.MetadataMatcher.PathSegment(key=claim),
+            ],
+            value=value,
+        )
+    )
+
+
+def _all(ids: list[Principal]) -> Principal:
+    return ids[0] if len(ids) == 1 else Principal(and_ids=Principal.Set(ids=ids))
+
+
+def binding_policy(access: AccessIR, caller: CallerIR | None) -> rbac_config_pb2.Policy | None:
+    """Deny an ``x-api-key`` presented beside a verified JWT or client certificate unless
+    the key (by the id the caller filter verified) lists that principal: a stolen or made-up
+    key cannot ride on another principal's credentials. Native matchers in the Deny filter,
+    so the binding costs no filter and no Lua call of its own."""
+    if caller is None or not (caller.bind_peer or caller.bind_jwt):
+        return None
+    key_sent = _header("x-api-key")
+    principals = []
+    if caller.bind_peer:
+        bound = [
+            _all([_header(apikey.KEY_ID_HEADER, key.id), Principal(
+                authenticated=Principal.Authenticated(
+                    principal_name=string_pb2.StringMatcher(exact=p)
+                )
+            )])
+            for key in caller.keys
+            for p in key.principals
+            if p.startswith("spiffe://")
+        ]
+        parts = [key_sent, Principal(authenticated=Principal.Authenticated())]
+        if bound:
+            parts.append(Principal(not_id=_one_of(bound)))
+        principals.append(_all(parts))
+    providers = [p.name for p in access.jwt_providers]
+    if caller.bind_jwt and providers:
+        bound = [
+            _all([_header(apikey.KEY_ID_HEADER, key.id), _jwt_value(provider, "sub", p)])
+            for key in caller.keys
+            for p in key.principals
+            if not p.startswith("spiffe://")
+            for provider in providers
+        ]
+        parts = [key_sent, _one_of([_jwt_value(provider, "iss") for provider in providers])]
+        if bound:
+            parts.append(Principal(not_id=_one_of(bound)))
+        principals.append(_all(parts))
+    if not principals:
+        return None
+    return rbac_config_pb2.Policy(
+        permissions=[Permission(any=True)], principals=principals
+    )
 
 
 def _key_classes(
@@ -328,7 +414,7 @@ def _policy_key_classes(access: AccessIR) -> tuple[dict[str, str], dict[str, tup
     return _key_classes(tuple(r for rules in engines if not _is_map(rules) for r in rules))
 
 
-def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
+def rbac_filters(access: AccessIR, caller: CallerIR | None = None) -> list[hcm_pb2.HttpFilter]:
     """The Deny and Allow filters.
 
     Each engine (a filter's rules, its shadow rules) is a digest map or policies on its own,
@@ -353,12 +439,18 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
         (config.shadow_rules if shadow else config.rules).CopyFrom(policies)
 
     filters = []
-    if deny or audit_deny:
+    binding = binding_policy(access, caller)
+    if deny or audit_deny or binding is not None:
         config = rbac_pb2.RBAC(
             rules_stat_prefix=DENY_PREFIX, shadow_rules_stat_prefix=AUDIT_DENY_PREFIX
         )
         if deny:
             engine(config, deny, Action.DENY, shadow=False)
+        if binding is not None:
+            # Enforced whatever the policies' mode: it is the caller filter's verdict on
+            # the key, not a rule someone may be rolling out.
+            config.rules.action = rbac_config_pb2.RBAC.DENY
+            config.rules.policies[UNBOUND_RULE].CopyFrom(binding)
         if audit_deny:
             engine(config, audit_deny, Action.DENY, shadow=True)
         filters.append(_filter(DENY_FILTER, config))
@@ -372,6 +464,11 @@ def rbac_filters(access: AccessIR) -> list[hcm_pb2.HttpFilter]:
             engine(config, audit_allow, Action.ALLOW, shadow=True)
         filters.append(_filter(ALLOW_FILTER, config))
     return filters
+
+
+def key_classes_of(access: AccessIR) -> dict[str, str]:
+    """Digest → key class, for the rules checked as policies (the Lua filter names it)."""
+    return _policy_key_classes(access)[0]
 
 
 def api_key_filter(access: AccessIR | None = None) -> hcm_pb2.HttpFilter:
@@ -520,11 +617,13 @@ class Rbac(Module):
         if access is None:
             return []
         filters = []
-        if access.api_keys:
+        # With a caller filter (translate/caller.py, first in the chain) the key is hashed
+        # and the JWT verified there, before quarantines read the verified caller.
+        if access.api_keys and ir.caller is None:
             filters.append(api_key_filter(access))
-        if access.jwt_providers:
+        if access.jwt_providers and ir.caller is None:
             filters.append(jwt_filter(access))
-        return filters + rbac_filters(access)
+        return filters + rbac_filters(access, ir.caller)
 
     def patch(self, ir: SidecarIR, inbound: Inbound) -> None:
         if ir.access is None:

@@ -1,12 +1,24 @@
-"""VerdictsIR → the first HTTP filters of the inbound chain: quarantine, then throttle.
+"""VerdictsIR → the first HTTP filters after the caller filter: digest, quarantine, throttle.
 
-* Quarantine: an RBAC DENY filter with one policy per quarantined client, matching the
-  policy's client key (a header's exact value, the peer's SPIFFE ID, or its address). It
-  runs before everything else: a quarantined client costs nothing further.
+No client key is ever in the configuration: header keys (API keys are secrets) are known
+by their SHA-256 only, and a 50 KB key costs what a short one does.
+
+* Digest: a Lua filter hashes each header that a verdict keys on (Envoy has no hashing
+  matcher) into ``x-modelguard-client-sha256-<header>`` (the first ``DIGEST_HEX`` hex
+  digits: 128 bits, short enough that 10,000 quarantined keys add under 64 bytes each to
+  the configuration). The same filter holds the quarantined digests as one Lua table per
+  header, a hash lookup however many there are, and names the quarantining policy in
+  ``x-modelguard-quarantined``. Headers of those names a caller sends are removed first,
+  so they cannot be forged. Separate from the API-key filter (``apikey``), which runs only
+  with AccessPolicies that match keys; this one only while a header verdict is in force.
+* Quarantine: an RBAC DENY filter: one policy per ExtractionPolicy matching its name in
+  that header, plus one policy per quarantined SPIFFE ID or address (not secrets; matched
+  natively). It runs right after the caller filter (which sets the verified key id a policy
+  may key on) and before everything else: a quarantined client costs nothing further.
 * Throttle: a ``local_ratelimit`` filter with one descriptor (and token bucket) per
-  throttled client; requests of other clients match no descriptor and pass untouched.
+  throttled client, on its digest header; other clients match no descriptor and pass.
 
-Both are native filters: no per-request call leaves the sidecar.
+All are in-process filters: no per-request call leaves the sidecar.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_rl_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -31,7 +44,11 @@ from controlplane.ir import ClientVerdictIR, SidecarIR
 from controlplane.translate.module import Module
 from controlplane.translate.protos import pack
 
+DIGEST_FILTER = "modelguard.extraction.client_digest"
 QUARANTINE_FILTER = "modelguard.extraction.quarantine"
+DIGEST_PREFIX = "x-modelguard-client-sha256-"  # + the client-key header's name
+QUARANTINED_HEADER = "x-modelguard-quarantined"  # the quarantining policy, ns/name
+DIGEST_HEX = 32
 THROTTLE_FILTER = "modelguard.extraction.throttle"
 VERDICT_KEY = "modelguard_verdict"  # descriptor entry naming the policy of the verdict
 CLIENT_KEY = "modelguard_client"
@@ -39,15 +56,165 @@ CLIENT_KEY = "modelguard_client"
 Action = route_components_pb2.RateLimit.Action
 
 
+_LUA = r"""
+-- modelguard: the SHA-256 of each client-key header a verdict keys on, and whether that
+-- digest is quarantined (one table lookup). Generated configuration holds digests only.
+SHA256
+local cache, cached = {}, 0
+local policies = POLICIES
+-- Per header, the quarantined digests as one string of fixed-width entries (digest, then
+-- the policy's index), read into a table once: one constant however many.
+local quarantined = {}
+for name, data in pairs(QUARANTINED) do
+  local set = {}
+  for i = 1, #data, DIGEST_HEX + INDEX_WIDTH do
+    set[string.sub(data, i, i + DIGEST_HEX - 1)] =
+      tonumber(string.sub(data, i + DIGEST_HEX, i + DIGEST_HEX + INDEX_WIDTH - 1))
+  end
+  quarantined[name] = set
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  headers:remove("QUARANTINED_HEADER")
+  for name, set in pairs(quarantined) do
+    headers:remove("DIGEST_PREFIX" .. name)
+    local key = headers:get(name)
+    if key ~= nil and key ~= "" then
+      local digest = cache[key]
+      if digest == nil then
+        digest = string.sub(sha256(key), 1, DIGEST_HEX)
+        if #key <= 256 then
+          if cached >= 4096 then
+            cache, cached = {}, 0
+          end
+          cache[key], cached = digest, cached + 1
+        end
+      end
+      headers:add("DIGEST_PREFIX" .. name, digest)
+      local policy = set[digest]
+      if policy ~= nil then
+        headers:replace("QUARANTINED_HEADER", policies[policy])
+      end
+    end
+  end
+end
+"""
+_SHA256 = r"""
+local bit = require("bit")
+local band, bor, bxor, bnot = bit.band, bit.bor, bit.bxor, bit.bnot
+local rshift, lshift, ror, tobit, tohex = bit.rshift, bit.lshift, bit.ror, bit.tobit, bit.tohex
+local byte, char, rep = string.byte, string.char, string.rep
+
+local K = {
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+}
+
+local function sha256(msg)
+  local len = #msg
+  local bits = len * 8
+  msg = msg .. "\128" .. rep("\0", (55 - len) % 64) .. char(
+    0, 0, 0, 0, band(rshift(bits, 24), 255), band(rshift(bits, 16), 255),
+    band(rshift(bits, 8), 255), band(bits, 255))
+  local h1, h2, h3, h4 = 0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a
+  local h5, h6, h7, h8 = 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19
+  local w = {}
+  for i = 1, #msg, 64 do
+    for j = 0, 15 do
+      local a, b, c, d = byte(msg, i + j * 4, i + j * 4 + 3)
+      w[j] = bor(lshift(a, 24), lshift(b, 16), lshift(c, 8), d)
+    end
+    for j = 16, 63 do
+      local x, y = w[j - 15], w[j - 2]
+      local s0 = bxor(ror(x, 7), ror(x, 18), rshift(x, 3))
+      local s1 = bxor(ror(y, 17), ror(y, 19), rshift(y, 10))
+      w[j] = tobit(w[j - 16] + s0 + w[j - 7] + s1)
+    end
+    local a, b, c, d, e, f, g, h = h1, h2, h3, h4, h5, h6, h7, h8
+    for j = 0, 63 do
+      local s1 = bxor(ror(e, 6), ror(e, 11), ror(e, 25))
+      local ch = bxor(band(e, f), band(bnot(e), g))
+      local t1 = tobit(h + s1 + ch + K[j + 1] + w[j])
+      local s0 = bxor(ror(a, 2), ror(a, 13), ror(a, 22))
+      local maj = bxor(band(a, b), band(a, c), band(b, c))
+      h, g, f, e, d, c, b = g, f, e, tobit(d + t1), c, b, a
+      a = tobit(t1 + s0 + maj)
+    end
+    h1, h2, h3, h4 = tobit(h1 + a), tobit(h2 + b), tobit(h3 + c), tobit(h4 + d)
+    h5, h6, h7, h8 = tobit(h5 + e), tobit(h6 + f), tobit(h7 + g), tobit(h8 + h)
+  end
+  return tohex(h1) .. tohex(h2) .. tohex(h3) .. tohex(h4) ..
+         tohex(h5) .. tohex(h6) .. tohex(h7) .. tohex(h8)
+end
+"""
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_./")
+
+
+def _lua_string(text: str) -> str:
+    # Names come from validated policies (header names, ns/name); refuse anything else.
+    if not text or not set(text.lower()) <= _SAFE:
+        raise ValueError(f"not a header or policy name: {text!r}")
+    return f'"{text}"'
+
+
+def digest_script(clients: tuple[ClientVerdictIR, ...], headers: tuple[str, ...]) -> str:
+    """The digest filter's Lua: ``headers`` to hash, the quarantined ``clients`` by digest."""
+    policies = sorted({f"{c.policy.namespace}/{c.policy.name}" for c in clients})
+    # The policy's index, in as many digits as the count needs (two for up to 99).
+    width = max(2, len(str(len(policies))))
+    index = {p: i + 1 for i, p in enumerate(policies)}
+    tables: dict[str, list[str]] = {h.lower(): [] for h in headers}
+    for c in clients:
+        name = c.client_key.name.lower()
+        policy = index[f"{c.policy.namespace}/{c.policy.name}"]
+        tables.setdefault(name, []).append(f"{_short(c.value)}{policy:0{width}d}")
+    body = "{" + "".join(
+        f'[{_lua_string(h)}]="' + "".join(sorted(rows)) + '",' for h, rows in sorted(tables.items())
+    ) + "}"
+    return (
+        _LUA.replace("SHA256", _SHA256.strip())
+        .replace("QUARANTINED_HEADER", QUARANTINED_HEADER)
+        .replace("DIGEST_PREFIX", DIGEST_PREFIX)
+        .replace("INDEX_WIDTH", str(width))
+        .replace("DIGEST_HEX", str(DIGEST_HEX))
+        .replace("QUARANTINED", body)
+        .replace("POLICIES", "{" + ",".join(_lua_string(p) for p in policies) + "}")
+    )
+
+
+def _short(hexdigest: str) -> str:
+    if len(hexdigest) < DIGEST_HEX or not set(hexdigest) <= set("0123456789abcdef"):
+        raise ValueError(f"a header verdict must carry a SHA-256 digest, not {hexdigest[:8]}…")
+    return hexdigest[:DIGEST_HEX]
+
+
+def digest_filter(
+    quarantined: tuple[ClientVerdictIR, ...], throttled: tuple[ClientVerdictIR, ...]
+) -> hcm_pb2.HttpFilter | None:
+    headers = tuple(
+        sorted({c.client_key.name.lower() for c in quarantined + throttled if _by_digest(c)})
+    )
+    if not headers:
+        return None
+    source = digest_script(tuple(c for c in quarantined if _by_digest(c)), headers)
+    config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=source))
+    return hcm_pb2.HttpFilter(name=DIGEST_FILTER, typed_config=pack(config))
+
+
+def _by_digest(client: ClientVerdictIR) -> bool:
+    return client.client_key.source == "header"
+
+
 def _principal(client: ClientVerdictIR) -> rbac_config_pb2.Principal:
     source = client.client_key.source
-    if source == "header":
-        return rbac_config_pb2.Principal(
-            header=route_components_pb2.HeaderMatcher(
-                name=client.client_key.name,
-                string_match=string_pb2.StringMatcher(exact=client.value),
-            )
-        )
     if source == "identity":
         return rbac_config_pb2.Principal(
             authenticated=rbac_config_pb2.Principal.Authenticated(
@@ -80,8 +247,21 @@ def quarantine_filter(clients: tuple[ClientVerdictIR, ...]) -> hcm_pb2.HttpFilte
             principals=[_principal(c)],
         )
         for i, c in enumerate(clients)
-        if _enforceable(c)
+        if _enforceable(c) and not _by_digest(c)
     }
+    # Header keys: the digest filter names the policy that quarantined the caller's digest.
+    for ref in sorted({c.policy for c in clients if _by_digest(c)}, key=str):
+        name = f"{ref.namespace}/{ref.name}"
+        policies[f"quarantine.{ref.namespace}.{ref.name}"] = rbac_config_pb2.Policy(
+            permissions=[rbac_config_pb2.Permission(any=True)],
+            principals=[
+                rbac_config_pb2.Principal(
+                    header=route_components_pb2.HeaderMatcher(
+                        name=QUARANTINED_HEADER, string_match=string_pb2.StringMatcher(exact=name)
+                    )
+                )
+            ],
+        )
     if not policies:
         return None
     config = rbac_pb2.RBAC(
@@ -95,7 +275,8 @@ def _client_action(client: ClientVerdictIR) -> Any:
     if client.client_key.source == "header":
         return Action(
             request_headers=Action.RequestHeaders(
-                header_name=client.client_key.name, descriptor_key=CLIENT_KEY
+                header_name=DIGEST_PREFIX + client.client_key.name.lower(),
+                descriptor_key=CLIENT_KEY,
             )
         )
     return Action(remote_address=Action.RemoteAddress())
@@ -146,7 +327,8 @@ def throttle_filter(clients: tuple[ClientVerdictIR, ...]) -> hcm_pb2.HttpFilter 
                         key=VERDICT_KEY, value=f"{c.policy.namespace}/{c.policy.name}"
                     ),
                     common_rl_pb2.RateLimitDescriptor.Entry(
-                        key=_client_entry_key(c), value=c.value
+                        key=_client_entry_key(c),
+                        value=_short(c.value) if _by_digest(c) else c.value,
                     ),
                 ],
                 token_bucket=token_bucket_pb2.TokenBucket(
@@ -169,6 +351,7 @@ class Verdicts(Module):
         if ir.verdicts is None:
             return []
         filters = [
+            digest_filter(ir.verdicts.quarantined, ir.verdicts.throttled),
             quarantine_filter(ir.verdicts.quarantined),
             throttle_filter(ir.verdicts.throttled),
         ]

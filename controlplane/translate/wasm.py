@@ -36,6 +36,7 @@ WASM_ENV = "MODELGUARD_WASM"
 MODULE_PATH = Path(__file__).resolve().parents[2] / "wasm" / "modelguard_filter.wasm"
 WASM_FILTER_TYPE = "type.googleapis.com/" + wasm_filter_pb2.Wasm.DESCRIPTOR.full_name
 V8 = "envoy.wasm.runtime.v8"
+RISK_DIGEST_HEX = 32  # 128 bits of a header key's SHA-256, as the verdict filters use
 
 
 @functools.cache
@@ -67,6 +68,20 @@ def _hardening(h: HardeningIR | None) -> dict[str, Any]:
     return out
 
 
+def _request(extraction: ExtractionIR) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "maxBytes": extraction.max_request_bytes,
+        "maxDepth": extraction.max_depth,
+    }
+    if extraction.max_instances is not None:
+        out["maxInstances"] = extraction.max_instances
+    if extraction.instances is not None:
+        out["instances"] = list(extraction.instances)
+    if extraction.request_format != "json":
+        out["format"] = extraction.request_format
+    return out
+
+
 def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
     """The JSON the filter reads in ``proxy_on_configure`` (wasm/src/filter.c)."""
     key = extraction.client_key
@@ -78,15 +93,21 @@ def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
     elif key.source == "identity":
         client_key = {"identity": True}
     else:
-        # A JWT claim is not readable by the filter yet: its queries are fed as the
-        # anonymous client "" and the monitor treats them together.
+        # Compile reads a jwtClaim key as the header the caller filter copies the verified
+        # claim into (compile.rate.client_key), so policies never get here; an IR built by
+        # hand with a claim is fed as the anonymous client "".
         client_key = {"jwtClaim": key.name}
     config: dict[str, Any] = {
         "policy": f"{extraction.policy.namespace}/{extraction.policy.name}",
         "clientKey": client_key,
         "scores": list(extraction.scores) if extraction.scores is not None else [],
         "maxBodyBytes": extraction.max_body_bytes,
+        "request": _request(extraction),
     }
+    if extraction.response_format != "json":
+        config["responseFormat"] = extraction.response_format
+    if extraction.deny_unhardenable:
+        config["onUnhardenable"] = "Deny"
     if extraction.scores is not None and extraction.output is not None:
         config["output"] = _hardening(extraction.output)
     if extraction.scores is not None and extraction.tier_header and extraction.tiers:
@@ -94,7 +115,15 @@ def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
         config["tiers"] = {name: _hardening(h) for name, h in extraction.tiers}
         if extraction.risk_overrides:
             # Per-client tier overrides from the extraction-risk estimate (onRisk harden).
-            config["riskOverrides"] = {key: dict(t) for key, t in extraction.risk_overrides}
+            # Header keys are secrets: verdicts hold their SHA-256, and so does this map (its
+            # first RISK_DIGEST_HEX hex digits); the filter hashes the caller's key to look.
+            digested = extraction.client_key.source == "header"
+            config["riskOverrides"] = {
+                (key[:RISK_DIGEST_HEX] if digested else key): dict(t)
+                for key, t in extraction.risk_overrides
+            }
+            if digested:
+                config["riskKeyDigest"] = RISK_DIGEST_HEX
     feed = extraction.feed
     if feed is not None:
         config["feed"] = {
@@ -137,7 +166,9 @@ def _active(extraction: ExtractionIR) -> bool:
     hardens = extraction.scores is not None and (
         extraction.output is not None or any(h != HardeningIR() for _, h in extraction.tiers)
     )
-    return hardens or extraction.feed is not None
+    # Request limits (size, depth, instances) apply to every policy's traffic.
+    limits = extraction.max_request_bytes > 0
+    return hardens or extraction.feed is not None or limits
 
 
 class WasmExtraction(Module):

@@ -50,6 +50,7 @@ _DELTA_VERSION, _DELTA_TYPE_URL, _DELTA_NONCE, _DELTA_REMOVED = 1, 4, 5, 6
 _END = object()  # the sidecar closed its side of the stream
 _SNAPSHOT_CHANGED = object()
 _MALFORMED = object()  # bytes that are not a discovery request
+_REPLACED = object()  # a newer stream of the same node id took over
 
 # Bounds on what one stream may make the server hold. Envoy subscribes to a few thousand
 # names at most and its NACK messages are a few lines; beyond these it is junk or abuse.
@@ -447,6 +448,8 @@ class AdsServer:
         self._authenticate = authenticate
         self._on_disconnect = on_disconnect
         self._streams_per_node: dict[str, int] = {}
+        # Each node's open streams' event queues: a newer stream closes the older ones.
+        self._queues: dict[str, list[asyncio.Queue[object]]] = {}
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Register the AggregatedDiscoveryService. Responses are pre-encoded bytes, so the
@@ -502,7 +505,22 @@ class AdsServer:
                 await self._refuse_malformed(context)
             node_id = await self._admit(first, stream_class.kind, context)
             self._streams_per_node[node_id] = self._streams_per_node.get(node_id, 0) + 1
+            # One stream per node id: a second one (it proved the same node id, so it holds
+            # that sidecar's credential) replaces the first, as a restarted Envoy's does
+            # before the old connection is known dead. Logged for audit; status shows both.
+            older = self._queues.setdefault(node_id, [])
+            previous = self.status.node(node_id)
+            for queue in older:
+                queue.put_nowait(_REPLACED)
+            older.append(events)
             node = self.status.connect(node_id, stream_class.kind, context.peer())
+            if previous is not None:
+                log.warning(
+                    "audit: node %s opened a second stream from %s; its stream from %s "
+                    "(since %.0f) is closed", node_id, context.peer(), previous.peer,
+                    previous.connected_at,
+                )
+                self.status.replaced(node, previous)
             stream = stream_class(node_id, self.status, node)
             log.info("node %s connected (%s, %s)", node_id, stream.kind, context.peer())
             unwatch = self.cache.watch(node_id, lambda _: events.put_nowait(_SNAPSHOT_CHANGED))
@@ -512,6 +530,12 @@ class AdsServer:
                 for event in batch:
                     if event is _END:
                         return
+                    if event is _REPLACED:
+                        self.status.dropped("replaced_by_newer_stream")
+                        await context.abort(
+                            grpc.StatusCode.ALREADY_EXISTS,
+                            "a newer stream of this node id replaced this one",
+                        )
                     if event is _MALFORMED:
                         await self._refuse_malformed(context, node_id)
                     if event is _SNAPSHOT_CHANGED:
@@ -539,6 +563,12 @@ class AdsServer:
             reader.cancel()
             if unwatch is not None:
                 unwatch()
+            if stream is not None:
+                queues = self._queues.get(stream.node_id, [])
+                if events in queues:
+                    queues.remove(events)
+                if not queues:
+                    self._queues.pop(stream.node_id, None)
             if stream is not None:
                 self._disconnected(stream)
 

@@ -82,6 +82,9 @@ class NodeSync:
     connected_at: float
     snapshot_version: str | None = None  # the snapshot the stream is working towards
     types: dict[str, TypeSync] = field(default_factory=dict)
+    # Earlier streams of this node id that this one replaced: (peer, connected_at), newest
+    # first, at most REPLACED_KEPT (a second stream with a connected node id is audited).
+    replaced: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def state(self) -> State:
@@ -117,6 +120,9 @@ class TypeCounters:
     bytes_sent: int = 0
 
 
+REPLACED_KEPT = 4
+
+
 class SyncStatus:
     """Registry of connected nodes. Written from the asyncio loop thread only."""
 
@@ -137,6 +143,13 @@ class SyncStatus:
         self._nodes[node_id] = node  # a reconnect replaces the older stream's entry
         self._touch(node_id)
         return node
+
+    def replaced(self, node: NodeSync, previous: NodeSync) -> None:
+        """``node``'s stream replaced ``previous`` (same node id): keep both in status."""
+        node.replaced = [(previous.peer, previous.connected_at), *previous.replaced][
+            :REPLACED_KEPT
+        ]
+        self._touch(node.node_id)
 
     def disconnect(self, node: NodeSync) -> None:
         if self._nodes.get(node.node_id) is node:

@@ -78,8 +78,19 @@ def _mesh(raw, sidecar):  # type: ignore[no-untyped-def]
         )
         for i, s in enumerate(raw.get("services", []))
     ]
+    from controlplane.identity.apikeys import ApiKey
+
+    def key(client, value):  # type: ignore[no-untyped-def]
+        # A key, or {key, tenant, tier, principals} (a key with its metadata).
+        if isinstance(value, str):
+            return ApiKey(client, digest(value), client)
+        return ApiKey(
+            client, digest(value["key"]), value.get("tenant", client), value.get("tier", ""),
+            tuple(value.get("principals", ())),
+        )
+
     keys = {
-        tuple(ref.split("/")): tuple(sorted((c, digest(k)) for c, k in clients.items()))
+        tuple(ref.split("/")): tuple(sorted(key(c, k) for c, k in clients.items()))
         for ref, clients in (raw.get("apiKeys") or {}).items()
     }
     return MeshInputs(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -255,6 +256,57 @@ async def test_api_keys_and_jwt_for_outside_callers(mesh: Mesh) -> None:
     assert __import__("hashlib").sha256(b"partner-a-secret-key").hexdigest() in dump
 
 
+BOUND_KEYS = f"""\
+apiVersion: v1
+kind: Secret
+metadata:
+  name: partner-keys
+  namespace: demo
+  annotations:
+    modelguard.io/keys: |
+      partner-a: {{principals: ["{CHECKOUT_ID}", alice]}}
+stringData:
+  partner-a: partner-a-secret-key
+  partner-b: partner-b-secret-key
+"""
+
+
+async def test_a_key_beside_a_certificate_or_token_must_belong_to_that_principal(
+    mesh: Mesh,
+) -> None:
+    """Issue 14: a key sent by a mesh caller (client certificate) or beside a verified JWT
+    is refused unless its Secret entry lists that SPIFFE ID or subject."""
+    issuer = Issuer()
+    (mesh.root / "secrets" / "keys.yaml").write_text(BOUND_KEYS)
+    rules = ALLOW_CHECKOUT + f"""\
+  - name: partners
+    action: Allow
+    from: {{{{apiKeys: {{{{secretRef: partner-keys}}}}}}}}
+  - name: ml-users
+    action: Allow
+    from: {{{{jwt: {{{{issuer: {ISSUER}, jwks: {json.dumps(issuer.jwks())}}}}}}}}}
+""".replace("{{", "{").replace("}}", "}")
+    mesh.write_policy(policy(rules, mtls="Permissive"))
+    await eventually(lambda: _direct_is(mesh, 200, {"x-api-key": "partner-b-secret-key"}))
+    unbound = "rbac_access_denied_matched_policy[api-key-not-bound-to-principal]"
+    # checkout's own key over mTLS: admitted. Another key, or a made-up one: refused.
+    assert (await mesh.via("checkout", {"x-api-key": "partner-a-secret-key"}))[0] == 200
+    for key in ("partner-b-secret-key", "made-up"):
+        status, body = await mesh.via("checkout", {"x-api-key": key})
+        assert status == 403 and json.loads(body)["reason"] == unbound, body
+    # The intruder (no rule for its identity) cannot borrow checkout's key either.
+    status, body = await mesh.via("intruder", {"x-api-key": "partner-a-secret-key"})
+    assert status == 403 and json.loads(body)["reason"] == unbound, body
+    # Beside alice's token, only a key bound to alice.
+    alice = {"authorization": f"Bearer {issuer.token(sub='alice')}"}
+    bob = {"authorization": f"Bearer {issuer.token(sub='bob')}"}
+    assert (await mesh.direct({**alice, "x-api-key": "partner-a-secret-key"}))[0] == 200
+    status, body = await mesh.direct({**bob, "x-api-key": "partner-a-secret-key"})
+    assert status == 403 and json.loads(body)["reason"] == unbound, body
+    # A key alone, in plaintext (no principal presented): its own authority.
+    assert (await mesh.direct({"x-api-key": "partner-b-secret-key"}))[0] == 200
+
+
 async def _direct_is(mesh: Mesh, code: int, headers: dict[str, str] | None = None) -> bool:
     return (await mesh.direct(headers))[0] == code
 
@@ -388,3 +440,60 @@ async def test_rotation_under_traffic_fails_no_request(
         for envoy in [m.model, *m.clients.values()]:
             envoy.stop()
         await m.plane.stop(grace=0)
+
+
+IDENTITY_EXTRACTION = """\
+apiVersion: modelguard.io/v1alpha1
+kind: ExtractionPolicy
+metadata: {name: by-workload, namespace: demo}
+spec:
+  targetRef: {service: digits-model}
+  clientKey: {identity: true}
+  request: {features: "$.instances[*]"}
+  response: {scores: "$.predictions[*].probabilities"}
+  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
+  actions:
+    onDetection: {quarantine: {duration: 1h}}
+"""
+
+
+async def test_an_identity_client_key_feeds_and_quarantines_by_spiffe_id(mesh: Mesh) -> None:
+    """Issue 14: `clientKey: {identity: true}` end to end: the Wasm filter feeds a mesh
+    caller's queries under its verified SPIFFE ID, the verdict names it, and the quarantine
+    blocks that workload only."""
+    import numpy as np
+
+    from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
+
+    rules = """\
+  - name: web
+    action: Allow
+    from: {namespaces: [web]}
+"""
+    mesh.write_policy(policy(rules))
+    mesh.write_policy(IDENTITY_EXTRACTION, "extraction.yaml")
+    await eventually(lambda: _is(mesh, "intruder", 200))
+
+    async def quarantines() -> list[admin_pb2.QuarantineEntry]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.plane.admin_port}") as channel:
+            listed = await admin_pb2_grpc.QuarantinesStub(channel).ListQuarantines(
+                admin_pb2.ListQuarantinesRequest(), timeout=5
+            )
+        return [q for q in listed.entries if q.kind == "quarantine"]
+
+    rng = np.random.default_rng(5)
+    sent, found = 0, []
+    while sent < 1000 and not found:
+        for _ in range(10):
+            row = [float(v) for v in rng.uniform(0, 16, 64)]
+            body = json.dumps({"instances": [row]}).encode()
+            await asyncio.to_thread(
+                http_request, "POST", f"http://127.0.0.1:{mesh.mesh_ports['intruder']}/v1/predict",
+                body, {"host": "digits-model.demo", "content-type": "application/json"},
+            )
+            sent += 1
+        found = await quarantines()
+    intruder = "spiffe://cluster.local/ns/web/sa/intruder"
+    assert [(q.client_key, q.key_source) for q in found] == [(intruder, "identity")], sent
+    await eventually(lambda: _is(mesh, "intruder", 403), timeout=15)
+    assert (await mesh.via("checkout"))[0] == 200

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from controlplane.bootstrap import build_bootstrap
-from controlplane.extraction.verdicts import ClientRef, Enforcement
+from controlplane.extraction.verdicts import ClientRef, Enforcement, digest
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.inventory import Sidecar
@@ -184,7 +184,7 @@ async def test_extraction_client_is_throttled_then_quarantined_benign_clients_ar
         await system.query("mallory", attack[position : position + 8])
         position += 8
     (throttle,) = system.plane.extraction.verdicts.active()
-    assert (throttle.kind, throttle.client.key) == ("throttle", "mallory")
+    assert (throttle.kind, throttle.client.key) == ("throttle", digest("mallory"))
     # Throttled within seconds of its verdict: 5 per second, then 429 — alice unaffected.
     # (The probe repeats one query: repeats never confirm a suspicion.)
     started = time.monotonic()
@@ -202,12 +202,14 @@ async def test_extraction_client_is_throttled_then_quarantined_benign_clients_ar
     await until(lambda: _is(system, "mallory", probe, 403))
     assert await status_of(system, "alice", list(benign[1])) == 200
     entries = await system.quarantines()
+    mallory = ClientRef.of("demo/digits-model", "mallory").fingerprint
     assert [(e.kind, e.client_key, e.policy) for e in entries] == [
-        ("quarantine", "mallory", "demo/digits-model")
+        ("quarantine", mallory, "demo/digits-model")
     ]
     assert system.verdicts.exists()  # persisted
+    assert "mallory" not in system.verdicts.read_text()  # by digest only
     # Release: mallory is served again (and starts with a clean slate).
-    assert [e.client_key for e in await system.release("mallory")] == ["mallory"]
+    assert [e.client_key for e in await system.release("mallory")] == [mallory]
     await until(lambda: _is(system, "mallory", probe, 200))
     assert await system.quarantines() == []
 
@@ -220,19 +222,20 @@ async def test_quarantines_expire_by_themselves_and_survive_a_restart(system: Sy
     row = [float(v) for v in load_model(0).test_X[0]]
     store = system.plane.extraction.verdicts
     now = time.time()
-    client = ClientRef("demo/digits-model", "short", "header", "x-api-key")
+    client = ClientRef.of("demo/digits-model", "short", "header", "x-api-key")
     store.put(Enforcement("quarantine", client, now, now + 2.0, "test"))
-    lasting = ClientRef("demo/digits-model", "lasting", "header", "x-api-key")
+    lasting = ClientRef.of("demo/digits-model", "lasting", "header", "x-api-key")
     store.put(Enforcement("quarantine", lasting, now, now + 3600, "test"))
     await until(lambda: _is(system, "short", row, 403))
     await until(lambda: _is(system, "short", row, 200), timeout=10)  # expired by itself
-    assert [e.client_key for e in await system.quarantines()] == ["lasting"]
+    # Admin answers name header keys by fingerprint only.
+    assert [e.client_key for e in await system.quarantines()] == [lasting.fingerprint]
     # A restart of the control plane reads the quarantine back and pushes it again.
     await system.plane.stop(grace=0)
     system.plane = await start_plane(
         system.policies, system.verdicts, system.xds_port, system.admin_port
     )
-    assert [e.client.key for e in system.plane.extraction.verdicts.active()] == ["lasting"]
+    assert [e.client.key for e in system.plane.extraction.verdicts.active()] == [lasting.key]
 
     async def resynced() -> bool:
         return system.plane.pipeline.ir("digits-model-0") is not None

@@ -306,6 +306,11 @@ async def test_api_keys_from_secrets_and_files_reach_compile_as_one_input(
                     "name": "partner-keys",
                     "namespace": "demo",
                     "labels": {"modelguard.io/api-keys": "true"},
+                    # Issue 14: tenant and tier of each key, as in --api-keys files.
+                    "annotations": {
+                        "modelguard.io/tenant": "partner",
+                        "modelguard.io/keys": "partner-b: {tier: premium}\n",
+                    },
                 },
                 "data": {
                     # A trailing newline, as `echo key | base64` leaves it, is not the key.
@@ -318,11 +323,14 @@ async def test_api_keys_from_secrets_and_files_reach_compile_as_one_input(
         await until(lambda: source.api_keys.hashes("demo", "partner-keys"))
         assert service.reload_api_keys()
         keys = service.mesh_inputs(()).api_keys
-        assert keys == {
-            ("demo", "file-keys"): (("ops", hashlib.sha256(b"ops-key").hexdigest()),),
+        assert {
+            ref: tuple((k.id, k.digest, k.tenant, k.tier) for k in found)
+            for ref, found in keys.items()
+        } == {
+            ("demo", "file-keys"): (("ops", hashlib.sha256(b"ops-key").hexdigest(), "ops", ""),),
             ("demo", "partner-keys"): (
-                ("partner-a", hashlib.sha256(b"a-key").hexdigest()),
-                ("partner-b", digest_b),
+                ("partner-a", hashlib.sha256(b"a-key").hexdigest(), "partner", ""),
+                ("partner-b", digest_b, "partner", "premium"),
             ),
         }
         await call(client.CoreV1Api(api_client).delete_namespaced_secret, "partner-keys", "demo")

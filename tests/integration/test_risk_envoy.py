@@ -20,6 +20,7 @@ import pytest
 from test_extraction_envoy import System, start_plane, until
 
 from controlplane.bootstrap import build_bootstrap
+from controlplane.extraction.verdicts import ClientRef
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
@@ -134,8 +135,10 @@ async def test_a_client_past_its_fidelity_step_gets_the_stricter_tier_others_kee
     assert not label_only(premium) and any(round(p, 2) != p for p in premium)
     assert not label_only(await scores(system, "explorer", probe, tier="premium"))
 
+    # Named as every admin answer names a raw API key: by fingerprint.
     entries = {e.client_key: e for e in await system.quarantines()}
-    learner, explorer_entry = entries["learner"], entries["explorer"]
+    learner = entries[ClientRef.of("demo/digits-model", "learner").shown]
+    explorer_entry = entries[ClientRef.of("demo/digits-model", "explorer").shown]
     assert learner.kind == "harden" and learner.reason == "risk"
     assert learner.HasField("fidelity") and learner.fidelity >= 0.8
     assert learner.distinct_queries >= 300

@@ -156,7 +156,7 @@ async def test_config_arrives_over_ads_and_traffic_reaches_the_model(system: Sys
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     (sidecar,) = shown["sidecars"]
-    assert sidecar["node_id"] == "digits-model-0" and sidecar["state"] == "SYNCED"
+    assert sidecar["nodeId"] == "digits-model-0" and sidecar["state"] == "SYNCED"  # camelCase
     assert {r["type"]: r["state"] for r in sidecar["resources"]} == {
         "CDS": "SYNCED", "EDS": "SYNCED", "LDS": "SYNCED", "RDS": "SYNCED"
     }
@@ -203,7 +203,12 @@ async def test_invalid_edit_is_rejected_and_traffic_keeps_flowing(system: System
     # A YAML syntax error is rejected the same way.
     (system.policies / "access.yaml").write_text("kind: [AccessPolicy\n")
     async def syntax_error_reported() -> bool:
-        return any("YAML" in e for e in (await status(system)).source_errors)
+        # On the file's policy, no longer shown Accepted: Rejected, its last good serving.
+        return any(
+            p.name == "digits-model" and p.state == "Rejected" and p.serving
+            and any("invalid YAML" in e and "line 2" in e for e in p.errors)
+            for p in (await status(system)).policies
+        )  # fmt: skip
 
     await eventually(syntax_error_reported)
     assert await system.predict() == 200

@@ -80,6 +80,13 @@ class FeedRecorder(feed_pb2_grpc.QueryFeedServicer):
     def queries(self) -> list[feed_pb2.Query]:
         return [q for b in self.batches for q in b.queries]
 
+    def instances(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for batch in self.batches:
+            for u in batch.unobserved:
+                out[u.client_key, u.reason] = out.get((u.client_key, u.reason), 0) + u.instances
+        return out
+
     def unobserved(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}
         for batch in self.batches:
@@ -400,15 +407,16 @@ async def test_feed_counts_what_it_cannot_ship_per_client(system: System) -> Non
         await system.post({"x-api-key": "mallory"})
     await eventually(lambda: system.stats().get("feed_call_failures", 0) >= 1)
     system.feed.fail = False
-    # A request body over the feed's limit is never shipped, but it is counted.
+    # A request over request.maxBytes (default: what the feed ships whole) never reaches
+    # the model: refused with 413 and a JSON reason, so nothing answered goes unjudged.
     big = {"instances": [[16.0] * 64] * 300}
-    status, _, _ = await system.post({"x-api-key": "trudy"}, body=big)
-    assert status == 400  # the model refuses > 256 instances; the sidecar still counts it
-    await eventually(
-        lambda: (
-            system.feed.unobserved().get(("mallory", "call_failed")) == 3
-            and system.feed.unobserved().get(("trudy", "body_too_large")) == 1
-        )
-    )
+    status, _, body = await system.post({"x-api-key": "trudy"}, body=big)
+    assert status == 413
+    assert json.loads(body)["error"] == "request_too_large"
+    await eventually(lambda: system.feed.unobserved().get(("mallory", "call_failed")) == 3)
     assert not [q for q in system.feed.queries() if q.client_key == "mallory"]
-    assert system.stats()["feed_unobserved"] == 4
+    # The lost batch is charged by the rows its requests carried (3 each), not by request.
+    assert system.feed.instances().get(("mallory", "call_failed")) == 9
+    assert system.stats()["feed_unobserved"] == 3
+    assert system.stats()["refused_too_large"] == 1
+    assert not [q for q in system.feed.queries() if q.client_key == "trudy"]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from controlplane.bootstrap import build_bootstrap
+from controlplane.extraction.verdicts import ClientRef
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.inventory import Sidecar
@@ -123,6 +124,9 @@ def quarantine_by_the_monitor(xds: int) -> None:
             stub.Report(batch, timeout=10)
 
 
+THIEF = ClientRef.of("demo/digits-model", "thief").fingerprint
+
+
 def quarantined(admin: int) -> list[str]:
     with grpc.insecure_channel(f"127.0.0.1:{admin}") as channel:
         listed = admin_pb2_grpc.QuarantinesStub(channel).ListQuarantines(
@@ -188,7 +192,7 @@ def test_sidecar_keeps_enforcing_through_a_sigkill_and_resyncs_with_state_intact
     # The monitor quarantines a client; the sidecar refuses it.
     quarantine_by_the_monitor(plane.xds)
     until(lambda: post(listen, "thief")[0] == 403)
-    assert quarantined(plane.admin) == ["thief"]
+    assert quarantined(plane.admin) == [THIEF]  # by fingerprint: a key is a secret
 
     # The budget and its check after the restart must fall in one window of the minute.
     left = 60 - time.time() % 60
@@ -216,7 +220,7 @@ def test_sidecar_keeps_enforcing_through_a_sigkill_and_resyncs_with_state_intact
     assert not traffic.errors, traffic.errors
 
     # What the control plane decided and counted before it died is still there.
-    assert quarantined(plane.admin) == ["thief"]
+    assert quarantined(plane.admin) == [THIEF]  # by fingerprint: a key is a secret
     assert post(listen, "thief")[0] == 403
     codes = [post(listen, "tenant") for _ in range(BUDGET - used + 2)]
     assert [c for c, _ in codes] == [200] * (BUDGET - used) + [429, 429], codes

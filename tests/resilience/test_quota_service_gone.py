@@ -26,7 +26,7 @@ from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request, port_open
 from controlplane.ratelimit import QuotaService
-from controlplane.ratelimit.admin import fetch_usage
+from controlplane.ratelimit.admin import fetch_usage, fingerprint
 from controlplane.ratelimit.service import REPORT_INTERVAL_SECONDS
 from controlplane.translate.ratelimit import BUDGET_EXHAUSTED_OR_UNCOUNTED
 from tests.conftest import Processes
@@ -92,7 +92,7 @@ class Plane:
             return None
         for usage in report.limits:
             for row in usage.clients:
-                if row.client == client:
+                if row.client == fingerprint(client):  # usage names clients by fingerprint
                     return int(row.used)
         return None
 

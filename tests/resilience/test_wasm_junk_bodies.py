@@ -69,6 +69,7 @@ JSON = st.recursive(
 )
 BODIES = st.one_of(
     st.binary(max_size=300),
+    st.builds(lambda d: b'{"instances": ' + b"[" * d + b"]" * d + b"}", st.integers(60, 5000)),
     JSON.map(lambda v: json.dumps(v).encode()),
     st.builds(lambda d: b'{"predictions": ' + b"[" * d + b"]" * d + b"}", st.integers(1, 5000)),
     st.builds(lambda n: b'{"predictions": [{"probabilities": [0.1, 0.' + b"9" * n + b"]}]}",
@@ -76,6 +77,31 @@ BODIES = st.one_of(
     st.just(b'{"predictions": [{"probabilities": [0.2, 0.8]}]}'),
     st.just(b'{"predictions": [{"probabilities": [0.2, 0.8]}]'),
 )
+
+
+MAX_DEPTH = 64  # the policy's request.maxDepth (the default)
+
+
+def depth(body: bytes) -> int:
+    """JSON nesting as the filter counts it: brackets outside strings."""
+    deepest = level = 0
+    in_string = escaped = False
+    for c in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:
+                escaped = True
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in b"[{":
+            level += 1
+            deepest = max(deepest, level)
+        elif c in b"]}" and level:
+            level -= 1
+    return deepest
 
 
 @pytest.fixture
@@ -129,6 +155,11 @@ def test_junk_bodies_pass_whole_and_are_counted_by_filter_and_monitor(
             "POST", f"http://127.0.0.1:{port}/v1/predict", request,
             {"content-type": "application/json", "x-api-key": "fuzzer"}, timeout=10,
         )
+        if depth(request) > MAX_DEPTH:
+            # Refused before the model sees it: neither answered nor fed.
+            assert status == 400
+            assert json.loads(got)["error"] == "request_too_deep"
+            return
         sent += 1
         empty_answers += not answer
         empty_requests += not request

@@ -30,11 +30,14 @@ def test_example_policies_are_valid() -> None:
         assert item.policy.spec.target_ref.service == "digits-model"
 
 
-def test_example_access_policy_has_no_from_clauses_yet() -> None:
+def test_example_access_policy_admits_only_registered_keys_to_predict() -> None:
     loaded, _ = load_paths([ROOT / "policies" / "access.yaml"])
     (item,) = loaded
     assert isinstance(item.policy, AccessPolicy)
-    assert [r.from_ for r in item.policy.spec.rules] == [None, None]
+    # Issue 14: predict only with a key of the demo Secret; health for anyone.
+    froms = [r.from_ for r in item.policy.spec.rules]
+    assert froms[0] is not None and froms[0].api_keys is not None
+    assert froms[0].api_keys.secret_ref == "demo-keys" and froms[1] is None
     assert [(r.to.methods, r.to.paths) for r in item.policy.spec.rules if r.to] == [
         (["POST"], ["/v1/predict"]),
         (["GET"], ["/healthz"]),

@@ -199,14 +199,16 @@ CASES: list[tuple[str, str, list[str]]] = [
         [
             R + "spec.limits[0].requests: must be an integer",
             R + "spec.limits[0].perr: unknown field",
-            R + "spec.limits[1].clientKey: exactly one of header, identity, jwtClaim, sourceIP "
+            R + "spec.limits[1].clientKey: exactly one of apiKey, header, identity, jwtClaim, "
+            "sourceIP "
             "must be set",
             R + "spec.limits[1].requests: must be greater than 0",
             R + "spec.limits[1].per: must be one of second, minute, hour, day, month",
             R + 'spec.limits[1].name: duplicate name "burst" (first used by limits[0])',
             R + "spec.limits[2].name: must be a DNS-1123 label: lowercase letters, digits and "
             "'-', at most 63 characters",
-            R + "spec.limits[2].clientKey: exactly one of header, identity, jwtClaim, sourceIP "
+            R + "spec.limits[2].clientKey: exactly one of apiKey, header, identity, jwtClaim, "
+            "sourceIP "
             "must be set",
             R + "spec.limits[2].requests: required",
             R + "spec.limits[2].burst: must be an integer",
@@ -236,7 +238,8 @@ CASES: list[tuple[str, str, list[str]]] = [
         "rate: identity false is not a client key",
         RATE + "  - {name: a, clientKey: {identity: false}, requests: 1, per: second}\n",
         [
-            R + "spec.limits[0].clientKey: exactly one of header, identity, jwtClaim, sourceIP "
+            R + "spec.limits[0].clientKey: exactly one of apiKey, header, identity, jwtClaim, "
+            "sourceIP "
             "must be set"
         ],
     ),

@@ -59,7 +59,12 @@ def test_node_identifies_the_sidecar() -> None:
     node = _bootstrap()["node"]
     assert node["id"] == "fraud-model-0.ml"
     assert node["cluster"] == "fraud-model.ml"
-    assert node["metadata"] == SIDECAR.to_metadata()
+    # The sidecar's description, and where its Envoy admin listens (for proxy-config).
+    admin_port = _bootstrap()["admin"]["address"]["socket_address"]["port_value"]
+    assert node["metadata"] == {
+        **SIDECAR.to_metadata(),
+        "modelguard.io/envoy-admin": f"127.0.0.1:{admin_port}",
+    }
     assert _bootstrap(cluster="custom")["node"]["cluster"] == "custom"
 
 

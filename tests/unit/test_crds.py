@@ -233,7 +233,7 @@ INVALID = [
         "spec.limits.0.clientKey",
         {"header": "x", "sourceIP": True},
         "cel",
-        ".spec.limits[0].clientKey: exactly one of header, identity, jwtClaim, sourceIP",
+        ".spec.limits[0].clientKey: exactly one of apiKey, header, identity, jwtClaim, sourceIP",
     ),
     ("RatePolicy", "spec.limits.0.per", "week", "schema", "spec.limits.0.per"),
     ("RatePolicy", "spec.limits.0.requests", 0, "schema", "spec.limits.0.requests"),
@@ -248,8 +248,8 @@ INVALID = [
     ),
     (
         "ExtractionPolicy",
-        "spec.output.tierHeader",
-        "x-tier",
+        "spec.output",
+        {"topK": 1, "tierHeader": "x-tier"},  # the example's output has tiers
         "cel",
         ".spec.output.tiers: required when tierHeader is set",
     ),

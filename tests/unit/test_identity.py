@@ -206,12 +206,12 @@ def test_api_keys_are_loaded_as_digests_and_problems_name_the_file(tmp_path: Pat
     )
     (tmp_path / "broken.yaml").write_text("kind: [Secret\n")
     keys, problems = apikeys.load([tmp_path])
-    assert keys == {
-        ("ml", "partner-keys"): tuple(sorted([
-            ("a", hashlib.sha256(b"a-key").hexdigest()), ("b", digest),
-            ("d", hashlib.sha256(b"d-key").hexdigest()),
-        ]))
-    }
+    # The format before tenants still loads: each key is its own tenant, with no tier.
+    assert [(k.id, k.digest, k.tenant, k.tier) for k in keys[("ml", "partner-keys")]] == [
+        ("a", hashlib.sha256(b"a-key").hexdigest(), "a", ""),
+        ("b", digest, "b", ""),
+        ("d", hashlib.sha256(b"d-key").hexdigest(), "d", ""),
+    ]
     assert len(problems) == 2
     assert any("broken.yaml" in p for p in problems)
     assert any("keys.yaml[0] Secret ml/partner-keys: stringData.c" in p for p in problems)
@@ -223,10 +223,14 @@ def test_bootstrap_token_names_its_sidecar_for_calls_without_a_node(tmp_path: Pa
     token = tokens.issue(SIDECAR.node_id, ID)
     for metadata in ({"authorization": f"Bearer {token}"}, {TOKEN_METADATA: token}):
         caller = tokens.identify(metadata)
-        assert caller == Caller(identity=ID, node_ids=frozenset({SIDECAR.node_id}))
+        assert caller == Caller(
+            identity=ID, node_ids=frozenset({SIDECAR.node_id}),
+            workload=(SIDECAR.service, SIDECAR.namespace),
+        )
         assert caller.is_node(SIDECAR.node_id) and not caller.is_node("other-0")
         tokens.authenticate(SIDECAR, metadata)  # ADS: both header forms
-    version, node, spiffe, mac = token.split(".")
+    version, node, spiffe, service, namespace, mac = token.split(".")
+    spiffe = ".".join([spiffe, service, namespace])
     forged = {
         "other node, same MAC": ".".join([version, "b3RoZXItMA", spiffe, mac]),
         "non-ASCII MAC": f"{version}.{node}.{spiffe}.\u00e9{mac[1:]}",
@@ -259,3 +263,33 @@ def test_kubernetes_token_identifies_its_pod() -> None:
     with pytest.raises(AuthenticationError, match="not a service-account token"):
         auth.identify({"authorization": "Bearer mgt2.a.b.c"})
     assert api.calls == 1  # a bootstrap token is never sent for review
+
+
+def test_api_keys_carry_tenant_tier_and_principals_from_annotations(tmp_path: Path) -> None:
+    (tmp_path / "keys.yaml").write_text(
+        "apiVersion: v1\nkind: Secret\n"
+        "metadata:\n  name: demo-keys\n  namespace: demo\n"
+        "  annotations:\n"
+        "    modelguard.io/tenant: acme\n"
+        "    modelguard.io/tier: standard\n"
+        "    modelguard.io/keys: |\n"
+        "      acme-premium: {tier: premium}\n"
+        "      globex-1: {tenant: globex, principals: [spiffe://cluster.local/ns/a/sa/b]}\n"
+        "      bad: {tenant: 'no spaces'}\n"
+        "      ghost: {tier: premium}\n"
+        "stringData: {acme-standard: k1, acme-premium: k2, globex-1: k3, bad: k4}\n"
+    )
+    keys, problems = apikeys.load([tmp_path])
+    got = {k.id: (k.tenant, k.tier, k.principals) for k in keys[("demo", "demo-keys")]}
+    assert got == {
+        "acme-standard": ("acme", "standard", ()),
+        "acme-premium": ("acme", "premium", ()),
+        "globex-1": ("globex", "standard", ("spiffe://cluster.local/ns/a/sa/b",)),
+        # A bad entry is reported and the key keeps the Secret's defaults.
+        "bad": ("acme", "standard", ()),
+    }
+    assert all(k.digest != "k1" and len(k.digest) == 64 for k in keys[("demo", "demo-keys")])
+    assert sorted(p.split(": ", 1)[1] for p in problems) == [
+        "metadata.annotations.modelguard.io/keys.bad.tenant: must match [-._a-zA-Z0-9]{1,253}",
+        "metadata.annotations.modelguard.io/keys.ghost: no such key",
+    ]

@@ -15,6 +15,7 @@ Re-record (only when a change of statistics is intended and calibrated):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -169,7 +170,10 @@ def replay(model: Any) -> dict[str, Any]:
         "clients": clients,
         "verdicts": [
             {
-                "client": v.client.key,
+                # The store keeps the key's digest; the recording names the key.
+                "client": {hashlib.sha256(k.encode()).hexdigest(): k for k in clients}.get(
+                    v.client.key, v.client.key
+                ),
                 "stage": v.stage,
                 "action": v.action,
                 "evidence": [[e.detector, e.statistic, e.threshold, e.queries] for e in v.evidence],

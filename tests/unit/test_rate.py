@@ -11,6 +11,7 @@ from controlplane.compile import compile_sidecar
 from controlplane.inventory import Sidecar
 from controlplane.ir import ClientKeyIR, RateEnforcement, RateLimitIR
 from controlplane.ratelimit import Budgets, MemoryBackend, QuotaService, Rule, backend_from_url
+from controlplane.ratelimit.backend import grant_tokens
 from controlplane.ratelimit.budgets import Decision, tightest
 from controlplane.ratelimit.service import _Stream
 
@@ -62,7 +63,7 @@ def test_compile_chooses_where_each_limit_is_counted() -> None:
         RateLimitIR(
             "demo.p.daily",
             "demo/p",
-            ClientKeyIR("jwtClaim", "sub"),
+            ClientKeyIR("header", "x-modelguard-jwt-sub"),  # set by the caller filter
             10000,
             86400,
             10000,
@@ -162,7 +163,16 @@ def test_tightest_prefers_a_refusal_then_the_fewest_left() -> None:
     assert tightest([ok, low, over]) == over
 
 
-async def test_quota_assignment_splits_the_remaining_budget_among_sidecars() -> None:
+def _tokens(response: rlqs_pb2.RateLimitQuotaResponse) -> int:
+    """The assignment's size in requests (0: deny all)."""
+    strategy = response.bucket_action[0].quota_assignment_action.rate_limit_strategy
+    if strategy.HasField("token_bucket"):
+        return int(strategy.token_bucket.max_tokens)
+    assert strategy.blanket_rule == strategy.DENY_ALL
+    return 0
+
+
+async def test_quota_assignments_never_add_up_to_more_than_the_budget() -> None:
     budgets = Budgets(MemoryBackend(), clock=Clock(5000.0))
     quota = QuotaService(budgets)
     bucket = {
@@ -175,24 +185,107 @@ async def test_quota_assignment_splits_the_remaining_budget_among_sidecars() -> 
     }
     report = rlqs_pb2.RateLimitQuotaUsageReports(domain="demo.p.d")
     report.bucket_quota_usages.add(num_requests_allowed=2).bucket_id.bucket.update(bucket)
-    one, two = _Stream("one"), _Stream("two")
+    one, two = _Stream("one", holder="h1"), _Stream("two", holder="h2")
     first = await quota._assign(report, one)
-    assert (
-        first.bucket_action[0].quota_assignment_action.rate_limit_strategy.token_bucket.max_tokens
-        == 8
-    )
-    second = await quota._assign(report, two)  # 4 used now, 6 left, two sidecars hold it
-    strategy = second.bucket_action[0].quota_assignment_action.rate_limit_strategy
-    assert strategy.token_bucket.max_tokens == 3
-    assert second.bucket_action[0].quota_assignment_action.assignment_time_to_live.seconds > 0
-    report.bucket_quota_usages[0].num_requests_allowed = 6
-    spent = await quota._assign(report, one)
-    assert spent.bucket_action[0].quota_assignment_action.rate_limit_strategy.blanket_rule == (
-        spent.bucket_action[0].quota_assignment_action.rate_limit_strategy.DENY_ALL
-    )
+    assert _tokens(first) == 8  # alone: all that is left
+    assert first.bucket_action[0].quota_assignment_action.assignment_time_to_live.seconds > 0
+    # 4 used, 6 left, two holders: a fair share would be 3, but one's 8 cover it all.
+    assert _tokens(await quota._assign(report, two)) == 0
+    report.bucket_quota_usages[0].num_requests_allowed = 1
+    assert _tokens(await quota._assign(report, one)) == 3  # 5 left, fair share 3
+    assert _tokens(await quota._assign(report, two)) == 1  # 4 left, 3 held by one
+    report.bucket_quota_usages[0].num_requests_allowed = 4
+    assert _tokens(await quota._assign(report, one)) == 0  # 10 used
+
+
+async def test_a_bucket_of_instances_is_charged_and_sized_in_instances() -> None:
+    budgets = Budgets(MemoryBackend(), clock=Clock(5000.0))
+    quota = QuotaService(budgets)
+    bucket = {
+        "limit": "demo.p.d",
+        "policy": "demo/p",
+        "requests": "1000",
+        "window": "86400",
+        "shadow": "false",
+        "client": "a",
+        "instances": "256",
+    }
+    report = rlqs_pb2.RateLimitQuotaUsageReports(domain="demo.p.d")
+    usage = report.bucket_quota_usages.add(num_requests_allowed=1, num_requests_denied=5)
+    usage.bucket_id.bucket.update(bucket)
+    stream = _Stream("one", holder="h1")
+    # One answered 256-instance request costs 256; refused ones cost nothing: 744 left,
+    # two more requests of 256.
+    assert _tokens(await quota._assign(report, stream)) == 2
+    rule = Rule.parse(bucket)
+    assert rule is not None
+    assert await budgets.backend.top(rule[0].limit, 86400, 5000.0, 5) == [("a", 256)]
+    # One-instance requests of the same client share what is left: 744 minus the 512 the
+    # 256-class bucket holds.
+    bucket["instances"] = "1"
+    usage.bucket_id.bucket.update(bucket)
+    usage.num_requests_allowed, usage.num_requests_denied = 0, 0
+    assert _tokens(await quota._assign(report, stream)) == 232
+    # Its stream gone, the 256-class holder's reservation goes with it.
+    await quota._release(stream)
+    assert _tokens(await quota._assign(report, _Stream("two", holder="h2"))) == 744
+
+
+@pytest.mark.parametrize(
+    ("remaining", "holders", "reserved", "units", "tokens"),
+    [
+        (0, 1, 0, 1, 0),
+        (-3, 1, 0, 1, 0),
+        (10, 1, 0, 1, 10),
+        (10, 2, 0, 1, 5),
+        (11, 2, 0, 1, 6),
+        (10, 2, 8, 1, 2),
+        (10, 2, 12, 1, 0),
+        (300, 1, 0, 256, 1),
+        (300, 2, 0, 256, 0),
+        (255, 1, 0, 256, 0),
+    ],
+)
+def test_grant_arithmetic(
+    remaining: int, holders: int, reserved: int, units: int, tokens: int
+) -> None:
+    assert grant_tokens(remaining, holders, reserved, units) == tokens
 
 
 def test_backend_from_url() -> None:
     assert isinstance(backend_from_url("memory"), MemoryBackend)
     with pytest.raises(ValueError, match="redis://"):
         backend_from_url("postgres://x")
+
+
+@pytest.mark.parametrize(
+    ("limit", "path"),
+    [
+        ("{name: l, clientKey: {header: k}, requests: 5, per: day, cost: instances}", "cost"),
+        (
+            "{name: l, clientKey: {header: k}, requests: 5, per: minute, scope: Global,"
+            " cost: instances}",
+            "cost",
+        ),
+        (
+            "{name: l, clientKey: {header: k}, requests: 5, per: day, scope: Global, cost: bytes}",
+            "cost",
+        ),
+    ],
+)
+def test_only_budgets_charge_instances(limit: str, path: str) -> None:
+    text = POLICY.split("  limits:")[0] + f"  limits:\n  - {limit}\n"
+    _, violations = parse_documents(text, "rate.yaml")
+    assert [v.path for v in violations] == [f"spec.limits[0].{path}"], violations
+
+
+def test_a_budget_of_instances_reaches_the_ir() -> None:
+    text = POLICY.split("  limits:")[0] + (
+        "  limits:\n  - {name: d, clientKey: {header: k}, requests: 5, per: day,"
+        " scope: Global, cost: Instances}\n"
+    )
+    loaded, violations = parse_documents(text, "rate.yaml")
+    assert not violations
+    ir = compile_sidecar(SIDECAR, [lp.policy for lp in loaded]).rate
+    assert ir is not None and ir.limits[0].cost == "instances"
+    assert ir.limits[0].enforcement == RateEnforcement.QUOTA

@@ -17,7 +17,7 @@ from controlplane.compile.extraction import compile_one
 from controlplane.extraction.feed import default_profile, interim_held_out
 from controlplane.extraction.monitor import ExtractionMonitor
 from controlplane.extraction.risk import HeldOut, RiskSample, fidelity
-from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
+from controlplane.extraction.verdicts import ClientRef, InMemoryVerdictSink, VerdictStore
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
 from controlplane.local.model import load_model
 from controlplane.translate.wasm import filter_config
@@ -180,33 +180,40 @@ def test_a_client_that_learned_a_lot_is_hardened_then_throttled_never_quarantine
         mon.report(feed(model, "learner", learner[start : start + 16]))
         mon.report(feed(model, "explorer", explorer[start : start + 16]))
         clock.now += 1
+    # API keys are secrets: the listing names clients as admin answers do (fingerprints).
+    learner_ref = ClientRef.of("demo/digits-model", "learner", "header", "x-api-key")
+    explorer_ref = ClientRef.of("demo/digits-model", "explorer", "header", "x-api-key")
     risks = {key: (f, n) for _, key, f, n in mon.risks()}
-    assert risks["learner"][0] > 0.9 and risks["learner"][1] == 400
-    assert risks["explorer"][0] < 0.45
+    assert "learner" not in risks
+    assert risks[learner_ref.shown][0] > 0.9 and risks[learner_ref.shown][1] == 400
+    assert risks[explorer_ref.shown][0] < 0.45
     (hardened,) = mon.hardened.active()
-    assert hardened.client.key == "learner"
+    assert hardened.client.named_by("learner") and hardened.client.key == learner_ref.key
     # Clients of the premium tier may learn more (its own list); every other tier: strict.
     assert dict(hardened.tiers) == {"": "strict", "premium": ""}
     assert hardened.until == pytest.approx(clock.now + 7200, abs=400)
-    throttle = mon.verdicts.of("throttle", "demo/digits-model", "learner")
+    throttle = mon.verdicts.of("throttle", "demo/digits-model", learner_ref.key)
     assert throttle is not None and throttle.reason == "risk" and throttle.requests == 30
-    assert mon.verdicts.of("quarantine", "demo/digits-model", "learner") is None
+    assert mon.verdicts.of("quarantine", "demo/digits-model", learner_ref.key) is None
     risk_verdicts = [v for v in sink.verdicts if v.stage == "risk"]
     assert [v.action for v in risk_verdicts] == ["harden", "throttle"]
-    assert all(v.client.key == "learner" for v in risk_verdicts)
+    assert all(v.client.named_by("learner") for v in risk_verdicts)
     attrs = risk_verdicts[0].attributes()
     # The estimate when the step was reached: past it, and not past the latest.
-    assert 0.8 <= attrs["modelguard.risk.fidelity"] <= risks["learner"][0]
+    assert 0.8 <= attrs["modelguard.risk.fidelity"] <= risks[learner_ref.shown][0]
     assert attrs["modelguard.detector"] == "risk"
     # The sidecar's filter gets the override for the learner only.
     (policy,) = current
     config = filter_config(compile_one(policy, mon.hardened.active()), "n")
-    assert config["riskOverrides"] == {"learner": {"": "strict", "premium": ""}}
+    # ... by the first 32 hex digits of its key's SHA-256, never the key (the filter hashes).
+    assert config["riskOverrides"] == {learner_ref.key[:32]: {"": "strict", "premium": ""}}
+    assert config["riskKeyDigest"] == 32
+    assert "learner" not in json.dumps(config)
     # Released with its other verdicts.
     mon.release("learner")
     assert mon.hardened.active() == ()
     clock.now += 7201
-    assert mon.verdicts.of("throttle", "demo/digits-model", "learner") is None
+    assert mon.verdicts.of("throttle", "demo/digits-model", learner_ref.key) is None
 
 
 def test_harden_records_expire(model: Any) -> None:
@@ -225,7 +232,7 @@ def test_harden_records_expire(model: Any) -> None:
     assert len(mon.hardened.active()) == 1
     clock.now += 7201
     assert mon.hardened.active() == ()
-    assert [h.client.key for h in mon.hardened.expire()] == ["learner"]
+    assert [h.client.named_by("learner") for h in mon.hardened.expire()] == [True]
 
 
 # --- the API ------------------------------------------------------------------------------------

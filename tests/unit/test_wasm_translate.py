@@ -101,6 +101,8 @@ def test_filter_config_is_what_the_filter_reads() -> None:
         "output": {"roundDigits": 2},
         "tierHeader": "x-tier",
         "tiers": {"t": {}},
+        "onUnhardenable": "Deny",
+        "request": {"maxBytes": 65536, "maxDepth": 64, "instances": ["instances", None]},
         "feed": {
             "cluster": "modelguard-xds",
             "nodeId": "node-0",

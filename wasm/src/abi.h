@@ -59,6 +59,10 @@ IMPORT(proxy_define_metric)
 i32 proxy_define_metric(i32 type, const char *name, usize name_size, u32 *metric_id);
 IMPORT(proxy_increment_metric) i32 proxy_increment_metric(u32 metric_id, i64 offset);
 IMPORT(proxy_done) i32 proxy_done(void);
+IMPORT(proxy_send_local_response)
+i32 proxy_send_local_response(u32 status, const char *details, usize details_size,
+                              const char *body, usize body_size, const u8 *headers,
+                              usize headers_size, i32 grpc_status);
 
 __attribute__((import_module("wasi_snapshot_preview1"), import_name("random_get")))
 i32 wasi_random_get(u8 *buf, usize len);

@@ -227,6 +227,7 @@ typedef struct {
   u32 len;
   u8 reason;
   u64 count;
+  u64 instances; /* rows those requests carried, where counted */
 } Count;
 
 typedef struct {
@@ -244,11 +245,17 @@ enum {
   M_FEED_BATCHES,
   M_FEED_UNOBSERVED,
   M_FEED_CALL_FAILURES,
+  M_REFUSED_SIZE,
+  M_REFUSED_DEPTH,
+  M_REFUSED_INSTANCES,
+  M_DENIED_UNHARDENABLE,
   M_COUNT
 };
 static const char *METRIC_NAMES[M_COUNT] = {
     "hardened",   "passed_not_json", "passed_malformed", "passed_unmatched", "passed_too_large",
-    "feed_queries", "feed_batches",  "feed_unobserved",  "feed_call_failures"};
+    "feed_queries", "feed_batches",  "feed_unobserved",  "feed_call_failures",
+    "refused_too_large", "refused_too_deep", "refused_too_many_instances",
+    "denied_unhardenable"};
 
 /* A per-client tier override (riskOverrides, from the control plane's extraction-risk
  * estimate): the client `key` whose own tier is `from` ("" = any other) is answered with
@@ -279,7 +286,17 @@ typedef struct Root {
   Hardening *tiers;
   Override *over;
   u32 nover;
+  u32 over_digest; /* hex digits of the key's SHA-256 the overrides are keyed by; 0: the key */
   u32 max_body;
+  u8 deny_unhardenable; /* an answer too large to harden is refused, not passed */
+  u8 response_kserve;   /* scores select KServe v2 tensors: rows from their shape */
+  Step *shape_steps;    /* kserve: the tensors' "shape" */
+  u32 nshape_steps;
+  /* Request limits, checked on the whole body before the model sees it (0: none). */
+  u32 max_request, max_depth, max_instances;
+  Step *inst_steps; /* where the rows are: each value there is one row ... */
+  u32 ninst_steps;
+  u8 inst_value;    /* ... or (kserve: the tensors' shape[0]) a number of rows */
   u32 metrics[M_COUNT];
   /* the query feed */
   u8 feed;
@@ -314,7 +331,9 @@ typedef struct Stream {
   u8 body_complete; /* ... and all of it went past */
   u8 inspect;
   u8 done; /* fed (or counted as unobserved) */
+  u8 refused; /* answered by the filter itself (a limit): the model never saw it */
   u32 status;
+  u32 instances; /* rows the request carried (0: not counted) */
 } Stream;
 
 typedef struct Call {
@@ -349,11 +368,12 @@ static void metric(Root *r, int m, i64 n) {
 
 /* --- counting per client ---------------------------------------------------------------- */
 
-static void counts_add(Counts *c, const u8 *key, u32 len, u8 reason, u64 n) {
+static void counts_add(Counts *c, const u8 *key, u32 len, u8 reason, u64 n, u64 inst) {
   for (u32 i = 0; i < c->n; i++) {
     Count *it = &c->items[i];
     if (it->reason == reason && it->len == len && memcmp(it->key, key, len) == 0) {
       it->count += n;
+      it->instances += inst;
       return;
     }
   }
@@ -364,6 +384,7 @@ static void counts_add(Counts *c, const u8 *key, u32 len, u8 reason, u64 n) {
     for (u32 i = 0; i < c->n; i++)
       if (c->items[i].reason == reason && c->items[i].len == 0) {
         c->items[i].count += n;
+        c->items[i].instances += inst;
         return;
       }
   }
@@ -379,6 +400,7 @@ static void counts_add(Counts *c, const u8 *key, u32 len, u8 reason, u64 n) {
   it->len = it->key ? len : 0;
   it->reason = reason;
   it->count = n;
+  it->instances = inst;
 }
 
 static void counts_clear(Counts *c) {
@@ -440,7 +462,57 @@ static u32 varint_size(u64 v) {
   return n;
 }
 
+/* A JSON array of keys (strings), indices (numbers) and wildcards (null), plus `extra`
+ * names appended (kserve: "data", "shape", 0 after the tensor's path). */
+static u32 read_steps(const JNode *path, Step **out, const char *extra1, i32 extra2) {
+  u32 n = 0;
+  if (path && path->type == J_ARRAY)
+    for (JNode *s = path->child; s; s = s->next) n++;
+  Step *steps = malloc((n + 2) * sizeof(Step));
+  *out = steps;
+  if (!steps) return 0;
+  u32 k = 0;
+  if (path && path->type == J_ARRAY)
+    for (JNode *s = path->child; s; s = s->next) {
+      Step *st = &steps[k++];
+      memset(st, 0, sizeof(Step));
+      if (s->type == J_STRING) {
+        st->kind = STEP_NAME;
+        st->name = dup_bytes(s->str, s->str_len);
+        st->len = s->str_len;
+      } else if (s->type == J_NUMBER) {
+        st->kind = STEP_INDEX;
+        st->index = (u32)s->number;
+      } else {
+        st->kind = STEP_ANY;
+      }
+    }
+  if (extra1) {
+    Step *st = &steps[k++];
+    memset(st, 0, sizeof(Step));
+    st->kind = STEP_NAME;
+    st->len = (u32)cstrlen(extra1);
+    st->name = dup_bytes(extra1, st->len);
+  }
+  if (extra2 >= 0) {
+    Step *st = &steps[k++];
+    memset(st, 0, sizeof(Step));
+    st->kind = STEP_INDEX;
+    st->index = (u32)extra2;
+  }
+  return k;
+}
+
+static void free_steps(Step *steps, u32 n) {
+  for (u32 i = 0; i < n; i++) free(steps[i].name);
+  free(steps);
+}
+
 static void free_root_config(Root *r) {
+  free_steps(r->shape_steps, r->nshape_steps);
+  free_steps(r->inst_steps, r->ninst_steps);
+  r->shape_steps = r->inst_steps = 0;
+  r->nshape_steps = r->ninst_steps = 0;
   for (u32 i = 0; i < r->nsteps; i++) free(r->steps[i].name);
   free(r->steps);
   for (u32 i = 0; i < r->ntiers; i++) free(r->tier_names[i]);
@@ -461,6 +533,63 @@ static void free_root_config(Root *r) {
   r->key_header = r->tier_header = r->node_id = 0;
   r->key_header_len = r->tier_header_len = r->node_id_len = 0;
   r->config = 0;
+}
+
+/* SHA-256 (FIPS 180-4), for the override lookup only: header keys are secrets, so the
+ * control plane sends their digests (as verdicts hold them), never the keys. */
+static const u32 K256[64] = {
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+#define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(u32 h[8], const u8 *p) {
+  u32 w[64];
+  for (int i = 0; i < 16; i++)
+    w[i] = (u32)p[4 * i] << 24 | (u32)p[4 * i + 1] << 16 | (u32)p[4 * i + 2] << 8 | p[4 * i + 3];
+  for (int i = 16; i < 64; i++) {
+    u32 s0 = ROTR(w[i - 15], 7) ^ ROTR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+    u32 s1 = ROTR(w[i - 2], 17) ^ ROTR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+    w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+  }
+  u32 a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+  for (int i = 0; i < 64; i++) {
+    u32 t1 = hh + (ROTR(e, 6) ^ ROTR(e, 11) ^ ROTR(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i];
+    u32 t2 = (ROTR(a, 2) ^ ROTR(a, 13) ^ ROTR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+    hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+  }
+  h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+}
+
+/* The first 2 * nbytes lower-case hex digits of SHA-256(msg) into hex. */
+static void sha256_hex(const u8 *msg, usize len, char *hex, u32 nbytes) {
+  u32 h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  u8 block[64];
+  usize done = 0;
+  for (; len - done >= 64; done += 64) sha256_block(h, msg + done);
+  usize rest = len - done;
+  memset(block, 0, 64);
+  memcpy(block, msg + done, rest);
+  block[rest] = 0x80;
+  if (rest >= 56) {
+    sha256_block(h, block);
+    memset(block, 0, 64);
+  }
+  u64 bits = (u64)len * 8;
+  for (int i = 0; i < 8; i++) block[63 - i] = (u8)(bits >> (8 * i));
+  sha256_block(h, block);
+  static const char digits[] = "0123456789abcdef";
+  for (u32 i = 0; i < nbytes; i++) {
+    u8 byte = (u8)(h[i / 4] >> (24 - 8 * (i % 4)));
+    hex[2 * i] = digits[byte >> 4];
+    hex[2 * i + 1] = digits[byte & 15];
+  }
 }
 
 /* riskOverrides: {"<client key>": {"<its tier, or empty>": "<tier to answer with, or empty>"}}.
@@ -487,13 +616,23 @@ static void read_overrides(Root *r, const JNode *map) {
   }
 }
 
-/* The override for this client and its own tier (or, failing that, for any tier). */
+/* The override for this client and its own tier (or, failing that, for any tier). Keys
+ * are digests (riskKeyDigest: hex digits of the key's SHA-256) or, when not secrets
+ * (SPIFFE IDs, addresses), the keys themselves. */
 static void apply_override(Stream *s, const u8 *tier, usize tier_len) {
   const Root *r = s->root;
   const Override *any = 0;
+  char hex[64];
+  const u8 *key = s->key;
+  usize key_len = s->key_len;
+  if (r->over_digest) {
+    key_len = r->over_digest;
+    sha256_hex(s->key, s->key_len, hex, (u32)key_len / 2);
+    key = (const u8 *)hex;
+  }
   for (u32 i = 0; i < r->nover; i++) {
     const Override *o = &r->over[i];
-    if (o->key_len != s->key_len || memcmp(o->key, s->key, s->key_len) != 0) continue;
+    if (o->key_len != key_len || memcmp(o->key, key, key_len) != 0) continue;
     if (o->from_len == 0) {
       any = o;
     } else if (tier && o->from_len == tier_len && memcmp(o->from, tier, tier_len) == 0) {
@@ -530,25 +669,22 @@ static int configure(Root *r, const char *text, u32 len) {
   }
 
   JNode *path = json_get(cfg, "scores");
-  u32 nsteps = 0;
-  if (path && path->type == J_ARRAY)
-    for (JNode *s = path->child; s; s = s->next) nsteps++;
-  r->steps = malloc((nsteps ? nsteps : 1) * sizeof(Step));
-  if (path && path->type == J_ARRAY)
-    for (JNode *s = path->child; s; s = s->next) {
-      Step *st = &r->steps[r->nsteps++];
-      memset(st, 0, sizeof(Step));
-      if (s->type == J_STRING) {
-        st->kind = STEP_NAME;
-        st->name = dup_bytes(s->str, s->str_len);
-        st->len = s->str_len;
-      } else if (s->type == J_NUMBER) {
-        st->kind = STEP_INDEX;
-        st->index = (u32)s->number;
-      } else {
-        st->kind = STEP_ANY;
-      }
-    }
+  r->response_kserve = json_is(json_get(cfg, "responseFormat"), "kserveV2");
+  /* kserve: the path selects output tensors; their numbers are in "data", rows in "shape" */
+  r->nsteps = read_steps(path, &r->steps, r->response_kserve ? "data" : 0, -1);
+  if (r->response_kserve) r->nshape_steps = read_steps(path, &r->shape_steps, "shape", -1);
+  r->deny_unhardenable = json_is(json_get(cfg, "onUnhardenable"), "Deny");
+
+  JNode *req = json_get(cfg, "request");
+  r->max_request = num_or(req, "maxBytes", 0);
+  r->max_depth = num_or(req, "maxDepth", 0);
+  r->max_instances = num_or(req, "maxInstances", 0);
+  JNode *inst = json_get(req, "instances");
+  if (inst && inst->type == J_ARRAY) {
+    r->inst_value = json_is(json_get(req, "format"), "kserveV2");
+    r->ninst_steps = read_steps(inst, &r->inst_steps, r->inst_value ? "shape" : 0,
+                                r->inst_value ? 0 : -1);
+  }
 
   r->dflt = read_hardening(json_get(cfg, "output"));
   if ((n = json_get(cfg, "tierHeader")) && n->type == J_STRING) {
@@ -567,6 +703,8 @@ static int configure(Root *r, const char *text, u32 len) {
     }
   }
   read_overrides(r, json_get(cfg, "riskOverrides"));
+  r->over_digest = num_or(cfg, "riskKeyDigest", 0);
+  if (r->over_digest > 64 || r->over_digest % 2) r->over_digest = 0;
   r->max_body = num_or(cfg, "maxBodyBytes", 1 << 20);
 
   JNode *feed = json_get(cfg, "feed");
@@ -649,8 +787,36 @@ static Call *call_take(u32 token) {
   return 0;
 }
 
-static void unobserved(Root *r, const u8 *key, u32 len, u8 reason, u64 n) {
-  counts_add(&r->unobserved, key, len, reason, n);
+/* Well-formed UTF-8 (RFC 3629: no overlongs, no surrogates, nothing past U+10FFFF). A
+ * proto3 string must be: one key that is not would make the monitor refuse the batch. */
+static int utf8_valid(const u8 *s, u32 n) {
+  for (u32 i = 0; i < n;) {
+    u8 c = s[i];
+    if (c < 0x80) {
+      i++;
+      continue;
+    }
+    u32 len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
+    if (len == 0 || c > 0xF4 || i + len > n) return 0;
+    for (u32 k = 1; k < len; k++)
+      if ((s[i + k] & 0xC0) != 0x80) return 0;
+    u8 d = s[i + 1];
+    if ((c == 0xE0 && d < 0xA0) || (c == 0xED && d > 0x9F) || (c == 0xF0 && d < 0x90) ||
+        (c == 0xF4 && d > 0x8F))
+      return 0;
+    i += len;
+  }
+  return 1;
+}
+
+/* A client key: as client_key (1) when it is UTF-8, else as client_key_raw (`raw`). */
+static void put_key(Buf *b, u32 raw, const void *key, u32 len) {
+  if (len == 0) return;
+  put_bytes_field(b, utf8_valid(key, len) ? 1 : raw, key, len);
+}
+
+static void unobserved(Root *r, const u8 *key, u32 len, u8 reason, u64 n, u64 inst) {
+  counts_add(&r->unobserved, key, len, reason, n, inst);
   metric(r, M_FEED_UNOBSERVED, (i64)n);
 }
 
@@ -665,11 +831,15 @@ static int flush(Root *r) {
   for (u32 i = 0; i < r->unobserved.n; i++) {
     Count *u = &r->unobserved.items[i];
     Buf item = {0};
-    put_bytes_field(&item, 1, u->key, u->len);
+    put_key(&item, 4, u->key, u->len);
     put_varint(&item, 2 << 3);
     put_varint(&item, u->count);
     const char *reason = REASONS[u->reason];
     put_bytes_field(&item, 3, reason, (u32)cstrlen(reason));
+    if (u->instances) {
+      put_varint(&item, 5 << 3);
+      put_varint(&item, u->instances);
+    }
     put_bytes_field(msg, 4, item.p, item.len);
     buf_free(&item);
   }
@@ -721,45 +891,56 @@ static void feed_query(Stream *s, const u8 *response, u32 response_len) {
   s->done = 1;
   const u8 *key = s->key ? s->key : (const u8 *)"";
   u32 key_len = (u32)s->key_len;
-  if (s->request_too_large || response_len > r->feed_max_body) {
-    unobserved(r, key, key_len, R_BODY_TOO_LARGE, 1);
+  u32 inst = s->instances;
+  if (s->request_too_large) {
+    unobserved(r, key, key_len, R_BODY_TOO_LARGE, 1, inst);
     return;
   }
   if (!s->body_complete) {
-    unobserved(r, key, key_len, R_INCOMPLETE, 1);
+    unobserved(r, key, key_len, R_INCOMPLETE, 1, inst);
     return;
   }
+  /* An answer too large to ship: the query still goes, without it (the monitor then
+   * judges the rows without their classes), rather than not at all. */
+  if (response_len > r->feed_max_body) response_len = 0;
+  const u8 *path = s->path;
+  u32 path_len = (u32)s->path_len;
+  if (path_len && !utf8_valid(path, path_len)) path_len = 0;
   u64 t = now_ms();
-  u32 qlen = 1 + varint_size(key_len) + key_len + 1 + varint_size(t) + 1 +
+  u32 qlen = (key_len ? 1 + varint_size(key_len) + key_len : 0) + 1 + varint_size(t) + 1 +
              varint_size(s->status) + 1 + varint_size(s->request.len) + s->request.len + 1 +
-             varint_size(response_len) + response_len + 1 + varint_size(s->path_len) +
-             (u32)s->path_len;
+             varint_size(response_len) + response_len + 1 + varint_size(path_len) + path_len +
+             (inst ? 1 + varint_size(inst) : 0);
   u32 total = 1 + varint_size(qlen) + qlen;
   if (total > r->batch_bytes) {
-    unobserved(r, key, key_len, R_BODY_TOO_LARGE, 1);
+    unobserved(r, key, key_len, R_BODY_TOO_LARGE, 1, inst);
     return;
   }
   if (r->batch.len - r->batch_prefix + total > r->batch_bytes && !flush_as_root(r, s->id)) {
-    unobserved(r, key, key_len, R_BUFFER_FULL, 1);
+    unobserved(r, key, key_len, R_BUFFER_FULL, 1, inst);
     return;
   }
   if (!buf_reserve(&r->batch, total)) {
-    unobserved(r, key, key_len, R_BUFFER_FULL, 1);
+    unobserved(r, key, key_len, R_BUFFER_FULL, 1, inst);
     return;
   }
   Buf *b = &r->batch;
   put_varint(b, 3 << 3 | 2);
   put_varint(b, qlen);
-  put_bytes_field(b, 1, key, key_len);
+  put_key(b, 7, key, key_len);
   put_varint(b, 2 << 3);
   put_varint(b, t);
   put_varint(b, 3 << 3);
   put_varint(b, s->status);
   put_bytes_field(b, 4, s->request.p, s->request.len);
   put_bytes_field(b, 5, response, response_len);
-  put_bytes_field(b, 6, s->path, (u32)s->path_len);
+  put_bytes_field(b, 6, path, path_len);
+  if (inst) {
+    put_varint(b, 8 << 3);
+    put_varint(b, inst);
+  }
   r->batch_count++;
-  counts_add(&r->batch_clients, key, key_len, 0, 1);
+  counts_add(&r->batch_clients, key, key_len, 0, 1, inst);
   if (r->batch_count >= r->batch_queries) flush_as_root(r, s->id);
 }
 
@@ -767,9 +948,12 @@ static void feed_query(Stream *s, const u8 *response, u32 response_len) {
  * Output hardening
  */
 
+enum { T_VECTOR, T_NUMBER, T_FLAT };
 typedef struct {
   u32 start, end;   /* the array's bytes in the body, brackets included */
   u32 first, count; /* its numbers in the scratch arrays */
+  u8 kind;  /* a score vector, one bare number (a single score), or a flat tensor's data */
+  u32 leaf; /* which value at the path it came from (kserve: pairs data with its shape) */
 } Target;
 
 typedef struct {
@@ -777,6 +961,12 @@ typedef struct {
   const Step *steps;
   u32 nsteps;
   int error;
+  u8 nested; /* kserve: data at the path may be nested arrays of rows */
+  u8 count_mode; /* count the values at the path instead of collecting score vectors */
+  u8 count_value; /* ... adding the number found there (kserve: shape[0]) */
+  u8 inside; /* kserve: within one tensor's nested data */
+  u64 counted;
+  u32 leaves; /* values at the path seen so far */
 } Scan;
 
 /* Per-VM scratch reused by every response: a worker runs one callback at a time. */
@@ -823,6 +1013,33 @@ static int push_num(double v, u32 start, u32 end) {
 
 static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth);
 
+/* Skips one value without reading it (no number is parsed): a container by its brackets
+ * outside strings, a scalar up to the next delimiter. For counting rows, where the value
+ * itself does not matter; the request was checked for depth already. NULL if unbalanced. */
+static const u8 *skip_value(const u8 *p, const u8 *end) {
+  if (p < end && *p == '"') return json_skip_string(p, end);
+  if (p < end && (*p == '[' || *p == '{')) {
+    u32 depth = 0;
+    for (; p < end; p++) {
+      u8 c = *p;
+      if (c == '"') {
+        p = json_skip_string(p, end);
+        if (!p) return 0;
+        p--;
+      } else if (c == '[' || c == '{') {
+        depth++;
+      } else if (c == ']' || c == '}') {
+        if (--depth == 0) return p + 1;
+      }
+    }
+    return 0;
+  }
+  while (p < end && *p != ',' && *p != ']' && *p != '}' && *p != ' ' && *p != '\n' &&
+         *p != '\r' && *p != '\t')
+    p++;
+  return p;
+}
+
 /* An array of numbers at a matched path: a score vector. NULL if it is something else. */
 static const u8 *scan_scores(Scan *sc, const u8 *p) {
   const u8 *start = p;
@@ -840,7 +1057,8 @@ static const u8 *scan_scores(Scan *sc, const u8 *p) {
       continue;
     }
     if (p < sc->end && *p == ']') {
-      Target t = {(u32)(start - sc->base), (u32)(p + 1 - sc->base), first, nnums - first};
+      Target t = {(u32)(start - sc->base), (u32)(p + 1 - sc->base), first, nnums - first,
+                  T_VECTOR, sc->leaves};
       if (!push_target(t)) break;
       return p + 1;
     }
@@ -861,29 +1079,70 @@ static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth) {
   p = json_skip_ws(p, sc->end);
   if (p >= sc->end) return 0;
   u8 c = *p;
+  int at_leaf = step >= 0 && (u32)step == sc->nsteps;
+  if (at_leaf && sc->count_mode) {
+    /* One row per value at the path, or (kserve) the number of rows found there. */
+    if (sc->count_value) {
+      double v;
+      const u8 *after = json_number(p, sc->end, &v);
+      if (after) {
+        if (v > 0) sc->counted += v < 4e9 ? (u64)v : 4000000000ULL;
+        return after;
+      }
+    }
+    sc->counted++;
+    return skip_value(p, sc->end);
+  }
+  if (at_leaf && c != '[' && c != '{' && c != '"') {
+    /* A number where scores are: one row's single score (regression, binary). */
+    double v;
+    const u8 *after = json_number(p, sc->end, &v);
+    if (after) {
+      Target t = {(u32)(p - sc->base), (u32)(after - sc->base), nnums, 1, T_NUMBER, sc->leaves};
+      if (push_num(v, t.start, t.end) && push_target(t)) {
+        if (!sc->inside) sc->leaves++;
+        return after;
+      }
+      return 0;
+    }
+  }
   if (c == '[') {
-    int at_leaf = step >= 0 && ((u32)step == sc->nsteps ||
-                                ((u32)step + 1 == sc->nsteps && sc->steps[step].kind == STEP_ANY));
+    /* kserve data nested as rows ([[...], [...]]): each inner array is one row */
+    int rows = at_leaf && sc->nested && !sc->inside;
     if (at_leaf) {
       const u8 *after = scan_scores(sc, p);
-      if (after) return after;
+      if (after) {
+        if (rows) targets[ntargets - 1].kind = T_FLAT;
+        if (!sc->inside) sc->leaves++;
+        return after;
+      }
     }
     p = json_skip_ws(p + 1, sc->end);
     if (p < sc->end && *p == ']') return p + 1;
+    if (rows) sc->inside = 1;
     for (i32 i = 0;; i++) {
-      i32 next = step >= 0 && (u32)step < sc->nsteps && step_matches(&sc->steps[step], 0, 0, i)
+      i32 next = rows ? step
+                 : step >= 0 && (u32)step < sc->nsteps && step_matches(&sc->steps[step], 0, 0, i)
                      ? step + 1
                      : -1;
       p = scan_value(sc, p, next, depth + 1);
-      if (!p) return 0;
+      if (!p) break;
       p = json_skip_ws(p, sc->end);
       if (p < sc->end && *p == ',') {
         p++;
         continue;
       }
-      if (p < sc->end && *p == ']') return p + 1;
-      return 0;
+      if (p < sc->end && *p == ']') {
+        if (rows) {
+          sc->inside = 0;
+          sc->leaves++;
+        }
+        return p + 1;
+      }
+      break;
     }
+    sc->inside = 0;
+    return 0;
   }
   if (c == '{') {
     p = json_skip_ws(p + 1, sc->end);
@@ -922,26 +1181,65 @@ static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth) {
 
 enum { SHOW_ORIGINAL, SHOW_ZERO, SHOW_FIXED };
 
-/* Rewrites one score vector into `out`. The top-1 class of the model is the top-1 class
- * the client sees, whatever the settings: noise and rounding never reorder it. */
-static int write_scores(const u8 *body, const Target *t, const Hardening *h, u64 seed) {
-  u32 n = t->count;
-  double *v = nums + t->first;
+/* One row's single score (regression, or a binary model's probability): noise and
+ * rounding apply; top-k keeps it (k >= 1). A probability keeps its side of 0.5, so the
+ * predicted class never changes; label-only gives that class (1.0 or 0.0), and for a
+ * regression value (outside [0, 1]) the value rounded to an integer. */
+static int write_single(const u8 *body, u32 at, const Hardening *h, u64 seed) {
+  double v = nums[at], w = v;
+  int probability = v >= 0 && v <= 1;
+  int digits = h->round_digits >= 0 ? h->round_digits : 6;
+  if (h->label_only) {
+    w = probability ? (v >= 0.5 ? 1 : 0) : (double)(i64)(v < 0 ? v - 0.5 : v + 0.5);
+    out.len += json_write_fixed((char *)out.p + out.len, w, 1);
+    return 1;
+  }
+  if (h->noise > 0) {
+    u64 state = seed;
+    double u = (double)(splitmix(&state) >> 11) * (1.0 / 9007199254740992.0);
+    w += h->noise * (2 * u - 1);
+  }
+  if (h->round_digits >= 0) {
+    double unit = 1;
+    for (int d = 0; d < digits; d++) unit /= 10;
+    double scaled = w / unit;
+    w = (double)(i64)(scaled < 0 ? scaled - 0.5 : scaled + 0.5) * unit;
+  }
+  if (probability) {
+    if (w < 0) w = 0;
+    if (w > 1) w = 1;
+    /* the class is the side of 0.5: the hardened score stays on the model's side */
+    if (v >= 0.5 && w < 0.5) w = 0.5;
+    if (v < 0.5 && w >= 0.5) w = h->round_digits >= 0 && digits == 0 ? 0 : 0.5 - 1e-6;
+  }
+  if (h->noise <= 0 && h->round_digits < 0) {
+    memcpy(out.p + out.len, body + num_start[at], num_end[at] - num_start[at]);
+    out.len += num_end[at] - num_start[at];
+  } else {
+    out.len += json_write_fixed((char *)out.p + out.len, w, digits);
+  }
+  return 1;
+}
+
+/* Rewrites one row of scores into `out`, comma-separated (the caller writes brackets).
+ * The top-1 class of the model is the top-1 class the client sees, whatever the settings:
+ * noise and rounding never reorder it. */
+static int write_row(const u8 *body, u32 first, u32 n, const Hardening *h, u64 seed) {
+  if (!buf_reserve(&out, 2 + n * 42)) return 0;
+  if (n == 1) return write_single(body, first, h, seed);
+  double *v = nums + first;
   u32 top = 0;
   int probabilities = 1;
   for (u32 i = 0; i < n; i++) {
     if (v[i] > v[top]) top = i;
     if (v[i] < 0 || v[i] > 1) probabilities = 0;
   }
-  if (!buf_reserve(&out, 2 + n * 42)) return 0;
-  out.p[out.len++] = '[';
   if (h->label_only) {
     for (u32 i = 0; i < n; i++) {
       if (i) out.p[out.len++] = ',';
       memcpy(out.p + out.len, i == top ? "1.0" : "0.0", 3);
       out.len += 3;
     }
-    out.p[out.len++] = ']';
     return 1;
   }
   if (n > work_cap) {
@@ -1015,7 +1313,7 @@ static int write_scores(const u8 *body, const Target *t, const Hardening *h, u64
   for (u32 i = 0; i < n; i++) {
     if (i) out.p[out.len++] = ',';
     if (show[i] == SHOW_ORIGINAL) {
-      u32 s = num_start[t->first + i], e = num_end[t->first + i];
+      u32 s = num_start[first + i], e = num_end[first + i];
       memcpy(out.p + out.len, body + s, e - s);
       out.len += e - s;
     } else if (show[i] == SHOW_ZERO) {
@@ -1025,13 +1323,66 @@ static int write_scores(const u8 *body, const Target *t, const Hardening *h, u64
       out.len += json_write_fixed((char *)out.p + out.len, w[i], digits);
     }
   }
+  return 1;
+}
+
+/* One target: a vector in brackets, a bare single score, or a tensor's flat data (rows of
+ * `width` numbers, in one pair of brackets). */
+static int write_target(const u8 *body, const Target *t, u32 width, const Hardening *h,
+                        u64 seed) {
+  if (t->kind == T_NUMBER) {
+    if (!buf_reserve(&out, 42)) return 0;
+    return write_single(body, t->first, h, seed);
+  }
+  u32 w = t->kind == T_FLAT ? width : t->count;
+  if (w == 0 || t->count % w) return 0;
+  if (!buf_reserve(&out, 1)) return 0;
+  out.p[out.len++] = '[';
+  for (u32 row = 0; row < t->count; row += w) {
+    if (row) {
+      if (!buf_reserve(&out, 1)) return 0;
+      out.p[out.len++] = ',';
+    }
+    if (!write_row(body, t->first + row, w, h, seed + row * 0x9e3779b9ULL)) return 0;
+  }
+  if (!buf_reserve(&out, 1)) return 0;
   out.p[out.len++] = ']';
   return 1;
 }
 
 /* Returns 1 and leaves the rewritten body in `out`, or 0 (counted) to pass it unchanged. */
+/* kserve: each output tensor's row width, prod(shape[1:]) (1 for shape [N]), in the order
+ * the tensors come; 0 if none could be read. */
+static u32 *widths;
+static u32 nwidths, widths_cap;
+
+static int read_widths(Root *r, const u8 *body, u32 len) {
+  Scan sc = {body, body + len, r->shape_steps, r->nshape_steps, 0, 0, 0, 0, 0, 0, 0};
+  ntargets = 0;
+  nnums = 0;
+  nwidths = 0;
+  if (!scan_value(&sc, body, 0, 0)) return 0;
+  if (ntargets > widths_cap) {
+    u32 *w = realloc(widths, ntargets * sizeof(u32));
+    if (!w) return 0;
+    widths = w;
+    widths_cap = ntargets;
+  }
+  for (u32 i = 0; i < ntargets; i++) {
+    double width = 1;
+    for (u32 k = 1; k < targets[i].count; k++) width *= nums[targets[i].first + k];
+    widths[nwidths++] = width >= 1 && width < 1e7 ? (u32)width : 0;
+  }
+  return nwidths > 0;
+}
+
 static int harden(Root *r, const Hardening *h, const u8 *body, u32 len) {
-  Scan sc = {body, body + len, r->steps, r->nsteps, 0};
+  if (r->response_kserve && !read_widths(r, body, len)) {
+    metric(r, M_UNMATCHED, 1);
+    return 0;
+  }
+  Scan sc = {body, body + len, r->steps, r->nsteps, 0, 0, 0, 0, 0, 0, 0};
+  sc.nested = r->response_kserve;
   ntargets = 0;
   nnums = 0;
   const u8 *p = scan_value(&sc, body, r->nsteps ? 0 : -1, 0);
@@ -1049,7 +1400,8 @@ static int harden(Root *r, const Hardening *h, const u8 *body, u32 len) {
   for (u32 i = 0; i < ntargets; i++) {
     Target *t = &targets[i];
     if (!buf_put(&out, body + prev, t->start - prev)) return 0;
-    if (!write_scores(body, t, h, seed + i)) {
+    u32 width = t->kind == T_FLAT && t->leaf < nwidths ? widths[t->leaf] : 0;
+    if (!write_target(body, t, width, h, seed + i)) {
       metric(r, M_UNMATCHED, 1);
       return 0;
     }
@@ -1113,6 +1465,71 @@ EXPORT(proxy_on_configure) u32 proxy_on_configure(u32 root_id, u32 size) {
   return (u32)ok;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Request limits: checked on the whole request before the model sees any of it
+ */
+
+static u32 fmt_u32(char *out, u32 n) {
+  char tmp[12];
+  u32 k = 0;
+  do {
+    tmp[k++] = (char)('0' + n % 10);
+    n /= 10;
+  } while (n);
+  for (u32 i = 0; i < k; i++) out[i] = tmp[k - 1 - i];
+  return k;
+}
+
+/* Answers the request itself with `status` and a JSON reason; the stream is not fed (the
+ * model never answered it). */
+static void refuse(Stream *s, u32 status, const char *error, const char *what, u32 limit) {
+  static const u8 HEADERS[] = "\x01\0\0\0\x0c\0\0\0\x10\0\0\0content-type\0application/json";
+  char body[256];
+  u32 k = 0;
+  const char *parts[] = {"{\"error\":\"", error, "\",\"reason\":\"", what, " (limit "};
+  for (u32 i = 0; i < 5; i++) {
+    usize n = cstrlen(parts[i]);
+    memcpy(body + k, parts[i], n);
+    k += (u32)n;
+  }
+  k += fmt_u32(body + k, limit);
+  memcpy(body + k, ")\"}", 3);
+  k += 3;
+  s->refused = 1;
+  s->done = 1;
+  s->inspect = 0;
+  proxy_send_local_response(status, error, cstrlen(error), body, k, HEADERS, sizeof(HEADERS),
+                            -1);
+}
+
+/* JSON nested deeper than `max` (strings skipped): one pass, no recursion, so a body of
+ * 100k brackets costs a loop, not a stack. */
+static int too_deep(const u8 *p, usize n, u32 max) {
+  u32 depth = 0;
+  for (usize i = 0; i < n; i++) {
+    u8 c = p[i];
+    if (c == '"') {
+      for (i++; i < n && p[i] != '"'; i++)
+        if (p[i] == '\\') i++;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max) return 1;
+    } else if ((c == ']' || c == '}') && depth) {
+      depth--;
+    }
+  }
+  return 0;
+}
+
+/* Rows in a request: the values at request.features (kserve: the tensors' shape[0]). What
+ * a scan that fails part-way counted still counts: a limit errs on the refusing side. */
+static u64 count_instances(Root *r, const u8 *body, u32 len) {
+  Scan sc = {body, body + len, r->inst_steps, r->ninst_steps, 0, 0, 0, 0, 0, 0, 0};
+  sc.count_mode = 1;
+  sc.count_value = r->inst_value;
+  scan_value(&sc, body, 0, 0);
+  return sc.counted;
+}
+
 EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32 eos) {
   (void)n;
   Stream *s = find_stream(id);
@@ -1120,8 +1537,8 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
   Root *r = s->root;
   s->hardening = &r->dflt;
   /* Only what this configuration uses: the tier, and the client key and path for the feed. */
-  Want want[3];
-  u32 nwant = 0, tier = 3, key = 3, path = 3;
+  Want want[4];
+  u32 nwant = 0, tier = 4, key = 4, path = 4, length = 4;
   if (r->tier_header) {
     tier = nwant;
     want[nwant++] = (Want){r->tier_header, r->tier_header_len, 0, 0, 0};
@@ -1134,16 +1551,33 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
     path = nwant;
     want[nwant++] = (Want){":path", 5, 0, 0, 0};
   }
+  /* The declared size, when other headers are read anyway (one call reads them all): a
+   * large upload is then refused before any of it is sent. Otherwise the body's own size
+   * refuses it (Envoy reports it chunk by chunk, without a copy into the VM); a host call
+   * for this header alone would cost as much as the rest of the request's checks. */
+  if (r->max_request && !eos && nwant > 0) {
+    length = nwant;
+    want[nwant++] = (Want){"content-length", 14, 0, 0, 0};
+  }
   /* Kept for the stream's life: the key and path point into it. */
   s->headers = read_headers(MAP_REQUEST_HEADERS, want, nwant);
-  if (tier < 3 && want[tier].found) {
+  if (length < 4 && want[length].found &&
+      parse_uint(want[length].value, want[length].value_len) > r->max_request) {
+    metric(r, M_REFUSED_SIZE, 1);
+    refuse(s, 413, "request_too_large", "request body over request.maxBytes", r->max_request);
+    return HEADERS_STOP;
+  }
+  if (tier < 4 && want[tier].found) {
     for (u32 i = 0; i < r->ntiers; i++)
       if (cstrlen(r->tier_names[i]) == want[tier].value_len &&
           memcmp(r->tier_names[i], want[tier].value, want[tier].value_len) == 0)
         s->hardening = &r->tiers[i];
   }
-  if (!r->feed) return HEADERS_CONTINUE;
-  if (key < 3 && want[key].found) {
+  s->has_body = !eos;
+  /* With limits, the request waits here until its body has been checked. */
+  u32 verdict = r->max_request && !eos ? HEADERS_STOP : HEADERS_CONTINUE;
+  if (!r->feed) return verdict;
+  if (key < 4 && want[key].found) {
     s->key = want[key].value;
     s->key_len = want[key].value_len;
   } else if (r->key_kind == KEY_SOURCE_IP) {
@@ -1167,20 +1601,64 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
   if (!s->key) s->key_len = 0;
   /* Overrides come with the feed (the risk estimate is computed from it): its key is here. */
   if (r->nover && s->key)
-    apply_override(s, tier < 3 && want[tier].found ? want[tier].value : 0,
-                   tier < 3 && want[tier].found ? want[tier].value_len : 0);
-  if (path < 3 && want[path].found) {
+    apply_override(s, tier < 4 && want[tier].found ? want[tier].value : 0,
+                   tier < 4 && want[tier].found ? want[tier].value_len : 0);
+  if (path < 4 && want[path].found) {
     s->path = want[path].value;
     s->path_len = want[path].value_len;
   }
-  s->has_body = !eos;
-  return HEADERS_CONTINUE;
+  return verdict;
+}
+
+/* The whole request body, held until it is complete, then checked: size, depth, rows. */
+static u32 check_request(Stream *s, u32 size, u32 eos) {
+  Root *r = s->root;
+  if (size > r->max_request) {
+    metric(r, M_REFUSED_SIZE, 1);
+    refuse(s, 413, "request_too_large", "request body over request.maxBytes", r->max_request);
+    return DATA_STOP_AND_BUFFER;
+  }
+  if (!eos) return DATA_STOP_AND_BUFFER;
+  if (size == 0) return DATA_CONTINUE;
+  u8 *body = 0;
+  usize len = 0;
+  if (proxy_get_buffer_bytes(BUF_REQUEST_BODY, 0, size, &body, &len) != WASM_OK || !body)
+    return DATA_CONTINUE;
+  if (r->max_depth && too_deep(body, len, r->max_depth)) {
+    free(body);
+    metric(r, M_REFUSED_DEPTH, 1);
+    refuse(s, 400, "request_too_deep", "JSON nested deeper than request.maxDepth",
+           r->max_depth);
+    return DATA_STOP_AND_BUFFER;
+  }
+  if (r->ninst_steps && (r->feed || r->max_instances)) {
+    u64 n = count_instances(r, body, (u32)len);
+    s->instances = n > 0xffffffffULL ? 0xffffffffU : (u32)n;
+    if (r->max_instances && n > r->max_instances) {
+      free(body);
+      metric(r, M_REFUSED_INSTANCES, 1);
+      refuse(s, 413, "too_many_instances", "rows over request.maxInstances", r->max_instances);
+      return DATA_STOP_AND_BUFFER;
+    }
+  }
+  if (r->feed && len <= r->feed_max_body) {
+    buf_free(&s->request);
+    s->request.p = body; /* kept for the feed as it came, not copied */
+    s->request.len = s->request.cap = (u32)len;
+  } else {
+    s->request_too_large = r->feed;
+    free(body);
+  }
+  return DATA_CONTINUE;
 }
 
 EXPORT(proxy_on_request_body) u32 proxy_on_request_body(u32 id, u32 size, u32 eos) {
   Stream *s = find_stream(id);
-  if (!s || !s->root->feed) return DATA_CONTINUE;
+  if (!s || !s->root->configured) return DATA_CONTINUE;
+  if (s->refused) return DATA_STOP_AND_BUFFER;
   if (eos) s->body_complete = 1;
+  if (s->root->max_request) return check_request(s, size, eos);
+  if (!s->root->feed) return DATA_CONTINUE;
   if (s->request_too_large || size == 0) return DATA_CONTINUE;
   if (s->request.len + size > s->root->feed_max_body) {
     s->request_too_large = 1;
@@ -1205,7 +1683,7 @@ EXPORT(proxy_on_request_body) u32 proxy_on_request_body(u32 id, u32 size, u32 eo
 EXPORT(proxy_on_response_headers) u32 proxy_on_response_headers(u32 id, u32 n, u32 eos) {
   (void)n;
   Stream *s = find_stream(id);
-  if (!s || !s->root->configured) return HEADERS_CONTINUE;
+  if (!s || !s->root->configured || s->refused) return HEADERS_CONTINUE;
   Root *r = s->root;
   int hardening = s->hardening && s->hardening->active;
   int feeding = r->feed && s->has_body;
@@ -1223,6 +1701,14 @@ EXPORT(proxy_on_response_headers) u32 proxy_on_response_headers(u32 id, u32 n, u
     if (!want[1].found || !contains_json(want[1].value, want[1].value_len)) {
       if (hardening) metric(r, M_NOT_JSON, 1);
     } else if (want[2].found && parse_uint(want[2].value, want[2].value_len) > r->max_body) {
+      if (hardening && r->deny_unhardenable) {
+        free(headers);
+        metric(r, M_DENIED_UNHARDENABLE, 1);
+        s->done = 0; /* the query was answered by the model: still fed (without the answer) */
+        refuse(s, 502, "answer_unhardenable", "answer too large to harden", r->max_body);
+        s->done = 0;
+        return HEADERS_STOP;
+      }
       if (hardening) metric(r, M_TOO_LARGE, 1);
     } else {
       inspect = 1;
@@ -1248,11 +1734,18 @@ static void mark_hardened(const Stream *s) {
 
 EXPORT(proxy_on_response_body) u32 proxy_on_response_body(u32 id, u32 size, u32 eos) {
   Stream *s = find_stream(id);
-  if (!s || !s->inspect) return DATA_CONTINUE;
+  if (!s || !s->inspect || s->refused) return DATA_CONTINUE;
   Root *r = s->root;
   int hardening = s->hardening && s->hardening->active;
   if (!eos) {
     if (size <= r->max_body) return DATA_STOP_AND_BUFFER;
+    if (hardening && r->deny_unhardenable) {
+      /* Held so far, so nothing of it has left: the client gets a refusal instead. */
+      metric(r, M_DENIED_UNHARDENABLE, 1);
+      refuse(s, 502, "answer_unhardenable", "answer too large to harden", r->max_body);
+      s->done = 0;
+      return DATA_STOP_AND_BUFFER;
+    }
     /* Too large to rewrite: released unchanged (Envoy's own buffer limit stays clear). */
     s->inspect = 0;
     if (hardening) metric(r, M_TOO_LARGE, 1);
@@ -1269,15 +1762,8 @@ EXPORT(proxy_on_response_body) u32 proxy_on_response_body(u32 id, u32 size, u32 
   if (hardening && harden(r, s->hardening, body, (u32)len)) {
     proxy_set_buffer_bytes(BUF_RESPONSE_BODY, 0, (u32)len, out.p, out.len);
     char digits[12];
-    int k = 0;
-    u32 n = out.len;
-    char tmp[12];
-    do {
-      tmp[k++] = (char)('0' + n % 10);
-      n /= 10;
-    } while (n);
-    for (int i = 0; i < k; i++) digits[i] = tmp[k - 1 - i];
-    proxy_replace_header_map_value(MAP_RESPONSE_HEADERS, "content-length", 14, digits, (usize)k);
+    u32 k = fmt_u32(digits, out.len);
+    proxy_replace_header_map_value(MAP_RESPONSE_HEADERS, "content-length", 14, digits, k);
     mark_hardened(s);
   }
   free(body);
@@ -1360,7 +1846,7 @@ static void call_done(u32 token, u32 status) {
       metric(r, M_FEED_CALL_FAILURES, 1);
       for (u32 i = 0; i < c->clients.n; i++)
         unobserved(r, (const u8 *)c->clients.items[i].key, c->clients.items[i].len,
-                   R_CALL_FAILED, c->clients.items[i].count);
+                   R_CALL_FAILED, c->clients.items[i].count, c->clients.items[i].instances);
     }
     if (r->done_pending && r->in_flight == 0) proxy_done();
   }

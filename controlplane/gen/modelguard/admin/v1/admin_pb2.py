@@ -25,53 +25,63 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelguard/admin/v1/admin.proto\x12\x13modelguard.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x10GetStatusRequest\x12\x13\n\x0bnode_filter\x18\x01 \x01(\t\"\xc2\x01\n\x0cStatusReport\x12\x34\n\x08sidecars\x18\x01 \x03(\x0b\x32\".modelguard.admin.v1.SidecarStatus\x12\x33\n\x08policies\x18\x02 \x03(\x0b\x32!.modelguard.admin.v1.PolicyStatus\x12\x15\n\rsource_errors\x18\x03 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbf\x02\n\rSidecarStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0e\n\x06stream\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10snapshot_version\x18\x08 \x01(\t\x12\x34\n\tresources\x18\t \x03(\x0b\x32!.modelguard.admin.v1.ResourceSync\x12\r\n\x05state\x18\n \x01(\t\x12\x38\n\x0e\x65gress_blocked\x18\x0b \x03(\x0b\x32 .modelguard.admin.v1.EgressBlock\"\x93\x01\n\x0b\x45gressBlock\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xea\x01\n\x0cResourceSync\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08type_url\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x14\n\x0csent_version\x18\x04 \x01(\t\x12\x15\n\racked_version\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x19\n\x11last_nack_version\x18\x07 \x01(\t\x12\x17\n\x0flast_nack_error\x18\x08 \x01(\t\x12\x32\n\x0elast_nack_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x01\n\x0cPolicyStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x07 \x03(\t\x12\x10\n\x08sidecars\x18\x08 \x03(\t\x12\x0f\n\x07serving\x18\t \x01(\x08\"3\n\x16ListQuarantinesRequest\x12\x19\n\x11include_throttles\x18\x01 \x01(\x08\"\xb0\x02\n\x0fQuarantineEntry\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nclient_key\x18\x03 \x01(\t\x12\x12\n\nkey_source\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08requests\x18\x08 \x01(\r\x12\x13\n\x0bper_seconds\x18\t \x01(\r\x12\x15\n\x08\x66idelity\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10\x64istinct_queries\x18\x15 \x01(\x04\x12\x0c\n\x04tier\x18\x16 \x01(\tB\x0b\n\t_fidelity\"G\n\x0eQuarantineList\x12\x35\n\x07\x65ntries\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.QuarantineEntry\">\n\x18ReleaseQuarantineRequest\x12\x12\n\nclient_key\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"S\n\x19ReleaseQuarantineResponse\x12\x36\n\x08released\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.QuarantineEntry\"\x15\n\x13MonitorStatsRequest\"\xea\x04\n\x0cMonitorStats\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x0f\n\x07queries\x18\x02 \x01(\x04\x12\x12\n\nunobserved\x18\x03 \x01(\x04\x12W\n\x14unobserved_by_reason\x18\x04 \x03(\x0b\x32\x39.modelguard.admin.v1.MonitorStats.UnobservedByReasonEntry\x12\x45\n\nunparsable\x18\x05 \x03(\x0b\x32\x31.modelguard.admin.v1.MonitorStats.UnparsableEntry\x12\x16\n\x0eunknown_policy\x18\x06 \x01(\x04\x12\x41\n\x08verdicts\x18\x07 \x03(\x0b\x32/.modelguard.admin.v1.MonitorStats.VerdictsEntry\x12\x17\n\x0f\x63lients_tracked\x18\x08 \x01(\x04\x12\x13\n\x0b\x63lients_max\x18\t \x01(\x04\x12\x17\n\x0f\x63lients_evicted\x18\n \x01(\x04\x12\x17\n\x0f\x63lients_expired\x18\x0b \x01(\x04\x12\x11\n\tlong_keys\x18\x0c \x01(\x04\x12\x17\n\x0frefused_batches\x18\r \x01(\x04\x1a\x39\n\x17UnobservedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fUnparsableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a/\n\rVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32^\n\x05\x41\x64min\x12U\n\tGetStatus\x12%.modelguard.admin.v1.GetStatusRequest\x1a!.modelguard.admin.v1.StatusReport2\xc6\x02\n\x0bQuarantines\x12\x63\n\x0fListQuarantines\x12+.modelguard.admin.v1.ListQuarantinesRequest\x1a#.modelguard.admin.v1.QuarantineList\x12r\n\x11ReleaseQuarantine\x12-.modelguard.admin.v1.ReleaseQuarantineRequest\x1a..modelguard.admin.v1.ReleaseQuarantineResponse\x12^\n\x0fGetMonitorStats\x12(.modelguard.admin.v1.MonitorStatsRequest\x1a!.modelguard.admin.v1.MonitorStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelguard/admin/v1/admin.proto\x12\x13modelguard.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x10GetStatusRequest\x12\x13\n\x0bnode_filter\x18\x01 \x01(\t\"\xb3\x02\n\x0cStatusReport\x12\x34\n\x08sidecars\x18\x01 \x03(\x0b\x32\".modelguard.admin.v1.SidecarStatus\x12\x33\n\x08policies\x18\x02 \x03(\x0b\x32!.modelguard.admin.v1.PolicyStatus\x12\x15\n\rsource_errors\x18\x03 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12?\n\x07refused\x18\x05 \x03(\x0b\x32..modelguard.admin.v1.StatusReport.RefusedEntry\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x93\x03\n\rSidecarStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0e\n\x06stream\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10snapshot_version\x18\x08 \x01(\t\x12\x34\n\tresources\x18\t \x03(\x0b\x32!.modelguard.admin.v1.ResourceSync\x12\r\n\x05state\x18\n \x01(\t\x12\x38\n\x0e\x65gress_blocked\x18\x0b \x03(\x0b\x32 .modelguard.admin.v1.EgressBlock\x12\x13\n\x0b\x65nvoy_admin\x18\x0c \x01(\t\x12=\n\x10replaced_streams\x18\r \x03(\x0b\x32#.modelguard.admin.v1.ReplacedStream\"P\n\x0eReplacedStream\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x01\n\x0b\x45gressBlock\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xea\x01\n\x0cResourceSync\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08type_url\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x14\n\x0csent_version\x18\x04 \x01(\t\x12\x15\n\racked_version\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x19\n\x11last_nack_version\x18\x07 \x01(\t\x12\x17\n\x0flast_nack_error\x18\x08 \x01(\t\x12\x32\n\x0elast_nack_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb5\x01\n\x0cPolicyStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x07 \x03(\t\x12\x10\n\x08sidecars\x18\x08 \x03(\t\x12\x0f\n\x07serving\x18\t \x01(\x08\x12\x10\n\x08warnings\x18\n \x03(\t\"3\n\x16ListQuarantinesRequest\x12\x19\n\x11include_throttles\x18\x01 \x01(\x08\"\xc5\x02\n\x0fQuarantineEntry\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nclient_key\x18\x03 \x01(\t\x12\x12\n\nkey_source\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08requests\x18\x08 \x01(\r\x12\x13\n\x0bper_seconds\x18\t \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\x12\x15\n\x08\x66idelity\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10\x64istinct_queries\x18\x15 \x01(\x04\x12\x0c\n\x04tier\x18\x16 \x01(\tB\x0b\n\t_fidelity\"G\n\x0eQuarantineList\x12\x35\n\x07\x65ntries\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.QuarantineEntry\">\n\x18ReleaseQuarantineRequest\x12\x12\n\nclient_key\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"S\n\x19ReleaseQuarantineResponse\x12\x36\n\x08released\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.QuarantineEntry\"\x15\n\x13MonitorStatsRequest\"\x8b\x06\n\x0cMonitorStats\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x0f\n\x07queries\x18\x02 \x01(\x04\x12\x12\n\nunobserved\x18\x03 \x01(\x04\x12W\n\x14unobserved_by_reason\x18\x04 \x03(\x0b\x32\x39.modelguard.admin.v1.MonitorStats.UnobservedByReasonEntry\x12\x45\n\nunparsable\x18\x05 \x03(\x0b\x32\x31.modelguard.admin.v1.MonitorStats.UnparsableEntry\x12\x16\n\x0eunknown_policy\x18\x06 \x01(\x04\x12\x41\n\x08verdicts\x18\x07 \x03(\x0b\x32/.modelguard.admin.v1.MonitorStats.VerdictsEntry\x12\x17\n\x0f\x63lients_tracked\x18\x08 \x01(\x04\x12\x13\n\x0b\x63lients_max\x18\t \x01(\x04\x12\x17\n\x0f\x63lients_evicted\x18\n \x01(\x04\x12\x17\n\x0f\x63lients_expired\x18\x0b \x01(\x04\x12\x11\n\tlong_keys\x18\x0c \x01(\x04\x12\x17\n\x0frefused_batches\x18\r \x01(\x04\x12`\n\x19\x63lients_evicted_by_tenant\x18\x0e \x03(\x0b\x32=.modelguard.admin.v1.MonitorStats.ClientsEvictedByTenantEntry\x1a\x39\n\x17UnobservedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fUnparsableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a/\n\rVerdictsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a=\n\x1b\x43lientsEvictedByTenantEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32^\n\x05\x41\x64min\x12U\n\tGetStatus\x12%.modelguard.admin.v1.GetStatusRequest\x1a!.modelguard.admin.v1.StatusReport2\xc6\x02\n\x0bQuarantines\x12\x63\n\x0fListQuarantines\x12+.modelguard.admin.v1.ListQuarantinesRequest\x1a#.modelguard.admin.v1.QuarantineList\x12r\n\x11ReleaseQuarantine\x12-.modelguard.admin.v1.ReleaseQuarantineRequest\x1a..modelguard.admin.v1.ReleaseQuarantineResponse\x12^\n\x0fGetMonitorStats\x12(.modelguard.admin.v1.MonitorStatsRequest\x1a!.modelguard.admin.v1.MonitorStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.admin.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STATUSREPORT_REFUSEDENTRY']._loaded_options = None
+  _globals['_STATUSREPORT_REFUSEDENTRY']._serialized_options = b'8\001'
   _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._loaded_options = None
   _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_options = b'8\001'
   _globals['_MONITORSTATS_UNPARSABLEENTRY']._loaded_options = None
   _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_options = b'8\001'
   _globals['_MONITORSTATS_VERDICTSENTRY']._loaded_options = None
   _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_options = b'8\001'
+  _globals['_MONITORSTATS_CLIENTSEVICTEDBYTENANTENTRY']._loaded_options = None
+  _globals['_MONITORSTATS_CLIENTSEVICTEDBYTENANTENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATUSREQUEST']._serialized_start=89
   _globals['_GETSTATUSREQUEST']._serialized_end=128
   _globals['_STATUSREPORT']._serialized_start=131
-  _globals['_STATUSREPORT']._serialized_end=325
-  _globals['_SIDECARSTATUS']._serialized_start=328
-  _globals['_SIDECARSTATUS']._serialized_end=647
-  _globals['_EGRESSBLOCK']._serialized_start=650
-  _globals['_EGRESSBLOCK']._serialized_end=797
-  _globals['_RESOURCESYNC']._serialized_start=800
-  _globals['_RESOURCESYNC']._serialized_end=1034
-  _globals['_POLICYSTATUS']._serialized_start=1037
-  _globals['_POLICYSTATUS']._serialized_end=1200
-  _globals['_LISTQUARANTINESREQUEST']._serialized_start=1202
-  _globals['_LISTQUARANTINESREQUEST']._serialized_end=1253
-  _globals['_QUARANTINEENTRY']._serialized_start=1256
-  _globals['_QUARANTINEENTRY']._serialized_end=1560
-  _globals['_QUARANTINELIST']._serialized_start=1562
-  _globals['_QUARANTINELIST']._serialized_end=1633
-  _globals['_RELEASEQUARANTINEREQUEST']._serialized_start=1635
-  _globals['_RELEASEQUARANTINEREQUEST']._serialized_end=1697
-  _globals['_RELEASEQUARANTINERESPONSE']._serialized_start=1699
-  _globals['_RELEASEQUARANTINERESPONSE']._serialized_end=1782
-  _globals['_MONITORSTATSREQUEST']._serialized_start=1784
-  _globals['_MONITORSTATSREQUEST']._serialized_end=1805
-  _globals['_MONITORSTATS']._serialized_start=1808
-  _globals['_MONITORSTATS']._serialized_end=2426
-  _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_start=2269
-  _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_end=2326
-  _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_start=2328
-  _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_end=2377
-  _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_start=2379
-  _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_end=2426
-  _globals['_ADMIN']._serialized_start=2428
-  _globals['_ADMIN']._serialized_end=2522
-  _globals['_QUARANTINES']._serialized_start=2525
-  _globals['_QUARANTINES']._serialized_end=2851
+  _globals['_STATUSREPORT']._serialized_end=438
+  _globals['_STATUSREPORT_REFUSEDENTRY']._serialized_start=392
+  _globals['_STATUSREPORT_REFUSEDENTRY']._serialized_end=438
+  _globals['_SIDECARSTATUS']._serialized_start=441
+  _globals['_SIDECARSTATUS']._serialized_end=844
+  _globals['_REPLACEDSTREAM']._serialized_start=846
+  _globals['_REPLACEDSTREAM']._serialized_end=926
+  _globals['_EGRESSBLOCK']._serialized_start=929
+  _globals['_EGRESSBLOCK']._serialized_end=1076
+  _globals['_RESOURCESYNC']._serialized_start=1079
+  _globals['_RESOURCESYNC']._serialized_end=1313
+  _globals['_POLICYSTATUS']._serialized_start=1316
+  _globals['_POLICYSTATUS']._serialized_end=1497
+  _globals['_LISTQUARANTINESREQUEST']._serialized_start=1499
+  _globals['_LISTQUARANTINESREQUEST']._serialized_end=1550
+  _globals['_QUARANTINEENTRY']._serialized_start=1553
+  _globals['_QUARANTINEENTRY']._serialized_end=1878
+  _globals['_QUARANTINELIST']._serialized_start=1880
+  _globals['_QUARANTINELIST']._serialized_end=1951
+  _globals['_RELEASEQUARANTINEREQUEST']._serialized_start=1953
+  _globals['_RELEASEQUARANTINEREQUEST']._serialized_end=2015
+  _globals['_RELEASEQUARANTINERESPONSE']._serialized_start=2017
+  _globals['_RELEASEQUARANTINERESPONSE']._serialized_end=2100
+  _globals['_MONITORSTATSREQUEST']._serialized_start=2102
+  _globals['_MONITORSTATSREQUEST']._serialized_end=2123
+  _globals['_MONITORSTATS']._serialized_start=2126
+  _globals['_MONITORSTATS']._serialized_end=2905
+  _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_start=2685
+  _globals['_MONITORSTATS_UNOBSERVEDBYREASONENTRY']._serialized_end=2742
+  _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_start=2744
+  _globals['_MONITORSTATS_UNPARSABLEENTRY']._serialized_end=2793
+  _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_start=2795
+  _globals['_MONITORSTATS_VERDICTSENTRY']._serialized_end=2842
+  _globals['_MONITORSTATS_CLIENTSEVICTEDBYTENANTENTRY']._serialized_start=2844
+  _globals['_MONITORSTATS_CLIENTSEVICTEDBYTENANTENTRY']._serialized_end=2905
+  _globals['_ADMIN']._serialized_start=2907
+  _globals['_ADMIN']._serialized_end=3001
+  _globals['_QUARANTINES']._serialized_start=3004
+  _globals['_QUARANTINES']._serialized_end=3330
 # @@protoc_insertion_point(module_scope)

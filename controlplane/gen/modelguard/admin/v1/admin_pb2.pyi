@@ -43,10 +43,31 @@ Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 class StatusReport(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class RefusedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SIDECARS_FIELD_NUMBER: _builtins.int
     POLICIES_FIELD_NUMBER: _builtins.int
     SOURCE_ERRORS_FIELD_NUMBER: _builtins.int
     GENERATED_AT_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sidecars(self) -> _containers.RepeatedCompositeFieldContainer[Global___SidecarStatus]: ...
     @_builtins.property
@@ -59,6 +80,12 @@ class StatusReport(_message.Message):
 
     @_builtins.property
     def generated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def refused(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Connections and streams refused on the xDS port since start, by reason (the sync
+        status drops, and `plaintext_on_tls`: a sidecar speaking plaintext to the TLS port).
+        """
+
     def __init__(
         self,
         *,
@@ -66,10 +93,11 @@ class StatusReport(_message.Message):
         policies: _abc.Iterable[Global___PolicyStatus] | None = ...,
         source_errors: _abc.Iterable[_builtins.str] | None = ...,
         generated_at: _timestamp_pb2.Timestamp | None = ...,
+        refused: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "policies", b"policies", "sidecars", b"sidecars", "source_errors", b"source_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "policies", b"policies", "refused", b"refused", "sidecars", b"sidecars", "source_errors", b"source_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -90,6 +118,8 @@ class SidecarStatus(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     EGRESS_BLOCKED_FIELD_NUMBER: _builtins.int
+    ENVOY_ADMIN_FIELD_NUMBER: _builtins.int
+    REPLACED_STREAMS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     service: _builtins.str
     namespace: _builtins.str
@@ -101,6 +131,10 @@ class SidecarStatus(_message.Message):
     """latest snapshot the control plane holds for this node"""
     state: _builtins.str
     """Worst state over the resource types: NACKED > STALE > NOT_SENT > SYNCED."""
+    envoy_admin: _builtins.str
+    """Its Envoy admin interface (HOST:PORT, on the sidecar's host), as its bootstrap
+    announces it; what `modelguard proxy-config` reads. Empty when not announced.
+    """
     @_builtins.property
     def connected_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -109,6 +143,12 @@ class SidecarStatus(_message.Message):
     def egress_blocked(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressBlock]:
         """Outside destinations its egress control blocked (or, in Audit, would have blocked)
         recently: from the telemetry store, so only what it still holds. Most recent first.
+        """
+
+    @_builtins.property
+    def replaced_streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplacedStream]:
+        """Earlier streams of this node id that a newer one replaced (a second ADS stream with a
+        connected node id closes the first; audited in the control plane's log). Newest first.
         """
 
     def __init__(
@@ -125,14 +165,39 @@ class SidecarStatus(_message.Message):
         resources: _abc.Iterable[Global___ResourceSync] | None = ...,
         state: _builtins.str = ...,
         egress_blocked: _abc.Iterable[Global___EgressBlock] | None = ...,
+        envoy_admin: _builtins.str = ...,
+        replaced_streams: _abc.Iterable[Global___ReplacedStream] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "egress_blocked", b"egress_blocked", "identity", b"identity", "namespace", b"namespace", "node_id", b"node_id", "peer", b"peer", "resources", b"resources", "service", b"service", "snapshot_version", b"snapshot_version", "state", b"state", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "egress_blocked", b"egress_blocked", "envoy_admin", b"envoy_admin", "identity", b"identity", "namespace", b"namespace", "node_id", b"node_id", "peer", b"peer", "replaced_streams", b"replaced_streams", "resources", b"resources", "service", b"service", "snapshot_version", b"snapshot_version", "state", b"state", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SidecarStatus: _TypeAlias = SidecarStatus  # noqa: Y015
+
+@_typing.final
+class ReplacedStream(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    @_builtins.property
+    def connected_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        connected_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplacedStream: _TypeAlias = ReplacedStream  # noqa: Y015
 
 @_typing.final
 class EgressBlock(_message.Message):
@@ -233,6 +298,7 @@ class PolicyStatus(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     SIDECARS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     namespace: _builtins.str
     name: _builtins.str
@@ -251,6 +317,10 @@ class PolicyStatus(_message.Message):
     def sidecars(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """node ids this policy applies to"""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Valid, but giving something away (e.g. a client key any caller can choose)."""
+
     def __init__(
         self,
         *,
@@ -263,10 +333,11 @@ class PolicyStatus(_message.Message):
         errors: _abc.Iterable[_builtins.str] | None = ...,
         sidecars: _abc.Iterable[_builtins.str] | None = ...,
         serving: _builtins.bool = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "generation", b"generation", "kind", b"kind", "name", b"name", "namespace", b"namespace", "serving", b"serving", "sidecars", b"sidecars", "source", b"source", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "generation", b"generation", "kind", b"kind", "name", b"name", "namespace", b"namespace", "serving", b"serving", "sidecars", b"sidecars", "source", b"source", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,6 +375,7 @@ class QuarantineEntry(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     PER_SECONDS_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
     FIDELITY_FIELD_NUMBER: _builtins.int
     DISTINCT_QUERIES_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
@@ -312,6 +384,10 @@ class QuarantineEntry(_message.Message):
     policy: _builtins.str
     """namespace/name of the ExtractionPolicy"""
     client_key: _builtins.str
+    """Raw header keys (API keys: secrets) by fingerprint, "sha256:" + 16 hex digits of the
+    key's SHA-256 (as traces name them); a verified key id, tenant or JWT claim (headers the
+    sidecar sets itself), a SPIFFE ID or an address as it is.
+    """
     key_source: _builtins.str
     """header | identity | jwtClaim | sourceIP"""
     reason: _builtins.str
@@ -319,6 +395,8 @@ class QuarantineEntry(_message.Message):
     requests: _builtins.int
     """throttle: requests per per_seconds"""
     per_seconds: _builtins.int
+    fingerprint: _builtins.str
+    """"sha256:" + 16 hex digits, for every source"""
     fidelity: _builtins.float
     """The extraction-risk estimate (controlplane/extraction/risk.py): the highest estimated
     extraction fidelity the client reached, in [0, 1], when it has one; over how many
@@ -344,13 +422,14 @@ class QuarantineEntry(_message.Message):
         reason: _builtins.str = ...,
         requests: _builtins.int = ...,
         per_seconds: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
         fidelity: _builtins.float | None = ...,
         distinct_queries: _builtins.int = ...,
         tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "fidelity", b"fidelity", "since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "client_key", b"client_key", "distinct_queries", b"distinct_queries", "fidelity", b"fidelity", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "tier", b"tier", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "client_key", b"client_key", "distinct_queries", b"distinct_queries", "fidelity", b"fidelity", "fingerprint", b"fingerprint", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "tier", b"tier", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__fidelity: _TypeAlias = _typing.Literal["fidelity"]  # noqa: Y015
     _WhichOneofArgType__fidelity: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity"]  # noqa: Y015
@@ -385,6 +464,7 @@ class ReleaseQuarantineRequest(_message.Message):
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     client_key: _builtins.str
+    """the key, its SHA-256 (hex) or a fingerprint (12+ hex digits)"""
     policy: _builtins.str
     """namespace/name; empty: every policy"""
     def __init__(
@@ -505,6 +585,26 @@ class MonitorStats(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ClientsEvictedByTenantEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BATCHES_FIELD_NUMBER: _builtins.int
     QUERIES_FIELD_NUMBER: _builtins.int
     UNOBSERVED_FIELD_NUMBER: _builtins.int
@@ -518,6 +618,7 @@ class MonitorStats(_message.Message):
     CLIENTS_EXPIRED_FIELD_NUMBER: _builtins.int
     LONG_KEYS_FIELD_NUMBER: _builtins.int
     REFUSED_BATCHES_FIELD_NUMBER: _builtins.int
+    CLIENTS_EVICTED_BY_TENANT_FIELD_NUMBER: _builtins.int
     batches: _builtins.int
     """feed batches received"""
     queries: _builtins.int
@@ -548,6 +649,10 @@ class MonitorStats(_message.Message):
     def verdicts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """"stage:action" (e.g. "detection:quarantine") → count"""
 
+    @_builtins.property
+    def clients_evicted_by_tenant(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """evictions by the evicted client's tenant"""
+
     def __init__(
         self,
         *,
@@ -564,10 +669,11 @@ class MonitorStats(_message.Message):
         clients_expired: _builtins.int = ...,
         long_keys: _builtins.int = ...,
         refused_batches: _builtins.int = ...,
+        clients_evicted_by_tenant: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "clients_evicted", b"clients_evicted", "clients_expired", b"clients_expired", "clients_max", b"clients_max", "clients_tracked", b"clients_tracked", "long_keys", b"long_keys", "queries", b"queries", "refused_batches", b"refused_batches", "unknown_policy", b"unknown_policy", "unobserved", b"unobserved", "unobserved_by_reason", b"unobserved_by_reason", "unparsable", b"unparsable", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "clients_evicted", b"clients_evicted", "clients_evicted_by_tenant", b"clients_evicted_by_tenant", "clients_expired", b"clients_expired", "clients_max", b"clients_max", "clients_tracked", b"clients_tracked", "long_keys", b"long_keys", "queries", b"queries", "refused_batches", b"refused_batches", "unknown_policy", b"unknown_policy", "unobserved", b"unobserved", "unobserved_by_reason", b"unobserved_by_reason", "unparsable", b"unparsable", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#modelguard/admin/v1/ratelimit.proto\x12\x13modelguard.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x0fGetUsageRequest\x12\x14\n\x0climit_filter\x18\x01 \x01(\t\x12\x0b\n\x03top\x18\x02 \x01(\r\"\x81\x01\n\x0bUsageReport\x12/\n\x06limits\x18\x01 \x03(\x0b\x32\x1f.modelguard.admin.v1.LimitUsage\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xca\x01\n\nLimitUsage\x12\r\n\x05limit\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\x04\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06shadow\x18\x06 \x01(\x08\x12\x31\n\x07\x63lients\x18\x07 \x03(\x0b\x32 .modelguard.admin.v1.ClientUsage\"R\n\x0b\x43lientUsage\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\x11\n\tremaining\x18\x03 \x01(\x04\x12\x12\n\nat_or_over\x18\x04 \x01(\x08\"\x83\x01\n\x0fThrottleRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\r\x12\x13\n\x0bper_seconds\x18\x04 \x01(\r\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10ThrottleResponse2\xb9\x01\n\nRateLimits\x12R\n\x08GetUsage\x12$.modelguard.admin.v1.GetUsageRequest\x1a .modelguard.admin.v1.UsageReport\x12W\n\x08Throttle\x12$.modelguard.admin.v1.ThrottleRequest\x1a%.modelguard.admin.v1.ThrottleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#modelguard/admin/v1/ratelimit.proto\x12\x13modelguard.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x0fGetUsageRequest\x12\x14\n\x0climit_filter\x18\x01 \x01(\t\x12\x0b\n\x03top\x18\x02 \x01(\r\"\xba\x01\n\x0bUsageReport\x12/\n\x06limits\x18\x01 \x03(\x0b\x32\x1f.modelguard.admin.v1.LimitUsage\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\tthrottles\x18\x04 \x03(\x0b\x32$.modelguard.admin.v1.RuntimeThrottle\"\x83\x01\n\x0fRuntimeThrottle\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\r\x12\x13\n\x0bper_seconds\x18\x04 \x01(\r\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x11UnthrottleRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"K\n\x12UnthrottleResponse\x12\x35\n\x07removed\x18\x01 \x03(\x0b\x32$.modelguard.admin.v1.RuntimeThrottle\"\xca\x01\n\nLimitUsage\x12\r\n\x05limit\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\x04\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06shadow\x18\x06 \x01(\x08\x12\x31\n\x07\x63lients\x18\x07 \x03(\x0b\x32 .modelguard.admin.v1.ClientUsage\"R\n\x0b\x43lientUsage\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\x11\n\tremaining\x18\x03 \x01(\x04\x12\x12\n\nat_or_over\x18\x04 \x01(\x08\"\x83\x01\n\x0fThrottleRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\r\x12\x13\n\x0bper_seconds\x18\x04 \x01(\r\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10ThrottleResponse2\x98\x02\n\nRateLimits\x12R\n\x08GetUsage\x12$.modelguard.admin.v1.GetUsageRequest\x1a .modelguard.admin.v1.UsageReport\x12W\n\x08Throttle\x12$.modelguard.admin.v1.ThrottleRequest\x1a%.modelguard.admin.v1.ThrottleResponse\x12]\n\nUnthrottle\x12&.modelguard.admin.v1.UnthrottleRequest\x1a\'.modelguard.admin.v1.UnthrottleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSAGEREQUEST']._serialized_start=93
   _globals['_GETUSAGEREQUEST']._serialized_end=145
   _globals['_USAGEREPORT']._serialized_start=148
-  _globals['_USAGEREPORT']._serialized_end=277
-  _globals['_LIMITUSAGE']._serialized_start=280
-  _globals['_LIMITUSAGE']._serialized_end=482
-  _globals['_CLIENTUSAGE']._serialized_start=484
-  _globals['_CLIENTUSAGE']._serialized_end=566
-  _globals['_THROTTLEREQUEST']._serialized_start=569
-  _globals['_THROTTLEREQUEST']._serialized_end=700
-  _globals['_THROTTLERESPONSE']._serialized_start=702
-  _globals['_THROTTLERESPONSE']._serialized_end=720
-  _globals['_RATELIMITS']._serialized_start=723
-  _globals['_RATELIMITS']._serialized_end=908
+  _globals['_USAGEREPORT']._serialized_end=334
+  _globals['_RUNTIMETHROTTLE']._serialized_start=337
+  _globals['_RUNTIMETHROTTLE']._serialized_end=468
+  _globals['_UNTHROTTLEREQUEST']._serialized_start=470
+  _globals['_UNTHROTTLEREQUEST']._serialized_end=521
+  _globals['_UNTHROTTLERESPONSE']._serialized_start=523
+  _globals['_UNTHROTTLERESPONSE']._serialized_end=598
+  _globals['_LIMITUSAGE']._serialized_start=601
+  _globals['_LIMITUSAGE']._serialized_end=803
+  _globals['_CLIENTUSAGE']._serialized_start=805
+  _globals['_CLIENTUSAGE']._serialized_end=887
+  _globals['_THROTTLEREQUEST']._serialized_start=890
+  _globals['_THROTTLEREQUEST']._serialized_end=1021
+  _globals['_THROTTLERESPONSE']._serialized_start=1023
+  _globals['_THROTTLERESPONSE']._serialized_end=1041
+  _globals['_RATELIMITS']._serialized_start=1044
+  _globals['_RATELIMITS']._serialized_end=1324
 # @@protoc_insertion_point(module_scope)

@@ -52,26 +52,110 @@ class UsageReport(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     GENERATED_AT_FIELD_NUMBER: _builtins.int
+    THROTTLES_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """"memory" or the Redis URL"""
     @_builtins.property
     def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitUsage]: ...
     @_builtins.property
     def generated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def throttles(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuntimeThrottle]:
+        """run-time throttles in force"""
+
     def __init__(
         self,
         *,
         limits: _abc.Iterable[Global___LimitUsage] | None = ...,
         backend: _builtins.str = ...,
         generated_at: _timestamp_pb2.Timestamp | None = ...,
+        throttles: _abc.Iterable[Global___RuntimeThrottle] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "generated_at", b"generated_at", "limits", b"limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "generated_at", b"generated_at", "limits", b"limits", "throttles", b"throttles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageReport: _TypeAlias = UsageReport  # noqa: Y015
+
+@_typing.final
+class RuntimeThrottle(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    PER_SECONDS_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    """<ns>/<name> of the RatePolicy"""
+    client: _builtins.str
+    """fingerprint: "sha256:" + 16 hex digits of the client key"""
+    requests: _builtins.int
+    per_seconds: _builtins.int
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        policy: _builtins.str = ...,
+        client: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        per_seconds: _builtins.int = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "per_seconds", b"per_seconds", "policy", b"policy", "requests", b"requests", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuntimeThrottle: _TypeAlias = RuntimeThrottle  # noqa: Y015
+
+@_typing.final
+class UnthrottleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    client: _builtins.str
+    """the key, its SHA-256 (hex) or a fingerprint (12+ hex digits)"""
+    policy: _builtins.str
+    """<ns>/<name>; empty: every policy"""
+    def __init__(
+        self,
+        *,
+        client: _builtins.str = ...,
+        policy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnthrottleRequest: _TypeAlias = UnthrottleRequest  # noqa: Y015
+
+@_typing.final
+class UnthrottleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuntimeThrottle]: ...
+    def __init__(
+        self,
+        *,
+        removed: _abc.Iterable[Global___RuntimeThrottle] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnthrottleResponse: _TypeAlias = UnthrottleResponse  # noqa: Y015
 
 @_typing.final
 class LimitUsage(_message.Message):
@@ -126,7 +210,7 @@ class ClientUsage(_message.Message):
     REMAINING_FIELD_NUMBER: _builtins.int
     AT_OR_OVER_FIELD_NUMBER: _builtins.int
     client: _builtins.str
-    """the client key's value ("-": requests without one)"""
+    """the client key's fingerprint ("-": requests without one)"""
     used: _builtins.int
     remaining: _builtins.int
     at_or_over: _builtins.bool

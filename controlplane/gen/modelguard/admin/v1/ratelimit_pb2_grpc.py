@@ -44,6 +44,11 @@ class RateLimitsStub:
                 request_serializer=modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.ThrottleRequest.SerializeToString,
                 response_deserializer=modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.ThrottleResponse.FromString,
                 _registered_method=True)
+        self.Unthrottle = channel.unary_unary(
+                '/modelguard.admin.v1.RateLimits/Unthrottle',
+                request_serializer=modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.UnthrottleRequest.SerializeToString,
+                response_deserializer=modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.UnthrottleResponse.FromString,
+                _registered_method=True)
 
 
 class RateLimitsServicer:
@@ -60,6 +65,15 @@ class RateLimitsServicer:
     def Throttle(self, request, context):
         """Limit one client of one RatePolicy to `requests` per `per_seconds` until `until`,
         on every sidecar, without a configuration push.
+        `until` is at most 30 days ahead (longer is refused with INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unthrottle(self, request, context):
+        """End the run-time throttles of a client (named by its key, its SHA-256 or a
+        fingerprint), of one RatePolicy or of all; `modelguard usage unthrottle`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +91,11 @@ def add_RateLimitsServicer_to_server(servicer, server):
                     servicer.Throttle,
                     request_deserializer=modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.ThrottleRequest.FromString,
                     response_serializer=modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.ThrottleResponse.SerializeToString,
+            ),
+            'Unthrottle': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unthrottle,
+                    request_deserializer=modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.UnthrottleRequest.FromString,
+                    response_serializer=modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.UnthrottleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +152,33 @@ class RateLimits:
             '/modelguard.admin.v1.RateLimits/Throttle',
             modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.ThrottleRequest.SerializeToString,
             modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.ThrottleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unthrottle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelguard.admin.v1.RateLimits/Unthrottle',
+            modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.UnthrottleRequest.SerializeToString,
+            modelguard_dot_admin_dot_v1_dot_ratelimit__pb2.UnthrottleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelguard/feed/v1/feed.proto\x12\x12modelguard.feed.v1\"\x9e\x01\n\tFeedBatch\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12*\n\x07queries\x18\x03 \x03(\x0b\x32\x19.modelguard.feed.v1.Query\x12\x32\n\nunobserved\x18\x04 \x03(\x0b\x32\x1e.modelguard.feed.v1.Unobserved\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"|\n\x05Query\x12\x12\n\nclient_key\x18\x01 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x0e\n\x06status\x18\x03 \x01(\r\x12\x14\n\x0crequest_body\x18\x04 \x01(\x0c\x12\x15\n\rresponse_body\x18\x05 \x01(\x0c\x12\x0c\n\x04path\x18\x06 \x01(\t\"?\n\nUnobserved\x12\x12\n\nclient_key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1b\n\x07\x46\x65\x65\x64\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x32Q\n\tQueryFeed\x12\x44\n\x06Report\x12\x1d.modelguard.feed.v1.FeedBatch\x1a\x1b.modelguard.feed.v1.FeedAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelguard/feed/v1/feed.proto\x12\x12modelguard.feed.v1\"\x9e\x01\n\tFeedBatch\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12*\n\x07queries\x18\x03 \x03(\x0b\x32\x19.modelguard.feed.v1.Query\x12\x32\n\nunobserved\x18\x04 \x03(\x0b\x32\x1e.modelguard.feed.v1.Unobserved\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"\xa7\x01\n\x05Query\x12\x12\n\nclient_key\x18\x01 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x0e\n\x06status\x18\x03 \x01(\r\x12\x14\n\x0crequest_body\x18\x04 \x01(\x0c\x12\x15\n\rresponse_body\x18\x05 \x01(\x0c\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x16\n\x0e\x63lient_key_raw\x18\x07 \x01(\x0c\x12\x11\n\tinstances\x18\x08 \x01(\r\"j\n\nUnobserved\x12\x12\n\nclient_key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_key_raw\x18\x04 \x01(\x0c\x12\x11\n\tinstances\x18\x05 \x01(\x04\"\x1b\n\x07\x46\x65\x65\x64\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x32Q\n\tQueryFeed\x12\x44\n\x06Report\x12\x1d.modelguard.feed.v1.FeedBatch\x1a\x1b.modelguard.feed.v1.FeedAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FEEDBATCH']._serialized_start=54
   _globals['_FEEDBATCH']._serialized_end=212
-  _globals['_QUERY']._serialized_start=214
-  _globals['_QUERY']._serialized_end=338
-  _globals['_UNOBSERVED']._serialized_start=340
-  _globals['_UNOBSERVED']._serialized_end=403
-  _globals['_FEEDACK']._serialized_start=405
-  _globals['_FEEDACK']._serialized_end=432
-  _globals['_QUERYFEED']._serialized_start=434
-  _globals['_QUERYFEED']._serialized_end=515
+  _globals['_QUERY']._serialized_start=215
+  _globals['_QUERY']._serialized_end=382
+  _globals['_UNOBSERVED']._serialized_start=384
+  _globals['_UNOBSERVED']._serialized_end=490
+  _globals['_FEEDACK']._serialized_start=492
+  _globals['_FEEDACK']._serialized_end=519
+  _globals['_QUERYFEED']._serialized_start=521
+  _globals['_QUERYFEED']._serialized_end=602
 # @@protoc_insertion_point(module_scope)

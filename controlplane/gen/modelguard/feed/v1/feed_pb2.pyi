@@ -70,8 +70,15 @@ class Query(_message.Message):
     REQUEST_BODY_FIELD_NUMBER: _builtins.int
     RESPONSE_BODY_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    CLIENT_KEY_RAW_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
     client_key: _builtins.str
-    """value of the policy's client key (e.g. the API key), or "" if absent"""
+    """Value of the policy's client key (e.g. the API key), or "" if absent. A proto3 string
+    must be UTF-8, and one that is not fails the whole batch's decoding: a key that is not
+    UTF-8 travels in client_key_raw instead (client_key then ""), so one such request
+    costs only itself. Same wire type as before, so older monitors and sidecars still
+    interoperate (an older monitor sees such a query as the anonymous client).
+    """
     time_unix_ms: _builtins.int
     status: _builtins.int
     """HTTP status of the answer"""
@@ -80,6 +87,14 @@ class Query(_message.Message):
     response_body: _builtins.bytes
     """as the model answered, before output hardening"""
     path: _builtins.str
+    """"" when the path is not UTF-8"""
+    client_key_raw: _builtins.bytes
+    """a client key that is not UTF-8, as the sidecar read it"""
+    instances: _builtins.int
+    """Rows (instances) the request carried, as the sidecar counted them at request.features
+    (0: not counted). The monitor reads the body itself; this lets it weigh a query it
+    cannot parse.
+    """
     def __init__(
         self,
         *,
@@ -89,10 +104,12 @@ class Query(_message.Message):
         request_body: _builtins.bytes = ...,
         response_body: _builtins.bytes = ...,
         path: _builtins.str = ...,
+        client_key_raw: _builtins.bytes = ...,
+        instances: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "path", b"path", "request_body", b"request_body", "response_body", b"response_body", "status", b"status", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "client_key_raw", b"client_key_raw", "instances", b"instances", "path", b"path", "request_body", b"request_body", "response_body", b"response_body", "status", b"status", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -105,20 +122,30 @@ class Unobserved(_message.Message):
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CLIENT_KEY_RAW_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
     client_key: _builtins.str
     count: _builtins.int
     reason: _builtins.str
     """"buffer_full", "body_too_large", "call_failed", ..."""
+    client_key_raw: _builtins.bytes
+    """a client key that is not UTF-8 (client_key then "")"""
+    instances: _builtins.int
+    """Rows those requests carried, as the sidecar counted them (0: not counted; then each
+    request counts as one): unobserved answers weigh as much as what they returned.
+    """
     def __init__(
         self,
         *,
         client_key: _builtins.str = ...,
         count: _builtins.int = ...,
         reason: _builtins.str = ...,
+        client_key_raw: _builtins.bytes = ...,
+        instances: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "count", b"count", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "client_key_raw", b"client_key_raw", "count", b"count", "instances", b"instances", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

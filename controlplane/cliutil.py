@@ -1,0 +1,175 @@
+"""What every ``modelguard`` subcommand shares: global flags, output formats, argument types.
+
+Global flags (``-v``, ``--admin``) are added to the top-level parser *and* to every
+subcommand parser, nested ones included, by walking the parser tree once it is built
+(:func:`add_global_flags`). So they work in any position, a subcommand added later gets
+them without a line of its own, and each ``--help`` lists them where they are accepted.
+Their defaults are ``SUPPRESS`` so that a subcommand's parser never overwrites a value given
+before the subcommand; :func:`resolve_globals` fills the defaults in after parsing.
+
+Kept free of heavy imports: every CLI start-up pays for this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+DEFAULT_ADMIN = "127.0.0.1:18001"
+ADMIN_ENV = "MODELGUARD_ADMIN"
+# Subcommands that never talk to a control plane's admin service get no --admin.
+NO_ADMIN = frozenset({"validate", "run", "serve", "bootstrap", "inject", "ca", "version"})
+OUTPUT_FORMATS = ("table", "json", "yaml", "wide")
+
+GLOBAL_FLAGS_HELP = (
+    "global flags (-v, --admin) are accepted before or after the subcommand; "
+    f"--admin defaults to ${ADMIN_ENV}, else {DEFAULT_ADMIN}"
+)
+
+
+def _add_flags(parser: argparse.ArgumentParser, admin: bool) -> None:
+    group = parser.add_argument_group("global flags (any position)")
+    known = parser._option_string_actions  # argparse has no public "has option" query
+    if "-v" not in known and "--verbose" not in known:
+        group.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
+    if admin and "--admin" not in known:
+        group.add_argument(
+            "--admin",
+            default=argparse.SUPPRESS,
+            metavar="HOST:PORT",
+            help=f"admin address of the control plane (default: ${ADMIN_ENV}, else "
+            f"{DEFAULT_ADMIN})",
+        )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterable[tuple[str, argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def add_global_flags(root: argparse.ArgumentParser) -> None:
+    """Give the root and every (nested) subcommand parser the global flags."""
+    _add_flags(root, admin=True)
+
+    def walk(parser: argparse.ArgumentParser, admin: bool) -> None:
+        for name, child in _subparsers(parser):
+            child_admin = admin and name not in NO_ADMIN
+            _add_flags(child, child_admin)
+            walk(child, child_admin)
+
+    walk(root, True)
+
+
+def resolve_globals(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults of the global flags, after parsing: ``--admin``, then $MODELGUARD_ADMIN."""
+    if not hasattr(args, "verbose"):
+        args.verbose = False
+    if not getattr(args, "admin", None):
+        args.admin = os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN
+    if hasattr(args, "output"):
+        # Listing commands read ``args.json``; --json is -o json.
+        args.json = args.output == "json"
+    return args
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, *, wide: bool = True) -> None:
+    """``-o json|yaml|wide`` like kubectl, and ``--json`` kept as the alias of ``-o json``."""
+    choices = [f for f in OUTPUT_FORMATS if wide or f != "wide"]
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=choices,
+        default="table",
+        help="output format: " + "|".join(choices) + " (default: table)",
+    )
+    parser.add_argument(
+        "--json", dest="output", action="store_const", const="json", help="same as -o json"
+    )
+
+
+def emit(data: Any, output: str) -> str:
+    """A JSON-ready value as ``-o json`` or ``-o yaml`` prints it (camelCase keys, the API's)."""
+    if output == "yaml":
+        import yaml
+
+        return str(yaml.safe_dump(data, sort_keys=False, default_flow_style=False)).rstrip()
+    return json.dumps(data, indent=2)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: 1, 2, ... (``-n 0`` would print nothing, ``-n -1`` is no count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def seconds_over(least: int) -> Any:
+    """An argparse type: whole seconds, more than ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            hint = " (whole seconds, without a unit)" if text[-1:].isalpha() else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number{hint}") from None
+        if value <= least:
+            raise argparse.ArgumentTypeError(f"must be over {least} seconds, not {value}")
+        return value
+
+    return parse
+
+
+_POLICY_REF = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+
+
+def policy_ref(text: str) -> str:
+    """An argparse type: ``namespace/name`` of a policy ('' is no filter)."""
+    if text and not _POLICY_REF.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not namespace/name (e.g. demo/digits-model)")
+    return text
+
+
+_STATUS = re.compile(r"[1-5](?:\d\d|xx)")
+
+
+def http_status(text: str) -> str:
+    """An argparse type: an HTTP status (``403``) or a class (``4xx``); '' is no filter
+    (argparse passes string defaults through the type too)."""
+    if text and not _STATUS.fullmatch(text.lower()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an HTTP status: write a code such as 403 or a class such as 4xx"
+        )
+    return text.lower()
+
+
+def table(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart (kubectl's look)."""
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )

@@ -1,0 +1,79 @@
+"""CallerIR → the first HTTP filters of the inbound chain: who the caller is (issue 14).
+
+JWT verification, then the Lua caller filter (``apikey.py``): it drops every
+``x-modelguard-*`` header the caller sent and sets the verified key id, tenant and tier
+(or the source address), before quarantines, RBAC, budgets and the Wasm filter read them.
+A key presented beside a JWT or client certificate it is not bound to is refused by the
+access Deny filter (``rbac.binding_policy``), with the usual JSON 403 naming
+``api-key-not-bound-to-principal``.
+"""
+
+from __future__ import annotations
+
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2,
+)
+from envoy.type.matcher.v3 import string_pb2
+
+from controlplane.ir import SidecarIR
+from controlplane.translate import apikey, rbac
+from controlplane.translate.module import Inbound, Module
+from controlplane.translate.protos import pack
+
+UNBOUND_RULE = rbac.UNBOUND_RULE
+
+
+def caller_filter(ir: SidecarIR) -> hcm_pb2.HttpFilter:
+    classes = rbac.key_classes_of(ir.access) if ir.access is not None else {}
+    source = apikey.script(classes=classes, caller=ir.caller)
+    config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=source))
+    return hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=pack(config))
+
+
+INTERNAL_PREFIX = "x-modelguard-"
+
+
+def strip_internal_headers() -> extension_pb2.TypedExtensionConfig:
+    """Every x-modelguard-* header of a request, removed before any filter runs: only the
+    sidecar states who the caller is."""
+    mutation = header_mutation_pb2.HeaderMutation(
+        mutations=[
+            mutation_rules_pb2.HeaderMutation(
+                remove_on_match=mutation_rules_pb2.HeaderMutation.RemoveOnMatch(
+                    key_matcher=string_pb2.StringMatcher(prefix=INTERNAL_PREFIX)
+                )
+            )
+        ]
+    )
+    return extension_pb2.TypedExtensionConfig(
+        name="modelguard.strip-internal-headers", typed_config=pack(mutation)
+    )
+
+
+class Caller(Module):
+    name = "modelguard.caller"
+
+    def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
+        caller = ir.caller
+        if caller is None:
+            return []
+        filters = []
+        # Verified tokens first: the caller filter binds keys to their subject and copies
+        # the claims client keys read.
+        if ir.access is not None and ir.access.jwt_providers:
+            filters.append(rbac.jwt_filter(ir.access))
+        filters.append(caller_filter(ir))
+        return filters
+
+    def patch(self, ir: SidecarIR, inbound: Inbound) -> None:
+        if ir.caller is not None:
+            inbound.manager.early_header_mutation_extensions.append(strip_internal_headers())
+
+
+MODULE = Caller()

@@ -1,0 +1,260 @@
+"""The README tells the truth (issue 19): its marked shell blocks are run and their output's
+shape is compared with what the README shows.
+
+A block is tested when the line before its fence is an HTML comment starting with
+``<!-- readme-test: embedded`` (run against `modelguard run` on free ports; the admin address
+goes in through $MODELGUARD_ADMIN) or ``<!-- readme-test: sidecar`` (run as written, as one
+shell script, its port numbers swapped for free ones). Only marked blocks are read, so other
+sections can change freely.
+
+Shape: header lines (all upper case) must match column for column; other lines by their first
+word, digits folded (versions, counts, ports and hashes differ from run to run). Expected
+lines must appear in order; extra lines in the real output (warnings, banner lines) are
+allowed. Drift fails with both outputs shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlplane.netutil import free_port, http_request
+from tests.cli.embedded import MODELGUARD, Embedded, modelguard, start_embedded
+from tests.conftest import REPO, Processes
+
+pytestmark = pytest.mark.envoy
+
+README = REPO / "README.md"
+PROMPT = ".venv/bin/modelguard "
+
+
+@dataclass
+class Step:
+    command: str  # without the prompt path and the trailing comment
+    expected: list[str]
+
+
+def marked_blocks(text: str, marker: str) -> list[list[str]]:
+    """The lines of each fenced block whose fence follows ``<!-- readme-test: <marker>``."""
+    lines = text.splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(f"<!-- readme-test: {marker}"):
+            indent = len(line) - len(line.lstrip())  # a block inside a list item
+            fence = lines[i + 1].lstrip()
+            assert fence.startswith("```"), f"README line {i + 2}: a fence must follow"
+            end = next(j for j in range(i + 2, len(lines)) if lines[j].lstrip().startswith("```"))
+            blocks.append([row[indent:] for row in lines[i + 2 : end]])
+    return blocks
+
+
+def steps(block: list[str]) -> list[Step]:
+    out: list[Step] = []
+    for line in block:
+        if line.startswith(PROMPT):
+            command = re.sub(r"\s+#.*$", "", line[len(PROMPT) :]).strip()
+            out.append(Step(command, []))
+        elif out and line.strip() and line.strip() != "...":
+            out[-1].expected.append(line)
+    return out
+
+
+def _columns(line: str) -> list[str]:
+    return re.split(r"\s{2,}", line.strip())
+
+
+def _is_header(line: str) -> bool:
+    return bool(re.fullmatch(r"[A-Z][A-Z ]*[A-Z]", line.strip())) and "  " in line.strip()
+
+
+def shape(line: str) -> tuple[str, ...]:
+    if _is_header(line):
+        return ("header", *_columns(line))
+    first = line.split()[0]
+    return ("line", re.sub(r"\d+", "#", first))
+
+
+def assert_same_shape(command: str, expected: list[str], actual: str) -> None:
+    have = [shape(line) for line in actual.splitlines() if line.strip()]
+    at = 0
+    for line in expected:
+        want = shape(line)
+        try:
+            at = have.index(want, at) + 1
+        except ValueError:
+            raise AssertionError(
+                f"README drift in `modelguard {command}`: no line shaped like\n  {line}\n"
+                f"in the real output (after what matched before):\n{actual}"
+            ) from None
+
+
+def test_the_readme_marks_the_blocks_this_test_runs() -> None:
+    text = README.read_text()
+    embedded = [s for b in marked_blocks(text, "embedded") for s in steps(b)]
+    assert {s.command.split()[0] for s in embedded} >= {"validate", "status", "proxy-config"}
+    # Every tested block shows some output to compare.
+    assert all(any(s.expected for s in steps(b)) for b in marked_blocks(text, "embedded"))
+    assert len(marked_blocks(text, "sidecar")) == 1
+
+
+def test_shape_comparison_catches_drift() -> None:
+    # The comparison must be able to fail: a missing column, an unknown first word.
+    actual = "SIDECAR  SERVICE  VERSION\nnode-1   svc      abc\n"
+    assert_same_shape("status", ["SIDECAR  SERVICE  VERSION", "node-7  x  y"], actual)
+    with pytest.raises(AssertionError, match="README drift"):
+        assert_same_shape("status", ["SIDECAR  SERVICE  SDS  VERSION"], actual)
+    with pytest.raises(AssertionError, match="README drift"):
+        assert_same_shape("status", ["SIDECAR  SERVICE  VERSION", "policy-1  x"], actual)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
+    processes = Processes(tmp_path_factory.mktemp("readme"))
+    try:
+        yield start_embedded(processes, processes.log_dir / "workdir")
+    finally:
+        processes.stop_all()
+
+
+@pytest.mark.timeout(300)
+def test_the_readme_blocks_run_against_the_embedded_default(embedded: Embedded) -> None:
+    env = {"MODELGUARD_ADMIN": embedded.admin}
+    deadline = time.monotonic() + 30  # every resource type ACKed
+    while "NOT_SENT" in (status := modelguard("status", env=env).stdout) or "STALE" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    # What the egress sample shows: a workload's HTTP and TLS attempts to reach hosts no
+    # EgressPolicy allows, through the sidecar's outbound port.
+    status_code, _, _ = http_request(
+        "GET", f"http://127.0.0.1:{embedded.outbound_port}/", headers={"Host": "example.com"}
+    )
+    assert status_code == 403
+    context = ssl.create_default_context()
+    with (
+        socket.create_connection(("127.0.0.1", embedded.outbound_port), timeout=5) as raw,
+        pytest.raises((ssl.SSLError, OSError)),
+        context.wrap_socket(raw, server_hostname="evil.example.org"),
+    ):
+        pass  # closed during the handshake: refused
+    deadline = time.monotonic() + 30  # access logs are flushed every second
+    while (status := modelguard("status", env=env).stdout).count("blocked  ") < 2:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    for block in marked_blocks(README.read_text(), "embedded"):
+        for step in steps(block):
+            result = modelguard(*step.command.split(), env=env)
+            assert result.returncode == 0, f"modelguard {step.command}:\n{result.stderr}"
+            assert_same_shape(step.command, step.expected, result.stdout)
+
+
+@pytest.mark.timeout(300)
+def test_the_banner_and_proxy_config_show_the_sidecars_envoy(embedded: Embedded) -> None:
+    env = {"MODELGUARD_ADMIN": embedded.admin}
+    match = re.search(r"sidecar Envoy admin\s+http://127\.0\.0\.1:(\d+)/", embedded.output())
+    assert match, embedded.output()
+    listeners = modelguard("proxy-config", "digits-model-0", "listeners", env=env).stdout
+    assert f"inbound|{embedded.listen_port}" in listeners
+    clusters = modelguard("proxy-config", "digits-model-0", "clusters", env=env).stdout
+    assert "modelguard-xds" in clusters and "bootstrap" in clusters
+    routes = modelguard("proxy-config", "digits-model-0", "routes", "-o", "yaml", env=env)
+    assert yaml.safe_load(routes.stdout)["configs"], routes.stdout
+    stats = modelguard(
+        "proxy-config", "digits-model-0", "stats", "--filter", "server.live", env=env
+    )
+    assert stats.stdout.strip() == "server.live: 1", stats.stdout
+    # Read through the admin port the banner printed, the same numbers.
+    direct = modelguard(
+        "proxy-config", "x", "stats", "--filter", "server.live",
+        "--envoy-admin", f"127.0.0.1:{match.group(1)}",
+    )  # fmt: skip
+    assert direct.stdout == stats.stdout
+
+
+def test_kubectl_get_sample_has_the_crds_printer_columns() -> None:
+    text = README.read_text()
+    start = text.index("kubectl get modelguard -A")
+    block = text[start : text.index("```", start)].splitlines()[1:]
+    crds = {
+        doc["spec"]["names"]["kind"].lower(): doc["spec"]["versions"][0]
+        for path in (REPO / "k8s" / "crds").glob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "CustomResourceDefinition"
+    }
+    tables = 0
+    for header, row in itertools.pairwise(block):
+        if not header.startswith("NAMESPACE"):
+            continue
+        kind = row.split()[1].split(".")[0]
+        columns = [c["name"].upper() for c in crds[kind].get("additionalPrinterColumns", [])]
+        assert _columns(header) == ["NAMESPACE", "NAME", *columns], (kind, header)
+        tables += 1
+    assert tables == len(crds), "one table per policy kind, as kubectl prints a category"
+
+
+@pytest.mark.timeout(300)
+def test_running_a_sidecar_yourself_works_as_written(tmp_path: Path) -> None:
+    (block,) = marked_blocks(README.read_text(), "sidecar")
+    script = "\n".join(block)
+    # Every port of the block, swapped for a free one (tests never take fixed ports).
+    for port in sorted(set(re.findall(r"(?<![\d.])(\d{4,5})(?![\d.])", script)), key=len):
+        if int(port) > 1024:
+            script = re.sub(rf"(?<![\d.]){port}(?![\d.])", str(free_port()), script)
+    script = script.replace("sleep 3", "sleep 8")  # a loaded test machine is slower
+    script = script.replace(".modelguard/own", str(tmp_path / "own"))
+    # Each line runs as written; between steps, wait for what the previous one started.
+    lines = [
+        line
+        for line in script.replace("\\\n", " ").splitlines()
+        if line.startswith((".venv/", "curl ", "sleep "))  # the rest is output it shows
+    ]
+    runner = "set -u\ncd " + str(tmp_path) + "\nln -s " + str(REPO / ".venv") + " .venv\n"
+    runner += f"cp -r {REPO / 'policies'} policies\n"
+    for line in lines:
+        runner += line + "\n"
+        if line.startswith(".venv/bin/envoy"):
+            runner += "sleep 6\n"  # the sidecar connects and is configured
+        if " status " in line:
+            runner += "sleep 1\n"
+    log = tmp_path / "block.log"
+    with log.open("wb") as sink:  # a file: the block's background jobs keep writing to it
+        process = subprocess.Popen(
+            ["bash", "-c", runner],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PATH": f"{Path(MODELGUARD).parent}:{os.environ['PATH']}"},
+        )
+    try:
+        process.wait(timeout=200)
+        out = log.read_text(errors="replace")
+    finally:
+        # The block's background jobs share the script's session: stopped by its id.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    assert "wrote envoy.yaml (the bootstrap" in out, out
+    assert "wrote envoy.token (" in out and "wrote envoy.token.sds.yaml (" in out, out
+    assert re.search(r"digits-model\.demo\s+digits-model\.demo\s+SotW\s+SYNCED", out), out
+    # The app port is served: no 503 from a sidecar without its application.
+    assert '"predictions"' in out or "access denied" in out, out
+    assert "upstream connect error" not in out and "no healthy upstream" not in out
+    assert "wasmcustom.modelguard" in out, out
+    ignored = subprocess.run(
+        ["git", "check-ignore", "envoy.yaml", "x.token", "x.token.sds.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert ignored.stdout.split() == ["envoy.yaml", "x.token", "x.token.sds.yaml"]
