@@ -162,7 +162,7 @@ def with_estimates(
     entries: list[admin_pb2.QuarantineEntry],
     request: admin_pb2.ListQuarantinesRequest,
 ) -> list[admin_pb2.QuarantineEntry]:
-    """Each entry with its client's risk estimate; with ``include_throttles``, the other
+    """Each entry with its client's risk estimate; with ``include_estimates``, the other
     clients that have one (highest first) as kind ``estimate``."""
     listed = set()
     risks = {(policy, key): (f, n) for policy, key, f, n in monitor.risks()}
@@ -171,7 +171,7 @@ def with_estimates(
         if found is not None:
             e.fidelity, e.distinct_queries = found
         listed.add((e.policy, e.client_key))
-    if request.include_throttles:
+    if request.include_estimates:
         others = [(k, v) for k, v in risks.items() if k not in listed][:MAX_ESTIMATES]
         entries += [
             admin_pb2.QuarantineEntry(
@@ -319,9 +319,10 @@ def run(args: argparse.Namespace) -> int:
         with grpc.insecure_channel(args.admin) as channel:
             stub = admin_pb2_grpc.QuarantinesStub(channel)
             if args.quarantine_command == "list":
-                listed = stub.ListQuarantines(
-                    admin_pb2.ListQuarantinesRequest(include_throttles=args.all), timeout=5
+                request = admin_pb2.ListQuarantinesRequest(
+                    include_throttles=args.all, include_estimates=args.all
                 )
+                listed = stub.ListQuarantines(request, timeout=5)
                 stats = _stats(stub)
                 if args.output in ("json", "yaml"):
                     out = json_format.MessageToDict(listed)

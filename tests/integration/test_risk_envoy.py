@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from test_extraction_envoy import System, start_plane, until
 
 from controlplane.bootstrap import build_bootstrap
 from controlplane.extraction.verdicts import ClientRef
+from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
@@ -136,7 +138,12 @@ async def test_a_client_past_its_fidelity_step_gets_the_stricter_tier_others_kee
     assert not label_only(await scores(system, "explorer", probe, tier="premium"))
 
     # Named as every admin answer names a raw API key: by fingerprint.
-    entries = {e.client_key: e for e in await system.quarantines()}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{system.admin_port}") as channel:
+        listed = await admin_pb2_grpc.QuarantinesStub(channel).ListQuarantines(
+            admin_pb2.ListQuarantinesRequest(include_throttles=True, include_estimates=True),
+            timeout=5,
+        )
+    entries = {e.client_key: e for e in listed.entries}
     learner = entries[ClientRef.of("demo/digits-model", "learner").shown]
     explorer_entry = entries[ClientRef.of("demo/digits-model", "explorer").shown]
     assert learner.kind == "harden" and learner.reason == "risk"

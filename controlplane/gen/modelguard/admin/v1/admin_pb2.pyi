@@ -348,15 +348,21 @@ class ListQuarantinesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_THROTTLES_FIELD_NUMBER: _builtins.int
+    INCLUDE_ESTIMATES_FIELD_NUMBER: _builtins.int
     include_throttles: _builtins.bool
+    include_estimates: _builtins.bool
+    """Also every other client with an extraction-risk estimate, as kind "estimate" (the 100
+    highest): what `modelguard quarantine list --all` shows.
+    """
     def __init__(
         self,
         *,
         include_throttles: _builtins.bool = ...,
+        include_estimates: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_throttles", b"include_throttles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_estimates", b"include_estimates", "include_throttles", b"include_throttles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,9 +406,7 @@ class QuarantineEntry(_message.Message):
     fidelity: _builtins.float
     """The extraction-risk estimate (controlplane/extraction/risk.py): the highest estimated
     extraction fidelity the client reached, in [0, 1], when it has one; over how many
-    distinct queries; and for kind "harden", the output tier its answers get. With
-    include_throttles, clients with an estimate and nothing in force are listed too, as
-    kind "estimate" (the 100 highest).
+    distinct queries; and for kind "harden", the output tier its answers get.
     """
     distinct_queries: _builtins.int
     tier: _builtins.str
