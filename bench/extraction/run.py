@@ -425,7 +425,11 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
 def estimated_fidelity(system: System, keys: list[str]) -> float | None:
     """The monitor's estimate for a client (risk.py): the highest over its keys, each of
     which the monitor tracks on its own."""
-    found = [f for _, key, f, _ in system.plane.extraction.monitor.risks() if key in keys]
+    from controlplane.extraction.verdicts import ClientRef
+
+    # The monitor names API keys as admin answers do: by fingerprint.
+    names = {ClientRef.of("demo/digits-model", k, "header", "x-api-key").shown for k in keys}
+    found = [f for _, key, f, _ in system.plane.extraction.monitor.risks() if key in names]
     return max(found) if found else None
 
 
