@@ -170,7 +170,9 @@ def extraction(service: str, *, detection: bool) -> str:
     )
     if detection:
         text += (
-            "  detection: {detectors: [prada, nearDuplicate, coverage], sensitivity: medium}\n"
+            "  detection: {detectors: [prada, nearDuplicate, coverage], sensitivity: medium,\n"
+            f"    reference: {{file: {ROOT / 'policies' / 'digits-reference.csv'}, "
+            "labelColumn: label}}\n"
             "  actions:\n    onSuspicion: {throttle: {requests: 60, per: minute}}\n"
             "    onDetection: {quarantine: {duration: 24h}}\n"
         )

@@ -38,7 +38,7 @@ spec:
   clientKey: {header: x-api-key}
   request: {features: "$.instances[*]"}
   response: {scores: "$.predictions[*].probabilities"}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
+  detection: {detectors: [prada, nearDuplicate]}  # the reference detectors need reference data
   actions:
     onSuspicion: {throttle: {requests: 60, per: minute}}
     onDetection: {quarantine: {duration: 24h}}

@@ -131,10 +131,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             for p in plane.store.current().policies
         }
         sidecars = plane.inventory.snapshot()
+        calibrated = plane.extraction.profiles.conditions()
         for status in plane.store.statuses():
             policy = policies.get(status.key)
             kind, namespace, name = status.key
-            report.policies.add(
+            policy_entry = report.policies.add(
                 kind=kind,
                 namespace=namespace,
                 name=name,
@@ -146,6 +147,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 warnings=list(status.warnings),
                 sidecars=[s.node_id for s in sidecars if policy and targets(policy, s)],
             )
+            condition = (
+                calibrated.get(f"{namespace}/{name}") if kind == "ExtractionPolicy" else None
+            )
+            if condition is not None:
+                policy_entry.conditions.add(
+                    type="Calibrated",
+                    status=condition.status,
+                    reason=condition.reason,
+                    message=condition.message,
+                )
         for reason, count in plane.sync_status.drops().items():
             report.refused[reason] = count
         named = {e for p in report.policies for e in p.errors}

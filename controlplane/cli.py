@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine_admin.add_arguments(p)
     p.set_defaults(func=quarantine_admin.run)
 
+    p = sub.add_parser("profile", help="an ExtractionPolicy's detector profile: build, show")
+    from controlplane.extraction import profile_cli
+
+    profile_cli.add_arguments(p)
+    p.set_defaults(func=profile_cli.run)
+
     p = sub.add_parser(
         "status",
         help="connected sidecars and policies, like istioctl proxy-status",

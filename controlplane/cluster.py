@@ -17,6 +17,7 @@ from typing import Any
 
 from controlplane.identity.kubernetes import KubernetesTokenAuthenticator, TrustBundle
 from controlplane.sources.kubernetes import (
+    Condition,
     KubernetesSource,
     LeaderElector,
     ProgramTracker,
@@ -81,6 +82,36 @@ def cluster_authenticator(api_client: Any, identity: Any) -> KubernetesTokenAuth
     )
 
 
+def kubernetes_configmaps(api_client: Any) -> Any:
+    """Reads a ConfigMap key's bytes (``binaryData`` is base64, e.g. a .npy file)."""
+    import base64
+
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+
+    def read(namespace: str, name: str, key: str) -> bytes:
+        configmap = core.read_namespaced_config_map(name, namespace)
+        if configmap.binary_data and key in configmap.binary_data:
+            return base64.b64decode(configmap.binary_data[key])
+        if configmap.data and key in configmap.data:
+            return str(configmap.data[key]).encode()
+        raise ValueError(f"ConfigMap {namespace}/{name} has no key {key!r}")
+
+    return read
+
+
+def calibrated_conditions(plane: Any, key: tuple[str, str, str]) -> list[Condition]:
+    """An ExtractionPolicy's Calibrated condition, as the monitor's profiles report it."""
+    kind, namespace, name = key
+    if kind != "ExtractionPolicy":
+        return []
+    found = plane.extraction.profiles.conditions().get(f"{namespace}/{name}")
+    if found is None:
+        return []
+    return [Condition("Calibrated", found.status, found.reason, found.message)]
+
+
 def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     """Run the control plane in a cluster until interrupted; returns the exit code."""
     import socket
@@ -116,6 +147,9 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
             tracker.nodes,
             plane.inventory.snapshot,
         )
+        # ExtractionPolicies: reference data from ConfigMaps, Calibrated in their status.
+        plane.extraction.profiles.configmaps = kubernetes_configmaps(api_client)
+        writer.extra_conditions = lambda key: calibrated_conditions(plane, key)
         webhook = None
         if args.webhook_port:
             cert_dir = Path(args.webhook_cert_dir) if args.webhook_cert_dir else None

@@ -15,6 +15,7 @@ code (exactly one of, at least one of, cross-field bounds) become CEL
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,8 @@ class _Converter:
             return self.convert(node, path, name)
         if "anyOf" in node:
             options = [o for o in node.pop("anyOf") if o != {"type": "null"}]
+            if sorted(str(o.get("type")) for o in options) == ["integer", "string"]:
+                return {"x-kubernetes-int-or-string": True}  # e.g. a column: name or index
             if len(options) != 1:
                 raise CrdGenError(f"{path}: a union of several types is not structural")
             return self.convert({**options[0], **node}, path, name)
@@ -376,13 +379,28 @@ def generate() -> dict[str, str]:
     return files
 
 
+# In the cluster a policy's reference data comes from a ConfigMap: the demo's copies name
+# one (k8s/demo/kustomization.yaml generates it from the copied file) instead of a file.
+_REFERENCE_FILE = re.compile(r"reference: \{file: ([-\w.]+)(, |\})")
+
+
+def _cluster_reference(match: re.Match[str]) -> str:
+    name = match.group(1)
+    stem = name.rsplit(".", 1)[0]
+    return f"reference: {{configMap: {{name: {stem}, key: {name}}}{match.group(2)}"
+
+
 def demo_policies(source: Path = POLICIES_DIR) -> dict[str, str]:
-    """File name → content of every file in ``k8s/demo/policies/``."""
-    return {
+    """File name → content of every file in ``k8s/demo/policies/`` (the reference data
+    files the policies name are copied too)."""
+    files = {
         path.name: f"# Copied from policies/{path.name} by `make crds`: edit that file.\n"
-        + path.read_text()
+        + _REFERENCE_FILE.sub(_cluster_reference, path.read_text())
         for path in sorted(source.glob("*.yaml"))
     }
+    for path in sorted(source.glob("*.csv")):
+        files[path.name] = path.read_text()
+    return files
 
 
 def stale(directory: Path = CRD_DIR, wanted: dict[str, str] | None = None) -> list[str]:

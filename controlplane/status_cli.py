@@ -107,6 +107,7 @@ def render(report: admin_pb2.StatusReport, wide: bool = False) -> str:
     out += _egress_blocked(report)
     prows = [["POLICY", "STATE", "GEN", "SIDECARS", "SOURCE"]]
     errors = []
+    conditions: list[str] = []
     warnings: list[str] = []
     for p in report.policies:
         state = (
@@ -122,6 +123,10 @@ def render(report: admin_pb2.StatusReport, wide: bool = False) -> str:
             ]
         )
         errors += [f"  {e}" for e in p.errors]
+        conditions += [
+            f"  {p.kind} {p.namespace}/{p.name}: {c.type}={c.status} ({c.reason}) {c.message}"
+            for c in p.conditions
+        ]
         warnings += [f"  {p.kind} {p.namespace}/{p.name}: {w}" for w in p.warnings]
         if p.state == "Accepted" and not p.sidecars:
             warnings.append(
@@ -129,6 +134,8 @@ def render(report: admin_pb2.StatusReport, wide: bool = False) -> str:
                 "(check spec.targetRef)"
             )
     out += ["", _table(prows) if report.policies else "no policies"]
+    if conditions:
+        out += ["", "Conditions:", *conditions]
     if errors or report.source_errors:
         out += ["", "Policy errors:", *errors, *(f"  {e}" for e in report.source_errors)]
     if warnings:

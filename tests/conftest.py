@@ -156,3 +156,28 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 def start_model(processes: Processes) -> Callable[[], tuple[str, int]]:
     """A factory of private demo models (stopped with the test): ``host, port = start_model()``."""
     return lambda: start_demo_model(processes)
+
+
+# The demo's reference data (policies/digits-reference.csv), for ExtractionPolicies that
+# use the reference detectors.
+DIGITS_REFERENCE = REPO / "policies" / "digits-reference.csv"
+
+
+@pytest.fixture(scope="session")
+def profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Path]:
+    """Seeds a control plane's profile cache (STATE/profiles, next to its verdicts file)
+    with the digits reference's profile, calibrated once per session, so a test's control
+    plane starts Calibrated instead of calibrating for tens of seconds."""
+    import shutil
+
+    from controlplane.extraction.calibrate import cached_profile
+    from controlplane.extraction.reference import load_file
+
+    built = tmp_path_factory.mktemp("profiles")
+    cached_profile("digits", load_file(DIGITS_REFERENCE, "label"), built, label_column="label")
+
+    def seed(state: Path) -> Path:
+        shutil.copytree(built, state / "profiles", dirs_exist_ok=True)
+        return state / "profiles"
+
+    return seed

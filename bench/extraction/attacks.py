@@ -145,7 +145,14 @@ def interleaved(attack: Callable[..., Client], pool: np.ndarray) -> Callable[...
 def scenario(test_X: np.ndarray, attacker_pool: np.ndarray) -> list[Spec]:
     """The clients of one benchmark run. ``attacker_pool`` is natural data the attacker owns
     (disjoint from the benign users' records); benign users draw from ``test_X``."""
+    from controlplane.extraction import calibrate as C
     from controlplane.extraction.calibrate import heavy_user, iid_user, whatif_user
+    from controlplane.local.model import load_digits_data, load_model
+
+    model = load_model(0)
+    classes = model.predict(test_X).astype(np.int16)
+    clusters = C.kmeans(test_X.astype(np.float32), 8, 1)
+    images, digit = load_digits_data()
 
     def pool_fixed(fn: Callable[..., np.ndarray]) -> Callable[..., Client]:
         return lambda rng, n: fixed(fn(rng, test_X, n))
@@ -167,6 +174,21 @@ def scenario(test_X: np.ndarray, attacker_pool: np.ndarray) -> list[Spec]:
           for i in range(4)],
         *[Spec(f"benign what-if #{i}", "benign", 1, pool_fixed(whatif_user), 300)
           for i in range(8)],
+        *[Spec(f"benign local (LIME-style) #{i}", "benign", 1, pool_fixed(C.local_user), 600)
+          for i in range(4)],
+        *[Spec(f"benign single class #{i}", "benign", 1,
+               lambda rng, n: fixed(C.segment_user(rng, test_X, n, classes)), 300)
+          for i in range(4)],
+        # Held out of calibration: generators it never saw, and real images of one class.
+        *[Spec(f"held-out sweep #{i}", "held-out", 1, pool_fixed(C.sweep_user), 300)
+          for i in range(4)],
+        *[Spec(f"held-out SHAP-style #{i}", "held-out", 1, pool_fixed(C.shap_user), 600)
+          for i in range(4)],
+        *[Spec(f"held-out cluster #{i}", "held-out", 1,
+               lambda rng, n: fixed(C.segment_user(rng, test_X, n, clusters)), 300)
+          for i in range(4)],
+        *[Spec(f"held-out sklearn class {c}", "held-out", 1,
+               lambda rng, n, c=c: fixed(images[digit == c][:n]), 200) for c in range(10)],
     ]
 
 

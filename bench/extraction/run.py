@@ -14,7 +14,15 @@ attacker's substitute at fixed budgets without the defense (raw probabilities, n
 monitor) and with it (the answers the sidecar actually gave, none after the quarantine),
 and benign utility loss (top-1 changes, mean probability shift). JSON with ``--json``.
 
-    .venv/bin/python bench/extraction/run.py [--repeats 3] [--json out.json]
+Two models (issue 13): the demo digits model and a 30-feature breast-cancer classifier
+(``models.py``), each with its own ExtractionPolicy naming its reference data; the control
+plane calibrates each profile itself before any client runs. Benign clients are reported in
+two groups: the generators calibration uses (other seeds) and the HELD-OUT generators it
+never sees (``calibrate.HELD_OUT_KINDS``: feature sweeps, SHAP-style coalitions, cluster
+segments), plus, on digits, scikit-learn's own images of each class sent one by one.
+
+    .venv/bin/python bench/extraction/run.py [--repeats 3] [--json out.json] \
+        [--models digits,cancer]
 """
 
 from __future__ import annotations
@@ -40,29 +48,35 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from attacks import Answer, Spec, scenario  # noqa: E402
+from models import breast_cancer_model, cancer_scenario, reference_csv  # noqa: E402
+from models import serve as serve_any  # noqa: E402
 
 from controlplane.bootstrap import build_bootstrap  # noqa: E402
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc  # noqa: E402
 from controlplane.inventory import Sidecar  # noqa: E402
 from controlplane.local.envoy import EnvoyProcess  # noqa: E402
-from controlplane.local.model import DigitsModel, load_model, serve  # noqa: E402
+from controlplane.local.model import load_model, serve  # noqa: E402
+from controlplane.local.model import reference_csv as digits_reference_csv  # noqa: E402
 from controlplane.netutil import free_port  # noqa: E402
 from controlplane.server import ControlPlane, ControlPlaneConfig  # noqa: E402
 
 POLICY = """\
 apiVersion: modelguard.io/v1alpha1
 kind: ExtractionPolicy
-metadata: {name: digits-model, namespace: demo}
+metadata: {{name: {service}, namespace: demo}}
 spec:
-  targetRef: {service: digits-model}
-  clientKey: {header: x-api-key}
-  request: {features: "$.instances[*]"}
-  response: {scores: "$.predictions[*].probabilities"}
-  output: {topK: 1, roundDigits: 2}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage], sensitivity: medium}
+  targetRef: {{service: {service}}}
+  clientKey: {{header: x-api-key}}
+  request: {{features: "$.instances[*]"}}
+  response: {{scores: "$.predictions[*].probabilities"}}
+  output: {{topK: 1, roundDigits: 2}}
+  detection:
+    detectors: [prada, nearDuplicate, outOfDistribution, coverage]
+    sensitivity: medium
+    reference: {{file: reference.csv, labelColumn: label}}
   actions:
-    onSuspicion: {throttle: {requests: 60, per: minute}}
-    onDetection: {quarantine: {duration: 24h}}
+    onSuspicion: {{throttle: {{requests: 60, per: minute}}}}
+    onDetection: {{quarantine: {{duration: 24h}}}}
 """
 BUDGETS = (100, 300, 1000)
 REPORT_EVERY = 8
@@ -71,13 +85,47 @@ REPORT_EVERY = 8
 # --- the system under test -----------------------------------------------------------------------
 
 
+@dataclass
+class Victim:
+    """One model under test: how to serve it, its reference data, its clients."""
+
+    name: str
+    service: str
+    model: Any  # predict_proba, predict, test_X, test_y
+    classes: int
+    reference: str  # CSV with the model's own class in a ``label`` column
+    serve: Any  # () -> a server with .port and .stop()
+    specs: list[Spec]
+    scale: np.ndarray  # what the attacker's substitute divides features by
+
+
+def digits_victim() -> Victim:
+    model = load_model(0)
+    return Victim("digits", "digits-model", model, 10, digits_reference_csv(model),
+                  lambda: serve(0, model=model), scenario(model.test_X, model.test_X),
+                  np.full(64, 16.0))
+
+
+def cancer_victim() -> Victim:
+    model = breast_cancer_model(0)
+    return Victim("breast-cancer", "cancer-model", model, 2,
+                  reference_csv(model.train_X, model.predict(model.train_X)),
+                  lambda: serve_any(model.predict_proba), cancer_scenario(model),
+                  model.train_X.std(axis=0) + 1e-9)
+
+
+VICTIMS = {"digits": digits_victim, "cancer": cancer_victim}
+
+
 class System:
-    def __init__(self, workdir: Path, model: DigitsModel) -> None:
+    def __init__(self, workdir: Path, victim: Victim) -> None:
         self.workdir = workdir
-        self.model_server = serve(0, model=model)
+        self.victim = victim
+        self.model_server = victim.serve()
         policies = workdir / "policies"
         policies.mkdir()
-        (policies / "extraction.yaml").write_text(POLICY)
+        (policies / "extraction.yaml").write_text(POLICY.format(service=victim.service))
+        (policies / "reference.csv").write_text(victim.reference)
         self.xds, self.admin, self.listen, envoy_admin = (free_port() for _ in range(4))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -85,12 +133,23 @@ class System:
         config = ControlPlaneConfig(
             policy_paths=(str(policies),), xds_port=self.xds, admin_port=self.admin,
             debounce_quiet=0.05, debounce_max=0.3,
+            verdicts_path=str(workdir / "state" / "verdicts.json"),  # profiles cached there
         )
         self.plane = ControlPlane(config)
         asyncio.run_coroutine_threadsafe(self.plane.start(), self.loop).result(30)
+        started = time.monotonic()
+        key = f"demo/{victim.service}"
+        while (found := self.plane.extraction.profiles.conditions().get(key)) is None or (
+            found.status != "True"
+        ):  # the control plane calibrates the policy from its reference data first
+            if found is not None and found.reason == "Failed":
+                raise RuntimeError(f"calibration failed: {found.message}")
+            time.sleep(0.5)
+        print(f"{victim.name}: calibrated in {time.monotonic() - started:.0f}s ({found.message})",
+              flush=True)
         sidecar = Sidecar(
-            node_id="digits-model-0", service="digits-model", namespace="demo",
-            identity="spiffe://cluster.local/ns/demo/sa/digits-model",
+            node_id=f"{victim.service}-0", service=victim.service, namespace="demo",
+            identity=f"spiffe://cluster.local/ns/demo/sa/{victim.service}",
             app_port=self.model_server.port, inbound_port=self.listen,
             inbound_address="127.0.0.1",
         )
@@ -167,7 +226,7 @@ def parse_answer(body: bytes) -> dict[int, float]:
     return {i: float(p) for i, p in enumerate(scores) if p}
 
 
-def run_client(system: System, model: DigitsModel, spec: Spec, seed: int) -> Outcome:
+def run_client(system: System, model: Any, spec: Spec, seed: int) -> Outcome:
     rng = np.random.default_rng(seed)
     keys = [f"{spec.kind}-{seed}-{k}" for k in range(spec.keys)]
     per_key = spec.budget // spec.keys
@@ -202,7 +261,8 @@ def run_client(system: System, model: DigitsModel, spec: Spec, seed: int) -> Out
                     outcome.answers.append(answer)
                     if system.self_report:
                         batch = batches.setdefault(
-                            keys[i], feed_pb2.FeedBatch(node_id="bench", policy="demo/digits-model")
+                            keys[i], feed_pb2.FeedBatch(node_id="bench",
+                                                    policy=f"demo/{system.victim.service}")
                         )
                         raw_reply = json.dumps({"predictions": [
                             {"label": int(raw.argmax()), "probabilities": raw.tolist()}]})
@@ -248,37 +308,38 @@ def run_client(system: System, model: DigitsModel, spec: Spec, seed: int) -> Out
 
 
 def substitute_quality(
-    model: DigitsModel, X: np.ndarray, answers: list[dict[int, float] | None], equation: bool
+    victim: Victim, X: np.ndarray, answers: list[dict[int, float] | None], equation: bool
 ) -> tuple[float, float]:
     """(fidelity, accuracy) on the test split of a substitute trained on what was answered."""
     from sklearn.linear_model import LogisticRegression
 
+    model, n = victim.model, victim.classes
     keep = [i for i, a in enumerate(answers) if a]
     test_X, test_y = model.test_X, model.test_y
-    victim = model.predict(test_X)
+    victim_labels = model.predict(test_X)
     if not keep:
         guess = np.zeros(len(test_X), dtype=int)
-        return float((guess == victim).mean()), float((guess == test_y).mean())
-    Xk = X[keep] / 16.0
+        return float((guess == victim_labels).mean()), float((guess == test_y).mean())
+    Xk = X[keep] / victim.scale
     labels = np.array([max(answers[i], key=answers[i].__getitem__) for i in keep])
     full = [answers[i] for i in keep]
-    if equation and all(len(a) == 10 and min(a.values()) > 0 for a in full):
+    if equation and all(len(a) == n and min(a.values()) > 0 for a in full):
         # Tramèr et al.: log(p_c / p_0) is linear in x; least squares recovers the model.
-        P = np.array([[a[c] for c in range(10)] for a in full])
+        P = np.array([[a[c] for c in range(n)] for a in full])
         logratio = np.log(P[:, 1:]) - np.log(P[:, :1])
         A = np.hstack([Xk, np.ones((len(Xk), 1))])
         W, *_ = np.linalg.lstsq(A, logratio, rcond=None)
-        logits = np.hstack([np.zeros((len(test_X), 1)), (test_X / 16.0) @ W[:-1] + W[-1]])
+        logits = np.hstack([np.zeros((len(test_X), 1)), (test_X / victim.scale) @ W[:-1] + W[-1]])
         predicted = logits.argmax(axis=1)
     elif len(set(labels.tolist())) < 2:
         predicted = np.full(len(test_X), labels[0])
     else:
         sub = LogisticRegression(max_iter=1000).fit(Xk, labels)
-        predicted = sub.predict(test_X / 16.0)
-    return float((predicted == victim).mean()), float((predicted == test_y).mean())
+        predicted = sub.predict(test_X / victim.scale)
+    return float((predicted == victim_labels).mean()), float((predicted == test_y).mean())
 
 
-def undefended(model: DigitsModel, spec: Spec, seed: int) -> tuple[np.ndarray, list[Any]]:
+def undefended(model: Any, spec: Spec, seed: int) -> tuple[np.ndarray, list[Any]]:
     """The same attack against the raw API (full probabilities, nobody watching)."""
     rng = np.random.default_rng(seed)
     client = spec.make(rng, spec.budget)
@@ -311,25 +372,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each attack")
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--feed", choices=("auto", "self", "sidecar"), default="auto")
+    parser.add_argument("--models", default="digits,cancer", help="comma-separated: digits,cancer")
     args = parser.parse_args(argv)
 
-    model = load_model(0)
-    with tempfile.TemporaryDirectory(prefix="modelguard-bench-") as tmp:
-        system = System(Path(tmp), model)
-        try:
-            return _run(system, model, args)
-        finally:
-            system.stop()
+    everything: dict[str, Any] = {}
+    for name in args.models.split(","):
+        victim = VICTIMS[name]()
+        with tempfile.TemporaryDirectory(prefix="modelguard-bench-") as tmp:
+            system = System(Path(tmp), victim)
+            try:
+                everything[victim.name] = _run(system, victim, args)
+            finally:
+                system.stop()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(everything, indent=1))
+    return 0
 
 
-def _probe_feed(system: System, model: DigitsModel) -> tuple[bool, bool]:
+def _probe_feed(system: System, victim: Victim) -> tuple[bool, bool]:
     """Whether the sidecar feeds the monitor itself, and whether it hardens answers."""
     connection = Connection(system.listen)
     before = system.plane.extraction.monitor.stats.batches
     hardened = False
-    for row in model.test_X[:20]:
+    for row in victim.model.test_X[:20]:
         status, _, reply = connection.predict("probe", row)
-        hardened = hardened or (status == 200 and len(parse_answer(reply)) < 10)
+        hardened = hardened or (status == 200 and len(parse_answer(reply)) < victim.classes)
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         if system.plane.extraction.monitor.stats.batches > before:
@@ -338,23 +406,26 @@ def _probe_feed(system: System, model: DigitsModel) -> tuple[bool, bool]:
     return False, hardened
 
 
-def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
-    sidecar_feed, hardened = _probe_feed(system, model)
+def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, Any]:
+    model = victim.model
+    sidecar_feed, hardened = _probe_feed(system, victim)
     system.self_report = args.feed == "self" or (args.feed == "auto" and not sidecar_feed)
     print(f"feed: {'harness → QueryFeed.Report' if system.self_report else 'sidecar WASM feed'}"
           f"; sidecar output hardening: {'on' if hardened else 'OFF (answers not hardened)'}",
           flush=True)
-    specs = scenario(model.test_X, model.test_X)
+    specs = victim.specs
     results: dict[str, Any] = {"feed": "harness" if system.self_report else "sidecar",
                                "hardening": hardened, "attacks": {}, "benign": {}}
     started = time.monotonic()
     benign: list[Outcome] = []
+    groups: dict[str, list[Outcome]] = {}
     for index, spec in enumerate(specs):
         repeats = args.repeats if spec.kind == "attack" else 1
         outcomes = [run_client(system, model, spec, seed=1000 * index + r)
                     for r in range(repeats)]
-        if spec.kind == "benign":
+        if spec.kind != "attack":  # "benign" (calibration's generators) or "held-out"
             benign.extend(outcomes)
+            groups.setdefault(spec.kind, []).extend(outcomes)
             continue
         detected = [o.detected_at for o in outcomes if o.detected_at is not None]
         row: dict[str, Any] = {
@@ -372,13 +443,13 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
         X1 = np.asarray(o.queries)
         row["risk_undefended"] = {}
         for budget in BUDGETS:
-            f0, a0 = substitute_quality(model, X0[:budget], A0[:budget], equation)
+            f0, a0 = substitute_quality(victim, X0[:budget], A0[:budget], equation)
             row["risk_undefended"][budget] = {
-                "estimated": offline_estimate(model, X0[:budget]), "true": f0}
-            f1, a1 = substitute_quality(model, X1[:budget], o.answers[:budget], equation)
+                "estimated": offline_estimate(victim, X0[:budget]), "true": f0}
+            f1, a1 = substitute_quality(victim, X1[:budget], o.answers[:budget], equation)
             row["fidelity"][budget] = {"without": f0, "with": f1}
             row["accuracy"][budget] = {"without": a0, "with": a1}
-        row["risk"] = risk_row(system, model, spec, outcomes[0], 1000 * index, equation)
+        row["risk"] = risk_row(system, victim, spec, outcomes[0], 1000 * index, equation)
         results["attacks"][spec.name] = row
         print(f"  {spec.name}: detected {len(detected)}/{repeats} at {detected}", flush=True)
     flagged = [o for o in benign if o.suspected_at is not None or o.detected_at is not None]
@@ -387,7 +458,7 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
         for answer, raw in zip(o.answers, o.raw, strict=True):
             if not answer:
                 continue
-            got = np.zeros(10)
+            got = np.zeros(victim.classes)
             for c, p in answer.items():
                 got[c] = p
             top1 += int(got.argmax() != raw.argmax())
@@ -400,6 +471,15 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
         "false_positive_rate": len(flagged) / len(benign),
         "top1_changes": top1 / n if n else 0.0,
         "mean_probability_shift": shift / n if n else 0.0,
+        # Per group: the calibration's generators (other seeds) and the held-out ones.
+        "groups": {
+            kind: {
+                "clients": len(group),
+                "throttled": sorted(o.name for o in group if o.suspected_at is not None),
+                "quarantined": sorted(o.name for o in group if o.detected_at is not None),
+            }
+            for kind, group in groups.items()
+        },
     }
     results["benign"]["estimated_fidelity"] = {
         o.name: estimated_fidelity(system, [f"benign-{seed}-0"])
@@ -412,11 +492,8 @@ def _run(system: System, model: DigitsModel, args: argparse.Namespace) -> int:
         "batches": system.plane.extraction.monitor.stats.batches,
         "queries": system.plane.extraction.monitor.stats.queries,
     }
-    print_table(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
-    return 0
+    print_table(results, victim.name)
+    return results
 
 
 # --- the extraction-risk estimate next to the truth ------------------------------------------
@@ -428,18 +505,19 @@ def estimated_fidelity(system: System, keys: list[str]) -> float | None:
     from controlplane.extraction.verdicts import ClientRef
 
     # The monitor names API keys as admin answers do: by fingerprint.
-    names = {ClientRef.of("demo/digits-model", k, "header", "x-api-key").shown for k in keys}
+    policy = f"demo/{system.victim.service}"
+    names = {ClientRef.of(policy, k, "header", "x-api-key").shown for k in keys}
     found = [f for _, key, f, _ in system.plane.extraction.monitor.risks() if key in names]
     return max(found) if found else None
 
 
 def risk_row(
-    system: System, model: DigitsModel, spec: Spec, o: Outcome, seed: int, equation: bool
+    system: System, victim: Victim, spec: Spec, o: Outcome, seed: int, equation: bool
 ) -> dict[str, Any]:
     """An attacker's estimated extraction fidelity next to the true fidelity of its substitute
     trained on everything it was answered (hardened, as the sidecar sent it)."""
     keys = [f"{spec.kind}-{seed}-{k}" for k in range(spec.keys)]
-    true, _ = substitute_quality(model, np.asarray(o.queries), o.answers, equation)
+    true, _ = substitute_quality(victim, np.asarray(o.queries), o.answers, equation)
     return {"estimated": estimated_fidelity(system, keys), "true": true, "sent": o.sent}
 
 
@@ -448,14 +526,16 @@ def benign_seeds(specs: list[Spec], benign: list[Outcome]) -> list[tuple[Outcome
     return list(zip(benign, seeds, strict=True))
 
 
-def offline_estimate(model: DigitsModel, X: np.ndarray) -> float:
-    """The monitor's estimate (risk.py, the same held-out rows) for a stream it never saw."""
-    from controlplane.extraction.feed import _digits_held_out
-    from controlplane.extraction.risk import RiskSample
+def offline_estimate(victim: Victim, X: np.ndarray) -> float:
+    """The monitor's estimate (risk.py) for a stream it never saw, scored on the test split
+    (where substitute_quality scores the substitutes)."""
+    from controlplane.extraction.risk import HeldOut, RiskSample
 
+    model = victim.model
+    held = HeldOut.of(model.test_X, model.predict(model.test_X))
     sample = RiskSample(X.shape[1])
     sample.add(np.asarray(X, dtype=np.float32), model.predict(X).astype(np.int16))
-    return sample.update(_digits_held_out())
+    return sample.update(held)
 
 
 def risk_correlation(attacks: dict[str, Any]) -> float | None:
@@ -504,11 +584,11 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(results: dict[str, Any]) -> None:
+def print_table(results: dict[str, Any], name: str = "") -> None:
     head = (f"{'attack':40s} {'det.':>5s} {'q.med':>6s} {'q.p90':>6s} "
             + " ".join(f"{'fid@' + str(b) + ' w/o→with':>17s}" for b in BUDGETS)
             + " " + f"{'acc@1000 w/o→with':>18s}")
-    print()
+    print(f"\n== {name}")
     print(head)
     for name, row in results["attacks"].items():
         fid = " ".join(
@@ -525,6 +605,10 @@ def print_table(results: dict[str, Any]) -> None:
           f"false positives {b['false_positive_rate']:.0%} {b['flagged']}; "
           f"top-1 changes {b['top1_changes']:.2%}; "
           f"mean probability shift {b['mean_probability_shift']:.4f}")
+    for kind, group in b["groups"].items():
+        print(f"  {kind}: {group['clients']} clients; throttled {len(group['throttled'])} "
+              f"{group['throttled']}; quarantined {len(group['quarantined'])} "
+              f"{group['quarantined']}")
     print(f"feed: {results['feed']}; hardening in the sidecar: {results['hardening']}; "
           f"{results['seconds']} s")
     print_risk(results)

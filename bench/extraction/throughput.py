@@ -79,13 +79,19 @@ async def serve(kind: str) -> None:
 
         from controlplane.api import parse_documents
         from controlplane.extraction.admin import QuarantineAdmin
-        from controlplane.extraction.feed import Extraction, default_profile
+        from controlplane.extraction.feed import Extraction
         from controlplane.extraction.verdicts import InMemoryVerdictSink
 
         loaded, _ = parse_documents(POLICY, "bench")
         policies = [lp.policy for lp in loaded]
-        default_profile(None)  # type: ignore[arg-type]  # loaded before the clock starts
         extraction = Extraction(lambda: policies, sink=InMemoryVerdictSink())
+        # The policy's profile is calibrated (or read from its cache) before the clock starts.
+        from controlplane.extraction.monitor import WatchedPolicy
+
+        watched = WatchedPolicy.of(policies[0])
+        assert watched is not None
+        extraction.profiles(watched)
+        extraction.profiles.wait(watched.key)
         extraction.feed.add_to(server)
         QuarantineAdmin(extraction.monitor).add_to(server)
         await extraction.feed.start()

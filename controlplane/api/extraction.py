@@ -10,7 +10,14 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from controlplane.api import jsonpath
-from controlplane.api.base import DnsLabel, FieldError, Model, PolicyBase
+from controlplane.api.base import (
+    DnsLabel,
+    DnsSubdomain,
+    FieldError,
+    Model,
+    PolicyBase,
+    exactly_one,
+)
 from controlplane.api.common import (
     ClientKey,
     Duration,
@@ -139,20 +146,68 @@ class OutputHardening(Hardening):
 
 Detector = Literal["prada", "nearDuplicate", "coverage", "outOfDistribution"]
 ALL_DETECTORS: tuple[Detector, ...] = ("prada", "nearDuplicate", "coverage", "outOfDistribution")
+# Detectors that compare a client's queries with the model's own data, not with each other.
+NEEDS_REFERENCE: tuple[Detector, ...] = ("coverage", "outOfDistribution")
+# Without reference data: the detectors that compare a client's queries with each other.
+WITHOUT_REFERENCE: tuple[Detector, ...] = ("prada", "nearDuplicate")
+
+
+class ConfigMapKey(Model):
+    name: DnsSubdomain
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+
+
+class ReferenceSource(Model):
+    """Rows like the model's own traffic, for calibration and the reference detectors.
+
+    ``file``: CSV (header row optional), JSON Lines of arrays, or ``.npy``; a relative path
+    is relative to the policy file. ``configMap`` (cluster mode): a key of a ConfigMap in
+    the policy's namespace (``binaryData`` for ``.npy``). ``labelColumn``: a column holding
+    the model's own answer on that row (class, or score), which is then not a feature.
+    """
+
+    file: Annotated[str, Field(min_length=1)] | None = None
+    config_map: ConfigMapKey | None = None
+    label_column: str | int | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReferenceSource:
+        exactly_one({"file": self.file, "configMap": self.config_map})
+        return self
 
 
 class Detection(Model):
-    detectors: list[Detector] = Field(default=list(ALL_DETECTORS), min_length=1)
+    # Default: all four with reference data, prada and nearDuplicate without.
+    detectors: list[Detector] | None = Field(default=None, min_length=1)
     # Trades detection speed for false positives; thresholds are calibrated on benign traffic.
     sensitivity: Literal["low", "medium", "high"] = "medium"
+    reference: ReferenceSource | None = None
 
     @field_validator("detectors")
     @classmethod
-    def _unique(cls, detectors: list[Detector]) -> list[Detector]:
-        for i, detector in enumerate(detectors):
-            if detector in detectors[:i]:
+    def _unique(cls, detectors: list[Detector] | None) -> list[Detector] | None:
+        for i, detector in enumerate(detectors or ()):
+            if detector in (detectors or [])[:i]:
                 raise FieldError((i,), f"duplicate detector {detector}")
         return detectors
+
+    @model_validator(mode="after")
+    def _reference_for_detectors(self) -> Detection:
+        if self.reference is None:
+            for i, detector in enumerate(self.detectors or ()):
+                if detector in NEEDS_REFERENCE:
+                    raise FieldError(
+                        ("detectors", i),
+                        f"{detector} compares queries with the model's own data: set "
+                        "spec.detection.reference (file or configMap) or remove it",
+                    )
+        return self
+
+    @property
+    def enabled(self) -> tuple[Detector, ...]:
+        if self.detectors is not None:
+            return tuple(self.detectors)
+        return ALL_DETECTORS if self.reference is not None else WITHOUT_REFERENCE
 
 
 class Throttle(Model):
@@ -272,6 +327,13 @@ class ExtractionPolicySpec(Model):
         if self.actions is not None and self.detection is None:
             raise FieldError(("actions",), "requires detection: actions follow its verdicts")
         on_risk = self.actions.on_risk if self.actions is not None else None
+        if on_risk is not None and self.detection is not None and self.detection.reference is None:
+            # The estimate scores each client's surrogate on held-out reference rows.
+            raise FieldError(
+                ("actions", "onRisk"),
+                "the extraction-risk estimate scores what a client learned on the model's own "
+                "data: set spec.detection.reference (file or configMap, with labelColumn)",
+            )
         if on_risk is not None:
             self._check_risk_tiers(on_risk)
         return self
@@ -301,3 +363,37 @@ class ExtractionPolicy(PolicyBase):
 
     kind: Literal["ExtractionPolicy"] = "ExtractionPolicy"
     spec: ExtractionPolicySpec
+
+
+def resolve_reference(
+    policy: ExtractionPolicy, source: str
+) -> tuple[ExtractionPolicy, list[tuple[str, str]]]:
+    """The policy with its reference ``file`` made absolute (relative to the policy file
+    ``source``), and every problem of that file as ``(field path, message)``.
+
+    The file is read and checked here, when the policy is loaded, so a bad reference is
+    refused like any other bad field and the last good policy keeps serving.
+    """
+    detection = policy.spec.detection
+    reference = detection.reference if detection else None
+    if detection is None or reference is None or reference.file is None:
+        return policy, []
+    from pathlib import Path
+
+    from controlplane.extraction.reference import ReferenceError, load_file
+
+    path = Path(reference.file).expanduser()
+    if not path.is_absolute():
+        base = Path(source).parent if Path(source).is_file() else Path.cwd()
+        path = (base / path).resolve()
+    prefix = "spec.detection.reference"
+    try:
+        load_file(path, reference.label_column)
+    except ReferenceError as err:
+        loc = ".".join(str(part) for part in err.loc)
+        return policy, [(f"{prefix}.{loc}", str(err))]
+    resolved = reference.model_copy(update={"file": str(path)})
+    spec = policy.spec.model_copy(
+        update={"detection": detection.model_copy(update={"reference": resolved})}
+    )
+    return policy.model_copy(update={"spec": spec}), []

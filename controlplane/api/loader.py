@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from controlplane.api.base import API_VERSION, Metadata, Model
+from controlplane.api.extraction import ExtractionPolicy, resolve_reference
 from controlplane.api.kinds import KINDS, Policy
 from controlplane.api.limits import file_too_large, too_many_rules
 from controlplane.api.violations import Violation, from_validation_error
@@ -120,6 +121,10 @@ def validate_document(
         )
     if found or policy is None:
         return None, found
+    if isinstance(policy, ExtractionPolicy):  # its reference file is read and checked here
+        policy, problems = resolve_reference(policy, source)
+        if problems:
+            return None, [violation(path, message) for path, message in problems]
     return LoadedPolicy(policy, source, index), []
 
 

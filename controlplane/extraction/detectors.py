@@ -62,6 +62,7 @@ class Reference:
     points: FloatArray  # (n, d)
     mean: FloatArray  # (d,)
     components: FloatArray  # (k, d), orthonormal rows
+    spread: float = 0.0  # mean squared distance of the points to their mean (total variance)
 
     @classmethod
     def fit(cls, points: npt.ArrayLike, variance: float = 0.9) -> Reference:
@@ -70,7 +71,8 @@ class Reference:
         _, s, vt = np.linalg.svd(X - mean, full_matrices=False)
         explained = np.cumsum(s**2) / np.sum(s**2)
         k = int(np.searchsorted(explained, variance) + 1)
-        return cls(points=X, mean=mean, components=vt[:k].astype(np.float32))
+        spread = float(np.sum(s.astype(np.float64) ** 2) / max(len(X), 1))
+        return cls(points=X, mean=mean, components=vt[:k].astype(np.float32), spread=spread)
 
     @property
     def dim(self) -> int:
@@ -112,6 +114,9 @@ class Thresholds:
     near_duplicate_min: int = 8
     ood_min: int = 10
     coverage_min: int = 10
+    # Without reference data (no natural neighbour distances to calibrate on): the radius
+    # also grows with each query's own norm, ``duplicate_radius + relative_radius * |x|``.
+    relative_radius: float = 0.0
 
     def of(self, detector: DetectorName) -> float:
         return {
@@ -196,6 +201,9 @@ class ClientState:
     weight: float = 0.0  # fresh queries, decayed
     novel: float = 0.0
     residual_sum: float = 0.0
+    # Decayed sums of the fresh rows and of their squared norms: the client's dispersion.
+    row_sum: FloatArray | None = None
+    row_sq_sum: float = 0.0
     last_seen: float = 0.0
 
     def __post_init__(self) -> None:
@@ -223,7 +231,7 @@ class ClientState:
         """Fold a client's new queries (rows of X, in order) into its state."""
         fresh = self.match(X, labels, thresholds)
         if len(fresh):
-            self.fold(reference.novelty(fresh), reference.residual(fresh), thresholds)
+            self.fold(reference.novelty(fresh), reference.residual(fresh), thresholds, fresh)
 
     def match(
         self, X: FloatArray, labels: npt.NDArray[np.int16], thresholds: Thresholds
@@ -249,13 +257,25 @@ class ClientState:
             del self.distances[: len(self.distances) - self.distances_size]
         return fresh
 
-    def fold(self, novelty: FloatArray, residual: FloatArray, thresholds: Thresholds) -> None:
-        """The second half of ``observe``: the fresh rows' novelty and residual, into the
-        decayed counters."""
+    def fold(
+        self,
+        novelty: FloatArray,
+        residual: FloatArray,
+        thresholds: Thresholds,
+        rows: FloatArray | None = None,
+    ) -> None:
+        """The second half of ``observe``: the fresh rows' novelty and residual (and the
+        rows themselves, for the client's dispersion), into the decayed counters."""
         n_fresh = len(novelty)
         if n_fresh == 0:
             return
         decay = 0.5 ** (n_fresh / self.half_life)
+        if rows is not None:
+            total = rows.astype(np.float64).sum(axis=0)
+            self.row_sum = total if self.row_sum is None else self.row_sum * decay + total
+            self.row_sq_sum = self.row_sq_sum * decay + float(
+                np.einsum("ij,ij->", rows, rows, dtype=np.float64)
+            )
         self.weight = self.weight * decay + n_fresh
         self.novel = self.novel * decay + float((novelty > thresholds.novelty_cut).sum())
         self.residual_sum = self.residual_sum * decay + float(residual.sum())
@@ -276,8 +296,7 @@ class ClientState:
         n = min(self.stored, self.history_size)
         if n == 0:
             return False
-        radius = REPEAT_FRACTION * thresholds.duplicate_radius
-        limit = 0.98 * radius * radius / ((4 * self.dim + 1) * _UNIT)
+        rounding = (4 * self.dim + 1) * _UNIT
         held = self.history_key[:n]
         for x in X:
             raw = x.tobytes()
@@ -288,7 +307,10 @@ class ClientState:
             if held[j] != key or self.history[j].tobytes() != raw:
                 return False
         x_sq = np.einsum("ij,ij->i", X, X)
-        return bool(x_sq.max() <= limit)
+        radius = REPEAT_FRACTION * (
+            thresholds.duplicate_radius + thresholds.relative_radius * np.sqrt(x_sq)
+        )
+        return bool(np.all(x_sq * rounding <= 0.98 * radius * radius))
 
     def _match_one(self, x: FloatArray, label: int, thresholds: Thresholds) -> bool:
         """``_match_rows`` for a single row, in a third of its numpy calls (each costs
@@ -304,10 +326,11 @@ class ClientState:
             nearest_any = math.sqrt(max(float(d2[j]), 0.0))
             same = np.min(d2, where=past_labels == label, initial=np.inf)
             nearest_same = math.sqrt(max(float(same), 0.0))
-        if nearest_any <= REPEAT_FRACTION * thresholds.duplicate_radius:
+        radius = thresholds.duplicate_radius + thresholds.relative_radius * math.sqrt(x_sq)
+        if nearest_any <= REPEAT_FRACTION * radius:
             self.repeats += 1
             return False
-        fresh = nearest_any >= thresholds.duplicate_radius
+        fresh = nearest_any >= radius
         if not fresh:
             self.steps[self.n_steps % self.steps_size] = x - past[j]
             self.n_steps += 1
@@ -325,7 +348,6 @@ class ClientState:
         self, X: FloatArray, labels: npt.NDArray[np.int16], thresholds: Thresholds
     ) -> FloatArray:
         self.queries += len(X)
-        repeat_radius = REPEAT_FRACTION * thresholds.duplicate_radius
         # Distances are computed against the history as it was before this batch plus the
         # batch itself, in order: query i may only look at earlier queries.
         past, past_labels = self._recent()
@@ -333,6 +355,10 @@ class ClientState:
         # The history's squared norms are kept with it: per batch only the
         # products with the new rows are computed, and the history is never copied.
         x_sq = np.einsum("ij,ij->i", X, X)
+        radius = thresholds.duplicate_radius
+        if thresholds.relative_radius:
+            radius = radius + thresholds.relative_radius * np.sqrt(x_sq)
+        repeat_radius = REPEAT_FRACTION * radius
         d2 = np.empty((m, p + m), dtype=np.float32)
         d2[:, :p] = x_sq[:, None] - 2.0 * (X @ past.T) + self.history_sq[None, :p]
         d2[:, p:] = x_sq[:, None] - 2.0 * (X @ X.T) + x_sq[None, :]
@@ -344,11 +370,11 @@ class ClientState:
         d2_same = np.where(all_labels[None, :] == labels[:, None], d2, np.inf)
         nearest_same = np.sqrt(d2_same.min(axis=1))
         kept = nearest_any > repeat_radius
-        near = kept & (nearest_any < thresholds.duplicate_radius)
+        near = kept & (nearest_any < radius)
         # Near-duplicates are the near-duplicate detector's evidence. The other detectors
         # look only at fresh queries: a what-if user's hundred edits of one record are one
         # point of evidence about where their queries come from, not a hundred.
-        fresh = nearest_any >= thresholds.duplicate_radius
+        fresh = nearest_any >= radius
         self.repeats += int((~kept).sum())
         for i in np.flatnonzero(near):
             j = int(nearest_idx[i])
@@ -364,6 +390,14 @@ class ClientState:
             self.stored += 1
         rows: FloatArray = X[fresh]
         return rows
+
+    def dispersion(self) -> float | None:
+        """Mean squared distance of the client's fresh queries to their mean (decayed):
+        compared with the reference's ``spread``, how much of the space they cover."""
+        if self.row_sum is None or self.weight <= 0:
+            return None
+        mean = self.row_sum / self.weight
+        return max(self.row_sq_sum / self.weight - float(mean @ mean), 0.0)
 
     def findings(
         self, thresholds: Thresholds, detectors: tuple[DetectorName, ...]

@@ -11,6 +11,20 @@ into each client's bounded state, and moves the client along its stages:
   ``confirm`` queries on → **detection**: an alert, and the policy's ``onDetection``
   quarantine. A client that stops when throttled is not quarantined.
 
+How the detectors' evidence combines (issue 13: a lockout of a benign user is the most
+expensive mistake): the detectors say different things.
+
+- ``nearDuplicate`` says a client probes around a few points. Explanation tools (LIME,
+  SHAP, what-if analysis) do exactly that, so its evidence alone is an alert verdict, never
+  a throttle or a quarantine; it still counts as a second detector once another fired.
+- ``prada`` says the client's distances are not those of natural queries; calibrated with
+  single-class and local-exploration users in the benign null, it throttles.
+- ``outOfDistribution`` and ``coverage`` say the queries are unlike the model's own data or
+  spread over directions it never varies in: the evidence an extraction needs to go beyond
+  what natural use reveals. With reference data, a quarantine requires one of them among
+  the confirming findings (``DECISIVE``); without it (or while the policy's profile is
+  still calibrating), ``prada`` is the decisive detector, at its reference-free default.
+
 A client whose requests mostly reach the monitor as "unobserved" (the sidecar could not
 ship them) is suspected too: a gap in observation is a signal. It is never quarantined on
 that alone, since there is no evidence about its queries.
@@ -68,6 +82,18 @@ UNOBSERVED_MIN = 50  # unobserved requests before a gap counts as a signal
 ESCALATE = 2.0  # a statistic this many times its threshold confirms a suspicion
 EVALUATE_EVERY = BATCH  # queries between two looks at a client's statistics
 CONFIRM_MIN = 8  # new distinct queries after a suspicion before it can be confirmed
+# Evidence that alone is an alert, never an enforcement (see the module docstring).
+ALERT_ONLY: frozenset[str] = frozenset(("nearDuplicate",))
+# What a quarantine needs among its findings: with reference data, off-distribution
+# evidence; without it, prada.
+DECISIVE: frozenset[str] = frozenset(("outOfDistribution", "coverage"))
+DECISIVE_WITHOUT_REFERENCE: frozenset[str] = frozenset(("prada",))
+# A quarantine also needs the client's fresh queries spread over at least this fraction
+# of the reference data's dispersion (total variance: i.i.d. natural queries have 1). A
+# fixed floor, not fitted to any attack: a stream of perturbations of one input spans only
+# the perturbed inputs' share of it; a stream of one class of natural records, measured
+# on the digits, 0.3-0.8 (and it has no off-distribution evidence to begin with).
+SPREAD_MIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,8 @@ class WatchedPolicy:
     sensitivity: str
     throttle: tuple[int, int] | None  # requests per seconds
     quarantine_seconds: int | None
+    reference: Any = None  # spec.detection.reference (ReferenceSource), None without
+    namespace: str = "default"
     request_format: str = "json"  # json | kserveV2: how features/scores select rows
     feature_names: tuple[str, ...] = ()  # rows sent as objects: their columns, in order
     response_format: str = "json"
@@ -104,7 +132,7 @@ class WatchedPolicy:
             key_header=spec.client_key.read_as[1] or None,
             features=JsonPath.parse(spec.request.features),
             scores=JsonPath.parse(spec.response.scores),
-            detectors=tuple(spec.detection.detectors),
+            detectors=tuple(spec.detection.enabled),
             sensitivity=spec.detection.sensitivity,
             throttle=(
                 on_suspicion.throttle.requests,
@@ -113,6 +141,8 @@ class WatchedPolicy:
             if on_suspicion
             else None,
             quarantine_seconds=on_detection.quarantine.seconds if on_detection else None,
+            reference=spec.detection.reference,
+            namespace=policy.metadata.namespace,
             request_format=spec.request.format,
             feature_names=tuple(spec.request.feature_names or ()),
             response_format=spec.response.format,
@@ -124,6 +154,7 @@ class WatchedPolicy:
 class Tracked:
     state: ClientState
     stage: Literal["watching", "suspected", "detected"] = "watching"
+    alerted: bool = False  # an alert-only verdict (nearDuplicate alone) was emitted
     suspected_at: int = 0  # distinct queries when suspected
     evaluated: int = 0  # queries (observed or not) at the last evaluation
     last_seen: float = 0.0
@@ -351,6 +382,8 @@ class ExtractionMonitor:
         self.stats = MonitorStats()
         self._watched: dict[str, WatchedPolicy] = {}
         self._watched_from: tuple[Policy, ...] = ()
+        # Dimension of a reference-free policy: that of the first query vector it sees.
+        self._dims: dict[str, int] = {}
 
     # --- policies ---------------------------------------------------------------------------
 
@@ -365,6 +398,15 @@ class ExtractionMonitor:
                         watched[w.key] = w
             self._watched, self._watched_from = watched, current
         return self._watched.get(key)
+
+    def warm_profiles(self) -> None:
+        """Ask for every watched policy's profile, so calibration starts when a policy
+        appears or changes rather than at its first query (and status shows it)."""
+        with self._lock:
+            self._policy("")
+            watched = list(self._watched.values())
+        for policy in watched:
+            self._profile(policy)
 
     # --- the feed ---------------------------------------------------------------------------
 
@@ -382,7 +424,9 @@ class ExtractionMonitor:
             self.stats.unknown_policy += len(batch.queries)
             return 0
         profile = self._profile(policy)
-        dim = profile.reference.dim if profile else None
+        dim = None
+        if profile is not None:
+            dim = profile.dim if profile.dim is not None else self._dims.get(policy.key)
         matrix, clients = self._read(policy, dim, batch.queries)
         accepted = 0
         if profile is None:
@@ -455,6 +499,8 @@ class ExtractionMonitor:
         owners: list[int] = []
         for q, (_, vectors, _) in enumerate(read):
             for v in vectors:
+                if dim is None and self._profile(policy) is not None:
+                    dim = self._dims[policy.key] = len(v)
                 if len(v) == dim:
                     rows.append(v)
                     owners.append(q)
@@ -537,7 +583,7 @@ class ExtractionMonitor:
         with a query or two each, and one matrix product per batch costs far less than one
         per client. Repeats (most of a what-if user's traffic) never reach the reference.
         """
-        dim = profile.reference.dim
+        dim = matrix.shape[1]
         thresholds = profile.thresholds[policy.sensitivity]
         held = self._held_out_for(profile)
         matched = []
@@ -551,6 +597,9 @@ class ExtractionMonitor:
             y = np.asarray(client.labels, dtype=np.int16)
             accepted += len(X)
             tracked = self._tracked(policy.key, client.key, dim, now)
+            if tracked.state.dim != dim:  # first seen through a gap, before any row
+                unobserved, tracked.state = tracked.state.unobserved, ClientState(dim=dim)
+                tracked.state.unobserved = unobserved
             matched.append((client.key, tracked, tracked.state.match(X, y, thresholds)))
             if held is not None:
                 if tracked.risk is None:
@@ -559,13 +608,18 @@ class ExtractionMonitor:
         fresh = [F for _, _, F in matched if len(F)]
         if fresh:
             everything = np.concatenate(fresh)
-            novelty = profile.reference.novelty(everything)
-            residual = profile.reference.residual(everything)
+            if profile.reference is not None:
+                novelty = profile.reference.novelty(everything)
+                residual = profile.reference.residual(everything)
+            else:  # no reference: nothing to compare with (those detectors do not run)
+                novelty = residual = np.zeros(len(everything), dtype=np.float32)
         start = 0
         for client_key, tracked, F in matched:
             if len(F):
                 end = start + len(F)
-                tracked.state.fold(novelty[start:end], residual[start:end], thresholds)
+                tracked.state.fold(
+                    novelty[start:end], residual[start:end], thresholds, everything[start:end]
+                )
                 start = end
             if held is not None and tracked.risk is not None and tracked.risk.due():
                 tracked.risk.update(held)
@@ -578,7 +632,7 @@ class ExtractionMonitor:
         cached = self._held.get(id(profile))
         if cached is None or cached[0] is not profile:
             held = self._held_out(profile)
-            if held is not None and held.dim != profile.reference.dim:
+            if held is not None and held.dim != profile.dim:
                 log.error("%s: held-out rows of another dimension: no risk estimate", profile.name)
                 held = None
             cached = self._held[id(profile)] = (profile, held)
@@ -654,9 +708,15 @@ class ExtractionMonitor:
             return
         tracked.evaluated = state.queries + state.unobserved
         findings: list[Finding] = []
+        decisive = DECISIVE_WITHOUT_REFERENCE
         if profile is not None:
             thresholds = profile.thresholds[policy.sensitivity]
-            findings = [f for f in state.findings(thresholds, policy.detectors) if f.fired]
+            detectors = policy.detectors
+            if profile.reference is None:  # reference-free, or still calibrating
+                detectors = tuple(d for d in detectors if d in ("prada", "nearDuplicate"))
+            elif any(d in DECISIVE for d in detectors):
+                decisive = DECISIVE
+            findings = [f for f in state.findings(thresholds, detectors) if f.fired]
         evidence = [Evidence(f.detector, f.statistic, f.threshold, f.queries) for f in findings]
         if tracked.stage == "watching":
             seen = state.queries + state.unobserved
@@ -664,9 +724,16 @@ class ExtractionMonitor:
                 evidence.append(
                     Evidence("unobserved", state.unobserved / seen, 0.5, state.queries)
                 )
-            if evidence:
+            if any(e.detector not in ALERT_ONLY for e in evidence):
                 tracked.stage, tracked.suspected_at = "suspected", state.stored
                 self._suspicion(policy, client_key, tuple(evidence), now, _peak(tracked))
+            elif evidence and not tracked.alerted:
+                # Probing around a few points: what explanation tools do. Worth an alert.
+                tracked.alerted = True
+                self._emit(
+                    Verdict(self._ref(policy, client_key), "suspicion", "alert",
+                            tuple(evidence), now)
+                )
             return
         # The throttle comes first: only a client that goes on sending new queries after
         # its suspicion (repeats do not count) can be confirmed — by a second detector, by a
@@ -677,9 +744,26 @@ class ExtractionMonitor:
             or any(f.statistic >= ESCALATE * f.threshold for f in findings)
             or since >= self.confirm
         )
-        if findings and confirmed:
+        if (
+            confirmed
+            and any(f.detector in decisive for f in findings)
+            and self._spread_out(profile, state)
+        ):
             tracked.stage = "detected"
             self._detection(policy, client_key, tuple(evidence), now, _peak(tracked))
+
+    @staticmethod
+    def _spread_out(profile: Profile | None, state: ClientState) -> bool:
+        """Whether the client's fresh queries cover enough of the space for a quarantine:
+        their dispersion at least ``SPREAD_MIN`` of the reference's. A client exploring
+        around a few inputs (SHAP coalitions, LIME samples, what-if edits) stays below it
+        even when its perturbations are unlike natural data: it can only learn the model
+        near those inputs, so it is at most throttled. Without reference data there is
+        no natural dispersion to compare with, and this does not apply."""
+        if profile is None or profile.reference is None or profile.reference.spread <= 0:
+            return True
+        dispersion = state.dispersion()
+        return dispersion is not None and dispersion >= SPREAD_MIN * profile.reference.spread
 
     def _ref(self, policy: WatchedPolicy, client_key: str) -> ClientRef:
         # Digested here: no raw key reaches the verdict store, events or admin answers.

@@ -417,6 +417,16 @@ def serve(
     return ModelServer((host, port), model or load_model(), verbose=verbose).start()
 
 
+def reference_csv(model: DigitsModel) -> str:
+    """The demo ExtractionPolicy's reference data (policies/digits-reference.csv): the
+    model's training split, pixel values as integers, and the model's own predicted class
+    on each row as the ``label`` column (``labelColumn: label``)."""
+    lines = [",".join([*(f"p{i}" for i in range(N_FEATURES)), "label"])]
+    for row, label in zip(model.train_X, model.predict(model.train_X), strict=True):
+        lines.append(",".join([*(str(int(v)) for v in row), str(int(label))]))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m controlplane.local.model", description="modelguard demo model API"
@@ -426,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="always train at start-up")
     parser.add_argument("--verbose", action="store_true", help="log every request")
+    parser.add_argument("--write-reference", metavar="PATH", help="write the reference CSV, exit")
     args = parser.parse_args(argv)
+    if args.write_reference:
+        Path(args.write_reference).write_text(reference_csv(load_model(args.seed)))
+        return 0
 
     stopping = threading.Event()
 

@@ -243,9 +243,27 @@ class QuotaService(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):  # type: ignore
                     # assignment keeps it until it expires.
                     response.bucket_action.append(self._expired_action(usage.bucket_id))
                 continue
+            if tokens > 0 and stream.assigned.get(key, 0) > 0 and not rule.shadow:
+                # Envoy 1.40 keeps a token bucket's state across token-bucket assignments
+                # (measured: a grant shrunk from 29 to 5 let 3 requests through, not 5; a
+                # lifted throttle's drained bucket stayed at 0), so a new grant would not
+                # be what the sidecar serves. A deny-all first, in the same response, makes
+                # it start the grant's bucket anew, full; deny, not allow, so nothing slips
+                # through in between.
+                response.bucket_action.append(self._blanket_action(usage.bucket_id, allow=False))
             stream.assigned[key] = tokens
             response.bucket_action.append(self._action(rule, client, usage.bucket_id, tokens))
         return response
+
+    def _blanket_action(
+        self, bucket_id: rlqs_pb2.BucketId, *, allow: bool
+    ) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+        action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
+        action.quota_assignment_action.rate_limit_strategy.blanket_rule = (
+            Strategy.ALLOW_ALL if allow else Strategy.DENY_ALL
+        )
+        action.quota_assignment_action.assignment_time_to_live.FromSeconds(self.assignment_ttl)
+        return action
 
     def _action(
         self, rule: Rule, client: str, bucket_id: rlqs_pb2.BucketId, tokens: int

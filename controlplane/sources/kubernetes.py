@@ -693,6 +693,9 @@ class StatusWriter:
         self.clock = clock
         self._written: dict[PolicyKey, dict[str, Any]] = {}
         self.writes = 0
+        # More conditions of a policy from other boxes (e.g. an ExtractionPolicy's
+        # Calibrated, from the extraction monitor), after Accepted and Programmed.
+        self.extra_conditions: Callable[[PolicyKey], list[Condition]] = lambda key: []
 
     def desired(self) -> dict[PolicyKey, dict[str, Any]]:
         """The status every observed policy should have (lastTransitionTime kept when a
@@ -744,6 +747,8 @@ class StatusWriter:
                     f"{done} of {len(targeted)} targeted sidecars ACKed",
                 )
             conditions.append(programmed_condition)
+            if accepted:
+                conditions += self.extra_conditions(key)
             out[key] = self._status(seen, conditions, done, len(targeted))
         return out
 

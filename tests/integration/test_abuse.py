@@ -133,7 +133,7 @@ spec:
   clientKey: {header: x-api-key}
   request: {features: "$.instances[*]"}
   response: {scores: "$.predictions[*].probabilities"}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
+  detection: {detectors: [prada, nearDuplicate]}  # the reference detectors need reference data
   actions:
     onSuspicion: {throttle: {requests: 5, per: second}}
     onDetection: {quarantine: {duration: 1h}}

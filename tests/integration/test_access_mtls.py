@@ -26,6 +26,7 @@ from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.server import ControlPlane, ControlPlaneConfig
+from tests.conftest import DIGITS_REFERENCE
 
 pytestmark = pytest.mark.envoy
 
@@ -451,10 +452,12 @@ spec:
   clientKey: {identity: true}
   request: {features: "$.instances[*]"}
   response: {scores: "$.predictions[*].probabilities"}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
+  detection:
+    detectors: [prada, nearDuplicate, outOfDistribution, coverage]
+    reference: {file: REFERENCE, labelColumn: label}
   actions:
     onDetection: {quarantine: {duration: 1h}}
-"""
+""".replace("REFERENCE", str(DIGITS_REFERENCE))
 
 
 async def test_an_identity_client_key_feeds_and_quarantines_by_spiffe_id(mesh: Mesh) -> None:
@@ -473,6 +476,12 @@ async def test_an_identity_client_key_feeds_and_quarantines_by_spiffe_id(mesh: M
     mesh.write_policy(policy(rules))
     mesh.write_policy(IDENTITY_EXTRACTION, "extraction.yaml")
     await eventually(lambda: _is(mesh, "intruder", 200))
+
+    def calibrated() -> bool:  # the policy's profile, from the demo's reference data
+        found = mesh.plane.extraction.profiles.conditions().get("demo/by-workload")
+        return found is not None and found.status == "True"
+
+    await eventually(calibrated, timeout=180)
 
     async def quarantines() -> list[admin_pb2.QuarantineEntry]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.plane.admin_port}") as channel:

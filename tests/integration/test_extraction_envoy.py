@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
 from controlplane.server import ControlPlane, ControlPlaneConfig
+from tests.conftest import DIGITS_REFERENCE
 
 pytestmark = pytest.mark.envoy
 
@@ -40,11 +41,13 @@ spec:
   clientKey: {header: x-api-key}
   request: {features: "$.instances[*]"}
   response: {scores: "$.predictions[*].probabilities"}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
+  detection:
+    detectors: [prada, nearDuplicate, outOfDistribution, coverage]
+    reference: {file: REFERENCE, labelColumn: label}
   actions:
     onSuspicion: {throttle: {requests: 5, per: second}}
     onDetection: {quarantine: {duration: 1h}}
-"""
+""".replace("REFERENCE", str(DIGITS_REFERENCE))
 
 
 @dataclass
@@ -131,12 +134,25 @@ async def until(check, timeout: float = 15.0, every: float = 0.1):  # type: igno
     raise AssertionError(f"not within {timeout}s (last: {last!r})")
 
 
+async def calibrated(plane: ControlPlane, key: str = "demo/digits-model") -> None:
+    """Until the policy's profile is ready (read from the seeded cache: within seconds)."""
+
+    async def ready() -> bool:
+        found = plane.extraction.profiles.conditions().get(key)
+        return found is not None and found.status == "True"
+
+    await until(ready, timeout=60)
+
+
 @pytest.fixture
-async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[System]:
+async def system(
+    tmp_path: Path, demo_model: tuple[str, int], profile_cache: Callable[[Path], Path]
+) -> AsyncIterator[System]:
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "extraction.yaml").write_text(POLICY)
     verdicts = tmp_path / "state" / "verdicts.json"
+    profile_cache(verdicts.parent)
     xds, admin, listen, envoy_admin = (free_port() for _ in range(4))
     plane = await start_plane(policies, verdicts, xds, admin)
     sidecar = Sidecar(
@@ -157,6 +173,7 @@ async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[S
     system = System(plane, envoy, listen, policies, verdicts, xds, admin)
     try:
         await asyncio.to_thread(envoy.wait_ready, 30)
+        await calibrated(plane)
         yield system
     finally:
         envoy.stop()
@@ -208,6 +225,14 @@ async def test_extraction_client_is_throttled_then_quarantined_benign_clients_ar
     ]
     assert system.verdicts.exists()  # persisted
     assert "mallory" not in system.verdicts.read_text()  # by digest only
+    # A narrow user (issue 13): scikit-learn's own digit images of class 1, one by one
+    # (class 1 was quarantined at query 83 before per-policy calibration): never refused.
+    from controlplane.local.model import load_digits_data
+
+    X, y = load_digits_data()
+    for start in range(0, int((y == 1).sum()), 8):
+        assert set(await system.query("ones", X[y == 1][start : start + 8])) == {200}
+    assert [e.client_key for e in await system.quarantines() if e.client_key == "ones"] == []
     # Release: mallory is served again (and starts with a clean slate).
     assert [e.client_key for e in await system.release("mallory")] == [mallory]
     await until(lambda: _is(system, "mallory", probe, 200))

@@ -32,6 +32,7 @@ from controlplane.local import runner
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.server import ControlPlane, ControlPlaneConfig
+from tests.conftest import DIGITS_REFERENCE
 from tests.integration.polling import eventually
 
 pytestmark = pytest.mark.envoy
@@ -110,6 +111,7 @@ async def identity_system(
             debounce_quiet=0.05,
             debounce_max=0.3,
             watch=False,
+            verdicts_path=str(tmp_path / "state" / "verdicts.json"),  # profiles cached there
             identity=IdentityConfig(
                 directory=str(tmp_path / "identity"), api_key_paths=key_paths
             ),
@@ -305,15 +307,18 @@ spec:
   clientKey: {apiKey: {groupBy: tenant}}
   request: {features: "$.instances[*]"}
   response: {scores: "$.predictions[*].probabilities"}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
+  detection:
+    detectors: [prada, nearDuplicate, outOfDistribution, coverage]
+    reference: {file: REFERENCE, labelColumn: label}
   actions:
     onDetection: {quarantine: {duration: 1h}}
-"""
+""".replace("REFERENCE", str(DIGITS_REFERENCE))
 
 
 async def test_b_noise_split_over_a_tenants_keys_is_quarantined_as_one_cohort(
-    tmp_path: Path, demo_model: tuple[str, int]
+    tmp_path: Path, demo_model: tuple[str, int], profile_cache: Callable[[Path], Path]
 ) -> None:
+    profile_cache(tmp_path / "state")  # the digits profile, calibrated once per session
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "policy.yaml").write_text(COHORT)
@@ -325,6 +330,12 @@ async def test_b_noise_split_over_a_tenants_keys_is_quarantined_as_one_cohort(
         tmp_path, policies, (str(tmp_path / "keys.yaml"),), demo_model[1]
     ) as system:
         await eventually(lambda: _answered(system, "globex-key-0"), timeout=20)
+
+        def calibrated() -> bool:
+            found = system.plane.extraction.profiles.conditions().get("demo/digits-model")
+            return found is not None and found.status == "True"
+
+        await eventually(calibrated, timeout=60)
         sent = 0
         quarantined: list[admin_pb2.QuarantineEntry] = []
         while sent < 1000 and not quarantined:

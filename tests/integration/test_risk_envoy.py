@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_extraction_envoy import System, start_plane, until
+from test_extraction_envoy import System, calibrated, start_plane, until
 
 from controlplane.bootstrap import build_bootstrap
 from controlplane.extraction.verdicts import ClientRef
@@ -27,6 +27,7 @@ from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
+from tests.conftest import DIGITS_REFERENCE
 
 pytestmark = pytest.mark.envoy
 
@@ -43,12 +44,13 @@ spec:
     roundDigits: 2
     tierHeader: x-tier
     tiers: {strict: {labelOnly: true}, premium: {roundDigits: 3}}
-  detection: {}
+  detection:
+    reference: {file: REFERENCE, labelColumn: label}
   actions:
     onRisk:
       steps: [{fidelity: 0.8, harden: strict}]
       tiers: {premium: [{fidelity: 0.99, harden: strict}]}
-"""
+""".replace("REFERENCE", str(DIGITS_REFERENCE))
 
 
 @pytest.fixture
@@ -59,6 +61,7 @@ async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[S
     verdicts = tmp_path / "state" / "verdicts.json"
     xds, admin, listen, envoy_admin = (free_port() for _ in range(4))
     plane = await start_plane(policies, verdicts, xds, admin)
+    await calibrated(plane)  # the held-out rows come with the policy's profile
     sidecar = Sidecar(
         node_id="digits-model-0",
         service="digits-model",

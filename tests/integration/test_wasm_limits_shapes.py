@@ -218,6 +218,14 @@ async def test_oversized_and_deep_requests_never_reach_the_model(
     assert status == 400 and json.loads(body)["error"] == "request_too_deep"
     status, _, _ = await post(system, deep)  # over maxBytes too: refused either way
     assert status in (400, 413)
+    # The same in UTF-16 and UTF-32 (Python's json.loads reads them), with and without a
+    # byte-order mark, and behind a wide character whose low byte is a quote: still 400.
+    hidden = '{"x": "\u0122", "instances": ' + "[" * 200 + "]" * 200 + "}"
+    for text in (deep[:3_000].decode() + "]}", hidden):
+        for encoding in ("utf-16", "utf-16-be", "utf-32-le", "utf-8-sig"):
+            status, _, body = await post(system, text.encode(encoding))
+            assert status == 400, (encoding, text[:20])
+    assert json.loads(hidden)  # well-formed: only its depth is refused
     assert upstream.seen == [SMALL]  # none of the refused bodies reached the model
     await eventually(lambda: stats(system).get("refused_too_large", 0) >= 2)
     assert stats(system)["refused_too_deep"] >= 1
@@ -243,6 +251,11 @@ async def test_max_instances_counts_rows_in_every_shape(
     status, _, body = await post(system, five)
     assert status == 413 and json.loads(body)["error"] == "too_many_instances"
     assert upstream.seen == [four]
+    # Rows in a body the model reads as UTF-16 or with a UTF-8 byte-order mark count too.
+    for encoding in ("utf-16", "utf-16-le", "utf-32", "utf-8-sig"):
+        status, _, _ = await post(system, five.decode().encode(encoding))
+        assert status == 413, encoding
+    assert upstream.seen == [four]
     # KServe v2: rows are shape[0] of the input tensors.
     apply(
         system,
@@ -251,9 +264,12 @@ async def test_max_instances_counts_rows_in_every_shape(
     )
 
     def tensor(rows: int) -> bytes:
+        # Two input tensors of the same rows: rows are shape[0], not the sum over inputs.
         return json.dumps(
             {"inputs": [{"name": "x", "shape": [rows, 2], "datatype": "FP32",
-                         "data": [0.5] * (2 * rows)}]}
+                         "data": [0.5] * (2 * rows)},
+                        {"name": "y", "shape": [rows], "datatype": "FP32",
+                         "data": [0.5] * rows}]}
         ).encode()
 
     await eventually(lambda: _status(system, tensor(5), 413))
@@ -331,6 +347,25 @@ async def test_answers_too_large_to_harden_are_denied_unless_the_policy_passes_t
     status, _, body = await post(system, SMALL)
     assert status == 502 and json.loads(body)["error"] == "answer_unhardenable"
     await eventually(lambda: stats(system).get("denied_unhardenable", 0) >= 1)
+    # The model did answer it: the query still reaches the monitor (without the answer).
+    await eventually(
+        lambda: [q.request_body for q in system.feed.queries() if not q.response_body]
+        == [SMALL]
+    )
+    # An answer over the feed's 64 KiB but hardenable: hardened for the client, and its
+    # query fed without the answer, rather than counted as unobserved.
+    mid = {"predictions": [{"probabilities": [0.1234, 0.8766]}] * 3000}
+    upstream.body = json.dumps(mid).encode()
+    assert 64 * 1024 < len(upstream.body) < 512 * 1024
+    status, _, body = await post(system, SMALL, {"x-api-key": "bob"})
+    assert status == 200
+    assert json.loads(body)["predictions"][0] == {"probabilities": [0.0, 0.88]}
+    await eventually(
+        lambda: [q.response_body for q in system.feed.queries() if q.client_key == "bob"]
+        == [b""]
+    )
+    assert not system.feed.unobserved()
+    upstream.body = json.dumps(big).encode()
     apply(
         system,
         '{features: "$.instances[*]"}',

@@ -18,7 +18,7 @@ import pytest
 
 from controlplane.netutil import free_port, wait_for_port
 from controlplane.server import ControlPlane, ControlPlaneConfig
-from tests.conftest import Processes, stop_process
+from tests.conftest import DIGITS_REFERENCE, Processes, stop_process
 
 T = TypeVar("T")
 
@@ -47,11 +47,13 @@ spec:
   request: {features: "$.instances[*]"}
   response: {scores: "$.predictions[*].probabilities"}
   output: {topK: 1, roundDigits: 2}
-  detection: {detectors: [prada, nearDuplicate, outOfDistribution, coverage]}
+  detection:
+    detectors: [prada, nearDuplicate, outOfDistribution, coverage]
+    reference: {file: REFERENCE, labelColumn: label}
   actions:
     onSuspicion: {throttle: {requests: 50, per: second}}
     onDetection: {quarantine: {duration: 1h}}
-"""
+""".replace("REFERENCE", str(DIGITS_REFERENCE))
 
 
 class PlaneThread:

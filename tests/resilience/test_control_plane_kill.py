@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -96,6 +97,14 @@ def synced(admin: int) -> bool:
     return any(s.node_id == "digits-model-0" and s.state == "SYNCED" for s in report.sidecars)
 
 
+def calibrated(admin: int) -> bool:
+    """Whether the ExtractionPolicy's profile is ready (``modelguard status``)."""
+    report = fetch_status(f"127.0.0.1:{admin}")
+    return any(
+        c.type == "Calibrated" and c.status == "True" for p in report.policies for c in p.conditions
+    )
+
+
 def until(check: object, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():  # type: ignore[operator]
@@ -162,9 +171,14 @@ class SteadyTraffic:
 
 
 def test_sidecar_keeps_enforcing_through_a_sigkill_and_resyncs_with_state_intact(
-    tmp_path: Path, processes: Processes, demo_model: tuple[str, int], redis_server: Redis
+    tmp_path: Path,
+    processes: Processes,
+    demo_model: tuple[str, int],
+    redis_server: Redis,
+    profile_cache: Callable[[Path], Path],
 ) -> None:
     policies = write_policies(tmp_path / "policies", ACCESS, EXTRACTION, RATE)
+    profile_cache(tmp_path / "state")  # the extraction profile: calibrated once per session
     plane = Plane(processes, policies, tmp_path / "state", redis_server)
     listen, envoy_admin = free_port(), free_port()
     sidecar = Sidecar(
@@ -187,6 +201,7 @@ def test_sidecar_keeps_enforcing_through_a_sigkill_and_resyncs_with_state_intact
     envoy.start()
     envoy.wait_ready(30)
     until(lambda: synced(plane.admin))
+    until(lambda: calibrated(plane.admin))
     assert post(listen, "someone")[0] == 200
 
     # The monitor quarantines a client; the sidecar refuses it.

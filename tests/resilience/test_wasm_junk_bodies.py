@@ -82,8 +82,36 @@ BODIES = st.one_of(
 MAX_DEPTH = 64  # the policy's request.maxDepth (the default)
 
 
+def ascii_view(b: bytes) -> bytes:
+    """The body as the filter scans it: UTF-16/32 (detected as json.loads does) by code
+    unit, units over 127 as 'x'."""
+    unit, big, skip = 0, False, 0
+    if b[:4] == b"\xff\xfe\0\0":
+        unit, skip = 4, 4
+    elif b[:4] == b"\0\0\xfe\xff":
+        unit, big, skip = 4, True, 4
+    elif b[:2] == b"\xff\xfe":
+        unit, skip = 2, 2
+    elif b[:2] == b"\xfe\xff":
+        unit, big, skip = 2, True, 2
+    elif len(b) >= 4 and b[:2] == b"\0\0":
+        unit, big = 4, True
+    elif len(b) >= 4 and b[1:4] == b"\0\0\0":
+        unit = 4
+    elif len(b) >= 2 and b[0] == 0:
+        unit, big = 2, True
+    elif len(b) >= 2 and b[1] == 0:
+        unit = 2
+    if not unit:
+        return b
+    units = (b[skip + i : skip + i + unit] for i in range(0, (len(b) - skip) // unit * unit, unit))
+    values = (int.from_bytes(u, "big" if big else "little") for u in units)
+    return bytes(v if v < 128 else ord("x") for v in values)
+
+
 def depth(body: bytes) -> int:
     """JSON nesting as the filter counts it: brackets outside strings."""
+    body = ascii_view(body)
     deepest = level = 0
     in_string = escaped = False
     for c in body:

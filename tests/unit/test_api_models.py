@@ -159,7 +159,8 @@ def test_extraction_defaults() -> None:
     assert spec.output.tiers["partner"].top_k == 3
     assert spec.output.tiers["partner"].label_only is False
     assert spec.detection is not None
-    assert spec.detection.detectors == ["prada", "nearDuplicate", "coverage", "outOfDistribution"]
+    assert spec.detection.detectors is None  # without reference data: the two that need none
+    assert spec.detection.enabled == ("prada", "nearDuplicate")
     assert spec.detection.sensitivity == "medium"
     assert spec.actions is not None and spec.actions.on_suspicion is None
     assert spec.actions.on_detection is not None

@@ -38,6 +38,13 @@ def render(directory: Path) -> list[dict[str, Any]]:
         path = (directory / resource).resolve()
         assert path.is_relative_to(directory.resolve()), f"{resource}: outside {directory}"
         objects += render(path) if path.is_dir() else _load(path)
+    for generator in kustomization.get("configMapGenerator", []):  # files, no name hash
+        assert generator.get("options", {}).get("disableNameSuffixHash") is True
+        data = {Path(f).name: (directory / f).read_text() for f in generator["files"]}
+        objects.append(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
+             "data": data}
+        )
     namespace = kustomization.get("namespace")
     for obj in objects:
         meta = obj.setdefault("metadata", {})

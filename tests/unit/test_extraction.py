@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from monitor_policy import policies
+from monitor_policy import fixed_profile, policies
 
 from controlplane.api.jsonpath import JsonPath, JsonPathError
 from controlplane.compile.verdicts import compile_verdicts
-from controlplane.extraction.feed import default_profile
 from controlplane.extraction.monitor import ExtractionMonitor
 from controlplane.extraction.verdicts import (
     ClientRef,
@@ -159,7 +157,7 @@ def monitor(clock: Clock, sink=None):  # type: ignore[no-untyped-def]
         lambda: current,
         VerdictStore(clock=clock),
         sink or InMemoryVerdictSink(),
-        profile=default_profile,
+        profile=fixed_profile,
         clock=clock,
     )
 
@@ -254,19 +252,3 @@ def test_verdicts_are_opentelemetry_log_records_with_their_evidence() -> None:
     # API keys are secrets: the record names the client by a fingerprint only.
     assert "secret-key" not in json.dumps(attrs) + str(record.body)
     assert attrs["modelguard.client"].startswith("sha256:")
-
-
-def test_the_checked_in_profile_is_what_calibration_produces() -> None:
-    """Guards against hand-edited thresholds: recalibrate with a smaller benign population
-    and check the per-query cut-offs (which do not depend on it) match exactly."""
-    from controlplane.extraction.calibrate import digits_profile, per_query_cutoffs
-
-    profile = digits_profile()
-    model = load_model(0)
-    cut = per_query_cutoffs(profile.reference, model.test_X.astype(np.float32))
-    medium = profile.thresholds["medium"]
-    assert cut.duplicate_radius == pytest.approx(medium.duplicate_radius)
-    assert cut.novelty_cut == pytest.approx(medium.novelty_cut)
-    assert cut.residual_mean == pytest.approx(medium.residual_mean)
-    assert profile.calibration["seed"] == 0
-    assert yaml.safe_load(json.dumps(profile.calibration))["benign_clients"]["whatif"] == 100

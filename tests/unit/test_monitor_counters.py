@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from monitor_policy import policies
+from monitor_policy import fixed_profile, policies
 
 from controlplane.cli import main as cli
 from controlplane.extraction.admin import QuarantineAdmin
-from controlplane.extraction.feed import QueryFeedService, default_profile
+from controlplane.extraction.feed import QueryFeedService
 from controlplane.extraction.monitor import KEY_LIMIT, ExtractionMonitor, tracking_key
 from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
@@ -36,7 +36,7 @@ def new_monitor(max_clients: int = 2048) -> ExtractionMonitor:
         lambda: loaded,
         VerdictStore(),
         InMemoryVerdictSink(),
-        profile=default_profile,
+        profile=fixed_profile,
         max_clients=max_clients,
     )
 

@@ -6,7 +6,9 @@ request) and repeats, interleaved, with junk bodies and gaps among them. What th
 made of them (every client's counters and detector statistics, every verdict, the
 monitor's counters) was recorded from the implementation before the per-query CPU work of
 issue 9 (JSON decoding, batched number checks, ...) and must not move: faster, not
-different.
+different. Re-recorded for issue 13 (verdicts: nearDuplicate alone alerts; a quarantine
+needs off-distribution evidence from a spread-out stream). Floats are compared with a
+relative tolerance (BLAS results differ by CPU); verdicts and counts exactly.
 
 Re-record (only when a change of statistics is intended and calibrated):
 
@@ -23,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from monitor_policy import policies
+from monitor_policy import fixed_profile, policies
 
 from controlplane.extraction.calibrate import heavy_user, iid_user, whatif_user
 from controlplane.extraction.detectors import DETECTORS
-from controlplane.extraction.feed import default_profile
 from controlplane.extraction.monitor import ExtractionMonitor
 from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
@@ -138,14 +139,14 @@ def replay(model: Any) -> dict[str, Any]:
         lambda: loaded,
         VerdictStore(clock=lambda: now[0]),
         sink,
-        profile=default_profile,
+        profile=fixed_profile,
         clock=lambda: now[0],
     )
     accepted = []
     for batch in batches(model):
         accepted.append(monitor.report(feed_pb2.FeedBatch.FromString(batch.SerializeToString())))
         now[0] += 0.25
-    thresholds = default_profile(None).thresholds["medium"]  # type: ignore[arg-type, union-attr]
+    thresholds = fixed_profile(None).thresholds["medium"]
     clients: dict[str, Any] = {}
     for (_, key), tracked in monitor._clients.items():
         s = tracked.state
@@ -203,12 +204,31 @@ def test_recorded_streams_give_the_recorded_statistics_and_verdicts(model) -> No
     # The streams must exercise what they claim to: attacks caught, junk counted.
     assert {v["client"] for v in want["verdicts"] if v["stage"] == "detection"} >= {"uniform"}
     assert want["stats"]["unparsable"]["request_json"] > 0
-    assert got["verdicts"] == want["verdicts"]
+    assert close(got["verdicts"], want["verdicts"]), "verdicts"
     assert got["accepted"] == want["accepted"]
     for key in want["clients"]:
-        assert got["clients"][key] == want["clients"][key], key
+        assert close(got["clients"][key], want["clients"][key]), key
     assert got["clients"].keys() == want["clients"].keys()
-    # Answers that are not JSON were not counted when the streams were recorded; they are
-    # now (``response_json``), and nothing else about the counters moved.
-    assert got["stats"]["unparsable"].pop("response_json") > 0
     assert got["stats"] == want["stats"]
+
+
+RTOL = 1e-6  # BLAS sums in another order on another CPU: same statistics, other last bits
+
+
+def close(got: Any, want: Any, path: str = "") -> bool:
+    """Equal structures, with floats equal to a relative tolerance and everything else
+    (verdicts, stages, counts, detector names) exactly; statistics near a threshold could
+    flip a verdict, which the exact comparison of verdict stages then reports."""
+    if isinstance(want, float) or isinstance(got, float):
+        if want is None or got is None:
+            return got is want
+        return bool(np.isclose(got, want, rtol=RTOL, atol=1e-9))
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(
+            close(got[k], want[k], f"{path}.{k}") for k in want
+        )
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(
+            close(g, w, f"{path}[{i}]") for i, (g, w) in enumerate(zip(got, want, strict=True))
+        )
+    return bool(got == want)

@@ -9,10 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from monitor_policy import POLICY, policies
+from monitor_policy import POLICY, fixed_profile, policies
 
 from controlplane.api import parse_documents
-from controlplane.extraction.feed import default_profile
 from controlplane.extraction.monitor import ExtractionMonitor
 from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
@@ -29,7 +28,7 @@ def model():  # type: ignore[no-untyped-def]
 def monitor(text: str = POLICY) -> ExtractionMonitor:
     loaded = policies(text)
     return ExtractionMonitor(
-        lambda: loaded, VerdictStore(), InMemoryVerdictSink(), profile=default_profile
+        lambda: loaded, VerdictStore(), InMemoryVerdictSink(), profile=fixed_profile
     )
 
 

@@ -164,8 +164,9 @@ def test_tightest_prefers_a_refusal_then_the_fewest_left() -> None:
 
 
 def _tokens(response: rlqs_pb2.RateLimitQuotaResponse) -> int:
-    """The assignment's size in requests (0: deny all)."""
-    strategy = response.bucket_action[0].quota_assignment_action.rate_limit_strategy
+    """The assignment's size in requests (0: deny all): the last action for the bucket (a
+    deny-all before a token bucket only makes the sidecar start the bucket anew)."""
+    strategy = response.bucket_action[-1].quota_assignment_action.rate_limit_strategy
     if strategy.HasField("token_bucket"):
         return int(strategy.token_bucket.max_tokens)
     assert strategy.blanket_rule == strategy.DENY_ALL
@@ -192,7 +193,11 @@ async def test_quota_assignments_never_add_up_to_more_than_the_budget() -> None:
     # 4 used, 6 left, two holders: a fair share would be 3, but one's 8 cover it all.
     assert _tokens(await quota._assign(report, two)) == 0
     report.bucket_quota_usages[0].num_requests_allowed = 1
-    assert _tokens(await quota._assign(report, one)) == 3  # 5 left, fair share 3
+    renewed = await quota._assign(report, one)
+    assert _tokens(renewed) == 3  # 5 left, fair share 3
+    # A token bucket after a token bucket: a deny-all first, so Envoy refills it.
+    first_action = renewed.bucket_action[0].quota_assignment_action.rate_limit_strategy
+    assert len(renewed.bucket_action) == 2 and first_action.blanket_rule == first_action.DENY_ALL
     assert _tokens(await quota._assign(report, two)) == 1  # 4 left, 3 held by one
     report.bucket_quota_usages[0].num_requests_allowed = 4
     assert _tokens(await quota._assign(report, one)) == 0  # 10 used
@@ -289,3 +294,28 @@ def test_a_budget_of_instances_reaches_the_ir() -> None:
     ir = compile_sidecar(SIDECAR, [lp.policy for lp in loaded]).rate
     assert ir is not None and ir.limits[0].cost == "instances"
     assert ir.limits[0].enforcement == RateEnforcement.QUOTA
+
+
+async def test_memory_holders_lapse_and_release_as_in_redis() -> None:
+    """The sequence tests/resilience/test_budget_replicas.py runs on Redis, in memory."""
+    clock = Clock(5000.0)
+    budgets = Budgets(MemoryBackend(), clock=clock)
+    parsed = Rule.parse(
+        {"limit": "demo.p.d", "policy": "demo/p", "requests": "10", "window": "86400"}
+    )
+    assert parsed is not None
+    rule = parsed[0]
+
+    async def grant(holder: str, hits: int) -> tuple[int, int]:
+        g = await budgets.grant(rule, "c", holder, hits=hits, units=1, ttl=15)
+        return g.tokens, g.remaining
+
+    assert await grant("A/1/1", 2) == (8, 8)
+    assert await grant("B/1/1", 2) == (0, 6)
+    assert await grant("A/1/1", 1) == (3, 5)
+    assert await grant("B/1/1", 1) == (1, 4)
+    clock.now += 16  # A's holder lapsed with its assignment
+    assert await grant("B/1/1", 0) == (4, 4)
+    assert await grant("A/2/1", 0) == (0, 4)
+    await budgets.release(rule, "c", "B/1/1")
+    assert await grant("A/2/1", 0) == (4, 4)

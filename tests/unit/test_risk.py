@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from monitor_policy import POLICY, policies
+from monitor_policy import POLICY, fixed_profile, policies
 
 from controlplane.compile.extraction import compile_one
-from controlplane.extraction.feed import default_profile, interim_held_out
 from controlplane.extraction.monitor import ExtractionMonitor
 from controlplane.extraction.risk import HeldOut, RiskSample, fidelity
 from controlplane.extraction.verdicts import ClientRef, InMemoryVerdictSink, VerdictStore
@@ -30,6 +29,13 @@ def model() -> Any:
 
 @pytest.fixture(scope="module")
 def held(model: Any) -> HeldOut:
+    return HeldOut.of(model.test_X, model.predict(model.test_X))
+
+
+def digits_held_out(profile: Any) -> HeldOut:
+    """The monitor's ``held_out`` callable: the test split and the model's answers on it
+    (the fixed profile carries no reference data of its own)."""
+    model = load_model(0)
     return HeldOut.of(model.test_X, model.predict(model.test_X))
 
 
@@ -170,8 +176,8 @@ def test_a_client_that_learned_a_lot_is_hardened_then_throttled_never_quarantine
         lambda: current,
         VerdictStore(clock=clock),
         sink,
-        profile=default_profile,
-        held_out=interim_held_out,
+        profile=fixed_profile,
+        held_out=digits_held_out,
         clock=clock,
     )
     learner = natural(model, 400, seed=7)
@@ -223,8 +229,8 @@ def test_harden_records_expire(model: Any) -> None:
         lambda: current,
         VerdictStore(clock=clock),
         InMemoryVerdictSink(),
-        profile=default_profile,
-        held_out=interim_held_out,
+        profile=fixed_profile,
+        held_out=digits_held_out,
         clock=clock,
         idle_ttl=10**9,
     )
@@ -326,3 +332,28 @@ def test_quarantine_list_shows_each_clients_fidelity() -> None:
     assert harden.startswith("harden strict") and harden.endswith("0.93 (412 q)")
     assert estimate.startswith("estimate") and estimate.endswith("0.21 (1,200 q)")
     assert quarantine.split()[-2:] == ["prada", "-"]
+
+
+def test_on_risk_needs_reference_data() -> None:
+    from controlplane.api import parse_documents
+
+    text = """\
+apiVersion: modelguard.io/v1alpha1
+kind: ExtractionPolicy
+metadata: {name: guard, namespace: ml}
+spec:
+  targetRef: {service: fraud-model}
+  clientKey: {header: x-api-key}
+  request: {features: "$.instances[*]"}
+  response: {scores: "$.predictions[*].probabilities"}
+  output: {topK: 1, tierHeader: x-tier, tiers: {strict: {labelOnly: true}}}
+  detection: {detectors: [prada]}
+  actions:
+    onRisk: {steps: [{fidelity: 0.6, harden: strict}]}
+"""
+    _, found = parse_documents(text, "test")
+    assert [str(v) for v in found] == [
+        "test[0] ExtractionPolicy ml/guard: spec.actions.onRisk: the extraction-risk estimate "
+        "scores what a client learned on the model's own data: set spec.detection.reference "
+        "(file or configMap, with labelColumn)"
+    ]

@@ -963,7 +963,7 @@ typedef struct {
   int error;
   u8 nested; /* kserve: data at the path may be nested arrays of rows */
   u8 count_mode; /* count the values at the path instead of collecting score vectors */
-  u8 count_value; /* ... adding the number found there (kserve: shape[0]) */
+  u8 count_value; /* ... taking the number found there (kserve: the largest shape[0]) */
   u8 inside; /* kserve: within one tensor's nested data */
   u64 counted;
   u32 leaves; /* values at the path seen so far */
@@ -1086,7 +1086,9 @@ static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth) {
       double v;
       const u8 *after = json_number(p, sc->end, &v);
       if (after) {
-        if (v > 0) sc->counted += v < 4e9 ? (u64)v : 4000000000ULL;
+        /* every input tensor has the same rows: the largest shape[0] counts, not the sum */
+        u64 rows = v > 0 ? (v < 4e9 ? (u64)v : 4000000000ULL) : 0;
+        if (rows > sc->counted) sc->counted = rows;
         return after;
       }
     }
@@ -1520,6 +1522,46 @@ static int too_deep(const u8 *p, usize n, u32 max) {
   return 0;
 }
 
+/* A body in UTF-16 or UTF-32 (which the model's JSON reader may well accept: Python's
+ * json.loads does), seen as the ASCII its code units spell: every unit under 128 becomes
+ * its byte, any other one 'x' (valid JSON has those only inside strings). Scanned bytewise
+ * instead, a wide character whose low byte is a quote or a backslash would desynchronise
+ * the string tracking and hide brackets from the depth check, and no row would be
+ * counted. The encoding is detected as json.loads does it (BOM, else where the NULs are).
+ * Returns a new buffer (caller frees it), or NULL for UTF-8 (the body is scanned as is). */
+static u8 *narrow(const u8 *b, usize n, usize *out_len) {
+  u32 unit = 0, big = 0, skip = 0;
+  if (n >= 4 && b[0] == 0xFF && b[1] == 0xFE && b[2] == 0 && b[3] == 0) {
+    unit = 4, skip = 4;
+  } else if (n >= 4 && b[0] == 0 && b[1] == 0 && b[2] == 0xFE && b[3] == 0xFF) {
+    unit = 4, big = 1, skip = 4;
+  } else if (n >= 2 && b[0] == 0xFF && b[1] == 0xFE) {
+    unit = 2, skip = 2;
+  } else if (n >= 2 && b[0] == 0xFE && b[1] == 0xFF) {
+    unit = 2, big = 1, skip = 2;
+  } else if (n >= 4 && b[0] == 0 && b[1] == 0) {
+    unit = 4, big = 1;
+  } else if (n >= 4 && b[1] == 0 && b[2] == 0 && b[3] == 0) {
+    unit = 4;
+  } else if (n >= 2 && b[0] == 0) {
+    unit = 2, big = 1;
+  } else if (n >= 2 && b[1] == 0) {
+    unit = 2;
+  }
+  if (!unit) return 0;
+  usize count = (n - skip) / unit;
+  u8 *out = malloc(count ? count : 1);
+  if (!out) return 0;
+  for (usize i = 0; i < count; i++) {
+    const u8 *u = b + skip + i * unit;
+    u32 v = 0;
+    for (u32 k = 0; k < unit; k++) v = big ? (v << 8) | u[k] : v | (u32)u[k] << (8 * k);
+    out[i] = v < 128 ? (u8)v : 'x';
+  }
+  *out_len = count;
+  return out;
+}
+
 /* Rows in a request: the values at request.features (kserve: the tensors' shape[0]). What
  * a scan that fails part-way counted still counts: a limit errs on the refusing side. */
 static u64 count_instances(Root *r, const u8 *body, u32 len) {
@@ -1624,7 +1666,16 @@ static u32 check_request(Stream *s, u32 size, u32 eos) {
   usize len = 0;
   if (proxy_get_buffer_bytes(BUF_REQUEST_BODY, 0, size, &body, &len) != WASM_OK || !body)
     return DATA_CONTINUE;
-  if (r->max_depth && too_deep(body, len, r->max_depth)) {
+  /* A UTF-8 body (nearly all) is checked in place; a wider one through its ASCII view. */
+  usize view_len = len;
+  u8 *wide = narrow(body, len, &view_len);
+  const u8 *view = wide ? wide : body;
+  if (!wide && len >= 3 && body[0] == 0xEF && body[1] == 0xBB && body[2] == 0xBF) {
+    view += 3; /* a UTF-8 byte-order mark, which json.loads skips too */
+    view_len -= 3;
+  }
+  if (r->max_depth && too_deep(view, view_len, r->max_depth)) {
+    free(wide);
     free(body);
     metric(r, M_REFUSED_DEPTH, 1);
     refuse(s, 400, "request_too_deep", "JSON nested deeper than request.maxDepth",
@@ -1632,15 +1683,17 @@ static u32 check_request(Stream *s, u32 size, u32 eos) {
     return DATA_STOP_AND_BUFFER;
   }
   if (r->ninst_steps && (r->feed || r->max_instances)) {
-    u64 n = count_instances(r, body, (u32)len);
+    u64 n = count_instances(r, view, (u32)view_len);
     s->instances = n > 0xffffffffULL ? 0xffffffffU : (u32)n;
     if (r->max_instances && n > r->max_instances) {
+      free(wide);
       free(body);
       metric(r, M_REFUSED_INSTANCES, 1);
       refuse(s, 413, "too_many_instances", "rows over request.maxInstances", r->max_instances);
       return DATA_STOP_AND_BUFFER;
     }
   }
+  free(wide);
   if (r->feed && len <= r->feed_max_body) {
     buf_free(&s->request);
     s->request.p = body; /* kept for the feed as it came, not copied */

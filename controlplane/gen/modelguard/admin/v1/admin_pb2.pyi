@@ -299,6 +299,7 @@ class PolicyStatus(_message.Message):
     SIDECARS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     namespace: _builtins.str
     name: _builtins.str
@@ -321,6 +322,12 @@ class PolicyStatus(_message.Message):
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Valid, but giving something away (e.g. a client key any caller can choose)."""
 
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyCondition]:
+        """Conditions beyond Accepted: for an ExtractionPolicy with detection, Calibrated (its
+        detector profile from its reference data: True, or False with a reason).
+        """
+
     def __init__(
         self,
         *,
@@ -334,14 +341,46 @@ class PolicyStatus(_message.Message):
         sidecars: _abc.Iterable[_builtins.str] | None = ...,
         serving: _builtins.bool = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        conditions: _abc.Iterable[Global___PolicyCondition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "generation", b"generation", "kind", b"kind", "name", b"name", "namespace", b"namespace", "serving", b"serving", "sidecars", b"sidecars", "source", b"source", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "errors", b"errors", "generation", b"generation", "kind", b"kind", "name", b"name", "namespace", b"namespace", "serving", b"serving", "sidecars", b"sidecars", "source", b"source", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PolicyStatus: _TypeAlias = PolicyStatus  # noqa: Y015
+
+@_typing.final
+class PolicyCondition(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """e.g. Calibrated"""
+    status: _builtins.str
+    """True | False"""
+    reason: _builtins.str
+    """e.g. Calibrated, Pending, Calibrating, Failed, NoReference"""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        status: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reason", b"reason", "status", b"status", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyCondition: _TypeAlias = PolicyCondition  # noqa: Y015
 
 @_typing.final
 class ListQuarantinesRequest(_message.Message):
