@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,12 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
 from controlplane.api import parse_documents  # noqa: E402
-from controlplane.extraction.feed import (  # noqa: E402
-    default_profile,
-    interim_held_out,
-    one_blas_thread,
-)
-from controlplane.extraction.monitor import ExtractionMonitor  # noqa: E402
+from controlplane.extraction.feed import ProfileBook, one_blas_thread  # noqa: E402
+from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy  # noqa: E402
+from controlplane.extraction.risk import held_out_of  # noqa: E402
 from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore  # noqa: E402
 from controlplane.gen.modelguard.feed.v1 import feed_pb2  # noqa: E402
 from controlplane.local.model import load_model  # noqa: E402
@@ -43,8 +41,9 @@ spec:
   clientKey: {header: x-api-key}
   request: {features: "$.instances[*]"}
   response: {scores: "$.predictions[*].probabilities"}
-  detection: {}
-"""
+  detection:
+    reference: {file: REFERENCE, labelColumn: label}
+""".replace("REFERENCE", str(ROOT / "policies" / "digits-reference.csv"))
 
 
 def feed(batches: int, clients: int) -> list[feed_pb2.FeedBatch]:
@@ -71,15 +70,15 @@ def feed(batches: int, clients: int) -> list[feed_pb2.FeedBatch]:
     return out
 
 
-def cpu_per_query(batches: list[feed_pb2.FeedBatch], estimate: bool) -> float:
-    loaded, _ = parse_documents(POLICY, "bench")
-    policies = [lp.policy for lp in loaded]
+def cpu_per_query(
+    batches: list[feed_pb2.FeedBatch], book: ProfileBook, policies: list[Any], estimate: bool
+) -> float:
     monitor = ExtractionMonitor(
         lambda: policies,
         VerdictStore(),
         InMemoryVerdictSink(),
-        profile=default_profile,
-        held_out=interim_held_out if estimate else (lambda profile: None),
+        profile=book,
+        held_out=held_out_of if estimate else (lambda profile: None),
         max_clients=4096,
     )
     monitor.report(batches[0])  # profile and held-out rows loaded before the clock starts
@@ -97,11 +96,19 @@ def main() -> int:
     args = parser.parse_args()
     one_blas_thread()
     batches = feed(args.batches, args.clients)
+    loaded, violations = parse_documents(POLICY, "bench")
+    assert not violations, violations
+    policies = [lp.policy for lp in loaded]
+    book = ProfileBook()  # the policy's profile, calibrated once before any clock starts
+    watched = WatchedPolicy.of(policies[0])
+    assert watched is not None
+    book(watched)
+    book.wait(watched.key)
     off: list[float] = []
     on: list[float] = []
     for _ in range(args.rounds):
-        off.append(cpu_per_query(batches, estimate=False))
-        on.append(cpu_per_query(batches, estimate=True))
+        off.append(cpu_per_query(batches, book, policies, estimate=False))
+        on.append(cpu_per_query(batches, book, policies, estimate=True))
     m_off, m_on = statistics.median(off), statistics.median(on)
     print(f"monitor CPU per query, {args.batches} batches of 128 over {args.clients} clients, "
           f"every query distinct, {args.rounds} rounds")
