@@ -184,6 +184,7 @@ class ControlPlane:
                 config.replica_id or f"{socket.gethostname()}-{os.getpid()}",
                 self.extraction.monitor.report,
             )
+        self.pipeline.hardened = self.extraction.hardened.active
         self.extraction.feed.authorize = self._feed_authorized
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
@@ -279,6 +280,7 @@ class ControlPlane:
         self.store.subscribe(lambda _policies: debouncer.trigger())
         self.inventory.subscribe(debouncer.trigger)
         self.extraction.verdicts.subscribe(debouncer.trigger)
+        self.extraction.hardened.subscribe(debouncer.trigger)
         self.files.sync()  # the first policy set is in place before any sidecar is served
         if self.shared_verdicts is not None:  # and the verdicts every replica shares
             await asyncio.to_thread(self.shared_verdicts.start)

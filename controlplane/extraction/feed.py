@@ -37,8 +37,10 @@ from controlplane.extraction.calibrate import (
     cached_profile,
     reference_free,
 )
+from controlplane.extraction.hardened import HardenStore
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
 from controlplane.extraction.reference import ReferenceData, load_file, parse
+from controlplane.extraction.risk import HeldOut, held_out_of
 from controlplane.extraction.routing import FeedRouter
 from controlplane.extraction.verdicts import (
     OtelVerdictSink,
@@ -89,6 +91,7 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
 
     async def start(self) -> None:
         self.monitor.verdicts.expire()
+        self.monitor.hardened.expire()
         self._expiry = asyncio.create_task(self._expire_loop())
         self._warm = asyncio.create_task(self._warm_loop())
 
@@ -114,7 +117,10 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
     async def _expire_loop(self) -> None:
         store = self.monitor.verdicts
         while True:
-            due = store.next_expiry()
+            due = min(
+                (t for t in (store.next_expiry(), self.monitor.hardened.next_expiry()) if t),
+                default=None,
+            )
             wait = EXPIRY_POLL if due is None else min(EXPIRY_POLL, max(0.0, due - time.time()))
             await asyncio.sleep(wait)
             try:
@@ -125,6 +131,7 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
                         gone.client.fingerprint,
                         gone.client.policy,
                     )
+                self.monitor.hardened.expire()
             except Exception:
                 log.exception("expiring verdicts failed")
 
@@ -325,6 +332,7 @@ class Extraction:
         profile: Callable[[WatchedPolicy], Profile | None] | None = None,
         profiles_dir: Path | None = None,
         verdict_backend: VerdictBackend | None = None,
+        held_out: Callable[[Profile], HeldOut | None] = held_out_of,
     ) -> None:
         one_blas_thread()
         # Profiles are cached next to the verdicts (the control plane's state directory).
@@ -336,12 +344,15 @@ class Extraction:
         # ``verdict_backend``: where verdicts persist (default: the file at ``state_path``,
         # or memory); a shared one lets several replicas enforce one set of verdicts.
         self.verdicts = VerdictStore(state_path, backend=verdict_backend)
+        self.hardened = HardenStore()
         self.monitor = ExtractionMonitor(
             policies,
             self.verdicts,
             sink or OtelVerdictSink(),
             profile=profile,
             throttler=throttler,
+            hardened=self.hardened,
+            held_out=held_out,
         )
         self.feed = QueryFeedService(self.monitor)
         self.feed.profiles = self.profiles
