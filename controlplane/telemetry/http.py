@@ -11,22 +11,27 @@ Routes:
   GET  /ui/state         the page's data as JSON
   POST /ui/release       end a client's quarantine and throttle ({"client": fingerprint})
 
-A release changes enforcement, so it is held to the admin API's rule: the admin API is
-served on loopback, and so only a loopback peer may release. It must also carry the header
-``X-Modelguard-Action: release`` (a page of another origin cannot send a custom header
-without a CORS preflight, which this server never grants) and a ``Host`` naming a loopback
-address (a rebound DNS name cannot reach it from a browser).
+/metrics carries no client and answers anyone who reaches the port (``--metrics-host``; in
+the manifests the pod network, for Prometheus). The page names clients and can release
+them, so it is held to the admin API's rules (controlplane/adminauth.py): it answers only
+loopback peers (``kubectl port-forward``, as for the admin API), and a release must carry
+the admin API's bearer token when ``--admin-token-file`` is set (the page asks for it), the
+header ``X-Modelguard-Action: release`` (a page of another origin cannot send a custom
+header without a CORS preflight, which this server never grants) and a ``Host`` naming a
+loopback address (a rebound DNS name cannot reach it from a browser).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import json
 import logging
 from typing import TYPE_CHECKING
 
+from controlplane.adminauth import TokenFile
 from controlplane.telemetry import page
 
 if TYPE_CHECKING:
@@ -42,6 +47,7 @@ RELEASE_HEADER = "x-modelguard-action"
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -67,8 +73,11 @@ def _is_loopback(peer: object) -> bool:
 
 
 class ObservabilityServer:
-    def __init__(self, plane: ControlPlane, host: str, port: int) -> None:
+    def __init__(
+        self, plane: ControlPlane, host: str, port: int, token_file: str | None = None
+    ) -> None:
         self.plane, self.host, self.requested_port = plane, host, port
+        self.tokens = TokenFile(token_file) if token_file else None
         self.port = 0
         self._server: asyncio.Server | None = None
         self.served = 0  # requests answered (the benchmark reads it)
@@ -136,6 +145,10 @@ class ObservabilityServer:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         path = target.split("?", 1)[0]
+        if path.startswith("/ui") and not _is_loopback(peer):
+            raise _Bad(
+                403, "the live page answers loopback only, like the admin API: port-forward"
+            )
         if method == "GET":
             if path == "/metrics":
                 text = self.plane.telemetry.instrumentation.prometheus_text()
@@ -172,6 +185,12 @@ class ObservabilityServer:
     def _authorize_release(self, peer: object, headers: dict[str, str]) -> None:
         if not _is_loopback(peer):
             raise _Bad(403, "release: only from loopback, like the admin API")
+        if self.tokens is not None:
+            scheme, _, presented = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                presented.strip().encode(), self.tokens.current()
+            ):
+                raise _Bad(401, "release: the admin API's bearer token is required")
         if headers.get(RELEASE_HEADER) != "release":
             raise _Bad(403, f"release: the {RELEASE_HEADER} header is required")
         host = headers.get("host", "")

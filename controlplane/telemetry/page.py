@@ -162,7 +162,8 @@ def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str
         latest[verdict.client.policy, verdict.client.key] = verdict
     active = plane.extraction.verdicts.active()
     enforced = {(e.client.policy, e.client.key): e for e in active}
-    # The monitor's estimated extraction fidelity per client (issue 10), where it keeps one.
+    # The monitor's estimated extraction fidelity per client (issue 10), where it keeps one;
+    # it names clients as admin answers do (ClientRef.shown).
     risks = getattr(monitor, "risks", None)
     fidelity = {(r[0], r[1]): r[2] for r in risks()} if risks is not None else {}
     ranked: list[tuple[int, float, float, int, str, str, int, ClientRef]] = []
@@ -175,7 +176,7 @@ def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str
         ratio = max(
             (e.statistic / e.threshold for e in verdict.evidence if e.threshold), default=0.0
         ) if verdict is not None else 0.0  # fmt: skip
-        estimate = fidelity.get((policy, key))
+        estimate = fidelity.get((policy, ref.shown))
         shown = f"{estimate:.0%}" if estimate is not None else ""
         # Stage first; then the estimate (how much of the model it may have copied), then
         # how far past its threshold its evidence is.
@@ -194,7 +195,7 @@ def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str
             "client": r[7].shown,
             "stage": r[4],
             "queries": r[3],
-            "fidelity": fidelity.get((r[7].policy, r[7].key)) if risks is not None else None,
+            "fidelity": fidelity.get((r[7].policy, r[7].shown)) if risks is not None else None,
             "evidence": round(r[2], 4),
         }
         for r in ranked[:TOP_CHARTED]
@@ -495,6 +496,7 @@ function chart(series){
   document.getElementById("legend").innerHTML = names.map(n=>'<span style="color:'+
     (COLORS[n]||"#333")+'">■ '+esc(n)+"</span>").join("");
 }
+let adminToken = null;  // kept in this page only, asked for when a release needs it
 const history = new Map();  // client → [[queries, level]] seen while the page is open
 function risk(top){
   for (const c of top){
@@ -537,8 +539,15 @@ document.addEventListener("click", async ev => {
   const b = ev.target.closest("button.release");
   if (!b) return;
   b.disabled = true;
-  const r = await fetch("/ui/release",{method:"POST",headers:{"content-type":"application/json",
-    "x-modelguard-action":"release"},body:JSON.stringify({client:b.dataset.client})});
+  const send = () => fetch("/ui/release",{method:"POST",headers:Object.assign(
+    {"content-type":"application/json","x-modelguard-action":"release"},
+    adminToken ? {"authorization":"Bearer "+adminToken} : {}),
+    body:JSON.stringify({client:b.dataset.client})});
+  let r = await send();
+  if (r.status === 401) {  // the control plane runs with --admin-token-file
+    adminToken = window.prompt("Admin token (--admin-token-file) to release "+b.dataset.name);
+    if (adminToken) r = await send();
+  }
   document.getElementById("notice").textContent = r.ok ? "released "+b.dataset.name
     : "release refused: "+(await r.text());
   const s = await fetch("/ui/state",{cache:"no-store"}); if (s.ok) render(await s.json());

@@ -128,6 +128,7 @@ EXPECTED = [
     "modelguard_extraction_clients",
     "modelguard_telemetry_records_total",
     "modelguard_ratelimit_decisions_total",
+    "modelguard_extraction_fidelity_clients",  # clients by estimated fidelity (issue 10)
 ]
 
 
@@ -331,6 +332,18 @@ def test_release_is_held_to_the_admin_rules(system: System) -> None:
     server._authorize_release(("127.0.0.1", 5), good)
     with pytest.raises(_Bad):
         server._authorize_release(("10.1.2.3", 5), good)
+    # With --admin-token-file, the admin API's bearer token as well (the page asks for it).
+    token = system.tmp / "admin-token"
+    token.write_text("s3cret-admin-token\n")
+    guarded = ObservabilityServer(None, "127.0.0.1", 0, token_file=str(token))  # type: ignore[arg-type]
+    with pytest.raises(_Bad) as refused:
+        guarded._authorize_release(("127.0.0.1", 5), good)
+    assert refused.value.status == 401
+    with pytest.raises(_Bad):
+        guarded._authorize_release(("127.0.0.1", 5), {**good, "authorization": "Bearer nope"})
+    guarded._authorize_release(
+        ("127.0.0.1", 5), {**good, "authorization": "Bearer s3cret-admin-token"}
+    )
 
 
 def _raw(system: System, request: bytes) -> str:

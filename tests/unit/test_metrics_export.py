@@ -53,7 +53,7 @@ def test_clients_by_estimated_fidelity_are_cumulative_buckets_without_client_key
     estimates = [("demo/digits-model", "mg_secret-key-1", 0.35, 400),
                  ("demo/digits-model", "acme", 0.92, 900),
                  ("demo/digits-model", "globex", 0.05, 80)]  # fmt: skip
-    monitor.risks = lambda: estimates  # type: ignore[attr-defined]  # the monitor's (issue 10)
+    monitor.risks = lambda: estimates  # type: ignore[method-assign]  # as the monitor gives them
     buckets = {
         labels["le"]: value
         for labels, value in _samples(plane)["modelguard_extraction_fidelity_clients"]

@@ -43,7 +43,7 @@ def test_the_servicemonitor_component_scrapes_the_control_plane_and_the_sidecars
         [a.replace("$(POD_NAMESPACE)", "ns").replace("$(POD_NAME)", "p") for a in container["args"]]
     )
     assert args.metrics_port == target["containerPort"]  # the process serves what is scraped
-    assert args.admin_host == "0.0.0.0"  # the metrics listener binds the admin host
+    assert args.metrics_host == "0.0.0.0"  # reachable by Prometheus (the page: loopback only)
     endpoint = pods["spec"]["podMetricsEndpoints"][0]
     assert (endpoint["port"], endpoint["path"]) == (inject.STATS_PORT_NAME, inject.STATS_PATH)
 
