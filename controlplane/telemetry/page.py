@@ -504,12 +504,14 @@ function risk(top){
       ({watching:0, suspected:0.5, detected:1}[c.stage] || 0);
     const h = history.get(c.client) || [];
     if (!h.length || h[h.length-1][0] !== c.queries || h[h.length-1][1] !== level)
-      h.push([c.queries, level]);
+      h.push([c.queries, level, c.fidelity !== null]);
     history.set(c.client, h.slice(-500));
   }
   const svg = document.querySelector("#risk svg"), W=1000, H=170;
   if (!top.length){ svg.innerHTML = ""; return; }
-  const name = top[0].client, h = history.get(name) || [];
+  const name = top[0].client, seen = history.get(name) || [];
+  // Once the monitor estimates the client's fidelity, only estimates are drawn.
+  const h = seen.some(p=>p[2]) ? seen.filter(p=>p[2]) : seen;
   document.getElementById("risk-client").textContent = name+" ("+top[0].stage+")";
   const maxQ = Math.max(1, ...h.map(p=>p[0]));
   const pts = h.map(p=>(p[0]*W/maxQ).toFixed(1)+","+(H-p[1]*(H-10)).toFixed(1));
