@@ -57,10 +57,9 @@ from controlplane.extraction.detectors import (
     DETECTORS,
     STATISTICS,
     ClientState,
-    DetectorName,
-    StatisticName,
     FloatArray,
     Reference,
+    StatisticName,
     Thresholds,
     _sq_distances,
 )
@@ -75,9 +74,15 @@ BATCH = 8  # calibrate at a finer grain than sidecars batch: maxima are then con
 # the digits' test split, 1.5 within the first 40 queries of a heavy user. A floor is a
 # tail probability every client may reach once in a thousand (100 at high).
 OOD_FLOOR = {"low": 4.0, "medium": 3.0, "high": 2.0}
+# denseSteps (inputs moved by near-duplicate steps per distinct query) is never below this
+# before the margin: what-if tools and explainers edit 1-4 inputs a step (issue 13's
+# explorers; the generators' range), so a client all of whose queries edit 4 inputs stays
+# under it even on a reference where the simulated explorers' steps rarely fall within the
+# near-duplicate radius (breast cancer: benign maximum 1.29) or never do (a maximum of 0).
+DENSE_STEPS_FLOOR = 4.0
 # Part of every cache key: bump whenever the procedure (generators, split, statistics)
 # changes, so a cached profile is never one the current code would not produce.
-VERSION = "13.4"  # 13.4: denseSteps
+VERSION = "13.5"  # 13.5: denseSteps
 HELD_OUT_FRACTION = 0.25
 MAX_HELD_OUT = 2000
 MAX_REFERENCE = 20_000  # reference points kept for novelty (a distance matrix per batch)
@@ -479,6 +484,8 @@ def calibrate(
         values: dict[str, float] = {}
         for detector in STATISTICS:
             observed = np.asarray(maxima[detector])
+            if detector == "denseSteps":
+                observed = np.maximum(observed, DENSE_STEPS_FLOOR)
             if sensitivity == "high":
                 values[detector] = float(np.quantile(observed, 0.99))
             else:

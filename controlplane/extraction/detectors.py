@@ -25,7 +25,8 @@ threshold calibrated on benign traffic only (``calibrate.py``):
     too, but rare. Statistic: inputs moved by near-duplicate steps per distinct query
     (decayed sums), so a few natural near-duplicates among many fresh queries stay low
     and a stream of dense steps, interleaved with natural queries or not, does not.
-    Calibrated like the others (benign maxima times the margin); a reference-free profile
+    Calibrated like the others (benign maxima times the margin), never below 4 inputs a
+    query before the margin (``calibrate.DENSE_STEPS_FLOOR``); a reference-free profile
     has no benign data to calibrate it on and leaves it off (threshold infinite).
 ``outOfDistribution``
     Each query's novelty is its mean distance to the 5 nearest reference points (the

@@ -24,12 +24,12 @@ expensive mistake): the detectors say different things.
   what natural use reveals. With reference data, a quarantine requires one of them among
   the confirming findings (``DECISIVE``); without it (or while the policy's profile is
   still calibrating), ``prada`` is the decisive detector, at its reference-free default.
-
 - ``denseSteps`` (computed with ``nearDuplicate``) says the client's near-duplicate steps
   move many inputs at once, far more per query than any benign explorer the profile was
   calibrated on (they edit 1-4 inputs a step): a gradient probe such as Jacobian-based
   augmentation, whose points are synthetic from the second round on. It throttles, and it
-  is decisive for a quarantine on its own, without the spread floor: that floor spares
+  is decisive for a quarantine on its own (threshold: benign maximum, never below 4 inputs
+  per query, times the margin), without the spread floor: that floor spares
   clients that explore around a few inputs, and a client stepping densely around a few
   seeds is exactly what it detects.
 

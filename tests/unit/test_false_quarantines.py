@@ -143,7 +143,8 @@ def test_digits_jacobian_augmentation_is_caught_and_explorers_are_not(digits) ->
     pool = model.test_X
     streams: list[tuple[str, np.ndarray]] = []
     for i in range(3):
-        streams.append((f"jacobian-plain-{i}", answered(jacobian(pool), rng, 1000, model.predict_proba)))
+        streams.append((f"jacobian-plain-{i}",
+                        answered(jacobian(pool), rng, 1000, model.predict_proba)))
         streams.append((f"jacobian-interleaved-{i}",
                         answered(interleaved(jacobian(pool), pool), rng, 1000,
                                  model.predict_proba)))
@@ -152,8 +153,6 @@ def test_digits_jacobian_augmentation_is_caught_and_explorers_are_not(digits) ->
     streams += [(f"j-{name}", X)
                 for name, X in benign(np.random.default_rng(31), pool, model.predict(pool), 2)]
     outcomes = drive(monitor, "demo/m", model.predict_proba, streams)
-    print({n: (o.throttled_at, o.quarantined_at, sorted(o.detectors)) for n, o in outcomes.items()
-           if n.startswith("jacobian") or o.throttled_at is not None})
     assert median_detection(outcomes, "jacobian-interleaved") <= 500
     assert median_detection(outcomes, "jacobian-plain") <= 100
     caught = {n for n in outcomes if n.startswith("jacobian")}
