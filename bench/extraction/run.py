@@ -467,7 +467,7 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
         "clients": len(benign),
         "queries": int(n),
         "flagged": [o.name for o in flagged],
-        "false_positive_rate": len(flagged) / len(benign),
+        "false_positive_rate": len(flagged) / len(benign) if benign else 0.0,
         "top1_changes": top1 / n if n else 0.0,
         "mean_probability_shift": shift / n if n else 0.0,
         # Per group: the calibration's generators (other seeds) and the held-out ones.
