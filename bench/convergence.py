@@ -243,7 +243,10 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
         ]
         if specs:
             procs_ = SimProcesses(target, specs, procs)
-            procs_.wait_started()
+            # Off the event loop: it is the control plane's loop. Blocking it while thousands
+            # of sidecars connect left their streams unserved until gRPC cancelled them
+            # (CANCELLED / "Internal error from Core" at 5,000; the simulator, not the server).
+            await asyncio.to_thread(procs_.wait_started)
         expected = sims + envoys
         await _all_synced(plane, expected, timeout=300)
         gc.collect()
@@ -351,7 +354,7 @@ async def one_resource_bytes(services: int, procs: int) -> dict[str, Any]:
                     (sidecar.node_id, sidecar.to_metadata(), [(TOKEN_METADATA, token)], delta)
                 )
         procs_ = SimProcesses(target, specs, procs)
-        procs_.wait_started()
+        await asyncio.to_thread(procs_.wait_started)  # off the control plane's loop
         await _all_synced(plane, len(specs), timeout=300)
         before = {n.node_id: n for n in plane.sync_status.nodes()}
 

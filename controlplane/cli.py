@@ -61,6 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
         xds_port=args.xds_port,
         admin_host=args.admin_host,
         admin_port=args.admin_port,
+        admin_token_file=args.admin_token_file or None,
+        xds_max_connection_age=args.xds_max_connection_age,
         telemetry=telemetry_settings.from_args(args),
         verdicts_path=args.verdicts or None,
         rate_limit_backend=args.rate_limit_backend,
@@ -78,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         plane = ControlPlane(config)
         await plane.start()
+        plane.install_signal_handlers()
         print(
             f"modelguard control plane: xDS on {config.xds_host}:{plane.xds_port}, "
             f"admin on {config.admin_host}:{plane.admin_port}",
@@ -86,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             await plane.wait_closed()
         finally:
-            await plane.stop()
+            await plane.stop(config.shutdown_grace)
 
     from controlplane.server import PortInUse
 
@@ -164,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-port", type=port_number, default=18000)
     p.add_argument("--admin-host", default="127.0.0.1")
     p.add_argument("--admin-port", type=port_number, default=18001)
+    p.add_argument(
+        "--xds-max-connection-age",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="sidecar connections are closed (GOAWAY) after this long, so they rebalance "
+        "over replicas after a rollout",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        help="bearer token (a mounted Secret) every admin call must carry; required when "
+        "--admin-host is not a loopback address",
+    )
     p.add_argument(
         "--rate-limit-backend",
         default="memory",

@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kubeconfig", help="default: in-cluster config, else ~/.kube/config")
     group.add_argument("--watch-namespace", help="watch one namespace (default: all)")
     group.add_argument("--lease-namespace", default="modelguard-system")
+    group.add_argument(
+        "--api-key-namespaces",
+        help="comma-separated namespaces whose Secrets labelled modelguard.io/api-keys=true "
+        "are read (RBAC: a Role there); default: every namespace (a ClusterRole)",
+    )
     group.add_argument("--replica-id", help="this replica's name in the Lease (default: host)")
     group.add_argument("--webhook-host", default="0.0.0.0")
     group.add_argument("--webhook-port", type=int, default=9443, help="0: no webhook")
@@ -120,16 +125,26 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     from controlplane.server import ControlPlane
 
     api_client = api_client_from_args(args)
-    config = dataclasses.replace(plane_config, policy_paths=(), watch=False)
+    replica_id = args.replica_id or socket.gethostname()
+    config = dataclasses.replace(plane_config, policy_paths=(), watch=False, replica_id=replica_id)
 
     async def main() -> None:
         authenticator = cluster_authenticator(api_client, config.identity)
         plane = ControlPlane(config, authenticator=authenticator)
         tracker = ProgramTracker(plane)
-        source = KubernetesSource(api_client, plane.store, plane.inventory, args.watch_namespace)
-        elector = LeaderElector(
-            api_client, args.lease_namespace, args.replica_id or socket.gethostname()
+        secret_namespaces = (
+            [ns.strip() for ns in args.api_key_namespaces.split(",") if ns.strip()]
+            if args.api_key_namespaces
+            else None
         )
+        source = KubernetesSource(
+            api_client,
+            plane.store,
+            plane.inventory,
+            args.watch_namespace,
+            secret_namespaces=secret_namespaces,
+        )
+        elector = LeaderElector(api_client, args.lease_namespace, replica_id)
         bundle = None
         if plane.identity is not None:
             # One input of API-key digests: --api-keys files and the labelled Secrets.
@@ -140,12 +155,27 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
                 namespaces=[args.watch_namespace] if args.watch_namespace else None,
                 is_leader=lambda: elector.is_leader,
             )
+        sidecars: Any = plane.inventory.snapshot
+        programmed: Any = tracker.nodes
+        shared_status = None
+        if config.rate_limit_backend.startswith(("redis://", "rediss://", "unix://")):
+            # "Programmed N of M" over every replica's sidecars, not only the leader's.
+            from controlplane.cluster_status import SharedStatus, versions_of
+
+            shared_status = SharedStatus(
+                config.rate_limit_backend,
+                replica_id,
+                plane.inventory.snapshot,
+                tracker.nodes,
+                lambda: versions_of(plane.store.current().policies),
+            )
+            sidecars, programmed = shared_status.sidecars, shared_status.programmed
         writer = StatusWriter(
             api_client,
             source,
             lambda: elector.is_leader,
-            tracker.nodes,
-            plane.inventory.snapshot,
+            programmed,
+            sidecars,
         )
         # ExtractionPolicies: reference data from ConfigMaps, Calibrated in their status.
         plane.extraction.profiles.configmaps = kubernetes_configmaps(api_client)
@@ -169,6 +199,9 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
             webhook.start()
         source.start()
         await plane.start()
+        plane.install_signal_handlers()
+        if shared_status is not None:
+            shared_status.start()
         elector.start()
         if bundle is not None:
             bundle.start()
@@ -182,17 +215,21 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         try:
             await plane.wait_closed()
         finally:
+            # Sidecars first (no new calls, GOAWAY, streams end: they reconnect to another
+            # replica), then the Lease is released so another replica writes status at once.
             stop.set()
             await status_task
+            if shared_status is not None:
+                shared_status.stop()
+            await plane.stop(config.shutdown_grace)
+            elector.stop(release=True)
             if bundle is not None:
                 bundle.stop()
             if authenticator is not None:
                 authenticator.close()
-            elector.stop()
             source.stop()
             if webhook is not None:
                 webhook.stop()
-            await plane.stop()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())

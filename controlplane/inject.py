@@ -35,6 +35,7 @@ import base64
 import copy
 import json
 import logging
+import os
 import ssl
 import sys
 import threading
@@ -458,6 +459,63 @@ def _envelope(request_review: dict[str, Any], response: dict[str, Any]) -> dict[
     }
 
 
+class ReloadingCertificate:
+    """The webhook's serving certificate, re-read when its files change.
+
+    cert-manager renews the certificate in the Secret and the kubelet swaps the mounted
+    files; a server that read them once would serve the expired certificate and, with
+    ``failurePolicy: Fail``, stop pod creation in injected namespaces. Each TLS handshake
+    checks the files' identity (inode, size, modification time: a stat, microseconds) and
+    switches the connection to a context built from the new files. A broken pair (the
+    kubelet mid-swap) keeps the last good one.
+    """
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.cert_file, self.key_file = cert_file, key_file
+        self._lock = threading.Lock()
+        self._stamp = self._files()
+        self.context = self._load()
+        self.context.sni_callback = self._on_handshake
+        self.reloads = 0
+
+    def _files(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for path in (self.cert_file, self.key_file):
+            st = os.stat(path)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def current(self) -> ssl.SSLContext:
+        with self._lock:
+            try:
+                stamp = self._files()
+                if stamp != self._stamp:
+                    context = self._load()
+                    context.sni_callback = self._on_handshake
+                    self.context, self._stamp = context, stamp
+                    self.reloads += 1
+                    log.info("webhook certificate reloaded from %s", self.cert_file)
+            except (OSError, ssl.SSLError) as err:
+                log.error("webhook certificate %s: %s; serving the last one", self.cert_file, err)
+            return self.context
+
+    def _on_handshake(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: Any
+    ) -> None:
+        context = self.current()
+        if connection.context is not context:
+            connection.context = context
+
+    def wrap(self, sock: Any) -> Any:
+        return self.context.wrap_socket(sock, server_side=True)
+
+
 class InjectionWebhook:
     """HTTPS server: ``POST /inject`` (AdmissionReview), ``GET /healthz`` and ``/readyz``.
 
@@ -515,11 +573,10 @@ class InjectionWebhook:
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
+        self.certificates: ReloadingCertificate | None = None
         if cert_file and key_file:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(cert_file, key_file)
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.certificates = ReloadingCertificate(cert_file, key_file)
+            self._server.socket = self.certificates.wrap(self._server.socket)
         self.port: int = self._server.server_address[1]
         self._thread: threading.Thread | None = None
 

@@ -299,6 +299,8 @@ class ExtractionIR:
     tier_header: str | None = None
     tiers: tuple[tuple[str, HardeningIR], ...] = ()  # tier → settings replacing the default
     feed: QueryFeedIR | None = None  # present when the policy asks for detection
+    # Clients answered with another tier (onRisk): client key → ((its tier, answered with), ...)
+    risk_overrides: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     max_body_bytes: int = 512 * 1024  # larger responses cannot be hardened (counted)
     # Request limits the sidecar enforces before the model sees a request (413 / 400).
     max_request_bytes: int = 64 * 1024

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from controlplane.compile import compile_sidecar
 from controlplane.compile.mesh import MeshInputs
+from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Inventory, Sidecar
 from controlplane.ir import SidecarIR, evolve
@@ -191,6 +192,8 @@ class Pipeline:
     mesh_inputs: Callable[[tuple[Sidecar, ...]], MeshInputs] | None = None
     # Quarantines and throttles in force (the extraction monitor's verdicts).
     verdicts: Callable[[], Sequence[Enforcement]] | None = None
+    # Clients answered with a stricter output tier (the extraction-risk estimate's onRisk).
+    hardened: Callable[[], Sequence[Hardened]] | None = None
     # The store revision the last finished rebuild compiled: every sidecar's snapshot
     # reflects at least this revision once it has ACKed it.
     compiled_revision: int = -1
@@ -230,6 +233,7 @@ class Pipeline:
             self.cache.clear(node_id)
         mesh = self.mesh_inputs(sidecars) if self.mesh_inputs is not None else None
         verdicts = self.verdicts() if self.verdicts is not None else ()
+        hardened = self.hardened() if self.hardened is not None else ()
         self.shapes.begin()
         replicas = _Replicas(mesh)
         same_ir = _Comparer().same
@@ -243,7 +247,12 @@ class Pipeline:
             ir = replicas.ir(sidecar)
             if ir is None:
                 ir = compile_sidecar(
-                    sidecar, policies, telemetry=self.telemetry, mesh=mesh, verdicts=verdicts,
+                    sidecar,
+                    policies,
+                    telemetry=self.telemetry,
+                    mesh=mesh,
+                    verdicts=verdicts,
+                    hardened=hardened,
                     xff_num_trusted_hops=self.xff_num_trusted_hops,
                 )
                 replicas.compiled(sidecar, ir)

@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import signal
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +23,13 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from controlplane.admin import AdminService
+from controlplane.adminauth import server_interceptors
 from controlplane.bootstrap import ENVOY_ADMIN_KEY
 from controlplane.compile import targets
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
+from controlplane.extraction.routing import FeedRouter
+from controlplane.extraction.shared import SharedVerdicts
 from controlplane.identity.interceptor import SidecarAuthInterceptor
 from controlplane.identity.kubernetes import AuthenticationPending
 from controlplane.identity.plaintext import PlaintextWatch
@@ -79,6 +85,15 @@ class ControlPlaneConfig:
     xff_num_trusted_hops: int = 0
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
+    # Beyond loopback the admin API demands this bearer token (controlplane/adminauth.py).
+    admin_token_file: str | None = None
+    # Connections to sidecars are closed (GOAWAY) after this many seconds (±10 % jitter,
+    # gRPC's) so that after a rollout or a scale-up sidecars spread over all replicas.
+    xds_max_connection_age: float = 1800.0
+    # On SIGTERM: in-flight calls get this long; then streams end and sidecars reconnect.
+    shutdown_grace: float = 2.0
+    # This replica's name among those sharing a Redis (feed routing); "" : host and pid.
+    replica_id: str = ""
     # Count plaintext sidecars on the TLS xDS port and advise them, by owning fd 2
     # (identity/plaintext.py): for the CLI's processes only, never a library user's.
     watch_plaintext: bool = False
@@ -156,6 +171,20 @@ class ControlPlane:
             Path(config.verdicts_path) if config.verdicts_path else None,
         )
         self.pipeline.verdicts = self.extraction.verdicts.active
+        # Replicas sharing a Redis (the budgets' backend) share their verdicts through it.
+        self.shared_verdicts: SharedVerdicts | None = None
+        if config.rate_limit_backend.startswith(("redis://", "rediss://", "unix://")):
+            self.shared_verdicts = SharedVerdicts(
+                self.extraction.verdicts,
+                config.rate_limit_backend,
+                release=self.extraction.monitor.release,
+            )
+            self.extraction.feed.router = FeedRouter(
+                config.rate_limit_backend,
+                config.replica_id or f"{socket.gethostname()}-{os.getpid()}",
+                self.extraction.monitor.report,
+            )
+        self.pipeline.hardened = self.extraction.hardened.active
         self.extraction.feed.authorize = self._feed_authorized
         self.sidecar_services.append(self.extraction.feed)
         self.xds_port = 0
@@ -251,13 +280,21 @@ class ControlPlane:
         self.store.subscribe(lambda _policies: debouncer.trigger())
         self.inventory.subscribe(debouncer.trigger)
         self.extraction.verdicts.subscribe(debouncer.trigger)
+        self.extraction.hardened.subscribe(debouncer.trigger)
         self.files.sync()  # the first policy set is in place before any sidecar is served
+        if self.shared_verdicts is not None:  # and the verdicts every replica shares
+            await asyncio.to_thread(self.shared_verdicts.start)
+        if self.extraction.feed.router is not None:
+            await asyncio.to_thread(self.extraction.feed.router.start)
 
         self._xds_server = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.max_connection_age_ms", int(self.config.xds_max_connection_age * 1000)),
+                # ADS streams never finish by themselves: end them soon after the GOAWAY.
+                ("grpc.max_connection_age_grace_ms", 10_000),
                 *NO_REUSEPORT,
             ],
             # Every sidecar service on this port checks the sidecar's credential, as ADS does.
@@ -290,7 +327,11 @@ class ControlPlane:
                 self.config.xds_host,
                 self.config.xds_port,
             )
-        self._admin_server = grpc.aio.server(options=NO_REUSEPORT)
+        self._admin_server = grpc.aio.server(
+            options=NO_REUSEPORT,
+            interceptors=server_interceptors(self.config.admin_host, self.config.admin_token_file)
+            or None,
+        )
         AdminService(self).add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
         QuarantineAdmin(self.extraction.monitor, self.rate_limits).add_to(self._admin_server)
@@ -320,8 +361,23 @@ class ControlPlane:
     async def wait_closed(self) -> None:
         await self._stop.wait()
 
+    def install_signal_handlers(self) -> None:
+        """SIGTERM (Kubernetes stopping the pod) and SIGINT end ``wait_closed``; the caller
+        then runs ``stop``: no new calls, GOAWAY, in-flight calls get ``shutdown_grace``,
+        the remaining streams end and their sidecars reconnect to another replica."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+        self._stop.set()
+
     async def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        if self.extraction.feed.router is not None:
+            # Leave the feed's membership first: the others take this replica's clients.
+            await asyncio.to_thread(self.extraction.feed.router.stop)
         if self._plaintext is not None:
             self._plaintext.stop()
             self._plaintext = None
@@ -333,8 +389,11 @@ class ControlPlane:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
-        for server in (self._xds_server, self._admin_server):
-            if server is not None:
-                await server.stop(grace)
+        # Both at once: each stops taking calls, sends GOAWAY and gives calls ``grace``.
+        await asyncio.gather(
+            *(s.stop(grace) for s in (self._xds_server, self._admin_server) if s is not None)
+        )
         for service in self.sidecar_services:
             await service.stop()
+        if self.shared_verdicts is not None:
+            await asyncio.to_thread(self.shared_verdicts.stop)

@@ -8,6 +8,7 @@ import sys
 import grpc
 from google.protobuf import json_format
 
+from controlplane.adminauth import admin_channel
 from controlplane.cliutil import add_output_arguments, emit
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def fetch_status(
     address: str, node_filter: str = "", timeout: float = 5.0
 ) -> admin_pb2.StatusReport:
-    with grpc.insecure_channel(address) as channel:
+    with admin_channel(address) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         report: admin_pb2.StatusReport = stub.GetStatus(
             admin_pb2.GetStatusRequest(node_filter=node_filter), timeout=timeout

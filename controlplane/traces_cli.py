@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from controlplane.adminauth import admin_channel
 from controlplane.cliutil import add_output_arguments, emit, http_status, positive_int
 from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
 from controlplane.telemetry.records import hash_secret
@@ -126,7 +127,7 @@ def render(
 def show_traces(args: argparse.Namespace) -> int:
     query = build_query(args)
     try:
-        with grpc.insecure_channel(args.admin) as channel:
+        with admin_channel(args.admin) as channel:
             stub = telemetry_pb2_grpc.TelemetryStub(channel)
             listing: telemetry_pb2.TelemetryList = stub.ListTelemetry(query, timeout=10)
             # Following: one fixed set of widths for the listing and every streamed line.

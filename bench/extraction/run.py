@@ -444,11 +444,15 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
         X0, A0 = undefended(model, spec, 1000 * index)
         o = outcomes[0]
         X1 = np.asarray(o.queries)
+        row["risk_undefended"] = {}
         for budget in BUDGETS:
             f0, a0 = substitute_quality(victim, X0[:budget], A0[:budget], equation)
+            row["risk_undefended"][budget] = {
+                "estimated": offline_estimate(victim, X0[:budget]), "true": f0}
             f1, a1 = substitute_quality(victim, X1[:budget], o.answers[:budget], equation)
             row["fidelity"][budget] = {"without": f0, "with": f1}
             row["accuracy"][budget] = {"without": a0, "with": a1}
+        row["risk"] = risk_row(system, victim, spec, outcomes[0], 1000 * index, equation)
         results["attacks"][spec.name] = row
         print(f"  {spec.name}: detected {len(detected)}/{repeats} at {detected}", flush=True)
     flagged = [o for o in benign if o.suspected_at is not None or o.detected_at is not None]
@@ -480,6 +484,12 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
             for kind, group in groups.items()
         },
     }
+    results["benign"]["estimated_fidelity"] = {
+        o.name: estimated_fidelity(system, [f"benign-{seed}-0"])
+        for o, seed in benign_seeds(specs, benign)
+    }
+    results["risk_correlation"] = risk_correlation(results["attacks"])
+    results["risk_correlation_undefended"] = undefended_correlation(results["attacks"])
     results["seconds"] = round(time.monotonic() - started, 1)
     results["monitor"] = {
         "batches": system.plane.extraction.monitor.stats.batches,
@@ -487,6 +497,90 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
     }
     print_table(results, victim.name)
     return results
+
+
+# --- the extraction-risk estimate next to the truth ------------------------------------------
+
+
+def estimated_fidelity(system: System, keys: list[str]) -> float | None:
+    """The monitor's estimate for a client (risk.py): the highest over its keys, each of
+    which the monitor tracks on its own."""
+    from controlplane.extraction.verdicts import ClientRef
+
+    # The monitor names API keys as admin answers do: by fingerprint.
+    policy = f"demo/{system.victim.service}"
+    names = {ClientRef.of(policy, k, "header", "x-api-key").shown for k in keys}
+    found = [f for _, key, f, _ in system.plane.extraction.monitor.risks() if key in names]
+    return max(found) if found else None
+
+
+def risk_row(
+    system: System, victim: Victim, spec: Spec, o: Outcome, seed: int, equation: bool
+) -> dict[str, Any]:
+    """An attacker's estimated extraction fidelity next to the true fidelity of its substitute
+    trained on everything it was answered (hardened, as the sidecar sent it)."""
+    keys = [f"{spec.kind}-{seed}-{k}" for k in range(spec.keys)]
+    true, _ = substitute_quality(victim, np.asarray(o.queries), o.answers, equation)
+    return {"estimated": estimated_fidelity(system, keys), "true": true, "sent": o.sent}
+
+
+def benign_seeds(specs: list[Spec], benign: list[Outcome]) -> list[tuple[Outcome, int]]:
+    seeds = [1000 * i for i, spec in enumerate(specs) if spec.kind == "benign"]
+    return list(zip(benign, seeds, strict=True))
+
+
+def offline_estimate(victim: Victim, X: np.ndarray) -> float:
+    """The monitor's estimate (risk.py) for a stream it never saw, scored on the test split
+    (where substitute_quality scores the substitutes)."""
+    from controlplane.extraction.risk import HeldOut, RiskSample
+
+    model = victim.model
+    held = HeldOut.of(model.test_X, model.predict(model.test_X))
+    sample = RiskSample(X.shape[1])
+    sample.add(np.asarray(X, dtype=np.float32), model.predict(X).astype(np.int16))
+    return sample.update(held)
+
+
+def risk_correlation(attacks: dict[str, Any]) -> float | None:
+    pairs = [(r["risk"]["estimated"], r["risk"]["true"]) for r in attacks.values()
+             if r["risk"]["estimated"] is not None]
+    return correlation(pairs)
+
+
+def undefended_correlation(attacks: dict[str, Any]) -> float | None:
+    return correlation([(v["estimated"], v["true"]) for r in attacks.values()
+                        for v in r["risk_undefended"].values()])
+
+
+def correlation(pairs: list[tuple[float, float]]) -> float | None:
+    if len(pairs) < 3:
+        return None
+    est, true = np.asarray(pairs).T
+    if est.std() == 0 or true.std() == 0:
+        return None
+    return float(np.corrcoef(est, true)[0, 1])
+
+
+def print_risk(results: dict[str, Any]) -> None:
+    print(f"\n{'attack':40s} {'sent':>5s} {'estimated fidelity':>19s} {'true fidelity':>14s}")
+    for name, row in results["attacks"].items():
+        r = row["risk"]
+        print(f"{name:40s} {r['sent']:>5d} {_fmt(r['estimated'], '.2f'):>19s} "
+              f"{r['true']:>14.2f}")
+    print(f"correlation (Pearson, attackers): {_fmt(results['risk_correlation'], '.2f')}")
+    print("\nundefended (raw answers, nobody watching): estimated → true fidelity at "
+          + ", ".join(str(b) for b in BUDGETS) + " queries")
+    for name, row in results["attacks"].items():
+        cells = "  ".join(f"{row['risk_undefended'][b]['estimated']:.2f}→"
+                          f"{row['risk_undefended'][b]['true']:.2f}" for b in BUDGETS)
+        print(f"{name:40s} {cells}")
+    print("correlation (Pearson, attackers x budgets): "
+          f"{_fmt(results['risk_correlation_undefended'], '.2f')}")
+    benign = results["benign"]["estimated_fidelity"]
+    for kind in ("iid", "heavy", "what-if"):
+        values = [v for k, v in benign.items() if f"benign {kind} " in k and v is not None]
+        if values:
+            print(f"benign {kind}: estimated fidelity {min(values):.2f}–{max(values):.2f}")
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -520,6 +614,7 @@ def print_table(results: dict[str, Any], name: str = "") -> None:
               f"{group['quarantined']}")
     print(f"feed: {results['feed']}; hardening in the sidecar: {results['hardening']}; "
           f"{results['seconds']} s")
+    print_risk(results)
 
 
 if __name__ == "__main__":

@@ -231,11 +231,82 @@ class OnDetection(Model):
     quarantine: Quarantine
 
 
+class RiskStep(Model):
+    """One step of ``onRisk``: once a client's estimated extraction fidelity reaches
+    ``fidelity``, it is answered with the output tier ``harden`` names, or throttled."""
+
+    # In (0, 1]: the bound is checked below (CRD schemas take exclusive bounds on integers only).
+    fidelity: float = Field(ge=0, le=1)
+    harden: DnsLabel | None = None  # a name in spec.output.tiers
+    throttle: Throttle | None = None
+
+    @field_validator("fidelity")
+    @classmethod
+    def _above_zero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must be greater than 0: every client starts at fidelity 0")
+        return value
+
+    @model_validator(mode="after")
+    def _one_action(self) -> RiskStep:
+        if (self.harden is None) == (self.throttle is None):
+            raise FieldError((), "needs exactly one of harden or throttle")
+        return self
+
+
+def _ascending(steps: list[RiskStep]) -> list[RiskStep]:
+    for i in range(1, len(steps)):
+        if steps[i].fidelity <= steps[i - 1].fidelity:
+            raise FieldError(
+                (i, "fidelity"),
+                f"must be above the previous step's {steps[i - 1].fidelity:g}: steps are "
+                "listed from the lowest fidelity up",
+            )
+    return steps
+
+
+RiskSteps = Annotated[list[RiskStep], Field(min_length=1), AfterValidator(_ascending)]
+
+
+class OnRisk(Model):
+    """Staged, graceful answers to what a client could have learned (its estimated
+    extraction fidelity, ``controlplane.extraction.risk``): a knowledge budget, not a
+    detector verdict, so it hardens and throttles but never quarantines.
+
+    ``tiers`` replaces ``steps`` whole for clients of an output tier (the sidecar's
+    ``tierHeader``): a paying tier may learn more before its answers are hardened. The
+    sidecar resolves the tier per request, so tier lists hold ``harden`` steps only; the
+    control plane does not see a client's tier, so ``throttle`` steps apply to every client.
+    """
+
+    steps: RiskSteps
+    tiers: dict[DnsLabel, RiskSteps] = {}
+    duration: Duration = "24h"  # how long a reached step holds after the client's last estimate
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_harden_only(cls, tiers: dict[str, list[RiskStep]]) -> dict[str, list[RiskStep]]:
+        for name, steps in tiers.items():
+            for i, step in enumerate(steps):
+                if step.throttle is not None:
+                    raise FieldError(
+                        (name, i, "throttle"),
+                        "tier lists take harden steps only (the sidecar knows a client's "
+                        "tier, the control plane does not); put throttle steps in steps",
+                    )
+        return tiers
+
+    @property
+    def seconds(self) -> int:
+        return parse_duration(self.duration)
+
+
 class Actions(Model):
     """Staged responses to detector verdicts. Every verdict is also an alert (OTel event)."""
 
     on_suspicion: OnSuspicion | None = None
     on_detection: OnDetection | None = None
+    on_risk: OnRisk | None = None
 
 
 class ExtractionPolicySpec(Model):
@@ -255,7 +326,36 @@ class ExtractionPolicySpec(Model):
     def _actions_need_detection(self) -> ExtractionPolicySpec:
         if self.actions is not None and self.detection is None:
             raise FieldError(("actions",), "requires detection: actions follow its verdicts")
+        on_risk = self.actions.on_risk if self.actions is not None else None
+        if on_risk is not None and self.detection is not None and self.detection.reference is None:
+            # The estimate scores each client's surrogate on held-out reference rows.
+            raise FieldError(
+                ("actions", "onRisk"),
+                "the extraction-risk estimate scores what a client learned on the model's own "
+                "data: set spec.detection.reference (file or configMap, with labelColumn)",
+            )
+        if on_risk is not None:
+            self._check_risk_tiers(on_risk)
         return self
+
+    def _check_risk_tiers(self, on_risk: OnRisk) -> None:
+        """Every tier onRisk names must be an output tier the sidecar can apply."""
+        known = sorted(self.output.tiers) if self.output is not None else []
+        where = ("actions", "onRisk")
+
+        def missing(name: str) -> str:
+            have = f"spec.output.tiers has {', '.join(known)}" if known else "no spec.output.tiers"
+            return f"no output tier {name!r} ({have})"
+
+        for i, step in enumerate(on_risk.steps):
+            if step.harden is not None and step.harden not in known:
+                raise FieldError((*where, "steps", i, "harden"), missing(step.harden))
+        for tier, steps in on_risk.tiers.items():
+            if tier not in known:
+                raise FieldError((*where, "tiers", tier), missing(tier))
+            for i, step in enumerate(steps):
+                if step.harden is not None and step.harden not in known:
+                    raise FieldError((*where, "tiers", tier, i, "harden"), missing(step.harden))
 
 
 class ExtractionPolicy(PolicyBase):

@@ -16,6 +16,7 @@ from controlplane.compile.extraction import compile_extraction
 from controlplane.compile.mesh import MeshInputs, compile_mtls
 from controlplane.compile.telemetry import compile_telemetry
 from controlplane.compile.verdicts import compile_verdicts
+from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
@@ -46,6 +47,7 @@ def compile_sidecar(
     telemetry: TelemetrySettings | None = None,
     mesh: MeshInputs | None = None,
     verdicts: Sequence[Enforcement] = (),
+    hardened: Sequence[Hardened] = (),
     xff_num_trusted_hops: int = 0,
 ) -> SidecarIR:
     mine = sorted(
@@ -57,7 +59,7 @@ def compile_sidecar(
     extraction_policies = [p for p in mine if isinstance(p, ExtractionPolicy)]
     access_ir = access.compile_access(access_policies, mesh)
     mtls_ir = compile_mtls(sidecar, access_policies, mesh)
-    extraction_ir = compile_extraction(extraction_policies)
+    extraction_ir = compile_extraction(extraction_policies, hardened)
     return SidecarIR(
         node_id=sidecar.node_id,
         service=sidecar.service,

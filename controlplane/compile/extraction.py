@@ -14,6 +14,7 @@ from controlplane.api import ExtractionPolicy
 from controlplane.api.extraction import Hardening
 from controlplane.api.jsonpath import JsonPath, Step
 from controlplane.compile.rate import client_key
+from controlplane.extraction.hardened import Hardened
 from controlplane.ir import ExtractionIR, HardeningIR, PolicyRef, QueryFeedIR
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,36 @@ def _ref(policy: ExtractionPolicy) -> tuple[str, str]:
     return policy.metadata.namespace, policy.metadata.name
 
 
-def compile_one(policy: ExtractionPolicy) -> ExtractionIR:
+# Clients per policy the sidecar's filter carries an override for (it scans them per request);
+# beyond it, the highest estimates win and the rest keep their tier (and are logged).
+MAX_OVERRIDES = 256
+
+
+def _printable(key: str) -> bool:
+    """Keys the filter can compare as written in its JSON configuration (it does not decode
+    escapes): printable ASCII without quote or backslash, as header values and IPs are."""
+    return key.isascii() and key.isprintable() and '"' not in key and "\\" not in key
+
+
+def risk_overrides(
+    policy: ExtractionPolicy, hardened: Sequence[Hardened]
+) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    name = f"{policy.metadata.namespace}/{policy.metadata.name}"
+    mine = [h for h in hardened if h.client.policy == name and h.client.key]
+    usable = [h for h in mine if _printable(h.client.key)]
+    if len(usable) < len(mine):
+        unusable = len(mine) - len(usable)
+        log.warning("%s: %d hardened client keys cannot be matched by the filter", name, unusable)
+    if len(usable) > MAX_OVERRIDES:
+        log.warning(
+            "%s: %d hardened clients, the filter takes the %d highest estimates",
+            *(name, len(usable), MAX_OVERRIDES),
+        )
+        usable = sorted(usable, key=lambda h: -h.fidelity)[:MAX_OVERRIDES]
+    return tuple(sorted((h.client.key, h.tiers) for h in usable))
+
+
+def compile_one(policy: ExtractionPolicy, hardened: Sequence[Hardened] = ()) -> ExtractionIR:
     spec = policy.spec
     output = spec.output
     tiers: tuple[tuple[str, HardeningIR], ...] = ()
@@ -103,11 +133,14 @@ def compile_one(policy: ExtractionPolicy) -> ExtractionIR:
         request_format=spec.request.format,
         response_format=spec.response.format,
         deny_unhardenable=spec.on_unhardenable == "Deny",
+        risk_overrides=risk_overrides(policy, hardened) if output is not None else (),
     )
 
 
-def compile_extraction(policies: Sequence[ExtractionPolicy]) -> tuple[ExtractionIR, ...]:
+def compile_extraction(
+    policies: Sequence[ExtractionPolicy], hardened: Sequence[Hardened] = ()
+) -> tuple[ExtractionIR, ...]:
     return tuple(
-        compile_one(p)
+        compile_one(p, hardened)
         for p in sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     )

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from controlplane.adminauth import admin_channel
 from controlplane.cliutil import add_output_arguments, emit, policy_ref
+from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement, digest, fingerprint_of
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
@@ -28,6 +30,25 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+MAX_ESTIMATES = 100  # clients listed for their estimate alone (quarantine list --all)
+
+
+def harden_entry(h: Hardened) -> admin_pb2.QuarantineEntry:
+    return admin_pb2.QuarantineEntry(
+        kind="harden",
+        policy=h.client.policy,
+        client_key=h.client.shown,
+        fingerprint=h.client.fingerprint,
+        key_source=h.client.source,
+        since=_timestamp(h.since),
+        until=_timestamp(h.until),
+        reason="risk",
+        tier=", ".join(f"{mine or '*'}→{to or mine or 'own'}" for mine, to in h.tiers)
+        if len(h.tiers) > 1
+        else h.tier,
+    )
 
 
 def entry(e: Enforcement) -> admin_pb2.QuarantineEntry:
@@ -88,17 +109,17 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
             admin_pb2.ListQuarantinesRequest, admin_pb2.QuarantineList
         ],
     ) -> admin_pb2.QuarantineList:
-        listed = admin_pb2.QuarantineList(
-            entries=[
-                entry(e)
-                for e in self.monitor.verdicts.active()
-                if request.include_throttles or e.kind == "quarantine"
-            ]
-        )
+        entries = [
+            entry(e)
+            for e in self.monitor.verdicts.active()
+            if request.include_throttles or e.kind == "quarantine"
+        ]
+        if request.include_throttles:
+            entries += [harden_entry(h) for h in self.monitor.hardened.active()]
         if request.include_throttles and self.throttles is not None:
             for (policy, client), t in sorted(self.throttles.runtime_throttles().items()):
-                listed.entries.append(_runtime_entry(policy, client, t))
-        return listed
+                entries.append(_runtime_entry(policy, client, t))
+        return admin_pb2.QuarantineList(entries=with_estimates(self.monitor, entries, request))
 
     async def ReleaseQuarantine(
         self,
@@ -137,6 +158,31 @@ class QuarantineAdmin(admin_pb2_grpc.QuarantinesServicer):  # type: ignore[misc]
         return monitor_stats(self.monitor)
 
 
+def with_estimates(
+    monitor: ExtractionMonitor,
+    entries: list[admin_pb2.QuarantineEntry],
+    request: admin_pb2.ListQuarantinesRequest,
+) -> list[admin_pb2.QuarantineEntry]:
+    """Each entry with its client's risk estimate; with ``include_estimates``, the other
+    clients that have one (highest first) as kind ``estimate``."""
+    listed = set()
+    risks = {(policy, key): (f, n) for policy, key, f, n in monitor.risks()}
+    for e in entries:
+        found = risks.get((e.policy, e.client_key))
+        if found is not None:
+            e.fidelity, e.distinct_queries = found
+        listed.add((e.policy, e.client_key))
+    if request.include_estimates:
+        others = [(k, v) for k, v in risks.items() if k not in listed][:MAX_ESTIMATES]
+        entries += [
+            admin_pb2.QuarantineEntry(
+                kind="estimate", policy=policy, client_key=key, fidelity=f, distinct_queries=n
+            )
+            for (policy, key), (f, n) in others
+        ]
+    return entries
+
+
 def monitor_stats(monitor: ExtractionMonitor) -> admin_pb2.MonitorStats:
     stats, tracked = monitor.counters()
     return admin_pb2.MonitorStats(
@@ -166,7 +212,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "list",
         help="quarantined clients (and, with --all, throttled ones), and the monitor's counters",
     )
-    p.add_argument("--all", action="store_true", help="throttles too")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="throttles, hardened clients and every client's extraction-risk estimate too",
+    )
     add_output_arguments(p)  # wide: when each verdict began, and where the key is read
     p = sub.add_parser("release", help="end a client's quarantine and throttle now")
     p.add_argument(
@@ -183,15 +233,31 @@ def _remaining(until: timestamp_pb2.Timestamp) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def _kind(e: admin_pb2.QuarantineEntry) -> str:
+    if e.kind == "harden":
+        return f"harden {e.tier}"
+    if e.kind in ("quarantine", "estimate"):
+        return str(e.kind)
+    return f"{e.kind} {e.requests}/{e.per_seconds}s"
+
+
+def _fidelity(e: admin_pb2.QuarantineEntry) -> str:
+    if not e.HasField("fidelity"):
+        return "-"
+    return f"{e.fidelity:.2f} ({e.distinct_queries:,} q)"
+
+
 def render(entries: list[admin_pb2.QuarantineEntry], wide: bool = False) -> str:
     if not entries:
         return "no clients quarantined"
-    rows = [["KIND", "POLICY", "CLIENT", "REMAINING", "REASON"]]
+    risk = any(e.HasField("fidelity") or e.kind in ("harden", "estimate") for e in entries)
+    rows = [["KIND", "POLICY", "CLIENT", "REMAINING", "REASON"] + (["FIDELITY"] if risk else [])]
     if wide:
         rows[0] += ["SINCE", "KEY SOURCE"]
     for e in entries:
-        kind = e.kind if e.kind == "quarantine" else f"{e.kind} {e.requests}/{e.per_seconds}s"
-        rows.append([kind, e.policy, e.client_key, _remaining(e.until), e.reason])
+        remaining = _remaining(e.until) if e.kind != "estimate" else "-"
+        row = [_kind(e), e.policy, e.client_key, remaining, e.reason or "-"]
+        rows.append(row + ([_fidelity(e)] if risk else []))
         if wide:
             rows[-1] += [e.since.ToDatetime().isoformat(timespec="seconds") + "Z", e.key_source]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -251,12 +317,13 @@ def _stats(stub: admin_pb2_grpc.QuarantinesStub) -> admin_pb2.MonitorStats | Non
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with grpc.insecure_channel(args.admin) as channel:
+        with admin_channel(args.admin) as channel:
             stub = admin_pb2_grpc.QuarantinesStub(channel)
             if args.quarantine_command == "list":
-                listed = stub.ListQuarantines(
-                    admin_pb2.ListQuarantinesRequest(include_throttles=args.all), timeout=5
+                request = admin_pb2.ListQuarantinesRequest(
+                    include_throttles=args.all, include_estimates=args.all
                 )
+                listed = stub.ListQuarantines(request, timeout=5)
                 stats = _stats(stub)
                 if args.output in ("json", "yaml"):
                     out = json_format.MessageToDict(listed)

@@ -37,8 +37,11 @@ from controlplane.extraction.calibrate import (
     cached_profile,
     reference_free,
 )
+from controlplane.extraction.hardened import HardenStore
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
 from controlplane.extraction.reference import ReferenceData, load_file, parse
+from controlplane.extraction.risk import HeldOut, held_out_of
+from controlplane.extraction.routing import FeedRouter
 from controlplane.extraction.verdicts import (
     OtelVerdictSink,
     Throttler,
@@ -72,6 +75,9 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
         self.authorize = authorize
         self.refused_by_reason: dict[str, int] = {}
         self._expiry: asyncio.Task[None] | None = None
+        # Replicas sharing Redis: hands each client's queries to its owner replica
+        # (controlplane/extraction/routing.py), so a client is judged once.
+        self.router: FeedRouter | None = None
         self._warm: asyncio.Task[None] | None = None
         self.profiles: ProfileBook | None = None  # closed with the service
 
@@ -85,6 +91,7 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
 
     async def start(self) -> None:
         self.monitor.verdicts.expire()
+        self.monitor.hardened.expire()
         self._expiry = asyncio.create_task(self._expire_loop())
         self._warm = asyncio.create_task(self._warm_loop())
 
@@ -110,7 +117,10 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
     async def _expire_loop(self) -> None:
         store = self.monitor.verdicts
         while True:
-            due = store.next_expiry()
+            due = min(
+                (t for t in (store.next_expiry(), self.monitor.hardened.next_expiry()) if t),
+                default=None,
+            )
             wait = EXPIRY_POLL if due is None else min(EXPIRY_POLL, max(0.0, due - time.time()))
             await asyncio.sleep(wait)
             try:
@@ -121,6 +131,7 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
                         gone.client.fingerprint,
                         gone.client.policy,
                     )
+                self.monitor.hardened.expire()
             except Exception:
                 log.exception("expiring verdicts failed")
 
@@ -148,6 +159,12 @@ class QueryFeedService(feed_pb2_grpc.QueryFeedServicer):  # type: ignore[misc]
                 self._refuse("not_targeted")
                 log.warning("feed batch refused: %s", why)
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        router = self.router
+        if router is not None:
+            mine = await asyncio.to_thread(router.route, request)
+            forwarded = len(request.queries) - len(mine.queries)
+            accepted = await asyncio.to_thread(self.monitor.report, mine) if mine.queries else 0
+            return feed_pb2.FeedAck(accepted=accepted + forwarded)
         accepted = await asyncio.to_thread(self.monitor.report, request)
         return feed_pb2.FeedAck(accepted=accepted)
 
@@ -315,6 +332,7 @@ class Extraction:
         profile: Callable[[WatchedPolicy], Profile | None] | None = None,
         profiles_dir: Path | None = None,
         verdict_backend: VerdictBackend | None = None,
+        held_out: Callable[[Profile], HeldOut | None] = held_out_of,
     ) -> None:
         one_blas_thread()
         # Profiles are cached next to the verdicts (the control plane's state directory).
@@ -326,12 +344,15 @@ class Extraction:
         # ``verdict_backend``: where verdicts persist (default: the file at ``state_path``,
         # or memory); a shared one lets several replicas enforce one set of verdicts.
         self.verdicts = VerdictStore(state_path, backend=verdict_backend)
+        self.hardened = HardenStore()
         self.monitor = ExtractionMonitor(
             policies,
             self.verdicts,
             sink or OtelVerdictSink(),
             profile=profile,
             throttler=throttler,
+            hardened=self.hardened,
+            held_out=held_out,
         )
         self.feed = QueryFeedService(self.monitor)
         self.feed.profiles = self.profiles

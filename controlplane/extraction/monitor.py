@@ -67,6 +67,8 @@ from controlplane.api.common import WINDOW_SECONDS
 from controlplane.api.jsonpath import JsonPath
 from controlplane.extraction.calibrate import BATCH, Profile
 from controlplane.extraction.detectors import ClientState, DetectorName, Finding
+from controlplane.extraction.hardened import Hardened, HardenStore
+from controlplane.extraction.risk import HeldOut, RiskPlan, RiskSample, held_out_of
 from controlplane.extraction.verdicts import (
     ClientRef,
     CompiledThrottler,
@@ -122,6 +124,7 @@ class WatchedPolicy:
     request_format: str = "json"  # json | kserveV2: how features/scores select rows
     feature_names: tuple[str, ...] = ()  # rows sent as objects: their columns, in order
     response_format: str = "json"
+    on_risk: RiskPlan | None = None
 
     @classmethod
     def of(cls, policy: ExtractionPolicy) -> WatchedPolicy | None:
@@ -153,6 +156,7 @@ class WatchedPolicy:
             request_format=spec.request.format,
             feature_names=tuple(spec.request.feature_names or ()),
             response_format=spec.response.format,
+            on_risk=RiskPlan.of(actions.on_risk) if actions and actions.on_risk else None,
         )
 
 
@@ -165,6 +169,10 @@ class Tracked:
     evaluated: int = 0  # queries (observed or not) at the last evaluation
     last_seen: float = 0.0
     tenant: str = ""  # what its per-tenant bound counts it under
+    risk: RiskSample | None = None  # what the client could have learned (risk.py)
+    risk_tiers: tuple[tuple[str, str], ...] = ()  # onRisk harden table in force
+    risk_throttle: float = 0.0  # the onRisk throttle step in force (its fidelity)
+    risk_until: float = 0.0  # when what onRisk put in force runs out
 
 
 @dataclass
@@ -354,6 +362,8 @@ class ExtractionMonitor:
         *,
         profile: Callable[[WatchedPolicy], Profile | None],
         throttler: Throttler | None = None,
+        hardened: HardenStore | None = None,
+        held_out: Callable[[Profile], HeldOut | None] = held_out_of,
         max_clients: int = 2048,
         max_clients_per_tenant: int = 256,
         tenant_of: Callable[[str], str | None] | None = None,
@@ -366,6 +376,9 @@ class ExtractionMonitor:
         self.sink = sink
         self._profile = profile
         self.throttler: Throttler = throttler or CompiledThrottler(verdicts)
+        self.hardened = hardened or HardenStore(clock)
+        self._held_out = held_out
+        self._held: dict[int, tuple[Profile, HeldOut | None]] = {}
         self.max_clients = max_clients
         self.max_clients_per_tenant = max_clients_per_tenant
         self.tenant_of = tenant_of  # set by the control plane from the registered keys
@@ -582,6 +595,7 @@ class ExtractionMonitor:
         """
         dim = matrix.shape[1]
         thresholds = profile.thresholds[policy.sensitivity]
+        held = self._held_out_for(profile)
         matched = []
         accepted = 0
         for client in clients.values():
@@ -597,6 +611,10 @@ class ExtractionMonitor:
                 unobserved, tracked.state = tracked.state.unobserved, ClientState(dim=dim)
                 tracked.state.unobserved = unobserved
             matched.append((client.key, tracked, tracked.state.match(X, y, thresholds)))
+            if held is not None:
+                if tracked.risk is None:
+                    tracked.risk = RiskSample(dim)
+                tracked.risk.add(X, y)
         fresh = [F for _, _, F in matched if len(F)]
         if fresh:
             everything = np.concatenate(fresh)
@@ -613,8 +631,22 @@ class ExtractionMonitor:
                     novelty[start:end], residual[start:end], thresholds, everything[start:end]
                 )
                 start = end
+            if held is not None and tracked.risk is not None and tracked.risk.due():
+                tracked.risk.update(held)
+                self._assess(policy, client_key, tracked, now)
             self._judge(policy, profile, client_key, tracked, now)
         return accepted
+
+    def _held_out_for(self, profile: Profile) -> HeldOut | None:
+        """The profile's held-out rows and answers, read once per profile."""
+        cached = self._held.get(id(profile))
+        if cached is None or cached[0] is not profile:
+            held = self._held_out(profile)
+            if held is not None and held.dim != profile.dim:
+                log.error("%s: held-out rows of another dimension: no risk estimate", profile.name)
+                held = None
+            cached = self._held[id(profile)] = (profile, held)
+        return cached[1]
 
     def _tenant(self, client_key: str) -> str:
         tenant = self.tenant_of(client_key) if self.tenant_of is not None else None
@@ -704,7 +736,7 @@ class ExtractionMonitor:
                 )
             if any(e.detector not in ALERT_ONLY for e in evidence):
                 tracked.stage, tracked.suspected_at = "suspected", state.stored
-                self._suspicion(policy, client_key, tuple(evidence), now)
+                self._suspicion(policy, client_key, tuple(evidence), now, _peak(tracked))
             elif evidence and not tracked.alerted:
                 # Probing around a few points: what explanation tools do. Worth an alert.
                 tracked.alerted = True
@@ -727,7 +759,7 @@ class ExtractionMonitor:
             or (any(f.detector in decisive for f in findings) and self._spread_out(profile, state))
         ):
             tracked.stage = "detected"
-            self._detection(policy, client_key, tuple(evidence), now)
+            self._detection(policy, client_key, tuple(evidence), now, _peak(tracked))
 
     @staticmethod
     def _spread_out(profile: Profile | None, state: ClientState) -> bool:
@@ -754,12 +786,18 @@ class ExtractionMonitor:
             log.exception("could not emit verdict %s", verdict.summary())
 
     def _suspicion(
-        self, policy: WatchedPolicy, client_key: str, evidence: tuple[Evidence, ...], now: float
+        self,
+        policy: WatchedPolicy,
+        client_key: str,
+        evidence: tuple[Evidence, ...],
+        now: float,
+        fidelity: float | None = None,
     ) -> None:
         client = self._ref(policy, client_key)
         # An absent client key cannot be told apart at the sidecar: alert only.
         enforce = policy.throttle is not None and client_key != ""
-        self._emit(Verdict(client, "suspicion", "throttle" if enforce else "alert", evidence, now))
+        action: Literal["throttle", "alert"] = "throttle" if enforce else "alert"
+        self._emit(Verdict(client, "suspicion", action, evidence, now, fidelity))
         if enforce and policy.throttle is not None:
             requests, per = policy.throttle
             self.throttler.throttle(
@@ -775,13 +813,17 @@ class ExtractionMonitor:
             )
 
     def _detection(
-        self, policy: WatchedPolicy, client_key: str, evidence: tuple[Evidence, ...], now: float
+        self,
+        policy: WatchedPolicy,
+        client_key: str,
+        evidence: tuple[Evidence, ...],
+        now: float,
+        fidelity: float | None = None,
     ) -> None:
         client = self._ref(policy, client_key)
         enforce = policy.quarantine_seconds is not None and client_key != ""
-        self._emit(
-            Verdict(client, "detection", "quarantine" if enforce else "alert", evidence, now)
-        )
+        action: Literal["quarantine", "alert"] = "quarantine" if enforce else "alert"
+        self._emit(Verdict(client, "detection", action, evidence, now, fidelity))
         if enforce and policy.quarantine_seconds is not None:
             self.verdicts.put(
                 Enforcement(
@@ -792,6 +834,47 @@ class ExtractionMonitor:
                     reason=", ".join(e.detector for e in evidence),
                 )
             )
+
+    def _assess(
+        self, policy: WatchedPolicy, client_key: str, tracked: Tracked, now: float
+    ) -> None:
+        """Apply ``onRisk`` to a client's new estimate: the highest step its peak reached.
+
+        A knowledge budget, not a detector verdict: it hardens and throttles, never
+        quarantines; a step holds ``duration`` after the estimate that last confirmed it.
+        What is in force is renewed when half of its time has run, so an active client's
+        sidecars are not recompiled at every estimate.
+        """
+        plan, risk = policy.on_risk, tracked.risk
+        if plan is None or risk is None or client_key == "":
+            return  # an absent client key cannot be told apart at the sidecar
+        reached = risk.peak
+        tiers = plan.tiers(reached)
+        throttle = plan.throttle_step(reached)
+        new_tiers = tiers != tracked.risk_tiers
+        new_throttle = throttle is not None and throttle[0] > tracked.risk_throttle
+        renew = bool(tiers or throttle) and now >= tracked.risk_until - plan.seconds / 2
+        if not (new_tiers or new_throttle or renew):
+            return
+        client = self._ref(policy, client_key)
+        until = now + plan.seconds
+        if tiers:
+            if new_tiers:
+                threshold = max(t for _, steps in plan.harden for t, _ in steps if t <= reached)
+                evidence = (Evidence("risk", reached, threshold, risk.distinct),)
+                self._emit(Verdict(client, "risk", "harden", evidence, now, reached))
+            self.hardened.put(Hardened(client, now, until, tiers, reached))
+        if throttle is not None:
+            threshold, requests, per = throttle
+            if new_throttle:
+                evidence = (Evidence("risk", reached, threshold, risk.distinct),)
+                self._emit(Verdict(client, "risk", "throttle", evidence, now, reached))
+            self.throttler.throttle(
+                Enforcement("throttle", client, now, until, "risk", requests, per)
+            )
+            tracked.risk_throttle = threshold
+        tracked.risk_tiers = tiers
+        tracked.risk_until = until
 
     # --- admin ------------------------------------------------------------------------------
 
@@ -806,7 +889,26 @@ class ExtractionMonitor:
                 if policy is None or client[0] == policy:
                     self._forget(client, self._clients.pop(client))
         self.throttler.release(key, policy)
+        self.hardened.release(key, policy)
         return self.verdicts.release(key, policy)
+
+    def risks(self) -> list[tuple[str, str, float, int]]:
+        """(policy, client as shown, estimated fidelity, distinct pairs) of every tracked
+        client with an estimate, highest first. Clients are named as admin answers name
+        them (``ClientRef.shown``): a secret header key by its fingerprint."""
+        with self._lock:
+            found = []
+            for (policy, key), t in self._clients.items():
+                if t.risk is None or t.risk.estimate is None:
+                    continue
+                watched = self._watched.get(policy)
+                ref = (
+                    ClientRef.of(policy, key, watched.key_source, watched.key_header)
+                    if watched is not None
+                    else ClientRef.of(policy, key)
+                )
+                found.append((policy, ref.shown, t.risk.peak, t.risk.distinct))
+        return sorted(found, key=lambda r: (-r[2], r[0], r[1]))
 
     def client_count(self) -> int:
         return len(self._clients)
@@ -815,3 +917,8 @@ class ExtractionMonitor:
         """A consistent copy of the counters, and the clients tracked, for the admin API."""
         with self._lock:
             return self.stats.copy(), len(self._clients)
+
+
+def _peak(tracked: Tracked) -> float | None:
+    risk = tracked.risk
+    return risk.peak if risk is not None and risk.estimate is not None else None

@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["suspicion", "detection"]
+Stage = Literal["suspicion", "detection", "risk"]  # risk: an onRisk step reached
 KeySource = Literal["header", "identity", "jwtClaim", "sourceIP"]
 Kind = Literal["quarantine", "throttle"]
 
@@ -136,9 +136,10 @@ class ClientRef:
 class Verdict:
     client: ClientRef
     stage: Stage
-    action: Literal["alert", "throttle", "quarantine"]
+    action: Literal["alert", "throttle", "quarantine", "harden"]
     evidence: tuple[Evidence, ...]
     at: float  # unix seconds
+    fidelity: float | None = None  # the client's estimated extraction fidelity (risk.py)
 
     def attributes(self) -> dict[str, Any]:
         first = self.evidence[0]
@@ -155,7 +156,7 @@ class Verdict:
             "modelguard.detectors": [e.detector for e in self.evidence],
             "modelguard.statistics": [e.statistic for e in self.evidence],
             "modelguard.thresholds": [e.threshold for e in self.evidence],
-        }
+        } | ({} if self.fidelity is None else {"modelguard.risk.fidelity": self.fidelity})
 
     def summary(self) -> str:
         parts = ", ".join(

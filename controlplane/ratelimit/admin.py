@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from controlplane.adminauth import admin_channel
 from controlplane.cliutil import add_output_arguments, emit, positive_int
 from controlplane.extraction.verdicts import digest, fingerprint_of
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
@@ -131,7 +132,7 @@ class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[mis
 def fetch_usage(
     address: str, limit_filter: str = "", top: int = 10, timeout: float = 5.0
 ) -> ratelimit_pb2.UsageReport:
-    with grpc.insecure_channel(address) as channel:
+    with admin_channel(address) as channel:
         stub = ratelimit_pb2_grpc.RateLimitsStub(channel)
         report: ratelimit_pb2.UsageReport = stub.GetUsage(
             ratelimit_pb2.GetUsageRequest(limit_filter=limit_filter, top=top), timeout=timeout

@@ -33,7 +33,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -180,7 +180,10 @@ class KubernetesSource:
         namespace: str | None = None,
         watch_timeout: int = 300,
         retry_interval: float = 1.0,
+        secret_namespaces: Sequence[str] | None = None,
     ) -> None:
+        # ``secret_namespaces``: read API-key Secrets only there (one watch each), so RBAC
+        # can grant Secrets with namespaced Roles instead of cluster-wide.
         from kubernetes import client
 
         self.store = store
@@ -263,6 +266,19 @@ class KubernetesSource:
         ):
             if name == "secrets":
                 kwargs = {**kwargs, "label_selector": API_KEYS_LABEL}
+                if secret_namespaces is not None:
+                    for secret_ns in secret_namespaces:
+                        self._watched.append(
+                            _Watched(
+                                f"secrets:{secret_ns}",
+                                core.list_namespaced_secret,
+                                {"namespace": secret_ns, "label_selector": API_KEYS_LABEL},
+                                upsert,
+                                delete,
+                                _meta_key,
+                            )
+                        )
+                    continue
             self._watched.append(_Watched(name, fn, kwargs, upsert, delete, _meta_key))
         if inventory is not None:
             inventory.subscribe(self._reconcile_inventory)
@@ -389,8 +405,10 @@ class KubernetesSource:
                 return list(self.cluster.services)
             if watched.name == "endpointslices":
                 return list(self.cluster.slices)
+        namespace = watched.kwargs.get("namespace")
         with self.api_keys._lock:
-            return list(self.api_keys._keys)
+            # A relist of one namespace's Secrets must not drop the others' keys.
+            return [k for k in self.api_keys._keys if namespace is None or k[0] == namespace]
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
@@ -647,10 +665,38 @@ class LeaderElector:
         self._thread = threading.Thread(target=run, name="k8s-lease", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, release: bool = False) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if release:
+            self.release()
+
+    def release(self) -> None:
+        """Give the Lease up (as client-go's ReleaseOnCancel): an empty holder, so another
+        replica takes it at its next try instead of after ``lease_duration``."""
+        if self._renewed_at is None:
+            return
+        self._renewed_at = None
+        try:
+            lease = self.api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=(5, 10)
+            )
+            if lease.spec is None or lease.spec.holder_identity != self.identity:
+                return
+            patch: dict[str, Any] = {"spec": {"holderIdentity": None, "leaseDurationSeconds": 1}}
+            if lease.metadata is not None and lease.metadata.resource_version:
+                patch["metadata"] = {"resourceVersion": lease.metadata.resource_version}
+            self.api.patch_namespaced_lease(
+                self.name,
+                self.namespace,
+                patch,
+                _content_type="application/merge-patch+json",
+                _request_timeout=(5, 10),
+            )
+            log.info("status writer: %s released lease %s", self.identity, self.name)
+        except Exception as err:
+            log.warning("lease %s: not released: %s", self.name, err)
 
 
 # ---- status --------------------------------------------------------------------------------

@@ -33,9 +33,12 @@ from controlplane.translate.protos import ads_source, pack
 from controlplane.xds import resources as rt
 
 WASM_ENV = "MODELGUARD_WASM"
-MODULE_PATH = Path(__file__).resolve().parents[2] / "wasm" / "modelguard_filter.wasm"
+# Package data (pyproject.toml), so a non-editable install (the image) finds it. In the
+# source tree the file is a symlink to wasm/modelguard_filter.wasm, the one `make wasm` builds.
+MODULE_PATH = Path(__file__).resolve().parent / "data" / "modelguard_filter.wasm"
 WASM_FILTER_TYPE = "type.googleapis.com/" + wasm_filter_pb2.Wasm.DESCRIPTOR.full_name
 V8 = "envoy.wasm.runtime.v8"
+RISK_DIGEST_HEX = 32  # 128 bits of a header key's SHA-256, as the verdict filters use
 
 
 @functools.cache
@@ -112,6 +115,17 @@ def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
     if extraction.scores is not None and extraction.tier_header and extraction.tiers:
         config["tierHeader"] = extraction.tier_header
         config["tiers"] = {name: _hardening(h) for name, h in extraction.tiers}
+        if extraction.risk_overrides:
+            # Per-client tier overrides from the extraction-risk estimate (onRisk harden).
+            # Header keys are secrets: verdicts hold their SHA-256, and so does this map (its
+            # first RISK_DIGEST_HEX hex digits); the filter hashes the caller's key to look.
+            digested = extraction.client_key.source == "header"
+            config["riskOverrides"] = {
+                (key[:RISK_DIGEST_HEX] if digested else key): dict(t)
+                for key, t in extraction.risk_overrides
+            }
+            if digested:
+                config["riskKeyDigest"] = RISK_DIGEST_HEX
     feed = extraction.feed
     if feed is not None:
         config["feed"] = {

@@ -510,3 +510,42 @@ async def test_a_follower_writes_no_status(
     await task
     assert follower.writes == 0
     assert "status" not in await read(api_client, "RatePolicy", "r")
+
+
+async def test_api_key_secrets_are_read_only_in_the_namespaces_granted(
+    api_client: client.ApiClient,
+) -> None:
+    """--api-key-namespaces: one namespaced watch each (RBAC: a Role per namespace), no
+    cluster-wide Secret access; a relist of one namespace keeps the other's keys."""
+    core = client.CoreV1Api(api_client)
+
+    def secret(namespace: str, name: str, key: bytes) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"modelguard.io/api-keys": "true"},
+            },
+            "data": {"k": base64.b64encode(key).decode()},
+        }
+
+    for namespace, key in (("demo", b"d-1"), ("partners", b"p-1"), ("elsewhere", b"e-1")):
+        await call(core.create_namespaced_secret, namespace, secret(namespace, "keys", key))
+    src = KubernetesSource(
+        api_client, PolicyStore(), Inventory(), retry_interval=0.1,
+        secret_namespaces=["demo", "partners"],
+    )  # fmt: skip
+    src.start()
+    try:
+        await until(lambda: src.synced)
+        await until(lambda: src.api_keys.hashes("demo", "keys"))
+        await until(lambda: src.api_keys.hashes("partners", "keys"))
+        assert not src.api_keys.hashes("elsewhere", "keys")
+        assert {w.kwargs.get("namespace") for w in src._watched if "secrets" in w.name} == {
+            "demo",
+            "partners",
+        }
+    finally:
+        await asyncio.to_thread(src.stop)

@@ -8,6 +8,7 @@ kustomize features k8s/ uses otherwise; where both exist, they must agree.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,7 +53,11 @@ def render(directory: Path) -> list[dict[str, Any]]:
             meta["namespace"] = namespace
         if namespace and obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
             for subject in obj.get("subjects", []):
-                if subject.get("kind") == "ServiceAccount":
+                # As kustomize: a subject naming another namespace keeps it.
+                if subject.get("kind") == "ServiceAccount" and subject.get("namespace") in (
+                    None,
+                    "default",
+                ):
                     subject["namespace"] = namespace
         for group in kustomization.get("labels", []):
             meta.setdefault("labels", {}).update(group["pairs"])
@@ -161,6 +166,19 @@ def test_rbac_is_least_privilege(objects: list[dict[str, Any]]) -> None:
             assert rule["apiGroups"] == [""] and rule["resources"] == ["configmaps"], rule
             if writes != {"create"}:  # changing is limited to our own ConfigMap
                 assert rule["resourceNames"] == ["modelguard-ca-root"], rule
+    # Secrets: never cluster-wide; a namespaced Role where API-key Secrets live, read-only.
+    assert not any("secrets" in rule["resources"] for rule in role["rules"])
+    keys = _one(objects, "Role", "modelguard-api-keys")
+    assert keys["metadata"]["namespace"] == "demo"
+    (rule,) = keys["rules"]
+    assert rule["resources"] == ["secrets"] and set(rule["verbs"]) == {"get", "list", "watch"}
+    binding = _one(objects, "RoleBinding", "modelguard-api-keys")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "modelguard", "namespace": "modelguard-system"}
+    ]
+    deployment = _one(objects, "Deployment", "modelguard")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--api-key-namespaces=demo" in container["args"]
     lease = _one(objects, "Role", "modelguard-leader-election")
     assert lease["metadata"]["namespace"] == "modelguard-system"
     for rule in lease["rules"]:
@@ -191,7 +209,58 @@ def test_control_plane_deployment(objects: list[dict[str, Any]]) -> None:
     ]
     parsed = cli.build_parser().parse_args(args)
     assert parsed.kubernetes and parsed.webhook_port == 9443
-    assert parsed.rate_limit_backend.startswith("redis://redis.modelguard-system.svc:")
+    # Redis with its password from the Secret (the kubelet expands $(REDIS_PASSWORD)).
+    assert parsed.rate_limit_backend.startswith(
+        "redis://:$(REDIS_PASSWORD)@redis.modelguard-system.svc:"
+    )
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "modelguard-redis"
+    # The CA key is readable by the non-root process: group 65532 through fsGroup, 0440.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 65532
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["ca"]["secret"]["defaultMode"] == 0o440
+    # The admin API stays on loopback (kubectl port-forward) and out of the Service.
+    assert parsed.admin_host == "127.0.0.1"
+    assert "admin" not in {p["name"] for p in container["ports"]}
+    service = _one(objects, "Service", "modelguard")
+    assert 18001 not in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_redis_is_private_persistent_and_password_protected(
+    objects: list[dict[str, Any]],
+) -> None:
+    redis = _one(objects, "Deployment", "redis")
+    pod = redis["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--requirepass" in container["args"] and "--protected-mode" not in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "modelguard-redis"
+    (data,) = (v for v in pod["volumes"] if v["name"] == "data")
+    claim = _one(objects, "PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+    assert claim["metadata"]["namespace"] == "modelguard-system"
+    policy = _one(objects, "NetworkPolicy", "redis")
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    control_plane = _one(objects, "Deployment", "modelguard")
+    assert peer["podSelector"]["matchLabels"] == control_plane["spec"]["selector"]["matchLabels"]
+
+
+def test_webhook_certificate_comes_from_a_ca_issuer(objects: list[dict[str, Any]]) -> None:
+    """The injected caBundle is then the CA, valid across renewals of the serving cert."""
+    leaf = _one(objects, "Certificate", "modelguard-webhook")
+    issuer = _one(objects, "Issuer", leaf["spec"]["issuerRef"]["name"])
+    ca = _one(objects, "Certificate", issuer["spec"]["ca"]["secretName"])
+    assert ca["spec"]["isCA"] and not leaf["spec"].get("isCA")
+
+
+def test_demo_probes_do_not_go_through_the_sidecar(objects: list[dict[str, Any]]) -> None:
+    """A probe through the sidecar is a keyless client spending a budget."""
+    model = _one(objects, "Deployment", "digits-model")
+    for container in model["spec"]["template"]["spec"]["containers"]:
+        for probe in ("readinessProbe", "livenessProbe"):
+            spec = container.get(probe) or {}
+            assert "mg-inbound" not in json.dumps(spec), (container["name"], probe)
 
 
 def test_webhook_reaches_the_control_plane_over_a_certified_name(

@@ -12,6 +12,7 @@ import copy
 import datetime as dt
 import json
 import os
+import socket
 import ssl
 import urllib.request
 from pathlib import Path
@@ -423,3 +424,49 @@ def test_injected_manifests_are_valid_kubernetes_objects(case: str) -> None:
 
     for doc in yaml.safe_load_all((CASES_DIR / case / "out.yaml").read_text()):
         kubernetes_validate.validate(doc, "1.33.0", strict=True)
+
+
+def test_webhook_serves_a_renewed_certificate_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager renews the Secret and the kubelet swaps the files: the next handshake
+    presents the new certificate (a server that read it once would serve an expired one)."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    first, _ = _self_signed(first_dir)
+    second, _ = _self_signed(second_dir)
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    for name in ("tls.crt", "tls.key"):
+        (mounted / name).write_bytes((first_dir / name).read_bytes())
+    webhook = inject.InjectionWebhook(
+        CONFIG, "127.0.0.1", 0, str(mounted / "tls.crt"), str(mounted / "tls.key")
+    )
+    webhook.start()
+    try:
+
+        def served() -> bytes:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with (
+                socket.create_connection(("127.0.0.1", webhook.port), timeout=5) as raw,
+                context.wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+        def der(path: Path) -> bytes:
+            return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+        assert served() == der(first)
+        # The kubelet's swap: new files replace the old ones (atomically, by rename).
+        for name in ("tls.crt", "tls.key"):
+            staged = mounted / f".{name}.new"
+            staged.write_bytes((second_dir / name).read_bytes())
+            staged.replace(mounted / name)
+        assert served() == der(second)
+        # A half-written pair keeps the last good certificate.
+        (mounted / "tls.key").write_text("not a key")
+        assert served() == der(second)
+    finally:
+        webhook.stop()

@@ -257,6 +257,15 @@ static const char *METRIC_NAMES[M_COUNT] = {
     "refused_too_large", "refused_too_deep", "refused_too_many_instances",
     "denied_unhardenable"};
 
+/* A per-client tier override (riskOverrides, from the control plane's extraction-risk
+ * estimate): the client `key` whose own tier is `from` ("" = any other) is answered with
+ * tier `to` (an index into tiers; -1 keeps its own). Strings point into the config tree. */
+typedef struct {
+  const char *key, *from;
+  u32 key_len, from_len;
+  i32 to;
+} Override;
+
 typedef struct Root {
   u32 id;
   struct Root *next;
@@ -275,6 +284,9 @@ typedef struct Root {
   u32 ntiers;
   char **tier_names;
   Hardening *tiers;
+  Override *over;
+  u32 nover;
+  u32 over_digest; /* hex digits of the key's SHA-256 the overrides are keyed by; 0: the key */
   u32 max_body;
   u8 deny_unhardenable; /* an answer too large to harden is refused, not passed */
   u8 response_kserve;   /* scores select KServe v2 tensors: rows from their shape */
@@ -506,6 +518,9 @@ static void free_root_config(Root *r) {
   for (u32 i = 0; i < r->ntiers; i++) free(r->tier_names[i]);
   free(r->tier_names);
   free(r->tiers);
+  free(r->over);
+  r->over = 0;
+  r->nover = 0;
   free(r->key_header);
   free(r->tier_header);
   free(r->node_id);
@@ -518,6 +533,114 @@ static void free_root_config(Root *r) {
   r->key_header = r->tier_header = r->node_id = 0;
   r->key_header_len = r->tier_header_len = r->node_id_len = 0;
   r->config = 0;
+}
+
+/* SHA-256 (FIPS 180-4), for the override lookup only: header keys are secrets, so the
+ * control plane sends their digests (as verdicts hold them), never the keys. */
+static const u32 K256[64] = {
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+#define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(u32 h[8], const u8 *p) {
+  u32 w[64];
+  for (int i = 0; i < 16; i++)
+    w[i] = (u32)p[4 * i] << 24 | (u32)p[4 * i + 1] << 16 | (u32)p[4 * i + 2] << 8 | p[4 * i + 3];
+  for (int i = 16; i < 64; i++) {
+    u32 s0 = ROTR(w[i - 15], 7) ^ ROTR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+    u32 s1 = ROTR(w[i - 2], 17) ^ ROTR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+    w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+  }
+  u32 a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+  for (int i = 0; i < 64; i++) {
+    u32 t1 = hh + (ROTR(e, 6) ^ ROTR(e, 11) ^ ROTR(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i];
+    u32 t2 = (ROTR(a, 2) ^ ROTR(a, 13) ^ ROTR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+    hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+  }
+  h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+}
+
+/* The first 2 * nbytes lower-case hex digits of SHA-256(msg) into hex. */
+static void sha256_hex(const u8 *msg, usize len, char *hex, u32 nbytes) {
+  u32 h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  u8 block[64];
+  usize done = 0;
+  for (; len - done >= 64; done += 64) sha256_block(h, msg + done);
+  usize rest = len - done;
+  memset(block, 0, 64);
+  memcpy(block, msg + done, rest);
+  block[rest] = 0x80;
+  if (rest >= 56) {
+    sha256_block(h, block);
+    memset(block, 0, 64);
+  }
+  u64 bits = (u64)len * 8;
+  for (int i = 0; i < 8; i++) block[63 - i] = (u8)(bits >> (8 * i));
+  sha256_block(h, block);
+  static const char digits[] = "0123456789abcdef";
+  for (u32 i = 0; i < nbytes; i++) {
+    u8 byte = (u8)(h[i / 4] >> (24 - 8 * (i % 4)));
+    hex[2 * i] = digits[byte >> 4];
+    hex[2 * i + 1] = digits[byte & 15];
+  }
+}
+
+/* riskOverrides: {"<client key>": {"<its tier, or empty>": "<tier to answer with, or empty>"}}.
+ * Flattened into one array: the control plane caps it at a few hundred clients, so a
+ * linear scan per request costs less than building a table would. */
+static void read_overrides(Root *r, const JNode *map) {
+  if (!map || map->type != J_OBJECT) return;
+  u32 n = 0;
+  for (const JNode *c = map->child; c; c = c->next)
+    if (c->type == J_OBJECT)
+      for (const JNode *t = c->child; t; t = t->next) n++;
+  if (!n) return;
+  r->over = malloc(n * sizeof(Override));
+  for (const JNode *c = map->child; c; c = c->next) {
+    if (c->type != J_OBJECT) continue;
+    for (const JNode *t = c->child; t; t = t->next) {
+      Override *o = &r->over[r->nover++];
+      *o = (Override){c->key, t->key, c->key_len, t->key_len, -1};
+      for (u32 i = 0; t->type == J_STRING && i < r->ntiers; i++)
+        if (cstrlen(r->tier_names[i]) == t->str_len &&
+            memcmp(r->tier_names[i], t->str, t->str_len) == 0)
+          o->to = (i32)i;
+    }
+  }
+}
+
+/* The override for this client and its own tier (or, failing that, for any tier). Keys
+ * are digests (riskKeyDigest: hex digits of the key's SHA-256) or, when not secrets
+ * (SPIFFE IDs, addresses), the keys themselves. */
+static void apply_override(Stream *s, const u8 *tier, usize tier_len) {
+  const Root *r = s->root;
+  const Override *any = 0;
+  char hex[64];
+  const u8 *key = s->key;
+  usize key_len = s->key_len;
+  if (r->over_digest) {
+    key_len = r->over_digest;
+    sha256_hex(s->key, s->key_len, hex, (u32)key_len / 2);
+    key = (const u8 *)hex;
+  }
+  for (u32 i = 0; i < r->nover; i++) {
+    const Override *o = &r->over[i];
+    if (o->key_len != key_len || memcmp(o->key, key, key_len) != 0) continue;
+    if (o->from_len == 0) {
+      any = o;
+    } else if (tier && o->from_len == tier_len && memcmp(o->from, tier, tier_len) == 0) {
+      any = o;
+      break;
+    }
+  }
+  if (any && any->to >= 0) s->hardening = &r->tiers[any->to];
 }
 
 static int configure(Root *r, const char *text, u32 len) {
@@ -579,6 +702,9 @@ static int configure(Root *r, const char *text, u32 len) {
       r->tiers[i] = read_hardening(t);
     }
   }
+  read_overrides(r, json_get(cfg, "riskOverrides"));
+  r->over_digest = num_or(cfg, "riskKeyDigest", 0);
+  if (r->over_digest > 64 || r->over_digest % 2) r->over_digest = 0;
   r->max_body = num_or(cfg, "maxBodyBytes", 1 << 20);
 
   JNode *feed = json_get(cfg, "feed");
@@ -1515,6 +1641,10 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
     s->key = s->key_buf;
   }
   if (!s->key) s->key_len = 0;
+  /* Overrides come with the feed (the risk estimate is computed from it): its key is here. */
+  if (r->nover && s->key)
+    apply_override(s, tier < 4 && want[tier].found ? want[tier].value : 0,
+                   tier < 4 && want[tier].found ? want[tier].value_len : 0);
   if (path < 4 && want[path].found) {
     s->path = want[path].value;
     s->path_len = want[path].value_len;

@@ -387,15 +387,21 @@ class ListQuarantinesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_THROTTLES_FIELD_NUMBER: _builtins.int
+    INCLUDE_ESTIMATES_FIELD_NUMBER: _builtins.int
     include_throttles: _builtins.bool
+    include_estimates: _builtins.bool
+    """Also every other client with an extraction-risk estimate, as kind "estimate" (the 100
+    highest): what `modelguard quarantine list --all` shows.
+    """
     def __init__(
         self,
         *,
         include_throttles: _builtins.bool = ...,
+        include_estimates: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_throttles", b"include_throttles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_estimates", b"include_estimates", "include_throttles", b"include_throttles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,8 +421,11 @@ class QuarantineEntry(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     PER_SECONDS_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    FIDELITY_FIELD_NUMBER: _builtins.int
+    DISTINCT_QUERIES_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """"quarantine" | "throttle" """
+    """"quarantine" | "throttle" | "harden" | "estimate" """
     policy: _builtins.str
     """namespace/name of the ExtractionPolicy"""
     client_key: _builtins.str
@@ -433,6 +442,13 @@ class QuarantineEntry(_message.Message):
     per_seconds: _builtins.int
     fingerprint: _builtins.str
     """"sha256:" + 16 hex digits, for every source"""
+    fidelity: _builtins.float
+    """The extraction-risk estimate (controlplane/extraction/risk.py): the highest estimated
+    extraction fidelity the client reached, in [0, 1], when it has one; over how many
+    distinct queries; and for kind "harden", the output tier its answers get.
+    """
+    distinct_queries: _builtins.int
+    tier: _builtins.str
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -450,12 +466,17 @@ class QuarantineEntry(_message.Message):
         requests: _builtins.int = ...,
         per_seconds: _builtins.int = ...,
         fingerprint: _builtins.str = ...,
+        fidelity: _builtins.float | None = ...,
+        distinct_queries: _builtins.int = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "fidelity", b"fidelity", "since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "fingerprint", b"fingerprint", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "client_key", b"client_key", "distinct_queries", b"distinct_queries", "fidelity", b"fidelity", "fingerprint", b"fingerprint", "key_source", b"key_source", "kind", b"kind", "per_seconds", b"per_seconds", "policy", b"policy", "reason", b"reason", "requests", b"requests", "since", b"since", "tier", b"tier", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__fidelity: _TypeAlias = _typing.Literal["fidelity"]  # noqa: Y015
+    _WhichOneofArgType__fidelity: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fidelity) -> _WhichOneofReturnType__fidelity | None: ...
 
 Global___QuarantineEntry: _TypeAlias = QuarantineEntry  # noqa: Y015
 
