@@ -199,6 +199,20 @@ TENANT_KEYS_SECRET = (
     + "".join(f"  client-{i}: key-{i}\n" for i in range(KEYS))
 )
 FROM_TENANT_KEYS = "{apiKeys: {secretRef: bench-tenant-keys}}"
+# The full set's caller is a mesh workload that also sends a key: since issue 14 a key sent
+# beside a client certificate must name that workload among its principals.
+BOUND_KEYS_SECRET = (
+    "apiVersion: v1\nkind: Secret\n"
+    f"metadata:\n  name: bench-bound-keys\n  namespace: {NS}\n"
+    "  annotations:\n    modelguard.io/keys: |\n"
+    + "".join(
+        f'      client-{i}: {{principals: ["{spiffe(CLIENT_NS, "client-full")}"]}}\n'
+        for i in range(KEYS)
+    )
+    + "stringData:\n"
+    + "".join(f"  client-{i}: key-{i}\n" for i in range(KEYS))
+)
+FROM_BOUND_KEYS = "{apiKeys: {secretRef: bench-bound-keys}}"
 
 
 # --- variants ------------------------------------------------------------------------------
@@ -308,7 +322,7 @@ def variants() -> list[Variant]:
             "full set: native + API keys + budget + Wasm + feed + telemetry",
             "full",
             2,
-            access("full", mtls="Strict", callers=[full_from, FROM_KEYS])
+            access("full", mtls="Strict", callers=[full_from, FROM_BOUND_KEYS])
             + rate("full", local=True, budget=True)
             + extraction("full", detection=True),
             (
@@ -627,7 +641,9 @@ def main() -> int:
             (folder / "policies.yaml").write_text("".join(v.policies for v in mine) or "")
             secrets = work / plane_name / "secrets"
             secrets.mkdir()
-            (secrets / "keys.yaml").write_text(API_KEYS_SECRET + "---\n" + TENANT_KEYS_SECRET)
+            (secrets / "keys.yaml").write_text(
+                "---\n".join((API_KEYS_SECRET, TENANT_KEYS_SECRET, BOUND_KEYS_SECRET))
+            )
             identity = (
                 IdentityConfig(
                     directory=str(work / plane_name / "identity"), api_key_paths=(str(secrets),)

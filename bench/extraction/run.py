@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--feed", choices=("auto", "self", "sidecar"), default="auto")
     parser.add_argument("--models", default="digits,cancer", help="comma-separated: digits,cancer")
+    parser.add_argument("--only", default="",
+                        help="comma-separated substrings: run only the clients so named")
     args = parser.parse_args(argv)
 
     everything: dict[str, Any] = {}
@@ -413,7 +415,8 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
     print(f"feed: {'harness → QueryFeed.Report' if system.self_report else 'sidecar WASM feed'}"
           f"; sidecar output hardening: {'on' if hardened else 'OFF (answers not hardened)'}",
           flush=True)
-    specs = victim.specs
+    only = [o for o in args.only.split(",") if o]
+    specs = [s for s in victim.specs if not only or any(o in s.name for o in only)]
     results: dict[str, Any] = {"feed": "harness" if system.self_report else "sidecar",
                                "hardening": hardened, "attacks": {}, "benign": {}}
     started = time.monotonic()
@@ -468,7 +471,7 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
         "clients": len(benign),
         "queries": int(n),
         "flagged": [o.name for o in flagged],
-        "false_positive_rate": len(flagged) / len(benign),
+        "false_positive_rate": len(flagged) / len(benign) if benign else 0.0,
         "top1_changes": top1 / n if n else 0.0,
         "mean_probability_shift": shift / n if n else 0.0,
         # Per group: the calibration's generators (other seeds) and the held-out ones.

@@ -75,14 +75,23 @@ async def serve(kind: str) -> None:
         server.add_generic_rpc_handlers((handler,))
     else:
         sys.path.insert(0, str(Path(__file__).parent))
+        import tempfile
+
         from run import POLICY
 
         from controlplane.api import parse_documents
         from controlplane.extraction.admin import QuarantineAdmin
         from controlplane.extraction.feed import Extraction
         from controlplane.extraction.verdicts import InMemoryVerdictSink
+        from controlplane.local.model import load_model, reference_csv
 
-        loaded, _ = parse_documents(POLICY, "bench")
+        # The bench's policy names its reference data relative to the policy file (issue 13).
+        folder = Path(tempfile.mkdtemp(prefix="mg-throughput-"))
+        (folder / "reference.csv").write_text(reference_csv(load_model(0)))
+        policy_file = folder / "extraction.yaml"
+        policy_file.write_text(POLICY.format(service="digits-model"))
+        loaded, problems = parse_documents(policy_file.read_text(), str(policy_file))
+        assert not problems, problems
         policies = [lp.policy for lp in loaded]
         extraction = Extraction(lambda: policies, sink=InMemoryVerdictSink())
         # The policy's profile is calibrated (or read from its cache) before the clock starts.

@@ -55,10 +55,11 @@ import numpy.typing as npt
 
 from controlplane.extraction.detectors import (
     DETECTORS,
+    STATISTICS,
     ClientState,
-    DetectorName,
     FloatArray,
     Reference,
+    StatisticName,
     Thresholds,
     _sq_distances,
 )
@@ -73,9 +74,15 @@ BATCH = 8  # calibrate at a finer grain than sidecars batch: maxima are then con
 # the digits' test split, 1.5 within the first 40 queries of a heavy user. A floor is a
 # tail probability every client may reach once in a thousand (100 at high).
 OOD_FLOOR = {"low": 4.0, "medium": 3.0, "high": 2.0}
+# denseSteps (inputs moved by near-duplicate steps per distinct query) is never below this
+# before the margin: what-if tools and explainers edit 1-4 inputs a step (issue 13's
+# explorers; the generators' range), so a client all of whose queries edit 4 inputs stays
+# under it even on a reference where the simulated explorers' steps rarely fall within the
+# near-duplicate radius (breast cancer: benign maximum 1.29) or never do (a maximum of 0).
+DENSE_STEPS_FLOOR = 4.0
 # Part of every cache key: bump whenever the procedure (generators, split, statistics)
 # changes, so a cached profile is never one the current code would not produce.
-VERSION = "13.3"
+VERSION = "13.5"  # 13.5: denseSteps
 HELD_OUT_FRACTION = 0.25
 MAX_HELD_OUT = 2000
 MAX_REFERENCE = 20_000  # reference points kept for novelty (a distance matrix per batch)
@@ -379,13 +386,19 @@ class Cutoffs:
     residual_std: float
 
     def thresholds(
-        self, prada: float, near_duplicate: float, out_of_distribution: float, coverage: float
+        self,
+        prada: float,
+        near_duplicate: float,
+        out_of_distribution: float,
+        coverage: float,
+        dense_steps: float = float("inf"),
     ) -> Thresholds:
         return Thresholds(
             prada=prada,
             near_duplicate=near_duplicate,
             out_of_distribution=out_of_distribution,
             coverage=coverage,
+            dense_steps=dense_steps,
             **asdict(self),
         )
 
@@ -423,9 +436,9 @@ def stream_maxima(
     labels: npt.NDArray[np.int16],
     reference: Reference,
     thresholds: Thresholds,
-) -> dict[DetectorName, float]:
+) -> dict[StatisticName, float]:
     state = ClientState(dim=reference.dim)
-    best: dict[DetectorName, float] = {d: 0.0 for d in DETECTORS}
+    best: dict[StatisticName, float] = {d: 0.0 for d in STATISTICS}
     for start in range(0, len(X), BATCH):
         batch = slice(start, start + BATCH)
         state.observe(X[batch], labels[batch], reference, thresholds)
@@ -453,11 +466,11 @@ def calibrate(
     held_out = np.asarray(held_out_X, dtype=np.float32)
     cutoffs = per_query_cutoffs(reference, held_out)
     # The statistics' own thresholds do not influence their values: placeholders.
-    probe = cutoffs.thresholds(1.0, 1.0, 1.0, 1.0)
+    probe = cutoffs.thresholds(1.0, 1.0, 1.0, 1.0, 1.0)
     if segments is None:
         segments = (held_out, np.asarray(predict(held_out), dtype=np.int16))
     rng = np.random.default_rng(seed)
-    maxima: dict[str, list[float]] = {d: [] for d in DETECTORS}
+    maxima: dict[str, list[float]] = {d: [] for d in STATISTICS}
     kinds: dict[str, int] = {}
     for kind, X in benign_clients(rng, held_out, per_kind, segments):
         if cancel is not None and cancel.is_set():
@@ -469,8 +482,10 @@ def calibrate(
     thresholds: dict[str, Thresholds] = {}
     for sensitivity in SENSITIVITIES:
         values: dict[str, float] = {}
-        for detector in DETECTORS:
+        for detector in STATISTICS:
             observed = np.asarray(maxima[detector])
+            if detector == "denseSteps":
+                observed = np.maximum(observed, DENSE_STEPS_FLOOR)
             if sensitivity == "high":
                 values[detector] = float(np.quantile(observed, 0.99))
             else:
@@ -480,6 +495,7 @@ def calibrate(
             near_duplicate=values["nearDuplicate"],
             out_of_distribution=max(values["outOfDistribution"], OOD_FLOOR[sensitivity]),
             coverage=values["coverage"],
+            dense_steps=values["denseSteps"],
         )
     calibration = {
         "seed": seed,

@@ -15,6 +15,19 @@ threshold calibrated on benign traffic only (``calibrate.py``):
     ever are. A what-if user edits the same few inputs; a sweep or a gradient probe moves
     in many independent directions. Statistic: the effective rank (participation ratio)
     of the client's near-duplicate steps.
+``denseSteps`` (part of ``nearDuplicate``: enabled with it, not a policy detector)
+    The shape of the near-duplicate steps, not their directions: how many inputs each
+    step moves (``step_width``, the participation ratio of its squared components: k
+    for a step moving k inputs by one equal amount). What-if edits, LIME-style nudges,
+    SHAP coalitions and sweeps move 1-4 inputs a step; a gradient probe (Jacobian-based
+    augmentation, x + λ·sign(∇), Papernot et al. 2017) moves every input it can at once,
+    round after round. Natural near-duplicates (two real images of one digit) are dense
+    too, but rare. Statistic: inputs moved by near-duplicate steps per distinct query
+    (decayed sums), so a few natural near-duplicates among many fresh queries stay low
+    and a stream of dense steps, interleaved with natural queries or not, does not.
+    Calibrated like the others (benign maxima times the margin), never below 4 inputs a
+    query before the margin (``calibrate.DENSE_STEPS_FLOOR``); a reference-free profile
+    has no benign data to calibrate it on and leaves it off (threshold infinite).
 ``outOfDistribution``
     Each query's novelty is its mean distance to the 5 nearest reference points (the
     model's own training data). Statistic: ``-log10`` of the binomial tail probability of
@@ -41,6 +54,9 @@ from scipy import special, stats  # type: ignore[import-untyped]
 FloatArray = npt.NDArray[np.float32]
 DetectorName = Literal["prada", "nearDuplicate", "outOfDistribution", "coverage"]
 DETECTORS: tuple[DetectorName, ...] = ("prada", "nearDuplicate", "outOfDistribution", "coverage")
+# Statistics a detector adds besides its own: ``nearDuplicate`` also yields ``denseSteps``.
+StatisticName = Literal["prada", "nearDuplicate", "outOfDistribution", "coverage", "denseSteps"]
+STATISTICS: tuple[StatisticName, ...] = (*DETECTORS, "denseSteps")
 
 # Shapiro-Wilk without scipy's axis/NaN-policy wrapper, which costs ~8x the test itself on
 # 512 distances (it runs for every client every 8 queries). Same function, same W; a
@@ -117,13 +133,17 @@ class Thresholds:
     # Without reference data (no natural neighbour distances to calibrate on): the radius
     # also grows with each query's own norm, ``duplicate_radius + relative_radius * |x|``.
     relative_radius: float = 0.0
+    # Inputs moved by near-duplicate steps per distinct query (``denseSteps``). Infinite
+    # (off) in profiles calibrated before it existed and in reference-free ones.
+    dense_steps: float = math.inf
 
-    def of(self, detector: DetectorName) -> float:
+    def of(self, detector: StatisticName) -> float:
         return {
             "prada": self.prada,
             "nearDuplicate": self.near_duplicate,
             "outOfDistribution": self.out_of_distribution,
             "coverage": self.coverage,
+            "denseSteps": self.dense_steps,
         }[detector]
 
 
@@ -131,7 +151,7 @@ class Thresholds:
 class Finding:
     """One detector's view of one client after its latest queries: the evidence."""
 
-    detector: DetectorName
+    detector: StatisticName
     statistic: float
     threshold: float
     queries: int  # queries of this client the statistic is built on
@@ -177,6 +197,14 @@ def effective_rank(steps: FloatArray) -> float:
     return total * total / float((eig**2).sum()) if total > 0 else 0.0
 
 
+def step_width(step: FloatArray) -> float:
+    """How many inputs a step moves: the participation ratio of its squared components,
+    k for k inputs moved by one equal amount, ~1 when one input dominates."""
+    sq = np.square(step, dtype=np.float64)
+    fourth = float(np.dot(sq, sq))
+    return float(sq.sum()) ** 2 / fourth if fourth > 0 else 0.0
+
+
 @dataclass
 class ClientState:
     """What the monitor remembers of one client: bounded, whatever the client sends."""
@@ -204,6 +232,10 @@ class ClientState:
     # Decayed sums of the fresh rows and of their squared norms: the client's dispersion.
     row_sum: FloatArray | None = None
     row_sq_sum: float = 0.0
+    # Decayed: distinct queries (fresh and near-duplicates), and the inputs moved by the
+    # near-duplicate steps among them (``denseSteps``).
+    distinct: float = 0.0
+    moved: float = 0.0
     last_seen: float = 0.0
 
     def __post_init__(self) -> None:
@@ -331,9 +363,12 @@ class ClientState:
             self.repeats += 1
             return False
         fresh = nearest_any >= radius
+        self._count_distinct()
         if not fresh:
-            self.steps[self.n_steps % self.steps_size] = x - past[j]
+            step = x - past[j]
+            self.steps[self.n_steps % self.steps_size] = step
             self.n_steps += 1
+            self.moved += step_width(step)
         elif math.isfinite(nearest_same):
             self.distances.append(nearest_same)
         slot = self.stored % self.history_size
@@ -376,10 +411,15 @@ class ClientState:
         # point of evidence about where their queries come from, not a hundred.
         fresh = nearest_any >= radius
         self.repeats += int((~kept).sum())
-        for i in np.flatnonzero(near):
+        for i in np.flatnonzero(kept):
+            self._count_distinct()
+            if not near[i]:
+                continue
             j = int(nearest_idx[i])
-            self.steps[self.n_steps % self.steps_size] = X[i] - (past[j] if j < p else X[j - p])
+            step = X[i] - (past[j] if j < p else X[j - p])
+            self.steps[self.n_steps % self.steps_size] = step
             self.n_steps += 1
+            self.moved += step_width(step)
         self.distances.extend(float(d) for d in nearest_same[fresh] if math.isfinite(d))
         for i in np.flatnonzero(kept):
             slot = self.stored % self.history_size
@@ -390,6 +430,11 @@ class ClientState:
             self.stored += 1
         rows: FloatArray = X[fresh]
         return rows
+
+    def _count_distinct(self) -> None:
+        decay = 0.5 ** (1.0 / self.half_life)
+        self.distinct = self.distinct * decay + 1.0
+        self.moved *= decay
 
     def dispersion(self) -> float | None:
         """Mean squared distance of the client's fresh queries to their mean (decayed):
@@ -408,9 +453,15 @@ class ClientState:
             value = self.statistic(detector, thresholds)
             if value is not None:
                 out.append(Finding(detector, value, thresholds.of(detector), self.queries))
+            if detector == "nearDuplicate":
+                dense = self.statistic("denseSteps", thresholds)
+                if dense is not None:
+                    out.append(
+                        Finding("denseSteps", dense, thresholds.dense_steps, self.queries)
+                    )
         return out
 
-    def statistic(self, detector: DetectorName, t: Thresholds) -> float | None:
+    def statistic(self, detector: StatisticName, t: Thresholds) -> float | None:
         if detector == "prada":
             if len(self.distances) < t.prada_min:
                 return None
@@ -423,6 +474,10 @@ class ClientState:
             if n < t.near_duplicate_min:
                 return None
             return effective_rank(self.steps[:n])
+        if detector == "denseSteps":
+            if min(self.n_steps, self.steps_size) < t.near_duplicate_min or self.distinct <= 0:
+                return None
+            return self.moved / self.distinct
         if detector == "outOfDistribution":
             if self.weight < t.ood_min:
                 return None

@@ -24,6 +24,14 @@ expensive mistake): the detectors say different things.
   what natural use reveals. With reference data, a quarantine requires one of them among
   the confirming findings (``DECISIVE``); without it (or while the policy's profile is
   still calibrating), ``prada`` is the decisive detector, at its reference-free default.
+- ``denseSteps`` (computed with ``nearDuplicate``) says the client's near-duplicate steps
+  move many inputs at once, far more per query than any benign explorer the profile was
+  calibrated on (they edit 1-4 inputs a step): a gradient probe such as Jacobian-based
+  augmentation, whose points are synthetic from the second round on. It throttles, and it
+  is decisive for a quarantine on its own (threshold: benign maximum, never below 4 inputs
+  per query, times the margin), without the spread floor: that floor spares
+  clients that explore around a few inputs, and a client stepping densely around a few
+  seeds is exactly what it detects.
 
 A client whose requests mostly reach the monitor as "unobserved" (the sidecar could not
 ship them) is suspected too: a gap in observation is a signal. It is never quarantined on
@@ -88,6 +96,8 @@ ALERT_ONLY: frozenset[str] = frozenset(("nearDuplicate",))
 # evidence; without it, prada.
 DECISIVE: frozenset[str] = frozenset(("outOfDistribution", "coverage"))
 DECISIVE_WITHOUT_REFERENCE: frozenset[str] = frozenset(("prada",))
+# Decisive whatever the client's spread (module docstring): dense near-duplicate steps.
+DECISIVE_ANY_SPREAD: frozenset[str] = frozenset(("denseSteps",))
 # A quarantine also needs the client's fresh queries spread over at least this fraction
 # of the reference data's dispersion (total variance: i.i.d. natural queries have 1). A
 # fixed floor, not fitted to any attack: a stream of perturbations of one input spans only
@@ -744,10 +754,9 @@ class ExtractionMonitor:
             or any(f.statistic >= ESCALATE * f.threshold for f in findings)
             or since >= self.confirm
         )
-        if (
-            confirmed
-            and any(f.detector in decisive for f in findings)
-            and self._spread_out(profile, state)
+        if confirmed and (
+            any(f.detector in DECISIVE_ANY_SPREAD for f in findings)
+            or (any(f.detector in decisive for f in findings) and self._spread_out(profile, state))
         ):
             tracked.stage = "detected"
             self._detection(policy, client_key, tuple(evidence), now, _peak(tracked))

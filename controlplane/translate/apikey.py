@@ -33,10 +33,8 @@ TENANT_HEADER = "x-modelguard-tenant"
 TIER_HEADER = "x-modelguard-tier"
 ANONYMOUS_PREFIX = "addr:"
 
-_SOURCE = r"""
--- modelguard: add the SHA-256 digest of the caller's API key, for RBAC to match.
--- Generated configuration holds only digests, never a key (Envoy has no hashing matcher).
--- Any digest or class header the caller sent is dropped first, so it cannot be forged.
+# SHA-256 in LuaJIT (its ``bit`` library): shared with the verdict filter (``verdicts``).
+SHA256_LUA = r"""
 local bit = require("bit")
 local band, bor, bxor, bnot = bit.band, bit.bor, bit.bxor, bit.bnot
 local rshift, lshift, ror, tobit, tohex = bit.rshift, bit.lshift, bit.ror, bit.tobit, bit.tohex
@@ -89,6 +87,13 @@ local function sha256(msg)
   return tohex(h1) .. tohex(h2) .. tohex(h3) .. tohex(h4) ..
          tohex(h5) .. tohex(h6) .. tohex(h7) .. tohex(h8)
 end
+""".strip()
+
+_SOURCE = r"""
+-- modelguard: add the SHA-256 digest of the caller's API key, for RBAC to match.
+-- Generated configuration holds only digests, never a key (Envoy has no hashing matcher).
+-- Any digest or class header the caller sent is dropped first, so it cannot be forged.
+@HASH_FUNCTION@
 
 -- Lua environments are per worker thread, so this cache needs no lock. It is bounded: a
 -- caller cycling through random keys only makes it start over, and keys longer than any
@@ -234,6 +239,7 @@ def script(
         "CLAIMS": claims,
         "ANONYMOUS": flag(bool(caller and caller.anonymous_by_address)),
         "STRIPPED": flag(caller is not None),
+        "HASH_FUNCTION": SHA256_LUA,
     }
     # One pass, so nothing inserted (a key id, a claim) is ever substituted again.
     return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], _SOURCE)

@@ -41,6 +41,7 @@ from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
 from controlplane.ir import ClientVerdictIR, SidecarIR
+from controlplane.translate.apikey import SHA256_LUA
 from controlplane.translate.module import Module
 from controlplane.translate.protos import pack
 
@@ -100,61 +101,6 @@ function envoy_on_request(handle)
   end
 end
 """
-_SHA256 = r"""
-local bit = require("bit")
-local band, bor, bxor, bnot = bit.band, bit.bor, bit.bxor, bit.bnot
-local rshift, lshift, ror, tobit, tohex = bit.rshift, bit.lshift, bit.ror, bit.tobit, bit.tohex
-local byte, char, rep = string.byte, string.char, string.rep
-
-local K = {
-  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-}
-
-local function sha256(msg)
-  local len = #msg
-  local bits = len * 8
-  msg = msg .. "\128" .. rep("\0", (55 - len) % 64) .. char(
-    0, 0, 0, 0, band(rshift(bits, 24), 255), band(rshift(bits, 16), 255),
-    band(rshift(bits, 8), 255), band(bits, 255))
-  local h1, h2, h3, h4 = 0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a
-  local h5, h6, h7, h8 = 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19
-  local w = {}
-  for i = 1, #msg, 64 do
-    for j = 0, 15 do
-      local a, b, c, d = byte(msg, i + j * 4, i + j * 4 + 3)
-      w[j] = bor(lshift(a, 24), lshift(b, 16), lshift(c, 8), d)
-    end
-    for j = 16, 63 do
-      local x, y = w[j - 15], w[j - 2]
-      local s0 = bxor(ror(x, 7), ror(x, 18), rshift(x, 3))
-      local s1 = bxor(ror(y, 17), ror(y, 19), rshift(y, 10))
-      w[j] = tobit(w[j - 16] + s0 + w[j - 7] + s1)
-    end
-    local a, b, c, d, e, f, g, h = h1, h2, h3, h4, h5, h6, h7, h8
-    for j = 0, 63 do
-      local s1 = bxor(ror(e, 6), ror(e, 11), ror(e, 25))
-      local ch = bxor(band(e, f), band(bnot(e), g))
-      local t1 = tobit(h + s1 + ch + K[j + 1] + w[j])
-      local s0 = bxor(ror(a, 2), ror(a, 13), ror(a, 22))
-      local maj = bxor(band(a, b), band(a, c), band(b, c))
-      h, g, f, e, d, c, b = g, f, e, tobit(d + t1), c, b, a
-      a = tobit(t1 + s0 + maj)
-    end
-    h1, h2, h3, h4 = tobit(h1 + a), tobit(h2 + b), tobit(h3 + c), tobit(h4 + d)
-    h5, h6, h7, h8 = tobit(h5 + e), tobit(h6 + f), tobit(h7 + g), tobit(h8 + h)
-  end
-  return tohex(h1) .. tohex(h2) .. tohex(h3) .. tohex(h4) ..
-         tohex(h5) .. tohex(h6) .. tohex(h7) .. tohex(h8)
-end
-"""
-
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_./")
 
 
@@ -180,7 +126,7 @@ def digest_script(clients: tuple[ClientVerdictIR, ...], headers: tuple[str, ...]
         f'[{_lua_string(h)}]="' + "".join(sorted(rows)) + '",' for h, rows in sorted(tables.items())
     ) + "}"
     return (
-        _LUA.replace("SHA256", _SHA256.strip())
+        _LUA.replace("SHA256", SHA256_LUA)
         .replace("QUARANTINED_HEADER", QUARANTINED_HEADER)
         .replace("DIGEST_PREFIX", DIGEST_PREFIX)
         .replace("INDEX_WIDTH", str(width))

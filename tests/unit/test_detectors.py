@@ -15,6 +15,7 @@ from controlplane.extraction.detectors import (
     Thresholds,
     binomial_surprise,
     effective_rank,
+    step_width,
 )
 
 DIM = 16
@@ -259,3 +260,41 @@ def test_one_row_at_a_time_is_the_general_path(world) -> None:
     assert short.distances == pytest.approx(general.distances, rel=1e-5)
     assert (short.weight, short.novel) == pytest.approx((general.weight, general.novel))
     assert short.residual_sum == pytest.approx(general.residual_sum, rel=1e-6)
+
+
+def test_step_width_counts_the_inputs_a_step_moves() -> None:
+    sign_step = np.full(DIM, 1.6, dtype=np.float32) * np.where(np.arange(DIM) % 2, 1, -1)
+    assert step_width(sign_step) == pytest.approx(DIM)
+    edit = np.zeros(DIM, dtype=np.float32)
+    edit[[2, 5, 9]] = [0.5, -0.5, 0.5]
+    assert step_width(edit) == pytest.approx(3.0)
+    edit[9] = 0.05  # one input dominating the others counts less than its share
+    assert step_width(edit) < 2.1
+    assert step_width(np.zeros(DIM, dtype=np.float32)) == 0.0
+
+
+def test_dense_steps_tell_a_gradient_probe_from_a_local_explorer(world) -> None:  # type: ignore[no-untyped-def]
+    """Both clients send near-duplicates of their own earlier queries, round after round:
+    an explorer edits 1-3 inputs of its instance a step, a Jacobian-style probe steps every
+    input of every earlier point by one amount. Only the probe's steps are dense; the
+    explorer is not even suspected of it, however many queries it sends."""
+    reference, thresholds = world
+    assert math.isfinite(thresholds.dense_steps) and thresholds.dense_steps >= 4.0
+    rng = np.random.default_rng(3)
+    base = natural(rng, 1)[0]
+    radius = thresholds.duplicate_radius
+    explorer = np.repeat(base[None, :], 600, axis=0)
+    for row in explorer:
+        features = rng.choice(DIM, size=int(rng.integers(1, 4)), replace=False)
+        row[features] += rng.normal(0, radius / 4, size=len(features))
+    state, first = run(explorer, reference, thresholds)
+    assert state.n_steps > 100  # it is all near-duplicates...
+    assert "denseSteps" not in first  # ...of a narrow shape
+    points = natural(rng, 4)
+    probe = [points]
+    step = radius / 2 / math.sqrt(DIM)
+    while sum(len(p) for p in probe) < 300:
+        seen = np.vstack(probe)
+        probe.append(seen + step * rng.choice([-1.0, 1.0], size=seen.shape).astype(np.float32))
+    state, first = run(np.vstack(probe)[:300], reference, thresholds)
+    assert first.get("denseSteps", 10**6) <= 40

@@ -114,6 +114,52 @@ def test_digits_local_exploration_and_single_class_clients_are_never_quarantined
     assert [n for n, o in outcomes.items() if n.startswith("local") and o.throttled_at] == []
 
 
+def answered(make: Callable[..., Any], rng: np.random.Generator, n: int,
+             predict_proba: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """An adaptive attack's query stream, run against the model's own answers (the
+    monitor's hardening keeps the top-1 class, all these attacks use)."""
+    client = make(rng, n)
+    out: list[np.ndarray] = []
+    try:
+        rows = next(client)
+        while True:
+            out.extend(rows)
+            answer = [dict(enumerate(p.tolist())) for p in predict_proba(np.asarray(rows))]
+            rows = client.send(answer)
+    except StopIteration:
+        pass
+    return np.asarray(out[:n])
+
+
+def test_digits_jacobian_augmentation_is_caught_and_explorers_are_not(digits) -> None:  # type: ignore[no-untyped-def]
+    """Papernot et al.'s Jacobian-based augmentation: its points are near-duplicates of
+    earlier synthetic points, as a local explorer's are of its instance; its steps move
+    every pixel (``denseSteps``), an explorer's a few. Issue 13's rule had made it alert-only
+    (quarantined at 669 queries; interleaved with natural digits, never within 1,000)."""
+    from attacks import interleaved, jacobian
+
+    model, monitor = digits
+    rng = np.random.default_rng(13)
+    pool = model.test_X
+    streams: list[tuple[str, np.ndarray]] = []
+    for i in range(3):
+        streams.append((f"jacobian-plain-{i}",
+                        answered(jacobian(pool), rng, 1000, model.predict_proba)))
+        streams.append((f"jacobian-interleaved-{i}",
+                        answered(interleaved(jacobian(pool), pool), rng, 1000,
+                                 model.predict_proba)))
+    # The benign explorers in the same run (held-out ones included): still never quarantined.
+    # (Names of their own: the monitor is the module's, and remembers other tests' clients.)
+    streams += [(f"j-{name}", X)
+                for name, X in benign(np.random.default_rng(31), pool, model.predict(pool), 2)]
+    outcomes = drive(monitor, "demo/m", model.predict_proba, streams)
+    assert median_detection(outcomes, "jacobian-interleaved") <= 500
+    assert median_detection(outcomes, "jacobian-plain") <= 100
+    caught = {n for n in outcomes if n.startswith("jacobian")}
+    assert set(quarantined(outcomes)) == caught
+    assert all("denseSteps" in outcomes[n].detectors for n in caught)
+
+
 def test_digits_off_distribution_attacks_are_still_caught_fast(digits) -> None:  # type: ignore[no-untyped-def]
     from attacks import natural_patches
 
