@@ -369,13 +369,22 @@ async def test_a_client_alternating_between_replicas_is_judged_as_one(
     a, b = system.replicas["a"], system.replicas["b"]
     attack = np.random.default_rng(1).uniform(0, 16, size=(200, 64)).round(1)
 
+    async def observed() -> int:
+        request = admin_pb2.MonitorStatsRequest()
+        return sum([(await r.admin("GetMonitorStats", request)).queries for r in (a, b)])
+
     async def queries_to_quarantine(key: str, sides: list[Replica]) -> int:
         for sent in range(1, len(attack) + 1):
             side = sides[sent % len(sides)]
+            before = await observed()
             await query(system.sidecar_ports[side.name], side.xds_port, key, attack[sent - 1 :][:1])
-            # Let the owner judge it (a forwarded batch takes a Redis hop and the owner's
-            # monitor), so the count is of queries judged, not of queries in flight.
-            await asyncio.sleep(0.2)
+            # Wait until the owner has judged it (a forwarded batch takes a Redis hop and the
+            # owner's monitor): the count is of queries judged, not of queries in flight, so
+            # a loaded machine cannot move it (a fixed sleep did: 24 vs 21 once).
+            deadline = asyncio.get_running_loop().time() + 15
+            while await observed() <= before:
+                assert asyncio.get_running_loop().time() < deadline, f"query {sent} never judged"
+                await asyncio.sleep(0.05)
             if shown(key) in await a.quarantined() or shown(key) in await b.quarantined():
                 return sent
         raise AssertionError(f"{key} never quarantined\n{system.log(a)}\n{system.log(b)}")
