@@ -46,7 +46,7 @@ SERVER_OPTIONS = [
 
 
 def _run_sims(target: str, n: int, out: Any) -> None:
-    from controlplane.inventory import Sidecar
+    from controlplane.compile.inputs.inventory import Sidecar
     from controlplane.xds.simclient import SimulatedSidecar
 
     metadata = Sidecar(
@@ -108,7 +108,7 @@ async def main() -> int:
     else:
         import tempfile
 
-        from controlplane.server import ControlPlane, ControlPlaneConfig
+        from controlplane.app.server import ControlPlane, ControlPlaneConfig
 
         policies = Path(tempfile.mkdtemp(prefix="mg-storm-"))
         if args.policy:

@@ -46,14 +46,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controlplane.bootstrap import build_bootstrap  # noqa: E402
+from controlplane.app.server import ControlPlane, ControlPlaneConfig  # noqa: E402
+from controlplane.compile.inputs.inventory import Sidecar  # noqa: E402
 from controlplane.identity.service import IdentityConfig  # noqa: E402
 from controlplane.identity.tokens import TOKEN_METADATA  # noqa: E402
-from controlplane.inventory import Sidecar  # noqa: E402
 from controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from controlplane.netutil import free_port  # noqa: E402
 from controlplane.pipeline import Rebuild  # noqa: E402
-from controlplane.server import ControlPlane, ControlPlaneConfig  # noqa: E402
+from controlplane.sidecar.bootstrap import build_bootstrap  # noqa: E402
 from controlplane.xds import resources as rt  # noqa: E402
 from controlplane.xds.status import StreamKind  # noqa: E402
 

@@ -35,7 +35,7 @@ from wasm_filter import _bootstrap, _cluster, _hcm, _listener, run_wrk
 
 from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.telemetry.settings import TelemetrySettings

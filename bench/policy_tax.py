@@ -86,12 +86,12 @@ from bench.lib.load import (  # noqa: E402
     router_bootstrap,
     wrk,
 )
-from controlplane.bootstrap import XdsCredentials, build_bootstrap  # noqa: E402
+from controlplane.app.server import ControlPlane, ControlPlaneConfig  # noqa: E402
+from controlplane.compile.inputs.inventory import Sidecar  # noqa: E402
 from controlplane.identity.service import IdentityConfig  # noqa: E402
-from controlplane.inventory import Sidecar  # noqa: E402
 from controlplane.local.envoy import EnvoyProcess, envoy_binary  # noqa: E402
 from controlplane.netutil import free_port, http_request  # noqa: E402
-from controlplane.server import ControlPlane, ControlPlaneConfig  # noqa: E402
+from controlplane.sidecar.bootstrap import XdsCredentials, build_bootstrap  # noqa: E402
 from controlplane.telemetry.settings import TelemetrySettings  # noqa: E402
 
 NS = "bench"

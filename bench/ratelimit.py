@@ -35,11 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.lib.load import start_pinned, stop  # noqa: E402
-from controlplane.bootstrap import build_bootstrap  # noqa: E402
-from controlplane.inventory import Sidecar  # noqa: E402
+from controlplane.compile.inputs.inventory import Sidecar  # noqa: E402
 from controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from controlplane.netutil import free_port, wait_for_port  # noqa: E402
 from controlplane.ratelimit import RateLimitServices, backend_from_url  # noqa: E402
+from controlplane.sidecar.bootstrap import build_bootstrap  # noqa: E402
 
 CLIENTS = 1000
 # No preexec_fn: forking a process with gRPC threads running is unsafe.
@@ -252,7 +252,7 @@ def wrk(port: int, seconds: float, script: Path) -> float:
 
 
 async def sidecar_bench(seconds: float, rounds: int) -> tuple[list[float], list[float]]:
-    from controlplane.server import ControlPlane, ControlPlaneConfig
+    from controlplane.app.server import ControlPlane, ControlPlaneConfig
 
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the sidecar benchmark: apt-get install -y wrk")

@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wasm_filter import ANSWER, QUERY, _bootstrap, _cluster, _hcm, _listener, run_wrk
 
-from controlplane.bootstrap import TELEMETRY_RUNTIME, XDS_CLUSTER
 from controlplane.compile import compile_sidecar
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
+from controlplane.sidecar.bootstrap import TELEMETRY_RUNTIME, XDS_CLUSTER
 from controlplane.telemetry.receiver import OtlpReceiver
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore

@@ -54,7 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Static Envoy configs and the model-like backend shared by the data-path benches.
 from lib.load import backend_bootstrap, bootstrap, cluster, hcm, listener
 
-from controlplane.bootstrap import XDS_CLUSTER
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.ir import (
     ClientKeyIR,
@@ -65,6 +64,7 @@ from controlplane.ir import (
 )
 from controlplane.local.envoy import EnvoyProcess, envoy_binary
 from controlplane.netutil import free_port, http_request
+from controlplane.sidecar.bootstrap import XDS_CLUSTER
 from controlplane.translate.render import to_dict
 from controlplane.translate.wasm import extension_config
 

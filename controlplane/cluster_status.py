@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from controlplane.inventory import InventoryError, Sidecar
+from controlplane.compile.inputs.inventory import InventoryError, Sidecar
 
 log = logging.getLogger(__name__)
 

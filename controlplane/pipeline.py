@@ -15,13 +15,13 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from controlplane.compile import compile_sidecar
+from controlplane.compile.inputs.inventory import Inventory, Sidecar
+from controlplane.compile.inputs.store import PolicyStore
 from controlplane.compile.mesh import MeshInputs
 from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement
-from controlplane.inventory import Inventory, Sidecar
 from controlplane.ir import SidecarIR, evolve
 from controlplane.shapes import ShapeCache
-from controlplane.store import PolicyStore
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.translate import translate
 from controlplane.xds.cache import SnapshotCache

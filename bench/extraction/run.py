@@ -51,14 +51,14 @@ from attacks import Answer, Spec, scenario  # noqa: E402
 from models import breast_cancer_model, cancer_scenario, reference_csv  # noqa: E402
 from models import serve as serve_any  # noqa: E402
 
-from controlplane.bootstrap import build_bootstrap  # noqa: E402
+from controlplane.app.server import ControlPlane, ControlPlaneConfig  # noqa: E402
+from controlplane.compile.inputs.inventory import Sidecar  # noqa: E402
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc  # noqa: E402
-from controlplane.inventory import Sidecar  # noqa: E402
 from controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from controlplane.local.model import load_model, serve  # noqa: E402
 from controlplane.local.model import reference_csv as digits_reference_csv  # noqa: E402
 from controlplane.netutil import free_port  # noqa: E402
-from controlplane.server import ControlPlane, ControlPlaneConfig  # noqa: E402
+from controlplane.sidecar.bootstrap import build_bootstrap  # noqa: E402
 
 POLICY = """\
 apiVersion: modelguard.io/v1alpha1

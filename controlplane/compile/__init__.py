@@ -13,14 +13,14 @@ from controlplane.compile import access, rate
 from controlplane.compile.caller import compile_caller
 from controlplane.compile.egress import compile_egress
 from controlplane.compile.extraction import compile_extraction
+from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.compile.inputs.store import PolicySet
 from controlplane.compile.mesh import MeshInputs, compile_mtls
 from controlplane.compile.telemetry import compile_telemetry
 from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement
-from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
-from controlplane.store import PolicySet
 from controlplane.telemetry.settings import TelemetrySettings
 
 

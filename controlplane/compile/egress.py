@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from controlplane.api import EgressPolicy
 from controlplane.api.common import WINDOW_SECONDS
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.ir import EgressBudget, EgressDestination, EgressIR, EgressProtocol, PolicyRef
 
 # The outbound listener only serves the workload beside it: an egress proxy open to the

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from controlplane.api import AccessPolicy
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.apikeys import ApiKey
-from controlplane.inventory import Sidecar
 from controlplane.ir import MeshService, MtlsIR, MtlsMode, PolicyRef, WorkloadCertificate
 
 # (namespace, secret name) → its keys: (id, SHA-256 hex of the key, tenant, tier, principals)

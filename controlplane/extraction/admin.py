@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
-from controlplane.adminauth import admin_channel
-from controlplane.cliutil import add_output_arguments, emit, policy_ref
+from controlplane.app.adminauth import admin_channel
+from controlplane.app.cliutil import add_output_arguments, emit, policy_ref
 from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement, digest, fingerprint_of
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc

@@ -610,7 +610,7 @@ def cached_profile(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from controlplane.extraction.profile_cli import main as cli_main
+    from controlplane.app.profile_cli import main as cli_main
 
     return cli_main(argv)
 

@@ -52,8 +52,8 @@ from typing import Any, Final
 
 import yaml
 
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.tokens import AuthenticationError, Caller
-from controlplane.inventory import Sidecar
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.compile.mesh import MeshInputs, mesh_services
 from controlplane.identity import apikeys
 from controlplane.identity.ca import CertificateAuthority, IssuedCertificate
@@ -31,7 +32,6 @@ from controlplane.identity.tokens import (
     Caller,
     SidecarAuthenticator,
 )
-from controlplane.inventory import Sidecar
 from controlplane.ir import WorkloadCertificate
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.ca import _write_private
-from controlplane.inventory import Sidecar
 
 TOKEN_KEY_FILE = "bootstrap-token.key"
 # gRPC metadata keys that carry the sidecar's credential: the older form (ADS

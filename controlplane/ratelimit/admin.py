@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
-from controlplane.adminauth import admin_channel
-from controlplane.cliutil import add_output_arguments, emit, positive_int
+from controlplane.app.adminauth import admin_channel
+from controlplane.app.cliutil import add_output_arguments, emit, positive_int
 from controlplane.extraction.verdicts import digest, fingerprint_of
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from controlplane.grpcutil import decode_checked

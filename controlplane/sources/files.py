@@ -18,7 +18,7 @@ import watchfiles
 from controlplane.api import parse_documents, policy_files
 from controlplane.api.limits import file_too_large
 from controlplane.api.violations import Violation
-from controlplane.store import PolicyStore, UnitContent
+from controlplane.compile.inputs.store import PolicyStore, UnitContent
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from controlplane.telemetry.records import Record
 from controlplane.xds.status import State
 
 if TYPE_CHECKING:
+    from controlplane.app.server import ControlPlane
     from controlplane.pipeline import Rebuild
-    from controlplane.server import ControlPlane
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore
 
 if TYPE_CHECKING:
-    from controlplane.server import ControlPlane
+    from controlplane.app.server import ControlPlane
 
 
 class TelemetryService:

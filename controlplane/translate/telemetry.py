@@ -4,7 +4,7 @@ Both export over OTLP/gRPC to the control plane (``names.CONTROL_PLANE_CLUSTER``
 receiver hashes secrets, derives each request's policy verdict, keeps recent records and
 forwards them. Exports are batched so the sidecar pays little per request: the tracer's
 batch size and interval are Envoy runtime keys (set in the bootstrap, see
-``controlplane.bootstrap``), the access logger's are fields of its gRPC config.
+``controlplane.sidecar.bootstrap``), the access logger's are fields of its gRPC config.
 
 An access-log record carries the attributes in ``LOG_ATTRIBUTES`` (Envoy command operators)
 that the sidecar's configuration can give a value (``log_attributes``): each one costs Envoy

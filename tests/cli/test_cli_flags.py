@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane.cli import build_parser, main
-from controlplane.cliutil import resolve_globals
+from controlplane.app.cli import build_parser, main
+from controlplane.app.cliutil import resolve_globals
 from controlplane.netutil import free_port
 from tests.cli.embedded import MODELGUARD, modelguard
 from tests.conftest import Processes
@@ -175,8 +175,8 @@ def test_outputs_use_one_key_style_camel_case(control_plane: str) -> None:
 
 
 def test_follow_lines_keep_the_columns_of_the_listing() -> None:
+    from controlplane.app.traces_cli import _follow_widths, render
     from controlplane.gen.modelguard.admin.v1 import telemetry_pb2
-    from controlplane.traces_cli import _follow_widths, render
 
     def record(service: str, verdict: str) -> telemetry_pb2.TelemetryRecord:
         return telemetry_pb2.TelemetryRecord(
@@ -218,9 +218,9 @@ def test_ports_seconds_and_policy_names_are_checked_too(
 
 
 def test_wide_output_adds_columns() -> None:
+    from controlplane.app.status_cli import render as render_status
     from controlplane.extraction.admin import render as render_quarantines
     from controlplane.gen.modelguard.admin.v1 import admin_pb2
-    from controlplane.status_cli import render as render_status
 
     report = admin_pb2.StatusReport()
     report.sidecars.add(

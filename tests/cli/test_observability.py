@@ -313,7 +313,7 @@ def _post(system: System, path: str, body: bytes, headers: dict[str, str]) -> in
 
 
 def test_release_is_held_to_the_admin_rules(system: System) -> None:
-    from controlplane.telemetry.http import ObservabilityServer, _Bad
+    from controlplane.app.observability import ObservabilityServer, _Bad
 
     body = json.dumps({"client": "sha256:0000000000000000"}).encode()
     # Without the custom header (what a cross-site form could send): refused.

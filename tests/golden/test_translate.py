@@ -13,8 +13,8 @@ import yaml
 
 from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import Enforcement
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import validate_config
 from controlplane.translate import translate
 from controlplane.translate.render import FILE_NAMES, to_yaml, validation_bootstrap

@@ -21,6 +21,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from polling import eventually
 
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import ClientRef, digest
 from controlplane.gen.modelguard.admin.v1 import (
     admin_pb2,
@@ -30,10 +32,8 @@ from controlplane.gen.modelguard.admin.v1 import (
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.identity.service import IdentityConfig
-from controlplane.inventory import Sidecar
 from controlplane.netutil import free_port
 from controlplane.ratelimit.admin import fetch_usage, fingerprint, render
-from controlplane.server import ControlPlane, ControlPlaneConfig
 from controlplane.xds import resources as rt
 from tests.conftest import Processes
 from tests.integration.test_extraction_envoy import (  # noqa: F401  (the fixture)
@@ -374,9 +374,9 @@ async def test_a_known_api_key_appears_nowhere(
 
     import numpy as np
 
+    from controlplane.app.status_cli import render as render_status
+    from controlplane.app.traces_cli import render as render_traces
     from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
-    from controlplane.status_cli import render as render_status
-    from controlplane.traces_cli import render as render_traces
 
     caplog.set_level(logging.DEBUG)
     secret = "sk-live-" + os.urandom(16).hex()

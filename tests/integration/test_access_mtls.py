@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from polling import eventually
 
-from controlplane.bootstrap import XdsCredentials, build_bootstrap
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.service import IdentityConfig
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.sidecar.bootstrap import XdsCredentials, build_bootstrap
 from tests.conftest import DIGITS_REFERENCE
 
 pytestmark = pytest.mark.envoy

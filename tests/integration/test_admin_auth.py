@@ -18,10 +18,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controlplane.adminauth import AdminAuthError, is_loopback
+from controlplane.app.adminauth import AdminAuthError, is_loopback
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.netutil import free_port
-from controlplane.server import ControlPlane, ControlPlaneConfig
 
 
 def own_address() -> str:
@@ -101,7 +101,7 @@ async def test_the_cli_sends_the_token_from_its_environment(
     plane: tuple[ControlPlane, str, Path],
 ) -> None:
     _, address, token_file = plane
-    argv = [sys.executable, "-m", "controlplane.cli", "status", "--admin", address, "--json"]
+    argv = [sys.executable, "-m", "controlplane.app.cli", "status", "--admin", address, "--json"]
     without = await asyncio.to_thread(
         subprocess.run, argv, capture_output=True, text=True, timeout=30, env=os.environ
     )

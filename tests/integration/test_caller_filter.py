@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from bench.lib.load import backend_bootstrap, bootstrap, cluster, hcm, listener
 from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.compile.mesh import MeshInputs
 from controlplane.identity.apikeys import ApiKey, digest
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.translate import caller, rbac

@@ -28,14 +28,14 @@ import pytest
 import yaml
 from kubernetes import client
 
-from controlplane.bootstrap import build_bootstrap
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import ClientRef
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
+from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import LEASE_NAME
 from tests.conftest import DIGITS_REFERENCE, Processes, stop_process
 from tests.integration import test_kubernetes as k8s

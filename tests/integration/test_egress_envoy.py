@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from polling import eventually
 
-from controlplane.bootstrap import build_bootstrap
-from controlplane.inventory import Sidecar
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.telemetry.store import Query
 
 pytestmark = pytest.mark.envoy
@@ -373,8 +373,8 @@ async def test_blocked_attempts_reach_telemetry_traces_and_status(
     """The sidecar's OpenTelemetry access logger sends every egress decision to the control
     plane: `modelguard traces --verdict blocked` finds them, `modelguard status` sums them up
     per sidecar with the destination and the deciding policy."""
-    from controlplane.cli import main
-    from controlplane.status_cli import fetch_status, render
+    from controlplane.app.cli import main
+    from controlplane.app.status_cli import fetch_status, render
 
     admin = f"127.0.0.1:{system.plane.admin_port}"
     http_destination = f"evil.localhost:{system.dest.http_port}"

@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 from polling import eventually
 
-from controlplane.bootstrap import XdsCredentials, build_bootstrap
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.app.status_cli import fetch_status
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.service import IdentityConfig
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlane, ControlPlaneConfig
-from controlplane.status_cli import fetch_status
+from controlplane.sidecar.bootstrap import XdsCredentials, build_bootstrap
 from controlplane.telemetry.store import Query
 
 pytestmark = pytest.mark.envoy

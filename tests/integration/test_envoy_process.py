@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from controlplane.bootstrap import XDS_CLUSTER, build_bootstrap
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyError, EnvoyProcess, validate_config
 from controlplane.netutil import http_request
+from controlplane.sidecar.bootstrap import XDS_CLUSTER, build_bootstrap
 
 pytestmark = pytest.mark.envoy
 

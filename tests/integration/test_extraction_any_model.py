@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 
 from bench.extraction.models import breast_cancer_model, reference_csv, serve, uniform_box
+from controlplane.app.status_cli import fetch_status
 from controlplane.extraction import calibrate as C
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request, wait_for_port
-from controlplane.status_cli import fetch_status
 from tests.conftest import Processes
 
 pytestmark = pytest.mark.envoy

@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 from polling import eventually
 
-from controlplane.bootstrap import build_bootstrap
-from controlplane.inventory import Sidecar
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.sidecar.bootstrap import build_bootstrap
 from tests.conftest import DIGITS_REFERENCE
 
 pytestmark = pytest.mark.envoy

@@ -23,15 +23,15 @@ import numpy as np
 import pytest
 import yaml
 
-from controlplane.bootstrap import XdsCredentials, build_bootstrap
+from controlplane.app import runner
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.identity.apikeys import digest
 from controlplane.identity.service import IdentityConfig
-from controlplane.inventory import Sidecar
-from controlplane.local import runner
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.sidecar.bootstrap import XdsCredentials, build_bootstrap
 from tests.conftest import DIGITS_REFERENCE
 from tests.integration.polling import eventually
 
@@ -102,7 +102,7 @@ def key_secret(path: Path, keys: dict[str, tuple[str, str, str]]) -> None:
 async def identity_system(
     tmp_path: Path, policies: Path, key_paths: tuple[str, ...], model_port: int
 ) -> AsyncIterator[System]:
-    """The embedded default's wiring (controlplane/local/runner.py), on free ports."""
+    """The embedded default's wiring (controlplane/app/runner.py), on free ports."""
     plane = ControlPlane(
         ControlPlaneConfig(
             policy_paths=(str(policies),),

@@ -17,14 +17,14 @@ import kmock
 import pytest
 from kubernetes import client
 
+from controlplane.compile.inputs.inventory import Inventory, Sidecar
+from controlplane.compile.inputs.store import PolicyStore
 from controlplane.crdgen import NAMES
-from controlplane.inventory import Inventory, Sidecar
 from controlplane.sources.kubernetes import (
     KubernetesSource,
     LeaderElector,
     StatusWriter,
 )
-from controlplane.store import PolicyStore
 
 GROUP, VERSION = "modelguard.io", "v1alpha1"
 

@@ -13,11 +13,11 @@ import kmock
 import pytest
 from kubernetes import client
 
-from controlplane.bootstrap import build_bootstrap
-from controlplane.inventory import Sidecar
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
 from tests.integration import test_kubernetes as k8s
 from tests.integration.test_kubernetes import GROUP, VERSION, call, conditions, policy

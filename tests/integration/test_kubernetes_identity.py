@@ -26,16 +26,16 @@ import kmock
 import pytest
 from kubernetes import client
 
-from controlplane import inject
-from controlplane.cluster import cluster_authenticator
+from controlplane.app.cluster import cluster_authenticator
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Inventory
+from controlplane.compile.inputs.store import PolicyStore
 from controlplane.identity import kubernetes as k8s_identity
 from controlplane.identity.service import IdentityConfig, IdentityService
-from controlplane.inventory import Inventory
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.sidecar import inject
 from controlplane.sources.kubernetes import KubernetesSource
-from controlplane.store import PolicyStore
 from tests.integration import test_kubernetes as k8s
 from tests.integration.test_kubernetes import call, until
 

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from test_extraction_envoy import System, calibrated, start_plane, until
 
-from controlplane.bootstrap import build_bootstrap
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import ClientRef
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
+from controlplane.sidecar.bootstrap import build_bootstrap
 from tests.conftest import DIGITS_REFERENCE
 
 pytestmark = pytest.mark.envoy

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from polling import eventually
 
-from controlplane.bootstrap import build_bootstrap
-from controlplane.inventory import Sidecar
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.app.status_cli import fetch_status
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlane, ControlPlaneConfig
-from controlplane.status_cli import fetch_status
+from controlplane.sidecar.bootstrap import build_bootstrap
 
 pytestmark = pytest.mark.envoy
 

@@ -26,11 +26,11 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from polling import eventually
 
 import controlplane.translate as translate_package
-from controlplane.bootstrap import build_bootstrap
-from controlplane.inventory import Sidecar
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.telemetry.records import hash_secret
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.translate.module import Module
@@ -322,7 +322,7 @@ async def test_traces_cli_json_returns_the_scenario(system: System) -> None:
             [
                 sys.executable,
                 "-m",
-                "controlplane.cli",
+                "controlplane.app.cli",
                 "traces",
                 "--admin",
                 f"127.0.0.1:{system.plane.admin_port}",

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.app.runner import demo_keys
 from controlplane.local.envoy import EnvoyProcess
-from controlplane.local.runner import demo_keys
 from controlplane.netutil import free_port, http_request
 from tests.conftest import REPO, Processes
 

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.netutil import free_port, wait_for_port
-from controlplane.server import ControlPlane, ControlPlaneConfig
 from tests.conftest import DIGITS_REFERENCE, Processes, stop_process
 
 T = TypeVar("T")

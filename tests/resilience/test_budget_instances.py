@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.bootstrap import build_bootstrap
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
+from controlplane.sidecar.bootstrap import build_bootstrap
 from tests.conftest import Processes
 from tests.resilience.conftest import Redis, write_policies
 from tests.resilience.test_quota_service_gone import Plane, until

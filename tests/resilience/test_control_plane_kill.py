@@ -18,14 +18,14 @@ import grpc
 import numpy as np
 import pytest
 
-from controlplane.bootstrap import build_bootstrap
+from controlplane.app.status_cli import fetch_status
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import ClientRef
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request, wait_for_port
-from controlplane.status_cli import fetch_status
+from controlplane.sidecar.bootstrap import build_bootstrap
 from tests.conftest import Processes
 from tests.resilience.conftest import ACCESS, EXTRACTION, Redis, write_policies
 

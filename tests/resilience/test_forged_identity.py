@@ -18,11 +18,11 @@ from envoy.config.core.v3 import base_pb2 as core_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format, struct_pb2
 
+from controlplane.app.server import ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.ca import CertificateAuthority
 from controlplane.identity.service import IdentityConfig
 from controlplane.identity.tokens import TOKEN_METADATA, BootstrapTokens
-from controlplane.inventory import Sidecar
-from controlplane.server import ControlPlaneConfig
 from controlplane.xds import resources as rt
 from tests.resilience.conftest import ACCESS, PlaneThread, write_policies
 
@@ -297,9 +297,9 @@ def test_real_sidecar_reaches_every_service_with_its_token_file(
     """A bootstrap written by ``modelguard bootstrap -o`` holds no secret: Envoy reads its
     token (0600, beside it) through file SDS and sends it on ADS and on its OTLP access-log exports,
     which the interceptor admits."""
-    from controlplane.bootstrap import XdsCredentials, write_bootstrap
     from controlplane.local.envoy import EnvoyProcess
     from controlplane.netutil import free_port, http_request
+    from controlplane.sidecar.bootstrap import XdsCredentials, write_bootstrap
     from controlplane.telemetry.store import Query
 
     identity = secure_plane.plane.identity

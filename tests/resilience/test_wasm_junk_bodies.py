@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controlplane.bootstrap import build_bootstrap
-from controlplane.inventory import Sidecar
+from controlplane.app.server import ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlaneConfig
+from controlplane.sidecar.bootstrap import build_bootstrap
 from tests.resilience.conftest import ACCESS, EXTRACTION, PlaneThread, write_policies
 
 pytestmark = pytest.mark.envoy

@@ -13,15 +13,15 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 (Any type)
 from google.protobuf import json_format, struct_pb2
 
-from controlplane import bootstrap as bootstrap_mod
-from controlplane.bootstrap import (
+from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.local.envoy import validate_config
+from controlplane.sidecar import bootstrap as bootstrap_mod
+from controlplane.sidecar.bootstrap import (
     XDS_CLUSTER,
     build_bootstrap,
     render_bootstrap,
     write_bootstrap,
 )
-from controlplane.inventory import Sidecar
-from controlplane.local.envoy import validate_config
 
 SIDECAR = Sidecar(
     node_id="fraud-model-0.ml",

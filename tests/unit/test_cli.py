@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cli import main
+from controlplane.app.cli import main
+from controlplane.app.status_cli import render
 from controlplane.gen.modelguard.admin.v1 import admin_pb2
 from controlplane.pipeline import Debouncer
-from controlplane.status_cli import render
 
 ROOT = Path(__file__).resolve().parents[2]
 

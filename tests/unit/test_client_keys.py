@@ -10,10 +10,10 @@ import pytest
 from controlplane.api import parse_documents
 from controlplane.api.common import ClientKey
 from controlplane.api.warnings import policy_warnings
-from controlplane.cli import main
+from controlplane.app.cli import main
+from controlplane.app.status_cli import render
+from controlplane.compile.inputs.store import PolicyStore, UnitContent
 from controlplane.gen.modelguard.admin.v1 import admin_pb2
-from controlplane.status_cli import render
-from controlplane.store import PolicyStore, UnitContent
 
 RATE = """\
 apiVersion: modelguard.io/v1alpha1

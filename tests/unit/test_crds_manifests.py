@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controlplane import cli
+from controlplane.app import cli
 from tests.unit.test_crds import K8S_VERSION, cel_errors, schema_errors, schema_of
 
 REPO = Path(__file__).resolve().parents[2]

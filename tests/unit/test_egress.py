@@ -9,16 +9,16 @@ import pytest
 import yaml
 from google.protobuf.message import Message
 
-from controlplane import bootstrap
-from controlplane.admin import egress_blocks
 from controlplane.api import EgressPolicy, parse_documents
+from controlplane.app.admin import egress_blocks
+from controlplane.app.status_cli import render
 from controlplane.compile import compile_sidecar
 from controlplane.compile.egress import compile_egress
+from controlplane.compile.inputs.inventory import InventoryError, Sidecar
 from controlplane.gen.modelguard.admin.v1 import admin_pb2
-from controlplane.inventory import InventoryError, Sidecar
 from controlplane.ir import EgressDestination, EgressIR, EgressProtocol, PolicyRef
 from controlplane.local.envoy import validate_config
-from controlplane.status_cli import render
+from controlplane.sidecar import bootstrap
 from controlplane.telemetry import records
 from controlplane.telemetry.records import Kind, Record, make_record
 from controlplane.telemetry.settings import TelemetrySettings
@@ -383,8 +383,8 @@ def test_make_run_gives_the_demo_workload_an_enforced_way_out() -> None:
     from pathlib import Path
 
     from controlplane.api import load_paths
-    from controlplane.cli import build_parser
-    from controlplane.local.runner import banner, demo_sidecar
+    from controlplane.app.cli import build_parser
+    from controlplane.app.runner import banner, demo_sidecar
 
     root = Path(__file__).resolve().parents[2]
     args = build_parser().parse_args(["run", "--policies", str(root / "policies")])

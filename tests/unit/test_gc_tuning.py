@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.server import GC_YOUNG_THRESHOLD, tune_gc
+from controlplane.app.server import GC_YOUNG_THRESHOLD, tune_gc
 
 
 @pytest.fixture

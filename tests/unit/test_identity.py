@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity import apikeys
 from controlplane.identity.ca import CAError, CertificateAuthority
 from controlplane.identity.kubernetes import AuthenticationPending, KubernetesTokenAuthenticator
@@ -25,7 +26,6 @@ from controlplane.identity.tokens import (
     BootstrapTokens,
     Caller,
 )
-from controlplane.inventory import Sidecar
 
 ID = "spiffe://cluster.local/ns/ml/sa/fraud-model"
 SIDECAR = Sidecar(

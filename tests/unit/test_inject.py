@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from controlplane import cli, inject
-from controlplane.inject import InjectConfig, InjectionError, inject_yaml
+from controlplane.app import cli
 from controlplane.local.envoy import validate_config
+from controlplane.sidecar import inject
+from controlplane.sidecar.inject import InjectConfig, InjectionError, inject_yaml
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "testdata" / "inject"
 CASES = sorted(p.name for p in CASES_DIR.iterdir() if (p / "in.yaml").is_file())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane.server import ControlPlane, ControlPlaneConfig
+from controlplane.app.server import ControlPlane, ControlPlaneConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

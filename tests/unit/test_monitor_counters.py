@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from monitor_policy import fixed_profile, policies
 
-from controlplane.cli import main as cli
+from controlplane.app.cli import main as cli
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import QueryFeedService
 from controlplane.extraction.monitor import KEY_LIMIT, ExtractionMonitor, tracking_key

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from controlplane import cli, inject
+from controlplane.app import cli
+from controlplane.sidecar import inject
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"

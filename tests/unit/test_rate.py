@@ -8,7 +8,7 @@ from envoy.service.rate_limit_quota.v3 import rlqs_pb2
 
 from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.ir import ClientKeyIR, RateEnforcement, RateLimitIR
 from controlplane.ratelimit import Budgets, MemoryBackend, QuotaService, Rule, backend_from_url
 from controlplane.ratelimit.backend import grant_tokens

@@ -111,10 +111,10 @@ ODD_IDS = ("r", "replica-7", "réplica-ü", 'quote"d', "x" * 40, "y" * 200, "tab
 def _pipeline(  # type: ignore[no-untyped-def]
     tmp_path: Path, sidecars: int, ports: bool = False, ids: tuple[str, ...] = ()
 ):
-    from controlplane.inventory import Inventory, Sidecar
+    from controlplane.compile.inputs.inventory import Inventory, Sidecar
+    from controlplane.compile.inputs.store import PolicyStore
     from controlplane.pipeline import Pipeline
     from controlplane.sources.files import FileSource
-    from controlplane.store import PolicyStore
     from controlplane.telemetry.settings import TelemetrySettings
     from controlplane.xds.cache import SnapshotCache
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from controlplane.api import load_paths
+from controlplane.app.status_cli import render, unhealthy
+from controlplane.compile.inputs.store import ACCEPTED, REJECTED, PolicyStore
 from controlplane.gen.modelguard.admin.v1 import admin_pb2
 from controlplane.sources.files import FileSource
-from controlplane.status_cli import render, unhealthy
-from controlplane.store import ACCEPTED, REJECTED, PolicyStore
 
 POLICY = """\
 apiVersion: modelguard.io/v1alpha1
@@ -95,7 +95,7 @@ def test_a_duplicate_has_one_winner_whatever_the_order_and_validate_agrees(
 def test_an_empty_policy_file_is_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from controlplane.cli import main
+    from controlplane.app.cli import main
 
     (tmp_path / "empty.yaml").write_text("# nothing yet\n---\n")
     assert main(["validate", str(tmp_path)]) == 0

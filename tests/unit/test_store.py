@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from controlplane.compile.inputs.store import ACCEPTED, REJECTED, PolicyStore
 from controlplane.sources.files import FileSource
-from controlplane.store import ACCEPTED, REJECTED, PolicyStore
 
 GOOD = """\
 apiVersion: modelguard.io/v1alpha1

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from opentelemetry.proto.common.v1 import common_pb2
 
-from controlplane.bootstrap import TELEMETRY_RUNTIME, build_bootstrap, xds_cluster
 from controlplane.compile import compile_sidecar
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import validate_config
+from controlplane.sidecar.bootstrap import TELEMETRY_RUNTIME, build_bootstrap, xds_cluster
 from controlplane.telemetry.records import (
     CLIENT_HASH_ATTRIBUTE,
     hash_secret,

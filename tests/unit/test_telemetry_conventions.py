@@ -12,9 +12,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
 from controlplane.api import load_paths
-from controlplane.cli import build_parser
+from controlplane.app.cli import build_parser
+from controlplane.app.runner import demo_sidecar
 from controlplane.compile import compile_sidecar
-from controlplane.local.runner import demo_sidecar
 from controlplane.telemetry.receiver import OtlpReceiver
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore

@@ -13,7 +13,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 
 from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.ir import MtlsIR, MtlsMode, SidecarIR, WorkloadCertificate
 from controlplane.telemetry.receiver import OtlpReceiver
 from controlplane.telemetry.settings import TelemetrySettings

@@ -7,10 +7,10 @@ import argparse
 import stat
 from pathlib import Path
 
-from controlplane import bootstrap as bootstrap_mod
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.identity.tokens import AuthenticationError, BootstrapTokens
-from controlplane.inventory import Sidecar
+from controlplane.sidecar import bootstrap as bootstrap_mod
 
 
 def _mode(path: Path) -> int:

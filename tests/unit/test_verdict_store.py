@@ -123,7 +123,7 @@ def test_ten_thousand_quarantines_cost_under_64_bytes_each_in_the_sidecar_config
 
 
 def test_usage_unthrottle_parses_a_client_and_a_policy() -> None:
-    from controlplane.cli import build_parser
+    from controlplane.app.cli import build_parser
 
     args = build_parser().parse_args(
         ["usage", "unthrottle", "sha256:3c1f0e9a2b7d", "--policy", "demo/digits-model"]
@@ -138,7 +138,7 @@ def test_usage_unthrottle_parses_a_client_and_a_policy() -> None:
 def test_usage_unthrottle_without_a_control_plane_says_so(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from controlplane.cli import main
+    from controlplane.app.cli import main
     from controlplane.netutil import free_port
 
     assert main(["usage", "--admin", f"127.0.0.1:{free_port()}", "unthrottle", "k"]) == 1

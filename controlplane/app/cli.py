@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from controlplane.cliutil import (
+from controlplane.app.cliutil import (
     GLOBAL_FLAGS_HELP,
     add_global_flags,
     port_number,
@@ -51,8 +51,8 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from controlplane.app.server import ControlPlane, ControlPlaneConfig
     from controlplane.identity import service as identity_service
-    from controlplane.server import ControlPlane, ControlPlaneConfig
     from controlplane.telemetry import settings as telemetry_settings
 
     config = ControlPlaneConfig(
@@ -75,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     if getattr(args, "kubernetes", False):
-        from controlplane.cluster import serve_cluster
+        from controlplane.app.cluster import serve_cluster
 
         return serve_cluster(args, config)
 
@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             await plane.stop(config.shutdown_grace)
 
-    from controlplane.server import PortInUse
+    from controlplane.app.server import PortInUse
 
     try:
         with contextlib.suppress(KeyboardInterrupt):
@@ -106,25 +106,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from controlplane.local.runner import run_embedded
+    from controlplane.app.runner import run_embedded
 
     return run_embedded(args)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from controlplane.status_cli import show_status
+    from controlplane.app.status_cli import show_status
 
     return show_status(args)
 
 
 def _traces(args: argparse.Namespace) -> int:
-    from controlplane.traces_cli import show_traces
+    from controlplane.app.traces_cli import show_traces
 
     return show_traces(args)
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from controlplane import bootstrap
+    from controlplane.sidecar import bootstrap
 
     return bootstrap.run(args)
 
@@ -223,13 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     from controlplane.telemetry import settings as telemetry_cli_settings
 
     telemetry_cli_settings.add_arguments(p)
-    from controlplane import cluster as kubernetes_source
+    from controlplane.app import cluster as kubernetes_source
 
     kubernetes_source.add_arguments(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("inject", help="add the Envoy sidecar to workloads, like kube-inject")
-    from controlplane import inject
+    from controlplane.sidecar import inject
 
     inject.add_arguments(p)
     p.set_defaults(func=inject.run)
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=quarantine_admin.run)
 
     p = sub.add_parser("profile", help="an ExtractionPolicy's detector profile: build, show")
-    from controlplane.extraction import profile_cli
+    from controlplane.app import profile_cli
 
     profile_cli.add_arguments(p)
     p.set_defaults(func=profile_cli.run)
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sidecar NACKed (like istioctl analyze) or no sidecar matches NODE, 2 when the "
         "control plane cannot be reached.",
     )
-    from controlplane import status_cli
+    from controlplane.app import status_cli
 
     status_cli.add_arguments(p)
     p.set_defaults(func=_status)
@@ -272,14 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=ratelimit_admin.run)
 
     p = sub.add_parser("traces", help="recent traces and access logs; --follow streams them")
-    from controlplane import traces_cli
+    from controlplane.app import traces_cli
 
     traces_cli.add_arguments(p)
     p.set_defaults(func=_traces)
 
     p = sub.add_parser("bootstrap", help="write an Envoy bootstrap for a sidecar")
     try:
-        from controlplane import bootstrap as bootstrap_module
+        from controlplane.sidecar import bootstrap as bootstrap_module
 
         bootstrap_module.add_arguments(p)
     except ImportError:  # pragma: no cover - the module is part of the package
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "proxy-config",
         help="a sidecar's Envoy configuration and stats, like istioctl proxy-config",
     )
-    from controlplane import proxy_config
+    from controlplane.app import proxy_config
 
     proxy_config.add_arguments(p)
     p.set_defaults(func=proxy_config.run)

@@ -121,8 +121,8 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     """Run the control plane in a cluster until interrupted; returns the exit code."""
     import socket
 
-    from controlplane.inject import InjectConfig, InjectionWebhook
-    from controlplane.server import ControlPlane
+    from controlplane.app.server import ControlPlane
+    from controlplane.sidecar.inject import InjectConfig, InjectionWebhook
 
     api_client = api_client_from_args(args)
     replica_id = args.replica_id or socket.gethostname()

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.translate.names import CONTROL_PLANE_CLUSTER
 
 # The static cluster to the control plane; translated resources name it too.

@@ -8,8 +8,8 @@ import sys
 import grpc
 from google.protobuf import json_format
 
-from controlplane.adminauth import admin_channel
-from controlplane.cliutil import add_output_arguments, emit
+from controlplane.app.adminauth import admin_channel
+from controlplane.app.cliutil import add_output_arguments, emit
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 
 TYPES = ("CDS", "EDS", "LDS", "RDS", "SDS", "ECDS")

@@ -47,9 +47,9 @@ from typing import Any, Final
 
 import yaml
 
-from controlplane.bootstrap import build_bootstrap, parse_hostport
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity import kubernetes as k8s_identity
-from controlplane.inventory import Sidecar
+from controlplane.sidecar.bootstrap import build_bootstrap, parse_hostport
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from controlplane.extraction.verdicts import ClientRef
 from controlplane.telemetry.records import Kind
 
 if TYPE_CHECKING:
-    from controlplane.server import ControlPlane
+    from controlplane.app.server import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ async def budget_use(plane: ControlPlane) -> list[list[Cell]] | str:
 
 
 def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str, Any]:
-    from controlplane.admin import AdminService  # the status report `modelguard status` reads
+    from controlplane.app.admin import AdminService  # the status report `modelguard status` reads
 
     now = time.time()
     report = json_format.MessageToDict(AdminService(plane).report())

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from controlplane.adminauth import admin_channel
-from controlplane.cliutil import add_output_arguments, emit, http_status, positive_int
+from controlplane.app.adminauth import admin_channel
+from controlplane.app.cliutil import add_output_arguments, emit, http_status, positive_int
 from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
 from controlplane.telemetry.records import hash_secret
 

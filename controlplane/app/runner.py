@@ -28,13 +28,13 @@ from pathlib import Path
 
 import yaml
 
-from controlplane.bootstrap import XdsCredentials, write_bootstrap
+from controlplane.app.server import ControlPlane, ControlPlaneConfig, PortInUse
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.apikeys import digest
 from controlplane.identity.service import config_from_args as identity_config_from_args
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, port_available, port_in_use_message, wait_for_port
-from controlplane.server import ControlPlane, ControlPlaneConfig, PortInUse
+from controlplane.sidecar.bootstrap import XdsCredentials, write_bootstrap
 
 log = logging.getLogger(__name__)
 

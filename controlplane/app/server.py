@@ -22,10 +22,12 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
-from controlplane.admin import AdminService
-from controlplane.adminauth import server_interceptors
-from controlplane.bootstrap import ENVOY_ADMIN_KEY
+from controlplane.app.admin import AdminService
+from controlplane.app.adminauth import server_interceptors
+from controlplane.app.observability import ObservabilityServer
 from controlplane.compile import targets
+from controlplane.compile.inputs.inventory import Inventory, InventoryError, Sidecar
+from controlplane.compile.inputs.store import PolicyStore
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction
 from controlplane.extraction.routing import FeedRouter
@@ -35,14 +37,12 @@ from controlplane.identity.kubernetes import AuthenticationPending
 from controlplane.identity.plaintext import PlaintextWatch
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.identity.tokens import AuthenticationError, Caller, SidecarAuthenticator
-from controlplane.inventory import Inventory, InventoryError, Sidecar
 from controlplane.netutil import port_in_use_message
 from controlplane.pipeline import Debouncer, Pipeline
 from controlplane.ratelimit import RateLimitServices, backend_from_url
 from controlplane.ratelimit.admin import RateLimitAdmin
+from controlplane.sidecar.bootstrap import ENVOY_ADMIN_KEY
 from controlplane.sources.files import FileSource
-from controlplane.store import PolicyStore
-from controlplane.telemetry.http import ObservabilityServer
 from controlplane.telemetry.service import TelemetryService
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.verdict_log import VerdictLog
@@ -87,7 +87,7 @@ class ControlPlaneConfig:
     xff_num_trusted_hops: int = 0
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
-    # Beyond loopback the admin API demands this bearer token (controlplane/adminauth.py).
+    # Beyond loopback the admin API demands this bearer token (controlplane/app/adminauth.py).
     admin_token_file: str | None = None
     # Connections to sidecars are closed (GOAWAY) after this many seconds (±10 % jitter,
     # gRPC's) so that after a rollout or a scale-up sidecars spread over all replicas.

@@ -23,7 +23,7 @@ from controlplane.telemetry.store import Query, TelemetryStore
 from controlplane.xds import resources as rt
 
 if TYPE_CHECKING:
-    from controlplane.server import ControlPlane
+    from controlplane.app.server import ControlPlane
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:

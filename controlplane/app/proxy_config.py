@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from controlplane.cliutil import add_output_arguments, emit, table
+from controlplane.app.cliutil import add_output_arguments, emit, table
 from controlplane.netutil import http_request
 
 SECTIONS = ("listeners", "clusters", "routes", "stats")
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def envoy_admin_of(admin: str, sidecar: str) -> str:
     """The Envoy admin address a connected sidecar announced; LookupError if unknown."""
-    from controlplane.status_cli import fetch_status
+    from controlplane.app.status_cli import fetch_status
 
     report = fetch_status(admin, sidecar)
     exact = [s for s in report.sidecars if s.node_id == sidecar]

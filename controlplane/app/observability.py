@@ -13,7 +13,7 @@ Routes:
 
 /metrics carries no client and answers anyone who reaches the port (``--metrics-host``; in
 the manifests the pod network, for Prometheus). The page names clients and can release
-them, so it is held to the admin API's rules (controlplane/adminauth.py): it answers only
+them, so it is held to the admin API's rules (controlplane/app/adminauth.py): it answers only
 loopback peers (``kubectl port-forward``, as for the admin API), and a release must carry
 the admin API's bearer token when ``--admin-token-file`` is set (the page asks for it), the
 header ``X-Modelguard-Action: release`` (a page of another origin cannot send a custom
@@ -31,11 +31,11 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from controlplane.adminauth import TokenFile
-from controlplane.telemetry import page
+from controlplane.app import page
+from controlplane.app.adminauth import TokenFile
 
 if TYPE_CHECKING:
-    from controlplane.server import ControlPlane
+    from controlplane.app.server import ControlPlane
 
 log = logging.getLogger(__name__)
 
