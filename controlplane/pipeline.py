@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from controlplane.compile import compile_sidecar
 from controlplane.compile.inputs.inventory import Inventory, Sidecar
 from controlplane.compile.inputs.store import PolicyStore
+from controlplane.compile.inputs.verdicts import Enforcement, Hardened
 from controlplane.compile.mesh import MeshInputs
-from controlplane.extraction.hardened import Hardened
-from controlplane.extraction.verdicts import Enforcement
 from controlplane.ir import SidecarIR, evolve
 from controlplane.shapes import ShapeCache
 from controlplane.telemetry.settings import TelemetrySettings

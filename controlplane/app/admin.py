@@ -10,7 +10,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from controlplane.api import Policy
-from controlplane.compile import targets
+from controlplane.compile.inputs.inventory import targets
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
 from controlplane.telemetry.records import (

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
-from controlplane.extraction.verdicts import ClientRef
+from controlplane.compile.inputs.verdicts import ClientRef
 from controlplane.telemetry.records import Kind
 
 if TYPE_CHECKING:

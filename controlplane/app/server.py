@@ -25,8 +25,7 @@ from google.protobuf import json_format
 from controlplane.app.admin import AdminService
 from controlplane.app.adminauth import server_interceptors
 from controlplane.app.observability import ObservabilityServer
-from controlplane.compile import targets
-from controlplane.compile.inputs.inventory import Inventory, InventoryError, Sidecar
+from controlplane.compile.inputs.inventory import Inventory, InventoryError, Sidecar, targets
 from controlplane.compile.inputs.store import PolicyStore
 from controlplane.extraction.admin import QuarantineAdmin
 from controlplane.extraction.feed import Extraction

@@ -13,28 +13,14 @@ from controlplane.compile import access, rate
 from controlplane.compile.caller import compile_caller
 from controlplane.compile.egress import compile_egress
 from controlplane.compile.extraction import compile_extraction
-from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.compile.inputs.inventory import Sidecar, targets
 from controlplane.compile.inputs.store import PolicySet
+from controlplane.compile.inputs.verdicts import Enforcement, Hardened
 from controlplane.compile.mesh import MeshInputs, compile_mtls
 from controlplane.compile.telemetry import compile_telemetry
 from controlplane.compile.verdicts import compile_verdicts
-from controlplane.extraction.hardened import Hardened
-from controlplane.extraction.verdicts import Enforcement
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
 from controlplane.telemetry.settings import TelemetrySettings
-
-
-def targets(policy: Policy, sidecar: Sidecar) -> bool:
-    """Whether a policy applies to a sidecar: same namespace, and service or labels match."""
-    if policy.metadata.namespace != sidecar.namespace:
-        return False
-    ref = policy.spec.target_ref
-    if ref.service is not None:
-        return ref.service == sidecar.service
-    if ref.selector is not None:
-        labels = sidecar.label_map
-        return all(labels.get(k) == v for k, v in ref.selector.match_labels.items())
-    return False
 
 
 def policy_ref(policy: Policy) -> PolicyRef:

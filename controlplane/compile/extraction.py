@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from controlplane.api import ExtractionPolicy
 from controlplane.api.extraction import Hardening
 from controlplane.api.jsonpath import JsonPath, Step
+from controlplane.compile.inputs.verdicts import Hardened
 from controlplane.compile.rate import client_key
-from controlplane.extraction.hardened import Hardened
 from controlplane.ir import ExtractionIR, HardeningIR, PolicyRef, QueryFeedIR
 
 log = logging.getLogger(__name__)

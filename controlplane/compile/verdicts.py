@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.api import ExtractionPolicy
+from controlplane.compile.inputs.verdicts import Enforcement
 from controlplane.compile.rate import client_key
-from controlplane.extraction.verdicts import Enforcement
 from controlplane.ir import ClientVerdictIR, PolicyRef, VerdictsIR
 
 # Sources a sidecar can match a client by (API keys and JWT claims are read as the headers

@@ -15,27 +15,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from controlplane.extraction.verdicts import ClientRef
-
-
-@dataclass(frozen=True)
-class Hardened:
-    """One client answered with another output tier until ``until`` (unix seconds)."""
-
-    client: ClientRef
-    since: float
-    until: float
-    # The client's own tier ("" = none, or a tier without its own onRisk list) → the output
-    # tier it is answered with ("" = its own: its list's first step is not reached yet).
-    tiers: tuple[tuple[str, str], ...]
-    fidelity: float  # the estimate that reached the step
-
-    @property
-    def tier(self) -> str:
-        """The tier clients without their own onRisk list get (for listings)."""
-        return dict(self.tiers).get("", "")
+from controlplane.compile.inputs.verdicts import ClientRef as ClientRef
+from controlplane.compile.inputs.verdicts import Hardened as Hardened
 
 
 class HardenStore:

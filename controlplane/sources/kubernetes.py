@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from controlplane.api import API_VERSION, KINDS, Policy, validate_document
-from controlplane.compile import targets
-from controlplane.compile.inputs.inventory import Inventory, Sidecar
+from controlplane.compile.inputs.inventory import Inventory, Sidecar, targets
 from controlplane.compile.inputs.store import ACCEPTED, PolicyKey, PolicyStore, UnitContent
 from controlplane.crdgen import NAMES
 from controlplane.identity import apikeys

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.api import Policy
+
 # Keys of the node metadata Struct, under one namespace so they never clash with others'.
 METADATA_KEY = "modelguard"
 
@@ -154,3 +156,16 @@ class Inventory:
     def _notify(self) -> None:
         for listener in list(self._listeners):
             listener()
+
+
+def targets(policy: Policy, sidecar: Sidecar) -> bool:
+    """Whether a policy applies to a sidecar: same namespace, and service or labels match."""
+    if policy.metadata.namespace != sidecar.namespace:
+        return False
+    ref = policy.spec.target_ref
+    if ref.service is not None:
+        return ref.service == sidecar.service
+    if ref.selector is not None:
+        labels = sidecar.label_map
+        return all(labels.get(k) == v for k, v in ref.selector.match_labels.items())
+    return False
