@@ -1,16 +1,19 @@
-"""The admin service: what ``modelguard status`` shows. It only reads the other boxes."""
+"""The admin service: what ``modelguard status`` shows. It only reads the other boxes, and is
+handed only those it reads (never the control-plane object)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from controlplane.api import Policy
-from controlplane.compile.inputs.inventory import targets
+from controlplane.compile.inputs.inventory import Inventory, targets
+from controlplane.compile.inputs.store import PolicyStore
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.grpcutil import decode_checked
 from controlplane.telemetry.records import (
@@ -21,9 +24,8 @@ from controlplane.telemetry.records import (
 )
 from controlplane.telemetry.store import Query, TelemetryStore
 from controlplane.xds import resources as rt
-
-if TYPE_CHECKING:
-    from controlplane.app.server import ControlPlane
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.status import SyncStatus
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -80,21 +82,33 @@ def egress_blocks(store: TelemetryStore) -> dict[str, list[admin_pb2.EgressBlock
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, plane: ControlPlane) -> None:
-        self.plane = plane
+    def __init__(
+        self,
+        *,
+        store: PolicyStore,
+        inventory: Inventory,
+        cache: SnapshotCache,
+        sync_status: SyncStatus,
+        telemetry_store: TelemetryStore,
+        envoy_admins: Mapping[str, str],
+        calibrated: Callable[[], Mapping[str, Any]],
+    ) -> None:
+        # calibrated: namespace/name of an ExtractionPolicy → its Calibrated condition.
+        self.store, self.inventory, self.cache = store, inventory, cache
+        self.sync_status, self.telemetry_store = sync_status, telemetry_store
+        self.envoy_admins, self.calibrated = envoy_admins, calibrated
 
     def add_to(self, server: grpc.aio.Server) -> None:
         admin_pb2_grpc.add_AdminServicer_to_server(self, decode_checked(server))
 
     def report(self, node_filter: str = "") -> admin_pb2.StatusReport:
-        plane = self.plane
         report = admin_pb2.StatusReport(generated_at=_timestamp(time.time()))
-        blocked = egress_blocks(plane.telemetry.store)
-        for node in plane.sync_status.nodes():
+        blocked = egress_blocks(self.telemetry_store)
+        for node in self.sync_status.nodes():
             if node_filter and node_filter not in node.node_id:
                 continue
-            sidecar = plane.inventory.get(node.node_id)
-            snapshot = plane.cache.get(node.node_id)
+            sidecar = self.inventory.get(node.node_id)
+            snapshot = self.cache.get(node.node_id)
             entry = report.sidecars.add(
                 node_id=node.node_id,
                 stream=str(node.kind),
@@ -103,7 +117,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 snapshot_version=snapshot.version if snapshot is not None else "",
                 state=str(node.state),
                 egress_blocked=blocked.get(node.node_id, []),
-                envoy_admin=plane.envoy_admins.get(node.node_id, ""),
+                envoy_admin=self.envoy_admins.get(node.node_id, ""),
             )
             for peer, since in node.replaced:
                 entry.replaced_streams.add(peer=peer, connected_at=_timestamp(since))
@@ -128,11 +142,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                     item.last_nack_time.CopyFrom(_timestamp(ts.last_nack.at))
         policies: dict[tuple[str, str, str], Policy] = {
             (p.kind, p.metadata.namespace, p.metadata.name): p
-            for p in plane.store.current().policies
+            for p in self.store.current().policies
         }
-        sidecars = plane.inventory.snapshot()
-        calibrated = plane.extraction.profiles.conditions()
-        for status in plane.store.statuses():
+        sidecars = self.inventory.snapshot()
+        calibrated = self.calibrated()
+        for status in self.store.statuses():
             policy = policies.get(status.key)
             kind, namespace, name = status.key
             policy_entry = report.policies.add(
@@ -157,10 +171,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                     reason=condition.reason,
                     message=condition.message,
                 )
-        for reason, count in plane.sync_status.drops().items():
+        for reason, count in self.sync_status.drops().items():
             report.refused[reason] = count
         named = {e for p in report.policies for e in p.errors}
-        for errors in plane.store.unit_errors().values():
+        for errors in self.store.unit_errors().values():
             report.source_errors.extend(e for e in errors if e not in named)
         return report
 

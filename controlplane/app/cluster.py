@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlplane.identity.kubernetes import KubernetesTokenAuthenticator, TrustBundle
 from controlplane.sources.kubernetes import (
@@ -23,6 +23,9 @@ from controlplane.sources.kubernetes import (
     ProgramTracker,
     StatusWriter,
 )
+
+if TYPE_CHECKING:
+    from controlplane.app.server import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,24 @@ def calibrated_conditions(plane: Any, key: tuple[str, str, str]) -> list[Conditi
     return [Condition("Calibrated", found.status, found.reason, found.message)]
 
 
+def program_tracker(plane: ControlPlane) -> ProgramTracker:
+    """A ``ProgramTracker`` handed the parts of ``plane`` it reads."""
+    pipeline, cache, sync_status = plane.pipeline, plane.cache, plane.sync_status
+
+    def serves_compiled(node: str) -> bool:
+        snapshot = cache.get(node)
+        return (
+            snapshot is not None
+            and pipeline.ir(node) is not None
+            and node not in pipeline.errors
+            and sync_status.is_synced(node, snapshot.version)
+        )
+
+    return ProgramTracker(
+        plane.store, plane.inventory, lambda: pipeline.compiled_revision, serves_compiled
+    )
+
+
 def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     """Run the control plane in a cluster until interrupted; returns the exit code."""
     import socket
@@ -131,7 +152,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     async def main() -> None:
         authenticator = cluster_authenticator(api_client, config.identity)
         plane = ControlPlane(config, authenticator=authenticator)
-        tracker = ProgramTracker(plane)
+        tracker = program_tracker(plane)
         secret_namespaces = (
             [ns.strip() for ns in args.api_key_namespaces.split(",") if ns.strip()]
             if args.api_key_namespaces

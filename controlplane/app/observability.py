@@ -29,13 +29,9 @@ import hmac
 import ipaddress
 import json
 import logging
-from typing import TYPE_CHECKING
 
 from controlplane.app import page
 from controlplane.app.adminauth import TokenFile
-
-if TYPE_CHECKING:
-    from controlplane.app.server import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +70,7 @@ def _is_loopback(peer: object) -> bool:
 
 class ObservabilityServer:
     def __init__(
-        self, plane: ControlPlane, host: str, port: int, token_file: str | None = None
+        self, plane: page.Sources, host: str, port: int, token_file: str | None = None
     ) -> None:
         self.plane, self.host, self.requested_port = plane, host, port
         self.tokens = TokenFile(token_file) if token_file else None

@@ -21,6 +21,7 @@ import html as htmllib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
@@ -29,9 +30,26 @@ from controlplane.compile.inputs.verdicts import ClientRef
 from controlplane.telemetry.records import Kind
 
 if TYPE_CHECKING:
-    from controlplane.app.server import ControlPlane
+    from controlplane.app.admin import AdminService
+    from controlplane.extraction.monitor import ExtractionMonitor
+    from controlplane.extraction.verdicts import VerdictStore
+    from controlplane.ratelimit.budgets import Budgets
+    from controlplane.telemetry.service import TelemetryService
+    from controlplane.telemetry.verdict_log import VerdictLog
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What the page reads, handed over by the app (never the control-plane object)."""
+
+    admin: AdminService  # the status report `modelguard status` reads
+    budgets: Budgets
+    monitor: ExtractionMonitor
+    verdicts: VerdictStore
+    verdict_log: VerdictLog | None
+    telemetry: TelemetryService
 
 POLL_MS = 2000
 CLIENTS_SHOWN = 25
@@ -68,14 +86,14 @@ def _table(title: str, columns: list[str], rows: list[list[Cell]], empty: str) -
     return {"title": title, "columns": columns, "rows": rows, "empty": empty}
 
 
-async def budget_use(plane: ControlPlane) -> list[list[Cell]] | str:
+async def budget_use(plane: Sources) -> list[list[Cell]] | str:
     """The global limits' top clients now (what `modelguard usage` shows), by fingerprint as
     there; a message when the budget backend cannot be read."""
     from controlplane.ratelimit.admin import fingerprint as usage_fingerprint
     from controlplane.ratelimit.backend import BackendError
 
     try:
-        usage = await asyncio.wait_for(plane.rate_limits.budgets.usage("", BUDGET_CLIENTS), 2.0)
+        usage = await asyncio.wait_for(plane.budgets.usage("", BUDGET_CLIENTS), 2.0)
     except (BackendError, TimeoutError) as err:
         return f"budget backend unavailable: {err}"
     rows: list[list[Cell]] = []
@@ -94,11 +112,9 @@ async def budget_use(plane: ControlPlane) -> list[list[Cell]] | str:
     return rows
 
 
-def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str, Any]:
-    from controlplane.app.admin import AdminService  # the status report `modelguard status` reads
-
+def state(plane: Sources, budgets: list[list[Cell]] | str = "") -> dict[str, Any]:
     now = time.time()
-    report = json_format.MessageToDict(AdminService(plane).report())
+    report = json_format.MessageToDict(plane.admin.report())
     sidecar_state = {s["nodeId"]: s.get("state", "") for s in report.get("sidecars", [])}
     sidecars: list[list[Cell]] = []
     egress: list[list[Cell]] = []
@@ -154,13 +170,13 @@ def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str
             ]
         )
 
-    monitor = plane.extraction.monitor
-    verdict_log = getattr(plane, "verdict_log", None)
+    monitor = plane.monitor
+    verdict_log = plane.verdict_log
     # Joined on the ClientRef's key: a header key's digest (never the key), else the value.
     latest: dict[tuple[str, str], Any] = {}
     for verdict in verdict_log.recent() if verdict_log is not None else []:
         latest[verdict.client.policy, verdict.client.key] = verdict
-    active = plane.extraction.verdicts.active()
+    active = plane.verdicts.active()
     enforced = {(e.client.policy, e.client.key): e for e in active}
     # The monitor's estimated extraction fidelity per client (issue 10), where it keeps one;
     # it names clients as admin answers do (ClientRef.shown).
@@ -168,7 +184,7 @@ def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str
     fidelity = {(r[0], r[1]): r[2] for r in risks()} if risks is not None else {}
     ranked: list[tuple[int, float, float, int, str, str, int, ClientRef]] = []
     for policy, key, stage, queries, unobserved in monitor.clients():
-        watched = monitor._policy(policy)  # its key source: how the client may be named
+        watched = monitor.watched(policy)  # its key source: how the client may be named
         if watched is None:
             continue
         ref = ClientRef.of(policy, key, watched.key_source, watched.key_header)
@@ -324,13 +340,13 @@ def state(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> dict[str
     }
 
 
-def release(plane: ControlPlane, client: str) -> list[dict[str, str]]:
+def release(plane: Sources, client: str) -> list[dict[str, str]]:
     """Release every quarantine and throttle of the client with this fingerprint (or this
     shown key); returns what was released, as the page names it."""
-    monitor = plane.extraction.monitor
+    monitor = plane.monitor
     targets = {
         (e.client.fingerprint, e.client.policy)
-        for e in plane.extraction.verdicts.active()
+        for e in plane.verdicts.active()
         if client in (e.client.fingerprint, e.client.shown)
     }
     released = []
@@ -395,7 +411,7 @@ def _summary(summary: dict[str, Any]) -> str:
 ORDER = ("clients", "quarantines", "denials", "budgets", "sidecars", "policies", "egress")
 
 
-def html(plane: ControlPlane, budgets: list[list[Cell]] | str = "") -> str:
+def html(plane: Sources, budgets: list[list[Cell]] | str = "") -> str:
     data = state(plane, budgets)
     tables = "".join(render_table(name, data["tables"][name]) for name in ORDER)
     initial = json.dumps(data).replace("</", "<\\/")

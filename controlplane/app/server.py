@@ -22,6 +22,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
+from controlplane.app import page
 from controlplane.app.admin import AdminService
 from controlplane.app.adminauth import server_interceptors
 from controlplane.app.observability import ObservabilityServer
@@ -42,6 +43,7 @@ from controlplane.ratelimit import RateLimitServices, backend_from_url
 from controlplane.ratelimit.admin import RateLimitAdmin
 from controlplane.sidecar.bootstrap import ENVOY_ADMIN_KEY
 from controlplane.sources.files import FileSource
+from controlplane.telemetry.instrument import Observed
 from controlplane.telemetry.service import TelemetryService
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.verdict_log import VerdictLog
@@ -162,7 +164,7 @@ class ControlPlane:
         # Sidecars' traces and access logs; the control plane's own spans and metrics.
         self.pipeline.telemetry = config.telemetry
         self.pipeline.xff_num_trusted_hops = config.xff_num_trusted_hops
-        self.telemetry = TelemetryService(config.telemetry, self)
+        self.telemetry = TelemetryService(config.telemetry)
         self.sidecar_services.append(self.telemetry)
         # Rate limit (per request) and quota (RLQS) services over one budget backend.
         self.rate_limits = RateLimitServices(
@@ -194,6 +196,7 @@ class ControlPlane:
         self.sidecar_services.append(self.extraction.feed)
         # The monitor's recent verdicts, for /metrics and the live page.
         self.verdict_log = VerdictLog.around(self.extraction.monitor)
+        self.telemetry.instrument(self._observed())
         self.http: ObservabilityServer | None = None
         self.xds_port = 0
         self.admin_port = 0
@@ -220,6 +223,61 @@ class ControlPlane:
         )
         self._identity_task: asyncio.Task[None] | None = None
         self._plaintext: PlaintextWatch | None = None
+
+    def grpc_servers(self) -> list[grpc.aio.Server]:
+        """The xDS and admin servers started so far (none before ``start``)."""
+        return [s for s in (self._xds_server, self._admin_server) if s is not None]
+
+    def _observed(self) -> Observed:
+        """What the control plane's own metrics and spans read, and nothing else."""
+        store, cache = self.store, self.cache
+
+        def snapshot_versions() -> dict[str, str]:
+            return {
+                node: snapshot.version
+                for node in cache.node_ids()
+                if (snapshot := cache.get(node)) is not None
+            }
+
+        return Observed(
+            subscribe_policies=store.subscribe,
+            policy_states=lambda: [(s.key[0], s.state) for s in store.statuses()],
+            extraction_policies=lambda: [
+                f"{p.metadata.namespace}/{p.metadata.name}"
+                for p in store.current().policies
+                if p.kind == "ExtractionPolicy"
+            ],
+            on_rebuild=self.pipeline.observers.append,
+            sync_status=self.sync_status,
+            snapshot_versions=snapshot_versions,
+            grpc_servers=self.grpc_servers,
+            enforcement_kinds=lambda: [e.kind for e in self.extraction.verdicts.active()],
+            monitor=self.extraction.monitor,
+            verdict_counts=self.verdict_log.counts,
+        )
+
+    def admin_service(self) -> AdminService:
+        """The status report's service, handed the parts it reads."""
+        return AdminService(
+            store=self.store,
+            inventory=self.inventory,
+            cache=self.cache,
+            sync_status=self.sync_status,
+            telemetry_store=self.telemetry.store,
+            envoy_admins=self.envoy_admins,
+            calibrated=self.extraction.profiles.conditions,
+        )
+
+    def page_sources(self) -> page.Sources:
+        """What the live page reads."""
+        return page.Sources(
+            admin=self.admin_service(),
+            budgets=self.rate_limits.budgets,
+            monitor=self.extraction.monitor,
+            verdicts=self.extraction.verdicts,
+            verdict_log=self.verdict_log,
+            telemetry=self.telemetry,
+        )
 
     def _authenticate(self, node: base_pb2.Node, metadata: Mapping[str, str]) -> None:
         assert self.identity is not None
@@ -340,7 +398,7 @@ class ControlPlane:
             interceptors=server_interceptors(self.config.admin_host, self.config.admin_token_file)
             or None,
         )
-        AdminService(self).add_to(self._admin_server)
+        self.admin_service().add_to(self._admin_server)
         RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
         QuarantineAdmin(self.extraction.monitor, self.rate_limits).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
@@ -357,7 +415,9 @@ class ControlPlane:
         await self._admin_server.start()
         if self.config.metrics_port is not None:
             self.http = ObservabilityServer(
-                self, self.config.metrics_host or self.config.admin_host, self.config.metrics_port,
+                self.page_sources(),
+                self.config.metrics_host or self.config.admin_host,
+                self.config.metrics_port,
                 token_file=self.config.admin_token_file,
             )
             try:

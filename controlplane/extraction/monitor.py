@@ -397,6 +397,10 @@ class ExtractionMonitor:
 
     # --- policies ---------------------------------------------------------------------------
 
+    def watched(self, key: str) -> WatchedPolicy | None:
+        """The ExtractionPolicy ``key`` (namespace/name) as the monitor watches it, if it does."""
+        return self._policy(key)
+
     def _policy(self, key: str) -> WatchedPolicy | None:
         current = tuple(self._policies())
         if current != self._watched_from:

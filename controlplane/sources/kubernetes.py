@@ -880,14 +880,25 @@ class ProgramTracker:
     Recompiling to compare IRs would need every input of the pipeline (telemetry, mesh,
     verdicts); revisions need none. The store revision a policy version entered with is
     recorded from the store; the pipeline records the revision each rebuild compiled.
+
+    It is handed what it reads: the store, the inventory, the revision the pipeline last
+    compiled, and whether a node serves (has ACKed) the snapshot compiled for it.
     """
 
-    def __init__(self, plane: Any) -> None:
-        self.plane = plane
+    def __init__(
+        self,
+        store: PolicyStore,
+        inventory: Inventory,
+        compiled_revision: Callable[[], int],
+        serves_compiled: Callable[[str], bool],
+    ) -> None:
+        self.inventory = inventory
+        self.compiled_revision = compiled_revision
+        self.serves_compiled = serves_compiled
         self._applied: dict[PolicyKey, tuple[int, str]] = {}
         self._lock = threading.Lock()
-        plane.store.subscribe(self._on_policies)
-        self._on_policies(plane.store.current())
+        store.subscribe(self._on_policies)
+        self._on_policies(store.current())
 
     def _on_policies(self, policy_set: Any) -> None:
         with self._lock:
@@ -901,19 +912,11 @@ class ProgramTracker:
         """Node id → whether it has ACKed a snapshot compiled with ``key``'s current version."""
         with self._lock:
             needed = self._applied.get(key, (None, ""))[0]
-        compiled = needed is not None and self.plane.pipeline.compiled_revision >= needed
-        plane, out = self.plane, {}
-        for sidecar in plane.inventory.snapshot():
-            node = sidecar.node_id
-            snapshot = plane.cache.get(node)
-            out[node] = bool(
-                compiled
-                and snapshot is not None
-                and plane.pipeline.ir(node) is not None
-                and node not in plane.pipeline.errors
-                and plane.sync_status.is_synced(node, snapshot.version)
-            )
-        return out
+        compiled = needed is not None and self.compiled_revision() >= needed
+        return {
+            sidecar.node_id: compiled and self.serves_compiled(sidecar.node_id)
+            for sidecar in self.inventory.snapshot()
+        }
 
 
 # ---- cluster mode: `modelguard serve --kubernetes` -----------------------------------------

@@ -16,7 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -41,11 +42,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from controlplane.grpcutil import decode_failures
 from controlplane.telemetry.records import Record
-from controlplane.xds.status import State
-
-if TYPE_CHECKING:
-    from controlplane.app.server import ControlPlane
-    from controlplane.pipeline import Rebuild
+from controlplane.xds.status import State, SyncStatus
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +93,51 @@ class _MetricSink(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         return None
+
+
+class RebuildDone(Protocol):
+    """What the pipeline reports of one rebuild (``pipeline.Rebuild``)."""
+
+    @property
+    def revision(self) -> int: ...
+
+    @property
+    def sidecars(self) -> int: ...
+
+    @property
+    def changed(self) -> tuple[str, ...]: ...
+
+    @property
+    def started_ns(self) -> int: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+
+class MonitorCounts(Protocol):
+    """What the gauges read of the extraction monitor (``ExtractionMonitor``)."""
+
+    def counters(self) -> tuple[Any, Any]: ...
+
+    def client_count(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The parts of a control plane its own instrumentation reads, each as narrow as what is
+    read of it. The app hands them over: telemetry sits below the boxes it observes and
+    imports none of them (nor the control-plane object)."""
+
+    subscribe_policies: Callable[[Callable[[Any], None]], None]  # PolicyStore.subscribe
+    policy_states: Callable[[], Iterable[tuple[str, str]]]  # (kind, state) of each policy
+    extraction_policies: Callable[[], Iterable[str]]  # namespace/name of each ExtractionPolicy
+    on_rebuild: Callable[[Callable[[RebuildDone], None]], None]  # Pipeline.observers.append
+    sync_status: SyncStatus
+    snapshot_versions: Callable[[], dict[str, str]]  # node → its snapshot's version
+    grpc_servers: Callable[[], Iterable[Any]]  # the servers started so far (grpc.aio.Server)
+    enforcement_kinds: Callable[[], Iterable[str]]  # the kind of each active enforcement
+    monitor: MonitorCounts
+    verdict_counts: Callable[[], dict[tuple[str, str, str], int]]  # (policy, stage, action)
 
 
 class SelfTelemetry:
@@ -219,13 +261,12 @@ class SelfTelemetry:
 
     # -- observing the control plane without changing it --
 
-    def instrument(self, plane: ControlPlane) -> None:
-        """Spans for policy loads, compiles and pushes of ``plane``; gauges of its state.
+    def instrument(self, plane: Observed, store: Any = None, forwarder: Any = None) -> None:
+        """Spans for policy loads, compiles and pushes of ``plane``; gauges of its state and
+        of the telemetry ``store`` and ``forwarder`` (the service's own)."""
+        plane.subscribe_policies(self._on_policies)
 
-        """
-        plane.store.subscribe(self._on_policies)
-
-        def on_rebuild(done: Rebuild) -> None:
+        def on_rebuild(done: RebuildDone) -> None:
             span = self.tracer.start_span(
                 "modelguard.compile",
                 start_time=done.started_ns,
@@ -241,7 +282,7 @@ class SelfTelemetry:
             self.compile_seconds.record(done.seconds)
             self._track_push(plane)
 
-        plane.pipeline.observers.append(on_rebuild)
+        plane.on_rebuild(on_rebuild)
 
         def connected(_: CallbackOptions) -> Iterable[Observation]:
             yield Observation(len(plane.sync_status.node_ids()))
@@ -257,10 +298,8 @@ class SelfTelemetry:
         )
 
         def undecodable(_: CallbackOptions) -> Iterable[Observation]:
-            # The plane's two servers exist once it has started (ControlPlane.start).
-            for server in (plane._xds_server, plane._admin_server):
-                if server is None:
-                    continue
+            # The plane's servers exist once it has started (ControlPlane.start).
+            for server in plane.grpc_servers():
                 for (service, method), count in decode_failures(server).counts().items():
                     yield Observation(count, {"service": service, "method": method})
 
@@ -269,9 +308,9 @@ class SelfTelemetry:
             [undecodable],
             description="unary requests refused because their body did not decode",
         )
-        self._instrument_state(plane)
+        self._instrument_state(plane, store, forwarder)
 
-    def _instrument_state(self, plane: ControlPlane) -> None:
+    def _instrument_state(self, plane: Observed, store: Any, forwarder: Any) -> None:
         """Gauges and counters read from the boxes' own state at collection time (every
         scrape or export), so nothing on a request path pays for them. Labels are bounded:
         states, kinds, reasons and policy names, never a client key (the live page ranks
@@ -288,9 +327,7 @@ class SelfTelemetry:
         )
 
         def policies(_: CallbackOptions) -> Iterable[Observation]:
-            counts = collections.Counter(
-                (status.key[0], status.state) for status in plane.store.statuses()
-            )
+            counts = collections.Counter(plane.policy_states())
             for (kind, state), count in sorted(counts.items()):
                 yield Observation(count, {"kind": kind, "state": state})
 
@@ -299,9 +336,9 @@ class SelfTelemetry:
         )
 
         def enforcements(_: CallbackOptions) -> Iterable[Observation]:
-            active = plane.extraction.verdicts.active()
+            active = collections.Counter(plane.enforcement_kinds())
             for kind in ("quarantine", "throttle"):
-                yield Observation(sum(1 for e in active if e.kind == kind), {"kind": kind})
+                yield Observation(active[kind], {"kind": kind})
 
         meter.create_observable_gauge(
             "modelguard.extraction.enforcements",
@@ -310,7 +347,7 @@ class SelfTelemetry:
         )
 
         def monitor_queries(_: CallbackOptions) -> Iterable[Observation]:
-            stats, _tracked = plane.extraction.monitor.counters()
+            stats, _tracked = plane.monitor.counters()
             yield Observation(stats.queries, {"outcome": "observed"})
             yield Observation(stats.unobserved, {"outcome": "unobserved"})
             yield Observation(sum(stats.unparsable.values()), {"outcome": "unreadable"})
@@ -323,21 +360,18 @@ class SelfTelemetry:
         )
 
         def tracked(_: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(plane.extraction.monitor.client_count())
+            yield Observation(plane.monitor.client_count())
 
         meter.create_observable_gauge(
             "modelguard.extraction.clients", [tracked], description="clients the monitor tracks"
         )
 
         def extraction_verdicts(_: CallbackOptions) -> Iterable[Observation]:
-            log_ = getattr(plane, "verdict_log", None)
-            counts = log_.counts() if log_ is not None else {}
+            counts = plane.verdict_counts()
             # Every watched policy's series from 0, so rate() sees its first verdict.
-            for policy in plane.store.current().policies:
-                if policy.kind == "ExtractionPolicy":
-                    name = f"{policy.metadata.namespace}/{policy.metadata.name}"
-                    for stage, action in VERDICT_KINDS:
-                        counts.setdefault((name, stage, action), 0)
+            for name in plane.extraction_policies():
+                for stage, action in VERDICT_KINDS:
+                    counts.setdefault((name, stage, action), 0)
             for (policy_name, stage, action), count in sorted(counts.items()):
                 yield Observation(
                     count, {"policy": policy_name, "stage": stage, "action": action}
@@ -353,7 +387,7 @@ class SelfTelemetry:
             # Clients by the monitor's estimated extraction fidelity (issue 10), as a
             # histogram's cumulative buckets (le): histogram_quantile works on it, and no
             # client is named. Absent where the monitor keeps no estimate.
-            risks = getattr(plane.extraction.monitor, "risks", None)
+            risks = getattr(plane.monitor, "risks", None)
             if risks is None:
                 return
             estimates = [r[2] for r in risks()]
@@ -370,11 +404,12 @@ class SelfTelemetry:
         )
 
         def records(_: CallbackOptions) -> Iterable[Observation]:
-            stats = plane.telemetry.store.stats()
+            if store is None:
+                return
+            stats = store.stats()
             yield Observation(stats.received, {"outcome": "received"})
             yield Observation(stats.evicted, {"outcome": "evicted"})
             yield Observation(stats.watcher_dropped, {"outcome": "watcher_dropped"})
-            forwarder = plane.telemetry.forwarder
             if forwarder is not None:
                 yield Observation(forwarder.dropped, {"outcome": "forward_dropped"})
                 yield Observation(forwarder.failed, {"outcome": "forward_failed"})
@@ -387,7 +422,8 @@ class SelfTelemetry:
         )
 
         def stored(_: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(plane.telemetry.store.stats().records)
+            if store is not None:
+                yield Observation(store.stats().records)
 
         meter.create_observable_gauge(
             "modelguard.telemetry.stored_records", [stored], description="records held now"
@@ -415,12 +451,8 @@ class SelfTelemetry:
         ):
             pass
 
-    def _track_push(self, plane: ControlPlane) -> None:
-        versions = {
-            node: snapshot.version
-            for node in plane.cache.node_ids()
-            if (snapshot := plane.cache.get(node)) is not None
-        }
+    def _track_push(self, plane: Observed) -> None:
+        versions = plane.snapshot_versions()
         connected = set(plane.sync_status.node_ids())
         versions = {n: v for n, v in versions.items() if n in connected}
         if not versions:

@@ -1,28 +1,26 @@
 """Telemetry wired into one control plane: receiver + store + forwarder + own instrumentation.
 
-``ControlPlane`` makes one ``TelemetryService``: it is a sidecar service (the OTLP receiver
-on the xDS port) and brings the admin service that reads it (``admin``).
+The app makes one ``TelemetryService``: it is a sidecar service (the OTLP receiver on the xDS
+port) and brings the admin service that reads it (``admin``). The app then hands it the parts
+of the control plane its own metrics read (``instrument``), never the control plane itself.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from controlplane.telemetry.admin import TelemetryAdmin
 from controlplane.telemetry.forwarder import OtlpForwarder
-from controlplane.telemetry.instrument import SelfTelemetry
+from controlplane.telemetry.instrument import Observed, SelfTelemetry
 from controlplane.telemetry.receiver import CONTROL_PLANE, OtlpReceiver
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore
 
-if TYPE_CHECKING:
-    from controlplane.app.server import ControlPlane
-
 
 class TelemetryService:
-    def __init__(self, settings: TelemetrySettings, plane: ControlPlane | None = None) -> None:
+    def __init__(self, settings: TelemetrySettings) -> None:
         self.settings = settings
         self.store = TelemetryStore(settings.max_records, settings.max_bytes)
         self.forwarder = (
@@ -35,8 +33,10 @@ class TelemetryService:
         self.instrumentation = SelfTelemetry(self._own_spans, forward)
         self.receiver.observe = self.instrumentation.observe_requests
         self.admin = TelemetryAdmin(self)
-        if plane is not None:
-            self.instrumentation.instrument(plane)
+
+    def instrument(self, plane: Observed) -> None:
+        """Spans and metrics of the control plane's parts (``Observed``), and of this service."""
+        self.instrumentation.instrument(plane, self.store, self.forwarder)
 
     def _own_spans(self, request: Any) -> None:
         self.receiver.ingest_traces(request, source=CONTROL_PLANE)

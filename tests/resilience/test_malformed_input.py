@@ -614,7 +614,7 @@ def test_undecodable_unary_requests_are_refused_and_counted(plane_thread: PlaneT
     from controlplane.telemetry import wire
 
     plane = plane_thread.plane
-    assert plane._xds_server is not None and plane._admin_server is not None
+    xds_server, admin_server = plane.grpc_servers()  # both, once started
     sidecar_methods = [
         (traces_pb, "TraceService"), (logs_pb, "LogsService"), (feed_pb2, "QueryFeed"),
         (__import__("envoy.service.ratelimit.v3.rls_pb2", fromlist=["x"]), "RateLimitService"),
@@ -626,8 +626,8 @@ def test_undecodable_unary_requests_are_refused_and_counted(plane_thread: PlaneT
     # (address, server, service, method, decoders of its body, response streaming)
     methods: list[tuple[str, Any, str, str, list[Any], bool]] = []
     for address, server, modules in (
-        (plane_thread.xds, plane._xds_server, sidecar_methods),
-        (plane_thread.admin, plane._admin_server, admin_methods),
+        (plane_thread.xds, xds_server, sidecar_methods),
+        (plane_thread.admin, admin_server, admin_methods),
     ):
         for module, name in modules:
             service = module.DESCRIPTOR.services_by_name[name]
@@ -681,7 +681,7 @@ def test_undecodable_unary_requests_are_refused_and_counted(plane_thread: PlaneT
 
         fuzz()
         # Well-formed requests still work, and are not counted.
-        totals = [decode_failures(s).total() for s in (plane._xds_server, plane._admin_server)]
+        totals = [decode_failures(s).total() for s in plane.grpc_servers()]
         xds, admin = channels[plane_thread.xds], channels[plane_thread.admin]
         trace_service_pb2_grpc.TraceServiceStub(xds).Export(
             trace_service_pb2.ExportTraceServiceRequest(), timeout=10
@@ -705,7 +705,7 @@ def test_undecodable_unary_requests_are_refused_and_counted(plane_thread: PlaneT
             telemetry_pb2.TelemetryQuery(limit=1), timeout=10
         )
         assert [
-            decode_failures(s).total() for s in (plane._xds_server, plane._admin_server)
+            decode_failures(s).total() for s in plane.grpc_servers()
         ] == totals
         # The counts are among the control plane's metrics too.
         metrics = telemetry_pb2_grpc.TelemetryStub(admin).GetTelemetryMetrics(
@@ -716,8 +716,8 @@ def test_undecodable_unary_requests_are_refused_and_counted(plane_thread: PlaneT
             for p in metrics.points
             if p.name == "modelguard.grpc.undecodable_requests"
         }
-        counted = {**decode_failures(plane._xds_server).counts(),
-                   **decode_failures(plane._admin_server).counts()}
+        counted = {**decode_failures(xds_server).counts(),
+                   **decode_failures(admin_server).counts()}
         assert exported == counted
         assert all(counted[key] >= n for key, n in refused.items())
     finally:
