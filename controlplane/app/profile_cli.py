@@ -156,9 +156,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controlplane.extraction.calibrate")
+    parser = argparse.ArgumentParser(prog="python -m controlplane.app.profile_cli")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
 __all__ = ["Profile", "add_arguments", "main", "run"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,8 +36,8 @@ query (a scale-free radius: no data says what "near" means for this model), and 
 thresholds are the documented defaults ``REFERENCE_FREE``.
 
 Nothing here looks at an attack: the extraction benchmark (``bench/extraction``) measures
-what these thresholds catch. ``python -m controlplane.extraction.calibrate POLICY_FILE``
-(or ``modelguard profile build``) calibrates offline.
+what these thresholds catch. ``modelguard profile build`` (``controlplane.app.profile_cli``)
+calibrates offline.
 """
 
 from __future__ import annotations
@@ -607,13 +607,3 @@ def cached_profile(
     if path is not None:
         profile.save(path)
     return profile, False
-
-
-def main(argv: list[str] | None = None) -> int:
-    from controlplane.app.profile_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
 from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
 from controlplane.grpcutil import decode_checked
+from controlplane.telemetry.forwarder import OtlpForwarder
 from controlplane.telemetry.records import Record
-from controlplane.telemetry.store import Query
-
-if TYPE_CHECKING:
-    from controlplane.telemetry.service import TelemetryService
+from controlplane.telemetry.store import Query, TelemetryStore
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 10_000
@@ -56,8 +54,14 @@ def to_message(record: Record) -> telemetry_pb2.TelemetryRecord:
 
 
 class TelemetryAdmin(telemetry_pb2_grpc.TelemetryServicer):  # type: ignore[misc]
-    def __init__(self, telemetry: TelemetryService) -> None:
-        self.telemetry = telemetry
+    def __init__(
+        self,
+        store: TelemetryStore,
+        metric_points: Callable[[], list[tuple[str, dict[str, str], float, int, str]]],
+        forwarder: OtlpForwarder | None,
+    ) -> None:
+        # The telemetry service's parts this reads: its store, its own metrics, its forwarder.
+        self.store, self.metric_points, self.forwarder = store, metric_points, forwarder
 
     def add_to(self, server: grpc.aio.Server) -> None:
         telemetry_pb2_grpc.add_TelemetryServicer_to_server(self, decode_checked(server))
@@ -65,7 +69,7 @@ class TelemetryAdmin(telemetry_pb2_grpc.TelemetryServicer):  # type: ignore[misc
     async def ListTelemetry(
         self, request: telemetry_pb2.TelemetryQuery, context: Any
     ) -> telemetry_pb2.TelemetryList:
-        store = self.telemetry.store
+        store = self.store
         limit = min(request.limit or DEFAULT_LIMIT, MAX_LIMIT)
         records = store.query(to_query(request), limit)
         return telemetry_pb2.TelemetryList(
@@ -75,7 +79,7 @@ class TelemetryAdmin(telemetry_pb2_grpc.TelemetryServicer):  # type: ignore[misc
     async def WatchTelemetry(
         self, request: telemetry_pb2.TelemetryQuery, context: Any
     ) -> AsyncIterator[telemetry_pb2.TelemetryRecord]:
-        store = self.telemetry.store
+        store = self.store
         query = to_query(request)
         # Subscribe first, then replay: nothing that arrives in between is missed.
         watch = store.watch(query)
@@ -97,8 +101,7 @@ class TelemetryAdmin(telemetry_pb2_grpc.TelemetryServicer):  # type: ignore[misc
     async def GetTelemetryMetrics(
         self, request: telemetry_pb2.TelemetryMetricsRequest, context: Any
     ) -> telemetry_pb2.TelemetryMetrics:
-        t = self.telemetry
-        stats = t.store.stats()
+        stats = self.store.stats()
         reply = telemetry_pb2.TelemetryMetrics(
             store_records=stats.records,
             store_bytes=stats.bytes,
@@ -107,10 +110,10 @@ class TelemetryAdmin(telemetry_pb2_grpc.TelemetryServicer):  # type: ignore[misc
             store_received=stats.received,
             store_evicted=stats.evicted,
         )
-        for name, attrs, value, count, unit in t.instrumentation.metric_points():
+        for name, attrs, value, count, unit in self.metric_points():
             reply.points.add(name=name, attributes=attrs, value=value, count=count, unit=unit)
-        if t.forwarder is not None:
-            f = t.forwarder.stats()
+        if self.forwarder is not None:
+            f = self.forwarder.stats()
             reply.forward_endpoint = f.endpoint
             reply.forward_sent, reply.forward_failed = f.sent, f.failed
             reply.forward_dropped = f.dropped

@@ -32,7 +32,9 @@ class TelemetryService:
         self.receiver = OtlpReceiver(settings, self.store, forward)
         self.instrumentation = SelfTelemetry(self._own_spans, forward)
         self.receiver.observe = self.instrumentation.observe_requests
-        self.admin = TelemetryAdmin(self)
+        self.admin = TelemetryAdmin(
+            self.store, self.instrumentation.metric_points, self.forwarder
+        )
 
     def instrument(self, plane: Observed) -> None:
         """Spans and metrics of the control plane's parts (``Observed``), and of this service."""
