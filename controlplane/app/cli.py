@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=identity_kubernetes.run_ca)
 
     p = sub.add_parser("quarantine", help="clients the extraction monitor quarantined")
-    from controlplane.extraction import admin as quarantine_admin
+    from controlplane.app import quarantine_cli as quarantine_admin
 
     quarantine_admin.add_arguments(p)
     p.set_defaults(func=quarantine_admin.run)
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_status)
 
     p = sub.add_parser("usage", help="rate limit and budget usage: top clients, who is over")
-    from controlplane.ratelimit import admin as ratelimit_admin
+    from controlplane.app import usage_cli as ratelimit_admin
 
     ratelimit_admin.add_arguments(p)
     p.set_defaults(func=ratelimit_admin.run)

@@ -218,8 +218,8 @@ def test_ports_seconds_and_policy_names_are_checked_too(
 
 
 def test_wide_output_adds_columns() -> None:
+    from controlplane.app.quarantine_cli import render as render_quarantines
     from controlplane.app.status_cli import render as render_status
-    from controlplane.extraction.admin import render as render_quarantines
     from controlplane.gen.modelguard.admin.v1 import admin_pb2
 
     report = admin_pb2.StatusReport()

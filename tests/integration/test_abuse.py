@@ -22,6 +22,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from polling import eventually
 
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.app.usage_cli import fetch_usage, render
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import ClientRef, digest
 from controlplane.gen.modelguard.admin.v1 import (
@@ -33,7 +34,7 @@ from controlplane.gen.modelguard.admin.v1 import (
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.identity.service import IdentityConfig
 from controlplane.netutil import free_port
-from controlplane.ratelimit.admin import fetch_usage, fingerprint, render
+from controlplane.ratelimit.admin import fingerprint
 from controlplane.xds import resources as rt
 from tests.conftest import Processes
 from tests.integration.test_extraction_envoy import (  # noqa: F401  (the fixture)
@@ -422,7 +423,7 @@ async def test_a_known_api_key_appears_nowhere(
                 telemetry_pb2.TelemetryQuery(), timeout=5
             )
         usage = fetch_usage(address)
-        from controlplane.extraction.admin import render as render_quarantines
+        from controlplane.app.quarantine_cli import render as render_quarantines
 
         return {
             "status": json_format.MessageToJson(status) + render_status(status),

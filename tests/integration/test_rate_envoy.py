@@ -21,11 +21,12 @@ from google.protobuf import timestamp_pb2
 from polling import eventually
 
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.app.usage_cli import fetch_usage, render
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request, wait_for_port
-from controlplane.ratelimit.admin import fetch_usage, fingerprint, render
+from controlplane.ratelimit.admin import fingerprint
 from controlplane.sidecar.bootstrap import build_bootstrap
 from tests.conftest import Processes, stop_process
 

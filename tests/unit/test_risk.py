@@ -309,7 +309,7 @@ def test_harden_needs_output_tiers() -> None:
 def test_quarantine_list_shows_each_clients_fidelity() -> None:
     from google.protobuf import timestamp_pb2
 
-    from controlplane.extraction.admin import render
+    from controlplane.app.quarantine_cli import render
     from controlplane.gen.modelguard.admin.v1 import admin_pb2
 
     until = timestamp_pb2.Timestamp(seconds=2_000_000_000)
