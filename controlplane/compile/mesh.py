@@ -7,50 +7,14 @@ stays pure: it never issues a certificate or reads a file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 from controlplane.api import AccessPolicy
 from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.identity.apikeys import ApiKey
-from controlplane.ir import MeshService, MtlsIR, MtlsMode, PolicyRef, WorkloadCertificate
-
-# (namespace, secret name) → its keys: (id, SHA-256 hex of the key, tenant, tier, principals)
-ApiKeyDigests = Mapping[tuple[str, str], tuple[ApiKey, ...]]
-
-
-@dataclass(frozen=True)
-class MeshInputs:
-    """What the identity box knows at one rebuild."""
-
-    certificates: Mapping[str, WorkloadCertificate] = field(default_factory=dict)  # by node id
-    api_keys: ApiKeyDigests = field(default_factory=dict)
-    services: tuple[MeshService, ...] = ()
-
-
-def mesh_services(sidecars: Iterable[Sidecar]) -> tuple[MeshService, ...]:
-    """One MeshService per (service, namespace), with every sidecar of it as an endpoint."""
-    grouped: dict[tuple[str, str], list[Sidecar]] = {}
-    for sidecar in sidecars:
-        grouped.setdefault((sidecar.service, sidecar.namespace), []).append(sidecar)
-    out = []
-    for (service, namespace), members in sorted(grouped.items()):
-        out.append(
-            MeshService(
-                service=service,
-                namespace=namespace,
-                identities=tuple(sorted({s.identity for s in members})),
-                endpoints=tuple(sorted({(_reachable(s), s.inbound_port) for s in members})),
-            )
-        )
-    return tuple(out)
-
-
-def _reachable(sidecar: Sidecar) -> str:
-    # A sidecar listening on every address is reached at its workload's address (the pod IP).
-    if sidecar.inbound_address in ("0.0.0.0", "::"):
-        return sidecar.app_address
-    return sidecar.inbound_address
+from controlplane.compile.inputs.mesh import ApiKeyDigests as ApiKeyDigests
+from controlplane.compile.inputs.mesh import MeshInputs as MeshInputs
+from controlplane.compile.inputs.mesh import mesh_services as mesh_services
+from controlplane.ir import MtlsIR, MtlsMode, PolicyRef
 
 
 def compile_mtls(

@@ -43,25 +43,17 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
+
+from controlplane.compile.inputs.mesh import ApiKey as ApiKey
 
 log = logging.getLogger(__name__)
 
 TENANT_ANNOTATION = "modelguard.io/tenant"
 TIER_ANNOTATION = "modelguard.io/tier"
 KEYS_ANNOTATION = "modelguard.io/keys"
-
-
-class ApiKey(NamedTuple):
-    """One registered key: its id (the Secret entry), digest and metadata, never the key."""
-
-    id: str
-    digest: str
-    tenant: str = ""  # "" only while loading; load() fills in the key's id
-    tier: str = ""
-    principals: tuple[str, ...] = ()
 
 
 Digests = dict[tuple[str, str], tuple[ApiKey, ...]]

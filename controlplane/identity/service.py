@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.compile.mesh import MeshInputs, mesh_services
+from controlplane.compile.inputs.mesh import MeshInputs, mesh_services
 from controlplane.identity import apikeys
 from controlplane.identity.ca import CertificateAuthority, IssuedCertificate
 from controlplane.identity.tokens import (
