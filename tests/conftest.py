@@ -170,8 +170,8 @@ def profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], 
     plane starts Calibrated instead of calibrating for tens of seconds."""
     import shutil
 
+    from controlplane.api.reference import load_file
     from controlplane.extraction.calibrate import cached_profile
-    from controlplane.extraction.reference import load_file
 
     built = tmp_path_factory.mktemp("profiles")
     cached_profile("digits", load_file(DIGITS_REFERENCE, "label"), built, label_column="label")

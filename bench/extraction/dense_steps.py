@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from attacks import interleaved, jacobian
 
 from bench.extraction.models import breast_cancer_model, reference_csv
+from controlplane.api.reference import load_file
 from controlplane.extraction import calibrate as C
 from controlplane.extraction.calibrate import BATCH, cached_profile
 from controlplane.extraction.detectors import ClientState
-from controlplane.extraction.reference import load_file
 from controlplane.local.model import load_digits_data, load_model
 
 

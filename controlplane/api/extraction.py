@@ -380,7 +380,7 @@ def resolve_reference(
         return policy, []
     from pathlib import Path
 
-    from controlplane.extraction.reference import ReferenceError, load_file
+    from controlplane.api.reference import ReferenceError, load_file
 
     path = Path(reference.file).expanduser()
     if not path.is_absolute():

@@ -91,7 +91,7 @@ def _summary(payload: dict[str, Any]) -> str:
 
 
 def build(args: argparse.Namespace) -> int:
-    from controlplane.extraction.reference import ReferenceError, load_file
+    from controlplane.api.reference import ReferenceError, load_file
 
     chosen = _policies(args.policy_file, args.policy)
     if not chosen:
@@ -130,7 +130,7 @@ def show(args: argparse.Namespace) -> int:
     elif target.suffix == ".json":
         payloads = [json.loads(target.read_text())]
     else:
-        from controlplane.extraction.reference import ReferenceError, load_file
+        from controlplane.api.reference import ReferenceError, load_file
 
         for key, reference in _policies(target, ""):
             try:

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from controlplane.api.reference import ReferenceData
 from controlplane.extraction.detectors import (
     DETECTORS,
     STATISTICS,
@@ -63,7 +64,6 @@ from controlplane.extraction.detectors import (
     Thresholds,
     _sq_distances,
 )
-from controlplane.extraction.reference import ReferenceData
 
 SENSITIVITIES = ("low", "medium", "high")
 MARGIN = {"low": 1.5, "medium": 1.25}

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from controlplane.api import Policy
+from controlplane.api.reference import ReferenceData, load_file, parse
 from controlplane.extraction.calibrate import (
     DEFAULT_SETTINGS,
     Cancelled,
@@ -39,7 +40,6 @@ from controlplane.extraction.calibrate import (
 )
 from controlplane.extraction.hardened import HardenStore
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
-from controlplane.extraction.reference import ReferenceData, load_file, parse
 from controlplane.extraction.risk import HeldOut, held_out_of
 from controlplane.extraction.routing import FeedRouter
 from controlplane.extraction.verdicts import (

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from controlplane.api import parse_documents
+from controlplane.api.reference import ReferenceData, load_file, parse
 from controlplane.extraction import calibrate as C
 from controlplane.extraction.detectors import Reference
 from controlplane.extraction.feed import ProfileBook
 from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
-from controlplane.extraction.reference import ReferenceData, load_file, parse
 from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
 
 ROOT = Path(__file__).resolve().parents[2]

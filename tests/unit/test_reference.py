@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controlplane.api import parse_documents
-from controlplane.extraction import reference
-from controlplane.extraction.reference import ReferenceError, load_file, parse
+from controlplane.api import parse_documents, reference
+from controlplane.api.reference import ReferenceError, load_file, parse
 
 POLICY = """\
 apiVersion: modelguard.io/v1alpha1
