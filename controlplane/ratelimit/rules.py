@@ -10,17 +10,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# The same keys as controlplane.translate.ratelimit writes.
-LIMIT_KEY = "limit"
-POLICY_KEY = "policy"
-REQUESTS_KEY = "requests"
-WINDOW_KEY = "window"
-SHADOW_KEY = "shadow"
-# A budget that charges instances: the request's instance class (what one request of this
-# bucket costs), computed by the sidecar from the body before the quota filter.
-UNITS_KEY = "instances"
-CLIENT_KEYS = ("client", "remote_address")
-ANONYMOUS = "-"
+# The keys controlplane.translate.ratelimit writes, from the one module both ends import.
+from controlplane.contracts.ratelimit import (
+    ANONYMOUS,
+    CLIENT_KEY,
+    LIMIT_KEY,
+    POLICY_KEY,
+    REMOTE_ADDRESS_KEY,
+    REQUESTS_KEY,
+    SHADOW_KEY,
+    UNITS_KEY,
+    WINDOW_KEY,
+)
+
+CLIENT_KEYS = (CLIENT_KEY, REMOTE_ADDRESS_KEY)
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,11 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import ratelimit_strategy_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
+from controlplane.contracts.ratelimit import UNITS_KEY
 from controlplane.grpcutil import decode_checked
 from controlplane.ratelimit.backend import Backend, BackendError, MemoryBackend, RedisBackend
 from controlplane.ratelimit.budgets import Budgets, Decision, Throttle, tightest
-from controlplane.ratelimit.rules import UNITS_KEY, Rule, units
+from controlplane.ratelimit.rules import Rule, units
 
 log = logging.getLogger(__name__)
 

@@ -52,24 +52,27 @@ from google.protobuf import duration_pb2, wrappers_pb2
 from xds.core.v3 import extension_pb2 as xds_extension_pb2
 from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
 
+# Descriptor entry keys and bucket id keys: the rate limit service reads the same names
+# (controlplane.ratelimit.rules) from this one module.
+from controlplane.contracts.ratelimit import (
+    ANONYMOUS,
+    CLIENT_KEY,
+    DOMAIN,
+    LIMIT_KEY,
+    POLICY_KEY,
+    REMOTE_ADDRESS_KEY,
+    REQUESTS_KEY,
+    SHADOW_KEY,
+    UNITS_KEY,
+    WINDOW_KEY,
+)
 from controlplane.ir import ClientKeyIR, RateEnforcement, RateLimitIR, SidecarIR
 from controlplane.translate import names
 from controlplane.translate.module import Module
 from controlplane.translate.protos import pack
 
-# Descriptor entry keys and bucket id keys: the rate limit service reads the same names
-# (controlplane.ratelimit.rules).
-LIMIT_KEY = "limit"
-POLICY_KEY = "policy"
-REQUESTS_KEY = "requests"
-WINDOW_KEY = "window"
-SHADOW_KEY = "shadow"
-CLIENT_KEY = "client"
-UNITS_KEY = "instances"
 # Set by the instance-counting Lua filter (it replaces whatever a caller sent).
 INSTANCES_HEADER = "x-modelguard-instances"
-ANONYMOUS = "-"
-DOMAIN = "modelguard"
 
 # Where the JWT filter (issue 6) leaves verified claims: payload_in_metadata = jwt_payload.
 JWT_FILTER = "envoy.filters.http.jwt_authn"
@@ -164,7 +167,7 @@ def _client_actions(key: ClientKeyIR) -> list[list[Action]]:
 
 
 def _client_descriptor_key(key: ClientKeyIR) -> str:
-    return "remote_address" if key.source == "sourceIP" else CLIENT_KEY
+    return REMOTE_ADDRESS_KEY if key.source == "sourceIP" else CLIENT_KEY
 
 
 def rate_limits(limit: RateLimitIR, *, with_rule: bool) -> list[route_components_pb2.RateLimit]:
