@@ -21,7 +21,7 @@ Design (the sidecar injector mounts the token; see the README section "Identity"
   and an API server that is down costs refusals, not a stalled control plane. Failures are cached
   briefly too, so a sidecar with a bad token cannot make us flood the API server.
 
-How the token reaches Envoy (``sidecar_xds_auth``, used by the injector): gRPC
+How the token reaches Envoy (``sidecar.bootstrap.sidecar_xds_auth``, used by the injector): gRPC
 ``initial_metadata`` is static, and the kubelet rewrites the projected token before it
 expires (at 80% of ``expirationSeconds``). So the xDS cluster carries an *upstream*
 ``credential_injector`` filter whose generic secret comes from a file-based SDS source
@@ -53,22 +53,21 @@ from typing import Any, Final
 import yaml
 
 from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.contracts.trust_bundle import AUTHORIZATION, TOKEN_AUDIENCE, token_sds_document
+from controlplane.contracts.trust_bundle import ROOT_CERT_KEY as ROOT_CERT_KEY
+from controlplane.contracts.trust_bundle import TOKEN_DIR as TOKEN_DIR
+from controlplane.contracts.trust_bundle import TOKEN_PATH as TOKEN_PATH
+from controlplane.contracts.trust_bundle import TOKEN_SDS_KEY as TOKEN_SDS_KEY
+from controlplane.contracts.trust_bundle import TRUST_BUNDLE_CONFIGMAP as TRUST_BUNDLE_CONFIGMAP
+from controlplane.contracts.trust_bundle import TRUST_BUNDLE_DIR as TRUST_BUNDLE_DIR
 from controlplane.identity.tokens import AuthenticationError, Caller
 
 log = logging.getLogger(__name__)
 
-AUDIENCE = "modelguard"
-TOKEN_DIR = "/var/run/secrets/modelguard"
-TOKEN_PATH = f"{TOKEN_DIR}/token"
-AUTHORIZATION_METADATA = "authorization"
+AUDIENCE = TOKEN_AUDIENCE  # what the injected pods' projected tokens are minted for
+AUTHORIZATION_METADATA = AUTHORIZATION  # the header the sidecar puts its token in
 _POD_NAME = "authentication.kubernetes.io/pod-name"
 
-# The trust bundle ConfigMap (one per namespace) and what sidecars read from it.
-TRUST_BUNDLE_CONFIGMAP: Final = "modelguard-ca-root"
-TRUST_BUNDLE_DIR: Final = "/etc/modelguard/ca"
-ROOT_CERT_KEY: Final = "root-cert.pem"
-TOKEN_SDS_KEY: Final = "xds-token.sds.yaml"
-TOKEN_SECRET: Final = "modelguard-sa-token"
 # The CA Secret every replica loads (cert-manager's shape, so either can produce it).
 CA_SECRET: Final = "modelguard-ca"
 CA_SECRET_CERT, CA_SECRET_KEY = "tls.crt", "tls.key"
@@ -220,132 +219,12 @@ class KubernetesTokenAuthenticator:
             )
 
 
-# ---- the sidecar's side: bootstrap pieces the injector uses --------------------------------
-
-_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
-_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-
-
-def token_sds_document(token_path: str = TOKEN_PATH) -> dict[str, Any]:
-    """The file-based SDS source of the token secret (a DiscoveryResponse naming the file)."""
-    return {
-        "resources": [
-            {
-                "@type": f"{_TLS}.Secret",
-                "name": TOKEN_SECRET,
-                "generic_secret": {"secret": {"filename": token_path}},
-            }
-        ]
-    }
-
-
 def trust_bundle_data(root_pem: str, token_path: str = TOKEN_PATH) -> dict[str, str]:
     """The data of the trust-bundle ConfigMap: the CA root and the token's SDS source."""
     return {
         ROOT_CERT_KEY: root_pem,
         TOKEN_SDS_KEY: yaml.safe_dump(token_sds_document(token_path), sort_keys=False),
     }
-
-
-def secure_xds_cluster(
-    cluster: dict[str, Any],
-    *,
-    trusted_ca: dict[str, Any],
-    server_id: str,
-    credential: dict[str, Any],
-) -> None:
-    """Make the bootstrap's control-plane cluster speak TLS (the server must show
-    ``server_id``, signed by ``trusted_ca``) and put the sidecar's token on every call.
-    One mechanism for the embedded default (inline CA, token file) and cluster mode
-    (mounted CA root, projected token)."""
-    cluster["transport_socket"] = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": f"{_TLS}.UpstreamTlsContext",
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "validation_context": {
-                    "trusted_ca": trusted_ca,
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "URI", "matcher": {"exact": server_id}}
-                    ],
-                },
-            },
-        },
-    }
-    options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
-        _HTTP_PROTOCOL_OPTIONS, {"@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}"}
-    )
-    options["http_filters"] = token_injector_filters(credential)
-
-
-def token_injector_filters(credential: dict[str, Any]) -> list[dict[str, Any]]:
-    """Upstream HTTP filters of the control-plane cluster that put the sidecar's token
-    (the generic secret ``credential`` names) on every call through it as
-    ``authorization: Bearer <token>``: ADS, rate limit, RLQS, OTLP, the query feed."""
-    return [
-        {
-            "name": "envoy.filters.http.credential_injector",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                "credential_injector.v3.CredentialInjector",
-                "overwrite": True,
-                # No token on disk: the stream fails here (401) instead of going out bare.
-                "allow_request_without_credential": False,
-                "credential": {
-                    "name": "envoy.http.injected_credentials.generic",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.http."
-                        "injected_credentials.generic.v3.Generic",
-                        "credential": credential,
-                        "header": AUTHORIZATION_METADATA,
-                        "header_value_prefix": "Bearer ",
-                    },
-                },
-            },
-        },
-        {
-            "name": "envoy.filters.http.upstream_codec",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                "upstream_codec.v3.UpstreamCodec"
-            },
-        },
-    ]
-
-
-def sidecar_xds_auth(
-    bootstrap: dict[str, Any],
-    server_id: str,
-    *,
-    bundle_dir: str = TRUST_BUNDLE_DIR,
-    token_dir: str = TOKEN_DIR,
-    xds_cluster: str = "modelguard-xds",
-) -> dict[str, Any]:
-    """The bootstrap with xDS over TLS (trusting the mounted CA root, requiring the control
-    plane's SPIFFE ID) and the projected token on every stream, re-read when it rotates."""
-    for cluster in bootstrap["static_resources"]["clusters"]:
-        if cluster["name"] != xds_cluster:
-            continue
-        secure_xds_cluster(
-            cluster,
-            # Read at start: a new root reaches a sidecar when its pod restarts.
-            trusted_ca={"filename": f"{bundle_dir}/{ROOT_CERT_KEY}"},
-            server_id=server_id,
-            credential={
-                "name": TOKEN_SECRET,
-                "sds_config": {
-                    "path_config_source": {
-                        "path": f"{bundle_dir}/{TOKEN_SDS_KEY}",
-                        # The kubelet swaps the token by renaming ..data in
-                        # this directory: that move triggers the re-read.
-                        "watched_directory": {"path": token_dir},
-                    },
-                    "resource_api_version": "V3",
-                },
-            },
-        )
-    return bootstrap
 
 
 # ---- the trust bundle, published into namespaces -------------------------------------------

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.contracts.trust_bundle import AUTHORIZATION
 from controlplane.identity.ca import _write_private
 
 TOKEN_KEY_FILE = "bootstrap-token.key"
@@ -41,7 +42,7 @@ TOKEN_KEY_FILE = "bootstrap-token.key"
 # initial_metadata of bootstraps written before every service was authenticated; tools)
 # and the header Envoy's credential injector puts on every call.
 TOKEN_METADATA = "x-modelguard-token"
-AUTHORIZATION_METADATA = "authorization"
+AUTHORIZATION_METADATA = AUTHORIZATION  # the header the sidecar puts its token in
 _LEGACY = "mgt1"  # HMAC only: proves a node it does not name (ADS carries the node)
 _V2 = "mgt2"  # names its node id and SPIFFE ID, so any call can be authenticated
 _VERSION = "mgt3"  # also names the service and namespace it may claim

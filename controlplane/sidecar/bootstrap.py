@@ -15,11 +15,23 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
 from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.contracts.trust_bundle import (
+    AUTHORIZATION,
+    BEARER_PREFIX,
+    BOOTSTRAP_TOKEN_SECRET,
+    ROOT_CERT_KEY,
+    SA_TOKEN_SECRET,
+    TLS_TYPE,
+    TOKEN_DIR,
+    TOKEN_SDS_KEY,
+    TRUST_BUNDLE_DIR,
+    token_sds_document,
+)
 from controlplane.translate.names import CONTROL_PLANE_CLUSTER
 
 # The static cluster to the control plane; translated resources name it too.
@@ -106,10 +118,10 @@ def xds_cluster(xds_host: str, xds_port: int) -> dict[str, Any]:
 
 # The secret (in the sidecar) that holds its token, and the files `modelguard bootstrap -o`
 # writes beside the bootstrap: the token (0600) and the file-SDS source naming it.
-TOKEN_SECRET = "modelguard-xds-token"
+TOKEN_SECRET = BOOTSTRAP_TOKEN_SECRET
 TOKEN_SUFFIX = ".token"
 TOKEN_SDS_SUFFIX = ".token.sds.yaml"
-_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+_TLS = TLS_TYPE
 
 
 @dataclass(frozen=True)
@@ -144,19 +156,6 @@ class XdsCredentials:
         )
 
 
-def token_sds_document(token_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The file-SDS source of the token secret: a DiscoveryResponse naming the token file."""
-    return {
-        "resources": [
-            {
-                "@type": f"{_TLS}.Secret",
-                "name": TOKEN_SECRET,
-                "generic_secret": {"secret": {"filename": str(token_path)}},
-            }
-        ]
-    }
-
-
 def with_credentials(
     bootstrap: dict[str, Any], credentials: XdsCredentials | None
 ) -> dict[str, Any]:
@@ -166,8 +165,6 @@ def with_credentials(
     injector, as the cluster-mode sidecars do)."""
     if credentials is None:
         return bootstrap
-    from controlplane.identity.kubernetes import secure_xds_cluster
-
     secret: dict[str, Any] = {"name": TOKEN_SECRET}
     if credentials.token_sds is not None:
         sds = Path(credentials.token_sds)
@@ -195,6 +192,162 @@ def with_credentials(
                 credential=secret,
             )
     return bootstrap
+
+
+# ---- cluster mode: xDS over TLS with the projected token (the injector's bootstrap) -----
+
+
+
+def secure_xds_cluster(
+    cluster: dict[str, Any],
+    *,
+    trusted_ca: dict[str, Any],
+    server_id: str,
+    credential: dict[str, Any],
+) -> None:
+    """Make the bootstrap's control-plane cluster speak TLS (the server must show
+    ``server_id``, signed by ``trusted_ca``) and put the sidecar's token on every call.
+    One mechanism for the embedded default (inline CA, token file) and cluster mode
+    (mounted CA root, projected token)."""
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TLS}.UpstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "validation_context": {
+                    "trusted_ca": trusted_ca,
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": server_id}}
+                    ],
+                },
+            },
+        },
+    }
+    options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
+        _HTTP_PROTOCOL_OPTIONS, {"@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}"}
+    )
+    options["http_filters"] = token_injector_filters(credential)
+
+
+def token_injector_filters(credential: dict[str, Any]) -> list[dict[str, Any]]:
+    """Upstream HTTP filters of the control-plane cluster that put the sidecar's token
+    (the generic secret ``credential`` names) on every call through it as
+    ``authorization: Bearer <token>``: ADS, rate limit, RLQS, OTLP, the query feed."""
+    return [
+        {
+            "name": "envoy.filters.http.credential_injector",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                "credential_injector.v3.CredentialInjector",
+                "overwrite": True,
+                # No token on disk: the stream fails here (401) instead of going out bare.
+                "allow_request_without_credential": False,
+                "credential": {
+                    "name": "envoy.http.injected_credentials.generic",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.http."
+                        "injected_credentials.generic.v3.Generic",
+                        "credential": credential,
+                        "header": AUTHORIZATION,
+                        "header_value_prefix": BEARER_PREFIX,
+                    },
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                "upstream_codec.v3.UpstreamCodec"
+            },
+        },
+    ]
+
+
+def sidecar_xds_auth(
+    bootstrap: dict[str, Any],
+    server_id: str,
+    *,
+    bundle_dir: str = TRUST_BUNDLE_DIR,
+    token_dir: str = TOKEN_DIR,
+    xds_cluster: str = "modelguard-xds",
+) -> dict[str, Any]:
+    """The bootstrap with xDS over TLS (trusting the mounted CA root, requiring the control
+    plane's SPIFFE ID) and the projected token on every stream, re-read when it rotates."""
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if cluster["name"] != xds_cluster:
+            continue
+        secure_xds_cluster(
+            cluster,
+            # Read at start: a new root reaches a sidecar when its pod restarts.
+            trusted_ca={"filename": f"{bundle_dir}/{ROOT_CERT_KEY}"},
+            server_id=server_id,
+            credential={
+                "name": SA_TOKEN_SECRET,
+                "sds_config": {
+                    "path_config_source": {
+                        "path": f"{bundle_dir}/{TOKEN_SDS_KEY}",
+                        # The kubelet swaps the token by renaming ..data in
+                        # this directory: that move triggers the re-read.
+                        "watched_directory": {"path": token_dir},
+                    },
+                    "resource_api_version": "V3",
+                },
+            },
+        )
+    return bootstrap
+
+
+# The injected sidecar's Prometheus endpoint (the pod's scrape annotations name it).
+STATS_PORT: Final = 15090
+STATS_PATH: Final = "/stats/prometheus"
+
+
+def add_stats_listener(bootstrap: dict[str, Any], admin_port: int) -> None:
+    """GET /stats/prometheus on 0.0.0.0:STATS_PORT, proxied to the loopback admin."""
+    cluster = "modelguard-envoy-admin"
+    static = bootstrap["static_resources"]
+    static["clusters"].append(
+        {
+            "name": cluster,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": cluster,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": admin_port}}}}]}],
+            },
+        }
+    )
+    hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    static.setdefault("listeners", []).append(
+        {
+            "name": "modelguard-stats",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": STATS_PORT}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": f"{hcm}.HttpConnectionManager",
+                    "stat_prefix": "modelguard_stats",
+                    "route_config": {"virtual_hosts": [{
+                        "name": "stats",
+                        "domains": ["*"],
+                        "routes": [{
+                            "match": {"path": STATS_PATH, "headers": [
+                                {"name": ":method", "string_match": {"exact": "GET"}}]},
+                            "route": {"cluster": cluster},
+                        }],
+                    }]},
+                    "http_filters": [{
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/"
+                                         "envoy.extensions.filters.http.router.v3.Router"},
+                    }],
+                },
+            }]}],
+        }
+    )
 
 
 ENVOY_ADMIN_KEY = "modelguard.io/envoy-admin"
@@ -323,7 +476,7 @@ def _token_files(bootstrap_path: Path, credentials: XdsCredentials) -> XdsCreden
     token = base.with_name(base.name + TOKEN_SUFFIX).absolute()
     sds = base.with_name(base.name + TOKEN_SDS_SUFFIX).absolute()
     _write_atomic(token, credentials.token, mode=0o600)
-    _write_atomic(sds, render_bootstrap(token_sds_document(token)), mode=0o644)
+    _write_atomic(sds, render_bootstrap(token_sds_document(token, TOKEN_SECRET)), mode=0o644)
     return replace(credentials, token_sds=str(sds))
 
 

@@ -48,16 +48,26 @@ from typing import Any, Final
 import yaml
 
 from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.identity import kubernetes as k8s_identity
-from controlplane.sidecar.bootstrap import build_bootstrap, parse_hostport
+from controlplane.contracts.trust_bundle import (
+    TOKEN_AUDIENCE,
+    TOKEN_DIR,
+    TOKEN_FILE,
+    TRUST_BUNDLE_CONFIGMAP,
+    TRUST_BUNDLE_DIR,
+)
+from controlplane.sidecar.bootstrap import STATS_PATH as STATS_PATH
+from controlplane.sidecar.bootstrap import STATS_PORT as STATS_PORT
+from controlplane.sidecar.bootstrap import (
+    add_stats_listener,
+    build_bootstrap,
+    parse_hostport,
+    sidecar_xds_auth,
+)
 
 log = logging.getLogger(__name__)
 
 CONTAINER: Final = "modelguard-sidecar"
 TOKEN_VOLUME: Final = "modelguard-token"
-TOKEN_DIR: Final = "/var/run/secrets/modelguard"
-TOKEN_PATH: Final = f"{TOKEN_DIR}/token"
-TOKEN_AUDIENCE: Final = "modelguard"
 INBOUND_PORT_NAME: Final = "mg-inbound"
 CA_VOLUME: Final = "modelguard-ca-root"
 EGRESS_INIT: Final = "modelguard-egress-init"
@@ -75,9 +85,7 @@ EGRESS: Final = "modelguard.io/egress"
 # Envoy's /stats/prometheus for Prometheus: the admin interface stays on loopback (it can
 # change the sidecar), so a static listener serves that one path to the pod network, like
 # Istio's 15090; the pod carries the usual scrape annotations unless it has its own.
-STATS_PORT: Final = 15090
 STATS_PORT_NAME: Final = "mg-stats"
-STATS_PATH: Final = "/stats/prometheus"
 SCRAPE_ANNOTATIONS: Final = {
     "prometheus.io/scrape": "true",
     "prometheus.io/port": str(STATS_PORT),
@@ -174,58 +182,12 @@ def sidecar_bootstrap(
         admin_port=config.admin_port,
         cluster=f"{service}.$(POD_NAMESPACE)",
     )
-    _add_stats_listener(bootstrap, config.admin_port)
+    add_stats_listener(bootstrap, config.admin_port)
     if not config.identity:
         return bootstrap
     from controlplane.identity.service import control_plane_id
 
-    return k8s_identity.sidecar_xds_auth(bootstrap, control_plane_id(config.trust_domain))
-
-
-def _add_stats_listener(bootstrap: dict[str, Any], admin_port: int) -> None:
-    """GET /stats/prometheus on 0.0.0.0:STATS_PORT, proxied to the loopback admin."""
-    cluster = "modelguard-envoy-admin"
-    static = bootstrap["static_resources"]
-    static["clusters"].append(
-        {
-            "name": cluster,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": cluster,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                    "address": "127.0.0.1", "port_value": admin_port}}}}]}],
-            },
-        }
-    )
-    hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    static.setdefault("listeners", []).append(
-        {
-            "name": "modelguard-stats",
-            "address": {"socket_address": {"address": "0.0.0.0", "port_value": STATS_PORT}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": f"{hcm}.HttpConnectionManager",
-                    "stat_prefix": "modelguard_stats",
-                    "route_config": {"virtual_hosts": [{
-                        "name": "stats",
-                        "domains": ["*"],
-                        "routes": [{
-                            "match": {"path": STATS_PATH, "headers": [
-                                {"name": ":method", "string_match": {"exact": "GET"}}]},
-                            "route": {"cluster": cluster},
-                        }],
-                    }]},
-                    "http_filters": [{
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {"@type": "type.googleapis.com/"
-                                         "envoy.extensions.filters.http.router.v3.Router"},
-                    }],
-                },
-            }]}],
-        }
-    )
+    return sidecar_xds_auth(bootstrap, control_plane_id(config.trust_domain))
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -271,7 +233,7 @@ def sidecar_container(
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
             *(
-                [{"name": CA_VOLUME, "mountPath": k8s_identity.TRUST_BUNDLE_DIR, "readOnly": True}]
+                [{"name": CA_VOLUME, "mountPath": TRUST_BUNDLE_DIR, "readOnly": True}]
                 if config.identity
                 else []
             ),
@@ -304,7 +266,7 @@ def egress_init_container(config: InjectConfig) -> dict[str, Any]:
 
 CA_VOLUME_SPEC: Final[dict[str, Any]] = {
     "name": CA_VOLUME,
-    "configMap": {"name": k8s_identity.TRUST_BUNDLE_CONFIGMAP},
+    "configMap": {"name": TRUST_BUNDLE_CONFIGMAP},
 }
 
 
@@ -316,7 +278,7 @@ TOKEN_VOLUME_SPEC: Final[dict[str, Any]] = {
                 "serviceAccountToken": {
                     "audience": TOKEN_AUDIENCE,
                     "expirationSeconds": 3600,
-                    "path": "token",
+                    "path": TOKEN_FILE,
                 }
             }
         ]

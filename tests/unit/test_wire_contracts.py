@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 import controlplane.ratelimit.rules as rules_module
 from controlplane.contracts import ratelimit as contract
+from controlplane.contracts import trust_bundle as contract_tb
 from controlplane.ir import ClientKeyIR, RateEnforcement, RateLimitIR
 from controlplane.ratelimit.rules import Rule, units
 from controlplane.translate import ratelimit as translate_rate
@@ -118,3 +120,91 @@ def test_no_end_keeps_its_own_copy_of_the_keys(end: str) -> None:
         if isinstance(target, ast.Name)
     }
     assert not names & assigned, f"{end} keeps its own {sorted(names & assigned)}"
+
+
+# --- the trust bundle and the token SDS document ----------------------------------------------
+
+
+def _xds_credential(bootstrap: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(the token secret the credential injector reads, the trusted CA, the header) of the
+    bootstrap's control-plane cluster."""
+    from controlplane.sidecar.bootstrap import XDS_CLUSTER
+
+    [cluster] = [
+        c for c in bootstrap["static_resources"]["clusters"] if c["name"] == XDS_CLUSTER
+    ]
+    tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    [options] = cluster["typed_extension_protocol_options"].values()
+    injector = options["http_filters"][0]["typed_config"]["credential"]["typed_config"]
+    return injector["credential"], tls["validation_context"]["trusted_ca"], injector["header"]
+
+
+def test_an_injected_sidecar_reads_its_token_where_the_trust_bundle_points() -> None:
+    from controlplane.identity.kubernetes import (
+        AUTHORIZATION_METADATA,
+        KubernetesTokenAuthenticator,
+        trust_bundle_data,
+    )
+    from controlplane.sidecar import inject
+
+    config = inject.InjectConfig()
+    bootstrap = inject.sidecar_bootstrap(config, "fraud-model", 8080, 15006, {})
+    credential, trusted_ca, header = _xds_credential(bootstrap)
+    container = inject.sidecar_container(config, bootstrap, 15006)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    data = trust_bundle_data("ROOT PEM")  # what the control plane publishes
+
+    # The ConfigMap the pod mounts is the one the control plane writes.
+    ca_mount = mounts[inject.CA_VOLUME_SPEC["name"]]
+    assert inject.CA_VOLUME_SPEC["configMap"]["name"] == contract_tb.TRUST_BUNDLE_CONFIGMAP
+    assert trusted_ca == {"filename": f"{ca_mount}/{contract_tb.ROOT_CERT_KEY}"}
+    assert data[contract_tb.ROOT_CERT_KEY] == "ROOT PEM"
+    # The SDS source the bootstrap names is an entry of it, naming the secret it reads...
+    sds_path = Path(credential["sds_config"]["path_config_source"]["path"])
+    assert str(sds_path.parent) == ca_mount
+    [secret] = yaml.safe_load(data[sds_path.name])["resources"]
+    assert secret["name"] == credential["name"]
+    # ...in the file the projected token is mounted at, minted for the audience TokenReview
+    # asks about, and sent in the header the authenticator reads.
+    [source] = inject.TOKEN_VOLUME_SPEC["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert secret["generic_secret"]["secret"]["filename"] == (
+        f"{mounts[inject.TOKEN_VOLUME_SPEC['name']]}/{token['path']}"
+    )
+    assert token["audience"] == KubernetesTokenAuthenticator(api=None).audience
+    assert header == AUTHORIZATION_METADATA
+
+
+def test_a_written_bootstrap_reads_the_token_file_written_beside_it(tmp_path: Path) -> None:
+    from controlplane.compile.inputs.inventory import Sidecar
+    from controlplane.identity.tokens import AUTHORIZATION_METADATA
+    from controlplane.sidecar.bootstrap import XdsCredentials, write_bootstrap
+
+    sidecar = Sidecar(
+        node_id="fraud-model-0.ml", service="fraud-model", namespace="ml",
+        identity="spiffe://cluster.local/ns/ml/sa/fraud-model", app_port=8080,
+        inbound_port=15006,
+    )
+    credentials = XdsCredentials(token="mgt-secret", ca_pem="ROOT PEM", server_id="spiffe://x")
+    path = write_bootstrap(
+        tmp_path / "sidecar.yaml", sidecar, xds_host="127.0.0.1", xds_port=18000,
+        admin_port=15000, credentials=credentials,
+    )
+    bootstrap = yaml.safe_load(path.read_text())
+    assert "mgt-secret" not in path.read_text()
+    credential, _, header = _xds_credential(bootstrap)
+    sds = Path(credential["sds_config"]["path_config_source"]["path"])
+    [secret] = yaml.safe_load(sds.read_text())["resources"]
+    assert secret["name"] == credential["name"]
+    assert Path(secret["generic_secret"]["secret"]["filename"]).read_text() == "mgt-secret"
+    assert header == AUTHORIZATION_METADATA
+
+
+def test_the_token_sds_document_is_written_in_one_place() -> None:
+    """Its producers import it; none builds its own (``"generic_secret"`` is its mark)."""
+    writers = [
+        p.relative_to(Path(contract_tb.__file__).parents[1]).as_posix()
+        for p in Path(contract_tb.__file__).parents[1].rglob("*.py")
+        if '"generic_secret": {"secret": {"filename"' in p.read_text()
+    ]
+    assert writers == ["contracts/trust_bundle.py"]
