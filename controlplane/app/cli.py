@@ -229,10 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("inject", help="add the Envoy sidecar to workloads, like kube-inject")
-    from controlplane.sidecar import inject
+    from controlplane.app import inject_cli
 
-    inject.add_arguments(p)
-    p.set_defaults(func=inject.run)
+    inject_cli.add_arguments(p)
+    p.set_defaults(func=inject_cli.run)
 
     p = sub.add_parser("ca", help="the CA shared by control-plane replicas (ca init)")
     from controlplane.identity import kubernetes as identity_kubernetes

@@ -143,7 +143,8 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     import socket
 
     from controlplane.app.server import ControlPlane
-    from controlplane.sidecar.inject import InjectConfig, InjectionWebhook
+    from controlplane.sidecar.inject import InjectConfig
+    from controlplane.sidecar.webhook import InjectionWebhook
 
     api_client = api_client_from_args(args)
     replica_id = args.replica_id or socket.gethostname()

@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from controlplane.app import cli
 from controlplane.local.envoy import validate_config
 from controlplane.sidecar import inject
+from controlplane.sidecar import webhook as webhook_module
 from controlplane.sidecar.inject import InjectConfig, InjectionError, inject_yaml
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "testdata" / "inject"
@@ -336,7 +337,7 @@ def _demo_pod() -> dict[str, Any]:
 
 def test_webhook_patch_gives_the_same_pod_as_inject() -> None:
     pod = _demo_pod()
-    answer = inject.review(_pod_review(pod), CONFIG)
+    answer = webhook_module.review(_pod_review(pod), CONFIG)
     response = answer["response"]
     assert answer["kind"] == "AdmissionReview" and response["uid"] == "7f1e"
     assert response["allowed"] and response["patchType"] == "JSONPatch"
@@ -344,7 +345,7 @@ def test_webhook_patch_gives_the_same_pod_as_inject() -> None:
     expected = inject.inject_object(pod, CONFIG)
     assert patched == expected
     # An injected pod (webhook reinvocation, or `modelguard inject` output) gets no patch.
-    again = inject.review(_pod_review(patched), CONFIG)["response"]
+    again = webhook_module.review(_pod_review(patched), CONFIG)["response"]
     assert again["allowed"] and "patch" not in again
 
 
@@ -353,10 +354,10 @@ def test_webhook_refuses_a_pod_it_cannot_protect() -> None:
         "metadata": {"name": "p", "labels": {"app": "p"}},
         "spec": {"containers": [{"name": "c", "image": "i"}]},
     }
-    response = inject.review(_pod_review(pod), CONFIG)["response"]
+    response = webhook_module.review(_pod_review(pod), CONFIG)["response"]
     assert response["allowed"] is False
     assert "required when no container declares a TCP port" in response["status"]["message"]
-    assert "patch" not in inject.review(_pod_review(pod, "UPDATE"), CONFIG)["response"]
+    assert "patch" not in webhook_module.review(_pod_review(pod, "UPDATE"), CONFIG)["response"]
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
@@ -389,7 +390,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 def test_webhook_serves_admission_reviews_over_https(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     ready = [False]
-    webhook = inject.InjectionWebhook(
+    webhook = webhook_module.InjectionWebhook(
         CONFIG, "127.0.0.1", 0, str(cert), str(key), ready=lambda: ready[0]
     )
     webhook.start()
@@ -468,7 +469,7 @@ def test_webhook_serves_a_renewed_certificate_without_a_restart(tmp_path: Path) 
     mounted.mkdir()
     for name in ("tls.crt", "tls.key"):
         (mounted / name).write_bytes((first_dir / name).read_bytes())
-    webhook = inject.InjectionWebhook(
+    webhook = webhook_module.InjectionWebhook(
         CONFIG, "127.0.0.1", 0, str(mounted / "tls.crt"), str(mounted / "tls.key")
     )
     webhook.start()
