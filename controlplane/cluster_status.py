@@ -156,7 +156,7 @@ class SharedStatus:
 def versions_of(policies: Iterable[Any]) -> dict[PolicyKey, str]:
     """Policy → digest of the spec being served (what ``ProgramTracker`` fingerprints)."""
     return {
-        (p.kind, p.metadata.namespace, p.metadata.name): spec_digest(
+        p.ref: spec_digest(
             p.spec.model_dump_json(by_alias=True)
         )
         for p in policies

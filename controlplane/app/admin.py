@@ -141,7 +141,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                     item.last_nack_error = ts.last_nack.message
                     item.last_nack_time.CopyFrom(_timestamp(ts.last_nack.at))
         policies: dict[tuple[str, str, str], Policy] = {
-            (p.kind, p.metadata.namespace, p.metadata.name): p
+            p.ref: p
             for p in self.store.current().policies
         }
         sidecars = self.inventory.snapshot()

@@ -24,7 +24,7 @@ from controlplane.telemetry.settings import TelemetrySettings
 
 
 def policy_ref(policy: Policy) -> PolicyRef:
-    return PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name)
+    return PolicyRef(*policy.ref)
 
 
 def compile_sidecar(
@@ -38,7 +38,7 @@ def compile_sidecar(
 ) -> SidecarIR:
     mine = sorted(
         (p for p in policies if targets(p, sidecar)),
-        key=lambda p: (p.kind, p.metadata.namespace, p.metadata.name),
+        key=lambda p: p.ref,
     )
     access_policies = [p for p in mine if isinstance(p, AccessPolicy)]
     rate_policies = [p for p in mine if isinstance(p, RatePolicy)]

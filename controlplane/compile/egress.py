@@ -29,7 +29,7 @@ OUTBOUND_ADDRESS = "127.0.0.1"
 
 
 def _ref(policy: EgressPolicy) -> PolicyRef:
-    return PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name)
+    return PolicyRef(*policy.ref)
 
 
 def _destinations(policy: EgressPolicy) -> list[EgressDestination]:

@@ -114,7 +114,7 @@ def compile_one(policy: ExtractionPolicy, hardened: Sequence[Hardened] = ()) -> 
             for name, settings in sorted(output.tiers.items())
         )
     return ExtractionIR(
-        policy=PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name),
+        policy=PolicyRef(*policy.ref),
         client_key=client_key(spec.client_key),
         features=spec.request.features,
         scores=score_steps(policy),

@@ -48,6 +48,6 @@ def compile_mtls(
         if sidecar.mesh_port or sidecar.outbound_port
         else (),
         deciding=tuple(
-            PolicyRef(p.kind, p.metadata.namespace, p.metadata.name) for p in deciding
+            PolicyRef(*p.ref) for p in deciding
         ),
     )

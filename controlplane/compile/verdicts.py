@@ -26,7 +26,7 @@ def _client(policy: ExtractionPolicy, e: Enforcement) -> ClientVerdictIR | None:
     if (key.source == "header") != e.client.digested:
         return None  # a header verdict carries the key's digest (``ClientRef.of``), never a key
     return ClientVerdictIR(
-        policy=PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name),
+        policy=PolicyRef(*policy.ref),
         client_key=key,
         value=e.client.key,  # a header key's SHA-256: the sidecar matches digests
         requests=e.requests,

@@ -748,7 +748,7 @@ class StatusWriter:
         store = self.source.store
         statuses = {s.key: s for s in store.statuses()}
         serving: dict[PolicyKey, Policy] = {
-            (p.kind, p.metadata.namespace, p.metadata.name): p for p in store.current().policies
+            p.ref: p for p in store.current().policies
         }
         sidecars = self.sidecars()
         out = {}
@@ -903,7 +903,7 @@ class ProgramTracker:
     def _on_policies(self, policy_set: Any) -> None:
         with self._lock:
             for policy in policy_set.policies:
-                key = (policy.kind, policy.metadata.namespace, policy.metadata.name)
+                key = policy.ref
                 fingerprint = policy.spec.model_dump_json(by_alias=True)
                 if self._applied.get(key, (0, ""))[1] != fingerprint:
                     self._applied[key] = (policy_set.revision, fingerprint)

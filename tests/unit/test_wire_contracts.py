@@ -12,6 +12,7 @@ the producer's real output through the real consumer, so the two cannot drift ap
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,38 @@ def test_the_token_sds_document_is_written_in_one_place() -> None:
         if '"generic_secret": {"secret": {"filename"' in p.read_text()
     ]
     assert writers == ["contracts/trust_bundle.py"]
+
+
+# --- a policy's (kind, namespace, name) -------------------------------------------------------
+
+
+def test_every_box_names_a_policy_by_its_ref() -> None:
+    """The store's status keys, compile's PolicyRef and the admin report all say
+    ``PolicyBase.ref`` for the example policies."""
+    from dataclasses import astuple
+
+    from controlplane.compile import policy_ref
+    from controlplane.compile.inputs.store import PolicyStore
+    from controlplane.sources.files import FileSource
+
+    examples = Path(__file__).resolve().parents[2] / "policies"
+    store = PolicyStore()
+    assert FileSource([examples], store).sync()
+    policies = store.current().policies
+    assert len({p.kind for p in policies}) >= 4
+    assert {s.key for s in store.statuses()} == {p.ref for p in policies}
+    for p in policies:
+        assert astuple(policy_ref(p)) == p.ref == (p.kind, p.metadata.namespace, p.metadata.name)
+
+
+def test_no_module_rebuilds_the_ref_by_hand() -> None:
+    """``(p.kind, p.metadata.namespace, p.metadata.name)`` is ``p.ref``: one definition."""
+    root = Path(contract_tb.__file__).parents[1]
+    by_hand = re.compile(r"(\w+)\.kind, \1\.metadata\.namespace, \1\.metadata\.name\b")
+    found = [
+        f"{p.relative_to(root)}:{n}"
+        for p in sorted(root.rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if by_hand.search(line)
+    ]
+    assert found == []

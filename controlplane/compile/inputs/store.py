@@ -56,7 +56,7 @@ class PolicySet:
 
 
 def _key(policy: Policy) -> PolicyKey:
-    return (policy.kind, policy.metadata.namespace, policy.metadata.name)
+    return policy.ref
 
 
 def _spec_fingerprint(policy: Policy) -> str:
