@@ -124,7 +124,7 @@ def _traces(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from controlplane.sidecar import bootstrap
+    from controlplane.app import bootstrap_cli as bootstrap
 
     return bootstrap.run(args)
 
@@ -235,10 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=inject_cli.run)
 
     p = sub.add_parser("ca", help="the CA shared by control-plane replicas (ca init)")
-    from controlplane.identity import kubernetes as identity_kubernetes
+    from controlplane.app import ca_cli
 
-    identity_kubernetes.add_ca_arguments(p)
-    p.set_defaults(func=identity_kubernetes.run_ca)
+    ca_cli.add_arguments(p)
+    p.set_defaults(func=ca_cli.run)
 
     p = sub.add_parser("quarantine", help="clients the extraction monitor quarantined")
     from controlplane.app import quarantine_cli as quarantine_admin
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bootstrap", help="write an Envoy bootstrap for a sidecar")
     try:
-        from controlplane.sidecar import bootstrap as bootstrap_module
+        from controlplane.app import bootstrap_cli as bootstrap_module
 
         bootstrap_module.add_arguments(p)
     except ImportError:  # pragma: no cover - the module is part of the package

@@ -235,3 +235,13 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as out:
         out.write(text)
     os.replace(tmp, path)
+
+
+def pem_key(key: SigningKey) -> str:
+    """A private key as PEM (exporting the CA as a Secret: ``modelguard ca init``)."""
+    return _pem_key(key)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600)."""
+    _write_private(path, text)

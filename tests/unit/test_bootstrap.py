@@ -13,9 +13,9 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 (Any type)
 from google.protobuf import json_format, struct_pb2
 
+from controlplane.app import bootstrap_cli
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import validate_config
-from controlplane.sidecar import bootstrap as bootstrap_mod
 from controlplane.sidecar.bootstrap import (
     XDS_CLUSTER,
     build_bootstrap,
@@ -151,7 +151,7 @@ def test_write_bootstrap(tmp_path: Path) -> None:
 
 def _cli(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bootstrap_mod.add_arguments(parser)
+    bootstrap_cli.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -183,7 +183,7 @@ def test_cli_writes_the_bootstrap(tmp_path: Path) -> None:
             str(out),
         ]
     )
-    assert bootstrap_mod.run(args) == 0
+    assert bootstrap_cli.run(args) == 0
     assert yaml.safe_load(out.read_text()) == _bootstrap()
 
 
@@ -202,7 +202,7 @@ def test_cli_defaults_and_stdout(capsys: pytest.CaptureFixture[str]) -> None:
             "localhost:18000",
         ]
     )
-    assert bootstrap_mod.run(args) == 0
+    assert bootstrap_cli.run(args) == 0
     config = yaml.safe_load(capsys.readouterr().out)
     sidecar = Sidecar.from_metadata(config["node"]["id"], config["node"]["metadata"])
     assert sidecar.node_id == "digits.default"

@@ -10,6 +10,7 @@ import yaml
 from google.protobuf.message import Message
 
 from controlplane.api import EgressPolicy, parse_documents
+from controlplane.app import bootstrap_cli
 from controlplane.app.admin import egress_blocks
 from controlplane.app.status_cli import render
 from controlplane.compile import compile_sidecar
@@ -18,7 +19,6 @@ from controlplane.compile.inputs.inventory import InventoryError, Sidecar
 from controlplane.gen.modelguard.admin.v1 import admin_pb2
 from controlplane.ir import EgressDestination, EgressIR, EgressProtocol, PolicyRef
 from controlplane.local.envoy import validate_config
-from controlplane.sidecar import bootstrap
 from controlplane.telemetry import records
 from controlplane.telemetry.records import Kind, Record, make_record
 from controlplane.telemetry.settings import TelemetrySettings
@@ -188,12 +188,12 @@ def test_outbound_port_round_trips_through_node_metadata() -> None:
 
 def test_bootstrap_cli_takes_the_outbound_port() -> None:
     parser = argparse.ArgumentParser()
-    bootstrap.add_arguments(parser)
+    bootstrap_cli.add_arguments(parser)
     common = ["--service", "m", "--app-port", "8080", "--inbound-port", "15006"]
     common += ["--admin-port", "15000", "--xds", "127.0.0.1:18000"]
     args = parser.parse_args([*common, "--outbound-port", "15001"])
-    assert bootstrap.sidecar_from_args(args).outbound_port == 15001
-    assert bootstrap.sidecar_from_args(parser.parse_args(common)).outbound_port is None
+    assert bootstrap_cli.sidecar_from_args(args).outbound_port == 15001
+    assert bootstrap_cli.sidecar_from_args(parser.parse_args(common)).outbound_port is None
 
 
 # --- byte budgets: rejected until enforced ---------------------------------------------------

@@ -7,10 +7,10 @@ import argparse
 import stat
 from pathlib import Path
 
+from controlplane.app import bootstrap_cli
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.service import IdentityConfig, IdentityService
 from controlplane.identity.tokens import AuthenticationError, BootstrapTokens
-from controlplane.sidecar import bootstrap as bootstrap_mod
 
 
 def _mode(path: Path) -> int:
@@ -21,7 +21,7 @@ def test_bootstrap_o_writes_the_bootstrap_and_its_token_0600(tmp_path: Path) -> 
     identity = tmp_path / "identity"
     IdentityService(IdentityConfig(directory=str(identity), trust_domain="cluster.local"))
     parser = argparse.ArgumentParser()
-    bootstrap_mod.add_arguments(parser)
+    bootstrap_cli.add_arguments(parser)
     out = tmp_path / "sidecar.yaml"
     args = parser.parse_args(
         [
@@ -30,7 +30,7 @@ def test_bootstrap_o_writes_the_bootstrap_and_its_token_0600(tmp_path: Path) -> 
             "--xds", "127.0.0.1:18000", "--identity-dir", str(identity), "-o", str(out),
         ]
     )
-    assert bootstrap_mod.run(args) == 0
+    assert bootstrap_cli.run(args) == 0
     token_file = tmp_path / "sidecar.token"
     assert _mode(out) == 0o600 and _mode(token_file) == 0o600
     token = token_file.read_text().strip()
