@@ -62,7 +62,7 @@ from controlplane.extraction.detectors import (
     Reference,
     StatisticName,
     Thresholds,
-    _sq_distances,
+    sq_distances,
 )
 
 SENSITIVITIES = ("low", "medium", "high")
@@ -337,14 +337,14 @@ def kmeans(X: FloatArray, k: int, seed: int = 0, rounds: int = 20) -> IntArray:
     k = min(k, len(X))
     centres = [X[int(rng.integers(0, len(X)))]]
     for _ in range(1, k):
-        d2 = _sq_distances(X, np.asarray(centres)).min(axis=1).astype(np.float64)
+        d2 = sq_distances(X, np.asarray(centres)).min(axis=1).astype(np.float64)
         total = d2.sum()
         p = d2 / total if total > 0 else None
         centres.append(X[int(rng.choice(len(X), p=p))])
     C = np.asarray(centres, dtype=np.float32)
     labels = np.zeros(len(X), dtype=np.int16)
     for _ in range(rounds):
-        labels = _sq_distances(X, C).argmin(axis=1).astype(np.int16)
+        labels = sq_distances(X, C).argmin(axis=1).astype(np.int16)
         for j in range(k):
             members = X[labels == j]
             if len(members):
@@ -367,7 +367,7 @@ def nearest_labeller(points: FloatArray, labels: IntArray) -> Labeller:
     """The label of each query's nearest point: the model's class, approximately."""
 
     def label(X: FloatArray) -> IntArray:
-        nearest = _sq_distances(np.asarray(X, dtype=np.float32), points).argmin(axis=1)
+        nearest = sq_distances(np.asarray(X, dtype=np.float32), points).argmin(axis=1)
         out: IntArray = labels[nearest]
         return out
 
@@ -413,7 +413,7 @@ def rate_upper_bound(k: int, n: int, confidence: float = 0.975) -> float:
 
 
 def per_query_cutoffs(reference: Reference, held_out: FloatArray) -> Cutoffs:
-    d2 = _sq_distances(held_out, reference.points)
+    d2 = sq_distances(held_out, reference.points)
     nearest = np.sqrt(d2.min(axis=1))
     novelty = reference.novelty(held_out)
     cut = float(np.quantile(novelty, 0.99))

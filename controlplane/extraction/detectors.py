@@ -96,7 +96,7 @@ class Reference:
 
     def novelty(self, X: FloatArray, k: int = 5) -> FloatArray:
         """Mean distance of each row to its k nearest reference points."""
-        d2 = _sq_distances(X, self.points)
+        d2 = sq_distances(X, self.points)
         k = min(k, d2.shape[1])
         nearest = np.partition(d2, k - 1, axis=1)[:, :k]
         result: FloatArray = np.sqrt(np.maximum(nearest, 0)).mean(axis=1).astype(np.float32)
@@ -161,7 +161,7 @@ class Finding:
         return self.statistic >= self.threshold
 
 
-def _sq_distances(A: FloatArray, B: FloatArray) -> FloatArray:
+def sq_distances(A: FloatArray, B: FloatArray) -> FloatArray:
     d2: FloatArray = (
         np.einsum("ij,ij->i", A, A)[:, None]
         - 2.0 * (A @ B.T)

@@ -35,7 +35,7 @@ from typing import Protocol
 
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.contracts.trust_bundle import AUTHORIZATION
-from controlplane.identity.ca import _write_private
+from controlplane.identity.ca import write_private
 
 TOKEN_KEY_FILE = "bootstrap-token.key"
 # gRPC metadata keys that carry the sidecar's credential: the older form (ADS
@@ -101,7 +101,7 @@ class BootstrapTokens:
             return cls(base64.b64decode(path.read_text().strip()))
         path.parent.mkdir(parents=True, exist_ok=True)
         key = secrets.token_bytes(32)
-        _write_private(path, base64.b64encode(key).decode() + "\n")
+        write_private(path, base64.b64encode(key).decode() + "\n")
         return cls(key)
 
     def _mac(self, version: str, *fields: str) -> str:

@@ -32,9 +32,9 @@ from controlplane.telemetry.conventions import (
     typed_int,
 )
 from controlplane.telemetry.records import (
-    _RECORD_OVERHEAD,
     CLIENT_HASH_ATTRIBUTE,
     CLIENT_KEY_ATTRIBUTE,
+    RECORD_OVERHEAD,
     VERDICT_ATTRIBUTE,
     VERDICT_INPUTS,
     VERDICT_RULE_ATTRIBUTE,
@@ -183,7 +183,7 @@ class OtlpReceiver:
             service = _resource_text(resource, "service.name")
             resource_node = _resource_text(resource, _NODE_ATTRIBUTE)
             # The strings every record of this resource shares, the empty title among them.
-            shared_size = _RECORD_OVERHEAD + getsizeof("") + getsizeof(source) + getsizeof(service)
+            shared_size = RECORD_OVERHEAD + getsizeof("") + getsizeof(source) + getsizeof(service)
             for scope in resource_logs.scope_logs:
                 for entry in scope.log_records:
                     attrs = entry.attributes

@@ -337,7 +337,7 @@ _new_record = tuple.__new__
 # Per-object overhead of a Record beyond its strings: the tuple, the deque slot; and of each
 # attribute pair (a decoded record's tuple of pairs). Measured with tracemalloc
 # (tests/unit/test_telemetry_store.py).
-_RECORD_OVERHEAD = 240
+RECORD_OVERHEAD = 240
 _PAIR_OVERHEAD = 120
 
 
@@ -362,7 +362,7 @@ def measure(record: Record) -> int:
 
 def _measure(strings: tuple[str, ...], attributes: tuple[tuple[str, str], ...]) -> int:
     getsizeof = sys.getsizeof
-    size = _RECORD_OVERHEAD + sum(map(getsizeof, strings)) + _PAIR_OVERHEAD * len(attributes)
+    size = RECORD_OVERHEAD + sum(map(getsizeof, strings)) + _PAIR_OVERHEAD * len(attributes)
     for key, value in attributes:
         size += getsizeof(key) + getsizeof(value)
     return size

@@ -241,3 +241,21 @@ def test_the_most_specific_entry_places_a_module(path: str, row: str) -> None:
     placed = place(path)
     assert placed is not None
     assert row in layers()[placed[0]][placed[1]]
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A module's ``_names`` are its own: another module that needs one gets a public name."""
+    found = []
+    for module, path in modules().items():
+        if relative(module).startswith(GENERATED):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "controlplane"
+            ):
+                found += [
+                    f"{module}: from {node.module} import {alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                ]
+    assert found == []
