@@ -586,6 +586,12 @@ def main() -> int:
         help="instead of wrk: count each proxy's instructions per request under callgrind "
         "(N requests per path after N of warm-up; insensitive to the machine's load)",
     )
+    parser.add_argument(
+        "--callgrind-dir",
+        metavar="DIR",
+        help="with --instructions: keep each path's callgrind dumps in DIR/<path>/ "
+        "(callgrind_annotate shows where the instructions go)",
+    )
     args = parser.parse_args()
     if args.instructions and shutil.which("valgrind") is None:
         sys.exit("--instructions needs valgrind (Debian: apt-get install valgrind)")
@@ -726,7 +732,8 @@ def main() -> int:
         if args.instructions:
             bare.wait_ready(ready)
             pair_front.wait_ready(ready)
-            count_instructions(chosen, paths, work, args.instructions)
+            keep = Path(args.callgrind_dir) if args.callgrind_dir else None
+            count_instructions(chosen, paths, work, args.instructions, keep)
             return 0
         # Warm-up: connections, per-client buckets and their quota assignments, Wasm VMs.
         for path in paths.values():
@@ -753,13 +760,17 @@ def main() -> int:
 
 
 def count_instructions(
-    chosen: list[Variant], paths: dict[str, Path_], work: Path, requests: int
+    chosen: list[Variant], paths: dict[str, Path_], work: Path, requests: int, keep: Path | None
 ) -> None:
     """Each path's proxies under callgrind, one path at a time: instructions per request."""
     bodies = digits_bodies()
     counts = {}
     for name in ["bare", "bare-pair", *(v.name for v in chosen)]:
         counts[name] = instructions(paths[name], work, requests, bodies)
+        if keep is not None:
+            (keep / name).mkdir(parents=True, exist_ok=True)
+            for dump in work.glob("callgrind.*"):
+                shutil.copy(dump, keep / name / dump.name)
         print(f"{name}: {sum(counts[name]):,.0f} instructions/request", file=sys.stderr)
     print("| sidecar carries | baseline | instructions/request (proxies on the path) | ratio |")
     print("| --- | --- | ---: | ---: |")
