@@ -35,7 +35,7 @@ rounds, and the proxies' CPU per request (user + system of the Envoys on the pat
 cost better than throughput does. Control-plane CPU per request is reported too (it shares
 the machine here; in a cluster it does not sit on the sidecar's cores).
 
-``--instructions N`` replaces wrk by a count that the machine's load does not move (~1 %):
+``--instructions N`` replaces wrk by a count that the machine's load moves far less:
 every proxy on the measured paths runs under valgrind's callgrind, and N requests (after N of
 warm-up, one keep-alive connection, the same bodies and keys) give each proxy's instructions
 per request. It leaves out the kernel's share (sockets, ~25 % of a bare Envoy's CPU here), so
