@@ -198,3 +198,47 @@ async def test_close_stops_a_running_rebuild(tmp_path: Path) -> None:
     release.set()
     await asyncio.wait_for(running, 10)
     assert len(threads) == 1 and pipeline.rebuilds == 0 and pipeline.cache.node_ids() == []
+
+
+async def test_memory_returns_after_a_big_policy_file_is_removed(tmp_path: Path) -> None:
+    """Nothing of a removed file stays behind: not in the store, not in the IRs, the shape
+    cache or the interned resources (held weakly, by live snapshots only). Measured with
+    tracemalloc (what Python allocated), not RSS (which the allocator may keep)."""
+    import gc
+    import tracemalloc
+
+    from bench.rebuild_stall import big_unit
+    from controlplane.xds import snapshot as snapshots
+
+    pipeline, _ = _pipeline(tmp_path, 3)
+    unit = "big.yaml"
+
+    async def cycle() -> int:
+        """Apply the big file, rebuild, remove it, rebuild; the memory it took at its peak."""
+        pipeline.store.apply({unit: big_unit(3, 1_000, ["digits-model"], unit)})
+        await pipeline.rebuild_async()
+        assert "/v1/predict/999" in str(pipeline.ir("node-0"))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        pipeline.store.apply({}, removed=[unit])
+        await pipeline.rebuild_async()
+        assert "/v1/predict/999" not in str(pipeline.ir("node-0"))
+        return held
+
+    await pipeline.rebuild_async()
+    await cycle()  # first use: imports, interned strings, lazily built tables
+    tracemalloc.start()  # traces what is allocated from here on
+    try:
+        gc.collect()
+        baseline = tracemalloc.get_traced_memory()[0]
+        interned = len(snapshots._interned)
+        held = await cycle()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    mb = 1024 * 1024
+    assert held - baseline > 4 * mb, (held - baseline) / mb  # the file was big
+    assert after - baseline < (held - baseline) * 0.02, ((after - baseline) / mb, held / mb)
+    assert len(snapshots._interned) == interned
+    assert len(pipeline.shapes._templates) <= 3
