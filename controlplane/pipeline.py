@@ -8,9 +8,10 @@ Compile and translate run in a worker thread, off the event loop that serves ADS
 admin API: a policy set near the size limits takes seconds to compile, and on the loop
 (even in 50 ms slices between sidecars) one big sidecar alone stalled every stream for as
 long as it took. bench/rebuild_stall.py measures what the loop still sees (BENCHMARKS.md).
-A thread rather than a process: the loop waits for the GIL at most a switch interval
-(5 ms) per wake-up, which the bench shows is enough; a process would have to pickle the
-policies in and every snapshot out, on the loop.
+A thread rather than a process: with a core free, the loop waits for the GIL a switch
+interval (5 ms) per wake-up; a process would have to pickle the policies in and every
+snapshot and IR back out, onto the loop. What still stops the loop is a full garbage
+collection (it stops every thread, and would stop the loop in either design).
 """
 
 from __future__ import annotations
