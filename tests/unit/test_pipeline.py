@@ -246,3 +246,42 @@ async def test_memory_returns_after_a_big_policy_file_is_removed(tmp_path: Path)
     assert after - baseline < (held - baseline) * 0.02, ((after - baseline) / mb, held / mb)
     assert len(snapshots._interned) == interned
     assert len(pipeline.shapes._templates) <= 3
+
+
+async def test_edits_during_a_rebuild_coalesce_into_one_more_with_the_newest(
+    tmp_path: Path,
+) -> None:
+    """Through the server's Debouncer: one rebuild in flight, at most one pending, and the
+    pending one compiles the newest policies (the edits in between are never compiled)."""
+    from controlplane.pipeline import Debouncer
+
+    pipeline, files = _pipeline(tmp_path, 2)
+    await pipeline.rebuild_async()
+    release, compiling = threading.Event(), threading.Event()
+
+    def hold_the_first(n: int, sidecar: Sidecar) -> None:
+        if n == 0:
+            compiling.set()
+            assert release.wait(10)
+
+    threads = _paced(pipeline, hold_the_first)
+    debouncer = Debouncer(
+        pipeline.rebuild_async, asyncio.get_running_loop(), quiet=0.01, max_delay=0.05
+    )
+    pipeline.store.subscribe(lambda _policies: debouncer.trigger())
+    (tmp_path / "access.yaml").write_text(ACCESS.format(path="/v2/predict"))
+    files.sync()
+    assert await asyncio.to_thread(compiling.wait, 10)
+    for version in (3, 4, 5):  # while the first runs
+        (tmp_path / "access.yaml").write_text(ACCESS.format(path=f"/v{version}/predict"))
+        files.sync()
+        await asyncio.sleep(0.03)
+    release.set()
+    newest = pipeline.store.current().revision
+    for _ in range(500):
+        if pipeline.compiled_revision == newest:
+            break
+        await asyncio.sleep(0.01)
+    assert pipeline.compiled_revision == newest
+    assert pipeline.rebuilds == 1 + 2  # the first one, the held one, one more: coalesced
+    assert "/v5/predict" in str(pipeline.ir("node-0")) and len(threads) == 2 + 2
