@@ -28,9 +28,9 @@ from typing import Any
 
 from controlplane.api import LoadedPolicy
 from controlplane.api.kinds import KINDS
-from controlplane.inventory import Inventory, Sidecar
+from controlplane.compile.inputs.inventory import Inventory, Sidecar
+from controlplane.compile.inputs.store import PolicyStore, UnitContent
 from controlplane.pipeline import Pipeline
-from controlplane.store import PolicyStore, UnitContent
 from controlplane.xds.cache import SnapshotCache
 
 PROBE_SLEEP = 0.001

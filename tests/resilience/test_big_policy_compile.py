@@ -29,12 +29,12 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format, struct_pb2
 
 from bench.rebuild_stall import big_unit
-from controlplane.bootstrap import build_bootstrap
+from controlplane.app.server import ControlPlaneConfig
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
-from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.server import ControlPlaneConfig
+from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.xds import resources as rt
 from tests.conftest import Processes
 from tests.resilience.conftest import ACCESS, PlaneThread, write_policies

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.compile import compile_sidecar
-from controlplane.inventory import Inventory, Sidecar
+from controlplane.compile.inputs.inventory import Inventory, Sidecar
+from controlplane.compile.inputs.store import PolicyStore
 from controlplane.ir import SidecarIR
 from controlplane.pipeline import Pipeline
 from controlplane.sources.files import FileSource
-from controlplane.store import PolicyStore
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.xds.cache import SnapshotCache
 

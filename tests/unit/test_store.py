@@ -112,7 +112,7 @@ def test_judging_only_the_affected_units_gives_what_judging_all_gives() -> None:
 
     from controlplane.api import LoadedPolicy, Violation
     from controlplane.api.kinds import KINDS
-    from controlplane.store import UnitContent
+    from controlplane.compile.inputs.store import UnitContent
 
     def content(unit: str, names: list[str], default: str, broken: bool) -> UnitContent:
         loaded = tuple(
