@@ -65,8 +65,8 @@ from controlplane.ir import (
 )
 from controlplane.local.envoy import EnvoyProcess, envoy_binary
 from controlplane.netutil import free_port, http_request
+from controlplane.policies.extraction.translate import extension_config
 from controlplane.translate.render import to_dict
-from controlplane.translate.wasm import extension_config
 
 QUERY = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
 

@@ -4,15 +4,6 @@ One module per kind; :mod:`~controlplane.api.loader` turns YAML into policies an
 :class:`Violation` s, every one of them with its YAML path.
 """
 
-from controlplane.api.access import (
-    AccessPolicy,
-    AccessPolicySpec,
-    AccessRule,
-    ApiKeys,
-    From,
-    JwtRule,
-    To,
-)
 from controlplane.api.base import API_VERSION, Metadata, PolicyBase
 from controlplane.api.common import (
     WINDOW_SECONDS,
@@ -23,8 +14,27 @@ from controlplane.api.common import (
     Window,
     parse_duration,
 )
-from controlplane.api.egress import ByteBudget, EgressPolicy, EgressPolicySpec, EgressRule
-from controlplane.api.extraction import (
+from controlplane.api.kinds import KINDS, Policy
+from controlplane.api.loader import (
+    LoadedPolicy,
+    load_paths,
+    parse_documents,
+    policy_files,
+    validate_cross,
+    validate_document,
+)
+from controlplane.api.violations import Violation
+from controlplane.policies.access.api import (
+    AccessPolicy,
+    AccessPolicySpec,
+    AccessRule,
+    ApiKeys,
+    From,
+    JwtRule,
+    To,
+)
+from controlplane.policies.egress.api import ByteBudget, EgressPolicy, EgressPolicySpec, EgressRule
+from controlplane.policies.extraction.api import (
     ALL_DETECTORS,
     Actions,
     Detection,
@@ -39,17 +49,7 @@ from controlplane.api.extraction import (
     ResponseFields,
     Throttle,
 )
-from controlplane.api.kinds import KINDS, Policy
-from controlplane.api.loader import (
-    LoadedPolicy,
-    load_paths,
-    parse_documents,
-    policy_files,
-    validate_cross,
-    validate_document,
-)
-from controlplane.api.rate import Limit, RatePolicy, RatePolicySpec
-from controlplane.api.violations import Violation
+from controlplane.policies.rate.api import Limit, RatePolicy, RatePolicySpec
 
 __all__ = [
     "ALL_DETECTORS",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from controlplane.api.access import AccessPolicy
-from controlplane.api.egress import EgressPolicy
-from controlplane.api.extraction import ExtractionPolicy
-from controlplane.api.rate import RatePolicy
+from controlplane.policies.access.api import AccessPolicy
+from controlplane.policies.egress.api import EgressPolicy
+from controlplane.policies.extraction.api import ExtractionPolicy
+from controlplane.policies.rate.api import RatePolicy
 
 Policy = AccessPolicy | EgressPolicy | RatePolicy | ExtractionPolicy
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from controlplane.api import AccessPolicy, EgressPolicy, ExtractionPolicy, Policy, RatePolicy
-from controlplane.compile import access, rate
 from controlplane.compile.caller import compile_caller
-from controlplane.compile.egress import compile_egress
-from controlplane.compile.extraction import compile_extraction
 from controlplane.compile.mesh import MeshInputs, compile_mtls
 from controlplane.compile.telemetry import compile_telemetry
-from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
+from controlplane.policies.access import compile as access
+from controlplane.policies.egress.compile import compile_egress
+from controlplane.policies.extraction.compile import compile_extraction
+from controlplane.policies.extraction.verdicts_compile import compile_verdicts
+from controlplane.policies.rate import compile as rate
 from controlplane.store import PolicySet
 from controlplane.telemetry.settings import TelemetrySettings
 

@@ -22,7 +22,8 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
 from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.ir import SidecarIR
-from controlplane.translate import apikey, rbac
+from controlplane.policies.access import translate as rbac
+from controlplane.translate import apikey
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
 

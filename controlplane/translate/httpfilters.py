@@ -9,8 +9,13 @@ in ``REGISTRY``.
 
 from __future__ import annotations
 
-from controlplane.translate import caller, egress, mtls, ratelimit, rbac, router, telemetry, wasm
-from controlplane.translate import verdicts as extraction_verdicts
+from controlplane.policies.access import mtls_translate as mtls
+from controlplane.policies.access import translate as rbac
+from controlplane.policies.egress import translate as egress
+from controlplane.policies.extraction import translate as wasm
+from controlplane.policies.extraction import verdicts_translate as extraction_verdicts
+from controlplane.policies.rate import translate as ratelimit
+from controlplane.translate import caller, router, telemetry
 from controlplane.translate.module import Inbound, Module
 
 __all__ = ["REGISTRY", "Inbound", "Module"]

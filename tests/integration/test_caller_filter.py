@@ -27,7 +27,8 @@ from controlplane.identity.apikeys import ApiKey, digest
 from controlplane.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.translate import caller, rbac
+from controlplane.policies.access import translate as rbac
+from controlplane.translate import caller
 from controlplane.translate.render import to_dict
 
 pytestmark = pytest.mark.envoy

@@ -13,22 +13,22 @@ from controlplane import bootstrap
 from controlplane.admin import egress_blocks
 from controlplane.api import EgressPolicy, parse_documents
 from controlplane.compile import compile_sidecar
-from controlplane.compile.egress import compile_egress
 from controlplane.gen.modelguard.admin.v1 import admin_pb2
 from controlplane.inventory import InventoryError, Sidecar
 from controlplane.ir import EgressDestination, EgressIR, EgressProtocol, PolicyRef
 from controlplane.local.envoy import validate_config
+from controlplane.policies.egress.compile import compile_egress
+from controlplane.policies.egress.translate import (
+    EGRESS_ATTRIBUTES,
+    OTEL_ACCESS_LOGGER,
+    route_configuration,
+)
 from controlplane.status_cli import render
 from controlplane.telemetry import records
 from controlplane.telemetry.records import Kind, Record, make_record
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore
 from controlplane.translate import translate
-from controlplane.translate.egress import (
-    EGRESS_ATTRIBUTES,
-    OTEL_ACCESS_LOGGER,
-    route_configuration,
-)
 from controlplane.translate.render import to_dict, validation_bootstrap
 from controlplane.xds import resources as rt
 

@@ -15,10 +15,10 @@ from controlplane.api import load_paths
 from controlplane.cli import build_parser
 from controlplane.compile import compile_sidecar
 from controlplane.local.runner import demo_sidecar
+from controlplane.policies.egress import translate as egress_translate
 from controlplane.telemetry.receiver import OtlpReceiver
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore
-from controlplane.translate import egress as egress_translate
 
 
 def _values(attributes: Any) -> dict[str, tuple[str | None, Any]]:

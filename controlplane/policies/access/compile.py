@@ -11,7 +11,6 @@ import hashlib
 from collections.abc import Sequence
 
 from controlplane.api import AccessPolicy
-from controlplane.api.access import JwtRule
 from controlplane.compile.mesh import MeshInputs
 from controlplane.ir import (
     AccessIR,
@@ -21,6 +20,7 @@ from controlplane.ir import (
     JwtRequirement,
     PathMatch,
 )
+from controlplane.policies.access.api import JwtRule
 
 
 def jwt_provider(rule: JwtRule) -> JwtProvider:

@@ -11,11 +11,11 @@ import logging
 from collections.abc import Sequence
 
 from controlplane.api import ExtractionPolicy
-from controlplane.api.extraction import Hardening
 from controlplane.api.jsonpath import JsonPath, Step
-from controlplane.compile.rate import client_key
 from controlplane.extraction.hardened import Hardened
 from controlplane.ir import ExtractionIR, HardeningIR, PolicyRef, QueryFeedIR
+from controlplane.policies.extraction.api import Hardening
+from controlplane.policies.rate.compile import client_key
 
 log = logging.getLogger(__name__)
 

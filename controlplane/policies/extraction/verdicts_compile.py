@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.api import ExtractionPolicy
-from controlplane.compile.rate import client_key
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.ir import ClientVerdictIR, PolicyRef, VerdictsIR
+from controlplane.policies.rate.compile import client_key
 
 # Sources a sidecar can match a client by (API keys and JWT claims are read as the headers
 # the sidecar sets itself: compile.rate.client_key).

@@ -66,7 +66,7 @@ from google.protobuf.message import Message
 from opentelemetry.proto.common.v1 import common_pb2
 
 from controlplane.ir import EgressDestination, EgressIR, EgressProtocol, SidecarIR
-from controlplane.translate import mtls as mesh
+from controlplane.policies.access import mtls_translate as mesh
 from controlplane.translate import names
 from controlplane.translate.module import Module
 from controlplane.translate.protos import ads_source, pack, socket_address
