@@ -1,14 +1,16 @@
-"""The registry of policy kinds: adding a kind is one module and one line here."""
+"""The policy kinds by name, as the loader reads them: derived from the registry
+(``controlplane/policies/registry.py``), where adding a kind is one line."""
 
 from __future__ import annotations
 
-from controlplane.policies.access.api import AccessPolicy
-from controlplane.policies.egress.api import EgressPolicy
-from controlplane.policies.extraction.api import ExtractionPolicy
-from controlplane.policies.rate.api import RatePolicy
+from typing import Final, cast
 
-Policy = AccessPolicy | EgressPolicy | RatePolicy | ExtractionPolicy
+from controlplane.api.crd import Names
+from controlplane.policies.registry import REGISTRY, Policy
 
-KINDS: dict[str, type[Policy]] = {
-    cls.KIND: cls for cls in (AccessPolicy, EgressPolicy, RatePolicy, ExtractionPolicy)
+__all__ = ["KINDS", "NAMES", "Policy"]
+
+KINDS: Final[dict[str, type[Policy]]] = {
+    kind.name: cast("type[Policy]", kind.model) for kind in REGISTRY
 }
+NAMES: Final[dict[str, Names]] = {kind.name: kind.crd.names for kind in REGISTRY}

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from controlplane.api import AccessPolicy
 from controlplane.identity.apikeys import ApiKey
 from controlplane.inventory import Sidecar
 from controlplane.ir import MeshService, MtlsIR, MtlsMode, PolicyRef, WorkloadCertificate
+from controlplane.policies.access.api import AccessPolicy
 
 # (namespace, secret name) → its keys: (id, SHA-256 hex of the key, tenant, tier, principals)
 ApiKeyDigests = Mapping[tuple[str, str], tuple[ApiKey, ...]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from controlplane.api import AccessPolicy
 from controlplane.compile.mesh import MeshInputs
 from controlplane.ir import (
     AccessIR,
@@ -20,7 +19,7 @@ from controlplane.ir import (
     JwtRequirement,
     PathMatch,
 )
-from controlplane.policies.access.api import JwtRule
+from controlplane.policies.access.api import AccessPolicy, JwtRule
 
 
 def jwt_provider(rule: JwtRule) -> JwtProvider:

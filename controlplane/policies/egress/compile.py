@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controlplane.api import EgressPolicy
 from controlplane.api.common import WINDOW_SECONDS
 from controlplane.inventory import Sidecar
 from controlplane.ir import EgressBudget, EgressDestination, EgressIR, EgressProtocol, PolicyRef
+from controlplane.policies.egress.api import EgressPolicy
 
 # The outbound listener only serves the workload beside it: an egress proxy open to the
 # network would hand this workload's allowances to anyone who can reach the pod.

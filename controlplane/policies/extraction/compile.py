@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from controlplane.api import ExtractionPolicy
 from controlplane.api.jsonpath import JsonPath, Step
 from controlplane.extraction.hardened import Hardened
 from controlplane.ir import ExtractionIR, HardeningIR, PolicyRef, QueryFeedIR
-from controlplane.policies.extraction.api import Hardening
+from controlplane.policies.extraction.api import ExtractionPolicy, Hardening
 from controlplane.policies.rate.compile import client_key
 
 log = logging.getLogger(__name__)
