@@ -17,10 +17,15 @@ from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Sidecar
 from controlplane.ir import InboundIR, PolicyRef, SidecarIR
 from controlplane.policies.access import compile as access
+from controlplane.policies.access import ir as access_ir_module
+from controlplane.policies.egress import ir as egress_ir
 from controlplane.policies.egress.compile import compile_egress
+from controlplane.policies.extraction import ir as extraction_ir_module
 from controlplane.policies.extraction.compile import compile_extraction
+from controlplane.policies.extraction.ir import ExtractionFeature
 from controlplane.policies.extraction.verdicts_compile import compile_verdicts
 from controlplane.policies.rate import compile as rate
+from controlplane.policies.rate import ir as rate_ir
 from controlplane.store import PolicySet
 from controlplane.telemetry.settings import TelemetrySettings
 
@@ -61,6 +66,18 @@ def compile_sidecar(
     access_ir = access.compile_access(access_policies, mesh)
     mtls_ir = compile_mtls(sidecar, access_policies, mesh)
     extraction_ir = compile_extraction(extraction_policies, hardened)
+    verdicts_ir = compile_verdicts(extraction_policies, verdicts)
+    # Each kind's part, keyed by kind; absent when the kind has nothing to enforce here.
+    parts: dict[str, object | None] = {
+        access_ir_module.KIND: access_ir,
+        rate_ir.KIND: rate.compile_rate(rate_policies),
+        egress_ir.KIND: compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
+        extraction_ir_module.KIND: (
+            ExtractionFeature(extraction_ir, verdicts_ir)
+            if extraction_ir or verdicts_ir is not None
+            else None
+        ),
+    }
     return SidecarIR(
         node_id=sidecar.node_id,
         service=sidecar.service,
@@ -73,13 +90,9 @@ def compile_sidecar(
             app_port=sidecar.app_port,
             xff_num_trusted_hops=xff_num_trusted_hops,
         ),
-        access=access_ir,
         mtls=mtls_ir,
         telemetry=compile_telemetry(telemetry),
-        rate=rate.compile_rate(rate_policies),
-        egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
-        extraction=extraction_ir,
-        verdicts=compile_verdicts(extraction_policies, verdicts),
+        features=tuple((k, v) for k, v in sorted(parts.items()) if v is not None),
         caller=compile_caller(
             access_policies, rate_policies, extraction_policies, mesh, access_ir, mtls_ir,
             extraction_ir,

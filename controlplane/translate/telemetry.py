@@ -31,7 +31,10 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
-from controlplane.ir import Action, HardeningIR, SidecarIR, TelemetryIR
+from controlplane.ir import Action, SidecarIR, TelemetryIR
+from controlplane.policies.access.ir import of as access_of
+from controlplane.policies.extraction.ir import HardeningIR
+from controlplane.policies.extraction.ir import policies_of as extraction_policies_of
 from controlplane.translate import names
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
@@ -101,18 +104,20 @@ def _hardens(ir: SidecarIR) -> bool:
     return any(
         e.scores is not None
         and (e.output is not None or any(h != HardeningIR() for _, h in e.tiers))
-        for e in ir.extraction
+        for e in extraction_policies_of(ir)
     )
 
 
 def _audits_deny(ir: SidecarIR) -> bool:
     # The deny filter's shadow rules (translate/rbac.py): audited Deny rules.
-    return ir.access is not None and any(r.action == Action.DENY for r in ir.access.audited)
+    access = access_of(ir)
+    return access is not None and any(r.action == Action.DENY for r in access.audited)
 
 
 def _audits_allow(ir: SidecarIR) -> bool:
     # The allow filter's shadow rules: an audited policy with defaultAction Deny.
-    return ir.access is not None and ir.access.audit_default_deny
+    access = access_of(ir)
+    return access is not None and access.audit_default_deny
 
 
 # Attributes that only some configurations can fill, and the test for it. The rate limit's

@@ -20,6 +20,7 @@ from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Sidecar
+from controlplane.ir import SidecarIR
 from controlplane.local.envoy import validate_config
 from controlplane.translate import translate
 from controlplane.translate.render import FILE_NAMES, to_yaml, validation_bootstrap
@@ -68,6 +69,8 @@ def ir_data(value: Any) -> Any:
             item = getattr(value, f.name)
             if not f.repr:
                 out[f.name] = "sha256:" + hashlib.sha256(str(item).encode()).hexdigest()[:16]
+            elif isinstance(value, SidecarIR) and f.name == "features":  # by kind
+                out[f.name] = {kind: ir_data(part) for kind, part in item}
             else:
                 out[f.name] = ir_data(item)
         return out

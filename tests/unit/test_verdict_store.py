@@ -148,7 +148,8 @@ def test_usage_unthrottle_without_a_control_plane_says_so(
 def test_over_99_policies_widen_the_policy_index_instead_of_failing() -> None:
     import re as regex
 
-    from controlplane.ir import ClientKeyIR, ClientVerdictIR, PolicyRef
+    from controlplane.ir import ClientKeyIR, PolicyRef
+    from controlplane.policies.extraction.ir import ClientVerdictIR
     from controlplane.policies.extraction.verdicts_translate import digest_script
 
     clients = tuple(

@@ -11,15 +11,15 @@ import hashlib
 from collections.abc import Sequence
 
 from controlplane.compile.mesh import MeshInputs
-from controlplane.ir import (
+from controlplane.ir import Action
+from controlplane.policies.access.api import AccessPolicy, JwtRule
+from controlplane.policies.access.ir import (
     AccessIR,
     AccessRule,
-    Action,
     JwtProvider,
     JwtRequirement,
     PathMatch,
 )
-from controlplane.policies.access.api import AccessPolicy, JwtRule
 
 
 def jwt_provider(rule: JwtRule) -> JwtProvider:

@@ -53,15 +53,9 @@ from google.protobuf import struct_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
-from controlplane.ir import (
-    AccessIR,
-    AccessRule,
-    Action,
-    CallerIR,
-    JwtRequirement,
-    PathMatch,
-    SidecarIR,
-)
+from controlplane.ir import Action, CallerIR, SidecarIR
+from controlplane.policies.access.ir import AccessIR, AccessRule, JwtRequirement, PathMatch
+from controlplane.policies.access.ir import of as access_of
 from controlplane.translate import apikey
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
@@ -613,7 +607,7 @@ class Rbac(Module):
     name = RBAC_FILTER
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
-        access = ir.access
+        access = access_of(ir)
         if access is None:
             return []
         filters = []
@@ -626,10 +620,11 @@ class Rbac(Module):
         return filters + rbac_filters(access, ir.caller)
 
     def patch(self, ir: SidecarIR, inbound: Inbound) -> None:
-        if ir.access is None:
+        access = access_of(ir)
+        if access is None:
             return
         inbound.manager.local_reply_config.CopyFrom(denial_reply())
-        inbound.manager.access_log.append(decision_log(ir.access))
+        inbound.manager.access_log.append(decision_log(access))
 
 
 MODULE = Rbac()

@@ -20,8 +20,14 @@ from collections.abc import Sequence
 
 from controlplane.api.common import WINDOW_SECONDS
 from controlplane.inventory import Sidecar
-from controlplane.ir import EgressBudget, EgressDestination, EgressIR, EgressProtocol, PolicyRef
+from controlplane.ir import PolicyRef
 from controlplane.policies.egress.api import EgressPolicy
+from controlplane.policies.egress.ir import (
+    EgressBudget,
+    EgressDestination,
+    EgressIR,
+    EgressProtocol,
+)
 
 # The outbound listener only serves the workload beside it: an egress proxy open to the
 # network would hand this workload's allowances to anyone who can reach the pod.

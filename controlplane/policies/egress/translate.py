@@ -65,8 +65,10 @@ from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from opentelemetry.proto.common.v1 import common_pb2
 
-from controlplane.ir import EgressDestination, EgressIR, EgressProtocol, SidecarIR
+from controlplane.ir import SidecarIR
 from controlplane.policies.access import mtls_translate as mesh
+from controlplane.policies.egress.ir import EgressDestination, EgressIR, EgressProtocol
+from controlplane.policies.egress.ir import of as egress_of
 from controlplane.translate import names
 from controlplane.translate.module import Module
 from controlplane.translate.protos import ads_source, pack, socket_address
@@ -514,7 +516,8 @@ class Egress(Module):
     name = "modelguard.egress"
 
     def extra_resources(self, ir: SidecarIR) -> dict[str, list[Message]]:
-        return egress_resources(ir, ir.egress) if ir.egress is not None else {}
+        egress = egress_of(ir)
+        return egress_resources(ir, egress) if egress is not None else {}
 
 
 MODULE = Egress()

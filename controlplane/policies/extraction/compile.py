@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 from controlplane.api.jsonpath import JsonPath, Step
 from controlplane.extraction.hardened import Hardened
-from controlplane.ir import ExtractionIR, HardeningIR, PolicyRef, QueryFeedIR
+from controlplane.ir import PolicyRef
 from controlplane.policies.extraction.api import ExtractionPolicy, Hardening
+from controlplane.policies.extraction.ir import ExtractionIR, HardeningIR, QueryFeedIR
 from controlplane.policies.rate.compile import client_key
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from envoy.extensions.wasm.v3 import wasm_pb2
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
-from controlplane.ir import ExtractionIR, HardeningIR, SidecarIR
+from controlplane.ir import SidecarIR
+from controlplane.policies.extraction.ir import ExtractionIR, HardeningIR, policies_of
 from controlplane.translate import names
 from controlplane.translate.module import Module
 from controlplane.translate.protos import ads_source, pack
@@ -185,13 +186,13 @@ class WasmExtraction(Module):
                     type_urls=[WASM_FILTER_TYPE],
                 ),
             )
-            for e in ir.extraction
+            for e in policies_of(ir)
             if _active(e)
         ]
 
     def extra_resources(self, ir: SidecarIR) -> dict[str, list[Message]]:
         configs: list[Message] = [
-            extension_config(e, ir.node_id) for e in ir.extraction if _active(e)
+            extension_config(e, ir.node_id) for e in policies_of(ir) if _active(e)
         ]
         return {rt.EXTENSION_CONFIG: configs} if configs else {}
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.extraction.verdicts import Enforcement
-from controlplane.ir import ClientVerdictIR, PolicyRef, VerdictsIR
+from controlplane.ir import PolicyRef
 from controlplane.policies.extraction.api import ExtractionPolicy
+from controlplane.policies.extraction.ir import ClientVerdictIR, VerdictsIR
 from controlplane.policies.rate.compile import client_key
 
 # Sources a sidecar can match a client by (API keys and JWT claims are read as the headers

@@ -40,7 +40,8 @@ from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
-from controlplane.ir import ClientVerdictIR, SidecarIR
+from controlplane.ir import SidecarIR
+from controlplane.policies.extraction.ir import ClientVerdictIR, verdicts_of
 from controlplane.translate.apikey import SHA256_LUA
 from controlplane.translate.module import Module
 from controlplane.translate.protos import pack
@@ -294,12 +295,13 @@ class Verdicts(Module):
     name = "modelguard.extraction.verdicts"
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
-        if ir.verdicts is None:
+        verdicts = verdicts_of(ir)
+        if verdicts is None:
             return []
         filters = [
-            digest_filter(ir.verdicts.quarantined, ir.verdicts.throttled),
-            quarantine_filter(ir.verdicts.quarantined),
-            throttle_filter(ir.verdicts.throttled),
+            digest_filter(verdicts.quarantined, verdicts.throttled),
+            quarantine_filter(verdicts.quarantined),
+            throttle_filter(verdicts.throttled),
         ]
         return [f for f in filters if f is not None]
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.api.common import WINDOW_SECONDS, ClientKey
-from controlplane.ir import ClientKeyIR, RateEnforcement, RateIR, RateLimitIR
+from controlplane.ir import ClientKeyIR
 from controlplane.policies.rate.api import RatePolicy
+from controlplane.policies.rate.ir import RateEnforcement, RateIR, RateLimitIR
 
 # Windows longer than this go through quota assignments instead of per-request calls.
 EXACT_MAX_WINDOW_SECONDS = 60

@@ -52,7 +52,9 @@ from google.protobuf import duration_pb2, wrappers_pb2
 from xds.core.v3 import extension_pb2 as xds_extension_pb2
 from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
 
-from controlplane.ir import ClientKeyIR, RateEnforcement, RateLimitIR, SidecarIR
+from controlplane.ir import ClientKeyIR, SidecarIR
+from controlplane.policies.rate.ir import RateEnforcement, RateLimitIR
+from controlplane.policies.rate.ir import of as rate_of
 from controlplane.translate import names
 from controlplane.translate.module import Module
 from controlplane.translate.protos import pack
@@ -229,7 +231,8 @@ class LocalRateLimit(Module):
     name = "envoy.filters.http.local_ratelimit"
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
-        limits = ir.rate.by(RateEnforcement.LOCAL) if ir.rate else ()
+        rate = rate_of(ir)
+        limits = rate.by(RateEnforcement.LOCAL) if rate else ()
         return [
             local_filter(group, shadow=shadow)
             for shadow in (False, True)
@@ -488,7 +491,8 @@ class QuotaRateLimit(Module):
     name = "envoy.filters.http.rate_limit_quota"
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
-        limits = ir.rate.by(RateEnforcement.QUOTA) if ir.rate else ()
+        rate = rate_of(ir)
+        limits = rate.by(RateEnforcement.QUOTA) if rate else ()
         counted = any(limit.cost == "instances" for limit in limits)
         return [instances_filter()] * counted + [quota_filter(limit) for limit in limits]
 
@@ -516,7 +520,8 @@ class ExactRateLimit(Module):
     name = "envoy.filters.http.ratelimit"
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
-        limits = ir.rate.by(RateEnforcement.EXACT) if ir.rate else ()
+        rate = rate_of(ir)
+        limits = rate.by(RateEnforcement.EXACT) if rate else ()
         return [
             exact_filter(group, fail_closed=closed)
             for closed in (False, True)
@@ -552,7 +557,8 @@ class RateLimitHeaders(Module):
     name = "envoy.filters.http.header_mutation"
 
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
-        return [headers_filter()] if ir.rate and ir.rate.by(RateEnforcement.LOCAL) else []
+        rate = rate_of(ir)
+        return [headers_filter()] if rate and rate.by(RateEnforcement.LOCAL) else []
 
 
 HEADERS = RateLimitHeaders()
