@@ -8,24 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from controlplane.api import AccessPolicy, EgressPolicy, ExtractionPolicy, Policy, RatePolicy
+from controlplane.api import AccessPolicy, ExtractionPolicy, Policy, RatePolicy
 from controlplane.compile.caller import compile_caller
-from controlplane.compile.mesh import MeshInputs, compile_mtls
+from controlplane.compile.feature import FeatureInputs
+from controlplane.compile.mesh import MeshInputs
 from controlplane.compile.telemetry import compile_telemetry
 from controlplane.extraction.hardened import Hardened
 from controlplane.extraction.verdicts import Enforcement
 from controlplane.inventory import Sidecar
-from controlplane.ir import InboundIR, PolicyRef, SidecarIR
-from controlplane.policies.access import compile as access
-from controlplane.policies.access import ir as access_ir_module
-from controlplane.policies.egress import ir as egress_ir
-from controlplane.policies.egress.compile import compile_egress
-from controlplane.policies.extraction import ir as extraction_ir_module
-from controlplane.policies.extraction.compile import compile_extraction
-from controlplane.policies.extraction.ir import ExtractionFeature
-from controlplane.policies.extraction.verdicts_compile import compile_verdicts
-from controlplane.policies.rate import compile as rate
-from controlplane.policies.rate import ir as rate_ir
+from controlplane.ir import InboundIR, PolicyRef, SidecarIR, evolve
+from controlplane.policies import compilers
+from controlplane.policies.access.ir import of as access_of
+from controlplane.policies.access.mtls_compile import compile_mtls
+from controlplane.policies.extraction.ir import policies_of as extraction_of
 from controlplane.store import PolicySet
 from controlplane.telemetry.settings import TelemetrySettings
 
@@ -61,24 +56,12 @@ def compile_sidecar(
         key=lambda p: (p.kind, p.metadata.namespace, p.metadata.name),
     )
     access_policies = [p for p in mine if isinstance(p, AccessPolicy)]
-    rate_policies = [p for p in mine if isinstance(p, RatePolicy)]
-    extraction_policies = [p for p in mine if isinstance(p, ExtractionPolicy)]
-    access_ir = access.compile_access(access_policies, mesh)
+    inputs = FeatureInputs(sidecar, mine, mesh, verdicts, hardened)
+    # Each registered kind's part (policies/compilers.py, generated from the registry),
+    # keyed by kind; absent when the kind has nothing to enforce on this sidecar.
+    parts = ((module.KIND, module.compile_feature(inputs)) for module in compilers.MODULES)
     mtls_ir = compile_mtls(sidecar, access_policies, mesh)
-    extraction_ir = compile_extraction(extraction_policies, hardened)
-    verdicts_ir = compile_verdicts(extraction_policies, verdicts)
-    # Each kind's part, keyed by kind; absent when the kind has nothing to enforce here.
-    parts: dict[str, object | None] = {
-        access_ir_module.KIND: access_ir,
-        rate_ir.KIND: rate.compile_rate(rate_policies),
-        egress_ir.KIND: compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
-        extraction_ir_module.KIND: (
-            ExtractionFeature(extraction_ir, verdicts_ir)
-            if extraction_ir or verdicts_ir is not None
-            else None
-        ),
-    }
-    return SidecarIR(
+    ir = SidecarIR(
         node_id=sidecar.node_id,
         service=sidecar.service,
         namespace=sidecar.namespace,
@@ -92,13 +75,20 @@ def compile_sidecar(
         ),
         mtls=mtls_ir,
         telemetry=compile_telemetry(telemetry),
-        features=tuple((k, v) for k, v in sorted(parts.items()) if v is not None),
-        caller=compile_caller(
-            access_policies, rate_policies, extraction_policies, mesh, access_ir, mtls_ir,
-            extraction_ir,
-        ),
+        features=tuple(sorted(((k, v) for k, v in parts if v is not None), key=lambda kv: kv[0])),
         policies=tuple(policy_ref(p) for p in mine),
     )
+    # Who the caller is: what the kinds that name callers ask for (explicit cross-kind reads).
+    caller = compile_caller(
+        access_policies,
+        [p for p in mine if isinstance(p, RatePolicy)],
+        [p for p in mine if isinstance(p, ExtractionPolicy)],
+        mesh,
+        access_of(ir),
+        mtls_ir,
+        extraction_of(ir),
+    )
+    return evolve(ir, caller=caller) if caller is not None else ir
 
 
 def compile_all(policy_set: PolicySet, sidecars: Iterable[Sidecar]) -> dict[str, SidecarIR]:

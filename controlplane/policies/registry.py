@@ -1,15 +1,21 @@
-"""The registry of policy kinds: each kind lives in ``controlplane/policies/<kind>/``
-(``api.py`` its model, ``crd.py`` its CRD extras, ``compile.py``, ``translate.py``) and is
-registered here with one line of ``REGISTRY``.
+"""The registry of policy kinds: each kind lives in ``controlplane/policies/<kind>/`` and is
+registered here: its modules imported, its entry in ``REGISTRY`` (and its model in the static
+type union ``Policy``, which only mypy reads).
 
-Everything per kind outside the kind's folder is derived from this tuple: the loader's
-``KINDS`` (``controlplane/api/kinds.py``), the CRDs, the RBAC rules and the demo's
-kustomization lines (``python -m controlplane.crdgen``, checked by ``make gen-check``).
+A kind's folder holds ``api.py`` (its model), ``crd.py`` (its CRD names and CEL rules),
+``ir.py`` (its part of the IR, keyed by kind in ``SidecarIR.features``), ``compile.py``
+(``KIND``, ``compile_feature``) and ``translate.py`` (``MODULES``: its translation modules,
+each with the ``Phase`` that places its HTTP filters in the chain).
 
-This module sits at the API layer (it imports the kinds' ``api`` and ``crd`` modules
-only), so the loader can read it; compile and translate name their kind modules
-themselves, in the order that matters to them (``compile/__init__.py``,
-``translate/httpfilters.py``).
+Everything per kind outside the folder is derived from ``REGISTRY``: the loader's ``KINDS``
+(``controlplane/api/kinds.py``) at run time; and, written by ``make crds``
+(``python -m controlplane.crdgen``, checked by ``make gen-check``), the CRDs, the
+ClusterRole's rules, the demo kustomization's examples, the import contracts' kind lists
+(``pyproject.toml``), the compile dispatch (``compilers.py``) and the translate modules
+(``translators.py``). tests/unit/test_sample_kind.py adds a kind this way.
+
+This module sits at the API layer (it imports the kinds' ``api`` and ``crd`` modules only),
+so the loader can read it; compile and translate read the generated tables instead.
 """
 
 from __future__ import annotations

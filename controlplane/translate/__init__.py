@@ -14,11 +14,15 @@ from google.protobuf.message import Message
 
 from controlplane.ir import SidecarIR
 from controlplane.translate import inbound
-from controlplane.translate.httpfilters import REGISTRY, Inbound
+from controlplane.translate.module import Inbound
 from controlplane.xds import resources as rt
 
 
 def translate(ir: SidecarIR) -> dict[str, list[Message]]:
+    # Imported here, not above: the kinds' translate modules import this package's shared
+    # modules (module, protos, names), and the registry imports the kinds' modules.
+    from controlplane.translate.httpfilters import REGISTRY
+
     parts = Inbound(
         listener=inbound.listener(ir),
         manager=inbound.connection_manager(ir),

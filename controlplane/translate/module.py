@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -37,3 +38,20 @@ class Module:
 
     def extra_resources(self, ir: SidecarIR) -> dict[str, list[Message]]:
         return {}
+
+
+class Phase(IntEnum):
+    """Where a module's HTTP filters go in the inbound chain: the filter order, in one place.
+    Modules of one phase keep the order their kind lists them in; a new kind picks a phase
+    (or a number between two) in its ``translate.MODULES``."""
+
+    CALLER = 10  # who the caller is (x-modelguard-* dropped, verified ids set), first
+    VERDICTS = 20  # quarantined and throttled clients: they may key on the verified key id
+    ACCESS = 30  # access control: a denied request costs nothing further
+    RATE = 40  # header renaming, local buckets, quota assignments, the per-request service
+    HARDENING = 50  # output hardening and the query feed: only requests let through
+    TELEMETRY = 60  # patches the connection manager only (tracer, access log)
+    ROUTER = 70  # the router, last of the chain
+    OUTBOUND = 80  # adds the outbound listener only: order-free
+    MESH = 90  # the inbound listener's TLS, SDS secrets, the mesh listener: order-free
+

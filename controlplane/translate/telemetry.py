@@ -44,9 +44,9 @@ ACCESS_LOGGER = "envoy.access_loggers.open_telemetry"
 LOG_NAME = "modelguard.inbound"
 ACCESS_LOG_BUFFER_BYTES = 1024 * 1024
 
-# Where verdicts come from. The RBAC filters (translate/rbac.py) write dynamic metadata under
-# this namespace, their keys prefixed by each filter's stat prefix; a denial also shows in
-# the response code details as rbac_access_denied_matched_policy[<rule>].
+# Where verdicts come from. The RBAC filters (policies/access/translate.py) write dynamic
+# metadata under this namespace, their keys prefixed by each filter's stat prefix; a denial
+# also shows in the response code details as rbac_access_denied_matched_policy[<rule>].
 RBAC_METADATA = "envoy.filters.http.rbac"
 # A rate limit that rejects names itself in this response header (the rate-limit module sets
 # it on limited responses); Envoy marks the request with the RL response flag.
@@ -93,14 +93,14 @@ HEADER_ATTRIBUTE_PREFIX = "http.request.header."
 
 
 def _mtls(ir: SidecarIR) -> bool:
-    # The inbound listener terminates TLS only with an SVID (translate/mtls.py); without
-    # one no request has a peer certificate.
+    # The inbound listener terminates TLS only with an SVID
+    # (policies/access/mtls_translate.py); without one no request has a peer certificate.
     return ir.mtls is not None
 
 
 def _hardens(ir: SidecarIR) -> bool:
-    # As translate/wasm.py decides: an ExtractionPolicy whose scores the sidecar can follow,
-    # with a default or a tier that changes them.
+    # As policies/extraction/translate.py decides: an ExtractionPolicy whose scores the
+    # sidecar can follow, with a default or a tier that changes them.
     return any(
         e.scores is not None
         and (e.output is not None or any(h != HardeningIR() for _, h in e.tiers))
@@ -109,7 +109,7 @@ def _hardens(ir: SidecarIR) -> bool:
 
 
 def _audits_deny(ir: SidecarIR) -> bool:
-    # The deny filter's shadow rules (translate/rbac.py): audited Deny rules.
+    # The deny filter's shadow rules (policies/access/translate.py): audited Deny rules.
     access = access_of(ir)
     return access is not None and any(r.action == Action.DENY for r in access.audited)
 

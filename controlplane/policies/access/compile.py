@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from controlplane.compile.feature import FeatureInputs
 from controlplane.compile.mesh import MeshInputs
 from controlplane.ir import Action
 from controlplane.policies.access.api import AccessPolicy, JwtRule
+from controlplane.policies.access.ir import KIND as KIND  # the key of compile_feature's result
 from controlplane.policies.access.ir import (
     AccessIR,
     AccessRule,
@@ -111,3 +113,7 @@ def compile_access(
         jwt_providers=tuple(providers[n] for n in sorted(providers)),
         api_keys=any(r.api_key_hashes for r in rules),
     )
+
+
+def compile_feature(inputs: FeatureInputs) -> AccessIR | None:
+    return compile_access(inputs.of_kind(AccessPolicy), inputs.mesh)

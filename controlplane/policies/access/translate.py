@@ -54,10 +54,11 @@ from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from controlplane.ir import Action, CallerIR, SidecarIR
+from controlplane.policies.access import mtls_translate as mtls
 from controlplane.policies.access.ir import AccessIR, AccessRule, JwtRequirement, PathMatch
 from controlplane.policies.access.ir import of as access_of
 from controlplane.translate import apikey
-from controlplane.translate.module import Inbound, Module
+from controlplane.translate.module import Inbound, Module, Phase
 from controlplane.translate.protos import pack
 
 Permission: TypeAlias = rbac_config_pb2.Permission
@@ -628,3 +629,4 @@ class Rbac(Module):
 
 
 MODULE = Rbac()
+MODULES: tuple[tuple[int, Module], ...] = ((Phase.ACCESS, MODULE), (Phase.MESH, mtls.MODULE))

@@ -19,9 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.api.common import WINDOW_SECONDS
+from controlplane.compile.feature import FeatureInputs
 from controlplane.inventory import Sidecar
 from controlplane.ir import PolicyRef
 from controlplane.policies.egress.api import EgressPolicy
+from controlplane.policies.egress.ir import KIND as KIND  # the key of compile_feature's result
 from controlplane.policies.egress.ir import (
     EgressBudget,
     EgressDestination,
@@ -76,3 +78,7 @@ def compile_egress(sidecar: Sidecar, policies: Sequence[EgressPolicy]) -> Egress
         allowed=tuple(d for p in deciding for d in _destinations(p)),
         deciding=tuple(_ref(p) for p in deciding),
     )
+
+
+def compile_feature(inputs: FeatureInputs) -> EgressIR | None:
+    return compile_egress(inputs.sidecar, inputs.of_kind(EgressPolicy))

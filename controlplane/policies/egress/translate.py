@@ -70,7 +70,7 @@ from controlplane.policies.access import mtls_translate as mesh
 from controlplane.policies.egress.ir import EgressDestination, EgressIR, EgressProtocol
 from controlplane.policies.egress.ir import of as egress_of
 from controlplane.translate import names
-from controlplane.translate.module import Module
+from controlplane.translate.module import Module, Phase
 from controlplane.translate.protos import ads_source, pack, socket_address
 from controlplane.translate.telemetry import ACCESS_LOG_BUFFER_BYTES
 from controlplane.xds import resources as rt
@@ -521,3 +521,4 @@ class Egress(Module):
 
 
 MODULE = Egress()
+MODULES: tuple[tuple[int, Module], ...] = ((Phase.OUTBOUND, MODULE),)

@@ -11,10 +11,18 @@ import logging
 from collections.abc import Sequence
 
 from controlplane.api.jsonpath import JsonPath, Step
+from controlplane.compile.feature import FeatureInputs
 from controlplane.extraction.hardened import Hardened
 from controlplane.ir import PolicyRef
 from controlplane.policies.extraction.api import ExtractionPolicy, Hardening
-from controlplane.policies.extraction.ir import ExtractionIR, HardeningIR, QueryFeedIR
+from controlplane.policies.extraction.ir import KIND as KIND  # the key of compile_feature's result
+from controlplane.policies.extraction.ir import (
+    ExtractionFeature,
+    ExtractionIR,
+    HardeningIR,
+    QueryFeedIR,
+)
+from controlplane.policies.extraction.verdicts_compile import compile_verdicts
 from controlplane.policies.rate.compile import client_key
 
 log = logging.getLogger(__name__)
@@ -144,3 +152,12 @@ def compile_extraction(
         compile_one(p, hardened)
         for p in sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     )
+
+
+def compile_feature(inputs: FeatureInputs) -> ExtractionFeature | None:
+    policies = inputs.of_kind(ExtractionPolicy)
+    hardening = compile_extraction(policies, inputs.hardened)
+    verdicts = compile_verdicts(policies, inputs.verdicts)
+    if not hardening and verdicts is None:
+        return None
+    return ExtractionFeature(hardening, verdicts)

@@ -27,9 +27,10 @@ from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane.ir import SidecarIR
+from controlplane.policies.extraction import verdicts_translate as verdicts
 from controlplane.policies.extraction.ir import ExtractionIR, HardeningIR, policies_of
 from controlplane.translate import names
-from controlplane.translate.module import Module
+from controlplane.translate.module import Module, Phase
 from controlplane.translate.protos import ads_source, pack
 from controlplane.xds import resources as rt
 
@@ -198,3 +199,7 @@ class WasmExtraction(Module):
 
 
 MODULE = WasmExtraction()
+MODULES: tuple[tuple[int, Module], ...] = (
+    (Phase.VERDICTS, verdicts.MODULE),
+    (Phase.HARDENING, MODULE),
+)

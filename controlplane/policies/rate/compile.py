@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.api.common import WINDOW_SECONDS, ClientKey
+from controlplane.compile.feature import FeatureInputs
 from controlplane.ir import ClientKeyIR
 from controlplane.policies.rate.api import RatePolicy
+from controlplane.policies.rate.ir import KIND as KIND  # the key of compile_feature's result
 from controlplane.policies.rate.ir import RateEnforcement, RateIR, RateLimitIR
 
 # Windows longer than this go through quota assignments instead of per-request calls.
@@ -60,3 +62,7 @@ def compile_rate(policies: Sequence[RatePolicy]) -> RateIR | None:
                 )
             )
     return RateIR(limits=tuple(limits)) if limits else None
+
+
+def compile_feature(inputs: FeatureInputs) -> RateIR | None:
+    return compile_rate(inputs.of_kind(RatePolicy))

@@ -56,7 +56,7 @@ from controlplane.ir import ClientKeyIR, SidecarIR
 from controlplane.policies.rate.ir import RateEnforcement, RateLimitIR
 from controlplane.policies.rate.ir import of as rate_of
 from controlplane.translate import names
-from controlplane.translate.module import Module
+from controlplane.translate.module import Module, Phase
 from controlplane.translate.protos import pack
 
 # Descriptor entry keys and bucket id keys: the rate limit service reads the same names
@@ -565,3 +565,8 @@ HEADERS = RateLimitHeaders()
 LOCAL = LocalRateLimit()
 QUOTA = QuotaRateLimit()
 EXACT = ExactRateLimit()
+# Header renaming first (responses cross it last), then the free local buckets, the locally
+# enforced quota assignments, and the per-request service last.
+MODULES: tuple[tuple[int, Module], ...] = tuple(
+    (Phase.RATE, module) for module in (HEADERS, LOCAL, QUOTA, EXACT)
+)
