@@ -146,6 +146,7 @@ class AccessPolicySpec(Model):
 
 class AccessPolicy(PolicyBase):
     KIND: ClassVar[str] = "AccessPolicy"
+    RULE_LIST: ClassVar[str | None] = "rules"
 
     kind: Literal["AccessPolicy"] = "AccessPolicy"
     spec: AccessPolicySpec

@@ -78,6 +78,7 @@ class EgressPolicySpec(Model):
 
 class EgressPolicy(PolicyBase):
     KIND: ClassVar[str] = "EgressPolicy"
+    RULE_LIST: ClassVar[str | None] = "allow"
 
     kind: Literal["EgressPolicy"] = "EgressPolicy"
     spec: EgressPolicySpec

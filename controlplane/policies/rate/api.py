@@ -64,6 +64,7 @@ class RatePolicySpec(Model):
 
 class RatePolicy(PolicyBase):
     KIND: ClassVar[str] = "RatePolicy"
+    RULE_LIST: ClassVar[str | None] = "limits"
 
     kind: Literal["RatePolicy"] = "RatePolicy"
     spec: RatePolicySpec
