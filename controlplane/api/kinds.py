@@ -1,6 +1,5 @@
-"""The policy kinds by name, as the loader reads them: derived from the registry
-(``controlplane/policies/registry.py``), where adding a kind is one line."""
-
+"""The policy kinds by name, as the loader and the Kubernetes source read them: derived
+from the registry (``controlplane/policies/registry.py``), where a kind is registered."""
 from __future__ import annotations
 
 from typing import Final, cast
