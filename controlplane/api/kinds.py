@@ -1,5 +1,6 @@
 """The policy kinds by name, as the loader and the Kubernetes source read them: derived
 from the registry (``controlplane/policies/registry.py``), where a kind is registered."""
+
 from __future__ import annotations
 
 from typing import Final, cast
