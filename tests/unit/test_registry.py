@@ -34,7 +34,12 @@ def test_the_filter_chain_is_ordered_by_phase() -> None:
     assert names.index("modelguard.extraction.verdicts") < names.index(
         "envoy.filters.http.rbac"
     ) < names.index("envoy.filters.http.local_ratelimit")
-    assert names.index("envoy.filters.http.ratelimit") < names.index("envoy.filters.http.wasm")
+    # The Wasm filter sets a budget's instance class: after the local buckets, before the
+    # quota assignments and the per-request service.
+    wasm = names.index("envoy.filters.http.wasm")
+    assert names.index("envoy.filters.http.local_ratelimit") < wasm
+    assert wasm < names.index("envoy.filters.http.rate_limit_quota")
+    assert wasm < names.index("envoy.filters.http.ratelimit")
     assert [p for p, m in translators.MODULES if m.name == "envoy.filters.http.wasm"] == [
         Phase.HARDENING
     ]
