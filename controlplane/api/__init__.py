@@ -1,6 +1,8 @@
 """The policy API (``modelguard.io/v1alpha1``): typed models, defaults and validation.
 
-One module per kind; :mod:`~controlplane.api.loader` turns YAML into policies and
+What every kind shares lives here; each kind's model is ``api.py`` of its folder
+(``controlplane/policies/<kind>/``, registered in ``policies/registry.py``) and is
+re-exported below. :mod:`~controlplane.api.loader` turns YAML into policies and
 :class:`Violation` s, every one of them with its YAML path.
 """
 
