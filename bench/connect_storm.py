@@ -2,7 +2,7 @@
 
 Issue 15: ``bench/convergence.py --sims 5000`` failed while its simulated sidecars wrote their
 first subscriptions (CANCELLED, INTERNAL "Internal error from Core"). This isolates that
-moment: N simulated sidecars per process (``controlplane/xds/simclient.py``, one channel
+moment: N simulated sidecars per process (``bench/lib/simclient.py``, one channel
 each) in P spawned processes open their streams against either the control plane's xDS
 server (``ControlPlane``, no policies unless --policy) or a trivial gRPC ADS server with the
 same server options that only reads (``--trivial``; ``--respond BYTES`` also answers each
@@ -46,8 +46,8 @@ SERVER_OPTIONS = [
 
 
 def _run_sims(target: str, n: int, out: Any) -> None:
+    from bench.lib.simclient import SimulatedSidecar
     from controlplane.inventory import Sidecar
-    from controlplane.xds.simclient import SimulatedSidecar
 
     metadata = Sidecar(
         "x", "digits-model", "demo", "spiffe://cluster.local/ns/demo/sa/digits-model", 18080, 15006

@@ -1,7 +1,7 @@
 """Convergence at scale: policy change → every sidecar ACKed; Delta vs SotW bytes; memory.
 
 The control plane runs in this process with a few real Envoy sidecars; N simulated sidecars
-(ADS clients that subscribe and ACK like Envoy, ``controlplane/xds/simclient.py``) run in
+(ADS clients that subscribe and ACK like Envoy, ``bench/lib/simclient.py``) run in
 1-2 other processes. The simulated sidecars are the pods of one Deployment: same service,
 same ports, only the node id differs — what injection gives every replica in a cluster.
 
@@ -109,7 +109,7 @@ def _run_sims(
     ready: Any,
     stop: Any,
 ) -> None:
-    from controlplane.xds.simclient import SimulatedSidecar
+    from bench.lib.simclient import SimulatedSidecar
 
     async def main() -> None:
         sims = [
@@ -359,7 +359,7 @@ async def one_resource_bytes(services: int, procs: int) -> dict[str, Any]:
         before = {n.node_id: n for n in plane.sync_status.nodes()}
 
         # One more replica of svc-0: its ClusterLoadAssignment changes everywhere else.
-        from controlplane.xds.simclient import SimulatedSidecar
+        from bench.lib.simclient import SimulatedSidecar
 
         sidecar = _mesh_sidecar(0, "extra", "10.0.0.3", 15001)
         token = plane.identity.tokens.issue(sidecar.node_id, sidecar.identity)
