@@ -177,6 +177,25 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+class _GcClock:
+    """CPU time spent in the cyclic collector, per generation (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.runs = [0, 0, 0]
+        self.collected = 0  # objects found to be cyclic garbage
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.thread_time()
+        else:
+            self.seconds[info["generation"]] += time.thread_time() - self._started
+            self.runs[info["generation"]] += 1
+            self.collected += info["collected"]
+
+
 class _Rebuilds:
     """Pipeline observer: the latest rebuild, and an event when one finishes."""
 
@@ -261,6 +280,7 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
         rebuild_ms: list[float] = []
         cpu: list[float] = []  # the control plane's CPU time from the edit to the last ACK
         counters_before = plane.sync_status.counters()
+        gc_clock = _GcClock()
         profiler = cProfile.Profile() if PROFILE else None
         if profiler is not None:
             profiler.enable()
@@ -303,6 +323,9 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
             "last_ack_p99_ms": round(_percentile(last_ack, 0.99) * 1e3, 1),
             "rebuild_ms": round(statistics.median(rebuild_ms), 1),
             "cpu_ms_per_edit": round(statistics.median(cpu) * 1e3, 1),
+            "gc_ms_per_edit": [round(g / rounds * 1e3, 1) for g in gc_clock.seconds],
+            "gc_runs_per_edit": [round(n / rounds, 1) for n in gc_clock.runs],
+            "gc_collected_per_edit": round(gc_clock.collected / rounds),
             "bytes_per_sidecar_per_edit": round(sent / rounds / expected),
             "rss_before_mb": round(rss_before / 2**20, 1),
             "rss_after_mb": round(rss_after / 2**20, 1),
@@ -329,6 +352,7 @@ def _replica_main(policies: str, commands: Any, results: Any) -> None:
         gc.collect()
         results.put({"port": plane.xds_port, "rss_before": _rss_bytes()})
         revision, cpu_started = 0, 0.0
+        gc_clock = _GcClock()
         try:
             while True:
                 command, arg = await asyncio.to_thread(commands.get)
@@ -341,6 +365,7 @@ def _replica_main(policies: str, commands: Any, results: Any) -> None:
                 elif command == "arm":  # before the driver edits the policy
                     revision = plane.store.current().revision
                     cpu_started = time.process_time()
+                    gc_clock.seconds = [0.0, 0.0, 0.0]
                     results.put({})
                 elif command == "measure":  # arg: wall-clock time of the edit
                     done = await rebuilds.next(revision, timeout=120)
@@ -357,6 +382,7 @@ def _replica_main(policies: str, commands: Any, results: Any) -> None:
                             "times": times,
                             "rebuild_ms": done.seconds * 1e3,
                             "cpu": time.process_time() - cpu_started,
+                            "gc": list(gc_clock.seconds),
                         }
                     )
         finally:
@@ -430,6 +456,7 @@ async def converge_replicas(
         last_ack: list[float] = []
         rebuild_ms: list[float] = []
         cpu: list[float] = []
+        gc_seconds = [0.0, 0.0, 0.0]
         for r in range(1, rounds + 1):
             await every("arm", [None] * replicas)
             started = time.time()
@@ -445,6 +472,8 @@ async def converge_replicas(
             last_ack.append(max(times))
             rebuild_ms.append(max(a["rebuild_ms"] for a in answers))
             cpu.append(sum(a["cpu"] for a in answers))
+            for a in answers:
+                gc_seconds = [x + y for x, y in zip(gc_seconds, a["gc"], strict=True)]
             await asyncio.sleep(0.3)
         rss_before = sum(a["rss_before"] for a in started_answers)
         rss_after = sum(a["rss_after"] for a in after)
@@ -463,6 +492,7 @@ async def converge_replicas(
             "last_ack_p99_ms": round(_percentile(last_ack, 0.99) * 1e3, 1),
             "rebuild_ms": round(statistics.median(rebuild_ms), 1),
             "cpu_ms_per_edit": round(statistics.median(cpu) * 1e3, 1),
+            "gc_ms_per_edit": [round(g / rounds * 1e3, 1) for g in gc_seconds],
             "bytes_per_sidecar_per_edit": 0,  # not counted across processes
             "rss_before_mb": round(rss_before / 2**20, 1),
             "rss_after_mb": round(rss_after / 2**20, 1),
