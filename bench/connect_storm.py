@@ -5,8 +5,9 @@ first subscriptions (CANCELLED, INTERNAL "Internal error from Core"). This isola
 moment: N simulated sidecars per process (``bench/lib/simclient.py``, one channel
 each) in P spawned processes open their streams against either the control plane's xDS
 server (``ControlPlane``, no policies unless --policy) or a trivial gRPC ADS server with the
-same keepalive options (and gRPC core's default pending-call limits) that only reads (``--trivial``; ``--respond BYTES`` also answers each
-request), and counts the streams that fail to start.
+same keepalive options (and gRPC core's default pending-call limits) that only reads
+(``--trivial``; ``--respond BYTES`` also answers each request), and counts the streams that
+fail to start.
 
     .venv/bin/python bench/connect_storm.py --sims 2500 --procs 2            # control plane
     .venv/bin/python bench/connect_storm.py --sims 2500 --procs 2 --trivial  # baseline
