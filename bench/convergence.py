@@ -157,6 +157,14 @@ class SimProcesses:
             if not ready.wait(max(0.0, deadline - time.monotonic())):
                 raise RuntimeError("simulated sidecars did not start")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the simulator processes so far."""
+        ticks = 0
+        for proc in self._procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self._stop.set()
         for proc in self._procs:
@@ -279,6 +287,7 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
         last_ack: list[float] = []
         rebuild_ms: list[float] = []
         cpu: list[float] = []  # the control plane's CPU time from the edit to the last ACK
+        sims_cpu: list[float] = []  # the simulated sidecars' CPU time, the same span
         counters_before = plane.sync_status.counters()
         gc_clock = _GcClock()
         profiler = cProfile.Profile() if PROFILE else None
@@ -287,6 +296,7 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
         for r in range(1, rounds + 1):
             revision = plane.store.current().revision
             started, cpu_started = time.time(), time.process_time()
+            sims_cpu_started = procs_.cpu_seconds() if procs_ is not None else 0.0
             (policies / "access.yaml").write_text(ACCESS.format(round=r))
             done = await rebuilds.next(revision)
             if len(done.changed) != expected:
@@ -295,6 +305,8 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
             versions = {n: plane.cache.get(n).version for n in done.changed}  # type: ignore[union-attr]
             await plane.sync_status.wait_synced(snapshot_versions=versions, timeout=60)
             cpu.append(time.process_time() - cpu_started)
+            if procs_ is not None:
+                sims_cpu.append(procs_.cpu_seconds() - sims_cpu_started)
             times = []
             for node_id in done.changed:
                 at = plane.sync_status.synced_at(node_id)
@@ -323,6 +335,7 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
             "last_ack_p99_ms": round(_percentile(last_ack, 0.99) * 1e3, 1),
             "rebuild_ms": round(statistics.median(rebuild_ms), 1),
             "cpu_ms_per_edit": round(statistics.median(cpu) * 1e3, 1),
+            "sims_cpu_ms_per_edit": round(statistics.median(sims_cpu or [0.0]) * 1e3, 1),
             "gc_ms_per_edit": [round(g / rounds * 1e3, 1) for g in gc_clock.seconds],
             "gc_runs_per_edit": [round(n / rounds, 1) for n in gc_clock.runs],
             "gc_collected_per_edit": round(gc_clock.collected / rounds),
@@ -457,8 +470,10 @@ async def converge_replicas(
         rebuild_ms: list[float] = []
         cpu: list[float] = []
         gc_seconds = [0.0, 0.0, 0.0]
+        sims_cpu: list[float] = []
         for r in range(1, rounds + 1):
             await every("arm", [None] * replicas)
+            sims_cpu_started = sum(group.cpu_seconds() for group in sim_procs)
             started = time.time()
             (policies / "access.yaml").write_text(ACCESS.format(round=r))
             answers = await every("measure", [started] * replicas)
@@ -472,6 +487,7 @@ async def converge_replicas(
             last_ack.append(max(times))
             rebuild_ms.append(max(a["rebuild_ms"] for a in answers))
             cpu.append(sum(a["cpu"] for a in answers))
+            sims_cpu.append(sum(group.cpu_seconds() for group in sim_procs) - sims_cpu_started)
             for a in answers:
                 gc_seconds = [x + y for x, y in zip(gc_seconds, a["gc"], strict=True)]
             await asyncio.sleep(0.3)
@@ -492,6 +508,7 @@ async def converge_replicas(
             "last_ack_p99_ms": round(_percentile(last_ack, 0.99) * 1e3, 1),
             "rebuild_ms": round(statistics.median(rebuild_ms), 1),
             "cpu_ms_per_edit": round(statistics.median(cpu) * 1e3, 1),
+            "sims_cpu_ms_per_edit": round(statistics.median(sims_cpu) * 1e3, 1),
             "gc_ms_per_edit": [round(g / rounds * 1e3, 1) for g in gc_seconds],
             "bytes_per_sidecar_per_edit": 0,  # not counted across processes
             "rss_before_mb": round(rss_before / 2**20, 1),
