@@ -29,6 +29,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from bench.lib.simclient import SimulatedSidecar
 from controlplane.gen.modelguard.admin.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -41,7 +42,6 @@ from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.inventory import Sidecar
 from controlplane.xds import resources as rt
 from controlplane.xds import server as ads_server
-from controlplane.xds.simclient import SimulatedSidecar
 from tests.resilience.conftest import PlaneThread, settle
 
 # Codes that say "your input is wrong" (or too big); never UNKNOWN or INTERNAL (a crash).
