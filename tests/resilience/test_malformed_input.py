@@ -201,7 +201,12 @@ def test_junk_xds_streams_get_clear_errors_are_counted_and_leave_nothing_behind(
     assert "unhandled" not in drops, drops
     # Every stream ended: no task, node or inventory entry outlives it.
     # A stream that never sent a request is closed by the server after 10 s at most.
-    assert settle(lambda: leak_probes(plane_thread)[0], baseline[0], timeout=15) <= baseline[0]
+    # Under a loaded machine (a whole suite on 2 cores) a rebuild that the fuzzed sidecars'
+    # comings and goings set off can still be running after 15 s; it ends, a leak does not.
+    tasks = settle(lambda: leak_probes(plane_thread)[0], baseline[0], timeout=45)
+    assert tasks <= baseline[0], plane_thread.call(
+        lambda: sorted(repr(t.get_coro()) for t in asyncio.all_tasks(plane_thread.loop))
+    )
     assert leak_probes(plane_thread)[1:] == baseline[1:]
     well_behaved_sidecar_syncs(plane_thread, "after-junk-0")
     well_behaved_sidecar_syncs(plane_thread, "after-junk-1", delta=True)
