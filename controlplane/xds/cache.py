@@ -19,6 +19,7 @@ class SnapshotCache:
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, list[Watcher]] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self.generation = 0  # bumped on every change: readers cache against it
 
     def set_snapshot(self, node_id: str, snapshot: Snapshot) -> bool:
         """Publish a node's snapshot. Returns False if the node already had this version."""
@@ -70,6 +71,7 @@ class SnapshotCache:
         return await asyncio.wait_for(changed(), timeout)
 
     def _notify(self, node_id: str, snapshot: Snapshot | None) -> None:
+        self.generation += 1
         event = self._changed.pop(node_id, None)
         if event is not None:
             event.set()

@@ -135,6 +135,11 @@ class SyncStatus:
         # Each waiter's set of nodes changed since it last looked: re-checking only those
         # keeps waiting for a thousand sidecars linear, not quadratic.
         self._waiters: list[set[str]] = []
+        # Node id → the snapshot version it is SYNCED at, kept as each node changes: the
+        # status writer asks about every sidecar twice a second, which must not mean
+        # walking every node's types each time.
+        self._synced_versions: dict[str, str | None] = {}
+        self.changes = 0  # bumped on every change of any node: readers cache against it
 
     # -- written by the ADS server (each stream holds its own NodeSync) --
 
@@ -229,10 +234,14 @@ class SyncStatus:
         return {t: copy.copy(c) for t, c in self._counters.items()}
 
     def is_synced(self, node_id: str, snapshot_version: str | None = None) -> bool:
-        node = self._nodes.get(node_id)
-        if node is None or not node.synced:
+        if node_id not in self._synced_versions:
             return False
-        return snapshot_version is None or node.snapshot_version == snapshot_version
+        return snapshot_version is None or self._synced_versions[node_id] == snapshot_version
+
+    def synced_versions(self) -> dict[str, str | None]:
+        """Node id → snapshot version, of every SYNCED node. A copy, safe to take from
+        another thread (one C-level dict copy under the GIL)."""
+        return self._synced_versions.copy()
 
     async def wait_synced(
         self,
@@ -285,6 +294,12 @@ class SyncStatus:
         return c
 
     def _touch(self, node_id: str) -> None:
+        node = self._nodes.get(node_id)
+        if node is not None and node.synced:
+            self._synced_versions[node_id] = node.snapshot_version
+        else:
+            self._synced_versions.pop(node_id, None)
+        self.changes += 1
         for dirty in self._waiters:
             dirty.add(node_id)
         # Wake every waiter; the next one to wait gets a fresh event.

@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,92 @@ def _strip_subject(error: str, key: PolicyKey) -> str:
     return error[len(head) :] if error.startswith(head) else error
 
 
+_Group = tuple[str, str, tuple[tuple[str, str], ...]]  # namespace, service, labels
+
+
+class Workloads:
+    """Sidecars grouped by what targeting reads (namespace, service, labels), so that which
+    sidecars a policy targets is one ``targets`` call per group, not per sidecar.
+
+    Kept up to date by comparing each inventory snapshot with the last by identity: a
+    sidecar object that did not change is the same object (the inventory keeps it), so a
+    pass over thousands of sidecars touches only the few that changed.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[Sidecar, ...] | None = None
+        self._seen: dict[str, Sidecar] = {}
+        self._groups: dict[_Group, dict[str, Sidecar]] = {}
+        self._in_namespace: dict[str, set[_Group]] = {}
+        # policy key → (the policy object it was judged for, group → targeted)
+        self._judged: dict[PolicyKey, tuple[Policy, dict[_Group, bool]]] = {}
+
+    @staticmethod
+    def _group(sidecar: Sidecar) -> _Group:
+        return (sidecar.namespace, sidecar.service, sidecar.labels)
+
+    def update(self, sidecars: tuple[Sidecar, ...]) -> None:
+        if sidecars is self._last:
+            return
+        self._last = sidecars
+        same = 0
+        for sidecar in sidecars:
+            old = self._seen.get(sidecar.node_id)
+            if old is sidecar:
+                same += 1
+                continue
+            if old is not None:
+                self._remove(old)
+            self._add(sidecar)
+        if len(self._seen) > len(sidecars):  # some left
+            live = {s.node_id for s in sidecars}
+            for node_id in [n for n in self._seen if n not in live]:
+                self._remove(self._seen[node_id])
+
+    def _add(self, sidecar: Sidecar) -> None:
+        group = self._group(sidecar)
+        self._seen[sidecar.node_id] = sidecar
+        members = self._groups.get(group)
+        if members is None:
+            members = self._groups[group] = {}
+            self._in_namespace.setdefault(sidecar.namespace, set()).add(group)
+        members[sidecar.node_id] = sidecar
+
+    def _remove(self, sidecar: Sidecar) -> None:
+        group = self._group(sidecar)
+        del self._seen[sidecar.node_id]
+        members = self._groups.get(group)
+        if members is None:
+            return
+        members.pop(sidecar.node_id, None)
+        if not members:
+            del self._groups[group]
+            groups = self._in_namespace[sidecar.namespace]
+            groups.discard(group)
+            if not groups:
+                del self._in_namespace[sidecar.namespace]
+
+    def targeted(self, key: PolicyKey, policy: Policy) -> list[str]:
+        """Node ids of the sidecars ``policy`` targets."""
+        judged = self._judged.get(key)
+        if judged is None or judged[0] is not policy:
+            judged = self._judged[key] = (policy, {})
+        verdicts = judged[1]
+        out: list[str] = []
+        for group in self._in_namespace.get(policy.metadata.namespace, ()):
+            members = self._groups[group]
+            hit = verdicts.get(group)
+            if hit is None:
+                hit = verdicts[group] = targets(policy, next(iter(members.values())))
+            if hit:
+                out.extend(members)
+        return out
+
+    def forget_policies(self, keep: Mapping[PolicyKey, Policy]) -> None:
+        for key in [k for k in self._judged if k not in keep]:
+            del self._judged[key]
+
+
 class StatusWriter:
     """Computes each policy's conditions and, while leader, writes the ones that changed."""
 
@@ -68,6 +154,7 @@ class StatusWriter:
         # More conditions of a policy from other boxes (e.g. an ExtractionPolicy's
         # Calibrated, from the extraction monitor), after Accepted and Programmed.
         self.extra_conditions: Callable[[PolicyKey], list[Condition]] = lambda key: []
+        self._workloads = Workloads()
 
     def desired(self) -> dict[PolicyKey, dict[str, Any]]:
         """The status every observed policy should have (lastTransitionTime kept when a
@@ -77,7 +164,8 @@ class StatusWriter:
         serving: dict[PolicyKey, Policy] = {
             (p.kind, p.metadata.namespace, p.metadata.name): p for p in store.current().policies
         }
-        sidecars = self.sidecars()
+        self._workloads.update(self.sidecars())
+        self._workloads.forget_policies(serving)
         out = {}
         for key, seen in self.source.observed().items():
             status = statuses.get(key)
@@ -93,9 +181,9 @@ class StatusWriter:
                     errors += " (the last accepted version keeps serving)"
                 conditions.append(Condition("Accepted", "False", "Invalid", errors))
             policy = serving.get(key)
-            targeted = [s for s in sidecars if policy is not None and targets(policy, s)]
+            targeted = self._workloads.targeted(key, policy) if policy is not None else []
             programmed = self.programmed(key) if targeted else {}
-            done = sum(1 for s in targeted if programmed.get(s.node_id, False))
+            done = sum(1 for node_id in targeted if programmed.get(node_id, False))
             accepted = conditions[0].status == "True"
             if not accepted:
                 programmed_condition = Condition(
@@ -213,6 +301,7 @@ class ProgramTracker:
         self.plane = plane
         self._applied: dict[PolicyKey, tuple[int, str]] = {}
         self._lock = threading.Lock()
+        self._serving_cache: tuple[tuple[int, ...], frozenset[str]] | None = None
         plane.store.subscribe(self._on_policies)
         self._on_policies(plane.store.current())
 
@@ -224,20 +313,60 @@ class ProgramTracker:
                 if self._applied.get(key, (0, ""))[1] != fingerprint:
                     self._applied[key] = (policy_set.revision, fingerprint)
 
-    def nodes(self, key: PolicyKey) -> dict[str, bool]:
-        """Node id → whether it has ACKed a snapshot compiled with ``key``'s current version."""
+    def nodes(self, key: PolicyKey) -> Mapping[str, bool]:
+        """Node id → whether it has ACKed a snapshot compiled with ``key``'s current version
+        (absent: it has not)."""
         with self._lock:
             needed = self._applied.get(key, (None, ""))[0]
         compiled = needed is not None and self.plane.pipeline.compiled_revision >= needed
-        plane, out = self.plane, {}
-        for sidecar in plane.inventory.snapshot():
-            node = sidecar.node_id
-            snapshot = plane.cache.get(node)
-            out[node] = bool(
-                compiled
-                and snapshot is not None
-                and plane.pipeline.ir(node) is not None
-                and node not in plane.pipeline.errors
-                and plane.sync_status.is_synced(node, snapshot.version)
-            )
-        return out
+        return _Programmed(self._serving() if compiled else frozenset())
+
+    def _serving(self) -> frozenset[str]:
+        """Sidecars that ACKed the snapshot the cache holds for them, which has no error:
+        the part of ``nodes`` that is the same for every policy, computed once per change
+        of the sync status, the cache or the pipeline, not once per policy and pass."""
+        plane = self.plane
+        token = (
+            plane.sync_status.changes,
+            plane.cache.generation,
+            plane.pipeline.rebuilds,
+            len(plane.pipeline.errors),
+        )
+        cached = self._serving_cache
+        if cached is not None and cached[0] == token:
+            return cached[1]
+        get, ir, errors = plane.cache.get, plane.pipeline.ir, plane.pipeline.errors
+        serving = frozenset(
+            node
+            for node, version in plane.sync_status.synced_versions().items()
+            if (snapshot := get(node)) is not None
+            and snapshot.version == version
+            and node not in errors
+            and ir(node) is not None
+        )
+        self._serving_cache = (token, serving)
+        return serving
+
+
+class _Programmed(Mapping[str, bool]):
+    """``ProgramTracker.nodes``: the programmed sidecars as a mapping to True, without a
+    dict of every sidecar per policy."""
+
+    __slots__ = ("_nodes",)
+
+    def __init__(self, nodes: frozenset[str]) -> None:
+        self._nodes = nodes
+
+    def __getitem__(self, node_id: str) -> bool:
+        if node_id in self._nodes:
+            return True
+        raise KeyError(node_id)
+
+    def get(self, node_id: str, default: Any = None) -> Any:
+        return True if node_id in self._nodes else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)

@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -70,27 +70,82 @@ class PodInfo:
 
 @dataclass
 class ClusterState:
-    """Pods, Services and EndpointSlices as last seen; thread-safe."""
+    """Pods, Services and EndpointSlices as last seen; thread-safe.
+
+    EndpointSlices are also indexed by the pods they list, so that what a pod backs is a
+    lookup, and a slice event names the few pods whose Services changed.
+    """
 
     pods: dict[tuple[str, str], PodInfo] = field(default_factory=dict)
     services: set[tuple[str, str]] = field(default_factory=set)
     # (namespace, slice name) → (service name, pod names it lists)
     slices: dict[tuple[str, str], tuple[str, frozenset[str]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # (namespace, pod name) → {slice name: its service} of the slices listing that pod
+    _slices_of_pod: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
     def services_of(self, namespace: str, pod: str) -> list[str]:
         with self.lock:
-            return sorted(
-                {
-                    svc
-                    for (ns, _), (svc, pods) in self.slices.items()
-                    if ns == namespace and pod in pods
-                }
-            )
+            return self._services_of(namespace, pod)
+
+    def _services_of(self, namespace: str, pod: str) -> list[str]:
+        return sorted(set(self._slices_of_pod.get((namespace, pod), {}).values()))
+
+    def pod_view(self, namespace: str, pod: str) -> tuple[PodInfo | None, list[str]]:
+        """A pod and the Services it backs, read together."""
+        with self.lock:
+            return self.pods.get((namespace, pod)), self._services_of(namespace, pod)
 
     def has_service(self, namespace: str, name: str) -> bool:
         with self.lock:
             return (namespace, name) in self.services
+
+    def set_pod(self, key: tuple[str, str], info: PodInfo) -> bool:
+        """Whether the pod is new or changed (its status alone changing is no change)."""
+        with self.lock:
+            if self.pods.get(key) == info:
+                return False
+            self.pods[key] = info
+            return True
+
+    def remove_pod(self, key: tuple[str, str]) -> bool:
+        with self.lock:
+            return self.pods.pop(key, None) is not None
+
+    def set_slice(
+        self, key: tuple[str, str], service: str, pods: frozenset[str]
+    ) -> frozenset[str]:
+        """Keep a slice; returns the pods whose Services may have changed."""
+        with self.lock:
+            before = self.slices.get(key)
+            self.slices[key] = (service, pods)
+            self._unindex(key, before)
+            namespace, name = key
+            for pod in pods:
+                self._slices_of_pod.setdefault((namespace, pod), {})[name] = service
+        if before is None:
+            return pods
+        old_service, old_pods = before
+        return pods ^ old_pods if old_service == service else pods | old_pods
+
+    def remove_slice(self, key: tuple[str, str]) -> frozenset[str]:
+        with self.lock:
+            before = self.slices.pop(key, None)
+            self._unindex(key, before)
+        return before[1] if before is not None else frozenset()
+
+    def _unindex(
+        self, key: tuple[str, str], before: tuple[str, frozenset[str]] | None
+    ) -> None:
+        if before is None:
+            return
+        namespace, name = key
+        for pod in before[1]:
+            of_pod = self._slices_of_pod.get((namespace, pod))
+            if of_pod is not None:
+                of_pod.pop(name, None)
+                if not of_pod:
+                    del self._slices_of_pod[(namespace, pod)]
 
 
 @dataclass(frozen=True)
@@ -226,7 +281,9 @@ class KubernetesSource:
                     continue
             self._watched.append(_Watched(name, fn, kwargs, upsert, delete, _meta_key))
         if inventory is not None:
-            inventory.subscribe(self._reconcile_inventory)
+            # Corrected as they connect, and again (only those touched) on Pod and
+            # EndpointSlice events: never a rescan of every sidecar.
+            inventory.correct_with(self.correct)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -413,13 +470,14 @@ class KubernetesSource:
             labels=tuple(sorted((meta.get("labels") or {}).items())),
             service_account=str(spec.get("serviceAccountName") or "default"),
         )
-        with self.cluster.lock:
-            self.cluster.pods[_meta_key(obj)] = info
-        self._reconcile_inventory()
+        key = _meta_key(obj)
+        if self.cluster.set_pod(key, info):
+            self._recorrect(key[0], (key[1],))
 
     def _pod_delete(self, obj: dict[str, Any]) -> None:
-        with self.cluster.lock:
-            self.cluster.pods.pop(_meta_key(obj), None)
+        key = _meta_key(obj)
+        if self.cluster.remove_pod(key):
+            self._recorrect(key[0], (key[1],))
 
     def _service_upsert(self, obj: dict[str, Any]) -> None:
         with self.cluster.lock:
@@ -433,6 +491,7 @@ class KubernetesSource:
         labels = (obj.get("metadata") or {}).get("labels") or {}
         service = labels.get("kubernetes.io/service-name")
         if not service:
+            self._slice_delete(obj)  # a slice of no Service backs nothing
             return
         pods = frozenset(
             str(ref.get("name"))
@@ -440,14 +499,12 @@ class KubernetesSource:
             for ref in [endpoint.get("targetRef") or {}]
             if ref.get("kind") == "Pod"
         )
-        with self.cluster.lock:
-            self.cluster.slices[_meta_key(obj)] = (str(service), pods)
-        self._reconcile_inventory()
+        key = _meta_key(obj)
+        self._recorrect(key[0], self.cluster.set_slice(key, str(service), pods))
 
     def _slice_delete(self, obj: dict[str, Any]) -> None:
-        with self.cluster.lock:
-            self.cluster.slices.pop(_meta_key(obj), None)
-        self._reconcile_inventory()
+        key = _meta_key(obj)
+        self._recorrect(key[0], self.cluster.remove_slice(key))
 
     def _secret_upsert(self, obj: dict[str, Any]) -> None:
         namespace, name = _meta_key(obj)
@@ -457,26 +514,21 @@ class KubernetesSource:
     def _secret_delete(self, obj: dict[str, Any]) -> None:
         self.api_keys.remove(*_meta_key(obj))
 
-    def _reconcile_inventory(self) -> None:
-        """Correct connected sidecars by what the cluster says about their pods."""
-        if self.inventory is None:
-            return
-        for sidecar in self.inventory.snapshot():
-            corrected = self.correct(sidecar)
-            if corrected != sidecar:
-                self.inventory.observe(corrected)
+    def _recorrect(self, namespace: str, pods: Iterable[str]) -> None:
+        """Correct again the sidecars of these pods, and only those."""
+        if self.inventory is not None and pods:
+            self.inventory.recorrect([f"{pod}.{namespace}" for pod in pods])
 
     def correct(self, sidecar: Sidecar) -> Sidecar:
-        """The sidecar with its pod's live labels and, when the pod backs Services but none
-        by the name it announced, the first of those Services' names."""
+        """The sidecar (as it announced itself) with its pod's live labels and, when the pod
+        backs Services but none by the name it announced, the first of those Services'
+        names. A sidecar's node id is ``<pod>.<namespace>`` (the injector sets it so)."""
         pod_name, _, namespace = sidecar.node_id.rpartition(".")
         if not pod_name or namespace != sidecar.namespace:
             return sidecar
-        with self.cluster.lock:
-            pod = self.cluster.pods.get((namespace, pod_name))
+        pod, services = self.cluster.pod_view(namespace, pod_name)
         if pod is None:
             return sidecar
-        services = self.cluster.services_of(namespace, pod_name)
         service = sidecar.service
         if services and service not in services:
             service = services[0]
