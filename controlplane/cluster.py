@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--watch-namespace", help="watch one namespace (default: all)")
     group.add_argument("--lease-namespace", default="modelguard-system")
     group.add_argument(
+        "--pod-selector",
+        default=None,
+        help="label selector of the Pods read for the inventory (default: the label the "
+        "injector sets, sidecar.modelguard.io/injected=true; '': every pod)",
+    )
+    group.add_argument(
         "--api-key-namespaces",
         help="comma-separated namespaces whose Secrets labelled modelguard.io/api-keys=true "
         "are read (RBAC: a Role there); default: every namespace (a ClusterRole)",
@@ -121,7 +127,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     """Run the control plane in a cluster until interrupted; returns the exit code."""
     import socket
 
-    from controlplane.inject import InjectConfig, InjectionWebhook
+    from controlplane.inject import INJECTED_SELECTOR, InjectConfig, InjectionWebhook
     from controlplane.server import ControlPlane
 
     api_client = api_client_from_args(args)
@@ -143,6 +149,11 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
             plane.inventory,
             args.watch_namespace,
             secret_namespaces=secret_namespaces,
+            pod_selector=(
+                INJECTED_SELECTOR
+                if getattr(args, "pod_selector", None) is None
+                else args.pod_selector
+            ),
         )
         elector = LeaderElector(api_client, args.lease_namespace, replica_id)
         bundle = None

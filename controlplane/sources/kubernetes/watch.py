@@ -46,6 +46,7 @@ SOURCE: Final = "kubernetes"
 # Metadata the API server changes without the user changing anything: ignoring it keeps a
 # status write (new resourceVersion, managedFields) from looking like a policy change.
 _VOLATILE_METADATA = ("resourceVersion", "managedFields", "selfLink")
+PAGE_SIZE: Final = 500  # kubectl's and client-go's informers' default chunk size
 
 
 def unit_of(key: PolicyKey) -> str:
@@ -181,9 +182,14 @@ class KubernetesSource:
         watch_timeout: int = 300,
         retry_interval: float = 1.0,
         secret_namespaces: Sequence[str] | None = None,
+        pod_selector: str | None = None,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         # ``secret_namespaces``: read API-key Secrets only there (one watch each), so RBAC
         # can grant Secrets with namespaced Roles instead of cluster-wide.
+        # ``pod_selector``: a label selector for the Pods watched (cluster mode: the label
+        # the injector sets), so the control plane holds its sidecars' pods, not the
+        # cluster's. ``page_size``: lists are read in pages of this many (0: one page).
         from kubernetes import client
 
         self.store = store
@@ -191,6 +197,7 @@ class KubernetesSource:
         self.namespace = namespace
         self.watch_timeout = watch_timeout
         self.retry_interval = retry_interval
+        self.page_size = page_size
         self.cluster = ClusterState()
         self.api_keys = ApiKeys()
         self._observed: dict[PolicyKey, ObservedPolicy] = {}
@@ -200,6 +207,7 @@ class KubernetesSource:
         self._threads: list[threading.Thread] = []
         self._open: set[Any] = set()
         self._synced: set[str] = set()
+        self.pages = 0  # list pages read, of every resource
         self._listeners: list[Callable[[], None]] = []
         custom = client.CustomObjectsApi(api_client)
         core = client.CoreV1Api(api_client)
@@ -264,6 +272,8 @@ class KubernetesSource:
                 self._secret_delete,
             ),
         ):
+            if name == "pods" and pod_selector:
+                kwargs = {**kwargs, "label_selector": pod_selector}
             if name == "secrets":
                 kwargs = {**kwargs, "label_selector": API_KEYS_LABEL}
                 if secret_namespaces is not None:
@@ -337,20 +347,36 @@ class KubernetesSource:
             self._stop.wait(self.retry_interval)
 
     def _list(self, watched: _Watched) -> str | None:
-        response = watched.list_fn(
-            **watched.kwargs, _preload_content=False, _request_timeout=(10, 60)
-        )
-        listing = json.loads(response.data)
-        items = listing.get("items") or []
-        seen = {watched.key(item) for item in items}
-        for item in items:
-            watched.upsert(item)
+        """List in pages (``limit`` + ``continue``, as client-go's pager), so that neither the
+        API server nor this process holds thousands of objects in one response. The pages
+        are one consistent snapshot; an expired continue token fails the list, which is
+        then retried from the start (``_run``)."""
+        seen: set[tuple[str, str]] = set()
+        token: str | None = None
+        version: str | None = None
+        while True:
+            paging: dict[str, Any] = {"limit": self.page_size} if self.page_size else {}
+            if token:
+                paging["_continue"] = token
+            response = watched.list_fn(
+                **watched.kwargs, **paging, _preload_content=False, _request_timeout=(10, 60)
+            )
+            listing = json.loads(response.data)
+            items = listing.get("items") or []
+            for item in items:
+                seen.add(watched.key(item))
+                watched.upsert(item)
+            meta = listing.get("metadata") or {}
+            version = str(meta.get("resourceVersion") or "") or version
+            token = meta.get("continue") or None
+            self.pages += 1
+            if not token:
+                break
         # A relist also tells what was deleted while no watch was open.
         for key in self._known(watched):
             if key not in seen:
                 watched.delete({"metadata": {"namespace": key[0], "name": key[1]}})
-        version = (listing.get("metadata") or {}).get("resourceVersion")
-        return str(version) if version else None
+        return version
 
     def _stream(self, watched: _Watched, version: str | None) -> Iterator[dict[str, Any]]:
         from kubernetes.watch.watch import iter_resp_lines
