@@ -39,8 +39,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf import json_format
-from google.protobuf import struct_pb2
+from envoy.config.core.v3 import base_pb2  # type: ignore[import-untyped]
+from google.protobuf import json_format, struct_pb2
 from kubernetes import client
 
 import controlplane
@@ -48,8 +48,6 @@ from controlplane.inventory import Sidecar
 from controlplane.server import ControlPlane, ControlPlaneConfig
 from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
 from controlplane.xds.status import StreamKind
-
-from envoy.config.core.v3 import base_pb2  # type: ignore[import-untyped]
 
 NAMESPACES = 5
 GOALS_MS = {"pod_event": 5.0, "connect": 5.0, "status_pass": 20.0}
@@ -90,9 +88,7 @@ class Cluster:
         }
 
     @staticmethod
-    def endpoint_slice(
-        namespace: str, service: str, index: int, pods: list[str]
-    ) -> dict[str, Any]:
+    def endpoint_slice(namespace: str, service: str, index: int, pods: list[str]) -> dict[str, Any]:
         return {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -111,7 +107,9 @@ class Cluster:
         out = []
         for (namespace, service), pods in self.by_service.items():
             for index in range(0, len(pods), 100):
-                out.append(self.endpoint_slice(namespace, service, index // 100, pods[index : index + 100]))
+                out.append(
+                    self.endpoint_slice(namespace, service, index // 100, pods[index : index + 100])
+                )
         return out
 
     def policies(self, count: int) -> list[dict[str, Any]]:
@@ -195,11 +193,11 @@ def mark_synced(plane: ControlPlane, node_ids: list[str]) -> None:
             sync.acked(node, type_url, version, "n")
 
 
-def run(pods: int, services: int, policies: int, events: int, connects: int, passes: int) -> dict[str, Any]:
+def run(
+    pods: int, services: int, policies: int, events: int, connects: int, passes: int
+) -> dict[str, Any]:
     cluster = Cluster(pods, services)
-    plane = ControlPlane(
-        ControlPlaneConfig(policy_paths=(), xds_port=0, admin_port=0, watch=False)
-    )
+    plane = ControlPlane(ControlPlaneConfig(policy_paths=(), xds_port=0, admin_port=0, watch=False))
     api_client = client.ApiClient(client.Configuration(host="http://127.0.0.1:9"))
     source = KubernetesSource(api_client, plane.store, plane.inventory)
     watched = {w.name: w for w in source._watched}
@@ -299,7 +297,8 @@ def main() -> None:
     print(json.dumps(figures, indent=2))
     for name, goal in GOALS_MS.items():
         mean = figures[name]["mean_ms"]
-        print(f"{name}: {mean:.2f} ms CPU mean (goal <= {goal:g} ms): {'ok' if mean <= goal else 'OVER'}")
+        verdict = "ok" if mean <= goal else "OVER"
+        print(f"{name}: {mean:.2f} ms CPU mean (goal <= {goal:g} ms): {verdict}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(figures, out, indent=2)
