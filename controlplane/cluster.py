@@ -1,7 +1,7 @@
 """Cluster mode: ``modelguard serve --kubernetes``.
 
 Wires the Kubernetes source, the status writer, the trust bundle publisher and the
-injection webhook around one control plane. Kept apart from ``sources/kubernetes.py`` so
+injection webhook around one control plane. Kept apart from ``sources/kubernetes/`` so
 the source (the first box of the data flow) never imports the server it feeds.
 """
 
@@ -171,14 +171,14 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         shared_status = None
         if config.rate_limit_backend.startswith(("redis://", "rediss://", "unix://")):
             # "Programmed N of M" over every replica's sidecars, not only the leader's.
-            from controlplane.cluster_status import SharedStatus, versions_of
+            from controlplane.cluster_status import SharedStatus, VersionsOf
 
             shared_status = SharedStatus(
                 config.rate_limit_backend,
                 replica_id,
                 plane.inventory.snapshot,
                 tracker.nodes,
-                lambda: versions_of(plane.store.current().policies),
+                VersionsOf(plane.store.current),
             )
             sidecars, programmed = shared_status.sidecars, shared_status.programmed
         writer = StatusWriter(

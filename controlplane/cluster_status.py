@@ -19,7 +19,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -39,6 +40,57 @@ def _name(key: PolicyKey) -> str:
 
 def spec_digest(spec_json: str) -> str:
     return hashlib.sha256(spec_json.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _RemoteView:
+    """The other replicas' reports, parsed: their sidecars (first report wins), and per
+    policy the (version, programmed node ids) of each report."""
+
+    sidecars: tuple[Sidecar, ...]
+    programmed: Mapping[str, list[tuple[str, frozenset[str]]]]
+
+
+class _Programmed(Mapping[str, bool]):
+    """A policy's programmed sidecars over every replica: this replica's answer for its
+    own sidecars, the reports' for the others."""
+
+    def __init__(
+        self, local: Mapping[str, bool], local_ids: frozenset[str], remote: set[str]
+    ) -> None:
+        self._local, self._local_ids, self._remote = local, local_ids, remote
+
+    def get(self, node_id: str, default: Any = None) -> Any:
+        if node_id in self._local_ids:
+            return True if self._local.get(node_id, False) else default
+        return True if node_id in self._remote else default
+
+    def __getitem__(self, node_id: str) -> bool:
+        if self.get(node_id, False):
+            return True
+        raise KeyError(node_id)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (n for n in self._local_ids if self._local.get(n, False))
+        yield from (n for n in self._remote if n not in self._local_ids)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class VersionsOf:
+    """``versions_of`` the store's current policies, computed once per policy set (the
+    status writer asks once per policy and pass)."""
+
+    def __init__(self, current: Callable[[], Any]) -> None:
+        self._current = current
+        self._cached: tuple[Any, dict[PolicyKey, str]] | None = None
+
+    def __call__(self) -> dict[PolicyKey, str]:
+        policy_set = self._current()
+        if self._cached is None or self._cached[0] is not policy_set:
+            self._cached = (policy_set, versions_of(policy_set.policies))
+        return self._cached[1]
 
 
 class SharedStatus:
@@ -62,50 +114,65 @@ class SharedStatus:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
         )
         self._remote: list[dict[str, Any]] = []
+        self._remote_view = _RemoteView((), {})
+        self._parsed: dict[str, tuple[Any, Sidecar]] = {}  # node id → (metadata, parsed)
+        self._published: dict[str, tuple[Sidecar, dict[str, Any]]] = {}
+        self._merged: (
+            tuple[tuple[Sidecar, ...], _RemoteView, tuple[Sidecar, ...], frozenset[str]] | None
+        ) = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- what the status writer reads ------------------------------------------------------
+    # Twice a second, for every sidecar of every replica: the remote reports are parsed
+    # once per ``step`` (in its thread), each sidecar into the same object while its
+    # metadata is unchanged (the status writer tells changed sidecars by identity), and
+    # nothing here builds a dict of every sidecar per policy.
 
     def sidecars(self) -> tuple[Sidecar, ...]:
         local = self._local_sidecars()
-        seen = {s.node_id for s in local}
-        out = list(local)
-        for report in self._remote:
-            for node_id, metadata in report["sidecars"].items():
-                if node_id in seen:
-                    continue  # it moved here: this replica's view is the fresh one
-                try:
-                    out.append(Sidecar.from_metadata(node_id, metadata))
-                except InventoryError:
-                    continue
-                seen.add(node_id)
-        return tuple(out)
+        remote = self._remote_view
+        cached = self._merged
+        if cached is not None and cached[0] is local and cached[1] is remote:
+            return cached[2]
+        local_ids = frozenset(s.node_id for s in local)
+        # A sidecar that moved here: this replica's view is the fresh one.
+        merged = (*local, *(s for s in remote.sidecars if s.node_id not in local_ids))
+        self._merged = (local, remote, merged, local_ids)
+        return merged
 
-    def programmed(self, key: PolicyKey) -> dict[str, bool]:
-        out: dict[str, bool] = {}
+    def programmed(self, key: PolicyKey) -> Mapping[str, bool]:
+        self.sidecars()  # the local ids, as of now
+        assert self._merged is not None
+        local_ids = self._merged[3]
         version = self._versions().get(key)
-        for report in self._remote:
-            entry = report["programmed"].get(_name(key))
-            for node_id in report["sidecars"]:
-                out[node_id] = bool(
-                    entry is not None
-                    and entry["version"] == version
-                    and entry["nodes"].get(node_id, False)
-                )
-        out.update(self._local_programmed(key))
-        return out
+        remote: set[str] = set()
+        for entry in self._remote_view.programmed.get(_name(key), ()):
+            if entry[0] == version:  # a report for another version programmed nothing yet
+                remote |= entry[1]
+        return _Programmed(self._local_programmed(key), local_ids, remote)
 
     # --- publishing ---------------------------------------------------------------------------
 
     def _report(self) -> dict[str, Any]:
         sidecars = self._local_sidecars()
+        metadata = {}
+        for s in sidecars:
+            known = self._published.get(s.node_id)
+            if known is None or known[0] is not s:
+                known = self._published[s.node_id] = (s, s.to_metadata())
+            metadata[s.node_id] = known[1]
+        if len(self._published) > len(metadata):
+            self._published = {n: v for n, v in self._published.items() if n in metadata}
         return {
             "replica": self.replica_id,
             "at": time.time(),
-            "sidecars": {s.node_id: s.to_metadata() for s in sidecars},
+            "sidecars": metadata,
             "programmed": {
-                _name(key): {"version": version, "nodes": dict(self._local_programmed(key))}
+                _name(key): {
+                    "version": version,
+                    "nodes": dict.fromkeys(self._local_programmed(key), True),
+                }
                 for key, version in self._versions().items()
             },
         }
@@ -129,6 +196,33 @@ class SharedStatus:
                 if isinstance(report["sidecars"], dict) and isinstance(report["programmed"], dict):
                     remote.append(report)
         self._remote = remote
+        self._remote_view = self._view(remote)
+
+    def _view(self, reports: list[dict[str, Any]]) -> _RemoteView:
+        sidecars: list[Sidecar] = []
+        seen: set[str] = set()
+        parsed: dict[str, tuple[Any, Sidecar]] = {}
+        programmed: dict[str, list[tuple[str, frozenset[str]]]] = {}
+        for report in reports:
+            nodes = report["sidecars"]
+            for node_id, metadata in nodes.items():
+                if node_id in seen:
+                    continue
+                known = self._parsed.get(node_id)
+                if known is None or known[0] != metadata:
+                    try:
+                        known = (metadata, Sidecar.from_metadata(node_id, metadata))
+                    except InventoryError:
+                        continue
+                parsed[node_id] = known
+                sidecars.append(known[1])
+                seen.add(node_id)
+            for name, entry in report["programmed"].items():
+                with contextlib.suppress(KeyError, TypeError, AttributeError):
+                    done = frozenset(n for n, ok in entry["nodes"].items() if ok and n in nodes)
+                    programmed.setdefault(name, []).append((entry["version"], done))
+        self._parsed = parsed
+        return _RemoteView(tuple(sidecars), programmed)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="shared-status", daemon=True)
@@ -140,6 +234,7 @@ class SharedStatus:
                 self.step()
             except (redis.RedisError, OSError) as err:
                 self._remote = []  # unknown: count only what this replica sees
+                self._remote_view = _RemoteView((), {})
                 log.warning("status: %s: %s", self.url, err)
             self._stop.wait(self.interval)
 
