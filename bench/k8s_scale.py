@@ -21,7 +21,11 @@ Measured (CPU seconds of this process, ``time.process_time``, per operation):
 * a status pass: what the Lease holder computes every 0.5 s (``StatusWriter.changes``),
   after a Pod event and one sidecar's new ACK, and again with nothing changed.
 
-    .venv/bin/python bench/k8s_scale.py [--pods 5000] [--json out.json]
+    .venv/bin/python bench/k8s_scale.py [--pods 5000] [--replicas 2] [--json out.json]
+
+``--replicas 2``: this replica holds every other pod's sidecar; the rest are another
+replica's, reported (all ACKed) through a Redis started here, and "Programmed N of M" counts
+both (``SharedStatus``). Its publishing step (a thread, every 0.5 s) is measured too.
 
 To measure another checkout (e.g. main, before a change) with the same script:
 
@@ -31,10 +35,13 @@ To measure another checkout (e.g. main, before a change) with the same script:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +52,7 @@ from kubernetes import client
 
 import controlplane
 from controlplane.inventory import Sidecar
+from controlplane.netutil import free_port, wait_for_port
 from controlplane.server import ControlPlane, ControlPlaneConfig
 from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
 from controlplane.xds.status import StreamKind
@@ -81,7 +89,7 @@ class Cluster:
                 "labels": {
                     "app": service,
                     "version": f"v{version}",
-                    "modelguard.io/sidecar": "injected",
+                    "sidecar.modelguard.io/injected": "true",
                 },
             },
             "spec": {"serviceAccountName": service},
@@ -160,6 +168,21 @@ def node_of(namespace: str, pod: str, service: str) -> base_pb2.Node:
     return base_pb2.Node(id=sidecar.node_id, metadata=metadata)
 
 
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is needed: make setup installs it")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for_port("127.0.0.1", port, timeout=10)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
 def cpu_ms(fn: Callable[[], Any]) -> float:
     started = time.process_time()
     fn()
@@ -194,9 +217,20 @@ def mark_synced(plane: ControlPlane, node_ids: list[str]) -> None:
 
 
 def run(
-    pods: int, services: int, policies: int, events: int, connects: int, passes: int
+    pods: int,
+    services: int,
+    policies: int,
+    events: int,
+    connects: int,
+    passes: int,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
+    """With ``redis_url``: two replicas, this one holding every other pod's sidecar and the
+    other replica's report (the rest, all ACKed) in Redis, as ``SharedStatus`` shares them."""
     cluster = Cluster(pods, services)
+    replicas = 2 if redis_url else 1
+    local_pods = cluster.pods[::replicas]
+    remote_pods = [p for i, p in enumerate(cluster.pods) if i % replicas]
     plane = ControlPlane(ControlPlaneConfig(policy_paths=(), xds_port=0, admin_port=0, watch=False))
     api_client = client.ApiClient(client.Configuration(host="http://127.0.0.1:9"))
     source = KubernetesSource(api_client, plane.store, plane.inventory)
@@ -218,27 +252,64 @@ def run(
     for obj in cluster.policies(policies):
         plural = {"AccessPolicy": "accesspolicies", "RatePolicy": "ratepolicies"}[obj["kind"]]
         event(plural, "ADDED", obj)
-    late = cluster.pods[:connects]  # their sidecars connect while measured
+    late = local_pods[:connects]  # their sidecars connect while measured
     listeners = list(plane.inventory._listeners)
     plane.inventory._listeners.clear()
-    for namespace, pod, service in cluster.pods[connects:]:
+    for namespace, pod, service in local_pods[connects:]:
         plane._on_connect(node_of(namespace, pod, service))
     # Before the indexes, the source corrected sidecars in one pass over all of them
     # (with its own listener set aside: each correction would start another pass).
     getattr(source, "_reconcile_inventory", lambda: None)()
     plane.inventory._listeners.extend(listeners)
     tracker = ProgramTracker(plane)
-    writer = StatusWriter(api_client, source, lambda: True, tracker.nodes, plane.inventory.snapshot)
+    sidecars: Callable[[], tuple[Sidecar, ...]] = plane.inventory.snapshot
+    programmed: Callable[[Any], Any] = tracker.nodes
+    shared = remote = None
+    if redis_url:
+        from controlplane import cluster_status
+
+        versions = getattr(cluster_status, "VersionsOf", None)
+        local_versions = (
+            versions(plane.store.current)
+            if versions is not None
+            else lambda: cluster_status.versions_of(plane.store.current().policies)
+        )
+        shared = cluster_status.SharedStatus(
+            redis_url, "here", plane.inventory.snapshot, tracker.nodes, local_versions
+        )
+        others = tuple(
+            dataclasses.replace(
+                Sidecar.from_metadata(
+                    node.id, json_format.MessageToDict(node_of(namespace, pod, service).metadata)
+                ),
+                labels=tuple(
+                    sorted(cluster.pod(namespace, pod, service)["metadata"]["labels"].items())
+                ),
+            )
+            for namespace, pod, service in remote_pods
+            for node in [node_of(namespace, pod, service)]
+        )
+        remote = cluster_status.SharedStatus(
+            redis_url,
+            "there",
+            lambda: others,
+            lambda key: {s.node_id: True for s in others},
+            lambda: cluster_status.versions_of(plane.store.current().policies),
+        )
+        remote.step()
+        shared.step()
+        sidecars, programmed = shared.sidecars, shared.programmed
+    writer = StatusWriter(api_client, source, lambda: True, programmed, sidecars)
     plane.pipeline.rebuild()
     mark_synced(plane, plane.cache.node_ids())
-    assert len(plane.inventory.snapshot()) == pods - connects
+    assert len(plane.inventory.snapshot()) == len(local_pods) - connects
     setup_seconds = time.perf_counter() - setup_started
     gc.collect()
     gc.freeze()  # the setup's objects are not what the measured operations cost
 
     pod_events, slice_events, connect_costs = [], [], []
-    step = max(1, (pods - connects) // events)
-    for k, (namespace, pod, service) in enumerate(cluster.pods[connects::step][:events]):
+    step = max(1, (len(local_pods) - connects) // events)
+    for k, (namespace, pod, service) in enumerate(local_pods[connects::step][:events]):
         obj = cluster.pod(namespace, pod, service, version=k + 1)
         pod_events.append(cpu_ms(lambda obj=obj: event("pods", "MODIFIED", obj)))
     slice_objs = cluster.slices()
@@ -251,22 +322,28 @@ def run(
         node = node_of(namespace, pod, service)
         connect_costs.append(cpu_ms(lambda node=node: plane._on_connect(node)))
     corrected = plane.inventory.get(f"{late[0][1]}.{late[0][0]}")
-    assert corrected is not None and ("modelguard.io/sidecar", "injected") in corrected.labels, (
-        "a connecting sidecar was not corrected by its pod"
-    )
+    assert (
+        corrected is not None and ("sidecar.modelguard.io/injected", "true") in corrected.labels
+    ), "a connecting sidecar was not corrected by its pod"
 
-    busy_passes, idle_passes = [], []
+    busy_passes, idle_passes, publishes = [], [], []
     writer.changes()  # the first pass after start fills what later passes reuse
     nodes = [n for n in plane.cache.node_ids()]
     for k in range(passes):
-        namespace, pod, service = cluster.pods[connects + k]
+        namespace, pod, service = local_pods[connects + k]
         event("pods", "MODIFIED", cluster.pod(namespace, pod, service, version=1000 + k))
         mark_synced(plane, [nodes[k % len(nodes)]])
+        if shared is not None and remote is not None:
+            remote.step()  # the other replica's process, not this one's CPU
+            publishes.append(cpu_ms(shared.step))  # this replica's thread, every 0.5 s
         busy_passes.append(cpu_ms(writer.changes))
         idle_passes.append(cpu_ms(writer.changes))
     gc.unfreeze()
     changes = writer.changes()
-    programmed = [s["programmedSidecars"] for _, s in changes]
+    done = [status["programmedSidecars"] for _, status in changes]
+    if shared is not None and remote is not None:
+        shared.stop()
+        remote.stop()
     return {
         "checkout": os.path.dirname(os.path.dirname(os.path.abspath(controlplane.__file__))),
         "pods": pods,
@@ -278,7 +355,9 @@ def run(
         "connect": summary(connect_costs),
         "status_pass": summary(busy_passes),
         "status_pass_idle": summary(idle_passes),
-        "programmed_sidecars_total": sum(programmed),
+        "programmed_sidecars_total": sum(done),
+        "replicas": replicas,
+        **({"status_publish": summary(publishes)} if publishes else {}),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -291,9 +370,33 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50, help="Pod and EndpointSlice events")
     parser.add_argument("--connects", type=int, default=50)
     parser.add_argument("--passes", type=int, default=20)
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="2: status over two replicas' sidecars, shared through a Redis started here",
+    )
     parser.add_argument("--json", help="write the figures here as well")
     args = parser.parse_args()
-    figures = run(args.pods, args.services, args.policies, args.events, args.connects, args.passes)
+    redis_process = None
+    redis_url = None
+    if args.replicas == 2:
+        redis_process, redis_url = start_redis()
+    try:
+        figures = run(
+            args.pods,
+            args.services,
+            args.policies,
+            args.events,
+            args.connects,
+            args.passes,
+            redis_url,
+        )
+    finally:
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(timeout=10)
     print(json.dumps(figures, indent=2))
     for name, goal in GOALS_MS.items():
         mean = figures[name]["mean_ms"]
