@@ -274,7 +274,9 @@ class StatusWriter:
             self.writes += 1
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
-        """Recompute on the loop (where sync status lives), write from a thread."""
+        """Recompute on the loop (where sync status lives), write from a thread. A pass is
+        incremental (``Workloads``, ``ProgramTracker``'s serving set): a few ms of CPU at
+        5,000 sidecars, where a full rescan cost hundreds (bench/k8s_scale.py)."""
         while not stop.is_set():
             try:
                 if self.is_leader():

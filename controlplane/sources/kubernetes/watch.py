@@ -1,5 +1,4 @@
-"""The Kubernetes source: policy CRDs, inventory and API keys from a cluster; policy status
-written back.
+"""The Kubernetes source's watches: policy CRDs and the inventory, listed and watched.
 
 * **Policies.** The four CRDs are listed and watched through the official ``kubernetes``
   client. Each object is one unit of the store, validated like a file document, so an
@@ -8,16 +7,14 @@ written back.
   backs) correct what a sidecar said about itself at start-up: a label edited on a running
   pod, or a Service whose name differs from the pod's app label, is seen by policies.
   Services are watched to tell users when a policy targets a Service that does not exist.
-* **API keys.** Secrets labelled ``modelguard.io/api-keys=true``; only SHA-256 hashes of
-  their values are kept in memory.
-* **Status.** ``Accepted`` (with every violation) and ``Programmed`` (N of M targeted
-  sidecars ACKed a snapshot that includes the current generation), with
-  ``observedGeneration``. Every replica watches and serves xDS; only the holder of a
-  ``coordination.k8s.io`` Lease writes status.
+  Only pods with the injector's label are read (``pod_selector``), every list in pages.
+  A sidecar is corrected as it connects, and an event re-corrects only the sidecars of the
+  pods it concerns (EndpointSlices are indexed by pod): at 5,000 pods a rescan of every
+  sidecar per event cost ~100 ms (BENCHMARKS.md, "Kubernetes source at 5,000 pods").
+* **API keys** (``apikeys``) come from labelled Secrets, watched here too.
 
 Watches run in threads (the official client blocks); the store, inventory and debouncer are
-thread-safe. Status is computed on the asyncio loop (the xDS sync status lives there) and
-written from a thread.
+thread-safe.
 """
 
 from __future__ import annotations
