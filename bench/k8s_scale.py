@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import inspect
 import json
 import os
 import shutil
@@ -274,8 +275,11 @@ def run(
             if versions is not None
             else lambda: cluster_status.versions_of(plane.store.current().policies)
         )
+        compact: dict[str, Any] = {}
+        if "serving" in inspect.signature(cluster_status.SharedStatus).parameters:
+            compact = {"serving": tracker.serving, "compiled": tracker.compiled}
         shared = cluster_status.SharedStatus(
-            redis_url, "here", plane.inventory.snapshot, tracker.nodes, local_versions
+            redis_url, "here", plane.inventory.snapshot, tracker.nodes, local_versions, **compact
         )
         others = tuple(
             dataclasses.replace(

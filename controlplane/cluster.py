@@ -179,6 +179,8 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
                 plane.inventory.snapshot,
                 tracker.nodes,
                 VersionsOf(plane.store.current),
+                serving=tracker.serving,
+                compiled=tracker.compiled,
             )
             sidecars, programmed = shared_status.sidecars, shared_status.programmed
         writer = StatusWriter(

@@ -2,9 +2,14 @@
 
 Only the Lease holder writes policy status, but each replica knows only the sidecars
 connected to it. Every replica therefore publishes, every ``interval``, its sidecars and,
-per policy, which of them ACKed a snapshot with the policy's current version, to Redis (one
-key per replica, expiring after ``ttl`` so a replica that is gone stops counting). The
-status writer of the leader reads the union.
+per policy, which of them ACKed a snapshot with the policy's current version, to Redis (a
+report key per replica and one for its sidecars, both expiring after ``ttl`` so a replica
+that is gone stops counting). The status writer of the leader reads the union.
+
+At thousands of sidecars per replica the report must stay cheap to write and read twice a
+second: the sidecars are written only when they changed, the ACKed ones listed once (with,
+per policy, whether the replica compiled its current version), and readers keep what they
+parsed while it is unchanged (bench/k8s_scale.py --replicas 2).
 
 A replica that has not seen a policy's newest version yet has not programmed it: its
 report names the version (a digest of the spec) it judged against, and a report for
@@ -19,6 +24,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PolicyKey = tuple[str, str, str]
 KEY = "modelguard:status:{replica}"
+SIDECARS_KEY = "modelguard:status:{replica}:sidecars"
 INDEX = "modelguard:status:replicas"
 
 
@@ -102,6 +109,8 @@ class SharedStatus:
         programmed: Callable[[PolicyKey], Mapping[str, bool]],
         versions: Callable[[], Mapping[PolicyKey, str]],
         *,
+        serving: Callable[[], Iterable[str]] | None = None,
+        compiled: Callable[[PolicyKey], bool] | None = None,
         interval: float = 0.5,
         ttl: float = 5.0,
         timeout: float = 0.5,
@@ -116,7 +125,14 @@ class SharedStatus:
         self._remote: list[dict[str, Any]] = []
         self._remote_view = _RemoteView((), {})
         self._parsed: dict[str, tuple[Any, Sidecar]] = {}  # node id → (metadata, parsed)
-        self._published: dict[str, tuple[Sidecar, dict[str, Any]]] = {}
+        # node id → (the sidecar object, its JSON), and the JSON of them all as last built
+        self._published: dict[str, tuple[Sidecar, str]] = {}
+        self._sidecars_json_cache: tuple[tuple[Sidecar, ...], str] | None = None
+        self._sidecars_sent: str | None = None
+        self._sidecars_counter = 0
+        self._instance = uuid.uuid4().hex[:8]  # a restarted replica's versions are new ones
+        self._fetched: dict[str, tuple[Any, dict[str, Any]]] = {}  # replica → (version, sidecars)
+        self._local_serving, self._local_compiled = serving, compiled
         self._merged: (
             tuple[tuple[Sidecar, ...], _RemoteView, tuple[Sidecar, ...], frozenset[str]] | None
         ) = None
@@ -153,37 +169,67 @@ class SharedStatus:
         return _Programmed(self._local_programmed(key), local_ids, remote)
 
     # --- publishing ---------------------------------------------------------------------------
+    # A report is small: the sidecars' metadata lives under its own key, rewritten only when
+    # it changed (each sidecar's JSON cached while the inventory keeps its object), and the
+    # ACKed sidecars are listed once, not once per policy. Readers fetch and parse a
+    # replica's sidecars again only when its report names a new ``sidecars_version``.
 
-    def _report(self) -> dict[str, Any]:
+    def _sidecars_json(self) -> str:
         sidecars = self._local_sidecars()
-        metadata = {}
+        if self._sidecars_json_cache is not None and self._sidecars_json_cache[0] is sidecars:
+            return self._sidecars_json_cache[1]
+        published = {}
         for s in sidecars:
             known = self._published.get(s.node_id)
             if known is None or known[0] is not s:
-                known = self._published[s.node_id] = (s, s.to_metadata())
-            metadata[s.node_id] = known[1]
-        if len(self._published) > len(metadata):
-            self._published = {n: v for n, v in self._published.items() if n in metadata}
-        return {
+                known = (s, f"{json.dumps(s.node_id)}: {json.dumps(s.to_metadata())}")
+            published[s.node_id] = known
+        self._published = published
+        text = "{" + ", ".join(fragment for _, fragment in published.values()) + "}"
+        self._sidecars_json_cache = (sidecars, text)
+        return text
+
+    def _report(self) -> dict[str, Any]:
+        versions = self._versions()
+        report: dict[str, Any] = {
             "replica": self.replica_id,
             "at": time.time(),
-            "sidecars": metadata,
-            "programmed": {
+            "sidecars_version": f"{self._instance}-{self._sidecars_counter}",
+        }
+        if self._local_serving is not None and self._local_compiled is not None:
+            report["serving"] = sorted(self._local_serving())
+            report["programmed"] = {
+                _name(key): {"version": version, "compiled": self._local_compiled(key)}
+                for key, version in versions.items()
+            }
+        else:
+            report["programmed"] = {
                 _name(key): {
                     "version": version,
                     "nodes": dict.fromkeys(self._local_programmed(key), True),
                 }
-                for key, version in self._versions().items()
-            },
-        }
+                for key, version in versions.items()
+            }
+        return report
 
     def step(self) -> None:
         own = KEY.format(replica=self.replica_id)
+        own_sidecars = SIDECARS_KEY.format(replica=self.replica_id)
+        ttl = int(self.ttl * 1000)
+        text = self._sidecars_json()
+        changed = text != self._sidecars_sent
+        if changed:
+            self._sidecars_counter += 1
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(own, json.dumps(self._report()), px=int(self.ttl * 1000))
+            if changed:
+                pipe.set(own_sidecars, text, px=ttl)
+            else:
+                pipe.pexpire(own_sidecars, ttl)
+            pipe.set(own, json.dumps(self._report()), px=ttl)
             pipe.sadd(INDEX, self.replica_id)
             pipe.smembers(INDEX)
             *_, members = pipe.execute()
+        self._sidecars_sent = text
         others = sorted(m for m in members if m != self.replica_id)
         values = self._redis.mget([KEY.format(replica=m) for m in others]) if others else []
         remote = []
@@ -193,23 +239,40 @@ class SharedStatus:
                 continue
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 report = json.loads(value)
-                if isinstance(report["sidecars"], dict) and isinstance(report["programmed"], dict):
-                    remote.append(report)
-        self._remote = remote
+                if isinstance(report["programmed"], dict):
+                    remote.append((member, report))
+        self._remote = [report for _, report in remote]
         self._remote_view = self._view(remote)
 
-    def _view(self, reports: list[dict[str, Any]]) -> _RemoteView:
+    def _remote_sidecars(self, member: str, report: Mapping[str, Any]) -> dict[str, Any]:
+        """A replica's sidecars' metadata: inline (a report of an older replica), else from
+        its key, fetched again only when its version changed."""
+        inline = report.get("sidecars")
+        if isinstance(inline, dict):
+            return inline
+        version = report.get("sidecars_version")
+        cached = self._fetched.get(member)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        text = self._redis.get(SIDECARS_KEY.format(replica=member))
+        metadata = json.loads(text) if text else {}
+        if not isinstance(metadata, dict):
+            metadata = {}
+        self._fetched[member] = (version, metadata)
+        return metadata
+
+    def _view(self, reports: list[tuple[str, dict[str, Any]]]) -> _RemoteView:
         sidecars: list[Sidecar] = []
         seen: set[str] = set()
         parsed: dict[str, tuple[Any, Sidecar]] = {}
         programmed: dict[str, list[tuple[str, frozenset[str]]]] = {}
-        for report in reports:
-            nodes = report["sidecars"]
+        for member, report in reports:
+            nodes = self._remote_sidecars(member, report)
             for node_id, metadata in nodes.items():
                 if node_id in seen:
                     continue
                 known = self._parsed.get(node_id)
-                if known is None or known[0] != metadata:
+                if known is None or (known[0] is not metadata and known[0] != metadata):
                     try:
                         known = (metadata, Sidecar.from_metadata(node_id, metadata))
                     except InventoryError:
@@ -217,11 +280,16 @@ class SharedStatus:
                 parsed[node_id] = known
                 sidecars.append(known[1])
                 seen.add(node_id)
+            serving = frozenset(report.get("serving") or ())
             for name, entry in report["programmed"].items():
                 with contextlib.suppress(KeyError, TypeError, AttributeError):
-                    done = frozenset(n for n, ok in entry["nodes"].items() if ok and n in nodes)
+                    if "compiled" in entry:
+                        done = serving if entry["compiled"] else frozenset()
+                    else:
+                        done = frozenset(n for n, ok in entry["nodes"].items() if ok)
                     programmed.setdefault(name, []).append((entry["version"], done))
         self._parsed = parsed
+        self._fetched = {m: v for m, v in self._fetched.items() if m in dict(reports)}
         return _RemoteView(tuple(sidecars), programmed)
 
     def start(self) -> None:
@@ -235,6 +303,7 @@ class SharedStatus:
             except (redis.RedisError, OSError) as err:
                 self._remote = []  # unknown: count only what this replica sees
                 self._remote_view = _RemoteView((), {})
+                self._sidecars_sent = None  # written again at the next step that reaches it
                 log.warning("status: %s: %s", self.url, err)
             self._stop.wait(self.interval)
 
@@ -243,7 +312,9 @@ class SharedStatus:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with contextlib.suppress(redis.RedisError, OSError):
-            self._redis.delete(KEY.format(replica=self.replica_id))
+            self._redis.delete(
+                KEY.format(replica=self.replica_id), SIDECARS_KEY.format(replica=self.replica_id)
+            )
             self._redis.srem(INDEX, self.replica_id)
         self._redis.close()
 

@@ -34,16 +34,20 @@ def sidecar(name: str, service: str = "digits", **labels: str) -> Sidecar:
 class Replica:
     """What a replica hands its SharedStatus: its sidecars, what they ACKed, the versions."""
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, compact: bool = True) -> None:
         self.sidecars: tuple[Sidecar, ...] = ()
         self.programmed: dict[str, bool] = {}
         self.version = "v1"
+        # compact: the ACKed sidecars once, plus per policy whether it compiled; else (as
+        # replicas before it) the programmed sidecars per policy.
         self.status = SharedStatus(
             url,
             name,
             lambda: self.sidecars,
             lambda key: self.programmed,
             lambda: {KEY: self.version},
+            serving=(lambda: [n for n, ok in self.programmed.items() if ok]) if compact else None,
+            compiled=(lambda key: True) if compact else None,
         )
 
 
@@ -55,8 +59,9 @@ def redis_url(processes: Processes) -> Iterator[str]:
     server.stop()
 
 
-def test_every_replicas_sidecars_count_and_are_parsed_once(redis_url: str) -> None:
-    a, b = Replica(redis_url, "a"), Replica(redis_url, "b")
+@pytest.mark.parametrize("report", ["compact", "per-policy"])
+def test_every_replicas_sidecars_count_and_are_parsed_once(redis_url: str, report: str) -> None:
+    a, b = Replica(redis_url, "a"), Replica(redis_url, "b", compact=report == "compact")
     try:
         a.sidecars = (sidecar("a1"), sidecar("a2"))
         a.programmed = {"a1.demo": True}
@@ -141,3 +146,39 @@ def test_workloads_follow_sidecars_that_come_go_and_change() -> None:
     # s2 moves to Service "other" and loses its tier
     assert targeted(s1_gold, sidecar("s2", "other"), elsewhere) == (["s1.demo"], ["s1.demo"])
     assert targeted() == ([], [])
+
+
+def test_a_report_of_an_older_replica_still_counts(redis_url: str) -> None:
+    """Mid-rollout, a replica of the version before writes its sidecars inline and its
+    programmed sidecars per policy: they count all the same."""
+    import json
+
+    import redis
+
+    from controlplane.cluster_status import INDEX
+    from controlplane.cluster_status import KEY as REPORT
+
+    old = sidecar("o1")
+    client = redis.Redis.from_url(redis_url)
+    client.set(
+        REPORT.format(replica="old"),
+        json.dumps(
+            {
+                "replica": "old",
+                "at": 0,
+                "sidecars": {old.node_id: old.to_metadata()},
+                "programmed": {"/".join(KEY): {"version": "v1", "nodes": {old.node_id: True}}},
+            }
+        ),
+        px=5000,
+    )
+    client.sadd(INDEX, "old")
+    a = Replica(redis_url, "a")
+    try:
+        a.sidecars = (sidecar("a1"),)
+        a.status.step()
+        assert sorted(s.node_id for s in a.status.sidecars()) == ["a1.demo", "o1.demo"]
+        assert a.status.programmed(KEY).get("o1.demo", False)
+    finally:
+        a.status.stop()
+        client.close()

@@ -318,12 +318,15 @@ class ProgramTracker:
     def nodes(self, key: PolicyKey) -> Mapping[str, bool]:
         """Node id → whether it has ACKed a snapshot compiled with ``key``'s current version
         (absent: it has not)."""
+        return _Programmed(self.serving() if self.compiled(key) else frozenset())
+
+    def compiled(self, key: PolicyKey) -> bool:
+        """Whether the pipeline has compiled ``key``'s current version."""
         with self._lock:
             needed = self._applied.get(key, (None, ""))[0]
-        compiled = needed is not None and self.plane.pipeline.compiled_revision >= needed
-        return _Programmed(self._serving() if compiled else frozenset())
+        return needed is not None and self.plane.pipeline.compiled_revision >= needed
 
-    def _serving(self) -> frozenset[str]:
+    def serving(self) -> frozenset[str]:
         """Sidecars that ACKed the snapshot the cache holds for them, which has no error:
         the part of ``nodes`` that is the same for every policy, computed once per change
         of the sync status, the cache or the pipeline, not once per policy and pass."""
