@@ -70,11 +70,9 @@ class Workloads:
         if sidecars is self._last:
             return
         self._last = sidecars
-        same = 0
         for sidecar in sidecars:
             old = self._seen.get(sidecar.node_id)
             if old is sidecar:
-                same += 1
                 continue
             if old is not None:
                 self._remove(old)
@@ -102,6 +100,8 @@ class Workloads:
         members.pop(sidecar.node_id, None)
         if not members:
             del self._groups[group]
+            for _, verdicts in self._judged.values():  # a group gone is never asked again
+                verdicts.pop(group, None)
             groups = self._in_namespace[sidecar.namespace]
             groups.discard(group)
             if not groups:
