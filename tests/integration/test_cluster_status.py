@@ -182,3 +182,57 @@ def test_a_report_of_an_older_replica_still_counts(redis_url: str) -> None:
     finally:
         a.status.stop()
         client.close()
+
+
+def mark_synced(plane: Any, node_id: str) -> None:
+    """As the ADS server records it: the node was sent its snapshot and ACKed every type."""
+    from controlplane.xds.status import StreamKind
+
+    snapshot = plane.cache.get(node_id)
+    node = plane.sync_status.connect(node_id, StreamKind.SOTW, "test")
+    plane.sync_status.set_target(node, snapshot.version)
+    for type_url in snapshot.type_urls():
+        version = snapshot.type_version(type_url)
+        plane.sync_status.set_type_target(node, type_url, version)
+        plane.sync_status.sent(node, type_url, version, "n1", 0)
+        plane.sync_status.acked(node, type_url, version, "n1")
+    return node
+
+
+@pytest.mark.parametrize("log", [None, 3], ids=["log", "log-overflows"])
+async def test_the_acked_set_kept_from_changes_is_the_one_computed_afresh(
+    log: int | None,
+) -> None:
+    import collections
+
+    from controlplane.server import ControlPlane, ControlPlaneConfig
+    from controlplane.sources.kubernetes.status import ProgramTracker
+
+    plane = ControlPlane(ControlPlaneConfig(policy_paths=(), xds_port=0, admin_port=0))
+    if log is not None:  # a log shorter than the changes between two looks: recomputed
+        plane.sync_status._log = collections.deque(maxlen=log)
+        plane.cache._log = collections.deque(maxlen=log)
+    names = [f"s{i}" for i in range(6)]
+    for name in names:
+        plane.inventory.observe(sidecar(name))
+    plane.pipeline.rebuild()
+    streams = {f"{n}.demo": mark_synced(plane, f"{n}.demo") for n in names[:4]}
+    tracker = ProgramTracker(plane)
+
+    def fresh() -> frozenset[str]:
+        return ProgramTracker(plane).serving()
+
+    assert tracker.serving() == fresh() == {f"{n}.demo" for n in names[:4]}
+    some_type = plane.cache.get("s0.demo").type_urls()[0]  # type: ignore[union-attr]
+    plane.sync_status.nacked(streams["s0.demo"], some_type, "v", "n1", "no")  # a NACK
+    plane.sync_status.disconnect(streams["s1.demo"])  # one leaves
+    mark_synced(plane, "s4.demo")  # a node ACKs (changes enough to overflow a short log)
+    assert tracker.serving() == fresh() == {"s2.demo", "s3.demo", "s4.demo"}
+    # s2 gets a new snapshot (it now backs another Service): not ACKed yet, not serving it
+    plane.inventory.observe(sidecar("s2", "other"))
+    plane.pipeline.rebuild()
+    assert plane.cache.get("s2.demo").version != plane.sync_status.node("s2.demo").snapshot_version  # type: ignore[union-attr]
+    assert tracker.serving() == fresh() == {"s3.demo", "s4.demo"}
+    mark_synced(plane, "s2.demo")
+    plane.pipeline.errors["s3.demo"] = "inconsistent"  # an error keeps a node out
+    assert tracker.serving() == fresh() == {"s2.demo", "s4.demo"}

@@ -303,7 +303,11 @@ class ProgramTracker:
         self.plane = plane
         self._applied: dict[PolicyKey, tuple[int, str]] = {}
         self._lock = threading.Lock()
-        self._serving_cache: tuple[tuple[int, ...], frozenset[str]] | None = None
+        # (change marks of the sync status and the cache, errors, serving nodes)
+        self._serving_cache: (
+            tuple[tuple[int, int], frozenset[str], frozenset[str]] | None
+        ) = None
+        self._serving_lock = threading.Lock()
         plane.store.subscribe(self._on_policies)
         self._on_policies(plane.store.current())
 
@@ -328,29 +332,44 @@ class ProgramTracker:
 
     def serving(self) -> frozenset[str]:
         """Sidecars that ACKed the snapshot the cache holds for them, which has no error:
-        the part of ``nodes`` that is the same for every policy, computed once per change
-        of the sync status, the cache or the pipeline, not once per policy and pass."""
+        the part of ``nodes`` that is the same for every policy. Kept up to date from the
+        nodes whose sync status or snapshot changed since the last call (their change
+        logs), so a status pass costs what changed, not what is connected."""
         plane = self.plane
-        token = (
-            plane.sync_status.changes,
-            plane.cache.generation,
-            plane.pipeline.rebuilds,
-            len(plane.pipeline.errors),
-        )
-        cached = self._serving_cache
-        if cached is not None and cached[0] == token:
-            return cached[1]
-        get, ir, errors = plane.cache.get, plane.pipeline.ir, plane.pipeline.errors
-        serving = frozenset(
-            node
-            for node, version in plane.sync_status.synced_versions().items()
-            if (snapshot := get(node)) is not None
-            and snapshot.version == version
+        sync, cache = plane.sync_status, plane.cache
+        with self._serving_lock:
+            # Marks first: whatever changes while this runs is looked at again next time.
+            marks = (sync.changes, cache.generation)
+            errors = frozenset(plane.pipeline.errors)
+            cached = self._serving_cache
+            if cached is not None and cached[1] == errors:
+                if cached[0] == marks:
+                    return cached[2]
+                in_sync = sync.touched_since(cached[0][0])
+                in_cache = cache.touched_since(cached[0][1])
+                if in_sync is not None and in_cache is not None:
+                    serving = set(cached[2])
+                    for node in in_sync | in_cache:
+                        if self._serves(node, errors):
+                            serving.add(node)
+                        else:
+                            serving.discard(node)
+                    result = frozenset(serving)
+                    self._serving_cache = (marks, errors, result)
+                    return result
+            result = frozenset(n for n in sync.synced_versions() if self._serves(n, errors))
+            self._serving_cache = (marks, errors, result)
+            return result
+
+    def _serves(self, node: str, errors: frozenset[str]) -> bool:
+        plane = self.plane
+        snapshot = plane.cache.get(node)
+        return (
+            snapshot is not None
+            and plane.sync_status.is_synced(node, snapshot.version)
             and node not in errors
-            and ir(node) is not None
+            and plane.pipeline.ir(node) is not None
         )
-        self._serving_cache = (token, serving)
-        return serving
 
 
 class _Programmed(Mapping[str, bool]):
