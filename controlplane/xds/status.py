@@ -124,7 +124,7 @@ class TypeCounters:
 REPLACED_KEPT = 4
 
 
-CHANGE_LOG = 1 << 16  # changes remembered for readers: a few passes' worth at 10,000 nodes
+CHANGE_LOG = 1 << 15  # changes kept for readers (~3 MB): beyond, a reader computes afresh
 
 
 def touched_since(log: collections.deque[tuple[int, str]], mark: int) -> set[str] | None:
