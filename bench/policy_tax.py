@@ -35,11 +35,18 @@ rounds, and the proxies' CPU per request (user + system of the Envoys on the pat
 cost better than throughput does. Control-plane CPU per request is reported too (it shares
 the machine here; in a cluster it does not sit on the sidecar's cores).
 
-``--instructions N`` replaces wrk by a count that the machine's load does not move (~1 %):
+``--instructions N`` replaces wrk by a count that the machine's load moves far less:
 every proxy on the measured paths runs under valgrind's callgrind, and N requests (after N of
 warm-up, one keep-alive connection, the same bodies and keys) give each proxy's instructions
 per request. It leaves out the kernel's share (sockets, ~25 % of a bare Envoy's CPU here), so
 its ratios overstate CPU ratios a little; it is the figure to compare configurations with.
+Timers (the feed's flush ticks, quota reports, stats) run by wall time, and under callgrind a
+request takes ~50x its time, longer still on a loaded machine: their share of the count grows
+with the load (±8 % on the full set between a quiet and a loaded run). So each path is then
+left idle for as long as its count took, and the table also gives the count less that idle
+share ("net of idle"), which stays within ~1 % from run to run. ``--callgrind-dir DIR`` keeps
+the dumps, and a configuration update taken during the count is reported (it would be
+charged to the requests).
 
 The baselines are fair (checked for issue 9, unchanged): the same Envoy binary, one worker
 each, the same HTTP settings on every hop (codec AUTO with default HTTP/1 options, request
@@ -54,6 +61,7 @@ over its baseline is the work of its features.
 
     .venv/bin/python bench/policy_tax.py [--seconds 3] [--rounds 3] [--only full,native]
                                          [--json FILE] [--instructions 300]
+                                         [--callgrind-dir DIR]
 """
 
 from __future__ import annotations
@@ -399,7 +407,9 @@ def callgrind_wrapper(work: Path) -> Path:
     return wrapper
 
 
-def instructions(path: Path_, work: Path, requests: int, bodies: list[str]) -> list[float]:
+def instructions(
+    path: Path_, work: Path, requests: int, bodies: list[str], keep_dumps: Path | None = None
+) -> tuple[list[float], list[float]]:
     """Instructions per request of each proxy on ``path`` (callgrind; warm-up excluded):
     ``requests`` POSTs on one keep-alive connection, cycling through the keys like wrk."""
     pids = [str(p.pid) for p in path.proxies]
@@ -425,24 +435,57 @@ def instructions(path: Path_, work: Path, requests: int, bodies: list[str]) -> l
                 raise RuntimeError(f"{path.host}: {answer.status} under callgrind")
         conn.close()
 
+    def updates() -> list[dict[str, int]]:
+        """Configuration updates each proxy has taken (xDS pushes cost far more than a
+        request: one during the count would be charged to the requests)."""
+        return [
+            {k: v for k, v in p.stats(r"update_success|config_reload").items() if v}
+            for p in path.proxies
+        ]
+
+    def totals() -> list[float]:
+        """Each proxy's instructions in its dumps so far, per request; the dumps removed."""
+        counts = []
+        for pid in pids:
+            total = 0
+            for dump in work.glob(f"callgrind.{pid}.*"):
+                for line in dump.read_text(errors="replace").splitlines():
+                    if line.startswith("totals:"):
+                        total += int(line.split()[1])
+                        break
+            counts.append(total / requests)
+        return counts
+
     for dump in work.glob("callgrind.*"):
         dump.unlink()
     control("--instr=on")
     post(requests, warm_up=True)
     control("--zero")
+    before = updates()
+    started = time.monotonic()
     post(requests, warm_up=False)
     control("--dump")
+    elapsed = time.monotonic() - started
+    for pid, old, new in zip(pids, before, updates(), strict=True):
+        changed = {k: v - old.get(k, 0) for k, v in new.items() if v != old.get(k, 0)}
+        if changed:
+            print(f"{path.host} proxy {pid}: updates during the count: {changed}", file=sys.stderr)
+    if keep_dumps is not None:
+        keep_dumps.mkdir(parents=True, exist_ok=True)
+        for dump in work.glob("callgrind.*"):
+            shutil.copy(dump, keep_dumps / dump.name)
+    counts = totals()
+    for dump in work.glob("callgrind.*"):
+        dump.unlink()
+    # The same wall time again without requests: what timers cost (feed flush ticks, quota
+    # reports, stats). Under callgrind a request takes ~50x its time, and longer still on a
+    # loaded machine, so the timers' share of the count grows with the load; the count
+    # less this idle share is the figure that stays put.
+    control("--zero")
+    time.sleep(elapsed)
+    control("--dump")
     control("--instr=off")
-    counts = []
-    for pid in pids:
-        total = 0
-        for dump in work.glob(f"callgrind.{pid}.*"):
-            for line in dump.read_text(errors="replace").splitlines():
-                if line.startswith("totals:"):
-                    total += int(line.split()[1])
-                    break
-        counts.append(total / requests)
-    return counts
+    return counts, totals()
 
 
 @dataclass
@@ -586,6 +629,12 @@ def main() -> int:
         help="instead of wrk: count each proxy's instructions per request under callgrind "
         "(N requests per path after N of warm-up; insensitive to the machine's load)",
     )
+    parser.add_argument(
+        "--callgrind-dir",
+        metavar="DIR",
+        help="with --instructions: keep each path's callgrind dumps in DIR/<path>/ "
+        "(callgrind_annotate shows where the instructions go)",
+    )
     args = parser.parse_args()
     if args.instructions and shutil.which("valgrind") is None:
         sys.exit("--instructions needs valgrind (Debian: apt-get install valgrind)")
@@ -726,7 +775,8 @@ def main() -> int:
         if args.instructions:
             bare.wait_ready(ready)
             pair_front.wait_ready(ready)
-            count_instructions(chosen, paths, work, args.instructions)
+            keep = Path(args.callgrind_dir) if args.callgrind_dir else None
+            count_instructions(chosen, paths, work, args.instructions, keep)
             return 0
         # Warm-up: connections, per-client buckets and their quota assignments, Wasm VMs.
         for path in paths.values():
@@ -753,28 +803,45 @@ def main() -> int:
 
 
 def count_instructions(
-    chosen: list[Variant], paths: dict[str, Path_], work: Path, requests: int
+    chosen: list[Variant], paths: dict[str, Path_], work: Path, requests: int, keep: Path | None
 ) -> None:
     """Each path's proxies under callgrind, one path at a time: instructions per request."""
     bodies = digits_bodies()
-    counts = {}
+    counts, net = {}, {}
     for name in ["bare", "bare-pair", *(v.name for v in chosen)]:
-        counts[name] = instructions(paths[name], work, requests, bodies)
-        print(f"{name}: {sum(counts[name]):,.0f} instructions/request", file=sys.stderr)
-    print("| sidecar carries | baseline | instructions/request (proxies on the path) | ratio |")
-    print("| --- | --- | ---: | ---: |")
-    for name, label in (("bare", "bare Envoy, router only"), ("bare-pair", "two bare Envoys")):
-        print(f"| {label} | - | {' + '.join(f'{c:,.0f}' for c in counts[name])} | 1.00 |")
-    for variant in chosen:
-        base = "bare" if variant.hops == 1 else "bare-pair"
-        mine = counts[variant.name]
+        raw, idle = instructions(
+            paths[name], work, requests, bodies, keep / name if keep is not None else None
+        )
+        counts[name] = raw
+        net[name] = [r - i for r, i in zip(raw, idle, strict=True)]
         print(
-            f"| {variant.label} | {base} | {' + '.join(f'{c:,.0f}' for c in mine)} "
-            f"| {sum(mine) / sum(counts[base]):.2f} |"
+            f"{name}: {sum(raw):,.0f} instructions/request, {sum(net[name]):,.0f} net of "
+            f"the idle share ({' + '.join(f'{i:,.0f}' for i in idle)})",
+            file=sys.stderr,
         )
     print(
+        "| sidecar carries | baseline | instructions/request (proxies on the path) | ratio "
+        "| net of idle | ratio |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+
+    def row(label: str, base: str, name: str) -> str:
+        mine, clean = counts[name], net[name]
+        return (
+            f"| {label} | {base} | {' + '.join(f'{c:,.0f}' for c in mine)} "
+            f"| {sum(mine) / sum(counts[base or name]):.2f} "
+            f"| {' + '.join(f'{c:,.0f}' for c in clean)} "
+            f"| {sum(clean) / sum(net[base or name]):.2f} |"
+        )
+
+    for name, label in (("bare", "bare Envoy, router only"), ("bare-pair", "two bare Envoys")):
+        print(row(label, "", name).replace("|  |", "| - |", 1))
+    for variant in chosen:
+        print(row(variant.label, "bare" if variant.hops == 1 else "bare-pair", variant.name))
+    print(
         f"\n{requests} requests per path under callgrind after as many of warm-up, one "
-        "keep-alive connection; two-hop paths list the client sidecar first"
+        "keep-alive connection; two-hop paths list the client sidecar first. Net of idle: "
+        "less what the proxies spend in the same wall time without requests (timers)"
     )
 
 

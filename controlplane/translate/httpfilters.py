@@ -26,10 +26,14 @@ REGISTRY: tuple[Module, ...] = (
     rbac.MODULE,
     # Rate limits: header renaming first (responses cross it last), then the free local
     # buckets, the locally enforced quota assignments, and the per-request service last.
-    ratelimit.HEADERS, ratelimit.LOCAL, ratelimit.QUOTA, ratelimit.EXACT,
-    # Output hardening and the query feed: only requests that were let through reach the
-    # model, so only those are hardened and fed.
+    ratelimit.HEADERS, ratelimit.LOCAL,
+    # Request limits, output hardening and the query feed. Before the quota filters: it
+    # holds each request until its body is checked and sets a budget's instance class
+    # (cost: instances) from it, so no second filter reads the body for that. What the
+    # filters behind it refuse the model never sees: the Wasm filter neither feeds nor
+    # hardens those answers (wasm/src/filter.c, from_model).
     wasm.MODULE,
+    ratelimit.QUOTA, ratelimit.EXACT,
     # Patches the connection manager only (tracer, access log): order-free.
     telemetry.MODULE,
     router.MODULE,

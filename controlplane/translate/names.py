@@ -9,6 +9,12 @@ from controlplane.ir import SidecarIR
 # all served on that one port, so filters that call them name this cluster.
 CONTROL_PLANE_CLUSTER = "modelguard-xds"
 
+# The class of instances a request is charged for a budget of instances (cost: instances):
+# set by the Wasm filter (translate/wasm.py) or, on a sidecar without one, the Lua counter
+# (translate/ratelimit.py), replacing whatever a caller sent; the quota filter's bucket id
+# reads it.
+INSTANCES_HEADER = "x-modelguard-instances"
+
 
 def inbound_listener(ir: SidecarIR) -> str:
     return f"inbound|{ir.inbound.port}"

@@ -8,8 +8,10 @@
   A budget of instances (``cost: instances``) also needs what each request carries, but
   RLQS counts requests only (its usage reports hold requests allowed and denied; there is
   no cost or ``hits_addend`` as in the ``ratelimit`` filter) and decides on the request
-  headers. So a small Lua filter in front reads the body, counts its instances and sets
-  their *class* as a header (``x-modelguard-instances``); the class is part of the bucket
+  headers. So the filter in front that reads the body, the Wasm filter (translate/wasm.py,
+  wasm/src/filter.c), counts its instances and sets their *class* as a header
+  (``x-modelguard-instances``); on a sidecar without a Wasm filter a small Lua filter does
+  it (the same count, one more pass over the body). The class is part of the bucket
   id, so each client has one bucket per class, and the quota service charges and sizes
   each bucket in instances: a request is charged its count rounded up to its class
   (exact up to 8 and at powers of two, at most 25% more otherwise; a 256-instance
@@ -53,7 +55,7 @@ from xds.core.v3 import extension_pb2 as xds_extension_pb2
 from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
 
 from controlplane.ir import ClientKeyIR, RateEnforcement, RateLimitIR, SidecarIR
-from controlplane.translate import names
+from controlplane.translate import names, wasm
 from controlplane.translate.module import Module
 from controlplane.translate.protos import pack
 
@@ -66,8 +68,9 @@ WINDOW_KEY = "window"
 SHADOW_KEY = "shadow"
 CLIENT_KEY = "client"
 UNITS_KEY = "instances"
-# Set by the instance-counting Lua filter (it replaces whatever a caller sent).
-INSTANCES_HEADER = "x-modelguard-instances"
+# Set by the Wasm filter or the instance-counting Lua filter (either replaces whatever a
+# caller sent).
+INSTANCES_HEADER = names.INSTANCES_HEADER
 ANONYMOUS = "-"
 DOMAIN = "modelguard"
 
@@ -260,16 +263,17 @@ def _client_input(key: ClientKeyIR) -> extension_pb2.TypedExtensionConfig:
     return extension_pb2.TypedExtensionConfig(name=CLIENT_KEY, typed_config=typed)
 
 
-# Counts a request's instances: the length of the longest array that is the body itself or
-# the value of one of its top-level members ({"instances": [...]} and [[...], ...] alike),
-# whatever the member is called, so neither a spelling of the key (escapes) nor a
-# duplicate key can hide instances from the count. Only the structural bytes are visited
-# in Lua: plain string.find (memchr speed) gives the next of each; a byte-by-byte loop, or
-# string.find with a character class (Lua's matcher walks the class for every byte), cost
-# more instructions per request (BENCHMARKS.md has the figures). Sets the class the
-# request is charged as: exact up to 8, then m * 2^k with m in 5..8 (at most 25% over the
-# count, exact at 2^k): few classes, so few quota buckets per client. No body, or no
-# array: 1.
+# Counts a request's instances, on a sidecar without the Wasm filter (which counts them
+# as it checks the body: budget_rows in wasm/src/filter.c, the same count): the length
+# of the longest array that is the body itself or the value of one of its top-level
+# members ({"instances": [...]} and [[...], ...] alike), whatever the member is called,
+# so neither a spelling of the key (escapes) nor a duplicate key can hide instances from
+# the count. Only the structural bytes are visited in Lua: plain string.find (memchr
+# speed) gives the next of each; a byte-by-byte loop, or string.find with a character
+# class (Lua's matcher walks the class for every byte), cost more instructions per
+# request (BENCHMARKS.md has the figures). Sets the class the request is charged as:
+# exact up to 8, then m * 2^k with m in 5..8 (at most 25% over the count, exact at 2^k):
+# few classes, so few quota buckets per client. No body, or no array: 1.
 INSTANCES_LUA = f"""
 local byte, char, find, ceil, min = string.byte, string.char, string.find, math.ceil, math.min
 local concat = table.concat
@@ -490,6 +494,7 @@ class QuotaRateLimit(Module):
     def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
         limits = ir.rate.by(RateEnforcement.QUOTA) if ir.rate else ()
         counted = any(limit.cost == "instances" for limit in limits)
+        counted = counted and not wasm.counts_instances(ir)
         return [instances_filter()] * counted + [quota_filter(limit) for limit in limits]
 
 

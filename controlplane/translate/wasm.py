@@ -26,7 +26,7 @@ from envoy.extensions.wasm.v3 import wasm_pb2
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
-from controlplane.ir import ExtractionIR, HardeningIR, SidecarIR
+from controlplane.ir import ExtractionIR, HardeningIR, RateEnforcement, SidecarIR
 from controlplane.translate import names
 from controlplane.translate.module import Module
 from controlplane.translate.protos import ads_source, pack
@@ -70,11 +70,13 @@ def _hardening(h: HardeningIR | None) -> dict[str, Any]:
     return out
 
 
-def _request(extraction: ExtractionIR) -> dict[str, Any]:
+def _request(extraction: ExtractionIR, instances_header: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "maxBytes": extraction.max_request_bytes,
         "maxDepth": extraction.max_depth,
     }
+    if instances_header:
+        out["instancesHeader"] = instances_header
     if extraction.max_instances is not None:
         out["maxInstances"] = extraction.max_instances
     if extraction.instances is not None:
@@ -84,8 +86,11 @@ def _request(extraction: ExtractionIR) -> dict[str, Any]:
     return out
 
 
-def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
-    """The JSON the filter reads in ``proxy_on_configure`` (wasm/src/filter.c)."""
+def filter_config(
+    extraction: ExtractionIR, node_id: str, instances_header: str | None = None
+) -> dict[str, Any]:
+    """The JSON the filter reads in ``proxy_on_configure`` (wasm/src/filter.c);
+    ``instances_header``: set a budget's instance class in that request header."""
     key = extraction.client_key
     client_key: dict[str, Any]
     if key.source == "header":
@@ -104,7 +109,7 @@ def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
         "clientKey": client_key,
         "scores": list(extraction.scores) if extraction.scores is not None else [],
         "maxBodyBytes": extraction.max_body_bytes,
-        "request": _request(extraction),
+        "request": _request(extraction, instances_header),
     }
     if extraction.response_format != "json":
         config["responseFormat"] = extraction.response_format
@@ -141,9 +146,13 @@ def filter_config(extraction: ExtractionIR, node_id: str) -> dict[str, Any]:
     return config
 
 
-def extension_config(extraction: ExtractionIR, node_id: str) -> extension_pb2.TypedExtensionConfig:
+def extension_config(
+    extraction: ExtractionIR, node_id: str, instances_header: str | None = None
+) -> extension_pb2.TypedExtensionConfig:
     code, sha256 = module_bytes()
-    config = json.dumps(filter_config(extraction, node_id), sort_keys=True, separators=(",", ":"))
+    config = json.dumps(
+        filter_config(extraction, node_id, instances_header), sort_keys=True, separators=(",", ":")
+    )
     plugin = wasm_pb2.PluginConfig(
         name=config_name(extraction),
         vm_config=wasm_pb2.VmConfig(
@@ -173,6 +182,16 @@ def _active(extraction: ExtractionIR) -> bool:
     return hardens or extraction.feed is not None or limits
 
 
+def counts_instances(ir: SidecarIR) -> bool:
+    """Whether a Wasm filter sets the instance class of a budget of instances on this
+    sidecar (the first active one does): it reads every request's whole body anyway, so the
+    rate limit module then needs no counter of its own."""
+    quota = ir.rate.by(RateEnforcement.QUOTA) if ir.rate else ()
+    return any(limit.cost == "instances" for limit in quota) and any(
+        _active(e) for e in ir.extraction
+    )
+
+
 class WasmExtraction(Module):
     name = "envoy.filters.http.wasm"
 
@@ -190,8 +209,11 @@ class WasmExtraction(Module):
         ]
 
     def extra_resources(self, ir: SidecarIR) -> dict[str, list[Message]]:
+        active = [e for e in ir.extraction if _active(e)]
+        header = names.INSTANCES_HEADER if counts_instances(ir) else None
         configs: list[Message] = [
-            extension_config(e, ir.node_id) for e in ir.extraction if _active(e)
+            extension_config(e, ir.node_id, header if i == 0 else None)
+            for i, e in enumerate(active)
         ]
         return {rt.EXTENSION_CONFIG: configs} if configs else {}
 

@@ -390,8 +390,9 @@ async def test_a_client_alternating_between_replicas_is_judged_as_one(
             row = attack[sent - 1 :][:1]
             await query(system.sidecar_ports[side.name], side.xds_port, key, row, report=False)
             # Only the sidecar's feed reports it (a second copy from the test would count as a
-            # repeat or not depending on which arrives first). Wait until the owner has judged it (a forwarded batch takes a Redis hop and the
-            # owner's monitor), then ask whether that decided a quarantine. The count is of
+            # repeat or not depending on which arrives first). Wait until the owner has judged
+            # it (a forwarded batch takes a Redis hop and the owner's monitor), then ask
+            # whether that decided a quarantine. The count is of
             # queries judged up to the decision, not of queries sent until the quarantine
             # shows in a listing, so a loaded machine cannot move it (sleeps and listings
             # did: 24 vs 21, 22 vs 19).

@@ -4,7 +4,9 @@ Envoy in front of the demo model, the budget in a real Redis.
 A 256-instance request costs 256 of the daily budget; once what is left cannot pay for a
 request, that request is refused (429) at once, with no overshoot beyond the README's
 bound; and the attacker's ways around the count (a caller-sent instance header, an
-escaped or duplicate ``instances`` key) are charged in full.
+escaped or duplicate ``instances`` key) are charged in full. Each test runs twice: on a
+sidecar with only the budget (the Lua counter sets the class) and on one with an
+ExtractionPolicy too (its Wasm filter, which checks every body anyway, sets the class).
 """
 
 from __future__ import annotations
@@ -38,10 +40,35 @@ spec:
   - {{name: daily, clientKey: {{header: x-api-key}}, requests: {BUDGET}, per: day,
      scope: Global, cost: instances}}
 """
+# Output hardening: the Wasm filter sets the class instead of the Lua counter. Its body
+# limit is raised above the 256-row bodies (82 KB) sent here.
+EXTRACTION = """\
+---
+apiVersion: modelguard.io/v1alpha1
+kind: ExtractionPolicy
+metadata: {name: digits-model, namespace: demo}
+spec:
+  targetRef: {service: digits-model}
+  clientKey: {header: x-api-key}
+  request: {features: "$.instances[*]", maxBytes: 1048576}
+  response: {scores: "$.predictions[*].probabilities"}
+  output: {roundDigits: 2}
+"""
+COUNTERS = pytest.mark.parametrize("counter", ["lua", "wasm"])
+
+
+def policies(tmp: Path, counter: str) -> Path:
+    return write_policies(tmp / "policies", POLICY + (EXTRACTION if counter == "wasm" else ""))
 
 
 def body(n: int) -> bytes:
     return json.dumps({"instances": [[float(i % 16)] * 64 for i in range(n)]}).encode()
+
+
+def _rounded(answer: bytes) -> bool:
+    """Every score of the answer has at most 2 decimals (the Wasm filter's hardening)."""
+    scores = [p for row in json.loads(answer)["predictions"] for p in row["probabilities"]]
+    return all(abs(p * 100 - round(p * 100)) < 1e-6 for p in scores)
 
 
 class Predict:
@@ -49,6 +76,7 @@ class Predict:
 
     def __init__(self, processes: Processes, tmp: Path, app_port: int, xds: int, node: str):
         self.port, admin = free_port(), free_port()
+        self.last = b""
         sidecar = Sidecar(
             node_id=node,
             service="digits-model",
@@ -67,6 +95,14 @@ class Predict:
         )
         self.envoy.start()
 
+    def expect_counter(self, counter: str) -> None:
+        """The class comes from the filter the test is about, and only from it."""
+        listeners = json.dumps(self.envoy.config_dump("dynamic_listeners"))
+        assert ("modelguard.rate.instances" in listeners) == (counter == "lua"), counter
+        assert ("modelguard.extraction.demo.digits-model" in listeners) == (counter == "wasm")
+        if counter == "wasm":  # the Wasm filter answers: its hardening is on the answer
+            until(lambda: self.post("warm-up", body(1)) == 200 and _rounded(self.last), 20, "Wasm")
+
     def post(self, key: str, payload: bytes, headers: dict[str, str] | None = None) -> int:
         status, _, answer = http_request(
             "POST",
@@ -75,18 +111,25 @@ class Predict:
             {"x-api-key": key, "content-type": "application/json", **(headers or {})},
             timeout=10,
         )
+        self.last = answer
         if status == 200:
             assert len(json.loads(answer)["predictions"]) >= 1
         return status
 
 
+@COUNTERS
 def test_a_256_instance_request_costs_256_of_a_daily_budget(
-    tmp_path: Path, processes: Processes, demo_model: tuple[str, int], redis_server: Redis
+    tmp_path: Path,
+    processes: Processes,
+    demo_model: tuple[str, int],
+    redis_server: Redis,
+    counter: str,
 ) -> None:
-    plane = Plane(processes, write_policies(tmp_path / "policies", POLICY), redis_server)
+    plane = Plane(processes, policies(tmp_path, counter), redis_server)
     gate = Predict(processes, tmp_path, demo_model[1], plane.xds, "digits-model-0")
     gate.envoy.wait_ready(30)
     until(lambda: gate.post("warm-up", body(1)) == 200, 20, "configured")
+    gate.expect_counter(counter)
     until(plane.counted(LIMIT, "warm-up", 1), 10, "a 1-instance request counted as 1")
 
     # One 256-instance request: 256 of the budget, not 1.
@@ -123,13 +166,19 @@ def test_a_256_instance_request_costs_256_of_a_daily_budget(
     assert plane.used(LIMIT, "spender") == answered
 
 
+@COUNTERS
 def test_attacks_on_the_instance_count_are_charged_in_full(
-    tmp_path: Path, processes: Processes, demo_model: tuple[str, int], redis_server: Redis
+    tmp_path: Path,
+    processes: Processes,
+    demo_model: tuple[str, int],
+    redis_server: Redis,
+    counter: str,
 ) -> None:
-    plane = Plane(processes, write_policies(tmp_path / "policies", POLICY), redis_server)
+    plane = Plane(processes, policies(tmp_path, counter), redis_server)
     gate = Predict(processes, tmp_path, demo_model[1], plane.xds, "digits-model-0")
     gate.envoy.wait_ready(30)
     until(lambda: gate.post("warm-up", body(1)) == 200, 20, "configured")
+    gate.expect_counter(counter)
 
     rows = json.dumps([[1.0] * 64] * 256)
     # A caller's own instance header is replaced by the sidecar's count.

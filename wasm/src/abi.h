@@ -28,11 +28,14 @@ enum {
 enum { MAP_REQUEST_HEADERS = 0, MAP_RESPONSE_HEADERS = 2 };
 enum { HEADERS_CONTINUE = 0, HEADERS_STOP = 1 };
 enum { DATA_CONTINUE = 0, DATA_STOP_AND_BUFFER = 1 };
+enum { TRAILERS_CONTINUE = 0, TRAILERS_STOP = 1 };
 enum { METRIC_COUNTER = 0, METRIC_GAUGE = 1 };
 
 IMPORT(proxy_log) i32 proxy_log(i32 level, const char *msg, usize size);
 IMPORT(proxy_get_buffer_bytes)
 i32 proxy_get_buffer_bytes(i32 type, u32 start, u32 length, u8 **ptr, usize *size);
+IMPORT(proxy_get_buffer_status)
+i32 proxy_get_buffer_status(i32 type, usize *length, u32 *flags);
 IMPORT(proxy_set_buffer_bytes)
 i32 proxy_set_buffer_bytes(i32 type, u32 start, u32 length, const u8 *data, usize size);
 IMPORT(proxy_get_header_map_value)

@@ -297,6 +297,11 @@ typedef struct Root {
   Step *inst_steps; /* where the rows are: each value there is one row ... */
   u32 ninst_steps;
   u8 inst_value;    /* ... or (kserve: the tensors' shape[0]) a number of rows */
+  /* A budget charged per instance (cost: instances): the request header its class goes
+   * in, for the quota filter behind this one (NULL: no such budget, or another filter
+   * sets it). The request is held until its body is complete, as with limits. */
+  char *class_header;
+  u32 class_header_len;
   u32 metrics[M_COUNT];
   /* the query feed */
   u8 feed;
@@ -523,6 +528,9 @@ static void free_root_config(Root *r) {
   r->nover = 0;
   free(r->key_header);
   free(r->tier_header);
+  free(r->class_header);
+  r->class_header = 0;
+  r->class_header_len = 0;
   free(r->node_id);
   buf_free(&r->service);
   json_free(r->config);
@@ -679,6 +687,10 @@ static int configure(Root *r, const char *text, u32 len) {
   r->max_request = num_or(req, "maxBytes", 0);
   r->max_depth = num_or(req, "maxDepth", 0);
   r->max_instances = num_or(req, "maxInstances", 0);
+  if ((n = json_get(req, "instancesHeader")) && n->type == J_STRING && n->str_len) {
+    r->class_header = dup_lower(n->str, n->str_len);
+    r->class_header_len = r->class_header ? n->str_len : 0;
+  }
   JNode *inst = json_get(req, "instances");
   if (inst && inst->type == J_ARRAY) {
     r->inst_value = json_is(json_get(req, "format"), "kserveV2");
@@ -1572,6 +1584,67 @@ static u64 count_instances(Root *r, const u8 *body, u32 len) {
   return sc.counted;
 }
 
+/* The count a budget charges (cost: instances), as the Lua counter it replaces did: the
+ * length of the longest array that is the body itself or the value of one of its
+ * top-level members ({"instances": [...]} and [[...], ...] alike), whatever the member is
+ * called, so neither a spelling of the key (escapes) nor a duplicate key can hide rows
+ * from it; brackets and commas inside strings do not count. Independent of
+ * request.features on purpose: a budget is charged the same with or without a feature
+ * path, and whichever member the model reads. One pass, no recursion. */
+static u64 budget_rows(const u8 *p, usize n) {
+  u64 best = 0, count[3] = {0, 0, 0};
+  u8 counting[3] = {0, 0, 0}, outer = 0;
+  usize depth = 0;
+  for (usize i = 0; i < n; i++) {
+    u8 c = p[i];
+    if (c == '"') {
+      for (i++; i < n && p[i] != '"'; i++)
+        if (p[i] == '\\') i++;
+      if (i >= n) return best;
+    } else if (c == '[' || c == '{') {
+      depth++;
+      if (depth == 1) outer = c;
+      if (depth <= 2) {
+        counting[depth] = c == '[' && (depth == 1 || outer == '{');
+        if (counting[depth]) {
+          usize j = i + 1;
+          while (j < n && (p[j] == ' ' || (p[j] >= '\t' && p[j] <= '\r'))) j++;
+          count[depth] = j < n && p[j] == ']' ? 0 : 1;
+        }
+      }
+    } else if (c == ']' || c == '}') {
+      if (depth == 0) return best;
+      if (depth <= 2 && counting[depth] && count[depth] > best) best = count[depth];
+      depth--;
+    } else if (c == ',' && depth && depth <= 2 && counting[depth]) {
+      count[depth]++;
+    }
+  }
+  return best;
+}
+
+/* What a request of `n` rows is charged as: exact up to 8, then m * 2^k with m in 5..8 (at
+ * most 25% over the count, exact at 2^k), so a client has few quota buckets. 0 rows (no
+ * body, no array) costs 1. Sets the header, replacing whatever the caller sent. */
+static void set_class(const Root *r, u64 n) {
+  u64 c = n ? n : 1;
+  if (c > 8) {
+    u64 step = 2;
+    while (c > 8 * step) step *= 2;
+    c = (c + step - 1) / step * step;
+  }
+  char digits[24];
+  u32 k = 0;
+  char tmp[24];
+  do {
+    tmp[k++] = (char)('0' + c % 10);
+    c /= 10;
+  } while (c);
+  for (u32 i = 0; i < k; i++) digits[i] = tmp[k - 1 - i];
+  proxy_replace_header_map_value(MAP_REQUEST_HEADERS, r->class_header, r->class_header_len,
+                                 digits, k);
+}
+
 EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32 eos) {
   (void)n;
   Stream *s = find_stream(id);
@@ -1616,8 +1689,10 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
         s->hardening = &r->tiers[i];
   }
   s->has_body = !eos;
-  /* With limits, the request waits here until its body has been checked. */
-  u32 verdict = r->max_request && !eos ? HEADERS_STOP : HEADERS_CONTINUE;
+  /* A request without a body is charged 1; the caller's own header never stays. */
+  if (r->class_header && eos) set_class(r, 0);
+  /* With limits or a class to set, the request waits here until its body is checked. */
+  u32 verdict = (r->max_request || r->class_header) && !eos ? HEADERS_STOP : HEADERS_CONTINUE;
   if (!r->feed) return verdict;
   if (key < 4 && want[key].found) {
     s->key = want[key].value;
@@ -1655,17 +1730,23 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
 /* The whole request body, held until it is complete, then checked: size, depth, rows. */
 static u32 check_request(Stream *s, u32 size, u32 eos) {
   Root *r = s->root;
-  if (size > r->max_request) {
+  if (r->max_request && size > r->max_request) {
     metric(r, M_REFUSED_SIZE, 1);
     refuse(s, 413, "request_too_large", "request body over request.maxBytes", r->max_request);
     return DATA_STOP_AND_BUFFER;
   }
   if (!eos) return DATA_STOP_AND_BUFFER;
-  if (size == 0) return DATA_CONTINUE;
+  if (size == 0) {
+    if (r->class_header) set_class(r, 0);
+    return DATA_CONTINUE;
+  }
   u8 *body = 0;
   usize len = 0;
-  if (proxy_get_buffer_bytes(BUF_REQUEST_BODY, 0, size, &body, &len) != WASM_OK || !body)
+  if (proxy_get_buffer_bytes(BUF_REQUEST_BODY, 0, size, &body, &len) != WASM_OK || !body) {
+    /* Unreadable (never seen): charged as if every byte were a row, as the Lua did. */
+    if (r->class_header) set_class(r, size);
     return DATA_CONTINUE;
+  }
   /* A UTF-8 body (nearly all) is checked in place; a wider one through its ASCII view. */
   usize view_len = len;
   u8 *wide = narrow(body, len, &view_len);
@@ -1693,6 +1774,7 @@ static u32 check_request(Stream *s, u32 size, u32 eos) {
       return DATA_STOP_AND_BUFFER;
     }
   }
+  if (r->class_header) set_class(r, budget_rows(view, view_len));
   free(wide);
   if (r->feed && len <= r->feed_max_body) {
     buf_free(&s->request);
@@ -1710,7 +1792,7 @@ EXPORT(proxy_on_request_body) u32 proxy_on_request_body(u32 id, u32 size, u32 eo
   if (!s || !s->root->configured) return DATA_CONTINUE;
   if (s->refused) return DATA_STOP_AND_BUFFER;
   if (eos) s->body_complete = 1;
-  if (s->root->max_request) return check_request(s, size, eos);
+  if (s->root->max_request || s->root->class_header) return check_request(s, size, eos);
   if (!s->root->feed) return DATA_CONTINUE;
   if (s->request_too_large || size == 0) return DATA_CONTINUE;
   if (s->request.len + size > s->root->feed_max_body) {
@@ -1733,6 +1815,38 @@ EXPORT(proxy_on_request_body) u32 proxy_on_request_body(u32 id, u32 size, u32 eo
   return DATA_CONTINUE;
 }
 
+/* Trailers end a body too (HTTP/2, or HTTP/1 with trailers enabled): what was held is
+ * checked now, or it would go on to the model unchecked and, behind a budget of
+ * instances, without its class. */
+EXPORT(proxy_on_request_trailers) u32 proxy_on_request_trailers(u32 id, u32 n) {
+  (void)n;
+  Stream *s = find_stream(id);
+  if (!s || !s->root->configured) return TRAILERS_CONTINUE;
+  if (s->refused) return TRAILERS_STOP;
+  Root *r = s->root;
+  if (!(r->max_request || r->class_header) || s->body_complete) return TRAILERS_CONTINUE;
+  s->body_complete = 1;
+  usize size = 0;
+  u32 flags = 0;
+  if (proxy_get_buffer_status(BUF_REQUEST_BODY, &size, &flags) != WASM_OK) size = 0;
+  return check_request(s, (u32)size, 1) == DATA_CONTINUE ? TRAILERS_CONTINUE : TRAILERS_STOP;
+}
+
+/* Whether the model gave this answer (Envoy's response code details): the filter sits
+ * before the quota and rate limit filters (it sets a budget's instance class for them),
+ * so their refusals, and the router's own when no model is there, pass it on the way out,
+ * for queries the model never saw. Asked only of error answers (one host call). */
+static int from_model(void) {
+  u8 *details = 0;
+  usize len = 0;
+  if (proxy_get_property("response\0code_details", 21, &details, &len) != WASM_OK || !details)
+    return 1;
+  int model = (len == 12 && memcmp(details, "via_upstream", 12) == 0) ||
+              (len >= 9 && memcmp(details, "upstream_", 9) == 0);
+  free(details);
+  return model;
+}
+
 EXPORT(proxy_on_response_headers) u32 proxy_on_response_headers(u32 id, u32 n, u32 eos) {
   (void)n;
   Stream *s = find_stream(id);
@@ -1744,11 +1858,14 @@ EXPORT(proxy_on_response_headers) u32 proxy_on_response_headers(u32 id, u32 n, u
   Want want[3] = {{":status", 7, 0, 0, 0},
                   {"content-type", 12, 0, 0, 0},
                   {"content-length", 14, 0, 0, 0}};
-  /* The status is for the feed only; without a body nothing else is needed. */
-  Want *first = feeding ? want : want + 1;
-  u32 nwant = (u32)(want + (eos ? 1 : 3) - first);
-  u8 *headers = read_headers(MAP_RESPONSE_HEADERS, first, nwant);
+  /* Without a body only the status is needed. */
+  u8 *headers = read_headers(MAP_RESPONSE_HEADERS, want, eos ? 1 : 3);
   if (want[0].found) s->status = (u32)parse_uint(want[0].value, want[0].value_len);
+  if (s->status >= 400 && !from_model()) {
+    free(headers);
+    s->done = 1; /* not answered: neither fed nor counted as unobserved */
+    return HEADERS_CONTINUE;
+  }
   int inspect = 0;
   if (!eos) {
     if (!want[1].found || !contains_json(want[1].value, want[1].value_len)) {
