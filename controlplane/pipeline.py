@@ -3,6 +3,15 @@
 Changes are debounced and coalesced (quiet period, bounded by a maximum delay) so a burst
 of edits or of sidecars connecting costs one rebuild. A sidecar whose IR did not change is
 not translated again; a snapshot whose content did not change is not pushed.
+
+Compile and translate run in a worker thread, off the event loop that serves ADS and the
+admin API: a policy set near the size limits takes seconds to compile, and on the loop
+(even in 50 ms slices between sidecars) one big sidecar alone stalled every stream for as
+long as it took. bench/rebuild_stall.py measures what the loop still sees (BENCHMARKS.md).
+A thread rather than a process: with a core free, the loop waits for the GIL a switch
+interval (5 ms) per wake-up; a process would have to pickle the policies in and every
+snapshot and IR back out, onto the loop. What still stops the loop is a full garbage
+collection (it stops every thread, and would stop the loop in either design).
 """
 
 from __future__ import annotations
@@ -11,9 +20,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
+from controlplane.api import Policy
 from controlplane.compile import compile_sidecar
 from controlplane.compile.mesh import MeshInputs
 from controlplane.extraction.hardened import Hardened
@@ -25,12 +37,13 @@ from controlplane.store import PolicyStore
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.translate import translate
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.snapshot import InconsistentSnapshot
+from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
 
 log = logging.getLogger(__name__)
 
-# The longest stretch a rebuild holds the event loop (seconds) before it lets others run.
-REBUILD_SLICE = 0.05
+# The longest a finished sidecar waits in the worker before it is handed to the loop to be
+# published (seconds): pushes go out while the rest of a long rebuild compiles.
+PUBLISH_INTERVAL = 0.05
 
 
 class Debouncer:
@@ -176,6 +189,41 @@ class Rebuild:
     seconds: float
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything one rebuild compiles from, taken at its start on the event loop.
+
+    Frozen values or private copies only (a PolicySet is never mutated, the store replaces
+    it; sidecars, verdicts and mesh inputs are fresh tuples and dicts): the worker reads
+    them while the store, the inventory and the verdicts go on changing, and every sidecar
+    the rebuild configures is compiled from the same inputs.
+    """
+
+    revision: int
+    policies: tuple[Policy, ...]
+    sidecars: tuple[Sidecar, ...]
+    mesh: MeshInputs | None
+    verdicts: tuple[Enforcement, ...]
+    hardened: tuple[Hardened, ...]
+    telemetry: TelemetrySettings | None
+    xff_num_trusted_hops: int
+    previous: Mapping[str, SidecarIR]  # the IR each sidecar's snapshot was made from
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One sidecar's result: a new IR and its snapshot, or why it keeps its last one."""
+
+    node_id: str
+    ir: SidecarIR | None
+    snapshot: Snapshot | None
+    error: str | None = None
+
+
+class _Superseded(Exception):
+    """A newer rebuild (or shutdown) took over: this one publishes nothing more."""
+
+
 @dataclass
 class Pipeline:
     store: PolicyStore
@@ -198,88 +246,186 @@ class Pipeline:
     # reflects at least this revision once it has ACKed it.
     compiled_revision: int = -1
     observers: list[Callable[[Rebuild], None]] = field(default_factory=list)
-    # Replicas of a Deployment share one translation, filled in per sidecar.
+    # Replicas of a Deployment share one translation, filled in per sidecar. Used by one
+    # rebuild at a time (the worker's), never by the event loop.
     shapes: ShapeCache = field(default_factory=lambda: ShapeCache(translate))
-    _generation: int = 0  # rebuilds started: a newer one supersedes a suspended one
+    # How a sidecar is compiled (a seam for tests that pace the worker).
+    compile: Callable[..., SidecarIR] = field(default_factory=lambda: compile_sidecar)
+    _generation: int = 0  # rebuilds started: a newer one supersedes a running one
+    _worker: ThreadPoolExecutor | None = None
+    _lock: asyncio.Lock | None = None
 
     def rebuild(self) -> None:
-        for _ in self._rebuild(batch=0):
-            pass
+        """One rebuild, here and now, in the caller's thread (tests, tools)."""
+        self._generation += 1
+        generation, started = self._generation, _started()
+        inputs = self._inputs()
+        outcomes = self._compute(inputs, generation, lambda _chunk: None, batch=0)
+        changed = self._publish(outcomes)
+        self._finish(inputs, changed, started)
 
     async def rebuild_async(self, batch: int = 64) -> None:
-        """``rebuild``, letting the event loop run every ``batch`` changed sidecars: their
-        pushes go out, and their ACKs come back, while the others are still compiled.
+        """``rebuild`` with compile and translate in a worker thread, off the event loop:
+        however big the policies, ADS and the admin API keep answering meanwhile.
 
-        Superseded by any rebuild that starts meanwhile: it stops, the newer one covers all.
+        Results come back to the loop in chunks (every ``batch`` changed sidecars, or every
+        PUBLISH_INTERVAL s) and are published there, so the first sidecars' pushes and ACKs
+        overlap the compiling of the others. Each sidecar gets one snapshot, whole and
+        consistent, compiled from the inputs taken when the rebuild started; one whose
+        compile fails keeps its last good snapshot. Rebuilds run one at a time: one that
+        starts while another runs supersedes it (the running one stops at its next
+        sidecar and publishes nothing more; the newer one, on newer inputs, covers all).
         """
-        generation = self._generation + 1
-        for _ in self._rebuild(batch):
-            await asyncio.sleep(0)
+        self._generation += 1
+        generation = self._generation
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
             if self._generation != generation:
+                log.debug("rebuild superseded before it started")
+                return
+            loop = asyncio.get_running_loop()
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="rebuild")
+            started = _started()
+            inputs = self._inputs()
+            changed: list[str] = []
+
+            def hand_over(chunk: list[_Outcome]) -> None:  # in the worker
+                loop.call_soon_threadsafe(publish, chunk)
+
+            def publish(chunk: list[_Outcome]) -> None:  # on the loop
+                if self._generation == generation:
+                    changed.extend(self._publish(chunk))
+
+            try:
+                last = await loop.run_in_executor(
+                    self._worker, self._compute, inputs, generation, hand_over, batch
+                )
+            except _Superseded:
                 log.debug("rebuild superseded by a newer one")
                 return
+            # Chunks handed over earlier were queued on the loop before this resumed.
+            publish(last)
+            if self._generation == generation:
+                self._finish(inputs, changed, started)
 
-    def _rebuild(self, batch: int) -> Iterator[None]:
+    def close(self) -> None:
+        """Stop a running rebuild at its next sidecar and release the worker thread."""
         self._generation += 1
-        started, started_ns = time.perf_counter(), time.time_ns()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
+
+    def _inputs(self) -> _Inputs:
         policy_set = self.store.current()
-        policies = policy_set.policies
-        changed: list[str] = []
         sidecars = self.inventory.snapshot()
         live = {s.node_id for s in sidecars}
         for node_id in [n for n in self._irs if n not in live]:
             del self._irs[node_id]
             self.errors.pop(node_id, None)
             self.cache.clear(node_id)
-        mesh = self.mesh_inputs(sidecars) if self.mesh_inputs is not None else None
-        verdicts = self.verdicts() if self.verdicts is not None else ()
-        hardened = self.hardened() if self.hardened is not None else ()
+        return _Inputs(
+            revision=policy_set.revision,
+            policies=policy_set.policies,
+            sidecars=sidecars,
+            mesh=self.mesh_inputs(sidecars) if self.mesh_inputs is not None else None,
+            verdicts=tuple(self.verdicts()) if self.verdicts is not None else (),
+            hardened=tuple(self.hardened()) if self.hardened is not None else (),
+            telemetry=self.telemetry,
+            xff_num_trusted_hops=self.xff_num_trusted_hops,
+            previous=MappingProxyType(dict(self._irs)),
+        )
+
+    def _compute(
+        self,
+        inputs: _Inputs,
+        generation: int,
+        hand_over: Callable[[list[_Outcome]], None],
+        batch: int,
+    ) -> list[_Outcome]:
+        """Compile and translate every sidecar whose IR changed (in the worker thread).
+
+        Reads only ``inputs`` and the shape cache; hands finished chunks to ``hand_over``
+        and returns the rest. Raises _Superseded once a newer rebuild has started.
+        """
+        chunk: list[_Outcome] = []
         self.shapes.begin()
-        replicas = _Replicas(mesh)
+        replicas = _Replicas(inputs.mesh)
         same_ir = _Comparer().same
-        sliced = time.perf_counter()
-        for sidecar in sidecars:
-            if batch and time.perf_counter() - sliced > REBUILD_SLICE:
-                # Large policies (up to api.limits) take tens of ms per distinct sidecar:
-                # let ADS and the admin API run between slices, not only every ``batch``.
-                yield
-                sliced = time.perf_counter()
+        handed = time.perf_counter()
+        for sidecar in inputs.sidecars:
+            if self._generation != generation:
+                raise _Superseded
+            outcome = self._outcome(sidecar, inputs, replicas, same_ir)
+            if outcome is not None:
+                chunk.append(outcome)
+            if chunk and batch and (
+                len(chunk) >= batch or time.perf_counter() - handed > PUBLISH_INTERVAL
+            ):
+                hand_over(chunk)
+                chunk, handed = [], time.perf_counter()
+        self.shapes.end()
+        return chunk
+
+    def _outcome(
+        self,
+        sidecar: Sidecar,
+        inputs: _Inputs,
+        replicas: _Replicas,
+        same_ir: Callable[[SidecarIR, SidecarIR], bool],
+    ) -> _Outcome | None:
+        """The sidecar's new IR and snapshot; None when its IR did not change."""
+        try:
             ir = replicas.ir(sidecar)
             if ir is None:
-                ir = compile_sidecar(
+                ir = self.compile(
                     sidecar,
-                    policies,
-                    telemetry=self.telemetry,
-                    mesh=mesh,
-                    verdicts=verdicts,
-                    hardened=hardened,
-                    xff_num_trusted_hops=self.xff_num_trusted_hops,
+                    inputs.policies,
+                    telemetry=inputs.telemetry,
+                    mesh=inputs.mesh,
+                    verdicts=inputs.verdicts,
+                    hardened=inputs.hardened,
+                    xff_num_trusted_hops=inputs.xff_num_trusted_hops,
                 )
                 replicas.compiled(sidecar, ir)
-            previous = self._irs.get(sidecar.node_id)
+            previous = inputs.previous.get(sidecar.node_id)
             if previous is not None and same_ir(previous, ir):
+                return None
+            return _Outcome(sidecar.node_id, ir, self.shapes.snapshot(ir))
+        except InconsistentSnapshot as err:
+            # A bug of ours, never the user's: keep serving the last good snapshot.
+            log.error("snapshot for %s is inconsistent: %s", sidecar.node_id, err)
+            return _Outcome(sidecar.node_id, None, None, str(err))
+        except Exception as err:  # likewise: one sidecar's failure is not everyone's
+            log.exception("compiling %s failed; it keeps its last snapshot", sidecar.node_id)
+            return _Outcome(sidecar.node_id, None, None, f"compile failed: {err}")
+
+    def _publish(self, outcomes: list[_Outcome]) -> list[str]:
+        """Put outcomes in the snapshot cache (on the event loop); the nodes that changed."""
+        changed = []
+        for outcome in outcomes:
+            node_id = outcome.node_id
+            if outcome.snapshot is None or outcome.ir is None:
+                self.errors[node_id] = outcome.error or "no snapshot"
                 continue
-            try:
-                snapshot = self.shapes.snapshot(ir)
-            except InconsistentSnapshot as err:
-                # A bug of ours, never the user's: keep serving the last good snapshot.
-                log.error("snapshot for %s is inconsistent: %s", sidecar.node_id, err)
-                self.errors[sidecar.node_id] = str(err)
-                continue
-            self.errors.pop(sidecar.node_id, None)
-            self._irs[sidecar.node_id] = ir
-            if self.cache.set_snapshot(sidecar.node_id, snapshot):
-                changed.append(sidecar.node_id)
-                if batch and len(changed) % batch == 0:
-                    yield
-                    sliced = time.perf_counter()
-        self.shapes.end()
+            if self.inventory.get(node_id) is None:
+                continue  # gone while it compiled: the next rebuild clears it
+            self.errors.pop(node_id, None)
+            self._irs[node_id] = outcome.ir
+            if self.cache.set_snapshot(node_id, outcome.snapshot):
+                changed.append(node_id)
+        return changed
+
+    def _finish(self, inputs: _Inputs, changed: list[str], started: tuple[float, int]) -> None:
         self.rebuilds += 1
-        self.compiled_revision = policy_set.revision
-        self.last_rebuild_seconds = time.perf_counter() - started
-        log.debug("rebuilt %d sidecars in %.1f ms", len(sidecars), self.last_rebuild_seconds * 1e3)
+        self.compiled_revision = inputs.revision
+        self.last_rebuild_seconds = time.perf_counter() - started[0]
+        log.debug(
+            "rebuilt %d sidecars in %.1f ms", len(inputs.sidecars), self.last_rebuild_seconds * 1e3
+        )
         done = Rebuild(
-            policy_set.revision, len(sidecars), tuple(changed), started_ns,
+            inputs.revision, len(inputs.sidecars), tuple(changed), started[1],
             self.last_rebuild_seconds,
         )
         for observer in list(self.observers):
@@ -290,3 +436,7 @@ class Pipeline:
 
     def ir(self, node_id: str) -> SidecarIR | None:
         return self._irs.get(node_id)
+
+
+def _started() -> tuple[float, int]:
+    return time.perf_counter(), time.time_ns()

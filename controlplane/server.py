@@ -397,6 +397,7 @@ class ControlPlane:
 
     async def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        self.pipeline.close()  # a rebuild in its worker stops at its next sidecar
         if self.extraction.feed.router is not None:
             # Leave the feed's membership first: the others take this replica's clients.
             await asyncio.to_thread(self.extraction.feed.router.stop)

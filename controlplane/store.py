@@ -76,6 +76,10 @@ class PolicyStore:
     # Valid but giving something away (api/warnings.py), for status.
     _warnings: dict[PolicyKey, tuple[str, ...]] = field(default_factory=dict)
     _revision: int = 0
+    # The index that keeps a change local: policy → units that name it, unit → its names.
+    _owners: dict[PolicyKey, LoadedPolicy] = field(default_factory=dict)
+    _by_key: dict[PolicyKey, set[str]] = field(default_factory=dict)
+    _named: dict[str, frozenset[PolicyKey]] = field(default_factory=dict)
     _listeners: list[Callable[[PolicySet], None]] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _current: PolicySet = field(default_factory=lambda: PolicySet(0, ()))
@@ -87,19 +91,37 @@ class PolicyStore:
 
         Which unit owns a policy that several define does not depend on the order edits
         arrive in: the first unit in sorted order wins, as in ``modelguard validate`` (which
-        reads files in the same order). Every unit is re-judged on each change, so removing
-        or fixing the winner hands the policy to the next one.
+        reads files in the same order). Removing or fixing the winner hands the policy to
+        the next one. Only the units a change can affect are judged again: those that name
+        (now, or in their last good version) a policy that a changed unit names, and so on
+        transitively. No other unit shares a name with them, so none of their verdicts
+        can change; a change costs what it touches, not the size of the store.
         """
         with self._lock:
             before = self._current.policies
             was_rejected = dict(self._rejected)
+            new_keys = {_key(lp.policy) for c in changed.values() for lp in c.policies}
+            new_keys |= {k for c in changed.values() for k in _keys_named(c)}
+            affected = self._affected(set(changed) | set(removed), new_keys)
             for unit in removed:
                 self._latest.pop(unit, None)
                 self._good.pop(unit, None)
                 self._rejected.pop(unit, None)
             self._latest.update(changed)
+            # Forget what the affected units owned: it is decided again below, among them
+            # only (no other unit names any of it).
+            for unit in affected:
+                for key in self._named.pop(unit, ()):
+                    self._owners.pop(key, None)
+                    self._serving.pop(key, None)
+                    self._warnings.pop(key, None)
+                    units = self._by_key.get(key)
+                    if units is not None:
+                        units.discard(unit)
+                        if not units:
+                            del self._by_key[key]
             owners: dict[PolicyKey, LoadedPolicy] = {}
-            for unit in sorted(self._latest):
+            for unit in sorted(u for u in affected if u in self._latest):
                 content = self._latest[unit]
                 problems = [str(v) for v in content.violations]
                 problems += _clashes(content.policies, owners)
@@ -118,12 +140,14 @@ class PolicyStore:
                     self._good[unit] = serving = content.policies
                 for lp in serving:
                     owners.setdefault(_key(lp.policy), lp)
-            self._serving = {key: lp.source for key, lp in owners.items()}
-            self._warnings = {
-                key: tuple(w) for key, lp in owners.items() if (w := policy_warnings(lp.policy))
-            }
-            policies = tuple(sorted((lp.policy for lp in owners.values()), key=_key))
-            self._bump_generations(policies)
+                self._index(unit, content)
+            for key, lp in owners.items():
+                self._owners[key] = lp
+                self._serving[key] = lp.source
+                if warnings := policy_warnings(lp.policy):
+                    self._warnings[key] = tuple(warnings)
+            self._bump_generations(owners)
+            policies = tuple(self._owners[key].policy for key in sorted(self._owners))
             _log_changes(was_rejected, self._rejected, changed, self._good)
             if policies == before:
                 return False
@@ -134,10 +158,35 @@ class PolicyStore:
             listener(current)
         return True
 
-    def _bump_generations(self, policies: tuple[Policy, ...]) -> None:
+    def _affected(self, units: set[str], new_keys: set[PolicyKey]) -> set[str]:
+        """``units`` and every unit that shares a policy name with one of them, or with
+        ``new_keys`` (what the changed units name now), transitively."""
+        affected = set(units)
+        frontier = [other for key in new_keys for other in self._by_key.get(key, ())]
+        frontier += units
+        while frontier:
+            unit = frontier.pop()
+            affected.add(unit)
+            for key in self._named.get(unit, ()):
+                for other in self._by_key.get(key, ()):
+                    if other not in affected:
+                        affected.add(other)
+                        frontier.append(other)
+        return affected
+
+    def _index(self, unit: str, content: UnitContent) -> None:
+        """Remember every policy name the unit holds now or serves from its last good
+        version (what it can own or clash on), and which units name each."""
+        named = {_key(lp.policy) for lp in content.policies}
+        named |= {_key(lp.policy) for lp in self._good.get(unit, ())}
+        self._named[unit] = frozenset(named)
+        for key in named:
+            self._by_key.setdefault(key, set()).add(unit)
+
+    def _bump_generations(self, owners: Mapping[PolicyKey, LoadedPolicy]) -> None:
         # Like Kubernetes' metadata.generation: bumped on every change of the spec.
-        for policy in policies:
-            key, fingerprint = _key(policy), _spec_fingerprint(policy)
+        for key, lp in owners.items():
+            fingerprint = _spec_fingerprint(lp.policy)
             generation, seen = self._generations.get(key, (0, ""))
             if seen != fingerprint:
                 self._generations[key] = (generation + 1, fingerprint)

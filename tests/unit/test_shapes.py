@@ -178,25 +178,6 @@ def test_every_replica_gets_exactly_its_own_translation(
         assert pipeline.shapes.translations - before == (20 if ports else 2)
 
 
-async def test_rebuild_async_lets_pushes_out_between_batches(tmp_path: Path) -> None:
-    import asyncio
-
-    pipeline, _ = _pipeline(tmp_path, 10)
-    published: list[int] = []  # what another task (a stream) sees each time it gets to run
-
-    async def stream() -> None:
-        while True:
-            published.append(len(pipeline.cache.node_ids()))
-            await asyncio.sleep(0)
-
-    watcher = asyncio.create_task(stream())
-    await asyncio.sleep(0)
-    await pipeline.rebuild_async(batch=4)
-    watcher.cancel()
-    assert {4, 8} <= set(published)  # the first sidecars were out before the last compiled
-    assert len(pipeline.cache.node_ids()) == 10 and pipeline.rebuilds == 1
-
-
 async def test_debouncer_never_runs_two_async_rebuilds_at_once() -> None:
     import asyncio
 

@@ -101,3 +101,61 @@ def test_removing_a_file_removes_its_policies(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").unlink()
     assert source.sync()
     assert _names(store) == [("b", "Deny")]
+
+
+def test_judging_only_the_affected_units_gives_what_judging_all_gives() -> None:
+    """A change re-judges only the units that share a policy name with it (transitively).
+    Random edits, removals, broken versions and duplicates across 12 units that name 6
+    policies between them, applied to that store and to one that re-judges every unit on
+    every change (the reference): the same policies, statuses, generations and errors."""
+    import random
+
+    from controlplane.api import LoadedPolicy, Violation
+    from controlplane.api.kinds import KINDS
+    from controlplane.store import UnitContent
+
+    def content(unit: str, names: list[str], default: str, broken: bool) -> UnitContent:
+        loaded = tuple(
+            LoadedPolicy(
+                KINDS["AccessPolicy"].model_validate(
+                    {
+                        "apiVersion": "modelguard.io/v1alpha1",
+                        "kind": "AccessPolicy",
+                        "metadata": {"name": name, "namespace": "demo"},
+                        "spec": {"targetRef": {"service": "m"}, "defaultAction": default},
+                    }
+                ),
+                unit,
+                i,
+            )
+            for i, name in enumerate(names)
+        )
+        violations = (
+            (Violation(unit, 0, "AccessPolicy", f"demo/{names[0]}", "spec", "broken"),)
+            if broken and names
+            else ()
+        )
+        return UnitContent(() if broken else loaded, violations)
+
+    class Reference(PolicyStore):
+        def _affected(self, units: set[str], new_keys: set[tuple[str, str, str]]) -> set[str]:
+            return set(units) | set(self._latest)
+
+    rng = random.Random(18)
+    incremental, reference = PolicyStore(), Reference()
+    units = [f"u{i:02d}.yaml" for i in range(12)]
+    for step in range(400):
+        unit = rng.choice(units)
+        if rng.random() < 0.15:
+            changed, removed = {}, [unit]
+        else:
+            names = rng.sample([f"p{i}" for i in range(6)], rng.randint(0, 2))
+            default = rng.choice(["Deny", "Allow"])
+            changed = {unit: content(unit, names, default, rng.random() < 0.2)}
+            removed = []
+        got = incremental.apply(changed, removed)
+        want = reference.apply(changed, removed)
+        assert got == want, step
+        assert incremental.current() == reference.current(), step
+        assert incremental.statuses() == reference.statuses(), step
+        assert incremental.unit_errors() == reference.unit_errors(), step
