@@ -1,4 +1,5 @@
-"""Zero-trust inputs → MtlsIR: the sidecar's certificate, its mTLS mode, the mesh it may call.
+"""Zero-trust inputs of compile: the certificates issued, API-key digests, the mesh's services
+(AccessPolicy's ``mtls_compile`` turns them into a sidecar's MtlsIR).
 
 The identity box (``controlplane/identity``) hands compile a ``MeshInputs`` per rebuild:
 the certificates it issued, the API-key digests it loaded, and every sidecar known. Compile
@@ -7,13 +8,12 @@ stays pure: it never issues a certificate or reads a file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from controlplane.api import AccessPolicy
 from controlplane.identity.apikeys import ApiKey
 from controlplane.inventory import Sidecar
-from controlplane.ir import MeshService, MtlsIR, MtlsMode, PolicyRef, WorkloadCertificate
+from controlplane.ir import MeshService, WorkloadCertificate
 
 # (namespace, secret name) → its keys: (id, SHA-256 hex of the key, tenant, tier, principals)
 ApiKeyDigests = Mapping[tuple[str, str], tuple[ApiKey, ...]]
@@ -51,39 +51,3 @@ def _reachable(sidecar: Sidecar) -> str:
     if sidecar.inbound_address in ("0.0.0.0", "::"):
         return sidecar.app_address
     return sidecar.inbound_address
-
-
-def compile_mtls(
-    sidecar: Sidecar, policies: Sequence[AccessPolicy], inputs: MeshInputs | None
-) -> MtlsIR | None:
-    """None when no certificate was issued to the sidecar (no CA: plaintext, as before)."""
-    if inputs is None:
-        return None
-    certificate = inputs.certificates.get(sidecar.node_id)
-    if certificate is None:
-        return None
-    # Like Istio's PeerAuthentication, but merged: an explicit Strict beats Permissive, so
-    # one policy cannot silently weaken what another workload owner asked for.
-    chosen = [(p.spec.mtls.mode, p) for p in policies if p.spec.mtls is not None]
-    strict = [p for mode, p in chosen if mode == "Strict"]
-    permissive = [p for mode, p in chosen if mode == "Permissive"]
-    mode, deciding = MtlsMode.STRICT, strict
-    if permissive and not strict:
-        mode, deciding = MtlsMode.PERMISSIVE, permissive
-    return MtlsIR(
-        mode=mode,
-        certificate=certificate,
-        mesh_port=sidecar.mesh_port or 0,
-        # A sidecar calls the others; it never needs a cluster to itself. Its workload
-        # reaches them through the mesh listener or, under egress control, the outbound one.
-        upstreams=tuple(
-            s
-            for s in inputs.services
-            if (s.service, s.namespace) != (sidecar.service, sidecar.namespace)
-        )
-        if sidecar.mesh_port or sidecar.outbound_port
-        else (),
-        deciding=tuple(
-            PolicyRef(p.kind, p.metadata.namespace, p.metadata.name) for p in deciding
-        ),
-    )

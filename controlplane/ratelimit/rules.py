@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# The same keys as controlplane.translate.ratelimit writes.
+# The same keys as controlplane.policies.rate.translate writes.
 LIMIT_KEY = "limit"
 POLICY_KEY = "policy"
 REQUESTS_KEY = "requests"
