@@ -1,7 +1,7 @@
 """Cluster mode: ``modelguard serve --kubernetes``.
 
 Wires the Kubernetes source, the status writer, the trust bundle publisher and the
-injection webhook around one control plane. Kept apart from ``sources/kubernetes.py`` so
+injection webhook around one control plane. Kept apart from ``sources/kubernetes/`` so
 the source (the first box of the data flow) never imports the server it feeds.
 """
 
@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kubeconfig", help="default: in-cluster config, else ~/.kube/config")
     group.add_argument("--watch-namespace", help="watch one namespace (default: all)")
     group.add_argument("--lease-namespace", default="modelguard-system")
+    group.add_argument(
+        "--pod-selector",
+        default=None,
+        help="label selector of the Pods read for the inventory (default: the label the "
+        "injector sets, sidecar.modelguard.io/injected=true; '': every pod)",
+    )
     group.add_argument(
         "--api-key-namespaces",
         help="comma-separated namespaces whose Secrets labelled modelguard.io/api-keys=true "
@@ -121,7 +127,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     """Run the control plane in a cluster until interrupted; returns the exit code."""
     import socket
 
-    from controlplane.inject import InjectConfig, InjectionWebhook
+    from controlplane.inject import INJECTED_SELECTOR, InjectConfig, InjectionWebhook
     from controlplane.server import ControlPlane
 
     api_client = api_client_from_args(args)
@@ -143,6 +149,11 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
             plane.inventory,
             args.watch_namespace,
             secret_namespaces=secret_namespaces,
+            pod_selector=(
+                INJECTED_SELECTOR
+                if getattr(args, "pod_selector", None) is None
+                else args.pod_selector
+            ),
         )
         elector = LeaderElector(api_client, args.lease_namespace, replica_id)
         bundle = None
@@ -160,14 +171,16 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         shared_status = None
         if config.rate_limit_backend.startswith(("redis://", "rediss://", "unix://")):
             # "Programmed N of M" over every replica's sidecars, not only the leader's.
-            from controlplane.cluster_status import SharedStatus, versions_of
+            from controlplane.cluster_status import SharedStatus, VersionsOf
 
             shared_status = SharedStatus(
                 config.rate_limit_backend,
                 replica_id,
                 plane.inventory.snapshot,
                 tracker.nodes,
-                lambda: versions_of(plane.store.current().policies),
+                VersionsOf(plane.store.current),
+                serving=tracker.serving,
+                compiled=tracker.compiled,
             )
             sidecars, programmed = shared_status.sidecars, shared_status.programmed
         writer = StatusWriter(
