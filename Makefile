@@ -44,7 +44,9 @@ gen-check: $(STAMP)
 	$(PY) -m controlplane.gen_protos --check
 	$(PY) -m controlplane.crdgen --check
 
-# CRDs in k8s/crds/, generated from controlplane/api (checked in; a test fails if stale).
+# CRDs in k8s/crds/, generated from controlplane/api and the kinds of controlplane/policies/
+# (registry.py), with the per-kind lines of k8s/control-plane/rbac.yaml and
+# k8s/demo/kustomization.yaml (checked in; a test fails if stale).
 crds: $(STAMP)
 	$(PY) -m controlplane.crdgen
 

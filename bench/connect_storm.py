@@ -2,11 +2,12 @@
 
 Issue 15: ``bench/convergence.py --sims 5000`` failed while its simulated sidecars wrote their
 first subscriptions (CANCELLED, INTERNAL "Internal error from Core"). This isolates that
-moment: N simulated sidecars per process (``controlplane/xds/simclient.py``, one channel
+moment: N simulated sidecars per process (``bench/lib/simclient.py``, one channel
 each) in P spawned processes open their streams against either the control plane's xDS
 server (``ControlPlane``, no policies unless --policy) or a trivial gRPC ADS server with the
-same server options that only reads (``--trivial``; ``--respond BYTES`` also answers each
-request), and counts the streams that fail to start.
+same keepalive options (and gRPC core's default pending-call limits) that only reads
+(``--trivial``; ``--respond BYTES`` also answers each request), and counts the streams that
+fail to start.
 
     .venv/bin/python bench/connect_storm.py --sims 2500 --procs 2            # control plane
     .venv/bin/python bench/connect_storm.py --sims 2500 --procs 2 --trivial  # baseline
@@ -16,13 +17,15 @@ Measured 2026-12-06 (2 shared cores, load ~3), failed starts:
     control plane, 1 × 5,000   0       control plane, 2 × 1,200   ~4 %
     control plane, 2 × 2,500   8-18 %  trivial server, 2 × 2,500  0 (also answering 3 KB)
 
-so the simulator's first writes are not at fault by themselves: against the control plane's
-ADS server, streams end (CANCELLED / INTERNAL on the sidecar's write, or "RPC already
-finished") while two connections open thousands of streams at once; one connection with
-5,000 does not fail. Not the server options and not the policy (it fails without policies).
-A server that answers every request, ACKs included, fails the same way, so the suspect is
-the exchange once answers flow (the simulated sidecars ACK while others are still being
-started in the same event loop), on either side; the cause is not isolated yet.
+The cause (found with ``--grpc-default-limits``, which starts the control plane with gRPC
+core's own limits again): core cancels a call that arrives while more than 1,000 others
+wait for the application to accept them (``grpc.server.max_pending_requests``), with a
+chance rising to certainty at 3,000 (``..._hard_limit``). grpc.aio accepts one call per
+turn of the event loop; the trivial server's loop is idle, the control plane's is busy
+admitting sidecars and rebuilding their snapshots, so calls pile up in core and some are
+cancelled: INTERNAL "Internal error from Core" or CANCELLED on the sidecar's next write.
+The server was at fault, not the simulator. With the limits the xDS server sets now
+(``controlplane/xds/server.py``, SERVER_OPTIONS), 2 × 2,500 and 2 × 5,000: 0 failed.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ SERVER_OPTIONS = [
 
 
 def _run_sims(target: str, n: int, out: Any) -> None:
+    from bench.lib.simclient import SimulatedSidecar
     from controlplane.compile.inputs.inventory import Sidecar
-    from controlplane.xds.simclient import SimulatedSidecar
 
     metadata = Sidecar(
         "x", "digits-model", "demo", "spiffe://cluster.local/ns/demo/sa/digits-model", 18080, 15006
@@ -101,6 +104,11 @@ async def main() -> int:
     parser.add_argument("--trivial", action="store_true")
     parser.add_argument("--respond", type=int, default=0)
     parser.add_argument("--policy", action="store_true", help="convergence.py's AccessPolicy")
+    parser.add_argument(
+        "--grpc-default-limits",
+        action="store_true",
+        help="the control plane without its pending-call limits (gRPC core's 1,000 / 3,000)",
+    )
     args = parser.parse_args()
     if args.trivial:
         server, port = await _trivial_server(args.respond)
@@ -108,7 +116,11 @@ async def main() -> int:
     else:
         import tempfile
 
+        import controlplane.app.server
         from controlplane.app.server import ControlPlane, ControlPlaneConfig
+
+        if args.grpc_default_limits:
+            controlplane.app.server.ADS_SERVER_OPTIONS = []  # type: ignore[misc]
 
         policies = Path(tempfile.mkdtemp(prefix="mg-storm-"))
         if args.policy:

@@ -1,7 +1,7 @@
 """Convergence at scale: policy change → every sidecar ACKed; Delta vs SotW bytes; memory.
 
 The control plane runs in this process with a few real Envoy sidecars; N simulated sidecars
-(ADS clients that subscribe and ACK like Envoy, ``controlplane/xds/simclient.py``) run in
+(ADS clients that subscribe and ACK like Envoy, ``bench/lib/simclient.py``) run in
 1-2 other processes. The simulated sidecars are the pods of one Deployment: same service,
 same ports, only the node id differs — what injection gives every replica in a cluster.
 
@@ -22,7 +22,11 @@ Three measurements:
   server's counters, half of the sidecars on SotW, half on Delta, in the same run.
 
     .venv/bin/python bench/convergence.py [--sims 1000] [--envoys 2] [--procs 2]
-        [--rounds 10] [--services 50,200] [--json out.json]
+        [--rounds 10] [--services 50,200] [--replicas 1] [--json out.json]
+
+``--replicas R`` runs R control planes, each in its own process, watching one policy folder:
+sidecar i connects to replica i mod R (the real Envoys to the first), ``--procs`` simulator
+processes are shared out among them, and memory is the replicas' resident sets together.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ def _run_sims(
     ready: Any,
     stop: Any,
 ) -> None:
-    from controlplane.xds.simclient import SimulatedSidecar
+    from bench.lib.simclient import SimulatedSidecar
 
     async def main() -> None:
         sims = [
@@ -153,6 +157,14 @@ class SimProcesses:
             if not ready.wait(max(0.0, deadline - time.monotonic())):
                 raise RuntimeError("simulated sidecars did not start")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the simulator processes so far."""
+        ticks = 0
+        for proc in self._procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self._stop.set()
         for proc in self._procs:
@@ -171,6 +183,25 @@ def _rss_bytes() -> int:
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class _GcClock:
+    """CPU time spent in the cyclic collector, per generation (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.runs = [0, 0, 0]
+        self.collected = 0  # objects found to be cyclic garbage
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.thread_time()
+        else:
+            self.seconds[info["generation"]] += time.thread_time() - self._started
+            self.runs[info["generation"]] += 1
+            self.collected += info["collected"]
 
 
 class _Rebuilds:
@@ -243,9 +274,9 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
         ]
         if specs:
             procs_ = SimProcesses(target, specs, procs)
-            # Off the event loop: it is the control plane's loop. Blocking it while thousands
-            # of sidecars connect left their streams unserved until gRPC cancelled them
-            # (CANCELLED / "Internal error from Core" at 5,000; the simulator, not the server).
+            # Off the event loop: it is the control plane's loop, which must accept the
+            # sidecars' streams (calls it is slow to accept wait in gRPC core; past the
+            # server's pending-call limits they were cancelled: bench/connect_storm.py).
             await asyncio.to_thread(procs_.wait_started)
         expected = sims + envoys
         await _all_synced(plane, expected, timeout=300)
@@ -256,13 +287,16 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
         last_ack: list[float] = []
         rebuild_ms: list[float] = []
         cpu: list[float] = []  # the control plane's CPU time from the edit to the last ACK
+        sims_cpu: list[float] = []  # the simulated sidecars' CPU time, the same span
         counters_before = plane.sync_status.counters()
+        gc_clock = _GcClock()
         profiler = cProfile.Profile() if PROFILE else None
         if profiler is not None:
             profiler.enable()
         for r in range(1, rounds + 1):
             revision = plane.store.current().revision
             started, cpu_started = time.time(), time.process_time()
+            sims_cpu_started = procs_.cpu_seconds() if procs_ is not None else 0.0
             (policies / "access.yaml").write_text(ACCESS.format(round=r))
             done = await rebuilds.next(revision)
             if len(done.changed) != expected:
@@ -271,6 +305,8 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
             versions = {n: plane.cache.get(n).version for n in done.changed}  # type: ignore[union-attr]
             await plane.sync_status.wait_synced(snapshot_versions=versions, timeout=60)
             cpu.append(time.process_time() - cpu_started)
+            if procs_ is not None:
+                sims_cpu.append(procs_.cpu_seconds() - sims_cpu_started)
             times = []
             for node_id in done.changed:
                 at = plane.sync_status.synced_at(node_id)
@@ -299,6 +335,10 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
             "last_ack_p99_ms": round(_percentile(last_ack, 0.99) * 1e3, 1),
             "rebuild_ms": round(statistics.median(rebuild_ms), 1),
             "cpu_ms_per_edit": round(statistics.median(cpu) * 1e3, 1),
+            "sims_cpu_ms_per_edit": round(statistics.median(sims_cpu or [0.0]) * 1e3, 1),
+            "gc_ms_per_edit": [round(g / rounds * 1e3, 1) for g in gc_clock.seconds],
+            "gc_runs_per_edit": [round(n / rounds, 1) for n in gc_clock.runs],
+            "gc_collected_per_edit": round(gc_clock.collected / rounds),
             "bytes_per_sidecar_per_edit": round(sent / rounds / expected),
             "rss_before_mb": round(rss_before / 2**20, 1),
             "rss_after_mb": round(rss_after / 2**20, 1),
@@ -310,6 +350,182 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
         for envoy in running:
             envoy.stop()
         await plane.stop(grace=0)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _replica_main(policies: str, commands: Any, results: Any) -> None:
+    """One control-plane replica in its own process (``--replicas``): it watches the shared
+    policy folder like the others and answers the driver's commands with its own figures."""
+
+    async def main() -> None:
+        plane = ControlPlane(ControlPlaneConfig(policy_paths=(policies,), xds_port=0, admin_port=0))
+        rebuilds = _Rebuilds()
+        plane.pipeline.observers.append(rebuilds)
+        await plane.start()
+        gc.collect()
+        results.put({"port": plane.xds_port, "rss_before": _rss_bytes()})
+        revision, cpu_started = 0, 0.0
+        gc_clock = _GcClock()
+        try:
+            while True:
+                command, arg = await asyncio.to_thread(commands.get)
+                if command == "stop":
+                    return
+                if command == "synced":  # arg: how many sidecars this replica serves
+                    await _all_synced(plane, arg, timeout=600)
+                    gc.collect()
+                    results.put({"rss_after": _rss_bytes()})
+                elif command == "arm":  # before the driver edits the policy
+                    revision = plane.store.current().revision
+                    cpu_started = time.process_time()
+                    gc_clock.seconds = [0.0, 0.0, 0.0]
+                    results.put({})
+                elif command == "measure":  # arg: wall-clock time of the edit
+                    done = await rebuilds.next(revision, timeout=120)
+                    versions = {n: plane.cache.get(n).version for n in done.changed}  # type: ignore[union-attr]
+                    await plane.sync_status.wait_synced(snapshot_versions=versions, timeout=120)
+                    times = []
+                    for node_id in done.changed:
+                        at = plane.sync_status.synced_at(node_id)
+                        assert at is not None
+                        times.append(at - arg)
+                    results.put(
+                        {
+                            "changed": len(done.changed),
+                            "times": times,
+                            "rebuild_ms": done.seconds * 1e3,
+                            "cpu": time.process_time() - cpu_started,
+                            "gc": list(gc_clock.seconds),
+                        }
+                    )
+        finally:
+            await plane.stop(grace=0)
+
+    asyncio.run(main())
+
+
+async def converge_replicas(
+    sims: int, envoys: int, procs: int, rounds: int, delta: bool, replicas: int
+) -> dict[str, Any]:
+    """``converge`` with the sidecars spread over ``replicas`` control planes, each in its
+    own process (as replicas of the Deployment behind one Service are): sidecar i connects
+    to replica i mod R, the real Envoys to the first. One policy edit, seen by every
+    replica's file watcher; convergence is to the last sidecar's ACK on any replica."""
+    workdir = Path(tempfile.mkdtemp(prefix="mg-bench-"))
+    policies = workdir / "policies"
+    policies.mkdir()
+    (policies / "access.yaml").write_text(ACCESS.format(round=0))
+    ctx = multiprocessing.get_context("spawn")
+    channels = []
+    running: list[EnvoyProcess] = []
+    sim_procs: list[SimProcesses] = []
+    try:
+        for _ in range(replicas):
+            commands, results = ctx.Queue(), ctx.Queue()
+            proc = ctx.Process(target=_replica_main, args=(str(policies), commands, results))
+            proc.start()
+            channels.append((proc, commands, results))
+
+        async def ask(i: int, command: str, arg: Any = None) -> dict[str, Any]:
+            _, commands, results = channels[i]
+            commands.put((command, arg))
+            answer: dict[str, Any] = await asyncio.to_thread(results.get, True, 900)
+            return answer
+
+        async def every(command: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+            return list(await asyncio.gather(*(ask(i, command, a) for i, a in enumerate(args))))
+
+        started_answers = [await asyncio.to_thread(ch[2].get, True, 120) for ch in channels]
+        ports = [a["port"] for a in started_answers]
+        for i in range(envoys):
+            admin = free_port()
+            envoy = EnvoyProcess(
+                build_bootstrap(
+                    _envoy_sidecar(f"envoy-{i}"),
+                    xds_host="127.0.0.1",
+                    xds_port=ports[0],
+                    admin_port=admin,
+                    delta=delta,
+                ),
+                admin_port=admin,
+                log_path=workdir / f"envoy-{i}.log",
+            )
+            envoy.start()
+            running.append(envoy)
+        specs: list[SimSpec] = [
+            (f"sim-{i}", _replica(f"sim-{i}").to_metadata(), [], delta) for i in range(sims)
+        ]
+        per_procs = max(1, procs // replicas)
+        for r in range(replicas):
+            part = specs[r::replicas]
+            if part:
+                sim_procs.append(SimProcesses(f"127.0.0.1:{ports[r]}", part, per_procs))
+        for group in sim_procs:
+            await asyncio.to_thread(group.wait_started)
+        served = [len(specs[r::replicas]) + (envoys if r == 0 else 0) for r in range(replicas)]
+        after = await every("synced", served)
+
+        per_sidecar: list[float] = []
+        last_ack: list[float] = []
+        rebuild_ms: list[float] = []
+        cpu: list[float] = []
+        gc_seconds = [0.0, 0.0, 0.0]
+        sims_cpu: list[float] = []
+        for r in range(1, rounds + 1):
+            await every("arm", [None] * replicas)
+            sims_cpu_started = sum(group.cpu_seconds() for group in sim_procs)
+            started = time.time()
+            (policies / "access.yaml").write_text(ACCESS.format(round=r))
+            answers = await every("measure", [started] * replicas)
+            for i, answer in enumerate(answers):
+                if answer["changed"] != served[i]:
+                    raise RuntimeError(
+                        f"round {r}, replica {i}: {answer['changed']} of {served[i]} changed"
+                    )
+            times = [t for a in answers for t in a["times"]]
+            per_sidecar.extend(times)
+            last_ack.append(max(times))
+            rebuild_ms.append(max(a["rebuild_ms"] for a in answers))
+            cpu.append(sum(a["cpu"] for a in answers))
+            sims_cpu.append(sum(group.cpu_seconds() for group in sim_procs) - sims_cpu_started)
+            for a in answers:
+                gc_seconds = [x + y for x, y in zip(gc_seconds, a["gc"], strict=True)]
+            await asyncio.sleep(0.3)
+        rss_before = sum(a["rss_before"] for a in started_answers)
+        rss_after = sum(a["rss_after"] for a in after)
+        expected = sims + envoys
+        return {
+            "stream": "Delta" if delta else "SotW",
+            "sidecars": expected,
+            "replicas": replicas,
+            "real_envoys": envoys,
+            "simulated": sims,
+            "processes": per_procs * len(sim_procs),
+            "rounds": rounds,
+            "p50_ms": round(statistics.median(per_sidecar) * 1e3, 1),
+            "p99_ms": round(_percentile(per_sidecar, 0.99) * 1e3, 1),
+            "last_ack_p50_ms": round(statistics.median(last_ack) * 1e3, 1),
+            "last_ack_p99_ms": round(_percentile(last_ack, 0.99) * 1e3, 1),
+            "rebuild_ms": round(statistics.median(rebuild_ms), 1),
+            "cpu_ms_per_edit": round(statistics.median(cpu) * 1e3, 1),
+            "sims_cpu_ms_per_edit": round(statistics.median(sims_cpu) * 1e3, 1),
+            "gc_ms_per_edit": [round(g / rounds * 1e3, 1) for g in gc_seconds],
+            "bytes_per_sidecar_per_edit": 0,  # not counted across processes
+            "rss_before_mb": round(rss_before / 2**20, 1),
+            "rss_after_mb": round(rss_after / 2**20, 1),
+            "mb_per_sidecar": round((rss_after - rss_before) / expected / 2**20, 3),
+        }
+    finally:
+        for group in sim_procs:
+            group.stop()
+        for envoy in running:
+            envoy.stop()
+        for _proc, commands, _ in channels:
+            commands.put(("stop", None))
+        for proc, _, _ in channels:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -359,7 +575,7 @@ async def one_resource_bytes(services: int, procs: int) -> dict[str, Any]:
         before = {n.node_id: n for n in plane.sync_status.nodes()}
 
         # One more replica of svc-0: its ClusterLoadAssignment changes everywhere else.
-        from controlplane.xds.simclient import SimulatedSidecar
+        from bench.lib.simclient import SimulatedSidecar
 
         sidecar = _mesh_sidecar(0, "extra", "10.0.0.3", 15001)
         token = plane.identity.tokens.issue(sidecar.node_id, sidecar.identity)
@@ -434,6 +650,8 @@ def _phase(args: argparse.Namespace, phase: str, services: str = "0") -> dict[st
         str(args.rounds),
         "--services",
         services,
+        "--replicas",
+        str(args.replicas),
     ]
     out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -451,6 +669,9 @@ def main() -> int:
     parser.add_argument(
         "--services", default="50,200", help="mesh sizes for the bytes test (comma-separated)"
     )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="control planes, each in its own process"
+    )
     parser.add_argument("--skip-bytes", action="store_true")
     parser.add_argument("--phase", choices=("sotw", "delta", "bytes"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -460,11 +681,15 @@ def main() -> int:
         return 0
     if args.phase is not None:
         delta = args.phase == "delta"
-        print(
-            json.dumps(
-                asyncio.run(converge(args.sims, args.envoys, args.procs, args.rounds, delta))
+        if args.replicas > 1:
+            result = asyncio.run(
+                converge_replicas(
+                    args.sims, args.envoys, args.procs, args.rounds, delta, args.replicas
+                )
             )
-        )
+        else:
+            result = asyncio.run(converge(args.sims, args.envoys, args.procs, args.rounds, delta))
+        print(json.dumps(result))
         return 0
     runs = [_phase(args, "sotw"), _phase(args, "delta")]
     print(

@@ -55,18 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lib.load import backend_bootstrap, bootstrap, cluster, hcm, listener
 
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
-from controlplane.ir import (
-    ClientKeyIR,
-    ExtractionIR,
-    HardeningIR,
-    PolicyRef,
-    QueryFeedIR,
-)
+from controlplane.ir import ClientKeyIR, PolicyRef
 from controlplane.local.envoy import EnvoyProcess, envoy_binary
 from controlplane.netutil import free_port, http_request
+from controlplane.policies.extraction.ir import ExtractionIR, HardeningIR, QueryFeedIR
+from controlplane.policies.extraction.translate import extension_config
 from controlplane.sidecar.bootstrap import XDS_CLUSTER
 from controlplane.translate.render import to_dict
-from controlplane.translate.wasm import extension_config
 
 QUERY = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
 

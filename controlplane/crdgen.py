@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
 
 from controlplane.api import API_VERSION, KINDS
+from controlplane.api.crd import SHARED, Names, Rule, rule
+from controlplane.policies.registry import REGISTRY
 
 GROUP, VERSION = API_VERSION.split("/")
 CATEGORY: Final = "modelguard"
@@ -39,120 +40,29 @@ class CrdGenError(ValueError):
     """A model uses a schema construct that has no structural OpenAPI equivalent."""
 
 
-@dataclass(frozen=True)
-class Names:
-    plural: str
-    singular: str
-    short: tuple[str, ...]
+# Every kind's names and CEL rules come from its folder (controlplane/policies/<kind>/crd.py)
+# through the registry; the shared models' rules from controlplane/api/crd.py.
+NAMES: Final[dict[str, Names]] = {kind.name: kind.crd.names for kind in REGISTRY}
 
 
-# Short names carry an `mg` prefix: `ap` is Istio's AuthorizationPolicy, and a clash makes
-# kubectl pick one silently.
-NAMES: Final[dict[str, Names]] = {
-    "AccessPolicy": Names("accesspolicies", "accesspolicy", ("mgap",)),
-    "EgressPolicy": Names("egresspolicies", "egresspolicy", ("mgep",)),
-    "RatePolicy": Names("ratepolicies", "ratepolicy", ("mgrp",)),
-    "ExtractionPolicy": Names("extractionpolicies", "extractionpolicy", ("mgxp",)),
-}
-
-
-def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    out = {"rule": rule, "message": message}
-    if field_path is not None:
-        out["fieldPath"] = field_path
+def _merged_validations() -> dict[str, list[Rule]]:
+    out: dict[str, list[Rule]] = {name: list(rules) for name, rules in SHARED.items()}
+    for kind in REGISTRY:
+        for name, rules in kind.crd.validations.items():
+            if name in out:
+                raise CrdGenError(f"{kind.name}: CEL rules of {name} are declared twice")
+            out[name] = list(rules)
     return out
-
-
-def _set(field: str) -> str:
-    return f"has(self.{field}) && size(self.{field}) > 0"
-
-
-def _true(field: str) -> str:
-    return f"(has(self.{field}) && self.{field})"
 
 
 # The model validators of controlplane/api, as CEL, keyed by model (JSON Schema def) name.
 # Each says the same as the Python rule, with the same message where the path allows it.
-_HARDENING_RULES = [
-    _rule(
-        f"!{_true('labelOnly')} || !(has(self.topK) || has(self.roundDigits) || has(self.noise))",
-        "labelOnly returns no scores, so topK, roundDigits and noise cannot apply",
-        ".labelOnly",
-    )
-]
-VALIDATIONS: Final[dict[str, list[dict[str, str]]]] = {
-    "TargetRef": [
-        _rule(
-            "has(self.service) != has(self.selector)",
-            "exactly one of service, selector must be set",
-        )
-    ],
-    "ClientKey": [
-        _rule(
-            "(has(self.apiKey) ? 1 : 0) + (has(self.header) ? 1 : 0) + ("
-            + _true("identity") + " ? 1 : 0) + "
-            "(has(self.jwtClaim) ? 1 : 0) + (" + _true("sourceIP") + " ? 1 : 0) == 1",
-            "exactly one of apiKey, header, identity, jwtClaim, sourceIP must be set",
-        )
-    ],
-    "From": [
-        _rule(
-            " || ".join(
-                (
-                    f"({_set('identities')})",
-                    f"({_set('namespaces')})",
-                    "has(self.apiKeys)",
-                    "has(self.jwt)",
-                )
-            ),
-            "must set at least one of identities, namespaces, apiKeys, jwt",
-        )
-    ],
-    "To": [
-        _rule(
-            f"({_set('methods')}) || ({_set('paths')})",
-            "must set at least one of methods, paths",
-        )
-    ],
-    "Limit": [
-        _rule(
-            "!has(self.burst) || self.burst >= self.requests",
-            "must be at least requests",
-            ".burst",
-        )
-    ],
-    "Hardening": _HARDENING_RULES,
-    "OutputHardening": [
-        *_HARDENING_RULES,
-        _rule(
-            f"!({_set('tiers')}) || has(self.tierHeader)",
-            "required when tiers are set",
-            ".tierHeader",
-        ),
-        _rule(
-            f"!has(self.tierHeader) || ({_set('tiers')})",
-            "required when tierHeader is set",
-            ".tiers",
-        ),
-    ],
-    "ExtractionPolicySpec": [
-        _rule(
-            "!has(self.actions) || has(self.detection)",
-            "requires detection: actions follow its verdicts",
-            ".actions",
-        )
-    ],
-}
+VALIDATIONS: Final[dict[str, list[Rule]]] = _merged_validations()
 
 # Lists whose items the API server can keep unique by itself (pydantic rejects duplicates
 # there too). Rules' names are optional, so AccessPolicy rules cannot be a map.
 LIST_TYPES: Final[dict[tuple[str, str], dict[str, Any]]] = {
-    ("RatePolicySpec", "limits"): {
-        "x-kubernetes-list-type": "map",
-        "x-kubernetes-list-map-keys": ["name"],
-    },
-    ("EgressRule", "ports"): {"x-kubernetes-list-type": "set"},
-    ("Detection", "detectors"): {"x-kubernetes-list-type": "set"},
+    key: value for kind in REGISTRY for key, value in kind.crd.list_types.items()
 }
 
 # metav1.Condition, as every Kubernetes API that reports conditions has it.
@@ -224,7 +134,7 @@ class _Converter:
             said.append(f"have at most {names['maxLength']} characters")
         if not checks:
             return []
-        return [_rule(f"self.all(k, {' && '.join(checks)})", f"keys must {' and '.join(said)}")]
+        return [rule(f"self.all(k, {' && '.join(checks)})", f"keys must {' and '.join(said)}")]
 
     def convert(self, node: dict[str, Any], path: str, name: str | None = None) -> dict[str, Any]:
         node = dict(node)
@@ -379,6 +289,113 @@ def generate() -> dict[str, str]:
     return files
 
 
+RBAC: Final = REPO / "k8s" / "control-plane" / "rbac.yaml"
+PYPROJECT: Final = REPO / "pyproject.toml"
+DEMO_KUSTOMIZATION: Final = REPO / "k8s" / "demo" / "kustomization.yaml"
+BEGIN: Final = "# BEGIN generated by `make crds` from controlplane/policies/registry.py\n"
+END: Final = "# END generated\n"
+
+
+def rbac_rules() -> str:
+    """The ClusterRole's rules for the policy kinds: read every kind, patch its status."""
+    plurals = [kind.crd.names.plural for kind in REGISTRY]
+    return (
+        f"- apiGroups: [{GROUP}]\n  resources: [{', '.join(plurals)}]\n"
+        "  verbs: [get, list, watch]\n"
+        f"- apiGroups: [{GROUP}]\n  resources:\n"
+        + "".join(f"  - {plural}/status\n" for plural in plurals)
+        + "  verbs: [patch]\n"
+    )
+
+
+def demo_resources(source: Path = POLICIES_DIR) -> str:
+    """The demo kustomization's lines for the kinds' examples (``policies/<folder>.yaml``)."""
+    return "".join(
+        f"- policies/{kind.folder}.yaml\n"
+        for kind in sorted(REGISTRY, key=lambda k: k.folder)
+        if (source / f"{kind.folder}.yaml").is_file()
+    )
+
+
+COMPILERS: Final = REPO / "controlplane" / "policies" / "compilers.py"
+TRANSLATORS: Final = REPO / "controlplane" / "policies" / "translators.py"
+
+
+def _module_table(what: str, layer: str, imports: list[str], value: str) -> str:
+    names = [kind.folder for kind in REGISTRY]
+    lines = [
+        '"""Generated by `make crds` (python -m controlplane.crdgen) from the registry',
+        f"(controlplane/policies/registry.py): every registered kind's {layer} module{what}.",
+        'Edit the registry, not this file."""',
+        "",
+        "from __future__ import annotations",
+        "",
+        "from typing import Final",
+        "",
+        *sorted(imports + [f"from controlplane.policies.{n} import {layer} as {n}" for n in names]),
+        "",
+        value.format(
+            "".join(f"    {n},\n" for n in names), "".join(f"    *{n}.MODULES,\n" for n in names)
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def generated_modules() -> dict[Path, str]:
+    """The compile dispatch and the translate modules of every kind, in registry order."""
+    return {
+        COMPILERS: _module_table(
+            "",
+            "compile",
+            ["from controlplane.compile.feature import FeatureCompiler"],
+            "MODULES: Final[tuple[FeatureCompiler, ...]] = (\n{0})",
+        ),
+        TRANSLATORS: _module_table(
+            "s (phase, module)",
+            "translate",
+            ["from controlplane.translate.module import Module"],
+            "MODULES: Final[tuple[tuple[int, Module], ...]] = (\n{1})",
+        ),
+    }
+
+
+class SpliceError(ValueError):
+    """A hand-written file lost the markers of its generated lines."""
+
+
+def splice(text: str, lines: str, where: str = "") -> str:
+    """``text`` with the lines between each ``BEGIN`` and its ``END`` replaced by ``lines``."""
+    out, rest = "", text
+    while (start := rest.find(BEGIN)) >= 0:
+        end = rest.find(END, start)
+        if end < 0:
+            break
+        out += rest[: start + len(BEGIN)] + lines
+        rest = rest[end:]
+    if not out:
+        raise SpliceError(f"{where}: the markers {BEGIN.strip()!r} ... {END.strip()!r} are missing")
+    return out + rest
+
+
+def kind_packages() -> str:
+    """pyproject.toml's import contracts: every kind's folder, a container of its layers."""
+    return "".join(f'  "controlplane.policies.{kind.folder}",\n' for kind in REGISTRY)
+
+
+def spliced() -> dict[Path, str]:
+    """Files with per-kind lines generated from the registry: path → wanted content.
+    (The ClusterRole's and demo kustomization's lines between markers; the compile and
+    translate tables of controlplane/policies/ whole.)"""
+    out: dict[Path, str] = {}
+    for path, lines in (
+        (RBAC, rbac_rules()),
+        (DEMO_KUSTOMIZATION, demo_resources()),
+        (PYPROJECT, kind_packages()),
+    ):
+        out[path] = splice(path.read_text(), lines, str(path))
+    return out | generated_modules()
+
+
 # In the cluster a policy's reference data comes from a ConfigMap: the demo's copies name
 # one (k8s/demo/kustomization.yaml generates it from the copied file) instead of a file.
 _REFERENCE_FILE = re.compile(r"reference: \{file: ([-\w.]+)(, |\})")
@@ -439,12 +456,20 @@ def main(argv: list[str] | None = None) -> int:
             for directory, wanted in outputs
             for name in stale(directory, wanted)
         ]
+        bad += [
+            str(path)
+            for path, text in spliced().items()
+            if not path.is_file() or path.read_text() != text
+        ]
         if bad:
             print(f"stale generated files: {', '.join(bad)}; run `make crds`", file=sys.stderr)
             return 1
         return 0
     for directory, wanted in outputs:
         write(directory, wanted)
+    for path, text in spliced().items():
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
     return 0
 
 

@@ -3,6 +3,10 @@
 ``compile`` produces one frozen ``SidecarIR`` per sidecar from policies × inventory;
 ``translate`` turns it into Envoy resources. These are plain frozen dataclasses so they
 can be compared, diffed, hashed and golden-tested without Envoy.
+
+This module holds what every kind shares; each policy kind's part of the IR lives in its
+folder (``controlplane/policies/<kind>/ir.py``) and travels in ``SidecarIR.features``,
+keyed by kind (Kuma's approach), so this module names no kind and imports none.
 """
 
 from __future__ import annotations
@@ -34,79 +38,6 @@ class PolicyRef:
 
     def __str__(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class PathMatch:
-    """Istio-style path pattern: exact ``/a``, prefix ``/a/*``, suffix ``*/a``, any ``*``."""
-
-    pattern: str
-
-    @property
-    def kind(self) -> str:
-        if self.pattern == "*":
-            return "any"
-        if self.pattern.endswith("*"):
-            return "prefix"
-        if self.pattern.startswith("*"):
-            return "suffix"
-        return "exact"
-
-    @property
-    def value(self) -> str:
-        return self.pattern.strip("*") if self.kind != "exact" else self.pattern
-
-
-@dataclass(frozen=True)
-class AccessRule:
-    """One rule of an AccessPolicy. Empty tuples mean 'any'."""
-
-    name: str  # stable, unique within the sidecar: <ns>.<policy>.rule-<i>
-    action: Action
-    methods: tuple[str, ...] = ()
-    paths: tuple[PathMatch, ...] = ()
-    identities: tuple[str, ...] = ()  # SPIFFE IDs (enforced with mTLS, issue 6)
-    namespaces: tuple[str, ...] = ()
-    # Conditions the data plane cannot check yet: an Allow rule with any of them matches
-    # nothing, a Deny rule ignores them (both fail closed).
-    unenforced: tuple[str, ...] = ()
-    # Outside callers (issue 6). API keys only as SHA-256 hex digests, never in plain text.
-    api_key_hashes: tuple[str, ...] = ()
-    jwt: JwtRequirement | None = None
-
-
-@dataclass(frozen=True)
-class AccessIR:
-    """Access control of one sidecar's inbound traffic: all AccessPolicies merged.
-
-    Semantics follow Istio: any matching Deny rule denies; if any policy defaults to Deny,
-    a request must match an Allow rule. Audit rules are evaluated but never enforced.
-    """
-
-    enforced: tuple[AccessRule, ...]
-    audited: tuple[AccessRule, ...]
-    default_deny: bool  # from an enforced policy with defaultAction: Deny
-    audit_default_deny: bool  # from an audited policy with defaultAction: Deny
-    jwt_providers: tuple[JwtProvider, ...] = ()  # every issuer a rule names, deduplicated
-    api_keys: bool = False  # some rule matches API keys: the sidecar hashes x-api-key
-
-
-@dataclass(frozen=True)
-class JwtProvider:
-    """A JWT issuer whose tokens the sidecar verifies with a local JWKS."""
-
-    name: str  # stable: derived from the issuer, names the verified payload in metadata
-    issuer: str
-    jwks: str  # the JWKS document (public keys) or, with ``jwks_is_file``, a path
-    jwks_is_file: bool = False
-
-
-@dataclass(frozen=True)
-class JwtRequirement:
-    """A valid JWT of ``provider`` whose claims have one of the accepted values each."""
-
-    provider: str
-    claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 class MtlsMode(StrEnum):
@@ -163,14 +94,6 @@ class InboundIR:
     xff_num_trusted_hops: int = 0
 
 
-class RateEnforcement(StrEnum):
-    """Where a rate limit is counted (compile decides from scope and window)."""
-
-    LOCAL = "Local"  # a token bucket in each sidecar (local_ratelimit)
-    EXACT = "Exact"  # every request asks the rate limit service (ratelimit filter)
-    QUOTA = "Quota"  # the quota service assigns buckets, the sidecar enforces (RLQS)
-
-
 @dataclass(frozen=True)
 class ClientKeyIR:
     """What identifies one client: a header, the peer's SPIFFE ID, a JWT claim, the IP."""
@@ -180,157 +103,12 @@ class ClientKeyIR:
 
 
 @dataclass(frozen=True)
-class RateLimitIR:
-    """One limit of a RatePolicy, per client: ``requests`` per ``window_seconds``."""
-
-    name: str  # <ns>.<policy>.<limit>: unique within the sidecar; names buckets and stats
-    policy: str  # <ns>/<policy>: what run-time throttles of the rate limit service name
-    client_key: ClientKeyIR
-    requests: int
-    window_seconds: int
-    burst: int  # bucket size of a Local limit (>= requests)
-    enforcement: RateEnforcement
-    shadow: bool = False  # count and report, never reject
-    fail_closed: bool = False  # reject while the rate limit service is unreachable
-    cost: str = "requests"  # "instances": a request costs its instance count (budgets only)
-
-
-@dataclass(frozen=True)
-class RateIR:
-    """Every rate limit of one sidecar's inbound traffic; all that apply are checked."""
-
-    limits: tuple[RateLimitIR, ...]
-
-    def by(self, enforcement: RateEnforcement) -> tuple[RateLimitIR, ...]:
-        return tuple(limit for limit in self.limits if limit.enforcement == enforcement)
-
-
-@dataclass(frozen=True)
 class TelemetryIR:
     """Traces and access logs one sidecar sends to the control plane's OTLP receiver."""
 
     sampling_percent: float  # of requests traced; every request gets an access-log record
     header_attributes: tuple[str, ...]  # request headers recorded (lower-case names)
     client_key_header: str  # identifies a client; the receiver stores only its hash
-
-
-class EgressProtocol(StrEnum):
-    HTTP = "HTTP"  # plain HTTP, matched by Host / :authority
-    TLS = "TLS"  # TLS passed through untouched, matched by SNI
-
-
-@dataclass(frozen=True)
-class EgressBudget:
-    """Bytes the workload may send to one destination per window (exfiltration bound)."""
-
-    bytes: int
-    window_seconds: int
-
-
-@dataclass(frozen=True)
-class EgressDestination:
-    """One allow-listed outside destination. ``host`` is exact or ``*.suffix``; a wildcard
-    matches any subdomain (one label or more) but never the bare parent."""
-
-    name: str  # stable, unique within the sidecar: <ns>.<policy>.allow-<i>
-    policy: PolicyRef
-    host: str
-    ports: tuple[int, ...]
-    protocols: tuple[EgressProtocol, ...]
-    budget: EgressBudget | None = None
-
-    @property
-    def wildcard(self) -> bool:
-        return self.host.startswith("*.")
-
-
-@dataclass(frozen=True)
-class EgressIR:
-    """The sidecar's outbound listener: everything the workload sends outside goes through
-    it and only allow-listed destinations pass (default deny).
-
-    ``enforce`` False is Audit: nothing is blocked, what would be is logged. ``deciding``
-    names the policies whose default deny decides for unlisted destinations (empty when no
-    EgressPolicy targets the sidecar: the sidecar's own default deny decides).
-    """
-
-    listen_address: str
-    port: int
-    enforce: bool
-    allowed: tuple[EgressDestination, ...]
-    deciding: tuple[PolicyRef, ...]
-
-
-@dataclass(frozen=True)
-class HardeningIR:
-    """How the sidecar perturbs a score vector; the model's top-1 class never changes."""
-
-    top_k: int | None = None  # keep the k highest scores, the others become 0
-    round_digits: int | None = None
-    label_only: bool = False  # one-hot on the top-1 class
-    noise: float | None = None  # each score moves by at most this much
-
-
-@dataclass(frozen=True)
-class QueryFeedIR:
-    """How the sidecar ships queries to the extraction monitor: batched, off the request
-    path; what it cannot ship is counted per client as unobserved."""
-
-    max_body_bytes: int = 64 * 1024  # per request or response body; larger: unobserved
-    batch_queries: int = 128  # a batch is shipped when it holds this many queries ...
-    batch_bytes: int = 1024 * 1024  # ... or this many bytes ...
-    flush_ms: int = 250  # ... or on this timer
-    max_in_flight: int = 4  # batches per worker awaiting an answer; beyond: buffer_full
-    timeout_ms: int = 5000
-
-
-@dataclass(frozen=True)
-class ExtractionIR:
-    """One ExtractionPolicy as one sidecar applies it: output hardening and the query feed."""
-
-    policy: PolicyRef
-    client_key: ClientKeyIR
-    features: str  # JSONPath of the query vectors in a request (read by the monitor)
-    # Where the score vectors are in a response: keys, indices, None for the wildcard.
-    # None when the path cannot be followed in the sidecar (hardening then matches nothing).
-    scores: tuple[str | int | None, ...] | None
-    label: str | None = None  # JSONPath of the predicted label, when the model returns one
-    output: HardeningIR | None = None  # the default; None: scores pass unchanged
-    tier_header: str | None = None
-    tiers: tuple[tuple[str, HardeningIR], ...] = ()  # tier → settings replacing the default
-    feed: QueryFeedIR | None = None  # present when the policy asks for detection
-    # Clients answered with another tier (onRisk): client key → ((its tier, answered with), ...)
-    risk_overrides: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
-    max_body_bytes: int = 512 * 1024  # larger responses cannot be hardened (counted)
-    # Request limits the sidecar enforces before the model sees a request (413 / 400).
-    max_request_bytes: int = 64 * 1024
-    max_instances: int | None = None
-    max_depth: int = 64
-    # Where the rows are in a request (steps, as scores): counted for maxInstances and the
-    # feed. None when the path cannot be followed in one pass (negative indices).
-    instances: tuple[str | int | None, ...] | None = None
-    request_format: str = "json"  # json | kserveV2 (rows from the tensors' shape)
-    response_format: str = "json"
-    deny_unhardenable: bool = True  # an answer too large to harden: 502, not passed
-
-
-@dataclass(frozen=True)
-class ClientVerdictIR:
-    """One client under an extraction verdict: denied (quarantine) or slowed (throttle)."""
-
-    policy: PolicyRef  # the ExtractionPolicy whose monitor decided
-    client_key: ClientKeyIR
-    value: str  # the client key's value: API key, SPIFFE ID or IP address
-    requests: int = 0  # throttle only: requests per window_seconds
-    window_seconds: int = 0
-
-
-@dataclass(frozen=True)
-class VerdictsIR:
-    """Verdicts of the extraction monitor in force on this sidecar (an input of compile)."""
-
-    quarantined: tuple[ClientVerdictIR, ...] = ()
-    throttled: tuple[ClientVerdictIR, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -368,15 +146,19 @@ class SidecarIR:
     namespace: str
     identity: str
     inbound: InboundIR
-    access: AccessIR | None = None
     telemetry: TelemetryIR | None = None
-    rate: RateIR | None = None
-    egress: EgressIR | None = None  # present when the sidecar has an outbound port
     mtls: MtlsIR | None = None  # present when the control plane runs a CA (issue 6)
-    extraction: tuple[ExtractionIR, ...] = ()  # one per ExtractionPolicy, sorted by name
-    verdicts: VerdictsIR | None = None  # quarantines and throttles of single clients
     caller: CallerIR | None = None  # verified caller identity headers (issue 14)
+    # (kind, that kind's IR) for every kind with something to enforce here, sorted by kind.
+    # Each kind reads its own with ``controlplane.policies.<kind>.ir.of``.
+    features: tuple[tuple[str, object], ...] = ()
     policies: tuple[PolicyRef, ...] = ()  # every policy that targets this sidecar, sorted
+
+    def feature(self, kind: str) -> object | None:
+        for key, value in self.features:
+            if key == kind:
+                return value
+        return None
 
 
 def evolve(obj: _D, **changes: Any) -> _D:

@@ -231,6 +231,8 @@ class PolicyBase(Model):
     """The envelope every kind shares. Subclasses narrow ``kind`` and define ``spec``."""
 
     KIND: ClassVar[str]
+    # The spec's list field that grows with a policy's size (bounded by api/limits.py).
+    RULE_LIST: ClassVar[str | None] = None
 
     api_version: Literal["modelguard.io/v1alpha1"] = API_VERSION
     metadata: Metadata

@@ -11,15 +11,11 @@ pydantic builds a model per item.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 MAX_POLICY_FILE_BYTES = 4 * 1024 * 1024  # one policy file (a YAML stream of documents)
-MAX_RULES_PER_POLICY = 1_000  # entries of one policy's rule list (see RULE_LISTS)
+MAX_RULES_PER_POLICY = 1_000  # entries of one policy's rule list (each kind's RULE_LIST)
 MAX_KEYS_PER_SECRET = 10_000  # API keys in one Secret
-# The list fields that grow with a policy's size, per kind.
-RULE_LISTS = {
-    "AccessPolicy": "rules",
-    "RatePolicy": "limits",
-    "EgressPolicy": "allow",
-}
 
 
 def file_too_large(size: int) -> str | None:
@@ -31,11 +27,12 @@ def file_too_large(size: int) -> str | None:
     )
 
 
-def too_many_rules(doc: object) -> tuple[str, str] | None:
-    """(field path, message) when a document's rule list is over the limit."""
+def too_many_rules(doc: object, rule_lists: Mapping[str, str | None]) -> tuple[str, str] | None:
+    """(field path, message) when a document's rule list (``rule_lists``: by kind) is over
+    the limit."""
     if not isinstance(doc, dict):
         return None
-    field = RULE_LISTS.get(str(doc.get("kind")))
+    field = rule_lists.get(str(doc.get("kind")))
     spec = doc.get("spec")
     if field is None or not isinstance(spec, dict):
         return None

@@ -15,10 +15,10 @@ import yaml
 from pydantic import ValidationError
 
 from controlplane.api.base import API_VERSION, Metadata, Model
-from controlplane.api.extraction import ExtractionPolicy, resolve_reference
-from controlplane.api.kinds import KINDS, Policy
+from controlplane.api.kinds import KINDS, RULE_LISTS, Policy
 from controlplane.api.limits import file_too_large, too_many_rules
 from controlplane.api.violations import Violation, from_validation_error
+from controlplane.policies.extraction.api import ExtractionPolicy, resolve_reference
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -100,7 +100,7 @@ def validate_document(
     def violation(path: str, message: str) -> Violation:
         return Violation(source, index, kind, name, path, message)
 
-    over = too_many_rules(doc)
+    over = too_many_rules(doc, RULE_LISTS)
     if over is not None:  # before pydantic builds a model per rule
         return None, [violation(*over)]
     found = []

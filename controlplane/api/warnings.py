@@ -7,9 +7,9 @@ policy, in the same ``<path>: <message>`` form as violations.
 
 from __future__ import annotations
 
-from controlplane.api.extraction import ExtractionPolicy
 from controlplane.api.kinds import Policy
-from controlplane.api.rate import RatePolicy
+from controlplane.policies.extraction.api import ExtractionPolicy
+from controlplane.policies.rate.api import RatePolicy
 
 
 def policy_warnings(policy: Policy) -> list[str]:

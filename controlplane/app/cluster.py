@@ -1,7 +1,7 @@
 """Cluster mode: ``modelguard serve --kubernetes``.
 
 Wires the Kubernetes source, the status writer, the trust bundle publisher and the
-injection webhook around one control plane. Kept apart from ``sources/kubernetes.py`` so
+injection webhook around one control plane. Kept apart from ``sources/kubernetes/`` so
 the source (the first box of the data flow) never imports the server it feeds.
 """
 
@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controlplane.identity.kubernetes import KubernetesTokenAuthenticator, TrustBundle
 from controlplane.sources.kubernetes import (
@@ -23,9 +23,6 @@ from controlplane.sources.kubernetes import (
     ProgramTracker,
     StatusWriter,
 )
-
-if TYPE_CHECKING:
-    from controlplane.app.server import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kubeconfig", help="default: in-cluster config, else ~/.kube/config")
     group.add_argument("--watch-namespace", help="watch one namespace (default: all)")
     group.add_argument("--lease-namespace", default="modelguard-system")
+    group.add_argument(
+        "--pod-selector",
+        default=None,
+        help="label selector of the Pods read for the inventory (default: the label the "
+        "injector sets, sidecar.modelguard.io/injected=true; '': every pod)",
+    )
     group.add_argument(
         "--api-key-namespaces",
         help="comma-separated namespaces whose Secrets labelled modelguard.io/api-keys=true "
@@ -120,30 +123,12 @@ def calibrated_conditions(plane: Any, key: tuple[str, str, str]) -> list[Conditi
     return [Condition("Calibrated", found.status, found.reason, found.message)]
 
 
-def program_tracker(plane: ControlPlane) -> ProgramTracker:
-    """A ``ProgramTracker`` handed the parts of ``plane`` it reads."""
-    pipeline, cache, sync_status = plane.pipeline, plane.cache, plane.sync_status
-
-    def serves_compiled(node: str) -> bool:
-        snapshot = cache.get(node)
-        return (
-            snapshot is not None
-            and pipeline.ir(node) is not None
-            and node not in pipeline.errors
-            and sync_status.is_synced(node, snapshot.version)
-        )
-
-    return ProgramTracker(
-        plane.store, plane.inventory, lambda: pipeline.compiled_revision, serves_compiled
-    )
-
-
 def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     """Run the control plane in a cluster until interrupted; returns the exit code."""
     import socket
 
     from controlplane.app.server import ControlPlane
-    from controlplane.sidecar.inject import InjectConfig
+    from controlplane.sidecar.inject import INJECTED_SELECTOR, InjectConfig
     from controlplane.sidecar.webhook import InjectionWebhook
 
     api_client = api_client_from_args(args)
@@ -153,7 +138,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     async def main() -> None:
         authenticator = cluster_authenticator(api_client, config.identity)
         plane = ControlPlane(config, authenticator=authenticator)
-        tracker = program_tracker(plane)
+        tracker = ProgramTracker(plane)
         secret_namespaces = (
             [ns.strip() for ns in args.api_key_namespaces.split(",") if ns.strip()]
             if args.api_key_namespaces
@@ -165,6 +150,11 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
             plane.inventory,
             args.watch_namespace,
             secret_namespaces=secret_namespaces,
+            pod_selector=(
+                INJECTED_SELECTOR
+                if getattr(args, "pod_selector", None) is None
+                else args.pod_selector
+            ),
         )
         elector = LeaderElector(api_client, args.lease_namespace, replica_id)
         bundle = None
@@ -182,14 +172,16 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         shared_status = None
         if config.rate_limit_backend.startswith(("redis://", "rediss://", "unix://")):
             # "Programmed N of M" over every replica's sidecars, not only the leader's.
-            from controlplane.cluster_status import SharedStatus, versions_of
+            from controlplane.cluster_status import SharedStatus, VersionsOf
 
             shared_status = SharedStatus(
                 config.rate_limit_backend,
                 replica_id,
                 plane.inventory.snapshot,
                 tracker.nodes,
-                lambda: versions_of(plane.store.current().policies),
+                VersionsOf(plane.store.current),
+                serving=tracker.serving,
+                compiled=tracker.compiled,
             )
             sidecars, programmed = shared_status.sidecars, shared_status.programmed
         writer = StatusWriter(

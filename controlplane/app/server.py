@@ -48,6 +48,7 @@ from controlplane.telemetry.service import TelemetryService
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.verdict_log import VerdictLog
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.server import SERVER_OPTIONS as ADS_SERVER_OPTIONS
 from controlplane.xds.server import AdsServer, RejectNode
 from controlplane.xds.status import SyncStatus
 
@@ -361,6 +362,7 @@ class ControlPlane:
                 ("grpc.max_connection_age_ms", int(self.config.xds_max_connection_age * 1000)),
                 # ADS streams never finish by themselves: end them soon after the GOAWAY.
                 ("grpc.max_connection_age_grace_ms", 10_000),
+                *ADS_SERVER_OPTIONS,  # a burst of connects must not lose streams
                 *NO_REUSEPORT,
             ],
             # Every sidecar service on this port checks the sidecar's credential, as ADS does.

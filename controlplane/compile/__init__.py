@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from controlplane.api import AccessPolicy, EgressPolicy, ExtractionPolicy, Policy, RatePolicy
-from controlplane.compile import access, rate
+from controlplane.api import AccessPolicy, ExtractionPolicy, Policy, RatePolicy
 from controlplane.compile.caller import compile_caller
-from controlplane.compile.egress import compile_egress
-from controlplane.compile.extraction import compile_extraction
+from controlplane.compile.feature import FeatureInputs
 from controlplane.compile.inputs.inventory import Sidecar, targets
 from controlplane.compile.inputs.store import PolicySet
 from controlplane.compile.inputs.verdicts import Enforcement, Hardened
-from controlplane.compile.mesh import MeshInputs, compile_mtls
+from controlplane.compile.mesh import MeshInputs
 from controlplane.compile.telemetry import compile_telemetry
-from controlplane.compile.verdicts import compile_verdicts
-from controlplane.ir import InboundIR, PolicyRef, SidecarIR
+from controlplane.ir import InboundIR, PolicyRef, SidecarIR, evolve
+from controlplane.policies import compilers
+from controlplane.policies.access.ir import of as access_of
+from controlplane.policies.access.mtls_compile import compile_mtls
+from controlplane.policies.extraction.ir import policies_of as extraction_of
 from controlplane.telemetry.settings import TelemetrySettings
 
 
@@ -41,12 +42,12 @@ def compile_sidecar(
         key=lambda p: p.ref,
     )
     access_policies = [p for p in mine if isinstance(p, AccessPolicy)]
-    rate_policies = [p for p in mine if isinstance(p, RatePolicy)]
-    extraction_policies = [p for p in mine if isinstance(p, ExtractionPolicy)]
-    access_ir = access.compile_access(access_policies, mesh)
+    inputs = FeatureInputs(sidecar, mine, mesh, verdicts, hardened)
+    # Each registered kind's part (policies/compilers.py, generated from the registry),
+    # keyed by kind; absent when the kind has nothing to enforce on this sidecar.
+    parts = ((module.KIND, module.compile_feature(inputs)) for module in compilers.MODULES)
     mtls_ir = compile_mtls(sidecar, access_policies, mesh)
-    extraction_ir = compile_extraction(extraction_policies, hardened)
-    return SidecarIR(
+    ir = SidecarIR(
         node_id=sidecar.node_id,
         service=sidecar.service,
         namespace=sidecar.namespace,
@@ -58,19 +59,22 @@ def compile_sidecar(
             app_port=sidecar.app_port,
             xff_num_trusted_hops=xff_num_trusted_hops,
         ),
-        access=access_ir,
         mtls=mtls_ir,
         telemetry=compile_telemetry(telemetry),
-        rate=rate.compile_rate(rate_policies),
-        egress=compile_egress(sidecar, [p for p in mine if isinstance(p, EgressPolicy)]),
-        extraction=extraction_ir,
-        verdicts=compile_verdicts(extraction_policies, verdicts),
-        caller=compile_caller(
-            access_policies, rate_policies, extraction_policies, mesh, access_ir, mtls_ir,
-            extraction_ir,
-        ),
+        features=tuple(sorted(((k, v) for k, v in parts if v is not None), key=lambda kv: kv[0])),
         policies=tuple(policy_ref(p) for p in mine),
     )
+    # Who the caller is: what the kinds that name callers ask for (explicit cross-kind reads).
+    caller = compile_caller(
+        access_policies,
+        [p for p in mine if isinstance(p, RatePolicy)],
+        [p for p in mine if isinstance(p, ExtractionPolicy)],
+        mesh,
+        access_of(ir),
+        mtls_ir,
+        extraction_of(ir),
+    )
+    return evolve(ir, caller=caller) if caller is not None else ir
 
 
 def compile_all(policy_set: PolicySet, sidecars: Iterable[Sidecar]) -> dict[str, SidecarIR]:

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 from controlplane.api import AccessPolicy, ClientKey, ExtractionPolicy, RatePolicy
 from controlplane.compile.mesh import MeshInputs
-from controlplane.ir import AccessIR, ApiKeyIR, CallerIR, ExtractionIR, MtlsIR
+from controlplane.ir import ApiKeyIR, CallerIR, MtlsIR
+from controlplane.policies.access.ir import AccessIR
+from controlplane.policies.extraction.ir import ExtractionIR
 
 INTERNAL_PREFIX = "x-modelguard-"
 

@@ -73,7 +73,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controlplane.api.common import WINDOW_SECONDS
-from controlplane.api.extraction import OnRisk, RiskStep
+from controlplane.policies.extraction.api import OnRisk, RiskStep
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]

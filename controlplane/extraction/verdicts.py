@@ -12,8 +12,9 @@ restart. Every verdict is also emitted to a ``VerdictSink`` (OpenTelemetry log r
 default) with its evidence.
 
 No raw client key is kept: a header key (an API key is a secret) is filed under its SHA-256
-digest (``ClientRef.of``), which is also what the sidecar matches (``translate/verdicts``
-hashes the header itself), so a 50 KB key costs what a short one does. People see a
+digest (``ClientRef.of``), which is also what the sidecar matches
+(``policies/extraction/verdicts_translate`` hashes the header itself), so a 50 KB key costs
+what a short one does. People see a
 ``fingerprint``; release takes the key, its digest or a fingerprint.
 
 The store is bounded: at most ``max_per_policy`` enforcements per policy; past it the oldest

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# The keys controlplane.translate.ratelimit writes, from the one module both ends import.
+# The keys controlplane.policies.rate.translate writes, from the one module both ends import.
 from controlplane.contracts.ratelimit import (
     ANONYMOUS,
     CLIENT_KEY,

@@ -9,7 +9,7 @@ sidecars through the same streams, without a configuration push.
 
 Budgets of instances (``cost: instances``): RLQS reports count requests only, so the
 sidecar puts each request's instance *class* into the bucket id (one bucket per client and
-class, see ``controlplane.translate.ratelimit``). A bucket of class c is charged c per
+class, see ``controlplane.policies.rate.translate``). A bucket of class c is charged c per
 answered request (refused ones cost nothing) and assigned whole requests of c: a request
 costs its count rounded up to its class (at most 25% more; exact at 256).
 

@@ -71,6 +71,10 @@ INJECT: Final = ANNOTATION_PREFIX + "inject"
 SERVICE: Final = ANNOTATION_PREFIX + "service"
 APP_PORT: Final = ANNOTATION_PREFIX + "app-port"
 INBOUND_PORT: Final = ANNOTATION_PREFIX + "inbound-port"
+# A label, not only the status annotation: the control plane watches only the pods that
+# carry it (a label selector), not every pod of the cluster.
+INJECTED_LABEL: Final = ANNOTATION_PREFIX + "injected"
+INJECTED_SELECTOR: Final = INJECTED_LABEL + "=true"
 # Opt-in, named like the namespace label modelguard.io/inject: it changes the pod's network.
 EGRESS: Final = "modelguard.io/egress"
 
@@ -346,6 +350,7 @@ def inject_pod(
             f"metadata.annotations[{EGRESS!r}]: the outbound port {outbound} is taken by the "
             "application or the sidecar; inject with another --outbound-port"
         )
+    meta["labels"] = {**(meta.get("labels") or {}), INJECTED_LABEL: "true"}
     labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
     bootstrap = sidecar_bootstrap(config, service, app_port, inbound, labels, outbound)
     spec["containers"] = [

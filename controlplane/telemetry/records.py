@@ -35,7 +35,7 @@ class Verdict(StrEnum):
     WOULD_BLOCK = "would-block"  # the same under Audit: let through
 
 
-# What the outbound listener sends (translate/egress.py, EGRESS_ATTRIBUTES).
+# What the outbound listener sends (policies/egress/translate.py, EGRESS_ATTRIBUTES).
 EGRESS_DESTINATION_ATTRIBUTE = "modelguard.egress.destination"
 EGRESS_VERDICT_ATTRIBUTE = "modelguard.egress.verdict"
 EGRESS_RULE_ATTRIBUTE = "modelguard.egress.rule"

@@ -8,14 +8,34 @@ patches the inbound resources, and may add resources of its own.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any, cast
 
 from envoy.config.listener.v3 import listener_pb2
 from google.protobuf.message import Message
 
 from controlplane.ir import SidecarIR
 from controlplane.translate import inbound
-from controlplane.translate.httpfilters import REGISTRY, Inbound
+from controlplane.translate.module import Inbound, Module
 from controlplane.xds import resources as rt
+
+
+def _registry() -> tuple[Module, ...]:
+    """The ordered modules (``httpfilters.REGISTRY``), imported on first use rather than
+    above: the kinds' translate modules import this package's shared modules (module,
+    protos, names), and the registry imports the kinds' modules. Kept as this package's
+    ``REGISTRY`` once read, so a test may replace it there."""
+    registry = globals().get("REGISTRY")
+    if registry is None:
+        from controlplane.translate.httpfilters import REGISTRY as registry
+
+        globals()["REGISTRY"] = registry
+    return cast("tuple[Module, ...]", registry)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REGISTRY":
+        return _registry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def translate(ir: SidecarIR) -> dict[str, list[Message]]:
@@ -27,7 +47,7 @@ def translate(ir: SidecarIR) -> dict[str, list[Message]]:
         load_assignment=inbound.load_assignment(ir),
     )
     out: dict[str, list[Message]] = defaultdict(list)
-    for module in REGISTRY:
+    for module in _registry():
         parts.manager.http_filters.extend(module.http_filters(ir))
         module.patch(ir, parts)
         for type_url, extra in module.extra_resources(ir).items():

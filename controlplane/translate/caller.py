@@ -22,7 +22,9 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
 from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.ir import SidecarIR
-from controlplane.translate import apikey, rbac
+from controlplane.policies.access import translate as rbac
+from controlplane.policies.access.ir import of as access_of
+from controlplane.translate import apikey
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
 
@@ -30,7 +32,8 @@ UNBOUND_RULE = rbac.UNBOUND_RULE
 
 
 def caller_filter(ir: SidecarIR) -> hcm_pb2.HttpFilter:
-    classes = rbac.key_classes_of(ir.access) if ir.access is not None else {}
+    access = access_of(ir)
+    classes = rbac.key_classes_of(access) if access is not None else {}
     source = apikey.script(classes=classes, caller=ir.caller)
     config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=source))
     return hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=pack(config))
@@ -66,8 +69,9 @@ class Caller(Module):
         filters = []
         # Verified tokens first: the caller filter binds keys to their subject and copies
         # the claims client keys read.
-        if ir.access is not None and ir.access.jwt_providers:
-            filters.append(rbac.jwt_filter(ir.access))
+        access = access_of(ir)
+        if access is not None and access.jwt_providers:
+            filters.append(rbac.jwt_filter(access))
         filters.append(caller_filter(ir))
         return filters
 

@@ -31,7 +31,10 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
-from controlplane.ir import Action, HardeningIR, SidecarIR, TelemetryIR
+from controlplane.ir import Action, SidecarIR, TelemetryIR
+from controlplane.policies.access.ir import of as access_of
+from controlplane.policies.extraction.ir import HardeningIR
+from controlplane.policies.extraction.ir import policies_of as extraction_policies_of
 from controlplane.translate import names
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
@@ -41,9 +44,9 @@ ACCESS_LOGGER = "envoy.access_loggers.open_telemetry"
 LOG_NAME = "modelguard.inbound"
 ACCESS_LOG_BUFFER_BYTES = 1024 * 1024
 
-# Where verdicts come from. The RBAC filters (translate/rbac.py) write dynamic metadata under
-# this namespace, their keys prefixed by each filter's stat prefix; a denial also shows in
-# the response code details as rbac_access_denied_matched_policy[<rule>].
+# Where verdicts come from. The RBAC filters (policies/access/translate.py) write dynamic
+# metadata under this namespace, their keys prefixed by each filter's stat prefix; a denial
+# also shows in the response code details as rbac_access_denied_matched_policy[<rule>].
 RBAC_METADATA = "envoy.filters.http.rbac"
 # A rate limit that rejects names itself in this response header (the rate-limit module sets
 # it on limited responses); Envoy marks the request with the RL response flag.
@@ -90,29 +93,31 @@ HEADER_ATTRIBUTE_PREFIX = "http.request.header."
 
 
 def _mtls(ir: SidecarIR) -> bool:
-    # The inbound listener terminates TLS only with an SVID (translate/mtls.py); without
-    # one no request has a peer certificate.
+    # The inbound listener terminates TLS only with an SVID
+    # (policies/access/mtls_translate.py); without one no request has a peer certificate.
     return ir.mtls is not None
 
 
 def _hardens(ir: SidecarIR) -> bool:
-    # As translate/wasm.py decides: an ExtractionPolicy whose scores the sidecar can follow,
-    # with a default or a tier that changes them.
+    # As policies/extraction/translate.py decides: an ExtractionPolicy whose scores the
+    # sidecar can follow, with a default or a tier that changes them.
     return any(
         e.scores is not None
         and (e.output is not None or any(h != HardeningIR() for _, h in e.tiers))
-        for e in ir.extraction
+        for e in extraction_policies_of(ir)
     )
 
 
 def _audits_deny(ir: SidecarIR) -> bool:
-    # The deny filter's shadow rules (translate/rbac.py): audited Deny rules.
-    return ir.access is not None and any(r.action == Action.DENY for r in ir.access.audited)
+    # The deny filter's shadow rules (policies/access/translate.py): audited Deny rules.
+    access = access_of(ir)
+    return access is not None and any(r.action == Action.DENY for r in access.audited)
 
 
 def _audits_allow(ir: SidecarIR) -> bool:
     # The allow filter's shadow rules: an audited policy with defaultAction Deny.
-    return ir.access is not None and ir.access.audit_default_deny
+    access = access_of(ir)
+    return access is not None and access.audit_default_deny
 
 
 # Attributes that only some configurations can fill, and the test for it. The rate limit's

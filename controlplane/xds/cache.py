@@ -7,9 +7,11 @@ already has is a no-op, so a recompile that changes nothing pushes nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 
 from controlplane.xds.snapshot import Snapshot
+from controlplane.xds.status import CHANGE_LOG, touched_since
 
 Watcher = Callable[[Snapshot | None], None]
 
@@ -19,6 +21,9 @@ class SnapshotCache:
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, list[Watcher]] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self.generation = 0  # bumped on every change: readers cache against it
+        # (generation, node id) of the latest changes (status.touched_since reads it)
+        self._log: collections.deque[tuple[int, str]] = collections.deque(maxlen=CHANGE_LOG)
 
     def set_snapshot(self, node_id: str, snapshot: Snapshot) -> bool:
         """Publish a node's snapshot. Returns False if the node already had this version."""
@@ -28,6 +33,10 @@ class SnapshotCache:
         self._snapshots[node_id] = snapshot
         self._notify(node_id, snapshot)
         return True
+
+    def touched_since(self, mark: int) -> set[str] | None:
+        """Nodes whose snapshot changed after generation ``mark``; None: too long ago."""
+        return touched_since(self._log, mark)
 
     def get(self, node_id: str) -> Snapshot | None:
         return self._snapshots.get(node_id)
@@ -70,6 +79,8 @@ class SnapshotCache:
         return await asyncio.wait_for(changed(), timeout)
 
     def _notify(self, node_id: str, snapshot: Snapshot | None) -> None:
+        self.generation += 1
+        self._log.append((self.generation, node_id))
         event = self._changed.pop(node_id, None)
         if event is not None:
             event.set()

@@ -72,6 +72,23 @@ def _error_detail(request: Any) -> str | None:
     return message
 
 
+# gRPC core (1.60 on) cancels calls that arrive while over 1,000 others wait for the
+# application to accept them, with a chance rising to certainty at 3,000: its shield for an
+# overloaded server. grpc.aio accepts one call per turn of its event loop, so while the
+# control plane's loop is busy (a rebuild, thousands of connects) a reconnect storm of a few
+# thousand sidecars waits there, past those limits, and loses streams: their first writes
+# fail with INTERNAL "Internal error from Core" or CANCELLED (8-18 % at 2 x 2,500 sidecars in
+# bench/connect_storm.py; 0 with these limits). A replica must be able to take the whole
+# fleet it is sized for (10,000 sidecars) at once when another one goes away, so that many
+# wait without loss. A waiting call holds ~15 KB (measured), so the hard limit bounds a
+# flood of unaccepted streams at ~300 MB.
+MAX_PENDING_STREAMS = 10_000
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.server.max_pending_requests", MAX_PENDING_STREAMS),
+    ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_STREAMS),
+]
+
+
 # How long a stream waits for an authentication that is still being decided.
 AUTHENTICATION_WAIT = 3.0
 

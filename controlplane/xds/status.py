@@ -8,6 +8,7 @@ The ADS server writes here; the admin API, the CLI, tests and benchmarks read pl
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import enum
 import time
@@ -123,6 +124,25 @@ class TypeCounters:
 REPLACED_KEPT = 4
 
 
+CHANGE_LOG = 1 << 15  # changes kept for readers (~3 MB): beyond, a reader computes afresh
+
+
+def touched_since(log: collections.deque[tuple[int, str]], mark: int) -> set[str] | None:
+    """Node ids in ``log`` (of (change number, node id)) after ``mark``; None if the log has
+    dropped changes after ``mark``, or changed under a reader in another thread (then the
+    reader computes afresh). Reads from the newest back to ``mark`` only."""
+    out: set[str] = set()
+    try:
+        for number, node_id in reversed(log):
+            if number <= mark:
+                return out
+            out.add(node_id)
+    except RuntimeError:  # appended to meanwhile (the loop thread)
+        return None
+    # The whole log is newer than ``mark``: complete only if nothing was dropped.
+    return out if len(log) < (log.maxlen or 0) or (log and log[0][0] == mark + 1) else None
+
+
 class SyncStatus:
     """Registry of connected nodes. Written from the asyncio loop thread only."""
 
@@ -135,6 +155,14 @@ class SyncStatus:
         # Each waiter's set of nodes changed since it last looked: re-checking only those
         # keeps waiting for a thousand sidecars linear, not quadratic.
         self._waiters: list[set[str]] = []
+        # Node id → the snapshot version it is SYNCED at, kept as each node changes: the
+        # status writer asks about every sidecar twice a second, which must not mean
+        # walking every node's types each time.
+        self._synced_versions: dict[str, str | None] = {}
+        self.changes = 0  # bumped on every change of any node: readers cache against it
+        # (change number, node id) of the latest changes: a reader that computed something
+        # over every node updates it from the nodes changed since, unless the log overflowed.
+        self._log: collections.deque[tuple[int, str]] = collections.deque(maxlen=CHANGE_LOG)
 
     # -- written by the ADS server (each stream holds its own NodeSync) --
 
@@ -229,10 +257,19 @@ class SyncStatus:
         return {t: copy.copy(c) for t, c in self._counters.items()}
 
     def is_synced(self, node_id: str, snapshot_version: str | None = None) -> bool:
-        node = self._nodes.get(node_id)
-        if node is None or not node.synced:
+        if node_id not in self._synced_versions:
             return False
-        return snapshot_version is None or node.snapshot_version == snapshot_version
+        return snapshot_version is None or self._synced_versions[node_id] == snapshot_version
+
+    def touched_since(self, mark: int) -> set[str] | None:
+        """Nodes changed after change number ``mark`` (``changes`` when a reader looked),
+        or None when the log no longer reaches back that far. Safe from another thread."""
+        return touched_since(self._log, mark)
+
+    def synced_versions(self) -> dict[str, str | None]:
+        """Node id → snapshot version, of every SYNCED node. A copy, safe to take from
+        another thread (one C-level dict copy under the GIL)."""
+        return self._synced_versions.copy()
 
     async def wait_synced(
         self,
@@ -285,6 +322,13 @@ class SyncStatus:
         return c
 
     def _touch(self, node_id: str) -> None:
+        node = self._nodes.get(node_id)
+        if node is not None and node.synced:
+            self._synced_versions[node_id] = node.snapshot_version
+        else:
+            self._synced_versions.pop(node_id, None)
+        self.changes += 1
+        self._log.append((self.changes, node_id))
         for dirty in self._waiters:
             dirty.add(node_id)
         # Wake every waiter; the next one to wait gets a fresh event.

@@ -1,12 +1,17 @@
-"""Golden tests: policies + one sidecar → Envoy resources as YAML, one file per type.
+"""Golden tests at both steps, as Envoy Gateway has them: policies + one sidecar → the IR
+(``ir.yaml`` beside ``in.yaml``), and → Envoy resources as YAML, one file per type (``out/``).
 
 Regenerate with:  UPDATE_GOLDEN=1 .venv/bin/pytest tests/golden
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -15,6 +20,7 @@ from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import Enforcement
+from controlplane.ir import SidecarIR
 from controlplane.local.envoy import validate_config
 from controlplane.translate import translate
 from controlplane.translate.render import FILE_NAMES, to_yaml, validation_bootstrap
@@ -25,7 +31,7 @@ UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 REGENERATE = "UPDATE_GOLDEN=1 .venv/bin/pytest tests/golden"
 
 
-def _case_resources(case: Path):  # type: ignore[no-untyped-def]
+def _case_ir(case: Path):  # type: ignore[no-untyped-def]
     spec = yaml.safe_load((case / "in.yaml").read_text())
     side = spec["sidecar"]
     sidecar = Sidecar(
@@ -47,7 +53,36 @@ def _case_resources(case: Path):  # type: ignore[no-untyped-def]
     verdicts = [Enforcement.from_json(v) for v in spec.get("verdicts") or []]
     mesh = _mesh(spec.get("mesh"), sidecar)
     policies = [lp.policy for lp in loaded]
-    return translate(compile_sidecar(sidecar, policies, verdicts=verdicts, mesh=mesh))
+    return compile_sidecar(sidecar, policies, verdicts=verdicts, mesh=mesh)
+
+
+def _case_resources(case: Path):  # type: ignore[no-untyped-def]
+    return translate(_case_ir(case))
+
+
+def ir_data(value: Any) -> Any:
+    """The IR as plain YAML data: dataclasses as mappings in field order, enums by value.
+    Fields kept out of ``repr`` (private keys, trust bundles) appear only as a digest."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if not f.repr:
+                out[f.name] = "sha256:" + hashlib.sha256(str(item).encode()).hexdigest()[:16]
+            elif isinstance(value, SidecarIR) and f.name == "features":  # by kind
+                out[f.name] = {kind: ir_data(part) for kind, part in item}
+            else:
+                out[f.name] = ir_data(item)
+        return out
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [ir_data(v) for v in value]
+    return value
+
+
+def ir_yaml(ir: Any) -> str:
+    return yaml.safe_dump(ir_data(ir), sort_keys=False, width=100)
 
 
 def _mesh(raw, sidecar):  # type: ignore[no-untyped-def]
@@ -101,6 +136,16 @@ def _mesh(raw, sidecar):  # type: ignore[no-untyped-def]
 
 
 CASE_DIRS = sorted(p for p in CASES.iterdir() if (p / "in.yaml").exists())
+
+
+@pytest.mark.parametrize("case", CASE_DIRS, ids=[p.name for p in CASE_DIRS])
+def test_compile_matches_ir_golden(case: Path) -> None:
+    want = ir_yaml(_case_ir(case))
+    golden = case / "ir.yaml"
+    if UPDATE:
+        golden.write_text(want)
+    assert golden.exists(), f"{case.name}/ir.yaml is missing; regenerate: {REGENERATE}"
+    assert golden.read_text() == want, f"{case.name}/ir.yaml is stale; regenerate: {REGENERATE}"
 
 
 @pytest.mark.parametrize("case", CASE_DIRS, ids=[p.name for p in CASE_DIRS])

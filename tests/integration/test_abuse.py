@@ -394,7 +394,10 @@ async def test_a_known_api_key_appears_nowhere(
     # The digest and verdict headers cannot be forged: a caller sending the quarantined
     # key's digest (or a verdict header) under another key is judged by its own key.
     from controlplane.netutil import http_request
-    from controlplane.translate.verdicts import DIGEST_PREFIX, QUARANTINED_HEADER
+    from controlplane.policies.extraction.verdicts_translate import (
+        DIGEST_PREFIX,
+        QUARANTINED_HEADER,
+    )
 
     forged, _, _ = await asyncio.to_thread(
         http_request, "POST", f"http://127.0.0.1:{system.listen_port}/v1/predict",

@@ -12,10 +12,12 @@ from collections.abc import Iterator
 import pytest
 
 from bench.lib.load import backend_bootstrap, bootstrap, cluster, hcm, listener
-from controlplane.ir import AccessIR, AccessRule, Action, PathMatch
+from controlplane.ir import Action
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.translate import apikey, rbac
+from controlplane.policies.access import translate as rbac
+from controlplane.policies.access.ir import AccessIR, AccessRule, PathMatch
+from controlplane.translate import apikey
 from controlplane.translate.render import to_dict
 
 pytestmark = pytest.mark.envoy

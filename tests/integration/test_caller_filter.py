@@ -27,7 +27,9 @@ from controlplane.compile.mesh import MeshInputs
 from controlplane.identity.apikeys import ApiKey, digest
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.translate import caller, rbac
+from controlplane.policies.access import translate as rbac
+from controlplane.policies.access.ir import of as access_of
+from controlplane.translate import caller
 from controlplane.translate.render import to_dict
 
 pytestmark = pytest.mark.envoy
@@ -110,10 +112,10 @@ def _filters() -> list[dict[str, Any]]:
         [lp.policy for lp in loaded],
         mesh=MeshInputs(api_keys={("demo", "demo-keys"): KEYS}),
     )
-    assert ir.caller is not None and ir.access is not None
+    assert ir.caller is not None and access_of(ir) is not None
     assert ir.caller.anonymous_by_address and ir.caller.bind_jwt
     assert ir.caller.jwt_claims == ("sub",)
-    filters = caller.MODULE.http_filters(ir) + rbac.rbac_filters(ir.access, ir.caller)
+    filters = caller.MODULE.http_filters(ir) + rbac.rbac_filters(access_of(ir), ir.caller)
     return [to_dict(f) for f in filters]
 
 

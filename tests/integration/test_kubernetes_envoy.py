@@ -13,13 +13,12 @@ import kmock
 import pytest
 from kubernetes import client
 
-from controlplane.app.cluster import program_tracker
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.sidecar.bootstrap import build_bootstrap
-from controlplane.sources.kubernetes import KubernetesSource, StatusWriter
+from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
 from tests.integration import test_kubernetes as k8s
 from tests.integration.test_kubernetes import GROUP, VERSION, call, conditions, policy
 
@@ -55,7 +54,7 @@ async def cluster_plane(
             debounce_max=0.5,
         )
     )
-    tracker = program_tracker(plane)
+    tracker = ProgramTracker(plane)
     source = KubernetesSource(api_client, plane.store, plane.inventory, retry_interval=0.1)
     source.start()
     await plane.start()

@@ -113,7 +113,8 @@ def test_wheel_installed_non_editable_serves_a_real_envoy(
         sysconfig.get_paths()["purelib"] + "\n"
     )
     where = _run(
-        [str(python), "-c", "import controlplane.translate.wasm as w; print(w.__file__); "
+        [str(python), "-c", "import controlplane.policies.extraction.translate as w; "
+         "print(w.__file__); "
          "print(w.MODULE_PATH.is_file() and not w.MODULE_PATH.is_symlink())"],
         cwd=work,
     ).split()  # fmt: skip

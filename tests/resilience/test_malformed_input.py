@@ -29,6 +29,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from bench.lib.simclient import SimulatedSidecar
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.gen.modelguard.admin.v1 import (
     admin_pb2,
@@ -41,7 +42,6 @@ from controlplane.gen.modelguard.admin.v1 import (
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.xds import resources as rt
 from controlplane.xds import server as ads_server
-from controlplane.xds.simclient import SimulatedSidecar
 from tests.resilience.conftest import PlaneThread, settle
 
 # Codes that say "your input is wrong" (or too big); never UNKNOWN or INTERNAL (a crash).
@@ -201,7 +201,12 @@ def test_junk_xds_streams_get_clear_errors_are_counted_and_leave_nothing_behind(
     assert "unhandled" not in drops, drops
     # Every stream ended: no task, node or inventory entry outlives it.
     # A stream that never sent a request is closed by the server after 10 s at most.
-    assert settle(lambda: leak_probes(plane_thread)[0], baseline[0], timeout=15) <= baseline[0]
+    # Under a loaded machine (a whole suite on 2 cores) a rebuild that the fuzzed sidecars'
+    # comings and goings set off can still be running after 15 s; it ends, a leak does not.
+    tasks = settle(lambda: leak_probes(plane_thread)[0], baseline[0], timeout=45)
+    assert tasks <= baseline[0], plane_thread.call(
+        lambda: sorted(repr(t.get_coro()) for t in asyncio.all_tasks(plane_thread.loop))
+    )
     assert leak_probes(plane_thread)[1:] == baseline[1:]
     well_behaved_sidecar_syncs(plane_thread, "after-junk-0")
     well_behaved_sidecar_syncs(plane_thread, "after-junk-1", delta=True)

@@ -124,6 +124,33 @@ def test_check_mode_fails_on_a_stale_directory(tmp_path: Path) -> None:
     assert crdgen.main(["--check", *argv]) == 1
 
 
+def test_per_kind_lines_outside_the_kind_folders_are_generated() -> None:
+    stale = [str(p) for p, text in crdgen.spliced().items() if p.read_text() != text]
+    assert not stale, f"per-kind lines are stale ({', '.join(stale)}): run `make crds`"
+
+
+def test_check_mode_fails_when_the_per_kind_lines_are_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rbac = crdgen.RBAC.read_text()
+    # A kind dropped from the generated lines, as if it had been registered since.
+    assert "egresspolicies, " in rbac
+    edited = rbac.replace("egresspolicies, ", "")
+    assert crdgen.splice(edited, crdgen.rbac_rules()) == rbac
+    assert crdgen.splice(rbac, crdgen.rbac_rules()) == rbac
+    with pytest.raises(crdgen.SpliceError, match="markers"):
+        crdgen.splice(rbac.replace(crdgen.BEGIN, ""), crdgen.rbac_rules(), "rbac.yaml")
+    # And `--check` (make gen-check) exits 1 on a stale copy, 0 once regenerated.
+    copy = tmp_path / "control-plane" / "rbac.yaml"
+    copy.parent.mkdir()
+    copy.write_text(edited)
+    monkeypatch.setattr(crdgen, "REPO", tmp_path)
+    monkeypatch.setattr(crdgen, "RBAC", copy)
+    assert crdgen.main(["--check"]) == 1
+    copy.write_text(rbac)
+    assert crdgen.main(["--check"]) == 0
+
+
 def test_one_crd_per_kind_with_status_columns_and_short_names() -> None:
     for kind in KINDS:
         crd = crd_of(kind)

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from controlplane.app import cli
+from controlplane.policies.registry import REGISTRY
 from tests.unit.test_crds import K8S_VERSION, cel_errors, schema_errors, schema_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,13 +137,12 @@ def test_the_kustomization_has_every_part(objects: list[dict[str, Any]]) -> None
         ("Deployment", "digits-model"),
         ("Service", "digits-model"),
         ("MutatingWebhookConfiguration", "modelguard-sidecar-injector"),
-        ("AccessPolicy", "digits-model"),
-        ("RatePolicy", "digits-model"),
-        ("ExtractionPolicy", "digits-model"),
-        ("EgressPolicy", "digits-model"),
     } <= kinds
+    # Every registered kind: its CRD, and the demo's example policy of it.
+    registered = {kind.name for kind in REGISTRY}
+    assert {(name, "digits-model") for name in registered} <= kinds
     crds = {o["spec"]["names"]["kind"] for o in objects if o["kind"] == "CustomResourceDefinition"}
-    assert crds == {"AccessPolicy", "RatePolicy", "ExtractionPolicy", "EgressPolicy"}
+    assert crds == registered
 
 
 def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:

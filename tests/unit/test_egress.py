@@ -14,21 +14,23 @@ from controlplane.app import bootstrap_cli
 from controlplane.app.admin import egress_blocks
 from controlplane.app.status_cli import render
 from controlplane.compile import compile_sidecar
-from controlplane.compile.egress import compile_egress
 from controlplane.compile.inputs.inventory import InventoryError, Sidecar
 from controlplane.gen.modelguard.admin.v1 import admin_pb2
-from controlplane.ir import EgressDestination, EgressIR, EgressProtocol, PolicyRef
+from controlplane.ir import PolicyRef
 from controlplane.local.envoy import validate_config
+from controlplane.policies.egress.compile import compile_egress
+from controlplane.policies.egress.ir import EgressDestination, EgressIR, EgressProtocol
+from controlplane.policies.egress.ir import of as egress_of
+from controlplane.policies.egress.translate import (
+    EGRESS_ATTRIBUTES,
+    OTEL_ACCESS_LOGGER,
+    route_configuration,
+)
 from controlplane.telemetry import records
 from controlplane.telemetry.records import Kind, Record, make_record
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore
 from controlplane.translate import translate
-from controlplane.translate.egress import (
-    EGRESS_ATTRIBUTES,
-    OTEL_ACCESS_LOGGER,
-    route_configuration,
-)
 from controlplane.translate.render import to_dict, validation_bootstrap
 from controlplane.xds import resources as rt
 
@@ -66,7 +68,7 @@ def test_no_outbound_port_means_no_egress_ir() -> None:
     assert (
         compile_egress(sidecar, [policy("p", "Enforce", {"host": "a.com", "ports": [443]})]) is None
     )
-    assert compile_sidecar(sidecar, []).egress is None
+    assert egress_of(compile_sidecar(sidecar, [])) is None
 
 
 def test_no_policy_is_default_deny_by_the_sidecar() -> None:
@@ -140,7 +142,7 @@ def test_policies_of_other_workloads_do_not_apply() -> None:
         }
     )
     ir = compile_sidecar(SIDECAR, [other])
-    assert ir.egress is not None and ir.egress.enforce and ir.egress.allowed == ()
+    assert egress_of(ir) is not None and egress_of(ir).enforce and egress_of(ir).allowed == ()
 
 
 def test_http_domains_port_80_alone_allows_the_bare_host() -> None:
@@ -392,7 +394,7 @@ def test_make_run_gives_the_demo_workload_an_enforced_way_out() -> None:
     sidecar = demo_sidecar(args, model_port=8080)
     loaded, violations = load_paths([str(root / "policies")])
     assert not violations
-    egress = compile_sidecar(sidecar, [lp.policy for lp in loaded]).egress
+    egress = egress_of(compile_sidecar(sidecar, [lp.policy for lp in loaded]))
     assert egress is not None and egress.enforce and egress.port == 15001
     assert egress.deciding == (ref("digits-model"),)
     assert {d.host for d in egress.allowed} == {

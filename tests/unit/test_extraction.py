@@ -11,7 +11,6 @@ import pytest
 from monitor_policy import fixed_profile, policies
 
 from controlplane.api.jsonpath import JsonPath, JsonPathError
-from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.monitor import ExtractionMonitor
 from controlplane.extraction.verdicts import (
     ClientRef,
@@ -25,6 +24,7 @@ from controlplane.extraction.verdicts import (
 )
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
 from controlplane.local.model import load_model
+from controlplane.policies.extraction.verdicts_compile import compile_verdicts
 
 
 class Clock:

@@ -9,7 +9,9 @@ from envoy.service.rate_limit_quota.v3 import rlqs_pb2
 from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
 from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.ir import ClientKeyIR, RateEnforcement, RateLimitIR
+from controlplane.ir import ClientKeyIR
+from controlplane.policies.rate.ir import RateEnforcement, RateLimitIR
+from controlplane.policies.rate.ir import of as rate_of
 from controlplane.ratelimit import Budgets, MemoryBackend, QuotaService, Rule, backend_from_url
 from controlplane.ratelimit.backend import grant_tokens
 from controlplane.ratelimit.budgets import Decision, tightest
@@ -35,7 +37,7 @@ spec:
 def test_compile_chooses_where_each_limit_is_counted() -> None:
     loaded, violations = parse_documents(POLICY, "rate.yaml")
     assert not violations
-    ir = compile_sidecar(SIDECAR, [lp.policy for lp in loaded]).rate
+    ir = rate_of(compile_sidecar(SIDECAR, [lp.policy for lp in loaded]))
     assert ir is not None
     assert ir.limits == (
         RateLimitIR(
@@ -86,7 +88,7 @@ def test_compile_chooses_where_each_limit_is_counted() -> None:
 
 
 def test_no_rate_policy_no_rate_ir() -> None:
-    assert compile_sidecar(SIDECAR, []).rate is None
+    assert rate_of(compile_sidecar(SIDECAR, [])) is None
 
 
 def test_rule_parse_reads_descriptors_and_rejects_foreign_ones() -> None:
@@ -291,7 +293,7 @@ def test_a_budget_of_instances_reaches_the_ir() -> None:
     )
     loaded, violations = parse_documents(text, "rate.yaml")
     assert not violations
-    ir = compile_sidecar(SIDECAR, [lp.policy for lp in loaded]).rate
+    ir = rate_of(compile_sidecar(SIDECAR, [lp.policy for lp in loaded]))
     assert ir is not None and ir.limits[0].cost == "instances"
     assert ir.limits[0].enforcement == RateEnforcement.QUOTA
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from monitor_policy import POLICY, fixed_profile, policies
 
-from controlplane.compile.extraction import compile_one
 from controlplane.extraction.monitor import ExtractionMonitor
 from controlplane.extraction.risk import HeldOut, RiskSample, fidelity
 from controlplane.extraction.verdicts import ClientRef, InMemoryVerdictSink, VerdictStore
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
 from controlplane.local.model import load_model
-from controlplane.translate.wasm import filter_config
+from controlplane.policies.extraction.compile import compile_one
+from controlplane.policies.extraction.translate import filter_config
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ from controlplane.api import load_paths
 from controlplane.app.cli import build_parser
 from controlplane.app.runner import demo_sidecar
 from controlplane.compile import compile_sidecar
+from controlplane.policies.egress import translate as egress_translate
+from controlplane.policies.egress.ir import of as egress_of
 from controlplane.telemetry.receiver import OtlpReceiver
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.telemetry.store import TelemetryStore
-from controlplane.translate import egress as egress_translate
 
 
 def _values(attributes: Any) -> dict[str, tuple[str | None, Any]]:
@@ -98,7 +99,7 @@ def test_the_egress_port_is_the_destinations_not_the_listeners() -> None:
     root = Path(__file__).resolve().parents[2]
     args = build_parser().parse_args(["run", "--policies", str(root / "policies")])
     loaded, _ = load_paths([str(root / "policies")])
-    ir = compile_sidecar(demo_sidecar(args, 8080), [lp.policy for lp in loaded]).egress
+    ir = egress_of(compile_sidecar(demo_sidecar(args, 8080), [lp.policy for lp in loaded]))
     assert ir is not None
     assert egress_translate._http_fields(ir)["port"] == "%UPSTREAM_REMOTE_PORT%"
     assert egress_translate._tcp_fields(ir, "allowed", "p", "r")["port"] == "%UPSTREAM_REMOTE_PORT%"

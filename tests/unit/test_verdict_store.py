@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from monitor_policy import policies
 
-from controlplane.compile.verdicts import compile_verdicts
 from controlplane.extraction.verdicts import (
     ClientRef,
     Enforcement,
@@ -16,7 +15,8 @@ from controlplane.extraction.verdicts import (
     VerdictStore,
     digest,
 )
-from controlplane.translate.verdicts import DIGEST_HEX, digest_filter
+from controlplane.policies.extraction.verdicts_compile import compile_verdicts
+from controlplane.policies.extraction.verdicts_translate import DIGEST_HEX, digest_filter
 
 POLICY = "demo/digits-model"
 
@@ -148,8 +148,9 @@ def test_usage_unthrottle_without_a_control_plane_says_so(
 def test_over_99_policies_widen_the_policy_index_instead_of_failing() -> None:
     import re as regex
 
-    from controlplane.ir import ClientKeyIR, ClientVerdictIR, PolicyRef
-    from controlplane.translate.verdicts import digest_script
+    from controlplane.ir import ClientKeyIR, PolicyRef
+    from controlplane.policies.extraction.ir import ClientVerdictIR
+    from controlplane.policies.extraction.verdicts_translate import digest_script
 
     clients = tuple(
         ClientVerdictIR(

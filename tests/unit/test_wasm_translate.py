@@ -11,9 +11,10 @@ from envoy.extensions.filters.http.wasm.v3 import wasm_pb2 as wasm_filter_pb2
 from google.protobuf import wrappers_pb2
 
 from controlplane.api import ExtractionPolicy, parse_documents
-from controlplane.compile.extraction import compile_extraction, parse_json_path
-from controlplane.ir import ClientKeyIR, HardeningIR, PolicyRef, QueryFeedIR
-from controlplane.translate.wasm import (
+from controlplane.ir import ClientKeyIR, PolicyRef
+from controlplane.policies.extraction.compile import compile_extraction, parse_json_path
+from controlplane.policies.extraction.ir import HardeningIR, QueryFeedIR
+from controlplane.policies.extraction.translate import (
     WASM_FILTER_TYPE,
     extension_config,
     filter_config,

@@ -22,9 +22,10 @@ import yaml
 import controlplane.ratelimit.rules as rules_module
 from controlplane.contracts import ratelimit as contract
 from controlplane.contracts import trust_bundle as contract_tb
-from controlplane.ir import ClientKeyIR, RateEnforcement, RateLimitIR
+from controlplane.ir import ClientKeyIR
+from controlplane.policies.rate import translate as translate_rate
+from controlplane.policies.rate.ir import RateEnforcement, RateLimitIR
 from controlplane.ratelimit.rules import Rule, units
-from controlplane.translate import ratelimit as translate_rate
 
 LIMIT = RateLimitIR(
     name="ml.fraud.daily",

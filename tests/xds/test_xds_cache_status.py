@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from xds_helpers import Ads, mesh
 
+from bench.lib.simclient import SimulatedSidecar
 from controlplane.xds import resources as rt
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.simclient import SimulatedSidecar
 from controlplane.xds.status import State, StreamKind, SyncStatus
 
 

@@ -19,8 +19,8 @@ from xds_helpers import (
     route_config,
 )
 
+from bench.lib.simclient import SimulatedSidecar
 from controlplane.xds import resources as rt
-from controlplane.xds.simclient import SimulatedSidecar
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.status import State, StreamKind
 

@@ -12,9 +12,9 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2
 from xds_helpers import Ads, RawStream, eds_cluster, load_assignment, mesh
 
+from bench.lib.simclient import SimulatedSidecar
 from controlplane.xds import resources as rt
 from controlplane.xds.server import RejectNode
-from controlplane.xds.simclient import SimulatedSidecar
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.status import State, StreamKind
 

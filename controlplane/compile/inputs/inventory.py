@@ -2,17 +2,19 @@
 
 A sidecar describes itself in its bootstrap's node metadata (``modelguard bootstrap``
 writes it). The xDS server records each node it sees here; compile reads it. In a
-cluster, Pods and EndpointSlices will add to the same inventory.
+cluster, Pods and EndpointSlices correct it (``Inventory.correct_with``).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.api import Policy
+from controlplane.api.base import PolicyBase
+from controlplane.api.common import TargetRef
 
 # Keys of the node metadata Struct, under one namespace so they never clash with others'.
 METADATA_KEY = "modelguard"
@@ -119,32 +121,86 @@ class Sidecar:
 
 
 Listener = Callable[[], None]
+# What a source that knows more than the sidecar (the cluster: its pod's live labels, the
+# Services it backs) makes of what a sidecar announced. Must be cheap: it runs per sidecar.
+Corrector = Callable[[Sidecar], Sidecar]
 
 
 @dataclass
 class Inventory:
-    """The sidecars known now. Thread-safe; listeners hear of every change."""
+    """The sidecars known now. Thread-safe; listeners hear of every change.
+
+    Each sidecar is kept as it announced itself and as the ``corrector`` (if any) sees it;
+    readers get the corrected one. A source re-corrects only the sidecars an event touched
+    (``recorrect``), never all of them: at thousands of sidecars a rescan per Pod event
+    or per connect was the control plane's largest cost.
+    """
 
     _sidecars: dict[str, Sidecar] = field(default_factory=dict)
+    _announced: dict[str, Sidecar] = field(default_factory=dict)
     _listeners: list[Listener] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _corrector: Corrector | None = None
+    # The sorted tuple ``snapshot`` returns, kept until the next change: readers (compile,
+    # status) ask far more often than sidecars change. Node ids are kept in order as they
+    # come and go, so a change costs no sort of thousands of sidecars.
+    _sorted: tuple[Sidecar, ...] | None = None
+    _order: list[str] = field(default_factory=list)
 
     def observe(self, sidecar: Sidecar) -> None:
         with self._lock:
-            if self._sidecars.get(sidecar.node_id) == sidecar:
+            self._announced[sidecar.node_id] = sidecar
+            if not self._store(self._corrected(sidecar)):
                 return
-            self._sidecars[sidecar.node_id] = sidecar
         self._notify()
 
     def forget(self, node_id: str) -> None:
         with self._lock:
+            self._announced.pop(node_id, None)
             if self._sidecars.pop(node_id, None) is None:
                 return
+            del self._order[bisect.bisect_left(self._order, node_id)]
+            self._sorted = None
         self._notify()
+
+    def correct_with(self, corrector: Corrector | None) -> None:
+        """Install the corrector and apply it to every sidecar known now."""
+        with self._lock:
+            self._corrector = corrector
+        self.recorrect(list(self._announced))
+
+    def recorrect(self, node_ids: Iterable[str]) -> int:
+        """Apply the corrector again to these sidecars (the unknown are skipped); listeners
+        hear once if any changed. Returns how many changed."""
+        changed = 0
+        with self._lock:
+            for node_id in node_ids:
+                announced = self._announced.get(node_id)
+                if announced is not None and self._store(self._corrected(announced)):
+                    changed += 1
+        if changed:
+            self._notify()
+        return changed
+
+    def _corrected(self, sidecar: Sidecar) -> Sidecar:
+        return self._corrector(sidecar) if self._corrector is not None else sidecar
+
+    def _store(self, sidecar: Sidecar) -> bool:
+        """Keep ``sidecar`` (lock held); whether it differs from what was kept."""
+        before = self._sidecars.get(sidecar.node_id)
+        if before == sidecar:
+            return False
+        if before is None:
+            bisect.insort(self._order, sidecar.node_id)
+        self._sidecars[sidecar.node_id] = sidecar
+        self._sorted = None
+        return True
 
     def snapshot(self) -> tuple[Sidecar, ...]:
         with self._lock:
-            return tuple(sorted(self._sidecars.values(), key=lambda s: s.node_id))
+            if self._sorted is None:
+                self._sorted = tuple(map(self._sidecars.__getitem__, self._order))
+            return self._sorted
 
     def get(self, node_id: str) -> Sidecar | None:
         with self._lock:
@@ -158,11 +214,13 @@ class Inventory:
             listener()
 
 
-def targets(policy: Policy, sidecar: Sidecar) -> bool:
+def targets(policy: PolicyBase, sidecar: Sidecar) -> bool:
     """Whether a policy applies to a sidecar: same namespace, and service or labels match."""
     if policy.metadata.namespace != sidecar.namespace:
         return False
-    ref = policy.spec.target_ref
+    # Every kind's spec has a targetRef (api/common.TargetRef); PolicyBase types no spec,
+    # and importing the kinds here would tie the inventory to every kind's model.
+    ref: TargetRef = getattr(policy, "spec").target_ref  # noqa: B009
     if ref.service is not None:
         return ref.service == sidecar.service
     if ref.selector is not None:

@@ -1,0 +1,43 @@
+"""ExtractionPolicy's CRD extras: its names and the CEL twins of its model validators."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from controlplane.api.crd import CrdExtras, Names, is_set, is_true, rule
+
+_HARDENING_RULES = [
+    rule(
+        f"!{is_true('labelOnly')} || !(has(self.topK) || has(self.roundDigits) || has(self.noise))",
+        "labelOnly returns no scores, so topK, roundDigits and noise cannot apply",
+        ".labelOnly",
+    )
+]
+
+EXTRAS: Final = CrdExtras(
+    names=Names("extractionpolicies", "extractionpolicy", ("mgxp",)),
+    validations={
+        "Hardening": _HARDENING_RULES,
+        "OutputHardening": [
+            *_HARDENING_RULES,
+            rule(
+                f"!({is_set('tiers')}) || has(self.tierHeader)",
+                "required when tiers are set",
+                ".tierHeader",
+            ),
+            rule(
+                f"!has(self.tierHeader) || ({is_set('tiers')})",
+                "required when tierHeader is set",
+                ".tiers",
+            ),
+        ],
+        "ExtractionPolicySpec": [
+            rule(
+                "!has(self.actions) || has(self.detection)",
+                "requires detection: actions follow its verdicts",
+                ".actions",
+            )
+        ],
+    },
+    list_types={("Detection", "detectors"): {"x-kubernetes-list-type": "set"}},
+)
