@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlplane.api import Policy
+from controlplane.api.kinds import NAMES
 from controlplane.compile.inputs.inventory import Sidecar, targets
 from controlplane.compile.inputs.store import ACCEPTED, PolicyKey
-from controlplane.crdgen import NAMES
 from controlplane.sources.kubernetes.lease import utc_now
 from controlplane.sources.kubernetes.watch import (
     GROUP,

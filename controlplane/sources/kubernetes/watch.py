@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from controlplane.api import API_VERSION, KINDS, validate_document
+from controlplane.api.kinds import NAMES
 from controlplane.compile.inputs.inventory import Inventory, Sidecar
 from controlplane.compile.inputs.store import PolicyKey, PolicyStore, UnitContent
-from controlplane.crdgen import NAMES
 from controlplane.sources.kubernetes.apikeys import API_KEYS_LABEL, ApiKeys
 
 log = logging.getLogger(__name__)
