@@ -21,12 +21,13 @@ from typing import TypeVar
 import grpc
 import pytest
 
+from controlplane.app.usage_cli import fetch_usage
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request, port_open
 from controlplane.policies.rate.translate import BUDGET_EXHAUSTED_OR_UNCOUNTED
 from controlplane.ratelimit import QuotaService
-from controlplane.ratelimit.admin import fetch_usage, fingerprint
+from controlplane.ratelimit.admin import fingerprint
 from controlplane.ratelimit.service import REPORT_INTERVAL_SECONDS
 from controlplane.sidecar.bootstrap import build_bootstrap
 from tests.conftest import Processes
