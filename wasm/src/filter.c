@@ -979,6 +979,9 @@ typedef struct {
   u8 inside; /* kserve: within one tensor's nested data */
   u64 counted;
   u32 leaves; /* values at the path seen so far */
+  /* count mode: each container's closing bracket by the offset of its opening one, from
+   * the request's depth check (check_body), so a row is skipped without a second pass */
+  const u32 *close_at;
 } Scan;
 
 /* Per-VM scratch reused by every response: a worker runs one callback at a time. */
@@ -1105,6 +1108,7 @@ static const u8 *scan_value(Scan *sc, const u8 *p, i32 step, int depth) {
       }
     }
     sc->counted++;
+    if (sc->close_at && (c == '[' || c == '{')) return sc->base + sc->close_at[p - sc->base] + 1;
     return skip_value(p, sc->end);
   }
   if (at_leaf && c != '[' && c != '{' && c != '"') {
@@ -1371,7 +1375,7 @@ static u32 *widths;
 static u32 nwidths, widths_cap;
 
 static int read_widths(Root *r, const u8 *body, u32 len) {
-  Scan sc = {body, body + len, r->shape_steps, r->nshape_steps, 0, 0, 0, 0, 0, 0, 0};
+  Scan sc = {body, body + len, r->shape_steps, r->nshape_steps, 0, 0, 0, 0, 0, 0, 0, 0};
   ntargets = 0;
   nnums = 0;
   nwidths = 0;
@@ -1395,7 +1399,7 @@ static int harden(Root *r, const Hardening *h, const u8 *body, u32 len) {
     metric(r, M_UNMATCHED, 1);
     return 0;
   }
-  Scan sc = {body, body + len, r->steps, r->nsteps, 0, 0, 0, 0, 0, 0, 0};
+  Scan sc = {body, body + len, r->steps, r->nsteps, 0, 0, 0, 0, 0, 0, 0, 0};
   sc.nested = r->response_kserve;
   ntargets = 0;
   nnums = 0;
@@ -1558,8 +1562,8 @@ static u8 *narrow(const u8 *b, usize n, usize *out_len) {
 
 /* Rows in a request: the values at request.features (kserve: the tensors' shape[0]). What
  * a scan that fails part-way counted still counts: a limit errs on the refusing side. */
-static u64 count_instances(Root *r, const u8 *body, u32 len) {
-  Scan sc = {body, body + len, r->inst_steps, r->ninst_steps, 0, 0, 0, 0, 0, 0, 0};
+static u64 count_instances(Root *r, const u8 *body, u32 len, const u32 *close_at) {
+  Scan sc = {body, body + len, r->inst_steps, r->ninst_steps, 0, 0, 0, 0, 0, 0, 0, close_at};
   sc.count_mode = 1;
   sc.count_value = r->inst_value;
   scan_value(&sc, body, 0, 0);
@@ -1579,20 +1583,34 @@ static u64 count_instances(Root *r, const u8 *body, u32 len) {
  * brackets and commas inside strings do not count. Independent of request.features on
  * purpose: a budget is charged the same with or without a feature path, and whichever
  * member the model reads. The count stops at an unmatched closing bracket or an unclosed
- * string (what it has so far is the count); the depth check goes on to the end. */
-static int check_body(const u8 *p, usize n, u32 max, u64 *rows) {
+ * string (what it has so far is the count); the depth check goes on to the end.
+ *
+ * Brackets (`close_at` non-NULL, n slots): for the row count at request.features, each
+ * container's closing offset at its opening offset (the slots double as the stack of open
+ * ones), so count_instances jumps over a row instead of scanning it again. Valid only if
+ * `*matched` comes back 1: every string closed and free of control characters, every
+ * bracket matched, so that JSON's own skipping (skip_value) would find the same ends. */
+static int check_body(const u8 *p, usize n, u32 max, u64 *rows, u32 *close_at, int *matched) {
   u64 best = 0, count[3] = {0, 0, 0};
-  u8 counting[3] = {0, 0, 0}, outer = 0, on = rows != 0;
-  u32 depth = 0;
-  if (!max && !on) return 0;
+  u8 counting[3] = {0, 0, 0}, outer = 0, on = rows != 0, clean = 1;
+  u32 depth = 0, top = 0xffffffffU;
+  if (matched) *matched = 0;
+  if (!max && !on && !close_at) return 0;
   for (usize i = 0; i < n; i++) {
     u8 c = p[i];
     if (c == '"') {
-      for (i++; i < n && p[i] != '"'; i++)
+      for (i++; i < n && p[i] != '"'; i++) {
         if (p[i] == '\\') i++;
+        else if (p[i] < 0x20) clean = 0;
+      }
+      if (i >= n) clean = 0;
     } else if (c == '[' || c == '{') {
       depth++;
       if (max && depth > max) return 1;
+      if (close_at) {
+        close_at[i] = top;
+        top = (u32)i;
+      }
       if (on) {
         if (depth == 1) outer = c;
         if (depth <= 2) {
@@ -1606,17 +1624,24 @@ static int check_body(const u8 *p, usize n, u32 max, u64 *rows) {
       }
     } else if (c == ']' || c == '}') {
       if (depth == 0) {
-        if (!max) break;
+        clean = 0;
+        if (!max && !close_at) break;
         on = 0;
         continue;
       }
       if (on && depth <= 2 && counting[depth] && count[depth] > best) best = count[depth];
       depth--;
+      if (close_at) {
+        u32 open = top;
+        top = close_at[open];
+        close_at[open] = (u32)i;
+      }
     } else if (c == ',' && on && depth && depth <= 2 && counting[depth]) {
       count[depth]++;
     }
   }
   if (rows) *rows = best;
+  if (matched) *matched = clean && depth == 0;
   return 0;
 }
 
@@ -1753,7 +1778,13 @@ static u32 check_request(Stream *s, u32 size, u32 eos) {
     view_len -= 3;
   }
   u64 rows = 0;
-  if (check_body(view, view_len, r->max_depth, r->class_header ? &rows : 0)) {
+  int count = r->ninst_steps && (r->feed || r->max_instances), matched = 0;
+  /* The brackets' table for the row count: 4 bytes a body byte, so only up to 64 KiB (the
+   * feed's default body limit); a larger body's rows are scanned again, as before. */
+  u32 *close_at = count && view_len <= 64 * 1024 ? malloc(view_len * 4 + 4) : 0;
+  if (check_body(view, view_len, r->max_depth, r->class_header ? &rows : 0, close_at,
+                 &matched)) {
+    free(close_at);
     free(wide);
     free(body);
     metric(r, M_REFUSED_DEPTH, 1);
@@ -1761,8 +1792,9 @@ static u32 check_request(Stream *s, u32 size, u32 eos) {
            r->max_depth);
     return DATA_STOP_AND_BUFFER;
   }
-  if (r->ninst_steps && (r->feed || r->max_instances)) {
-    u64 n = count_instances(r, view, (u32)view_len);
+  if (count) {
+    u64 n = count_instances(r, view, (u32)view_len, matched ? close_at : 0);
+    free(close_at);
     s->instances = n > 0xffffffffULL ? 0xffffffffU : (u32)n;
     if (r->max_instances && n > r->max_instances) {
       free(wide);
