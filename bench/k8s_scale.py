@@ -262,7 +262,7 @@ def run(
     # (with its own listener set aside: each correction would start another pass).
     getattr(source, "_reconcile_inventory", lambda: None)()
     plane.inventory._listeners.extend(listeners)
-    tracker = ProgramTracker(plane)
+    tracker = ProgramTracker(plane.store, plane.pipeline, plane.sync_status, plane.cache)
     sidecars: Callable[[], tuple[Sidecar, ...]] = plane.inventory.snapshot
     programmed: Callable[[Any], Any] = tracker.nodes
     shared = remote = None

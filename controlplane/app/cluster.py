@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlplane.identity.kubernetes import KubernetesTokenAuthenticator, TrustBundle
 from controlplane.sources.kubernetes import (
@@ -23,6 +23,9 @@ from controlplane.sources.kubernetes import (
     ProgramTracker,
     StatusWriter,
 )
+
+if TYPE_CHECKING:
+    from controlplane.extraction.feed import ProfileBook
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +115,12 @@ def kubernetes_configmaps(api_client: Any) -> Any:
     return read
 
 
-def calibrated_conditions(plane: Any, key: tuple[str, str, str]) -> list[Condition]:
+def calibrated_conditions(profiles: ProfileBook, key: tuple[str, str, str]) -> list[Condition]:
     """An ExtractionPolicy's Calibrated condition, as the monitor's profiles report it."""
     kind, namespace, name = key
     if kind != "ExtractionPolicy":
         return []
-    found = plane.extraction.profiles.conditions().get(f"{namespace}/{name}")
+    found = profiles.conditions().get(f"{namespace}/{name}")
     if found is None:
         return []
     return [Condition("Calibrated", found.status, found.reason, found.message)]
@@ -138,7 +141,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
     async def main() -> None:
         authenticator = cluster_authenticator(api_client, config.identity)
         plane = ControlPlane(config, authenticator=authenticator)
-        tracker = ProgramTracker(plane)
+        tracker = ProgramTracker(plane.store, plane.pipeline, plane.sync_status, plane.cache)
         secret_namespaces = (
             [ns.strip() for ns in args.api_key_namespaces.split(",") if ns.strip()]
             if args.api_key_namespaces
@@ -193,7 +196,7 @@ def serve_cluster(args: argparse.Namespace, plane_config: Any) -> int:
         )
         # ExtractionPolicies: reference data from ConfigMaps, Calibrated in their status.
         plane.extraction.profiles.configmaps = kubernetes_configmaps(api_client)
-        writer.extra_conditions = lambda key: calibrated_conditions(plane, key)
+        writer.extra_conditions = lambda key: calibrated_conditions(plane.extraction.profiles, key)
         webhook = None
         if args.webhook_port:
             cert_dir = Path(args.webhook_cert_dir) if args.webhook_cert_dir else None

@@ -217,10 +217,10 @@ async def test_the_acked_set_kept_from_changes_is_the_one_computed_afresh(
         plane.inventory.observe(sidecar(name))
     plane.pipeline.rebuild()
     streams = {f"{n}.demo": mark_synced(plane, f"{n}.demo") for n in names[:4]}
-    tracker = ProgramTracker(plane)
+    tracker = ProgramTracker(plane.store, plane.pipeline, plane.sync_status, plane.cache)
 
     def fresh() -> frozenset[str]:
-        return ProgramTracker(plane).serving()
+        return ProgramTracker(plane.store, plane.pipeline, plane.sync_status, plane.cache).serving()
 
     assert tracker.serving() == fresh() == {f"{n}.demo" for n in names[:4]}
     some_type = plane.cache.get("s0.demo").type_urls()[0]  # type: ignore[union-attr]

@@ -54,7 +54,7 @@ async def cluster_plane(
             debounce_max=0.5,
         )
     )
-    tracker = ProgramTracker(plane)
+    tracker = ProgramTracker(plane.store, plane.pipeline, plane.sync_status, plane.cache)
     source = KubernetesSource(api_client, plane.store, plane.inventory, retry_interval=0.1)
     source.start()
     await plane.start()

@@ -54,6 +54,11 @@ class ApiKeys:
         with self._lock:
             self._keys.pop((namespace, name), None)
 
+    def secrets(self, namespace: str | None = None) -> list[tuple[str, str]]:
+        """(namespace, name) of the Secrets holding keys, in ``namespace`` (None: all)."""
+        with self._lock:
+            return [k for k in self._keys if namespace is None or k[0] == namespace]
+
     def hashes(self, namespace: str, name: str) -> frozenset[str]:
         with self._lock:
             return frozenset(key.digest for key in self._keys.get((namespace, name), ()))

@@ -9,12 +9,12 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from controlplane.api import Policy
 from controlplane.api.kinds import NAMES
 from controlplane.compile.inputs.inventory import Sidecar, targets
-from controlplane.compile.inputs.store import ACCEPTED, PolicyKey
+from controlplane.compile.inputs.store import ACCEPTED, PolicyKey, PolicySet, PolicyStore
 from controlplane.sources.kubernetes.lease import utc_now
 from controlplane.sources.kubernetes.watch import (
     GROUP,
@@ -290,6 +290,50 @@ class StatusWriter:
                 await asyncio.wait_for(stop.wait(), interval)
 
 
+# What ``ProgramTracker`` reads of the pipeline, the sync status and the snapshot cache,
+# as structural types: sources/ may not import the pipeline or xds/ (import-linter), and
+# the tracker is handed the parts it reads, never the whole control plane.
+class CompileProgress(Protocol):
+    """The pipeline's side: what the last rebuild compiled, and for which nodes."""
+
+    @property
+    def compiled_revision(self) -> int: ...
+
+    @property
+    def errors(self) -> Mapping[str, str]: ...  # node id → why its snapshot is old
+
+    def ir(self, node_id: str) -> object | None: ...
+
+
+class SyncLog(Protocol):
+    """The xDS sync status: which node ACKed which snapshot version, with a change log."""
+
+    @property
+    def changes(self) -> int: ...
+
+    def touched_since(self, mark: int) -> set[str] | None: ...
+
+    def synced_versions(self) -> Mapping[str, str | None]: ...
+
+    def is_synced(self, node_id: str, snapshot_version: str | None = None) -> bool: ...
+
+
+class _Versioned(Protocol):
+    @property
+    def version(self) -> str: ...
+
+
+class SnapshotLog(Protocol):
+    """The snapshot cache: each node's current snapshot, with a change log."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def touched_since(self, mark: int) -> set[str] | None: ...
+
+    def get(self, node_id: str) -> _Versioned | None: ...
+
+
 class ProgramTracker:
     """Which sidecars serve (ACKed) a snapshot that includes a policy's current version.
 
@@ -298,8 +342,16 @@ class ProgramTracker:
     recorded from the store; the pipeline records the revision each rebuild compiled.
     """
 
-    def __init__(self, plane: Any) -> None:
-        self.plane = plane
+    def __init__(
+        self,
+        store: PolicyStore,
+        pipeline: CompileProgress,
+        sync_status: SyncLog,
+        cache: SnapshotLog,
+    ) -> None:
+        self.pipeline = pipeline
+        self.sync_status = sync_status
+        self.cache = cache
         self._applied: dict[PolicyKey, tuple[int, str]] = {}
         self._lock = threading.Lock()
         # (change marks of the sync status and the cache, errors, serving nodes)
@@ -307,10 +359,10 @@ class ProgramTracker:
             tuple[tuple[int, int], frozenset[str], frozenset[str]] | None
         ) = None
         self._serving_lock = threading.Lock()
-        plane.store.subscribe(self._on_policies)
-        self._on_policies(plane.store.current())
+        store.subscribe(self._on_policies)
+        self._on_policies(store.current())
 
-    def _on_policies(self, policy_set: Any) -> None:
+    def _on_policies(self, policy_set: PolicySet) -> None:
         with self._lock:
             for policy in policy_set.policies:
                 key = policy.ref
@@ -327,19 +379,18 @@ class ProgramTracker:
         """Whether the pipeline has compiled ``key``'s current version."""
         with self._lock:
             needed = self._applied.get(key, (None, ""))[0]
-        return needed is not None and self.plane.pipeline.compiled_revision >= needed
+        return needed is not None and self.pipeline.compiled_revision >= needed
 
     def serving(self) -> frozenset[str]:
         """Sidecars that ACKed the snapshot the cache holds for them, which has no error:
         the part of ``nodes`` that is the same for every policy. Kept up to date from the
         nodes whose sync status or snapshot changed since the last call (their change
         logs), so a status pass costs what changed, not what is connected."""
-        plane = self.plane
-        sync, cache = plane.sync_status, plane.cache
+        sync, cache = self.sync_status, self.cache
         with self._serving_lock:
             # Marks first: whatever changes while this runs is looked at again next time.
             marks = (sync.changes, cache.generation)
-            errors = frozenset(plane.pipeline.errors)
+            errors = frozenset(self.pipeline.errors)
             cached = self._serving_cache
             if cached is not None and cached[1] == errors:
                 if cached[0] == marks:
@@ -361,13 +412,12 @@ class ProgramTracker:
             return result
 
     def _serves(self, node: str, errors: frozenset[str]) -> bool:
-        plane = self.plane
-        snapshot = plane.cache.get(node)
+        snapshot = self.cache.get(node)
         return (
             snapshot is not None
-            and plane.sync_status.is_synced(node, snapshot.version)
+            and self.sync_status.is_synced(node, snapshot.version)
             and node not in errors
-            and plane.pipeline.ir(node) is not None
+            and self.pipeline.ir(node) is not None
         )
 
 

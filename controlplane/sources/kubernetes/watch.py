@@ -431,9 +431,8 @@ class KubernetesSource:
             if watched.name == "endpointslices":
                 return list(self.cluster.slices)
         namespace = watched.kwargs.get("namespace")
-        with self.api_keys._lock:
-            # A relist of one namespace's Secrets must not drop the others' keys.
-            return [k for k in self.api_keys._keys if namespace is None or k[0] == namespace]
+        # A relist of one namespace's Secrets must not drop the others' keys.
+        return self.api_keys.secrets(namespace)
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
