@@ -121,6 +121,17 @@ def leak_probes(plane: PlaneThread) -> tuple[int, int, int]:
     )
 
 
+def own_tasks(plane: PlaneThread) -> tuple[int, int]:
+    """The control plane's asyncio tasks: (Python coroutines, gRPC's Cython ones)."""
+
+    def split() -> tuple[int, int]:
+        tasks = asyncio.all_tasks(plane.loop)
+        cython = sum(1 for t in tasks if type(t.get_coro()).__module__.startswith("_cython"))
+        return len(tasks) - cython, cython
+
+    return plane.call(split)
+
+
 # --- xDS ---------------------------------------------------------------------------------
 
 TYPE_URLS = st.one_of(
@@ -178,6 +189,7 @@ def test_junk_xds_streams_get_clear_errors_are_counted_and_leave_nothing_behind(
     plane_thread: PlaneThread, channel: grpc.Channel
 ) -> None:
     baseline = leak_probes(plane_thread)
+    own_tasks_at_start = own_tasks(plane_thread)
     codes: list[grpc.StatusCode] = []
 
     @FUZZ
@@ -201,12 +213,23 @@ def test_junk_xds_streams_get_clear_errors_are_counted_and_leave_nothing_behind(
     assert "unhandled" not in drops, drops
     # Every stream ended: no task, node or inventory entry outlives it.
     # A stream that never sent a request is closed by the server after 10 s at most.
-    # Under a loaded machine (a whole suite on 2 cores) a rebuild that the fuzzed sidecars'
-    # comings and goings set off can still be running after 15 s; it ends, a leak does not.
-    tasks = settle(lambda: leak_probes(plane_thread)[0], baseline[0], timeout=45)
-    assert tasks <= baseline[0], plane_thread.call(
+    # Our own tasks (Python coroutines: stream handlers' helpers, rebuilds) must all end; a
+    # rebuild the fuzzed sidecars' comings and goings set off can outlive 15 s on a loaded
+    # machine, so the wait is long (it returns as soon as they are back). gRPC's own per-call
+    # tasks (Cython coroutines) for calls its core cancelled were seen to linger, 1-3 of them
+    # in loaded whole-suite runs, never alone: they get a slack far below the 25+ streams
+    # above, so a leak per stream still fails.
+    def ours() -> int:
+        return own_tasks(plane_thread)[0]
+
+    def grpcs() -> int:
+        return own_tasks(plane_thread)[1]
+
+    own, grpc_own = own_tasks_at_start
+    assert settle(ours, own, timeout=45) <= own, plane_thread.call(
         lambda: sorted(repr(t.get_coro()) for t in asyncio.all_tasks(plane_thread.loop))
     )
+    assert settle(grpcs, grpc_own, slack=4, timeout=45) <= grpc_own + 4
     assert leak_probes(plane_thread)[1:] == baseline[1:]
     well_behaved_sidecar_syncs(plane_thread, "after-junk-0")
     well_behaved_sidecar_syncs(plane_thread, "after-junk-1", delta=True)
