@@ -463,7 +463,9 @@ class SelfTelemetry:
 
         async def wait() -> None:
             try:
-                await plane.sync_status.wait_synced(snapshot_versions=versions, timeout=60)
+                await plane.sync_status.wait_synced(
+                    snapshot_versions=versions, timeout=60, gone_is_done=True
+                )
             except TimeoutError as err:
                 failed: Span = self.tracer.start_span(
                     "modelguard.push",

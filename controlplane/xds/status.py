@@ -276,10 +276,15 @@ class SyncStatus:
         node_ids: Iterable[str] | None = None,
         snapshot_versions: Mapping[str, str] | None = None,
         timeout: float = 10.0,
+        gone_is_done: bool = False,
     ) -> None:
         """Wait until every given node (default: the keys of ``snapshot_versions``, else every
         connected node) is connected and SYNCED on all its types — at the given snapshot
-        version where one is given. Raises TimeoutError naming the nodes still behind."""
+        version where one is given. Raises TimeoutError naming the nodes still behind.
+
+        ``gone_is_done``: a node that disconnects stops being waited for (a push to the
+        sidecars connected now: one that leaves is not behind, and gets the newest snapshot
+        when it comes back). Otherwise a node not yet connected is waited for."""
         versions = dict(snapshot_versions or {})
         if node_ids is not None:
             pending = set(node_ids)
@@ -295,7 +300,12 @@ class SyncStatus:
                 check = dirty & pending
                 dirty.clear()
                 pending.difference_update(
-                    [n for n in check if self.is_synced(n, versions.get(n))]
+                    [
+                        n
+                        for n in check
+                        if self.is_synced(n, versions.get(n))
+                        or (gone_is_done and n not in self._nodes)
+                    ]
                 )
                 if not pending:
                     return

@@ -59,6 +59,28 @@ async def test_status_states_and_wait_timeout() -> None:
     assert status.nodes() == []
 
 
+async def test_a_push_stops_waiting_for_a_sidecar_that_left() -> None:
+    """The push span waits for the sidecars connected when it started; one that disconnects
+    is not behind (it gets the newest snapshot when it comes back), so the wait ends with
+    the others' ACKs, not after its timeout. A plain wait still waits for a node to come."""
+    status = SyncStatus()
+    stays = status.connect("stays", StreamKind.SOTW, "ipv4:127.0.0.1:1")
+    leaves = status.connect("leaves", StreamKind.SOTW, "ipv4:127.0.0.1:2")
+    for node in (stays, leaves):
+        status.set_target(node, "snap-1")
+        status.set_type_target(node, rt.CLUSTER, "v1")
+        status.sent(node, rt.CLUSTER, "v1", "a", 10)
+    versions = {"stays": "snap-1", "leaves": "snap-1"}
+    push = asyncio.create_task(status.wait_synced(snapshot_versions=versions, gone_is_done=True))
+    plain = asyncio.create_task(status.wait_synced(snapshot_versions=versions, timeout=0.3))
+    await asyncio.sleep(0)
+    status.disconnect(leaves)
+    status.acked(stays, rt.CLUSTER, "v1", "a")
+    await asyncio.wait_for(push, 1)
+    with pytest.raises(TimeoutError, match="leaves=DISCONNECTED"):
+        await plain
+
+
 async def test_wait_synced_needs_every_type_the_snapshot_uses(ads: Ads) -> None:
     snap = mesh()
     ads.cache.set_snapshot("n1", snap)
