@@ -18,8 +18,9 @@ filter's cost).
 """
 
 import re
+from collections.abc import Iterable
 
-from controlplane.ir import CallerIR
+from controlplane.ir import ApiKeyIR, CallerIR
 
 CACHE_ENTRIES = 4096
 
@@ -31,6 +32,9 @@ CLASS_HEADER = "x-modelguard-api-key-class"
 KEY_ID_HEADER = "x-modelguard-key-id"
 TENANT_HEADER = "x-modelguard-tenant"
 TIER_HEADER = "x-modelguard-tier"
+# The key's binding: which principals may present it, as a label per distinct set
+# (``binding_labels``), for the Deny RBAC filter's binding check (``rbac.binding_policy``).
+BINDING_HEADER = "x-modelguard-key-binding"
 ANONYMOUS_PREFIX = "addr:"
 
 # SHA-256 in LuaJIT (its ``bit`` library): shared with the verdict filter (``verdicts``).
@@ -100,8 +104,10 @@ _SOURCE = r"""
 -- real one are hashed every time rather than kept (headers may be up to 60 KiB).
 local cache, cached = {}, 0
 
--- Digest -> {key id, tenant, tier, key class, principals}: false where unknown. The class
--- (the set of rules listing the digest) is for rules RBAC checks as policies.
+-- Digest -> {key id, tenant, tier, key class, binding}: false where unknown. The class
+-- (the set of rules listing the digest) is for rules RBAC checks as policies; the binding
+-- labels the set of principals that may present the key, which the Deny RBAC filter checks
+-- against the verified certificate or JWT in one match per distinct set, not one per key.
 local keys = @KEYS@
 local claims = @CLAIMS@
 local anonymous, stripped = @ANONYMOUS@, @STRIPPED@
@@ -141,6 +147,9 @@ function envoy_on_request(handle)
   if entry ~= nil then
     if entry[4] then
       headers:add("x-modelguard-api-key-class", entry[4])
+    end
+    if entry[5] then
+      headers:add("x-modelguard-key-binding", entry[5])
     end
     if entry[1] then
       headers:add("x-modelguard-key-id", entry[1])
@@ -209,6 +218,7 @@ def script(
     and ``caller`` gives the registered keys' metadata and what else to name."""
     classes = classes or {}
     keys = {k.digest: k for k in (caller.keys if caller else ())}
+    bindings = binding_labels(caller.keys if caller else ())
     rows = []
     for digest in sorted(set(classes) | set(keys)):
         key = keys.get(digest)
@@ -218,10 +228,7 @@ def script(
             _name(key.tenant, "tenant") if key else "false",
             _name(key.tier, "tier") if key and key.tier else "false",
             _name(label, "key class") if label else "false",
-            "{" + ", ".join(f"[{_lua_string(p, 'principal')}] = true" for p in key.principals)
-            + "}"
-            if key and key.principals
-            else "false",
+            _name(bindings[digest], "binding") if digest in bindings else "false",
         ]
         rows.append(f'\n  [{_name(digest, "digest")}] = {{{", ".join(fields)}}},')
     table = "{" + "".join(rows) + ("\n}" if rows else "}")
@@ -243,6 +250,25 @@ def script(
     }
     # One pass, so nothing inserted (a key id, a claim) is ever substituted again.
     return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], _SOURCE)
+
+
+def binding_labels(keys: Iterable[ApiKeyIR]) -> dict[str, str]:
+    """Digest → the label of its key's set of principals (keys listing none have none).
+
+    Keys listing the same principals share a label, so the binding check matches each
+    distinct set once: one sidecar's callers are usually a few workloads, whatever the
+    number of keys (bench/policy_tax.py: a match per key cost ~27k instructions a request
+    at 100 keys)."""
+    sets = {k.digest: tuple(sorted(set(k.principals))) for k in keys if k.principals}
+    label = {members: f"bind-{i}" for i, members in enumerate(sorted(set(sets.values())))}
+    return {digest: label[members] for digest, members in sorted(sets.items())}
+
+
+def binding_sets(keys: Iterable[ApiKeyIR]) -> list[tuple[str, tuple[str, ...]]]:
+    """Each binding label with its principals, in label order."""
+    members = {k.digest: tuple(sorted(set(k.principals))) for k in keys}
+    out = {label: members[digest] for digest, label in binding_labels(keys).items()}
+    return sorted(out.items(), key=lambda item: int(item[0].removeprefix("bind-")))
 
 
 def claim_header(claim: str) -> str:

@@ -205,25 +205,32 @@ def _all(ids: list[Principal]) -> Principal:
     return ids[0] if len(ids) == 1 else Principal(and_ids=Principal.Set(ids=ids))
 
 
+def _peer(spiffe_id: str) -> Principal:
+    return Principal(
+        authenticated=Principal.Authenticated(
+            principal_name=string_pb2.StringMatcher(exact=spiffe_id)
+        )
+    )
+
+
 def binding_policy(access: AccessIR, caller: CallerIR | None) -> rbac_config_pb2.Policy | None:
     """Deny an ``x-api-key`` presented beside a verified JWT or client certificate unless
-    the key (by the id the caller filter verified) lists that principal: a stolen or made-up
+    the key (by the binding label the caller filter set) lists that principal: a stolen or made-up
     key cannot ride on another principal's credentials. Native matchers in the Deny filter,
     so the binding costs no filter and no Lua call of its own."""
     if caller is None or not (caller.bind_peer or caller.bind_jwt):
         return None
     key_sent = _header("x-api-key")
+    # The caller filter labels a verified key with its set of principals (one label per
+    # distinct set, apikey.binding_labels), so a key is bound when its label's set holds
+    # the caller: one match per set, not one per key.
+    groups = apikey.binding_sets(caller.keys)
     principals = []
     if caller.bind_peer:
         bound = [
-            _all([_header(apikey.KEY_ID_HEADER, key.id), Principal(
-                authenticated=Principal.Authenticated(
-                    principal_name=string_pb2.StringMatcher(exact=p)
-                )
-            )])
-            for key in caller.keys
-            for p in key.principals
-            if p.startswith("spiffe://")
+            _all([_header(apikey.BINDING_HEADER, label), _one_of([_peer(p) for p in peers])])
+            for label, members in groups
+            if (peers := [p for p in members if p.startswith("spiffe://")])
         ]
         parts = [key_sent, Principal(authenticated=Principal.Authenticated())]
         if bound:
@@ -232,11 +239,16 @@ def binding_policy(access: AccessIR, caller: CallerIR | None) -> rbac_config_pb2
     providers = [p.name for p in access.jwt_providers]
     if caller.bind_jwt and providers:
         bound = [
-            _all([_header(apikey.KEY_ID_HEADER, key.id), _jwt_value(provider, "sub", p)])
-            for key in caller.keys
-            for p in key.principals
-            if not p.startswith("spiffe://")
-            for provider in providers
+            _all([_header(apikey.BINDING_HEADER, label), _one_of(subjects)])
+            for label, members in groups
+            if (
+                subjects := [
+                    _jwt_value(provider, "sub", p)
+                    for p in members
+                    if not p.startswith("spiffe://")
+                    for provider in providers
+                ]
+            )
         ]
         parts = [key_sent, _one_of([_jwt_value(provider, "iss") for provider in providers])]
         if bound:
