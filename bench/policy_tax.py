@@ -43,10 +43,13 @@ its ratios overstate CPU ratios a little; it is the figure to compare configurat
 Timers (the feed's flush ticks, quota reports, stats) run by wall time, and under callgrind a
 request takes ~50x its time, longer still on a loaded machine: their share of the count grows
 with the load (±8 % on the full set between a quiet and a loaded run). So each path is then
-left idle for as long as its count took, and the table also gives the count less that idle
-share ("net of idle"), which stays within ~1 % from run to run. ``--callgrind-dir DIR`` keeps
-the dumps, and a configuration update taken during the count is reported (it would be
-charged to the requests).
+left idle for ``--idle-windows`` (3) times as long as its count took, and the table also
+gives the count less that idle share per window ("net of idle"). The timers tick every few
+seconds (a quota report costs ~24k instructions a request at 200 requests), so a window
+catches one more or one fewer by chance: averaging the idle share over several windows
+makes "net of idle" move less from run to run. ``--callgrind-dir DIR`` keeps the dumps (the
+idle windows' in ``idle/``), and a configuration update taken during the count is reported
+(it would be charged to the requests).
 
 The baselines are fair (checked for issue 9, unchanged): the same Envoy binary, one worker
 each, the same HTTP settings on every hop (codec AUTO with default HTTP/1 options, request
@@ -388,6 +391,9 @@ def digits_bodies() -> list[str]:
     return [json.dumps({"instances": [[float(v) for v in row]]}) for row in data]
 
 
+# Idle windows (each as long as the count) the timers' share is averaged over.
+IDLE_WINDOWS = 3
+
 CALLGRIND = (
     "valgrind",
     "--tool=callgrind",
@@ -408,7 +414,12 @@ def callgrind_wrapper(work: Path) -> Path:
 
 
 def instructions(
-    path: Path_, work: Path, requests: int, bodies: list[str], keep_dumps: Path | None = None
+    path: Path_,
+    work: Path,
+    requests: int,
+    bodies: list[str],
+    keep_dumps: Path | None = None,
+    idle_windows: int = IDLE_WINDOWS,
 ) -> tuple[list[float], list[float]]:
     """Instructions per request of each proxy on ``path`` (callgrind; warm-up excluded):
     ``requests`` POSTs on one keep-alive connection, cycling through the keys like wrk."""
@@ -443,8 +454,8 @@ def instructions(
             for p in path.proxies
         ]
 
-    def totals() -> list[float]:
-        """Each proxy's instructions in its dumps so far, per request; the dumps removed."""
+    def totals(windows: int = 1) -> list[float]:
+        """Each proxy's instructions in its dumps so far, per request and window."""
         counts = []
         for pid in pids:
             total = 0
@@ -453,7 +464,7 @@ def instructions(
                     if line.startswith("totals:"):
                         total += int(line.split()[1])
                         break
-            counts.append(total / requests)
+            counts.append(total / requests / windows)
         return counts
 
     for dump in work.glob("callgrind.*"):
@@ -480,12 +491,21 @@ def instructions(
     # The same wall time again without requests: what timers cost (feed flush ticks, quota
     # reports, stats). Under callgrind a request takes ~50x its time, and longer still on a
     # loaded machine, so the timers' share of the count grows with the load; the count
-    # less this idle share is the figure that stays put.
+    # less this idle share is the figure that stays put. The timers fire every few seconds
+    # (quota reports every 5 s: ~24k instructions a request each at 200 requests, feed
+    # flushes), so one window of the count's length catches one more or one fewer of them
+    # by chance; the idle share is averaged over ``idle_windows`` such windows.
     control("--zero")
-    time.sleep(elapsed)
+    time.sleep(elapsed * idle_windows)
     control("--dump")
     control("--instr=off")
-    return counts, totals()
+    if keep_dumps is not None:
+        # The idle window's dumps too: per function, the count less these is what the
+        # requests themselves cost (callgrind_annotate on both).
+        (keep_dumps / "idle").mkdir(exist_ok=True)
+        for dump in work.glob("callgrind.*"):
+            shutil.copy(dump, keep_dumps / "idle" / dump.name)
+    return counts, totals(idle_windows)
 
 
 @dataclass
@@ -632,8 +652,16 @@ def main() -> int:
     parser.add_argument(
         "--callgrind-dir",
         metavar="DIR",
-        help="with --instructions: keep each path's callgrind dumps in DIR/<path>/ "
-        "(callgrind_annotate shows where the instructions go)",
+        help="with --instructions: keep each path's callgrind dumps in DIR/<path>/ and its "
+        "idle window's in DIR/<path>/idle/ (callgrind_annotate shows where the instructions go)",
+    )
+    parser.add_argument(
+        "--idle-windows",
+        type=int,
+        default=IDLE_WINDOWS,
+        metavar="K",
+        help="with --instructions: average the timers' idle share over K windows, each as "
+        f"long as the count (default {IDLE_WINDOWS})",
     )
     args = parser.parse_args()
     if args.instructions and shutil.which("valgrind") is None:
@@ -776,7 +804,7 @@ def main() -> int:
             bare.wait_ready(ready)
             pair_front.wait_ready(ready)
             keep = Path(args.callgrind_dir) if args.callgrind_dir else None
-            count_instructions(chosen, paths, work, args.instructions, keep)
+            count_instructions(chosen, paths, work, args.instructions, keep, args.idle_windows)
             return 0
         # Warm-up: connections, per-client buckets and their quota assignments, Wasm VMs.
         for path in paths.values():
@@ -803,14 +831,24 @@ def main() -> int:
 
 
 def count_instructions(
-    chosen: list[Variant], paths: dict[str, Path_], work: Path, requests: int, keep: Path | None
+    chosen: list[Variant],
+    paths: dict[str, Path_],
+    work: Path,
+    requests: int,
+    keep: Path | None,
+    idle_windows: int = IDLE_WINDOWS,
 ) -> None:
     """Each path's proxies under callgrind, one path at a time: instructions per request."""
     bodies = digits_bodies()
     counts, net = {}, {}
     for name in ["bare", "bare-pair", *(v.name for v in chosen)]:
         raw, idle = instructions(
-            paths[name], work, requests, bodies, keep / name if keep is not None else None
+            paths[name],
+            work,
+            requests,
+            bodies,
+            keep / name if keep is not None else None,
+            idle_windows,
         )
         counts[name] = raw
         net[name] = [r - i for r, i in zip(raw, idle, strict=True)]
@@ -841,7 +879,8 @@ def count_instructions(
     print(
         f"\n{requests} requests per path under callgrind after as many of warm-up, one "
         "keep-alive connection; two-hop paths list the client sidecar first. Net of idle: "
-        "less what the proxies spend in the same wall time without requests (timers)"
+        "less what the proxies spend in the same wall time without requests (timers), "
+        f"averaged over {idle_windows} such windows"
     )
 
 
