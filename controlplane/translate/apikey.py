@@ -4,11 +4,12 @@ After the connection manager dropped every ``x-modelguard-*`` header the caller 
 (``caller.strip_internal_headers``), it hashes ``x-api-key`` for RBAC to match and, given
 the registered keys' metadata (``CallerIR``), names the verified caller:
 ``x-modelguard-key-id``, ``-tenant`` and ``-tier`` from the key's entry. A key sent beside
-a verified JWT or client certificate must list that principal (the Deny RBAC filter checks
-that natively: ``rbac.binding_policy``). It copies verified JWT claims into
-``x-modelguard-jwt-<claim>``, and names a caller without a registered key by its source
-address (``addr:<ip>``, id and tenant), so no unkeyed caller shares one client with every
-other.
+a verified JWT or client certificate must list that principal: the filter names the key's
+set of principals (``x-modelguard-key-binding``, one label per distinct set) and the Deny
+RBAC filter checks it natively (``rbac.binding_policy``), one match per set. It copies
+verified JWT claims into ``x-modelguard-jwt-<claim>``, and names a caller without a
+registered key by its source address (``addr:<ip>``, id and tenant), so no unkeyed caller
+shares one client with every other.
 
 LuaJIT's ``bit`` library gives a SHA-256 in a few tens of microseconds for a key-sized
 input; it runs only when an AccessPolicy matches API keys. A client sends the same key on
