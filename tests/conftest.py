@@ -18,7 +18,9 @@ from typing import Any, Protocol
 import pytest
 
 from controlplane import netutil
-from controlplane.local.envoy import EnvoyError, envoy_binary
+from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.local.envoy import EnvoyError, EnvoyProcess, envoy_binary
+from controlplane.sidecar.bootstrap import build_bootstrap
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,3 +183,42 @@ def profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], 
         return state / "profiles"
 
     return seed
+
+
+def demo_sidecar(
+    app_port: int,
+    xds_port: int,
+    log_path: Path,
+    *,
+    service: str = "digits-model",
+    node_id: str | None = None,
+    delta: bool = False,
+    outbound_port: int | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> tuple[EnvoyProcess, int]:
+    """A sidecar of ``service`` in the demo namespace (a real Envoy, configured over ADS from
+    127.0.0.1:``xds_port``) in front of the workload on ``app_port``, with its inbound
+    listener and admin on free loopback ports. Returns it not started, and its inbound port.
+
+    EnvoyProcess starts Envoy in its own session and stops it by PID.
+    """
+    inbound, admin = netutil.free_port(), netutil.free_port()
+    sidecar = Sidecar(
+        node_id=node_id or f"{service}-0",
+        service=service,
+        namespace="demo",
+        identity=f"spiffe://cluster.local/ns/demo/sa/{service}",
+        app_port=app_port,
+        inbound_port=inbound,
+        inbound_address="127.0.0.1",
+        outbound_port=outbound_port,
+    )
+    envoy = EnvoyProcess(
+        build_bootstrap(
+            sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=admin, delta=delta
+        ),
+        admin_port=admin,
+        log_path=log_path,
+        extra_args=extra_args,
+    )
+    return envoy, inbound

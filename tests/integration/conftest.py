@@ -1,0 +1,122 @@
+"""Set-up shared by the integration tests: a control plane and one demo sidecar (a real
+Envoy) in front of a model, as most end-to-end tests start them.
+
+Test modules import ``Deployment`` as ``tests.integration.conftest`` (as the resilience
+tests import theirs) and subclass it to add their own clients; a fixture reads
+
+    async with await System.start(tmp_path, app_port, {"policy.yaml": POLICY}) as system:
+        yield system
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from controlplane.app.server import ControlPlane, ControlPlaneConfig, SidecarService
+from controlplane.local.envoy import EnvoyProcess
+from controlplane.netutil import free_port
+from tests.conftest import demo_sidecar
+
+
+@dataclass
+class Deployment:
+    """A control plane serving the policy files of ``policies`` and one sidecar
+    (``digits-model-0`` by default) in front of the workload on ``app_port``."""
+
+    plane: ControlPlane
+    envoy: EnvoyProcess
+    listen_port: int  # the sidecar's inbound listener
+    policies: Path
+    config: ControlPlaneConfig
+    services: Sequence[SidecarService] = field(default_factory=tuple)
+
+    @property
+    def xds_port(self) -> int:
+        return self.plane.xds_port
+
+    @property
+    def admin_port(self) -> int:
+        return self.plane.admin_port
+
+    @classmethod
+    async def start(
+        cls,
+        tmp_path: Path,
+        app_port: int,
+        policies: Mapping[str, str],
+        *,
+        ready_timeout: float = 30.0,
+        delta: bool = False,
+        services: Sequence[SidecarService] = (),
+        outbound_port: int | None = None,
+        envoy_args: tuple[str, ...] = (),
+        **config: Any,
+    ) -> Self:
+        """Writes ``policies`` (file name → text) to ``tmp_path/policies``, starts the control
+        plane (on free ports unless ``config`` names them; ``services`` are added to its
+        sidecar services) and the sidecar, and returns once the sidecar is LIVE (it has its
+        first configuration). ``config`` overrides ControlPlaneConfig's fields."""
+        folder = tmp_path / "policies"
+        folder.mkdir()
+        for name, text in policies.items():
+            (folder / name).write_text(text)
+        settings = dataclasses.replace(
+            ControlPlaneConfig(
+                policy_paths=(str(folder),),
+                xds_port=free_port(),
+                admin_port=free_port(),
+                debounce_quiet=0.05,
+                debounce_max=0.5,
+            ),
+            **config,
+        )
+        plane = await _start_plane(settings, services)
+        envoy, listen_port = demo_sidecar(
+            app_port,
+            plane.xds_port,
+            tmp_path / "envoy.log",
+            delta=delta,
+            outbound_port=outbound_port,
+            extra_args=envoy_args,
+        )
+        try:
+            envoy.start()
+            await asyncio.to_thread(envoy.wait_ready, ready_timeout)
+        except BaseException:
+            envoy.stop()
+            await plane.stop(grace=0)
+            raise
+        return cls(plane, envoy, listen_port, folder, settings, services)
+
+    async def restart_plane(self, down_for: float = 0.0) -> None:
+        """Stops the control plane and starts a new one on the same ports and files."""
+        same_ports = dataclasses.replace(
+            self.config, xds_port=self.plane.xds_port, admin_port=self.plane.admin_port
+        )
+        await self.plane.stop(grace=0)
+        await asyncio.sleep(down_for)
+        self.plane = await _start_plane(same_ports, self.services)
+
+    async def stop(self) -> None:
+        self.envoy.stop()
+        await self.plane.stop(grace=0)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _start_plane(
+    config: ControlPlaneConfig, services: Sequence[SidecarService]
+) -> ControlPlane:
+    plane = ControlPlane(config)
+    plane.sidecar_services.extend(services)
+    await plane.start()
+    return plane
