@@ -37,11 +37,11 @@ class Deployment:
 
     @property
     def xds_port(self) -> int:
-        return self.plane.xds_port
+        return self.config.xds_port
 
     @property
     def admin_port(self) -> int:
-        return self.plane.admin_port
+        return self.config.admin_port
 
     @classmethod
     async def start(
@@ -76,6 +76,10 @@ class Deployment:
             **config,
         )
         plane = await _start_plane(settings, services)
+        # The ports it bound (config may have asked for any free one): a restart reuses them.
+        settings = dataclasses.replace(
+            settings, xds_port=plane.xds_port, admin_port=plane.admin_port
+        )
         envoy, listen_port = demo_sidecar(
             app_port,
             plane.xds_port,
@@ -93,14 +97,14 @@ class Deployment:
             raise
         return cls(plane, envoy, listen_port, folder, settings, services)
 
+    async def start_plane(self) -> None:
+        """A new control plane on the same ports and files, after ``plane`` stopped."""
+        self.plane = await _start_plane(self.config, self.services)
+
     async def restart_plane(self, down_for: float = 0.0) -> None:
-        """Stops the control plane and starts a new one on the same ports and files."""
-        same_ports = dataclasses.replace(
-            self.config, xds_port=self.plane.xds_port, admin_port=self.plane.admin_port
-        )
         await self.plane.stop(grace=0)
         await asyncio.sleep(down_for)
-        self.plane = await _start_plane(same_ports, self.services)
+        await self.start_plane()
 
     async def stop(self) -> None:
         self.envoy.stop()

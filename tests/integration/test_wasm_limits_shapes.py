@@ -110,12 +110,8 @@ def upstream() -> Iterator[Recorder]:
 
 @pytest.fixture
 async def system(tmp_path: Path, upstream: Recorder) -> AsyncIterator[System]:
-    s = await _start(tmp_path, upstream.port)
-    try:
+    async with await _start(tmp_path, upstream.port) as s:
         yield s
-    finally:
-        s.envoy.stop()
-        await s.plane.stop(grace=0)
 
 
 def apply(system: System, request: str, response: str, extra: str = "") -> None:
@@ -131,7 +127,7 @@ async def post(
     return await asyncio.to_thread(
         http_request,
         "POST",
-        f"http://127.0.0.1:{system.port}/v1/predict",
+        f"http://127.0.0.1:{system.listen_port}/v1/predict",
         body,
         {"content-type": "application/json", "x-api-key": "alice", **(headers or {})},
         30,
@@ -193,12 +189,12 @@ async def test_oversized_and_deep_requests_never_reach_the_model(
     # the client is still sending (Envoy then closes the connection).
     huge = b'{"instances": [' + b"[" + b"1.0," * 5_425_000 + b"1.0]]}"
     assert len(huge) > 21_700_000
-    head, body = await asyncio.to_thread(send_then_read, system.port, huge)
+    head, body = await asyncio.to_thread(send_then_read, system.listen_port, huge)
     assert head.startswith(b"HTTP/1.1 413") and b"content-type: application/json" in head
     reason = json.loads(body)
     assert reason["error"] == "request_too_large" and "65536" in reason["reason"]
     # The same without a content-length (chunked): refused once the held body passes it.
-    conn = http.client.HTTPConnection("127.0.0.1", system.port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", system.listen_port, timeout=30)
     try:
         conn.request(
             "POST",
