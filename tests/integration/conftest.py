@@ -1,5 +1,6 @@
 """Set-up shared by the integration tests: a control plane and one demo sidecar (a real
-Envoy) in front of a model, as most end-to-end tests start them.
+Envoy) in front of a model, as most end-to-end tests start them; and the kmock-backed
+Kubernetes API server (``cluster``) with the official client (``api_client``).
 
 Test modules import ``Deployment`` as ``tests.integration.conftest`` (as the resilience
 tests import theirs) and subclass it to add their own clients; a fixture reads
@@ -12,12 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import kmock
+import pytest
+from kubernetes import client
+
 from controlplane.app.server import ControlPlane, ControlPlaneConfig, SidecarService
+from controlplane.crdgen import NAMES
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port
 from tests.conftest import demo_sidecar
@@ -124,3 +130,47 @@ async def _start_plane(
     plane.sidecar_services.extend(services)
     await plane.start()
     return plane
+
+
+# --- Kubernetes: kmock with our CRDs and the resources the source reads ----------------------
+
+
+@pytest.fixture
+def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
+    """The emulator of ``@pytest.mark.kmock`` (its ``cls`` if given), serving our policy
+    kinds (with a status subresource) and the core resources the source and Lease use."""
+    for kind, names in NAMES.items():
+        kmock.resources[f"modelguard.io/v1alpha1/{names.plural}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=True, subresources={"status"}
+        )
+    for resource in (
+        "v1/pods",
+        "v1/services",
+        "v1/secrets",
+        "discovery.k8s.io/v1/endpointslices",
+        "coordination.k8s.io/v1/leases",
+    ):
+        kmock.resources[resource] = kmock.ResourceInfo(namespaced=True)
+    return kmock
+
+
+@pytest.fixture
+def api_client(cluster: kmock.KubernetesEmulator) -> client.ApiClient:
+    return client.ApiClient(client.Configuration(host=str(cluster.url).rstrip("/")))
+
+
+async def until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll without blocking the loop (kmock serves from this same loop)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A blocking client call in a thread (kmock serves from the test's own loop)."""
+    return asyncio.to_thread(fn, *args, **kwargs)

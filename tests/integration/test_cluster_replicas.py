@@ -38,13 +38,11 @@ from controlplane.netutil import free_port, http_request
 from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import LEASE_NAME
 from tests.conftest import DIGITS_REFERENCE, Processes, stop_process
-from tests.integration import test_kubernetes as k8s
-from tests.integration.test_kubernetes import GROUP, VERSION, call, conditions, policy
+from tests.integration.conftest import call
+from tests.integration.test_kubernetes import GROUP, VERSION, conditions, policy
 from tests.resilience.conftest import Redis
 
 pytestmark = pytest.mark.envoy
-cluster = k8s.cluster
-api_client = k8s.api_client
 
 ACCESS = {
     "targetRef": {"service": "digits-model"},

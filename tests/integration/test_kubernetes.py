@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import kmock
 import pytest
 from kubernetes import client
 
@@ -25,6 +24,7 @@ from controlplane.sources.kubernetes import (
     LeaderElector,
     StatusWriter,
 )
+from tests.integration.conftest import call, until
 
 GROUP, VERSION = "modelguard.io", "v1alpha1"
 
@@ -97,29 +97,6 @@ def policy(kind: str, name: str, spec: dict[str, Any], generation: int = 1) -> d
 
 
 @pytest.fixture
-def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
-    for kind, names in NAMES.items():
-        kmock.resources[f"{GROUP}/{VERSION}/{names.plural}"] = kmock.ResourceInfo(
-            kind=kind, namespaced=True, subresources={"status"}
-        )
-    for resource in (
-        "v1/pods",
-        "v1/services",
-        "v1/secrets",
-        "discovery.k8s.io/v1/endpointslices",
-        "coordination.k8s.io/v1/leases",
-    ):
-        kmock.resources[resource] = kmock.ResourceInfo(namespaced=True)
-    return kmock
-
-
-@pytest.fixture
-def api_client(cluster: kmock.KubernetesEmulator) -> client.ApiClient:
-    configuration = client.Configuration(host=str(cluster.url).rstrip("/"))
-    return client.ApiClient(configuration)
-
-
-@pytest.fixture
 async def source(api_client: client.ApiClient) -> AsyncIterator[KubernetesSource]:
     src = KubernetesSource(api_client, PolicyStore(), Inventory(), retry_interval=0.1)
     src.start()
@@ -128,22 +105,6 @@ async def source(api_client: client.ApiClient) -> AsyncIterator[KubernetesSource
         yield src
     finally:
         await asyncio.to_thread(src.stop)
-
-
-async def until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll without blocking the loop (kmock serves from this same loop)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return asyncio.to_thread(fn, *args, **kwargs)
 
 
 def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:

@@ -19,13 +19,10 @@ from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
-from tests.integration import test_kubernetes as k8s
-from tests.integration.test_kubernetes import GROUP, VERSION, call, conditions, policy
+from tests.integration.conftest import call
+from tests.integration.test_kubernetes import GROUP, VERSION, conditions, policy
 
 pytestmark = pytest.mark.envoy
-# The kmock-backed API server and client of the source tests.
-cluster = k8s.cluster
-api_client = k8s.api_client
 
 SPEC = {
     "targetRef": {"service": "digits-model"},
