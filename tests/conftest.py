@@ -7,6 +7,7 @@ Every process a test starts runs in its own session and is stopped by its PID
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +223,39 @@ def demo_sidecar(
         extra_args=extra_args,
     )
     return envoy, inbound
+
+
+class Redis:
+    """Debian's redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes, self.port = processes, netutil.free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is required (make setup installs Debian's redis-server)")
+        self.process = self.processes.start(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            name="redis",
+        )
+        netutil.wait_for_port("127.0.0.1", self.port, timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(processes: Processes) -> Redis:
+    """A started Redis, stopped with the test's other processes."""
+    server = Redis(processes)
+    server.start()
+    return server

@@ -37,10 +37,9 @@ from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
 from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import LEASE_NAME
-from tests.conftest import DIGITS_REFERENCE, Processes, stop_process
+from tests.conftest import DIGITS_REFERENCE, Processes, Redis, stop_process
 from tests.integration.conftest import call
 from tests.integration.test_kubernetes import GROUP, VERSION, conditions, policy
-from tests.resilience.conftest import Redis
 
 pytestmark = pytest.mark.envoy
 

@@ -14,11 +14,9 @@ import pytest
 from kubernetes import client
 
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
+from tests.conftest import demo_sidecar
 from tests.integration.conftest import call
 from tests.integration.test_kubernetes import GROUP, VERSION, conditions, policy
 
@@ -40,7 +38,7 @@ async def cluster_plane(
     tmp_path: Path,
     demo_model: tuple[str, int],
 ) -> AsyncIterator[tuple[ControlPlane, int]]:
-    xds_port, admin_port, listen_port, envoy_admin = (free_port() for _ in range(4))
+    xds_port, admin_port = free_port(), free_port()
     plane = ControlPlane(
         ControlPlaneConfig(
             policy_paths=(),
@@ -58,19 +56,8 @@ async def cluster_plane(
     writer = StatusWriter(api_client, source, lambda: True, tracker.nodes, plane.inventory.snapshot)
     stop = asyncio.Event()
     task = asyncio.create_task(writer.run(stop, interval=0.05))
-    sidecar = Sidecar(
-        "digits-model-0.demo",
-        "digits-model",
-        "demo",
-        "spiffe://cluster.local/ns/demo/sa/digits-model",
-        demo_model[1],
-        listen_port,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
+    envoy, listen_port = demo_sidecar(
+        demo_model[1], xds_port, tmp_path / "envoy.log", node_id="digits-model-0.demo"
     )
     envoy.start()
     try:

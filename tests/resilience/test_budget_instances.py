@@ -17,12 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
-from tests.conftest import Processes
-from tests.resilience.conftest import Redis, write_policies
+from controlplane.netutil import http_request
+from tests.conftest import Processes, Redis, demo_sidecar
+from tests.resilience.conftest import write_policies
 from tests.resilience.test_quota_service_gone import Plane, until
 
 pytestmark = pytest.mark.envoy
@@ -75,24 +72,9 @@ class Predict:
     """One sidecar in front of the demo model: POST /v1/predict as a client."""
 
     def __init__(self, processes: Processes, tmp: Path, app_port: int, xds: int, node: str):
-        self.port, admin = free_port(), free_port()
         self.last = b""
-        sidecar = Sidecar(
-            node_id=node,
-            service="digits-model",
-            namespace="demo",
-            identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-            app_port=app_port,
-            inbound_port=self.port,
-            inbound_address="127.0.0.1",
-        )
-        self.envoy = processes.track(
-            EnvoyProcess(
-                build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds, admin_port=admin),
-                admin_port=admin,
-                log_path=tmp / f"{node}.log",
-            )
-        )
+        self.envoy, self.port = demo_sidecar(app_port, xds, tmp / f"{node}.log", node_id=node)
+        processes.track(self.envoy)
         self.envoy.start()
 
     def expect_counter(self, counter: str) -> None:

@@ -18,10 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.app.server import ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
+from tests.conftest import demo_sidecar
 from tests.resilience.conftest import ACCESS, EXTRACTION, PlaneThread, write_policies
 
 pytestmark = pytest.mark.envoy
@@ -143,18 +142,7 @@ def sidecar_system(
             xds_port=0, admin_port=0, watch=False, debounce_quiet=0.02, debounce_max=0.2,
         )
     )
-    listen, envoy_admin = free_port(), free_port()
-    sidecar = Sidecar(
-        node_id="digits-model-0", service="digits-model", namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=upstream.port, inbound_port=listen, inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=plane.plane.xds_port,
-                        admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
+    envoy, listen = demo_sidecar(upstream.port, plane.plane.xds_port, tmp_path / "envoy.log")
     try:
         envoy.start()
         envoy.wait_ready(30)
