@@ -11,8 +11,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -259,3 +261,45 @@ def redis_server(processes: Processes) -> Redis:
     server = Redis(processes)
     server.start()
     return server
+
+
+class Upstream:
+    """A workload behind a sidecar, on a free loopback port, started at once: answers every
+    POST with 200 and whatever the test sets (``body``, ``content_type``), and records the
+    request bodies it received (``seen``; chunked ones reassembled). ``keep_alive``: it
+    answers as HTTP/1.1 and keeps connections open (else HTTP/1.0, one request each)."""
+
+    def __init__(self, keep_alive: bool = False) -> None:
+        self.body, self.content_type = b"{}", "application/json"
+        self.seen: list[bytes] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+            def do_POST(self) -> None:
+                if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                    data = b""
+                    while (size := int(self.rfile.readline().strip() or b"0", 16)) > 0:
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                    self.rfile.readline()
+                else:
+                    data = self.rfile.read(int(self.headers.get("content-length") or 0))
+                upstream.seen.append(data)
+                self.send_response(200)
+                self.send_header("content-type", upstream.content_type)
+                self.send_header("content-length", str(len(upstream.body)))
+                self.end_headers()
+                self.wfile.write(upstream.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

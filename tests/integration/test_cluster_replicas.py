@@ -37,7 +37,7 @@ from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
 from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import LEASE_NAME
-from tests.conftest import DIGITS_REFERENCE, Processes, Redis, stop_process
+from tests.conftest import DIGITS_REFERENCE, Processes, Redis, demo_sidecar, stop_process
 from tests.integration.conftest import call
 from tests.integration.test_kubernetes import GROUP, VERSION, conditions, policy
 
@@ -211,18 +211,11 @@ async def two_replicas(
         system.start(replica)
     envoys = []
     for replica in replicas.values():
-        listen, envoy_admin = free_port(), free_port()
-        sidecar = Sidecar(
-            f"digits-model-{replica.name}.demo", "digits-model", "demo",
-            "spiffe://cluster.local/ns/demo/sa/digits-model", demo_model[1], listen,
-            inbound_address="127.0.0.1",
-        )  # fmt: skip
-        envoy = EnvoyProcess(
-            build_bootstrap(
-                sidecar, xds_host="127.0.0.1", xds_port=replica.xds_port, admin_port=envoy_admin
-            ),
-            admin_port=envoy_admin,
-            log_path=tmp_path / f"envoy-{replica.name}.log",
+        envoy, listen = demo_sidecar(
+            demo_model[1],
+            replica.xds_port,
+            tmp_path / f"envoy-{replica.name}.log",
+            node_id=f"digits-model-{replica.name}.demo",
         )
         envoys.append(processes.track(envoy))
         envoy.start()

@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from polling import eventually
 
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.netutil import http_request
+from tests.conftest import Upstream
 from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.envoy
@@ -92,41 +90,6 @@ class FeedRecorder(feed_pb2_grpc.QueryFeedServicer):
         return out
 
 
-@dataclass
-class Stub:
-    """An upstream that answers whatever the test sets: malformed and unexpected bodies."""
-
-    body: bytes = b"{}"
-    content_type: str = "application/json"
-    server: ThreadingHTTPServer | None = None
-    port: int = 0
-
-    def start(self) -> Stub:
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(200)
-                self.send_header("content-type", stub.content_type)
-                self.send_header("content-length", str(len(stub.body)))
-                self.end_headers()
-                self.wfile.write(stub.body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
 class System(Deployment):
     @property
     def feed(self) -> FeedRecorder:
@@ -168,8 +131,9 @@ async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[S
 
 
 @pytest.fixture
-def stub() -> Iterator[Stub]:
-    s = Stub().start()
+def stub() -> Iterator[Upstream]:
+    """An upstream that answers whatever the test sets: malformed and unexpected bodies."""
+    s = Upstream()
     try:
         yield s
     finally:
@@ -177,7 +141,7 @@ def stub() -> Iterator[Stub]:
 
 
 @pytest.fixture
-async def stub_system(tmp_path: Path, stub: Stub) -> AsyncIterator[System]:
+async def stub_system(tmp_path: Path, stub: Upstream) -> AsyncIterator[System]:
     async with await _start(tmp_path, stub.port) as s:
         yield s
 
@@ -314,7 +278,7 @@ async def test_hardening_without_the_feed_reads_the_tier_alone(system: System) -
     ids=["truncated", "unexpected-shape", "not-json-type", "binary"],
 )
 async def test_malformed_or_unexpected_bodies_pass_unchanged_and_are_counted(
-    stub: Stub, stub_system: System, body: bytes, content_type: str, counter: str
+    stub: Upstream, stub_system: System, body: bytes, content_type: str, counter: str
 ) -> None:
     stub.body, stub.content_type = body, content_type
     status, headers, got = await stub_system.post({"x-api-key": "alice"})

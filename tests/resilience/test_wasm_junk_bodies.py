@@ -6,12 +6,9 @@ the monitor, and the sidecar stays up."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +17,7 @@ from hypothesis import strategies as st
 from controlplane.app.server import ControlPlaneConfig
 from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import http_request
-from tests.conftest import demo_sidecar
+from tests.conftest import Upstream, demo_sidecar
 from tests.resilience.conftest import ACCESS, EXTRACTION, PlaneThread, write_policies
 
 pytestmark = pytest.mark.envoy
@@ -28,34 +25,6 @@ pytestmark = pytest.mark.envoy
 STAT = "wasmcustom.modelguard.demo.digits-model."
 OUTCOMES = ("hardened", "passed_not_json", "passed_malformed", "passed_unmatched",
             "passed_too_large")
-
-
-class Upstream:
-    """Answers whatever the test sets, with status 200."""
-
-    def __init__(self) -> None:
-        self.body, self.content_type = b"{}", "application/json"
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(200)
-                self.send_header("content-type", upstream.content_type)
-                self.send_header("content-length", str(len(upstream.body)))
-                self.end_headers()
-                self.wfile.write(upstream.body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 JSON = st.recursive(
