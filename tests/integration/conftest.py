@@ -140,7 +140,7 @@ def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
     """The emulator of ``@pytest.mark.kmock`` (its ``cls`` if given), serving our policy
     kinds (with a status subresource) and the core resources the source and Lease use."""
     for kind, names in NAMES.items():
-        kmock.resources[f"modelguard.io/v1alpha1/{names.plural}"] = kmock.ResourceInfo(
+        kmock.resources[f"{GROUP}/{VERSION}/{names.plural}"] = kmock.ResourceInfo(
             kind=kind, namespaced=True, subresources={"status"}
         )
     for resource in (
@@ -174,3 +174,51 @@ async def until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A blocking client call in a thread (kmock serves from the test's own loop)."""
     return asyncio.to_thread(fn, *args, **kwargs)
+
+
+GROUP, VERSION = "modelguard.io", "v1alpha1"
+
+
+def policy(kind: str, name: str, spec: dict[str, Any], generation: int = 1) -> dict[str, Any]:
+    """A policy object in the demo namespace. kmock does not maintain
+    ``metadata.generation``: the tests set it as the API server would."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "demo", "generation": generation},
+        "spec": spec,
+    }
+
+
+async def create_policy(
+    api_client: client.ApiClient,
+    kind: str,
+    name: str,
+    spec: dict[str, Any],
+    generation: int = 1,
+) -> None:
+    await call(
+        client.CustomObjectsApi(api_client).create_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        "demo",
+        NAMES[kind].plural,
+        policy(kind, name, spec, generation),
+    )
+
+
+async def read_policy(api_client: client.ApiClient, kind: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = await call(
+        client.CustomObjectsApi(api_client).get_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        "demo",
+        NAMES[kind].plural,
+        name,
+    )
+    return obj
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """An object's status conditions by type."""
+    return {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}

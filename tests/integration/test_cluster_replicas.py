@@ -38,8 +38,7 @@ from controlplane.netutil import free_port, http_request
 from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import LEASE_NAME
 from tests.conftest import DIGITS_REFERENCE, Processes, Redis, demo_sidecar, stop_process
-from tests.integration.conftest import call
-from tests.integration.test_kubernetes import GROUP, VERSION, conditions, policy
+from tests.integration.conftest import call, conditions, create_policy, read_policy
 
 pytestmark = pytest.mark.envoy
 
@@ -188,15 +187,8 @@ async def two_replicas(
     tmp_path: Path,
     demo_model: tuple[str, int],
 ) -> AsyncIterator[Cluster]:
-    api = client.CustomObjectsApi(api_client)
-    for kind, plural, spec in (
-        ("AccessPolicy", "accesspolicies", ACCESS),
-        ("ExtractionPolicy", "extractionpolicies", EXTRACTION),
-    ):
-        await call(
-            api.create_namespaced_custom_object, GROUP, VERSION, "demo", plural,
-            policy(kind, "digits-model", spec),
-        )  # fmt: skip
+    for kind, spec in (("AccessPolicy", ACCESS), ("ExtractionPolicy", EXTRACTION)):
+        await create_policy(api_client, kind, "digits-model", spec)
     redis = Redis(processes)
     await asyncio.to_thread(redis.start)
     replicas = {name: Replica(name, free_port(), free_port()) for name in ("a", "b")}
@@ -266,23 +258,15 @@ async def test_a_quarantine_on_one_replica_is_enforced_and_released_through_the_
         return (await predict(port, key, row))[0]
 
     # Status across replicas: the Lease holder counts the sidecars of both.
-    custom = client.CustomObjectsApi(api_client)
-
     async def both_programmed() -> str:
-        obj = await call(
-            custom.get_namespaced_custom_object, GROUP, VERSION, "demo", "accesspolicies",
-            "digits-model",
-        )  # fmt: skip
+        obj = await read_policy(api_client, "AccessPolicy", "digits-model")
         message = str(conditions(obj).get("Programmed", {}).get("message", ""))
         return message if message == "2 of 2 targeted sidecars ACKed" else ""
 
     try:
         await until(both_programmed, timeout=15, every=0.2)
     except AssertionError as err:
-        obj = await call(
-            custom.get_namespaced_custom_object, GROUP, VERSION, "demo", "accesspolicies",
-            "digits-model",
-        )  # fmt: skip
+        obj = await read_policy(api_client, "AccessPolicy", "digits-model")
         raise AssertionError(f"{err}: {obj.get('status')}") from err
 
     # Meanwhile mallory asks B's sidecar one same question again and again (B's detectors

@@ -17,8 +17,14 @@ from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.netutil import free_port, http_request
 from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
 from tests.conftest import demo_sidecar
-from tests.integration.conftest import call
-from tests.integration.test_kubernetes import GROUP, VERSION, conditions, policy
+from tests.integration.conftest import (
+    GROUP,
+    VERSION,
+    call,
+    conditions,
+    create_policy,
+    read_policy,
+)
 
 pytestmark = pytest.mark.envoy
 
@@ -84,15 +90,7 @@ async def _request(port: int, method: str, path: str) -> int:
 
 
 async def _status(api_client: client.ApiClient) -> dict[str, Any]:
-    obj: dict[str, Any] = await call(
-        client.CustomObjectsApi(api_client).get_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "accesspolicies",
-        "digits-model",
-    )
-    return obj
+    return await read_policy(api_client, "AccessPolicy", "digits-model")
 
 
 async def test_policy_object_is_enforced_and_reported_programmed(
@@ -100,14 +98,7 @@ async def test_policy_object_is_enforced_and_reported_programmed(
 ) -> None:
     _, port = cluster_plane
     api = client.CustomObjectsApi(api_client)
-    await call(
-        api.create_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "accesspolicies",
-        policy("AccessPolicy", "digits-model", SPEC),
-    )
+    await create_policy(api_client, "AccessPolicy", "digits-model", SPEC)
 
     async def wait_programmed(generation: int) -> None:
         deadline = asyncio.get_running_loop().time() + 20

@@ -20,7 +20,7 @@ from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.sidecar.inject import INJECTED_LABEL, INJECTED_SELECTOR
 from controlplane.sources.kubernetes import KubernetesSource
-from tests.integration.conftest import call, until
+from tests.integration.conftest import call, create_policy, until
 
 pytestmark = pytest.mark.kmock(cls=PagingKubernetesEmulator)
 
@@ -155,7 +155,6 @@ async def test_a_pod_event_reaches_only_its_own_sidecar(
     api_client: client.ApiClient, source: KubernetesSource, plane: ControlPlane
 ) -> None:
     core, discovery = client.CoreV1Api(api_client), client.DiscoveryV1Api(api_client)
-    custom = client.CustomObjectsApi(api_client)
     names = [f"model-{i}" for i in range(4)]
     for name in names:
         await call(core.create_namespaced_pod, "demo", pod(name, {"app": "digits-model"}))
@@ -166,27 +165,20 @@ async def test_a_pod_event_reaches_only_its_own_sidecar(
         endpoint_slice("digits-model-1", "digits-model", names),
     )
     # A policy for the gold tier only: a sidecar's IR changes when its pod becomes gold.
-    await call(
-        custom.create_namespaced_custom_object,
-        "modelguard.io",
-        "v1alpha1",
-        "demo",
-        "ratepolicies",
+    await create_policy(
+        api_client,
+        "RatePolicy",
+        "gold",
         {
-            "apiVersion": "modelguard.io/v1alpha1",
-            "kind": "RatePolicy",
-            "metadata": {"name": "gold", "namespace": "demo", "generation": 1},
-            "spec": {
-                "targetRef": {"selector": {"matchLabels": {"tier": "gold"}}},
-                "limits": [
-                    {
-                        "name": "burst",
-                        "clientKey": {"header": "x-api-key"},
-                        "requests": 5,
-                        "per": "second",
-                    }
-                ],
-            },
+            "targetRef": {"selector": {"matchLabels": {"tier": "gold"}}},
+            "limits": [
+                {
+                    "name": "burst",
+                    "clientKey": {"header": "x-api-key"},
+                    "requests": 5,
+                    "per": "second",
+                }
+            ],
         },
     )
     source.start()
