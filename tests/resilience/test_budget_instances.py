@@ -99,6 +99,19 @@ class Predict:
         return status
 
 
+def configured(
+    tmp_path: Path, processes: Processes, app_port: int, redis_server: Redis, counter: str
+) -> tuple[Plane, Predict]:
+    """A control plane with the budget counted by ``counter`` and one sidecar it has
+    configured: its class comes from that counter (one warm-up request answered)."""
+    plane = Plane(processes, policies(tmp_path, counter), redis_server)
+    gate = Predict(processes, tmp_path, app_port, plane.xds, "digits-model-0")
+    gate.envoy.wait_ready(30)
+    until(lambda: gate.post("warm-up", body(1)) == 200, 20, "configured")
+    gate.expect_counter(counter)
+    return plane, gate
+
+
 @COUNTERS
 def test_a_256_instance_request_costs_256_of_a_daily_budget(
     tmp_path: Path,
@@ -107,11 +120,7 @@ def test_a_256_instance_request_costs_256_of_a_daily_budget(
     redis_server: Redis,
     counter: str,
 ) -> None:
-    plane = Plane(processes, policies(tmp_path, counter), redis_server)
-    gate = Predict(processes, tmp_path, demo_model[1], plane.xds, "digits-model-0")
-    gate.envoy.wait_ready(30)
-    until(lambda: gate.post("warm-up", body(1)) == 200, 20, "configured")
-    gate.expect_counter(counter)
+    plane, gate = configured(tmp_path, processes, demo_model[1], redis_server, counter)
     until(plane.counted(LIMIT, "warm-up", 1), 10, "a 1-instance request counted as 1")
 
     # One 256-instance request: 256 of the budget, not 1.
@@ -156,11 +165,7 @@ def test_attacks_on_the_instance_count_are_charged_in_full(
     redis_server: Redis,
     counter: str,
 ) -> None:
-    plane = Plane(processes, policies(tmp_path, counter), redis_server)
-    gate = Predict(processes, tmp_path, demo_model[1], plane.xds, "digits-model-0")
-    gate.envoy.wait_ready(30)
-    until(lambda: gate.post("warm-up", body(1)) == 200, 20, "configured")
-    gate.expect_counter(counter)
+    plane, gate = configured(tmp_path, processes, demo_model[1], redis_server, counter)
 
     rows = json.dumps([[1.0] * 64] * 256)
     # A caller's own instance header is replaced by the sidecar's count.
