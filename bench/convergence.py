@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import gc
 import json
 import multiprocessing
@@ -96,14 +97,8 @@ def _replica(node_id: str) -> Sidecar:
 
 def _envoy_sidecar(node_id: str) -> Sidecar:
     """A real Envoy on this machine: it needs a free port of its own."""
-    return Sidecar(
-        node_id=node_id,
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=18080,
-        inbound_port=free_port(),
-        inbound_address="127.0.0.1",
+    return dataclasses.replace(
+        _replica(node_id), inbound_port=free_port(), inbound_address="127.0.0.1"
     )
 
 

@@ -28,20 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lib.load import (
+    QUERY,
     alternate,
-    backend_bootstrap,
+    backend_envoy,
     bootstrap,
     cluster,
     hcm,
     listener,
-    post_script,
+    predict_script,
     print_ratios,
     require_wrk,
     serve_grpc,
     wrk_arguments,
     wrk_port,
 )
-from wasm_filter import QUERY
 
 from controlplane.compile import compile_sidecar
 from controlplane.compile.inputs.inventory import Sidecar
@@ -84,18 +84,8 @@ def main() -> int:
     store = TelemetryStore(max_records=10**7, max_bytes=4 * 1024**3)
     receiver_port = start_receiver(store)
     work = Path(tempfile.mkdtemp(prefix="modelguard-bench-telemetry-"))
-    lua = post_script(
-        work / "post.lua",
-        QUERY,
-        {"content-type": "application/json", "x-api-key": "bench-client"},
-    )
-    upstream_port, upstream_admin = free_port(), free_port()
-    upstream = EnvoyProcess(
-        backend_bootstrap(upstream_port, upstream_admin),
-        admin_port=upstream_admin,
-        log_level="warn",
-        concurrency=1,
-    )
+    lua = predict_script(work / "post.lua")
+    upstream, upstream_port = backend_envoy()
     sidecars: dict[str, tuple[EnvoyProcess, int]] = {}
     try:
         upstream.start()

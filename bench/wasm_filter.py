@@ -49,14 +49,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Static Envoy configs and the model-like backend shared by the data-path benches.
 from lib.load import (
+    QUERY,
     alternate,
-    backend_bootstrap,
+    backend_envoy,
     bootstrap,
     cluster,
     cpu_seconds,
     hcm,
     listener,
-    post_script,
+    predict_script,
     require_wrk,
     serve_grpc,
     wrk_arguments,
@@ -71,9 +72,6 @@ from controlplane.policies.extraction.ir import ExtractionIR, HardeningIR, Query
 from controlplane.policies.extraction.translate import extension_config
 from controlplane.sidecar.bootstrap import XDS_CLUSTER
 from controlplane.translate.render import to_dict
-
-QUERY = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
-
 
 LABELS = {
     "bare": "router only (baseline)",
@@ -186,18 +184,8 @@ def main() -> int:
 
     feed, feed_port = start_feed_server()
     work = Path(tempfile.mkdtemp(prefix="modelguard-bench-wasm-"))
-    lua = post_script(
-        work / "post.lua",
-        QUERY,
-        {"content-type": "application/json", "x-api-key": "bench-client"},
-    )
-    upstream_port, upstream_admin = free_port(), free_port()
-    upstream = EnvoyProcess(
-        backend_bootstrap(upstream_port, upstream_admin),
-        admin_port=upstream_admin,
-        log_level="warn",
-        concurrency=1,
-    )
+    lua = predict_script(work / "post.lua")
+    upstream, upstream_port = backend_envoy()
 
     def sidecar(
         filters: list[dict[str, Any]], binary: Path | None = None

@@ -52,6 +52,9 @@ ANSWER: dict[str, Any] = {
     "model": "digits-logreg",
 }
 
+# One digits query, as the benches' clients send it.
+QUERY: dict[str, Any] = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
+
 ROUTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": TYPE + "envoy.extensions.filters.http.router.v3.Router"},
@@ -131,6 +134,19 @@ def backend_bootstrap(port: int, admin: int) -> dict[str, Any]:
         ],
     }
     return bootstrap(admin, [listener(port, hcm([BUFFER], route))], [])
+
+
+def backend_envoy() -> tuple[Any, int]:
+    """The backend (``backend_bootstrap``) as an EnvoyProcess on free loopback ports, one
+    worker, not started: (the process, its listener's port)."""
+    from controlplane.local.envoy import EnvoyProcess
+    from controlplane.netutil import free_port
+
+    port, admin = free_port(), free_port()
+    envoy = EnvoyProcess(
+        backend_bootstrap(port, admin), admin_port=admin, log_level="warn", concurrency=1
+    )
+    return envoy, port
 
 
 def router_bootstrap(port: int, admin: int, upstream_port: int) -> dict[str, Any]:
@@ -231,6 +247,13 @@ def post_script(path: Path, body: Any, headers: dict[str, str]) -> Path:
     lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def predict_script(path: Path) -> Path:
+    """A wrk script that POSTs ``QUERY`` as the client ``bench-client`` (x-api-key)."""
+    return post_script(
+        path, QUERY, {"content-type": "application/json", "x-api-key": "bench-client"}
+    )
 
 
 def wrk_port(port: int, seconds: float, connections: int, script: Path) -> WrkResult:
