@@ -23,7 +23,7 @@ import pytest
 from controlplane import netutil
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyError, EnvoyProcess, envoy_binary
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.sidecar.bootstrap import XdsCredentials, build_bootstrap
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,10 +198,13 @@ def demo_sidecar(
     delta: bool = False,
     outbound_port: int | None = None,
     extra_args: tuple[str, ...] = (),
+    identity_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[EnvoyProcess, int]:
     """A sidecar of ``service`` in the demo namespace (a real Envoy, configured over ADS from
     127.0.0.1:``xds_port``) in front of the workload on ``app_port``, with its inbound
     listener and admin on free loopback ports. Returns it not started, and its inbound port.
+    With ``identity_dir`` (the control plane's identity folder) it holds the credentials
+    ``modelguard bootstrap`` gives a sidecar: xDS over TLS with its token.
 
     EnvoyProcess starts Envoy in its own session and stops it by PID.
     """
@@ -216,9 +219,17 @@ def demo_sidecar(
         inbound_address="127.0.0.1",
         outbound_port=outbound_port,
     )
+    credentials = None
+    if identity_dir is not None:
+        credentials = XdsCredentials.for_sidecar(sidecar, identity_dir)
     envoy = EnvoyProcess(
         build_bootstrap(
-            sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=admin, delta=delta
+            sidecar,
+            xds_host="127.0.0.1",
+            xds_port=xds_port,
+            admin_port=admin,
+            delta=delta,
+            credentials=credentials,
         ),
         admin_port=admin,
         log_path=log_path,
