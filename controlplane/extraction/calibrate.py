@@ -82,7 +82,7 @@ OOD_FLOOR = {"low": 4.0, "medium": 3.0, "high": 2.0}
 DENSE_STEPS_FLOOR = 4.0
 # Part of every cache key: bump whenever the procedure (generators, split, statistics)
 # changes, so a cached profile is never one the current code would not produce.
-VERSION = "13.5"  # 13.5: denseSteps
+VERSION = "13.6"  # 13.5: denseSteps; 13.6: residual_cut
 HELD_OUT_FRACTION = 0.25
 MAX_HELD_OUT = 2000
 MAX_REFERENCE = 20_000  # reference points kept for novelty (a distance matrix per batch)
@@ -384,6 +384,7 @@ class Cutoffs:
     novelty_rate: float
     residual_mean: float
     residual_std: float
+    residual_cut: float = 0.0
 
     def thresholds(
         self,
@@ -428,6 +429,8 @@ def per_query_cutoffs(reference: Reference, held_out: FloatArray) -> Cutoffs:
         novelty_rate=max(rate_upper_bound(int((novelty > cut).sum()), len(novelty)), 0.01),
         residual_mean=float(residual.mean()),
         residual_std=float(residual.std()),
+        # The same tail as the novelty cut: what 1% of natural queries exceed.
+        residual_cut=float(np.quantile(residual, 0.99)),
     )
 
 

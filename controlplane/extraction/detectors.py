@@ -136,6 +136,14 @@ class Thresholds:
     # Inputs moved by near-duplicate steps per distinct query (``denseSteps``). Infinite
     # (off) in profiles calibrated before it existed and in reference-free ones.
     dense_steps: float = math.inf
+    # The 99th percentile of natural queries' residuals (held-out rows). ``coverage`` is a
+    # z score: any population a little further from the subspace than the data's average
+    # (a partial-dependence plot, imputed inputs, SHAP coalitions) reaches any threshold
+    # once it has sent enough queries. For a quarantine the monitor also wants the effect:
+    # the client's mean residual beyond this, its typical query further from the subspace
+    # than 99% of the model's own records (``monitor.DECISIVE``). 0 (no such condition) in
+    # profiles calibrated before it existed.
+    residual_cut: float = 0.0
 
     def of(self, detector: StatisticName) -> float:
         return {
@@ -435,6 +443,10 @@ class ClientState:
         decay = 0.5 ** (1.0 / self.half_life)
         self.distinct = self.distinct * decay + 1.0
         self.moved *= decay
+
+    def mean_residual(self) -> float | None:
+        """The decayed mean residual of the client's fresh queries (``coverage``'s mean)."""
+        return self.residual_sum / self.weight if self.weight > 0 else None
 
     def dispersion(self) -> float | None:
         """Mean squared distance of the client's fresh queries to their mean (decayed):
