@@ -86,6 +86,8 @@ VERSION = "13.6"  # 13.5: denseSteps; 13.6: residual_cut
 HELD_OUT_FRACTION = 0.25
 MAX_HELD_OUT = 2000
 MAX_REFERENCE = 20_000  # reference points kept for novelty (a distance matrix per batch)
+# Rows needed to estimate a 99th percentile as more than the sample's largest value.
+MIN_TAIL_ROWS = 100
 N_SEGMENTS = 8  # clusters standing in for classes when the reference has no answers
 RELATIVE_RADIUS = 0.02  # reference-free near-duplicate radius, as a fraction of |x|
 
@@ -385,6 +387,7 @@ class Cutoffs:
     residual_mean: float
     residual_std: float
     residual_cut: float = 0.0
+    novelty_gate: float = 0.0
 
     def thresholds(
         self,
@@ -419,6 +422,7 @@ def per_query_cutoffs(reference: Reference, held_out: FloatArray) -> Cutoffs:
     novelty = reference.novelty(held_out)
     cut = float(np.quantile(novelty, 0.99))
     residual = reference.residual(held_out)
+    tail = len(held_out) >= MIN_TAIL_ROWS
     return Cutoffs(
         duplicate_radius=float(np.quantile(nearest[nearest > 0], 0.01)),
         novelty_cut=cut,
@@ -429,8 +433,12 @@ def per_query_cutoffs(reference: Reference, held_out: FloatArray) -> Cutoffs:
         novelty_rate=max(rate_upper_bound(int((novelty > cut).sum()), len(novelty)), 0.01),
         residual_mean=float(residual.mean()),
         residual_std=float(residual.std()),
-        # The same tail as the novelty cut: what 1% of natural queries exceed.
-        residual_cut=float(np.quantile(residual, 0.99)),
+        # What a quarantine on coverage or outOfDistribution also needs (the effect, not
+        # only its significance: ``monitor._decisive``): the client's mean beyond what 1%
+        # of natural queries exceed. Only from enough rows to tell a 99th percentile from
+        # the sample's maximum; else no such condition (the tests' null still holds).
+        residual_cut=float(np.quantile(residual, 0.99)) if tail else 0.0,
+        novelty_gate=cut if tail else 0.0,
     )
 
 

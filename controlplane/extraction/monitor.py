@@ -23,8 +23,9 @@ expensive mistake): the detectors say different things.
 - ``outOfDistribution`` and ``coverage`` say the queries are unlike the model's own data or
   spread over directions it never varies in: the evidence an extraction needs to go beyond
   what natural use reveals. With reference data, a quarantine requires one of them among
-  the confirming findings (``DECISIVE``), ``coverage`` only when the effect is large too
-  (the client's mean residual beyond the natural 99th percentile: ``_decisive``); without
+  the confirming findings (``DECISIVE``), and only when the effect is large too (the
+  client's mean residual, or mean novelty, beyond the natural 99th percentile:
+  ``_decisive``), not only significant; without
   reference data (or while the policy's profile is still calibrating), ``prada`` is the
   decisive detector, at its reference-free default.
 - ``denseSteps`` (computed with ``nearDuplicate``) says the client's near-duplicate steps
@@ -784,21 +785,35 @@ class ExtractionMonitor:
         """Whether a fired finding may ground a quarantine (with the spread floor).
 
         ``coverage`` only with the effect as well as the significance: the client's mean
-        residual beyond the 99th percentile of natural queries' (``Thresholds.
+        residual (its lower confidence bound, ``ClientState.lower_mean``: early means of a
+        few dozen queries swing) beyond the 99th percentile of natural queries' (``Thresholds.
         residual_cut``, from the reference's held-out rows). Its z score grows with the
         square root of the queries for any population a little off the data's subspace, so
         a long partial-dependence plot, a batch with mean-imputed inputs or SHAP coalitions
         over several instances (0.3-0.7 standard deviations off on the digits) reached it,
         and a throttle became a 24 h quarantine 16 queries later; noise is 8 standard
         deviations off, the typical query beyond the natural 99th percentile.
+        ``outOfDistribution`` likewise: the client's mean novelty beyond the natural 99th
+        percentile (``Thresholds.novelty_gate``, the cut it counts novel queries by), not
+        only more novel queries than the natural rate allows: KernelSHAP's coalitions
+        (a fifth of them novel), test-time augmentation of centred digits (a third) were
+        quarantined; noise, photo patches and noise interleaved 1:1 with natural digits
+        are typically beyond it (mean novelty 1.1-2.0 times the cut on the digits, those
+        clients 0.7-0.98). Both conditions hold only where the reference's held-out rows
+        estimate a 99th percentile (``calibrate.MIN_TAIL_ROWS``; not the wine data's 33):
+        elsewhere the significance alone decides, as before.
         ``prada`` (not decisive with reference data: narrow users fooled it at its
         threshold) at ``ESCALATE`` times its threshold, 2.5 times the most any simulated
         benign client reached: streams of perturbed copies of a few seeds (sign steps)
         reach 3 times it while being only a standard deviation off the subspace."""
         if finding.detector == "coverage" and finding.detector in decisive:
-            mean = state.mean_residual()
             cut = thresholds.residual_cut if thresholds is not None else 0.0
-            return mean is not None and mean >= cut
+            mean = state.lower_mean("residual")
+            return cut <= 0 or (mean is not None and mean >= cut)
+        if finding.detector == "outOfDistribution" and finding.detector in decisive:
+            cut = thresholds.novelty_gate if thresholds is not None else 0.0
+            mean = state.lower_mean("novelty")
+            return cut <= 0 or (mean is not None and mean >= cut)
         if finding.detector in DECISIVE_ESCALATED and decisive is DECISIVE:
             return finding.statistic >= ESCALATE * finding.threshold
         return finding.detector in decisive
