@@ -82,7 +82,7 @@ OOD_FLOOR = {"low": 4.0, "medium": 3.0, "high": 2.0}
 DENSE_STEPS_FLOOR = 4.0
 # Part of every cache key: bump whenever the procedure (generators, split, statistics)
 # changes, so a cached profile is never one the current code would not produce.
-VERSION = "13.6"  # 13.5: denseSteps; 13.6: residual_cut
+VERSION = "13.6"  # 13.5: denseSteps; 13.6: residual_cut, novelty_gate
 HELD_OUT_FRACTION = 0.25
 MAX_HELD_OUT = 2000
 MAX_REFERENCE = 20_000  # reference points kept for novelty (a distance matrix per batch)

@@ -796,12 +796,12 @@ class ExtractionMonitor:
         ``outOfDistribution`` likewise: the client's mean novelty beyond the natural 99th
         percentile (``Thresholds.novelty_gate``, the cut it counts novel queries by), not
         only more novel queries than the natural rate allows: KernelSHAP's coalitions
-        (a fifth of them novel), test-time augmentation of centred digits (a third) were
-        quarantined; noise, photo patches and noise interleaved 1:1 with natural digits
-        are typically beyond it (mean novelty 1.1-2.0 times the cut on the digits, those
-        clients 0.7-0.98). Both conditions hold only where the reference's held-out rows
-        estimate a 99th percentile (``calibrate.MIN_TAIL_ROWS``; not the wine data's 33):
-        elsewhere the significance alone decides, as before.
+        (5-19% of them novel, natural digits 1-3%) and test-time augmentation of centred
+        digits (36%) were quarantined; noise, photo patches and noise interleaved 1:1
+        with natural digits are typically beyond it (mean novelty 1.1-2.0 times the cut
+        on the digits, those clients 0.7-0.98). Both conditions hold only where the
+        reference's held-out rows estimate a 99th percentile (``calibrate.MIN_TAIL_ROWS``;
+        not the wine data's 33): elsewhere the significance alone decides, as before.
         ``prada`` (not decisive with reference data: narrow users fooled it at its
         threshold) at ``ESCALATE`` times its threshold, 2.5 times the most any simulated
         benign client reached: streams of perturbed copies of a few seeds (sign steps)
