@@ -23,7 +23,9 @@ read by ``reference.py``); same data, same settings, same numbers:
    control plane does not call. Each client's queries are fed through the detectors in
    batches, and the highest value every statistic reaches over its stream is kept.
    The HELD-OUT generators (``HELD_OUT_KINDS``: feature sweeps, SHAP-style coalitions,
-   cluster segments) never take part: tests and the benchmark report them apart.
+   cluster segments) never take part: tests and the benchmark report them apart; nor does
+   the second held-out set (``held_out.py``: KernelSHAP, augmentation, drift, retries,
+   imputation, partial dependence...).
 4. A detector's threshold is set against those per-client maxima: ``high`` sensitivity is
    their 99th percentile (about 1% of benign clients would be flagged), ``medium`` 25%
    above their maximum (no simulated benign client is flagged), ``low`` 50% above it;
