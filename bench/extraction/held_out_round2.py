@@ -6,7 +6,7 @@ sensitivity, throttle 60/minute, quarantine 24 h. Per client: when it was thrott
 quarantined (queries), and by which detectors. Uniform-noise attackers run on every model
 beside them (the wine model has no other attack test).
 
-    .venv/bin/python bench/extraction/held_out_round2.py            # ~3 min on 2 busy cores
+    .venv/bin/python bench/extraction/held_out_round2.py            # ~1 min on 2 busy cores
     .venv/bin/python bench/extraction/held_out_round2.py --models wine --per-kind 4
 """
 
