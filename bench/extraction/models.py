@@ -210,7 +210,7 @@ def cancer_scenario(model: BreastCancerModel) -> list[Any]:
     """The breast-cancer model's clients: off-distribution attacks over the features'
     documented ranges, natural in-distribution extraction, and benign users from its test
     split (calibration's generators with other seeds, and the held-out ones)."""
-    from attacks import Spec, fixed, interleaved
+    from attacks import Spec, fixed, interleaved, round2_specs
 
     from controlplane.extraction import calibrate as C
 
@@ -249,6 +249,7 @@ def cancer_scenario(model: BreastCancerModel) -> list[Any]:
         *[Spec(f"held-out cluster #{i}", "held-out", 1,
                lambda rng, n: fixed(C.segment_user(rng, pool, n, clusters)), 300)
           for i in range(4)],
+        *round2_specs(pool, model.predict),
     ]
 
 
