@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from controlplane.app.cliutil import (
     GLOBAL_FLAGS_HELP,
@@ -51,6 +53,11 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Cluster mode reads policies from the API server, not from --policies.
+    unusable = None if args.kubernetes else _unusable_policy_paths("serve", args.policies)
+    if unusable is not None:
+        print(unusable, file=sys.stderr)
+        return 2
     from controlplane.app.server import ControlPlane, ControlPlaneConfig
     from controlplane.identity import service as identity_service
     from controlplane.telemetry import settings as telemetry_settings
@@ -106,6 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if (unusable := _unusable_policy_paths("run", [args.policies])) is not None:
+        print(unusable, file=sys.stderr)
+        return 2
     from controlplane.app.runner import run_embedded
 
     return run_embedded(args)
@@ -147,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("run", help="the embedded default: control plane, demo model, sidecar")
-    p.add_argument("--policies", default="policies/", help="policy folder (watched)")
+    p.add_argument(
+        "--policies", default="policies/", metavar="PATH", help="policy folder or file (watched)"
+    )
     p.add_argument(
         "--listen-port", type=port_number, default=10000, help="sidecar port for clients"
     )
@@ -157,9 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=15001,
         help="the demo workload's egress port on the sidecar (0: no egress control)",
     )
-    p.add_argument("--xds-port", type=port_number, default=18000)
-    p.add_argument("--admin-port", type=port_number, default=18001)
-    p.add_argument("--workdir", default=".modelguard", help="bootstraps and logs")
+    p.add_argument(
+        "--xds-port", type=port_number, default=18000, help="the control plane's xDS port"
+    )
+    p.add_argument(
+        "--admin-port", type=port_number, default=18001, help="admin API (status, quarantine…)"
+    )
+    p.add_argument("--workdir", default=".modelguard", help="bootstraps, keys and logs")
     p.add_argument(
         "--metrics-port",
         type=port_number,
@@ -170,12 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
 
     p = sub.add_parser("serve", help="the control plane alone")
-    p.add_argument("--policies", nargs="+", default=["policies/"])
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=["policies/"],
+        metavar="PATH",
+        help="policy files or folders, watched (default: policies/; ignored with --kubernetes)",
+    )
     identity_arguments(p)
-    p.add_argument("--xds-host", default="127.0.0.1")
-    p.add_argument("--xds-port", type=port_number, default=18000)
-    p.add_argument("--admin-host", default="127.0.0.1")
-    p.add_argument("--admin-port", type=port_number, default=18001)
+    p.add_argument("--xds-host", default="127.0.0.1", help="where sidecars reach xDS")
+    p.add_argument("--xds-port", type=port_number, default=18000, help="xDS port (18000)")
+    p.add_argument(
+        "--admin-host",
+        default="127.0.0.1",
+        help="admin API address (beyond loopback only with --admin-token-file)",
+    )
+    p.add_argument("--admin-port", type=port_number, default=18001, help="admin port (18001)")
     p.add_argument(
         "--metrics-port",
         type=port_number,
@@ -300,13 +326,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# xds-protos ships older copies of these two packages' files and overwrites them; a plain
+# `pip install` of modelguard leaves them so (make setup and the image reinstall them after).
+SHADOWED_PROTOS = ("opentelemetry-proto", "googleapis-common-protos")
+
+
+def shadowed_protos() -> str | None:
+    """The command that repairs an install whose opentelemetry-proto files are xds-protos'
+    older copies, or None when they are the current ones."""
+    try:
+        from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return None
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        pins = [r.split(";")[0].strip() for r in requires("modelguard") or []]
+    except PackageNotFoundError:  # a source tree that was never installed
+        pins = []
+    wanted = [
+        next((pin for pin in pins if re.fullmatch(rf"{name}==[\w.]+", pin)), name)
+        for name in SHADOWED_PROTOS
+    ]
+    return f"{sys.executable} -m pip install --force-reinstall --no-deps {' '.join(wanted)}"
+
+
+def _unusable_policy_paths(command: str, paths: Sequence[str]) -> str | None:
+    """Why ``run``/``serve`` cannot start on these policy paths: a path that does not exist
+    would be watched as its parent folder and serve no policy at all, silently."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if not missing:
+        return None
+    return (
+        f"modelguard {command}: --policies {' '.join(missing)}: no such file or folder "
+        f"(in {Path.cwd()}). The demo policies are the policies/ folder of a modelguard "
+        "checkout; name your own with --policies PATH."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = resolve_globals(build_parser().parse_args(argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ImportError as err:
+        repair = shadowed_protos()
+        if repair is None:
+            raise
+        print(
+            f"modelguard: {err}\nThis install's opentelemetry-proto files are the older copies "
+            "xds-protos wrote over them. Reinstall the two packages it overwrites, without "
+            f"dependencies, after modelguard:\n  {repair}",
+            file=sys.stderr,
+        )
+        return 1
     return result
 
 

@@ -16,7 +16,10 @@ import argparse
 import json
 import os
 import re
+import shutil
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 DEFAULT_ADMIN = "127.0.0.1:18001"
@@ -173,3 +176,16 @@ def table(rows: list[list[str]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def cli_command(argv0: str | None = None) -> str:
+    """How to call this ``modelguard`` again, for the hints a command prints: ``modelguard``
+    when that is what PATH finds, else the path it was started by (``.venv/bin/modelguard``
+    for ``make run``; a venv's bin folder elsewhere for an installed package)."""
+    started = Path(sys.argv[0] if argv0 is None else argv0)
+    if started.name != "modelguard":  # python -m controlplane.app.cli: no script to name
+        return "modelguard"
+    found = shutil.which("modelguard")
+    if found is not None and Path(found).resolve() == started.resolve():
+        return "modelguard"
+    return str(started)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from controlplane.app.cliutil import cli_command
 from controlplane.app.server import ControlPlane, ControlPlaneConfig, PortInUse
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.apikeys import digest
@@ -110,8 +111,10 @@ def banner(
     envoy_admin: int | None = None,
     keys: dict[str, str] | None = None,
     web: str | None = None,
+    cli: str | None = None,
 ) -> str:
     keys = keys or {}
+    cli = cli or cli_command()
     lines = [
         "",
         "modelguard is running (Ctrl-C stops everything):",
@@ -126,12 +129,12 @@ def banner(
         ]
     lines += [
         f"  policies             {args.policies} (edits apply live)",
-        f"  sidecar status       .venv/bin/modelguard status --admin 127.0.0.1:{admin_port}",
+        f"  sidecar status       {cli} status --admin 127.0.0.1:{admin_port}",
     ]
     if envoy_admin is not None:
         lines += [
             f"  sidecar Envoy admin  http://127.0.0.1:{envoy_admin}/ "
-            f"(.venv/bin/modelguard proxy-config {DEMO_SERVICE}-0 stats "
+            f"({cli} proxy-config {DEMO_SERVICE}-0 stats "
             f"--admin 127.0.0.1:{admin_port})",
         ]
     if web is not None:
@@ -160,7 +163,7 @@ def banner(
         lines += [
             f"  {EGRESS_EXAMPLE.format(port=args.outbound_port)}",
             f"  {EGRESS_TLS.format(port=args.outbound_port)}",
-            f"  .venv/bin/modelguard traces --admin 127.0.0.1:{admin_port} --verdict blocked",
+            f"  {cli} traces --admin 127.0.0.1:{admin_port} --verdict blocked",
         ]
     return "\n".join(lines) + "\n"
 

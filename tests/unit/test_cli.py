@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
@@ -149,3 +150,120 @@ async def test_debouncer_coalesces_a_burst_and_bounds_the_delay() -> None:
         await asyncio.sleep(0.02)
     assert calls, "max_delay must bound the wait under a continuous stream of events"
     assert calls[0] - start < 0.45
+
+
+# --- A new user's path (the readme helper): what a command says when it cannot go on. ---
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_run_and_serve_refuse_a_policy_path_that_does_not_exist(
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Outside a checkout (an installed package, run from any folder) the default policies/
+    # is not there: watched as its parent folder, it served no policy at all, silently.
+    monkeypatch.chdir(tmp_path)
+    # Every port is one this test holds: were the check missing, nothing could start.
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = str(held.getsockname()[1])
+        ports = ["--xds-port", port, "--admin-port", port]
+        if command == "run":
+            ports += ["--listen-port", port, "--outbound-port", "0", "--metrics-port", port]
+        assert main([command, *ports]) == 2
+    err = capsys.readouterr().err
+    assert f"modelguard {command}: --policies policies/: no such file or folder" in err
+    assert "--policies PATH" in err
+    assert not list(tmp_path.iterdir()), "nothing may be written before the check"
+
+
+def test_serve_in_cluster_mode_does_not_read_policy_paths() -> None:
+    from controlplane.app.cli import _unusable_policy_paths, build_parser
+
+    args = build_parser().parse_args(["serve", "--kubernetes", "--policies", "/nope"])
+    assert args.kubernetes and args.policies == ["/nope"]
+    assert _unusable_policy_paths("serve", ["/nope"]) is not None
+    assert _unusable_policy_paths("serve", [str(ROOT / "policies")]) is None
+
+
+def test_the_banner_names_the_modelguard_that_was_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controlplane.app.cli import build_parser
+    from controlplane.app.cliutil import cli_command
+    from controlplane.app.runner import banner
+
+    # An installed package: its venv is not ./.venv, so `.venv/bin/modelguard` is wrong.
+    installed = tmp_path / "uservenv" / "bin" / "modelguard"
+    installed.parent.mkdir(parents=True)
+    installed.write_text("#!/bin/sh\n")
+    installed.chmod(0o755)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "argv", [str(installed), "run"])
+    text = banner(build_parser().parse_args(["run"]), 18001, Path(".modelguard"), 15000)
+    assert f"{installed} status --admin 127.0.0.1:18001" in text
+    assert f"({installed} proxy-config digits-model-0 stats" in text
+    assert f"{installed} traces --admin" in text
+    assert ".venv/bin/" not in text
+    # On PATH: the bare name. `make run`: the path it was started by. `python -m`: the name.
+    monkeypatch.setenv("PATH", str(installed.parent))
+    assert cli_command(str(installed)) == "modelguard"
+    assert cli_command(".venv/bin/modelguard") == ".venv/bin/modelguard"
+    assert cli_command(str(ROOT / "controlplane" / "app" / "cli.py")) == "modelguard"
+
+
+def _stale_opentelemetry(into: Path) -> None:
+    """The opentelemetry package as a plain `pip install` leaves it: xds-protos' older
+    common.proto (before InstrumentationScope) over the current one. The current package is
+    copied and its common_pb2 rebuilt from the same descriptor without that message."""
+    import shutil
+
+    import opentelemetry.proto.common.v1.common_pb2 as current
+    from google.protobuf import descriptor_pb2
+
+    package = Path(current.__file__).parents[3]  # .../site-packages/opentelemetry
+    shutil.copytree(package, into / "opentelemetry", ignore=shutil.ignore_patterns("__pycache__"))
+    older = descriptor_pb2.FileDescriptorProto()
+    current.DESCRIPTOR.CopyToProto(older)
+    kept = [m for m in older.message_type if m.name != "InstrumentationScope"]
+    del older.message_type[:]
+    older.message_type.extend(kept)
+    (into / "opentelemetry" / "proto" / "common" / "v1" / "common_pb2.py").write_text(
+        "from google.protobuf import descriptor_pool\n"
+        "from google.protobuf.internal import builder\n"
+        f"DESCRIPTOR = descriptor_pool.Default().AddSerializedFile({older.SerializeToString()!r})\n"
+        "builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())\n"
+        "builder.BuildTopDescriptorsAndMessages(\n"
+        "    DESCRIPTOR, 'opentelemetry.proto.common.v1.common_pb2', globals()\n"
+        ")\n"
+    )
+
+
+def test_a_plain_pip_install_gets_the_repair_command_not_a_traceback(tmp_path: Path) -> None:
+    # `pip install modelguard` into a fresh venv installs xds-protos after opentelemetry-proto,
+    # and xds-protos overwrites its files: `run` and `serve` died on an ImportError.
+    _stale_opentelemetry(tmp_path / "stale")
+    (tmp_path / "policies").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.app.cli", "serve", "--policies", "policies"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{tmp_path / 'stale'}:{ROOT}", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "InstrumentationScope" in result.stderr
+    repair = result.stderr.strip().splitlines()[-1].split()
+    assert repair[:6] == [
+        sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps"
+    ], result.stderr
+    # The versions modelguard pins, as make setup and the image reinstall them.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for pin in repair[6:]:
+        assert f'"{pin}"' in pyproject, pin
+    assert [p.split("==")[0] for p in repair[6:]] == [
+        "opentelemetry-proto", "googleapis-common-protos"
+    ]
