@@ -20,7 +20,7 @@ import shutil
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_ADMIN = "127.0.0.1:18001"
 ADMIN_ENV = "MODELGUARD_ADMIN"
@@ -189,3 +189,27 @@ def cli_command(argv0: str | None = None) -> str:
     if found is not None and Path(found).resolve() == started.resolve():
         return "modelguard"
     return str(started)
+
+
+class _RpcError(Protocol):  # grpc.RpcError as the CLI reads it (grpc is not imported here)
+    def code(self) -> Any: ...
+
+    def details(self) -> str | None: ...
+
+
+def admin_call_failed(address: str, err: _RpcError, stream: Any = None) -> int:
+    """Say why a call to the admin API failed, and return the exit code: 2 when the control
+    plane cannot be reached (as ``status`` documents), 1 when it answered with an error."""
+    out = sys.stderr if stream is None else stream
+    code = getattr(err.code(), "name", str(err.code()))
+    details = err.details() or code
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        print(
+            f"cannot reach the control plane at {address}: {details}\n"
+            "  (is `modelguard run` or `modelguard serve` running? --admin HOST:PORT or "
+            f"${ADMIN_ENV} names another address)",
+            file=out,
+        )
+        return 2
+    print(f"the control plane at {address} refused the call ({code}): {details}", file=out)
+    return 1

@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from controlplane.app.adminauth import admin_channel
-from controlplane.app.cliutil import add_output_arguments, emit, policy_ref
+from controlplane.app.cliutil import add_output_arguments, admin_call_failed, emit, policy_ref
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
                 timeout=5,
             )
     except grpc.RpcError as err:
-        print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
-        return 2
+        return admin_call_failed(args.admin, err)
     if not released.released:
         print(f"{args.key}: not quarantined or throttled", file=sys.stderr)  # what was typed
         return 1

@@ -19,7 +19,13 @@ import grpc
 from google.protobuf import json_format
 
 from controlplane.app.adminauth import admin_channel
-from controlplane.app.cliutil import add_output_arguments, emit, http_status, positive_int
+from controlplane.app.cliutil import (
+    add_output_arguments,
+    admin_call_failed,
+    emit,
+    http_status,
+    positive_int,
+)
 from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
 from controlplane.telemetry.records import hash_secret
 
@@ -145,8 +151,7 @@ def show_traces(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except grpc.RpcError as err:
-        print(f"cannot read telemetry from {args.admin}: {err.details()}", file=sys.stderr)
-        return 2
+        return admin_call_failed(args.admin, err)
     return 0
 
 

@@ -267,3 +267,30 @@ def test_a_plain_pip_install_gets_the_repair_command_not_a_traceback(tmp_path: P
     assert [p.split("==")[0] for p in repair[6:]] == [
         "opentelemetry-proto", "googleapis-common-protos"
     ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status"],
+        ["usage"],
+        ["usage", "unthrottle", "someone"],
+        ["quarantine", "list"],
+        ["quarantine", "release", "someone"],
+        ["traces"],
+        ["proxy-config", "digits-model-0", "listeners"],
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_every_admin_command_says_the_same_when_nothing_listens(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # usage said "modelguard usage: ADDRESS: ..." and exited 1 where the others exit 2; none
+    # said what to check.
+    from controlplane.netutil import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    assert main([*argv, "--admin", address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cannot reach the control plane at {address}: "), err
+    assert "`modelguard run` or `modelguard serve`" in err and "$MODELGUARD_ADMIN" in err
