@@ -267,7 +267,13 @@ class ControlPlane:
             telemetry_store=self.telemetry.store,
             envoy_admins=self.envoy_admins,
             calibrated=self.extraction.profiles.conditions,
+            api_key_sets=self._api_key_sets if self.identity is not None else None,
         )
+
+    def _api_key_sets(self) -> set[tuple[str, str]]:
+        """The key Secrets compile sees now (non-empty ones: an empty set admits nobody)."""
+        assert self.identity is not None
+        return {ref for ref, keys in self.identity.mesh_inputs(()).api_keys.items() if keys}
 
     def page_sources(self) -> page.Sources:
         """What the live page reads."""

@@ -294,3 +294,45 @@ def test_every_admin_command_says_the_same_when_nothing_listens(
     err = capsys.readouterr().err
     assert err.startswith(f"cannot reach the control plane at {address}: "), err
     assert "`modelguard run` or `modelguard serve`" in err and "$MODELGUARD_ADMIN" in err
+
+
+async def test_status_warns_of_an_access_rule_whose_key_secret_is_not_loaded(
+    tmp_path: Path,
+) -> None:
+    # `serve --policies policies/` without --api-keys: policies/access.yaml admits the keys of
+    # the Secret demo-keys, which nothing loaded. Every caller got 403 and status said only
+    # "Accepted"; "Running a sidecar yourself" sent such a curl.
+    from controlplane.app.runner import demo_keys
+    from controlplane.app.server import ControlPlane, ControlPlaneConfig
+    from controlplane.app.status_cli import fetch_status
+    from controlplane.identity.service import IdentityConfig
+    from controlplane.netutil import free_port
+
+    warning = (
+        "spec.rules[0].from.apiKeys.secretRef: no keys of Secret demo/demo-keys are loaded "
+        "(serve --api-keys FILE; in a cluster, a Secret labelled modelguard.io/api-keys=true): "
+        "this rule admits no caller"
+    )
+    keys, _ = demo_keys(tmp_path / "work")
+    for api_keys, warned in (((), True), ((str(keys),), False)):
+        plane = ControlPlane(
+            ControlPlaneConfig(
+                policy_paths=(str(ROOT / "policies"),),
+                xds_port=free_port(),
+                admin_port=0,
+                watch=False,
+                identity=IdentityConfig(
+                    directory=str(tmp_path / "identity"), api_key_paths=api_keys
+                ),
+            )
+        )
+        await plane.start()
+        try:
+            report = await asyncio.to_thread(fetch_status, f"127.0.0.1:{plane.admin_port}", "")
+        finally:
+            await plane.stop(grace=0)
+        access = next(p for p in report.policies if p.kind == "AccessPolicy")
+        assert (warning in access.warnings) is warned, list(access.warnings)
+        assert access.state == "Accepted"
+        text = render(report)
+        assert (f"AccessPolicy demo/digits-model: {warning}" in text) is warned, text
