@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -384,6 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"dependencies, after modelguard:\n  {repair}",
             file=sys.stderr,
         )
+        return 1
+    except BrokenPipeError:
+        # `modelguard ... | head`: the reader left. Python's own flush of stdout at exit would
+        # fail again with a traceback; point stdout at /dev/null and stop, as a piped Unix
+        # tool does (the recipe of Python's signal module documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return result
 

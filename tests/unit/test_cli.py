@@ -336,3 +336,21 @@ async def test_status_warns_of_an_access_rule_whose_key_secret_is_not_loaded(
         assert access.state == "Accepted"
         text = render(report)
         assert (f"AccessPolicy demo/digits-model: {warning}" in text) is warned, text
+
+
+def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path: Path) -> None:
+    # `modelguard profile show | head` ended in a BrokenPipeError traceback. Here: more lines
+    # than a pipe holds, and the reader closes after the first.
+    bad = tmp_path / "many.yaml"
+    bad.write_text("\n---\n".join(BAD for _ in range(2000)))
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "modelguard"), "validate", str(bad)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert b"spec.limits[1].per" in process.stdout.readline()
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
