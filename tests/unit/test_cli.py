@@ -354,3 +354,32 @@ def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path: Path) -
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_traces_json_gives_integer_attributes_as_numbers() -> None:
+    # The README: "numbers are numbers (status codes, sizes, durations, ports)"; traces --json
+    # showed "http.response.status_code": "403" (the admin API carries strings).
+    import json
+
+    from controlplane.app.traces_cli import to_json
+    from controlplane.gen.modelguard.admin.v1 import telemetry_pb2
+
+    record = telemetry_pb2.TelemetryRecord(
+        kind="log",
+        status=403,
+        attributes={
+            "http.response.status_code": "403",
+            "envoy.bytes_sent": "19",
+            "modelguard.egress.listener.port": "15001",
+            "url.path": "/v1/predict",
+            "envoy.response_code_details": "rbac_access_denied_matched_policy[none]",
+        },
+    )
+    attributes = json.loads(to_json(record))["attributes"]
+    assert attributes == {
+        "http.response.status_code": 403,
+        "envoy.bytes_sent": 19,
+        "modelguard.egress.listener.port": 15001,
+        "url.path": "/v1/predict",
+        "envoy.response_code_details": "rbac_access_denied_matched_policy[none]",
+    }
