@@ -213,3 +213,44 @@ def admin_call_failed(address: str, err: _RpcError, stream: Any = None) -> int:
         return 2
     print(f"the control plane at {address} refused the call ({code}): {details}", file=out)
     return 1
+
+
+def plain_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message as ``-o json|yaml`` print it: the API's camelCase keys, every field
+    (empty lists and zeros included, so a script can count what is not there), and 64-bit
+    integers as numbers (protobuf's JSON mapping writes them as strings: "batches": "1")."""
+    from google.protobuf import json_format
+
+    data: dict[str, Any] = json_format.MessageToDict(
+        message, always_print_fields_with_no_presence=True
+    )
+    _numbers(message.DESCRIPTOR, data)
+    return data
+
+
+_INT64 = frozenset({3, 4, 6, 16, 18})  # TYPE_INT64, UINT64, FIXED64, SFIXED64, SINT64
+_MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
+
+
+def _numbers(descriptor: Any, data: dict[str, Any]) -> None:
+    for field in descriptor.fields:
+        value = data.get(field.json_name)
+        if value is None:
+            continue
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            value_field = entry.fields_by_name["value"]
+            for key, item in value.items():
+                value[key] = _number(value_field, item)
+        elif isinstance(value, list):
+            data[field.json_name] = [_number(field, item) for item in value]
+        else:
+            data[field.json_name] = _number(field, value)
+
+
+def _number(field: Any, value: Any) -> Any:
+    if field.type in _INT64 and isinstance(value, str):
+        return int(value)
+    if field.type == _MESSAGE and isinstance(value, dict):
+        _numbers(field.message_type, value)  # Timestamps and Structs are strings/dicts: kept
+    return value

@@ -7,10 +7,15 @@ import argparse
 import sys
 
 import grpc
-from google.protobuf import json_format
 
 from controlplane.app.adminauth import admin_channel
-from controlplane.app.cliutil import add_output_arguments, admin_call_failed, emit, positive_int
+from controlplane.app.cliutil import (
+    add_output_arguments,
+    admin_call_failed,
+    emit,
+    plain_dict,
+    positive_int,
+)
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 
 
@@ -119,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     except grpc.RpcError as err:
         return admin_call_failed(args.admin, err)
     if args.output in ("json", "yaml"):
-        print(emit(json_format.MessageToDict(report), args.output))
+        print(emit(plain_dict(report), args.output))
     else:
         found = bool(report.limits) or not args.limit
         print(

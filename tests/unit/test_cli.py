@@ -383,3 +383,32 @@ def test_traces_json_gives_integer_attributes_as_numbers() -> None:
         "url.path": "/v1/predict",
         "envoy.response_code_details": "rbac_access_denied_matched_policy[none]",
     }
+
+
+def test_json_and_yaml_give_counts_as_numbers_and_empty_lists() -> None:
+    # protobuf's JSON mapping writes 64-bit integers as strings: `quarantine list --json` had
+    # "batches": "1", `usage --json` "used": "1", and no "entries" key when nobody was held.
+    from controlplane.app.cliutil import emit, plain_dict
+    from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2
+
+    stats = admin_pb2.MonitorStats(
+        batches=3, queries=2**40, verdicts={"detection:quarantine": 2}, clients_max=2048
+    )
+    data = plain_dict(stats)
+    assert data["batches"] == 3 and data["queries"] == 2**40 and data["clientsMax"] == 2048
+    assert data["verdicts"] == {"detection:quarantine": 2}
+    assert data["unobserved"] == 0 and data["unparsable"] == {}
+    assert plain_dict(admin_pb2.QuarantineList())["entries"] == []
+    report = ratelimit_pb2.UsageReport(backend="memory")
+    limit = report.limits.add(limit="demo.x.daily", requests=10000, window_seconds=86400)
+    limit.clients.add(client="acme", used=7, remaining=9993)
+    limit.window_start.FromSeconds(86400)
+    usage = plain_dict(report)
+    assert usage["limits"][0]["clients"][0] == {
+        "client": "acme", "used": 7, "remaining": 9993, "atOrOver": False
+    }
+    assert usage["limits"][0]["requests"] == 10000
+    assert usage["limits"][0]["windowStart"] == "1970-01-02T00:00:00Z"  # a Timestamp: text
+    assert "used: 7" in emit(usage, "yaml")
+    status = admin_pb2.StatusReport(refused={"plaintext_on_tls": 4})
+    assert plain_dict(status)["refused"] == {"plaintext_on_tls": 4}
