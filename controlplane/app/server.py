@@ -275,6 +275,17 @@ class ControlPlane:
         assert self.identity is not None
         return {ref for ref, keys in self.identity.mesh_inputs(()).api_keys.items() if keys}
 
+    def secret_rate_client(self, policy: str, limit: str) -> bool:
+        """Whether the clients of a global limit are raw header values (secrets, shown by
+        fingerprint) rather than names the sidecar verified (shown as they are)."""
+        for p in self.store.current().policies:
+            if p.kind != "RatePolicy" or f"{p.metadata.namespace}/{p.metadata.name}" != policy:
+                continue
+            for rule in getattr(p.spec, "limits", ()):
+                if f"{p.metadata.namespace}.{p.metadata.name}.{rule.name}" == limit:
+                    return bool(rule.client_key.source == "header")
+        return True
+
     def page_sources(self) -> page.Sources:
         """What the live page reads."""
         return page.Sources(
@@ -284,6 +295,7 @@ class ControlPlane:
             verdicts=self.extraction.verdicts,
             verdict_log=self.verdict_log,
             telemetry=self.telemetry,
+            secret_rate_client=self.secret_rate_client,
         )
 
     def _authenticate(self, node: base_pb2.Node, metadata: Mapping[str, str]) -> None:
@@ -407,7 +419,7 @@ class ControlPlane:
             or None,
         )
         self.admin_service().add_to(self._admin_server)
-        RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
+        RateLimitAdmin(self.rate_limits, self.secret_rate_client).add_to(self._admin_server)
         QuarantineAdmin(self.extraction.monitor, self.rate_limits).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
         admin_server = self._admin_server

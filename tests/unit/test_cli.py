@@ -412,3 +412,59 @@ def test_json_and_yaml_give_counts_as_numbers_and_empty_lists() -> None:
     assert "used: 7" in emit(usage, "yaml")
     status = admin_pb2.StatusReport(refused={"plaintext_on_tls": 4})
     assert plain_dict(status)["refused"] == {"plaintext_on_tls": 4}
+
+
+RATE = """\
+apiVersion: modelguard.io/v1alpha1
+kind: RatePolicy
+metadata: {name: fraud-model, namespace: ml}
+spec:
+  targetRef: {service: fraud-model}
+  limits:
+  - {name: tenant-day, clientKey: {apiKey: {groupBy: tenant}}, requests: 100, per: day,
+     scope: Global}
+  - {name: raw-day, clientKey: {header: x-api-key}, requests: 100, per: day, scope: Global}
+"""
+
+
+async def test_usage_names_verified_clients_as_quarantine_list_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A tenant's budget was listed as sha256:822b33ad87c148a0 (the fingerprint of "acme"):
+    # nobody could tell which tenant was over. A raw header value is a secret: fingerprinted.
+    import json
+
+    from controlplane.app.server import ControlPlane, ControlPlaneConfig
+    from controlplane.netutil import free_port
+    from controlplane.ratelimit.admin import fingerprint
+    from controlplane.ratelimit.rules import Rule
+
+    (tmp_path / "rate.yaml").write_text(RATE)
+    plane = ControlPlane(
+        ControlPlaneConfig(
+            policy_paths=(str(tmp_path),), xds_port=free_port(), admin_port=0, watch=False
+        )
+    )
+    await plane.start()
+    try:
+        budgets = plane.rate_limits.budgets
+        tenant_day = Rule("ml.fraud-model.tenant-day", "ml/fraud-model", 100, 86400)
+        await budgets.add(tenant_day, "acme", 7)
+        await budgets.add(
+            Rule("ml.fraud-model.raw-day", "ml/fraud-model", 100, 86400), "raw-secret-key", 3
+        )
+        await budgets.add(Rule("ml.gone.day", "ml/gone", 100, 86400), "acme", 1)
+        argv = ["usage", "--json", "--admin", f"127.0.0.1:{plane.admin_port}"]
+        assert await asyncio.to_thread(main, argv) == 0
+    finally:
+        await plane.stop(grace=0)
+    shown = {
+        limit["limit"]: [c["client"] for c in limit["clients"]]
+        for limit in json.loads(capsys.readouterr().out)["limits"]
+    }
+    assert shown == {
+        "ml.fraud-model.tenant-day": ["acme"],
+        "ml.fraud-model.raw-day": [fingerprint("raw-secret-key")],
+        "ml.gone.day": [fingerprint("acme")],  # no policy to ask: a secret, to be safe
+    }
+    assert fingerprint("raw-secret-key").startswith("sha256:")
