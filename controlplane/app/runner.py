@@ -154,9 +154,13 @@ def banner(
             if key_id in keys:
                 lines.append(f"  {key_id:<16} tenant {tenant:<7} tier {tier:<9} {keys[key_id]}")
     first = keys.get(DEMO_KEYS[0][0], "YOUR-KEY")
+    insecure = bool(getattr(args, "insecure", False))
+    if insecure and keys:
+        # The keys exist, but without the CA none is loaded: the curl below gets 403.
+        lines += ["  (--insecure loads none of them: the demo policy admits nobody)"]
     lines += [
         "",
-        "Try (without a registered key: 403):",
+        "Try (403 under --insecure):" if insecure else "Try (without a registered key: 403):",
         f"  {EXAMPLE.format(port=args.listen_port, key=first)}",
     ]
     if args.outbound_port:

@@ -468,3 +468,18 @@ async def test_usage_names_verified_clients_as_quarantine_list_does(
         "ml.gone.day": [fingerprint("acme")],  # no policy to ask: a secret, to be safe
     }
     assert fingerprint("raw-secret-key").startswith("sha256:")
+
+
+def test_the_banner_under_insecure_says_the_keys_are_not_loaded() -> None:
+    # run --insecure printed the demo keys and a curl "to try" that could only get 403.
+    from controlplane.app.cli import build_parser
+    from controlplane.app.runner import banner
+
+    keys = {"acme-standard": "mg_k1", "acme-premium": "mg_k2", "globex-standard": "mg_k3"}
+    plain = banner(build_parser().parse_args(["run"]), 18001, Path(".modelguard"), keys=keys)
+    assert "Try (without a registered key: 403):" in plain and "loads none" not in plain
+    insecure = banner(
+        build_parser().parse_args(["run", "--insecure"]), 18001, Path(".modelguard"), keys=keys
+    )
+    assert "(--insecure loads none of them: the demo policy admits nobody)" in insecure
+    assert "Try (403 under --insecure):" in insecure
