@@ -89,6 +89,9 @@ class ControlPlaneConfig:
     xff_num_trusted_hops: int = 0
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
+    # Where calibrated detector profiles are cached by content hash, so a restart does not
+    # recalibrate (None: next to verdicts_path; with neither, not cached).
+    profiles_dir: str | None = None
     # Beyond loopback the admin API demands this bearer token (controlplane/app/adminauth.py).
     admin_token_file: str | None = None
     # Connections to sidecars are closed (GOAWAY) after this many seconds (±10 % jitter,
@@ -177,6 +180,7 @@ class ControlPlane:
         self.extraction = Extraction(
             lambda: self.store.current().policies,
             Path(config.verdicts_path) if config.verdicts_path else None,
+            profiles_dir=Path(config.profiles_dir) if config.profiles_dir else None,
         )
         self.pipeline.verdicts = self.extraction.verdicts.active
         # Replicas sharing a Redis (the budgets' backend) share their verdicts through it.

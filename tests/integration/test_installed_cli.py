@@ -139,6 +139,13 @@ def test_the_installed_cli_runs_the_embedded_default_outside_the_source_tree(
     traces = cli("traces", "--verdict", "hardened", *admin)
     assert traces.returncode == 0, traces.stderr
 
+    # The README: profiles are cached, so a restart does not recalibrate; `run` kept none.
+    deadline = time.monotonic() + 120
+    while "profile calibrated" not in processes.log_of(run):
+        assert run.poll() is None and time.monotonic() < deadline, processes.log_of(run)
+        time.sleep(0.5)
+    assert list((home / ".modelguard" / "profiles").glob("*.json")), processes.log_of(run)
+
     # Ctrl-C stops everything it started.
     run.send_signal(signal.SIGINT)
     assert run.wait(timeout=30) == 0, processes.log_of(run)[-2000:]
