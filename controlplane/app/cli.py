@@ -14,7 +14,9 @@ from pathlib import Path
 
 from controlplane.app.cliutil import (
     GLOBAL_FLAGS_HELP,
+    START_FILES,
     add_global_flags,
+    check_flag_values,
     port_number,
     resolve_globals,
     seconds_over,
@@ -55,7 +57,9 @@ def _version(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     # Cluster mode reads policies from the API server, not from --policies.
-    unusable = None if args.kubernetes else _unusable_policy_paths("serve", args.policies)
+    unusable = _missing_start_files("serve", args) or (
+        None if args.kubernetes else _unusable_policy_paths("serve", args.policies)
+    )
     if unusable is not None:
         print(unusable, file=sys.stderr)
         return 2
@@ -114,7 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if (unusable := _unusable_policy_paths("run", [args.policies])) is not None:
+    unusable = _missing_start_files("run", args) or _unusable_policy_paths("run", [args.policies])
+    if unusable is not None:
         print(unusable, file=sys.stderr)
         return 2
     from controlplane.app.runner import run_embedded
@@ -324,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Last, so that every subcommand above (and any nested one) gets them.
     add_global_flags(parser)
+    check_flag_values(parser)
     return parser
 
 
@@ -365,6 +371,19 @@ def _unusable_policy_paths(command: str, paths: Sequence[str]) -> str | None:
         f"(in {Path.cwd()}). The demo policies are the policies/ folder of a modelguard "
         "checkout; name your own with --policies PATH."
     )
+
+
+def _missing_start_files(command: str, args: argparse.Namespace) -> str | None:
+    """Files ``run``/``serve`` read at start that are not there: a key file was ignored (and
+    every rule admitting its keys admitted nobody), a token file or CA failed with a
+    traceback."""
+    for dest in START_FILES:
+        given = getattr(args, dest, None)
+        for path in given if isinstance(given, list) else [given] if given else []:
+            if not Path(path).exists():
+                flag = "--" + dest.replace("_", "-")
+                return f"modelguard {command}: {flag} {path}: no such file or folder"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -254,3 +254,103 @@ def _number(field: Any, value: Any) -> Any:
     if field.type == _MESSAGE and isinstance(value, dict):
         _numbers(field.message_type, value)  # Timestamps and Structs are strings/dicts: kept
     return value
+
+
+# --- argparse types for the flags of serve, run, inject and ca (issue 19: every argument is
+# validated, as the user wrote it, before anything starts) ---------------------------------
+
+
+def percent(text: str) -> float:
+    """An argparse type: a percentage, 0 to 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a percentage)") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be within 0..100 (a percentage), not {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: 0, 1, 2, ..."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def seconds_at_least(least: float) -> Any:
+    """An argparse type: seconds (a number, no unit), at least ``least``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            hint = " (seconds, without a unit)" if text[-1:].isalpha() else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number{hint}") from None
+        if not value >= least:
+            unit = "second" if least == 1 else "seconds"
+            raise argparse.ArgumentTypeError(f"must be at least {least:g} {unit}, not {text}")
+        return value
+
+    return parse
+
+
+def host_port(text: str) -> str:
+    """An argparse type: HOST:PORT (an OTLP endpoint, an address); '' is none."""
+    if text == "":  # the default of an optional endpoint (argparse parses string defaults)
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def budget_backend(text: str) -> str:
+    """An argparse type: where budgets are counted, ``memory`` or a Redis URL."""
+    if text in ("", "memory") or text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: write memory, or a Redis URL (redis://HOST:PORT/DB, rediss://..., unix://...)"
+    )
+
+
+def trust_domain(text: str) -> str:
+    """An argparse type: a SPIFFE trust domain (lower-case letters, digits, '.', '-', '_')."""
+    if not re.fullmatch(r"[a-z0-9._-]+", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a SPIFFE trust domain: lower-case letters, digits, '.', '-', '_'"
+        )
+    return text
+
+
+# Option → its argparse type, wherever a subcommand has that option. The options are
+# declared by the boxes that read them (identity, telemetry, cluster), which cannot import
+# this module (the app is above them); their types are tightened here, in one place.
+FLAG_TYPES: dict[str, Any] = {
+    "--trace-sampling": percent,
+    "--telemetry-max-records": positive_int,
+    "--telemetry-max-bytes": positive_int,
+    "--otlp-endpoint": host_port,
+    "--rate-limit-backend": budget_backend,
+    "--svid-lifetime": seconds_at_least(60),
+    "--xds-max-connection-age": seconds_at_least(1),
+    "--xff-num-trusted-hops": non_negative_int,
+    "--trust-domain": trust_domain,
+}
+# Files a command reads at start, checked then (not while parsing: the manifests' arguments
+# are parsed offline, where the pod's mounted files are not).
+START_FILES = ("api_keys", "admin_token_file", "ca_cert", "ca_key")
+
+
+def check_flag_values(root: argparse.ArgumentParser) -> None:
+    """Give every (nested) subcommand's options of ``FLAG_TYPES`` their checking type."""
+    for _, child in _subparsers(root):
+        for action in child._actions:
+            for option in action.option_strings:
+                if option in FLAG_TYPES:
+                    action.type = FLAG_TYPES[option]
+        check_flag_values(child)

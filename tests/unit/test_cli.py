@@ -483,3 +483,71 @@ def test_the_banner_under_insecure_says_the_keys_are_not_loaded() -> None:
     )
     assert "(--insecure loads none of them: the demo policy admits nobody)" in insecure
     assert "Try (403 under --insecure):" in insecure
+
+
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        # Were a traceback (telemetry settings, a missing token file, a bad backend URL) ...
+        ("--trace-sampling=200", "argument --trace-sampling: must be within 0..100"),
+        ("--telemetry-max-records=0", "argument --telemetry-max-records: must be at least 1"),
+        ("--otlp-endpoint=nonsense", "argument --otlp-endpoint: 'nonsense' is not HOST:PORT"),
+        ("--rate-limit-backend=foo", "argument --rate-limit-backend: 'foo': write memory"),
+        # ... or accepted and then harmful: a negative certificate lifetime, a hop count.
+        ("--svid-lifetime=-1", "argument --svid-lifetime: must be at least 60 seconds"),
+        ("--svid-lifetime=1h", "'1h' is not a number (seconds, without a unit)"),
+        ("--xds-max-connection-age=0", "must be at least 1 second, not 0"),
+        ("--xff-num-trusted-hops=-1", "argument --xff-num-trusted-hops: must be 0 or more"),
+        ("--trust-domain=UPPER_case", "'UPPER_case' is not a SPIFFE trust domain"),
+    ],
+)
+def test_serve_refuses_a_bad_flag_value_before_it_starts(
+    flag: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", flag, "--policies", str(ROOT / "policies")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+def test_the_defaults_and_documented_values_of_those_flags_parse(tmp_path: Path) -> None:
+    from controlplane.app.cli import build_parser
+
+    parse = build_parser().parse_args
+    serve = parse(["serve"])
+    assert serve.otlp_endpoint == "" and serve.trust_domain == "cluster.local"
+    assert serve.rate_limit_backend == "memory" and serve.svid_lifetime == 3600.0
+    key = tmp_path / "keys.yaml"
+    key.write_text("")
+    documented = parse(
+        ["serve", "--trace-sampling", "10", "--otlp-endpoint",
+         "otel-collector.modelguard-system:4317", "--rate-limit-backend",
+         "redis://127.0.0.1:6379/0", "--api-keys", str(key), "--xff-num-trusted-hops", "1"]
+    )  # fmt: skip
+    assert documented.trace_sampling == 10.0 and documented.xff_num_trusted_hops == 1
+    assert parse(["run"]).trust_domain == "cluster.local"
+    assert parse(["inject", "-f", "-", "--trust-domain", "example.org"]).trust_domain
+    assert parse(["ca", "init"]).trust_domain == "cluster.local"
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [("serve", "--api-keys"), ("serve", "--admin-token-file"), ("serve", "--ca-cert"),
+     ("run", "--api-keys"), ("run", "--ca-cert")],
+)  # fmt: skip
+def test_a_file_read_at_start_must_be_there(
+    command: str, flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A missing --api-keys file was ignored: every rule admitting its keys admitted nobody.
+    # A missing token file or CA ended in a traceback. Checked when the command starts (the
+    # manifests' arguments are parsed offline, where the pod's mounted files are not).
+    missing = str(tmp_path / "nope")
+    argv = [command, flag, missing, "--policies", str(ROOT / "policies")]
+    if flag == "--ca-cert":
+        argv += ["--ca-key", missing]
+    with socket.create_server(("127.0.0.1", 0)) as held:  # were the check missing: no start
+        port = str(held.getsockname()[1])
+        assert main([*argv, "--xds-port", port, "--admin-port", port]) == 2
+    err = capsys.readouterr().err
+    assert f"modelguard {command}: {flag} {missing}: no such file or folder" in err, err
