@@ -551,3 +551,26 @@ def test_a_file_read_at_start_must_be_there(
         assert main([*argv, "--xds-port", port, "--admin-port", port]) == 2
     err = capsys.readouterr().err
     assert f"modelguard {command}: {flag} {missing}: no such file or folder" in err, err
+
+
+def test_bootstrap_names_an_identity_folder_without_a_control_plane_in_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A wrong --identity-dir (or bootstrap before serve's first start) ended in a traceback,
+    # after creating a token key there that no control plane knows.
+    from controlplane.identity.service import IdentityConfig, IdentityService
+
+    argv = ["bootstrap", "--service", "digits-model", "--namespace", "demo", "--app-port",
+            "8081", "--inbound-port", "10100", "--admin-port", "15100", "--xds",
+            "127.0.0.1:18100", "-o", str(tmp_path / "envoy.yaml")]  # fmt: skip
+    wrong = tmp_path / "not-the-identity"
+    assert main([*argv, "--identity-dir", str(wrong)]) == 1
+    err = capsys.readouterr().err
+    assert f"--identity-dir {wrong} holds no control-plane identity" in err, err
+    assert "trust-bundle.pem and bootstrap-token.key missing" in err
+    assert not wrong.exists() and not (tmp_path / "envoy.yaml").exists()
+    # The folder a control plane made (its first start): the bootstrap and its token.
+    identity = tmp_path / "identity"
+    IdentityService(IdentityConfig(directory=str(identity)))
+    assert main([*argv, "--identity-dir", str(identity)]) == 0
+    assert "wrote " + str(tmp_path / "envoy.token") in capsys.readouterr().out
