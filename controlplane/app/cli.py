@@ -25,7 +25,7 @@ from controlplane.app.cliutil import (
 
 def _validate(args: argparse.Namespace) -> int:
     from controlplane.api import load_paths
-    from controlplane.api.loader import empty_policy_files
+    from controlplane.api.loader import empty_policy_files, policy_files
     from controlplane.api.warnings import policy_warnings
 
     loaded, violations = load_paths(args.paths)
@@ -33,6 +33,12 @@ def _validate(args: argparse.Namespace) -> int:
         print(violation)
     for empty in empty_policy_files(args.paths):
         print(f"warning: {empty}: no policies in this file (empty)", file=sys.stderr)
+    for given in args.paths:  # a wrong folder passed as "0 policies valid"
+        if Path(given).is_dir() and not policy_files(Path(given)):
+            print(
+                f"warning: {given}: no policy files (.yaml, .yml) in this folder",
+                file=sys.stderr,
+            )
     for lp in loaded:
         policy = lp.policy
         for warning in policy_warnings(policy):

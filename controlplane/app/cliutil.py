@@ -318,6 +318,13 @@ def budget_backend(text: str) -> str:
     )
 
 
+def existing_file(text: str) -> Path:
+    """An argparse type: a file that is there (what a command reads at once)."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    return Path(text)
+
+
 def trust_domain(text: str) -> str:
     """An argparse type: a SPIFFE trust domain (lower-case letters, digits, '.', '-', '_')."""
     if not re.fullmatch(r"[a-z0-9._-]+", text):

@@ -574,3 +574,32 @@ def test_bootstrap_names_an_identity_folder_without_a_control_plane_in_it(
     IdentityService(IdentityConfig(directory=str(identity)))
     assert main([*argv, "--identity-dir", str(identity)]) == 0
     assert "wrote " + str(tmp_path / "envoy.token") in capsys.readouterr().out
+
+
+def test_validate_warns_of_a_folder_without_policy_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped folder read "0 policies valid", like a correct one.
+    (tmp_path / "notes.txt").write_text("not a policy")
+    assert main(["validate", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: {tmp_path}: no policy files (.yaml, .yml) in this folder" in captured.err
+    assert main(["validate", str(ROOT / "policies")]) == 0
+    assert "no policy files" not in capsys.readouterr().err
+
+
+def test_profile_commands_name_a_missing_or_foreign_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Both were tracebacks (FileNotFoundError, KeyError).
+    with pytest.raises(SystemExit) as exited:
+        main(["profile", "build", str(tmp_path / "nope.yaml")])
+    assert exited.value.code == 2
+    assert "argument policy_file: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["profile", "show", str(tmp_path / "nope.json")])
+    assert "no such file" in capsys.readouterr().err
+    other = tmp_path / "other.json"
+    other.write_text('{"a": 1}')
+    assert main(["profile", "show", str(other)]) == 1
+    assert f"{other}: not a modelguard profile" in capsys.readouterr().err
