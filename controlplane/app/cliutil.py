@@ -57,6 +57,15 @@ def _subparsers(parser: argparse.ArgumentParser) -> Iterable[tuple[str, argparse
             yield from action.choices.items()
 
 
+def commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterable[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command parser under ``parser`` (itself first), with its subcommand path."""
+    yield path, parser
+    for name, child in _subparsers(parser):
+        yield from commands(child, (*path, name))
+
+
 def add_global_flags(root: argparse.ArgumentParser) -> None:
     """Give the root and every (nested) subcommand parser the global flags."""
     _add_flags(root, admin=True)

@@ -603,3 +603,18 @@ def test_profile_commands_name_a_missing_or_foreign_file(
     other.write_text('{"a": 1}')
     assert main(["profile", "show", str(other)]) == 1
     assert f"{other}: not a modelguard profile" in capsys.readouterr().err
+
+
+def test_the_cli_reference_is_generated_from_the_parser() -> None:
+    # docs/cli.md lists every subcommand and flag as --help shows them; a flag added without
+    # regenerating it fails here.
+    from controlplane.app import cli_reference
+
+    text = cli_reference.render()
+    for heading in ("## `modelguard serve`", "## `modelguard quarantine release`",
+                    "## `modelguard ca init`", "## `modelguard proxy-config`"):  # fmt: skip
+        assert heading in text
+    assert "--rate-limit-backend RATE_LIMIT_BACKEND" in text
+    assert cli_reference.REFERENCE.read_text() == text, (
+        "docs/cli.md is stale: run .venv/bin/python -m controlplane.app.cli_reference"
+    )
