@@ -618,3 +618,24 @@ def test_the_cli_reference_is_generated_from_the_parser() -> None:
     assert cli_reference.REFERENCE.read_text() == text, (
         "docs/cli.md is stale: run .venv/bin/python -m controlplane.app.cli_reference"
     )
+
+
+def test_a_taken_port_is_named_with_the_flag_that_moves_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `make run` beside another one said "choose another port" without saying how.
+    from controlplane.netutil import free_port
+
+    monkeypatch.chdir(tmp_path)
+    policies = str(ROOT / "policies")
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = str(held.getsockname()[1])
+        assert main(["serve", "--policies", policies, "--xds-port", port, "--admin-port",
+                     str(free_port()), "--verdicts", ""]) == 1  # fmt: skip
+        assert "choose another port with --xds-port" in capsys.readouterr().err
+        assert main(["run", "--policies", policies, "--listen-port", port, "--outbound-port",
+                     "0", "--xds-port", str(free_port()), "--admin-port", str(free_port()),
+                     "--metrics-port", str(free_port())]) == 1  # fmt: skip
+        err = capsys.readouterr().err
+        assert f"sidecar listener port 127.0.0.1:{port} is already in use" in err, err
+        assert "choose another port with --listen-port" in err
