@@ -601,6 +601,8 @@ def test_modelguard_run_keeps_every_token_and_key_file_private(
             "--policies", str(repo / "policies"), "--workdir", str(workdir),
             "--listen-port", str(listen), "--outbound-port", "0",
             "--xds-port", str(xds), "--admin-port", str(admin),
+            # Every port free: the default metrics port (18002) may be a `make run`'s.
+            "--metrics-port", str(free_port()),
         ],
         name="modelguard-run",
     )
