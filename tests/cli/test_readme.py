@@ -153,6 +153,20 @@ def test_the_readme_blocks_run_against_the_embedded_default(embedded: Embedded) 
     while (status := modelguard("status", env=env).stdout).count("blocked  ") < 2:
         assert time.monotonic() < deadline, status
         time.sleep(0.5)
+    # What the usage sample shows: a tenant's key has spent some of the daily budget.
+    keys = dict(
+        line.split()
+        for line in (embedded.processes.log_dir / "workdir" / "demo-keys.txt").open()
+    )
+    deadline = time.monotonic() + 30  # the sidecar reports budget usage every 5 s
+    while "daily-budget" not in (usage := modelguard("usage", env=env).stdout):
+        assert time.monotonic() < deadline, usage
+        http_request(
+            "POST", f"http://127.0.0.1:{embedded.listen_port}/v1/predict",
+            b'{"instances": [[' + b",".join([b"1"] * 64) + b"]]}",
+            {"content-type": "application/json", "x-api-key": keys["acme-standard"]},
+        )  # fmt: skip
+        time.sleep(1)
     for block in marked_blocks(README.read_text(), "embedded"):
         for step in steps(block):
             result = modelguard(*step.command.split(), env=env)
