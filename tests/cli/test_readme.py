@@ -276,3 +276,33 @@ def test_running_a_sidecar_yourself_works_as_written(tmp_path: Path) -> None:
         text=True,
     )
     assert ignored.stdout.split() == ["envoy.yaml", "x.token", "x.token.sds.yaml"]
+
+
+def test_the_quarantine_list_sample_is_shaped_like_the_real_table() -> None:
+    # The sample showed no FIDELITY column, a client the demo policy cannot name (a key id:
+    # it names tenants) and verdict counts keyed unlike the monitor's ("quarantine 1").
+    from controlplane.app.quarantine_cli import render, render_stats
+    from controlplane.gen.modelguard.admin.v1 import admin_pb2
+
+    text = README.read_text()
+    start = text.index(PROMPT + "quarantine list            #")
+    sample = text[start : text.index("```", start)].splitlines()[1:]
+    sample = [line for line in sample if line.strip() and not line.startswith(PROMPT)]
+    entry = admin_pb2.QuarantineEntry(
+        kind="quarantine", policy="demo/digits-model", client_key="globex", reason="coverage",
+        fidelity=0.15, distinct_queries=25,
+    )  # fmt: skip
+    raw = admin_pb2.QuarantineEntry(
+        kind="quarantine", policy="demo/raw-header", client_key="sha256:3c1f0e9a2b7d4e81",
+        reason="coverage",
+    )  # fmt: skip
+    for e in (entry, raw):
+        e.until.FromSeconds(int(time.time()) + 86000)
+    stats = admin_pb2.MonitorStats(
+        queries=44817, batches=412, unparsable={"features": 3}, refused_batches=2,
+        verdicts={"detection:quarantine": 1, "suspicion:throttle": 1}, clients_tracked=37,
+        clients_max=2048,
+    )  # fmt: skip
+    real = render([entry, raw]) + "\n\n" + render_stats(stats)
+    assert_same_shape("quarantine list", sample, real)
+    assert "globex" in sample[1] and "(detection:quarantine 1, suspicion:throttle 1)" in text
