@@ -51,13 +51,17 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version(args: argparse.Namespace) -> int:
+def _version_text() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        print(f"modelguard {version('modelguard')}")
+        return f"modelguard {version('modelguard')}"
     except PackageNotFoundError:  # run from a source tree that was never installed
-        print("modelguard (not installed: version unknown)")
+        return "modelguard (not installed: version unknown)"
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(_version_text())
     return 0
 
 
@@ -159,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Protect model APIs from extraction: a control plane for Envoy sidecars.",
         epilog=GLOBAL_FLAGS_HELP + ". Listing commands take -o json|yaml|wide (--json: -o json).",
     )
+    # `modelguard --version`, as most commands answer it (kubectl's spelling is `version`).
+    parser.add_argument("--version", action="version", version=_version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("version", help="this modelguard's version")

@@ -639,3 +639,13 @@ def test_a_taken_port_is_named_with_the_flag_that_moves_it(
         err = capsys.readouterr().err
         assert f"sidecar listener port 127.0.0.1:{port} is already in use" in err, err
         assert "choose another port with --listen-port" in err
+
+
+def test_version_as_a_flag_too(capsys: pytest.CaptureFixture[str]) -> None:
+    # `modelguard --version` answered "the following arguments are required: command".
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    flag = capsys.readouterr().out
+    assert main(["version"]) == 0
+    assert flag == capsys.readouterr().out and flag.startswith("modelguard ")
