@@ -306,3 +306,26 @@ def test_the_quarantine_list_sample_is_shaped_like_the_real_table() -> None:
     real = render([entry, raw]) + "\n\n" + render_stats(stats)
     assert_same_shape("quarantine list", sample, real)
     assert "globex" in sample[1] and "(detection:quarantine 1, suspicion:throttle 1)" in text
+
+
+def test_protecting_your_own_model_writes_reference_data_and_valid_policies(
+    tmp_path: Path,
+) -> None:
+    # The section's first shell block (the reference rows, as written) and its policies
+    # (the marked YAML block) must give policies that load, reference file included.
+    from controlplane.api import load_paths
+
+    text = README.read_text()
+    section = text[text.index("## Protecting your own model") : text.index("## Zero trust")]
+    first = section.index("```sh\n") + len("```sh\n")
+    script = section[first : section.index("```", first)]
+    (tmp_path / ".venv").symlink_to(REPO / ".venv")
+    done = subprocess.run(
+        ["bash", "-euc", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    (block,) = marked_blocks(text, "own-model")
+    (tmp_path / "fraud" / "policies" / "fraud.yaml").write_text("\n".join(block) + "\n")
+    loaded, violations = load_paths([str(tmp_path / "fraud" / "policies")])
+    assert not violations, violations
+    assert sorted(lp.policy.kind for lp in loaded) == ["AccessPolicy", "ExtractionPolicy"]
