@@ -329,3 +329,27 @@ def test_protecting_your_own_model_writes_reference_data_and_valid_policies(
     loaded, violations = load_paths([str(tmp_path / "fraud" / "policies")])
     assert not violations, violations
     assert sorted(lp.policy.kind for lp in loaded) == ["AccessPolicy", "ExtractionPolicy"]
+
+
+# Flags the README shows for other tools: curl, pip, kubectl, openssl, envoy, the demo
+# model's module, and the --strict that `status` says it does not need.
+OTHER_TOOLS_FLAGS = {
+    "--cert", "--connect-to", "--force-reinstall", "--from-literal", "--key", "--no-deps",
+    "--port", "--strict", "--type", "--use-dynamic-base-id", "--write-reference",
+}  # fmt: skip
+
+
+def test_every_flag_the_readme_names_exists() -> None:
+    # A documented flag that no modelguard command has is drift a user finds by an error.
+    from controlplane.app.cli import build_parser
+    from controlplane.app.cliutil import commands
+
+    options = {
+        option
+        for _, parser in commands(build_parser())
+        for action in parser._actions  # argparse has no public list of options
+        for option in action.option_strings
+    }
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", README.read_text()))
+    assert named - options - OTHER_TOOLS_FLAGS == set()
+    assert OTHER_TOOLS_FLAGS & options == set(), "a modelguard flag is listed as another tool's"
