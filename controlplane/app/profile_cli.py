@@ -36,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("policy_file", type=existing_file, help="policy YAML (ExtractionPolicy)")
     p.add_argument("-o", "--output", type=Path, help="write the profile here (one policy)")
     p.add_argument("--policy", default="", help="namespace/name: only this policy")
-    p.add_argument("--seed", type=int, default=Settings.seed)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=Settings.seed,
+        help="of the simulated benign clients (the same seed gives the same profile)",
+    )
     p = sub.add_parser("show", help="print a profile (file), a policy file's, or the cache's")
     p.add_argument(
         "target", nargs="?", type=existing_file, help="profile JSON or policy YAML"

@@ -649,3 +649,18 @@ def test_version_as_a_flag_too(capsys: pytest.CaptureFixture[str]) -> None:
     flag = capsys.readouterr().out
     assert main(["version"]) == 0
     assert flag == capsys.readouterr().out and flag.startswith("modelguard ")
+
+
+def test_every_option_of_every_command_says_what_it_is() -> None:
+    # --lease-namespace, --webhook-host, inject's --inbound-port and --trust-domain, ca init's
+    # --trust-domain and profile build's --seed were listed in --help with no word.
+    from controlplane.app.cli import build_parser
+    from controlplane.app.cliutil import commands
+
+    silent = [
+        (" ".join(path), action.option_strings)
+        for path, parser in commands(build_parser())
+        for action in parser._actions  # argparse has no public list of options
+        if action.option_strings and not action.help
+    ]
+    assert silent == []
