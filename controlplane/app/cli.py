@@ -97,9 +97,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     if getattr(args, "kubernetes", False):
-        from controlplane.app.cluster import serve_cluster
+        from controlplane.app.cluster import NoClusterConfig, serve_cluster
 
-        return serve_cluster(args, config)
+        try:
+            return serve_cluster(args, config)
+        except NoClusterConfig as err:  # was a traceback from the kubernetes client
+            print(f"modelguard serve --kubernetes: {err}", file=sys.stderr)
+            return 1
 
     async def main() -> None:
         plane = ControlPlane(config)

@@ -359,7 +359,7 @@ FLAG_TYPES: dict[str, Any] = {
 }
 # Files a command reads at start, checked then (not while parsing: the manifests' arguments
 # are parsed offline, where the pod's mounted files are not).
-START_FILES = ("api_keys", "admin_token_file", "ca_cert", "ca_key")
+START_FILES = ("api_keys", "admin_token_file", "ca_cert", "ca_key", "kubeconfig")
 
 
 def check_flag_values(root: argparse.ArgumentParser) -> None:

@@ -76,16 +76,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class NoClusterConfig(RuntimeError):
+    """Neither the pod's service account nor a kubeconfig gives an API server to talk to."""
+
+
 def api_client_from_args(args: argparse.Namespace) -> Any:
     from kubernetes import client, config
 
-    if args.kubeconfig:
-        config.load_kube_config(args.kubeconfig)  # type: ignore[no-untyped-call]
-    else:
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
+    try:
+        if args.kubeconfig:
+            config.load_kube_config(args.kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                config.load_kube_config()  # type: ignore[no-untyped-call]
+    except (config.ConfigException, OSError) as err:
+        where = f"--kubeconfig {args.kubeconfig}" if args.kubeconfig else (
+            "not in a pod (no service account), and no ~/.kube/config or $KUBECONFIG"
+        )
+        raise NoClusterConfig(f"no Kubernetes API server to talk to: {where}: {err}") from err
     return client.ApiClient()
 
 

@@ -664,3 +664,22 @@ def test_every_option_of_every_command_says_what_it_is() -> None:
         if action.option_strings and not action.help
     ]
     assert silent == []
+
+
+def test_cluster_mode_without_a_cluster_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Was a ConfigException traceback from the kubernetes client.
+    empty = tmp_path / "kubeconfig"
+    empty.write_text("")
+    with socket.create_server(("127.0.0.1", 0)) as held:  # nothing could start anyway
+        port = str(held.getsockname()[1])
+        ports = ["--xds-port", port, "--admin-port", port, "--webhook-port", "0"]
+        missing = str(tmp_path / "nope")
+        assert main(["serve", "--kubernetes", "--kubeconfig", missing, *ports]) == 2
+        assert f"--kubeconfig {missing}: no such file or folder" in capsys.readouterr().err
+        assert main(["serve", "--kubernetes", "--kubeconfig", str(empty), *ports]) == 1
+    err = capsys.readouterr().err
+    said = "modelguard serve --kubernetes: no Kubernetes API server to talk to: --kubeconfig"
+    assert f"{said} {empty}" in err
+    assert "Traceback" not in err
