@@ -353,3 +353,14 @@ def test_every_flag_the_readme_names_exists() -> None:
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", README.read_text()))
     assert named - options - OTHER_TOOLS_FLAGS == set()
     assert OTHER_TOOLS_FLAGS & options == set(), "a modelguard flag is listed as another tool's"
+
+
+def test_the_kubernetes_steps_come_in_the_order_they_must_run() -> None:
+    # Redis's password Secret was explained after `kubectl apply -k k8s/`, whose Redis and
+    # control-plane pods cannot start without it; the demo keys need the demo namespace.
+    text = README.read_text()
+    section = text[text.index("## Kubernetes") :]
+    apply = section.index("kubectl apply -k k8s/")
+    assert section.index("create secret generic modelguard-redis") < apply
+    assert section.index("docker build -f k8s/image/Dockerfile") < apply
+    assert section.index("kubectl -n demo create secret generic demo-keys") > apply
