@@ -6,8 +6,8 @@ moment: N simulated sidecars per process (``bench/lib/simclient.py``, one channe
 each) in P spawned processes open their streams against either the control plane's xDS
 server (``ControlPlane``, no policies unless --policy) or a trivial gRPC ADS server with the
 same keepalive options (and gRPC core's default pending-call limits) that only reads
-(``--trivial``; ``--respond BYTES`` also answers each request), and counts the streams that
-fail to start.
+(``--trivial``; ``--respond BYTES`` also answers each subscription with resources of about
+that size), and counts the streams that fail to start.
 
     .venv/bin/python bench/connect_storm.py --sims 2500 --procs 2            # control plane
     .venv/bin/python bench/connect_storm.py --sims 2500 --procs 2 --trivial  # baseline
@@ -76,18 +76,51 @@ def _run_sims(target: str, n: int, out: Any) -> None:
     asyncio.run(main())
 
 
+def _resource(name: str, size: int) -> bytes:
+    """A resource of any xDS type as the simulated sidecars read it: its name in field 1 (as
+    every type keeps it), padded to about ``size`` bytes with a field no type defines (an
+    unknown field: parsers keep it). Bare filler bytes have no name: the sidecars refused
+    them with ValueError("CDS resource without a name") and stopped reading their stream."""
+
+    def field(number: int, value: bytes) -> bytes:
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+    named = field(1, name.encode())
+    return named + field(999, b"x" * max(0, size - len(named) - 5))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 async def _trivial_server(respond: int) -> tuple[Any, int]:
     import grpc
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
     from google.protobuf import any_pb2
 
+    from controlplane.xds import resources as rt
+
     class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
         async def StreamAggregatedResources(self, requests: Any, context: Any) -> Any:
             async for request in requests:
-                if respond:
-                    value = any_pb2.Any(type_url=request.type_url, value=b"x" * respond)
+                # Answer each subscription once; an ACK (it names our nonce) gets nothing,
+                # or every answer would be acknowledged and answered again, without end.
+                if respond and not request.response_nonce:
+                    wildcard = request.type_url in rt.WILDCARD_TYPES
+                    names = ["storm"] if wildcard else list(request.resource_names)
                     yield discovery_pb2.DiscoveryResponse(
-                        version_info="1", type_url=request.type_url, nonce="n", resources=[value]
+                        version_info="1",
+                        type_url=request.type_url,
+                        nonce="n",
+                        resources=[
+                            any_pb2.Any(type_url=request.type_url, value=_resource(n, respond))
+                            for n in names
+                        ],
                     )
 
     server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import gc
 import json
 import multiprocessing
@@ -96,15 +97,35 @@ def _replica(node_id: str) -> Sidecar:
 
 def _envoy_sidecar(node_id: str) -> Sidecar:
     """A real Envoy on this machine: it needs a free port of its own."""
-    return Sidecar(
-        node_id=node_id,
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=18080,
-        inbound_port=free_port(),
-        inbound_address="127.0.0.1",
+    return dataclasses.replace(
+        _replica(node_id), inbound_port=free_port(), inbound_address="127.0.0.1"
     )
+
+
+def _start_envoys(
+    n: int, xds_port: int, delta: bool, workdir: Path, running: list[EnvoyProcess]
+) -> None:
+    """Starts ``n`` real Envoys against the xDS server on ``xds_port``, each added to
+    ``running`` as soon as it runs (the caller stops them, even after a failed start)."""
+    for i in range(n):
+        admin = free_port()
+        envoy = EnvoyProcess(
+            build_bootstrap(
+                _envoy_sidecar(f"envoy-{i}"),
+                xds_host="127.0.0.1",
+                xds_port=xds_port,
+                admin_port=admin,
+                delta=delta,
+            ),
+            admin_port=admin,
+            log_path=workdir / f"envoy-{i}.log",
+        )
+        envoy.start()
+        running.append(envoy)
+
+
+def _sim_specs(sims: int, delta: bool) -> list[SimSpec]:
+    return [(f"sim-{i}", _replica(f"sim-{i}").to_metadata(), [], delta) for i in range(sims)]
 
 
 def _run_sims(
@@ -254,24 +275,8 @@ async def converge(sims: int, envoys: int, procs: int, rounds: int, delta: bool)
     try:
         gc.collect()
         rss_before = _rss_bytes()
-        for i in range(envoys):
-            admin = free_port()
-            envoy = EnvoyProcess(
-                build_bootstrap(
-                    _envoy_sidecar(f"envoy-{i}"),
-                    xds_host="127.0.0.1",
-                    xds_port=plane.xds_port,
-                    admin_port=admin,
-                    delta=delta,
-                ),
-                admin_port=admin,
-                log_path=workdir / f"envoy-{i}.log",
-            )
-            envoy.start()
-            running.append(envoy)
-        specs: list[SimSpec] = [
-            (f"sim-{i}", _replica(f"sim-{i}").to_metadata(), [], delta) for i in range(sims)
-        ]
+        _start_envoys(envoys, plane.xds_port, delta, workdir, running)
+        specs = _sim_specs(sims, delta)
         if specs:
             procs_ = SimProcesses(target, specs, procs)
             # Off the event loop: it is the control plane's loop, which must accept the
@@ -437,24 +442,8 @@ async def converge_replicas(
 
         started_answers = [await asyncio.to_thread(ch[2].get, True, 120) for ch in channels]
         ports = [a["port"] for a in started_answers]
-        for i in range(envoys):
-            admin = free_port()
-            envoy = EnvoyProcess(
-                build_bootstrap(
-                    _envoy_sidecar(f"envoy-{i}"),
-                    xds_host="127.0.0.1",
-                    xds_port=ports[0],
-                    admin_port=admin,
-                    delta=delta,
-                ),
-                admin_port=admin,
-                log_path=workdir / f"envoy-{i}.log",
-            )
-            envoy.start()
-            running.append(envoy)
-        specs: list[SimSpec] = [
-            (f"sim-{i}", _replica(f"sim-{i}").to_metadata(), [], delta) for i in range(sims)
-        ]
+        _start_envoys(envoys, ports[0], delta, workdir, running)
+        specs = _sim_specs(sims, delta)
         per_procs = max(1, procs // replicas)
         for r in range(replicas):
             part = specs[r::replicas]

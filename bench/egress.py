@@ -16,9 +16,6 @@ the destination's Host) and a fixed destination (a second Envoy answering with
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -30,8 +27,18 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lib.load import (
+    alternate,
+    bootstrap,
+    cluster,
+    hcm,
+    listener,
+    print_ratios,
+    require_wrk,
+    wrk_arguments,
+    wrk_port,
+)
 from telemetry import start_receiver
-from wasm_filter import _bootstrap, _cluster, _hcm, _listener, run_wrk
 
 from controlplane.api import parse_documents
 from controlplane.compile import compile_sidecar
@@ -76,18 +83,13 @@ def outbound_sidecar(
     static = validation_bootstrap(translate(ir))["static_resources"]
     listeners = [li for li in static["listeners"] if li["name"] == f"outbound|{outbound}"]
     clusters = [c for c in static["clusters"] if c["name"].startswith("outbound|")]
-    clusters.append(_cluster(names.CONTROL_PLANE_CLUSTER, receiver, http2=True))
-    return _bootstrap(admin, listeners, clusters)
+    clusters.append(cluster(names.CONTROL_PLANE_CLUSTER, receiver, http2=True))
+    return bootstrap(admin, listeners, clusters)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=16)
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is required (Debian: apt-get install wrk)")
+    args = wrk_arguments(__doc__.splitlines()[0]).parse_args()
+    require_wrk()
     store = TelemetryStore(max_records=10**7, max_bytes=4 * 1024**3)
     receiver = start_receiver(store)
     work = Path(tempfile.mkdtemp(prefix="modelguard-bench-egress-"))
@@ -95,12 +97,12 @@ def main() -> int:
     lua = work / "get.lua"
     lua.write_text(f'wrk.method = "GET"\nwrk.headers["Host"] = "{HOST}:{destination}"\n')
     upstream = EnvoyProcess(
-        _bootstrap(
+        bootstrap(
             destination_admin,
             [
-                _listener(
+                listener(
                     destination,
-                    _hcm([], {"direct_response": {"status": 200, "body": {"inline_string": "ok"}}}),
+                    hcm([], {"direct_response": {"status": 200, "body": {"inline_string": "ok"}}}),
                 )
             ],
             [],
@@ -116,16 +118,16 @@ def main() -> int:
         for name in ("bare", "egress", "egress+otel"):
             port, admin = free_port(), free_port()
             if name == "bare":
-                hcm = _hcm([], {"route": {"cluster": "destination"}})
-                bootstrap = _bootstrap(
-                    admin, [_listener(port, hcm)], [_cluster("destination", destination)]
+                manager = hcm([], {"route": {"cluster": "destination"}})
+                config = bootstrap(
+                    admin, [listener(port, manager)], [cluster("destination", destination)]
                 )
             else:
-                bootstrap = outbound_sidecar(
+                config = outbound_sidecar(
                     admin, port, destination, receiver, telemetry=name == "egress+otel"
                 )
             envoy = EnvoyProcess(
-                bootstrap,
+                config,
                 admin_port=admin,
                 log_level="warn",
                 concurrency=1,
@@ -138,29 +140,24 @@ def main() -> int:
                 "GET", f"http://127.0.0.1:{port}/", None, {"host": f"{HOST}:{destination}"}
             )
             assert status == 200, (name, status, body)
-            run_wrk(port, 1, args.connections, lua)
-        rps: dict[str, list[float]] = {name: [] for name in sidecars}
-        served: dict[str, int] = {name: 0 for name in sidecars}
-        for _ in range(args.rounds):
-            for name, (_, port) in sidecars.items():
-                rate, total = run_wrk(port, args.seconds, args.connections, lua)
-                rps[name].append(rate)
-                served[name] += total
+            wrk_port(port, 1, args.connections, lua)
+        runs = alternate(
+            sidecars,
+            args.rounds,
+            lambda name: wrk_port(sidecars[name][1], args.seconds, args.connections, lua),
+        )
         time.sleep(2.0)  # the last log batches (1 s flush) land
-        base = statistics.median(rps["bare"])
         labels = {
             "bare": "router only (baseline)",
             "egress": "outbound listener (allowed host)",
             "egress+otel": "+ OTel decision log to the control plane",
         }
-        print(f"{'sidecar carries':<42} {'req/s (median)':>15} {'ratio to bare':>14}")
-        for name in sidecars:
-            median = statistics.median(rps[name])
-            print(f"{labels[name]:<42} {median:>15,.0f} {median / base:>14.2f}")
+        print_ratios(labels, {name: [r.rps for r in rs] for name, rs in runs.items()})
+        served = sum(r.requests for r in runs["egress+otel"])
         records = store.query(Query(kind="log"), 10**7)
         print(
             f"\nreceiver: {len(records):,} egress log records for the egress+otel sidecar's "
-            f"~{served['egress+otel']:,} measured requests (+ warm-up)"
+            f"~{served:,} measured requests (+ warm-up)"
         )
     finally:
         for envoy, _ in sidecars.values():

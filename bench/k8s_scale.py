@@ -40,9 +40,7 @@ import gc
 import inspect
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,11 +48,11 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2  # type: ignore[import-untyped]
 from google.protobuf import json_format, struct_pb2
 from kubernetes import client
+from lib.load import start_redis, stop
 
 import controlplane
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.netutil import free_port, wait_for_port
 from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
 from controlplane.xds.status import StreamKind
 
@@ -167,21 +165,6 @@ def node_of(namespace: str, pod: str, service: str) -> base_pb2.Node:
     metadata = struct_pb2.Struct()
     json_format.ParseDict(sidecar.to_metadata(), metadata)
     return base_pb2.Node(id=sidecar.node_id, metadata=metadata)
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is needed: make setup installs it")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_for_port("127.0.0.1", port, timeout=10)
-    return process, f"redis://127.0.0.1:{port}/0"
 
 
 def cpu_ms(fn: Callable[[], Any]) -> float:
@@ -399,8 +382,7 @@ def main() -> None:
         )
     finally:
         if redis_process is not None:
-            redis_process.terminate()
-            redis_process.wait(timeout=10)
+            stop(redis_process)
     print(json.dumps(figures, indent=2))
     for name, goal in GOALS_MS.items():
         mean = figures[name]["mean_ms"]

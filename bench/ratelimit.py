@@ -34,10 +34,10 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.lib.load import start_pinned, stop  # noqa: E402
+from bench.lib.load import start_pinned, start_redis, stop  # noqa: E402
 from controlplane.compile.inputs.inventory import Sidecar  # noqa: E402
 from controlplane.local.envoy import EnvoyProcess  # noqa: E402
-from controlplane.netutil import free_port, wait_for_port  # noqa: E402
+from controlplane.netutil import free_port  # noqa: E402
 from controlplane.ratelimit import RateLimitServices, backend_from_url  # noqa: E402
 from controlplane.sidecar.bootstrap import build_bootstrap  # noqa: E402
 
@@ -317,23 +317,6 @@ async def sidecar_bench(seconds: float, rounds: int) -> tuple[list[float], list[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is needed: make setup installs it")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(process.pid, {1})
-    wait_for_port("127.0.0.1", port, timeout=10)
-    return process, f"redis://127.0.0.1:{port}/0"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", choices=["noop", "memory", "redis"])
@@ -345,7 +328,7 @@ def main() -> int:
     if args.serve:
         asyncio.run(serve(args.serve, args.port, args.redis))
         return 0
-    redis, redis_url = start_redis()
+    redis, redis_url = start_redis(cpu=1)
     try:
         rows = service_bench(redis_url, args.seconds)
     finally:

@@ -17,24 +17,31 @@ also reports how many spans and log records arrived: what a sidecar sends must a
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
-import shutil
-import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wasm_filter import ANSWER, QUERY, _bootstrap, _cluster, _hcm, _listener, run_wrk
+from lib.load import (
+    QUERY,
+    alternate,
+    backend_envoy,
+    bootstrap,
+    cluster,
+    hcm,
+    listener,
+    predict_script,
+    print_ratios,
+    require_wrk,
+    serve_grpc,
+    wrk_arguments,
+    wrk_port,
+)
 
 from controlplane.compile import compile_sidecar
 from controlplane.compile.inputs.inventory import Sidecar
@@ -58,21 +65,8 @@ SIDECAR = Sidecar(
 
 
 def start_receiver(store: TelemetryStore) -> int:
-    port_box: list[int] = []
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        OtlpReceiver(TelemetrySettings(), store).add_to(server)
-        port_box.append(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
-
-    threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True).start()
-    ready.wait(10)
-    return port_box[0]
+    """The control plane's OTLP receiver, in this process: its port."""
+    return serve_grpc(OtlpReceiver(TelemetrySettings(), store).add_to)
 
 
 def telemetry_hcm(hcm: dict[str, Any]) -> dict[str, Any]:
@@ -85,55 +79,32 @@ def telemetry_hcm(hcm: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=16)
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is required (Debian: apt-get install wrk)")
+    args = wrk_arguments(__doc__.splitlines()[0]).parse_args()
+    require_wrk()
     store = TelemetryStore(max_records=10**7, max_bytes=4 * 1024**3)
     receiver_port = start_receiver(store)
     work = Path(tempfile.mkdtemp(prefix="modelguard-bench-telemetry-"))
-    lua = work / "post.lua"
-    lua.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(json.dumps(QUERY))}\n"
-        'wrk.headers["content-type"] = "application/json"\n'
-        'wrk.headers["x-api-key"] = "bench-client"\n'
-    )
-    upstream_port, upstream_admin = free_port(), free_port()
-    route = {
-        "direct_response": {"status": 200, "body": {"inline_string": json.dumps(ANSWER)}},
-    }
-    upstream = EnvoyProcess(
-        _bootstrap(upstream_admin, [_listener(upstream_port, _hcm([], route))], []),
-        admin_port=upstream_admin,
-        log_level="warn",
-        concurrency=1,
-    )
+    lua = predict_script(work / "post.lua")
+    upstream, upstream_port = backend_envoy()
     sidecars: dict[str, tuple[EnvoyProcess, int]] = {}
     try:
         upstream.start()
         upstream.wait_ready(20)
         for name in ("bare", "default", "batched"):
             port, admin = free_port(), free_port()
-            hcm = _hcm([], {"route": {"cluster": "model"}})
+            manager = hcm([], {"route": {"cluster": "model"}})
             if name != "bare":
-                hcm = telemetry_hcm(hcm)
-            bootstrap = _bootstrap(
+                manager = telemetry_hcm(manager)
+            config = bootstrap(
                 admin,
-                [_listener(port, hcm)],
-                [
-                    _cluster("model", upstream_port),
-                    _cluster(XDS_CLUSTER, receiver_port, http2=True),
-                ],
+                [listener(port, manager)],
+                [cluster("model", upstream_port), cluster(XDS_CLUSTER, receiver_port, http2=True)],
             )
             if name == "batched":
-                bootstrap["layered_runtime"] = {
+                config["layered_runtime"] = {
                     "layers": [{"name": "modelguard", "static_layer": dict(TELEMETRY_RUNTIME)}]
                 }
-            envoy = EnvoyProcess(bootstrap, admin_port=admin, log_level="warn", concurrency=1)
+            envoy = EnvoyProcess(config, admin_port=admin, log_level="warn", concurrency=1)
             envoy.start()
             envoy.wait_ready(20)
             sidecars[name] = (envoy, port)
@@ -144,27 +115,24 @@ def main() -> int:
                 {"content-type": "application/json"},
             )
             assert status == 200, (name, status)
-            run_wrk(port, 1, args.connections, lua)
-        rps: dict[str, list[float]] = {name: [] for name in sidecars}
-        for _ in range(args.rounds):
-            for name, (_, port) in sidecars.items():
-                rps[name].append(run_wrk(port, args.seconds, args.connections, lua)[0])
+            wrk_port(port, 1, args.connections, lua)
+        rps = alternate(
+            sidecars,
+            args.rounds,
+            lambda name: wrk_port(sidecars[name][1], args.seconds, args.connections, lua).rps,
+        )
         time.sleep(2.0)  # the last batches (1 s flush) land
         sent = {
             name: envoy.stat("http.bench.downstream_rq_completed")
             for name, (envoy, _) in sidecars.items()
             if name != "bare"
         }
-        base = statistics.median(rps["bare"])
         labels = {
             "bare": "router only (baseline)",
             "default": "+ OTel tracer + access log, default",
             "batched": "+ OTel, batched (256 spans / 1 s)",
         }
-        print(f"{'sidecar carries':<38} {'req/s (median)':>15} {'ratio to bare':>14}")
-        for name in sidecars:
-            median = statistics.median(rps[name])
-            print(f"{labels[name]:<38} {median:>15,.0f} {median / base:>14.2f}")
+        print_ratios(labels, rps)
         stats = store.stats()
         spans = sum(1 for r in store.query(_all(), 10**7) if r.kind == "span")
         print(

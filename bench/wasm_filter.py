@@ -30,19 +30,15 @@ speed (about 10 queries instead of ~100) and its per-batch cost weighs more.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import hashlib
 import http.client
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +48,21 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Static Envoy configs and the model-like backend shared by the data-path benches.
-from lib.load import backend_bootstrap, bootstrap, cluster, hcm, listener
+from lib.load import (
+    QUERY,
+    alternate,
+    backend_envoy,
+    bootstrap,
+    cluster,
+    cpu_seconds,
+    hcm,
+    listener,
+    predict_script,
+    require_wrk,
+    serve_grpc,
+    wrk_arguments,
+    wrk_port,
+)
 
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
 from controlplane.ir import ClientKeyIR, PolicyRef
@@ -62,9 +72,6 @@ from controlplane.policies.extraction.ir import ExtractionIR, HardeningIR, Query
 from controlplane.policies.extraction.translate import extension_config
 from controlplane.sidecar.bootstrap import XDS_CLUSTER
 from controlplane.translate.render import to_dict
-
-QUERY = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
-
 
 LABELS = {
     "bare": "router only (baseline)",
@@ -111,57 +118,11 @@ class NoopFeed(feed_pb2_grpc.QueryFeedServicer):
         return feed_pb2.FeedAck(accepted=len(request.queries))
 
 
-def start_feed_server() -> tuple[NoopFeed, int, asyncio.AbstractEventLoop]:
+def start_feed_server() -> tuple[NoopFeed, int]:
     servicer = NoopFeed()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    port_box: list[int] = []
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        feed_pb2_grpc.add_QueryFeedServicer_to_server(servicer, server)
-        port_box.append(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
-
-    threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True).start()
-    ready.wait(10)
-    return servicer, port_box[0], loop
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def run_wrk(port: int, seconds: float, connections: int, lua: Path) -> tuple[float, int]:
-    """(requests/s, requests) of one wrk run."""
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{max(1, round(seconds))}s",
-            "-s",
-            str(lua),
-            f"http://127.0.0.1:{port}/v1/predict",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        start_new_session=True,
-    ).stdout
-    rate = total = None
-    for line in out.splitlines():
-        if line.startswith("Requests/sec:"):
-            rate = float(line.split()[1])
-        if "requests in" in line:
-            total = int(line.split()[0])
-    if rate is None or total is None:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    return rate, total
+    return servicer, serve_grpc(
+        lambda server: feed_pb2_grpc.add_QueryFeedServicer_to_server(servicer, server)
+    )
 
 
 CALLGRIND = (
@@ -205,10 +166,7 @@ def instructions_per_request(envoy: EnvoyProcess, port: int, out: Path, requests
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=16)
+    parser = wrk_arguments(__doc__.splitlines()[0])
     parser.add_argument(
         "--compare", type=Path, help="another build of the module, measured beside this one"
     )
@@ -221,25 +179,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.instructions and shutil.which("valgrind") is None:
         sys.exit("--instructions needs valgrind (Debian: apt-get install valgrind)")
-    if not args.instructions and shutil.which("wrk") is None:
-        sys.exit("wrk is required (Debian: apt-get install wrk)")
+    if not args.instructions:
+        require_wrk()
 
-    feed, feed_port, _ = start_feed_server()
+    feed, feed_port = start_feed_server()
     work = Path(tempfile.mkdtemp(prefix="modelguard-bench-wasm-"))
-    lua = work / "post.lua"
-    lua.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(json.dumps(QUERY))}\n"
-        'wrk.headers["content-type"] = "application/json"\n'
-        'wrk.headers["x-api-key"] = "bench-client"\n'
-    )
-    upstream_port, upstream_admin = free_port(), free_port()
-    upstream = EnvoyProcess(
-        backend_bootstrap(upstream_port, upstream_admin),
-        admin_port=upstream_admin,
-        log_level="warn",
-        concurrency=1,
-    )
+    lua = predict_script(work / "post.lua")
+    upstream, upstream_port = backend_envoy()
 
     def sidecar(
         filters: list[dict[str, Any]], binary: Path | None = None
@@ -301,16 +247,19 @@ def main() -> int:
             probabilities = json.loads(body)["predictions"][0]["probabilities"]
             hardened = sum(1 for p in probabilities if p) == 1
             assert hardened == (name != "bare"), (name, probabilities)
-            run_wrk(port, 1, args.connections, lua)
-        rps: dict[str, list[float]] = {name: [] for name in variants}
-        cpu_us: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, (envoy, port) in sidecars.items():
-                assert envoy.pid is not None
-                before = cpu_seconds(envoy.pid)
-                rate, total = run_wrk(port, args.seconds, args.connections, lua)
-                rps[name].append(rate)
-                cpu_us[name].append((cpu_seconds(envoy.pid) - before) / total * 1e6)
+            wrk_port(port, 1, args.connections, lua)
+
+        def measure(name: str) -> tuple[float, float]:
+            """(requests/s, the sidecar's CPU µs per request) of one wrk run."""
+            envoy, port = sidecars[name]
+            assert envoy.pid is not None
+            before = cpu_seconds(envoy.pid)
+            run = wrk_port(port, args.seconds, args.connections, lua)
+            return run.rps, (cpu_seconds(envoy.pid) - before) / run.requests * 1e6
+
+        runs = alternate(variants, args.rounds, measure)
+        rps = {name: [rate for rate, _ in r] for name, r in runs.items()}
+        cpu_us = {name: [cpu for _, cpu in r] for name, r in runs.items()}
         feeders = [envoy for name, (envoy, _) in sidecars.items() if name.startswith("feed")]
         stats: dict[str, int] = {}
         for envoy in feeders:

@@ -7,18 +7,23 @@ Every process a test starts runs in its own session and is stopped by its PID
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
 from controlplane import netutil
-from controlplane.local.envoy import EnvoyError, envoy_binary
+from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.local.envoy import EnvoyError, EnvoyProcess, envoy_binary
+from controlplane.sidecar.bootstrap import XdsCredentials, build_bootstrap
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,3 +186,131 @@ def profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], 
         return state / "profiles"
 
     return seed
+
+
+def demo_sidecar(
+    app_port: int,
+    xds_port: int,
+    log_path: Path,
+    *,
+    service: str = "digits-model",
+    node_id: str | None = None,
+    delta: bool = False,
+    outbound_port: int | None = None,
+    extra_args: tuple[str, ...] = (),
+    identity_dir: str | os.PathLike[str] | None = None,
+) -> tuple[EnvoyProcess, int]:
+    """A sidecar of ``service`` in the demo namespace (a real Envoy, configured over ADS from
+    127.0.0.1:``xds_port``) in front of the workload on ``app_port``, with its inbound
+    listener and admin on free loopback ports. Returns it not started, and its inbound port.
+    With ``identity_dir`` (the control plane's identity folder) it holds the credentials
+    ``modelguard bootstrap`` gives a sidecar: xDS over TLS with its token.
+
+    EnvoyProcess starts Envoy in its own session and stops it by PID.
+    """
+    inbound, admin = netutil.free_port(), netutil.free_port()
+    sidecar = Sidecar(
+        node_id=node_id or f"{service}-0",
+        service=service,
+        namespace="demo",
+        identity=f"spiffe://cluster.local/ns/demo/sa/{service}",
+        app_port=app_port,
+        inbound_port=inbound,
+        inbound_address="127.0.0.1",
+        outbound_port=outbound_port,
+    )
+    credentials = None
+    if identity_dir is not None:
+        credentials = XdsCredentials.for_sidecar(sidecar, identity_dir)
+    envoy = EnvoyProcess(
+        build_bootstrap(
+            sidecar,
+            xds_host="127.0.0.1",
+            xds_port=xds_port,
+            admin_port=admin,
+            delta=delta,
+            credentials=credentials,
+        ),
+        admin_port=admin,
+        log_path=log_path,
+        extra_args=extra_args,
+    )
+    return envoy, inbound
+
+
+class Redis:
+    """Debian's redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes, self.port = processes, netutil.free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is required (make setup installs Debian's redis-server)")
+        self.process = self.processes.start(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            name="redis",
+        )
+        netutil.wait_for_port("127.0.0.1", self.port, timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(processes: Processes) -> Redis:
+    """A started Redis, stopped with the test's other processes."""
+    server = Redis(processes)
+    server.start()
+    return server
+
+
+class Upstream:
+    """A workload behind a sidecar, on a free loopback port, started at once: answers every
+    POST with 200 and whatever the test sets (``body``, ``content_type``), and records the
+    request bodies it received (``seen``; chunked ones reassembled). ``keep_alive``: it
+    answers as HTTP/1.1 and keeps connections open (else HTTP/1.0, one request each)."""
+
+    def __init__(self, keep_alive: bool = False) -> None:
+        self.body, self.content_type = b"{}", "application/json"
+        self.seen: list[bytes] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+            def do_POST(self) -> None:
+                if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                    data = b""
+                    while (size := int(self.rfile.readline().strip() or b"0", 16)) > 0:
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                    self.rfile.readline()
+                else:
+                    data = self.rfile.read(int(self.headers.get("content-length") or 0))
+                upstream.seen.append(data)
+                self.send_response(200)
+                self.send_header("content-type", upstream.content_type)
+                self.send_header("content-length", str(len(upstream.body)))
+                self.end_headers()
+                self.wfile.write(upstream.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

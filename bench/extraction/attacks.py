@@ -189,7 +189,32 @@ def scenario(test_X: np.ndarray, attacker_pool: np.ndarray) -> list[Spec]:
           for i in range(4)],
         *[Spec(f"held-out sklearn class {c}", "held-out", 1,
                lambda rng, n, c=c: fixed(images[digit == c][:n]), 200) for c in range(10)],
+        *round2_specs(test_X, model.predict, (8, 8)),
     ]
+
+
+def round2_specs(
+    test_X: np.ndarray, predict: Callable[[np.ndarray], np.ndarray],
+    image: tuple[int, int] | None = None,
+) -> list[Spec]:
+    """Held out, round 2 (``controlplane/extraction/held_out.py``): one client of each kind,
+    reported apart (kind ``held-out-2``); their stream lengths are the generators' own."""
+    from controlplane.extraction.held_out import ROUND2, imputed_user
+
+    pool = np.asarray(test_X, dtype=np.float32)
+
+    def labels(X: np.ndarray) -> np.ndarray:
+        return np.asarray(predict(X))
+
+    def make(kind: str) -> Callable[..., Client]:
+        if kind == "imputed-zero":
+            return lambda rng, n: fixed(imputed_user(rng, pool, n, fill="zero"))
+        generator = ROUND2[kind][0]
+        return lambda rng, n: fixed(generator(rng, pool, n, labels=labels, image=image))
+
+    lengths = {kind: n for kind, (_, n) in ROUND2.items()} | {"imputed-zero": 300}
+    return [Spec(f"held-out-2 {kind}", "held-out-2", 1, make(kind), n)
+            for kind, n in lengths.items()]
 
 
 def sample_image_paths() -> list[Path]:

@@ -1,7 +1,8 @@
 """A second victim model (not digits) and a monitor-only harness, for the benchmark and tests.
 
 ``BreastCancerModel``: scikit-learn's bundled breast-cancer data (569 x 30, nothing
-downloaded), a standardising logistic regression trained on a stratified 75% split. It is
+downloaded), a standardising logistic regression trained on a stratified 75% split;
+``wine_model`` the same on the bundled wine data (178 x 13, 3 classes). It is
 served by ``serve`` (a tiny standard-library HTTP server) with the demo's request and
 response shapes: ``POST /v1/predict {"instances": [[30 numbers]]}`` →
 ``{"predictions": [{"label", "probabilities"}]}``.
@@ -45,18 +46,32 @@ class BreastCancerModel:
 
 def breast_cancer_model(seed: int = 0) -> BreastCancerModel:
     from sklearn.datasets import load_breast_cancer
+
+    return _logistic(load_breast_cancer, "breast-cancer-logreg", seed)
+
+
+def wine_model(seed: int = 0) -> BreastCancerModel:
+    """A third model: scikit-learn's bundled wine data (178 x 13, 3 classes), the same
+    standardising logistic regression. Its inputs' scales differ by four orders of
+    magnitude (proline ~750, hue ~1), and its reference is small (133 rows)."""
+    from sklearn.datasets import load_wine
+
+    return _logistic(load_wine, "wine-logreg", seed)
+
+
+def _logistic(load: Callable[..., Any], name: str, seed: int) -> BreastCancerModel:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    X, y = load_breast_cancer(return_X_y=True)
+    X, y = load(return_X_y=True)
     train_X, test_X, train_y, test_y = train_test_split(
         X, y, test_size=0.25, stratify=y, random_state=seed
     )
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     pipeline.fit(train_X, train_y)
-    return BreastCancerModel(train_X, train_y, test_X, test_y, pipeline)
+    return BreastCancerModel(train_X, train_y, test_X, test_y, pipeline, name)
 
 
 def reference_csv(X: np.ndarray, labels: np.ndarray) -> str:
@@ -195,7 +210,7 @@ def cancer_scenario(model: BreastCancerModel) -> list[Any]:
     """The breast-cancer model's clients: off-distribution attacks over the features'
     documented ranges, natural in-distribution extraction, and benign users from its test
     split (calibration's generators with other seeds, and the held-out ones)."""
-    from attacks import Spec, fixed, interleaved
+    from attacks import Spec, fixed, interleaved, round2_specs
 
     from controlplane.extraction import calibrate as C
 
@@ -234,4 +249,52 @@ def cancer_scenario(model: BreastCancerModel) -> list[Any]:
         *[Spec(f"held-out cluster #{i}", "held-out", 1,
                lambda rng, n: fixed(C.segment_user(rng, pool, n, clusters)), 300)
           for i in range(4)],
+        *round2_specs(pool, model.predict),
     ]
+
+
+# --- a calibrated monitor, without a control plane -----------------------------------------------
+
+MONITOR_POLICY = """\
+apiVersion: modelguard.io/v1alpha1
+kind: ExtractionPolicy
+metadata: {{name: m, namespace: demo}}
+spec:
+  targetRef: {{service: m}}
+  clientKey: {{header: x-api-key}}
+  request: {{features: "$.instances[*]"}}
+  response: {{scores: "$.predictions[*].probabilities"}}
+  detection:
+    detectors: [prada, nearDuplicate, outOfDistribution, coverage]
+    reference: {{file: {reference}, labelColumn: label}}
+  actions:
+    onSuspicion: {{throttle: {{requests: 60, per: minute}}}}
+    onDetection: {{quarantine: {{duration: 24h}}}}
+"""
+
+
+def calibrated_monitor(reference: Any, cache: Any) -> Any:
+    """An ExtractionMonitor for one policy (``medium``, throttle then 24 h quarantine) whose
+    profile the control plane's own ProfileBook calibrated from ``reference`` (a CSV with
+    a ``label`` column), cached in ``cache``; verdicts kept in memory (``monitor.sink``).
+    Its policy key is ``demo/m``."""
+    from controlplane.api import parse_documents
+    from controlplane.extraction.feed import ProfileBook
+    from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
+    from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
+
+    loaded, found = parse_documents(MONITOR_POLICY.format(reference=reference), "bench")
+    if found:
+        raise ValueError(found)
+    policies = [lp.policy for lp in loaded]
+    book = ProfileBook(cache)
+    watched = WatchedPolicy.of(policies[0])  # type: ignore[arg-type]
+    if watched is None:
+        raise ValueError("not a watched policy")
+    book(watched)  # starts the calibration (off this thread), or reads the cache
+    if not book.wait(watched.key, 600):
+        raise RuntimeError("calibration did not end within 600 s")
+    condition = book.conditions()[watched.key]
+    if condition.status != "True":
+        raise RuntimeError(f"calibration failed: {condition}")
+    return ExtractionMonitor(lambda: policies, VerdictStore(), InMemoryVerdictSink(), profile=book)

@@ -421,6 +421,7 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
                                "hardening": hardened, "attacks": {}, "benign": {}}
     started = time.monotonic()
     benign: list[Outcome] = []
+    benign_seeds: list[tuple[Outcome, int]] = []  # each benign client with its key's seed
     groups: dict[str, list[Outcome]] = {}
     for index, spec in enumerate(specs):
         repeats = args.repeats if spec.kind == "attack" else 1
@@ -428,6 +429,7 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
                     for r in range(repeats)]
         if spec.kind != "attack":  # "benign" (calibration's generators) or "held-out"
             benign.extend(outcomes)
+            benign_seeds.extend((o, 1000 * index + r) for r, o in enumerate(outcomes))
             groups.setdefault(spec.kind, []).extend(outcomes)
             continue
         detected = [o.detected_at for o in outcomes if o.detected_at is not None]
@@ -485,8 +487,7 @@ def _run(system: System, victim: Victim, args: argparse.Namespace) -> dict[str, 
         },
     }
     results["benign"]["estimated_fidelity"] = {
-        o.name: estimated_fidelity(system, [f"benign-{seed}-0"])
-        for o, seed in benign_seeds(specs, benign)
+        o.name: estimated_fidelity(system, [f"{o.kind}-{seed}-0"]) for o, seed in benign_seeds
     }
     results["risk_correlation"] = risk_correlation(results["attacks"])
     results["risk_correlation_undefended"] = undefended_correlation(results["attacks"])
@@ -524,9 +525,6 @@ def risk_row(
     return {"estimated": estimated_fidelity(system, keys), "true": true, "sent": o.sent}
 
 
-def benign_seeds(specs: list[Spec], benign: list[Outcome]) -> list[tuple[Outcome, int]]:
-    seeds = [1000 * i for i, spec in enumerate(specs) if spec.kind == "benign"]
-    return list(zip(benign, seeds, strict=True))
 
 
 def offline_estimate(victim: Victim, X: np.ndarray) -> float:

@@ -7,14 +7,23 @@ what a benchmark measures.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import json
 import os
 import re
+import shutil
+import statistics
 import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 TYPE = "type.googleapis.com/"
 HCM_TYPE = (
@@ -42,6 +51,9 @@ ANSWER: dict[str, Any] = {
     ],
     "model": "digits-logreg",
 }
+
+# One digits query, as the benches' clients send it.
+QUERY: dict[str, Any] = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
 
 ROUTER = {
     "name": "envoy.filters.http.router",
@@ -124,6 +136,19 @@ def backend_bootstrap(port: int, admin: int) -> dict[str, Any]:
     return bootstrap(admin, [listener(port, hcm([BUFFER], route))], [])
 
 
+def backend_envoy() -> tuple[Any, int]:
+    """The backend (``backend_bootstrap``) as an EnvoyProcess on free loopback ports, one
+    worker, not started: (the process, its listener's port)."""
+    from controlplane.local.envoy import EnvoyProcess
+    from controlplane.netutil import free_port
+
+    port, admin = free_port(), free_port()
+    envoy = EnvoyProcess(
+        backend_bootstrap(port, admin), admin_port=admin, log_level="warn", concurrency=1
+    )
+    return envoy, port
+
+
 def router_bootstrap(port: int, admin: int, upstream_port: int) -> dict[str, Any]:
     """A bare Envoy: one listener, only a router, to one upstream (the baseline)."""
     return bootstrap(
@@ -199,6 +224,87 @@ def wrk(url: str, seconds: float, connections: int, script: Path) -> WrkResult:
     return parse_wrk(out)
 
 
+# --- the ratio benches' frame: sidecar variants measured in alternation against "bare" ------
+
+
+def wrk_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every ratio bench takes (its own added after)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    return parser
+
+
+def require_wrk() -> None:
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is required (Debian: apt-get install wrk)")
+
+
+def post_script(path: Path, body: Any, headers: dict[str, str]) -> Path:
+    """A wrk script that POSTs ``body`` (as JSON) with ``headers``."""
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
+    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def predict_script(path: Path) -> Path:
+    """A wrk script that POSTs ``QUERY`` as the client ``bench-client`` (x-api-key)."""
+    return post_script(
+        path, QUERY, {"content-type": "application/json", "x-api-key": "bench-client"}
+    )
+
+
+def wrk_port(port: int, seconds: float, connections: int, script: Path) -> WrkResult:
+    """``wrk`` against a listener on 127.0.0.1:``port`` (path /v1/predict)."""
+    return wrk(f"http://127.0.0.1:{port}/v1/predict", seconds, connections, script)
+
+
+def alternate(names: Iterable[str], rounds: int, measure: Callable[[str], T]) -> dict[str, list[T]]:
+    """``measure(name)`` for every name in turn, ``rounds`` times over: a drift in the
+    machine's load falls on every variant alike, not on the last one measured."""
+    out: dict[str, list[T]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, results in out.items():
+            results.append(measure(name))
+    return out
+
+
+def print_ratios(labels: dict[str, str], rps: dict[str, list[float]], base: str = "bare") -> None:
+    """Median requests/s of each variant and its ratio to ``base``'s median."""
+    width = max(len("sidecar carries"), *(len(labels[name]) for name in rps)) + 4
+    print(f"{'sidecar carries':<{width}} {'req/s (median)':>15} {'ratio to bare':>14}")
+    reference = statistics.median(rps[base])
+    for name, rates in rps.items():
+        median = statistics.median(rates)
+        print(f"{labels[name]:<{width}} {median:>15,.0f} {median / reference:>14.2f}")
+
+
+def serve_grpc(add_servicers: Callable[[Any], None]) -> int:
+    """A grpc.aio server on a free loopback port, on an event loop in a daemon thread of
+    this process (the sidecars reach it while the main thread drives wrk); returns its port.
+    ``add_servicers(server)`` registers what it serves."""
+    import grpc
+
+    port_box: list[int] = []
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        add_servicers(server)
+        port_box.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True).start()
+    if not ready.wait(10):
+        raise RuntimeError("the in-process gRPC server did not start within 10 s")
+    return port_box[0]
+
+
 # --- servers in processes of their own, pinned to one core -------------------------------
 
 
@@ -236,3 +342,30 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def start_redis(cpu: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Debian's redis-server on a free loopback port, no persistence, in its own session
+    (pinned to ``cpu`` where the machine allows): the process (stop it with ``stop``) and
+    its URL."""
+    from controlplane.netutil import free_port, wait_for_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is needed: make setup installs it")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        if cpu is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(process.pid, {cpu})
+        wait_for_port("127.0.0.1", port, timeout=10)
+    except BaseException:
+        stop(process)
+        raise
+    return process, f"redis://127.0.0.1:{port}/0"

@@ -23,7 +23,9 @@ read by ``reference.py``); same data, same settings, same numbers:
    control plane does not call. Each client's queries are fed through the detectors in
    batches, and the highest value every statistic reaches over its stream is kept.
    The HELD-OUT generators (``HELD_OUT_KINDS``: feature sweeps, SHAP-style coalitions,
-   cluster segments) never take part: tests and the benchmark report them apart.
+   cluster segments) never take part: tests and the benchmark report them apart; nor does
+   the second held-out set (``held_out.py``: KernelSHAP, augmentation, drift, retries,
+   imputation, partial dependence...).
 4. A detector's threshold is set against those per-client maxima: ``high`` sensitivity is
    their 99th percentile (about 1% of benign clients would be flagged), ``medium`` 25%
    above their maximum (no simulated benign client is flagged), ``low`` 50% above it;
@@ -82,10 +84,12 @@ OOD_FLOOR = {"low": 4.0, "medium": 3.0, "high": 2.0}
 DENSE_STEPS_FLOOR = 4.0
 # Part of every cache key: bump whenever the procedure (generators, split, statistics)
 # changes, so a cached profile is never one the current code would not produce.
-VERSION = "13.5"  # 13.5: denseSteps
+VERSION = "13.6"  # 13.5: denseSteps; 13.6: residual_cut, novelty_gate
 HELD_OUT_FRACTION = 0.25
 MAX_HELD_OUT = 2000
 MAX_REFERENCE = 20_000  # reference points kept for novelty (a distance matrix per batch)
+# Rows needed to estimate a 99th percentile as more than the sample's largest value.
+MIN_TAIL_ROWS = 100
 N_SEGMENTS = 8  # clusters standing in for classes when the reference has no answers
 RELATIVE_RADIUS = 0.02  # reference-free near-duplicate radius, as a fraction of |x|
 
@@ -384,6 +388,8 @@ class Cutoffs:
     novelty_rate: float
     residual_mean: float
     residual_std: float
+    residual_cut: float = 0.0
+    novelty_gate: float = 0.0
 
     def thresholds(
         self,
@@ -418,6 +424,7 @@ def per_query_cutoffs(reference: Reference, held_out: FloatArray) -> Cutoffs:
     novelty = reference.novelty(held_out)
     cut = float(np.quantile(novelty, 0.99))
     residual = reference.residual(held_out)
+    tail = len(held_out) >= MIN_TAIL_ROWS
     return Cutoffs(
         duplicate_radius=float(np.quantile(nearest[nearest > 0], 0.01)),
         novelty_cut=cut,
@@ -428,6 +435,12 @@ def per_query_cutoffs(reference: Reference, held_out: FloatArray) -> Cutoffs:
         novelty_rate=max(rate_upper_bound(int((novelty > cut).sum()), len(novelty)), 0.01),
         residual_mean=float(residual.mean()),
         residual_std=float(residual.std()),
+        # What a quarantine on coverage or outOfDistribution also needs (the effect, not
+        # only its significance: ``monitor._decisive``): the client's mean beyond what 1%
+        # of natural queries exceed. Only from enough rows to tell a 99th percentile from
+        # the sample's maximum; else no such condition (the tests' null still holds).
+        residual_cut=float(np.quantile(residual, 0.99)) if tail else 0.0,
+        novelty_gate=cut if tail else 0.0,
     )
 
 

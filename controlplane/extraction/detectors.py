@@ -136,6 +136,18 @@ class Thresholds:
     # Inputs moved by near-duplicate steps per distinct query (``denseSteps``). Infinite
     # (off) in profiles calibrated before it existed and in reference-free ones.
     dense_steps: float = math.inf
+    # The 99th percentile of natural queries' residuals (held-out rows). ``coverage`` is a
+    # z score: any population a little further from the subspace than the data's average
+    # (a partial-dependence plot, imputed inputs, SHAP coalitions) reaches any threshold
+    # once it has sent enough queries. For a quarantine the monitor also wants the effect:
+    # the client's mean residual beyond this, its typical query further from the subspace
+    # than 99% of the model's own records (``monitor.DECISIVE``). 0 (no such condition) in
+    # profiles calibrated before it existed, and when the reference's held-out rows are too
+    # few to estimate a 99th percentile (``calibrate.MIN_TAIL_ROWS``).
+    residual_cut: float = 0.0
+    # The same for ``outOfDistribution``: the client's mean novelty must be beyond this
+    # (the novelty cut, when estimated on enough rows; else 0: no such condition).
+    novelty_gate: float = 0.0
 
     def of(self, detector: StatisticName) -> float:
         return {
@@ -228,7 +240,12 @@ class ClientState:
     # Decayed counters: weight of queries, of novel queries, sum of residuals.
     weight: float = 0.0  # fresh queries, decayed
     novel: float = 0.0
+    # Decayed sums of the fresh queries' novelty and of the squares of it and of the
+    # residuals: how far beyond the natural tail a client typically is (``lower_mean``).
+    novelty_sum: float = 0.0
+    novelty_sq_sum: float = 0.0
     residual_sum: float = 0.0
+    residual_sq_sum: float = 0.0
     # Decayed sums of the fresh rows and of their squared norms: the client's dispersion.
     row_sum: FloatArray | None = None
     row_sq_sum: float = 0.0
@@ -310,7 +327,14 @@ class ClientState:
             )
         self.weight = self.weight * decay + n_fresh
         self.novel = self.novel * decay + float((novelty > thresholds.novelty_cut).sum())
+        self.novelty_sum = self.novelty_sum * decay + float(novelty.sum(dtype=np.float64))
+        self.novelty_sq_sum = self.novelty_sq_sum * decay + float(
+            np.dot(novelty.astype(np.float64), novelty)
+        )
         self.residual_sum = self.residual_sum * decay + float(residual.sum())
+        self.residual_sq_sum = self.residual_sq_sum * decay + float(
+            np.dot(residual.astype(np.float64), residual)
+        )
 
     def _held(self, X: FloatArray, thresholds: Thresholds) -> bool:
         """Whether every row of X is, bit for bit, a row the history holds, with a norm
@@ -435,6 +459,22 @@ class ClientState:
         decay = 0.5 ** (1.0 / self.half_life)
         self.distinct = self.distinct * decay + 1.0
         self.moved *= decay
+
+    def lower_mean(self, of: Literal["residual", "novelty"], z: float = 2.0) -> float | None:
+        """A lower confidence bound (the mean less ``z`` standard errors, one-sided ~97.7%)
+        of the decayed mean residual or novelty of the client's fresh queries: how far from
+        the data its typical query is, surely (a mean of 24 queries can be high by chance;
+        the monitor compares this with the natural 99th percentile)."""
+        if self.weight <= 0:
+            return None
+        total, squares = (
+            (self.residual_sum, self.residual_sq_sum)
+            if of == "residual"
+            else (self.novelty_sum, self.novelty_sq_sum)
+        )
+        mean = total / self.weight
+        variance = max(squares / self.weight - mean * mean, 0.0)
+        return mean - z * math.sqrt(variance / self.weight)
 
     def dispersion(self) -> float | None:
         """Mean squared distance of the client's fresh queries to their mean (decayed):

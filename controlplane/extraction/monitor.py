@@ -18,12 +18,16 @@ expensive mistake): the detectors say different things.
   SHAP, what-if analysis) do exactly that, so its evidence alone is an alert verdict, never
   a throttle or a quarantine; it still counts as a second detector once another fired.
 - ``prada`` says the client's distances are not those of natural queries; calibrated with
-  single-class and local-exploration users in the benign null, it throttles.
+  single-class and local-exploration users in the benign null, it throttles. With
+  reference data it grounds a quarantine only at ``ESCALATE`` times its threshold.
 - ``outOfDistribution`` and ``coverage`` say the queries are unlike the model's own data or
   spread over directions it never varies in: the evidence an extraction needs to go beyond
   what natural use reveals. With reference data, a quarantine requires one of them among
-  the confirming findings (``DECISIVE``); without it (or while the policy's profile is
-  still calibrating), ``prada`` is the decisive detector, at its reference-free default.
+  the confirming findings (``DECISIVE``), and only when the effect is large too (the
+  client's mean residual, or mean novelty, beyond the natural 99th percentile:
+  ``_decisive``), not only significant; without
+  reference data (or while the policy's profile is still calibrating), ``prada`` is the
+  decisive detector, at its reference-free default.
 - ``denseSteps`` (computed with ``nearDuplicate``) says the client's near-duplicate steps
   move many inputs at once, far more per query than any benign explorer the profile was
   calibrated on (they edit 1-4 inputs a step): a gradient probe such as Jacobian-based
@@ -66,7 +70,7 @@ from controlplane.api import ExtractionPolicy, Policy
 from controlplane.api.common import WINDOW_SECONDS
 from controlplane.api.jsonpath import JsonPath
 from controlplane.extraction.calibrate import BATCH, Profile
-from controlplane.extraction.detectors import ClientState, DetectorName, Finding
+from controlplane.extraction.detectors import ClientState, DetectorName, Finding, Thresholds
 from controlplane.extraction.hardened import Hardened, HardenStore
 from controlplane.extraction.risk import HeldOut, RiskPlan, RiskSample, held_out_of
 from controlplane.extraction.verdicts import (
@@ -96,6 +100,8 @@ ALERT_ONLY: frozenset[str] = frozenset(("nearDuplicate",))
 # evidence; without it, prada.
 DECISIVE: frozenset[str] = frozenset(("outOfDistribution", "coverage"))
 DECISIVE_WITHOUT_REFERENCE: frozenset[str] = frozenset(("prada",))
+# With reference data, decisive at ESCALATE times its threshold only (``_decisive``).
+DECISIVE_ESCALATED: frozenset[str] = frozenset(("prada",))
 # Decisive whatever the client's spread (module docstring): dense near-duplicate steps.
 DECISIVE_ANY_SPREAD: frozenset[str] = frozenset(("denseSteps",))
 # A quarantine also needs the client's fresh queries spread over at least this fraction
@@ -723,6 +729,7 @@ class ExtractionMonitor:
         tracked.evaluated = state.queries + state.unobserved
         findings: list[Finding] = []
         decisive = DECISIVE_WITHOUT_REFERENCE
+        thresholds: Thresholds | None = None
         if profile is not None:
             thresholds = profile.thresholds[policy.sensitivity]
             detectors = policy.detectors
@@ -760,10 +767,56 @@ class ExtractionMonitor:
         )
         if confirmed and (
             any(f.detector in DECISIVE_ANY_SPREAD for f in findings)
-            or (any(f.detector in decisive for f in findings) and self._spread_out(profile, state))
+            or (
+                any(self._decisive(f, decisive, thresholds, state) for f in findings)
+                and self._spread_out(profile, state)
+            )
         ):
             tracked.stage = "detected"
             self._detection(policy, client_key, tuple(evidence), now, _peak(tracked))
+
+    @staticmethod
+    def _decisive(
+        finding: Finding,
+        decisive: frozenset[str],
+        thresholds: Thresholds | None,
+        state: ClientState,
+    ) -> bool:
+        """Whether a fired finding may ground a quarantine (with the spread floor).
+
+        ``coverage`` only with the effect as well as the significance: the client's mean
+        residual (its lower confidence bound, ``ClientState.lower_mean``: early means of a
+        few dozen queries swing) beyond the 99th percentile of natural queries' (``Thresholds.
+        residual_cut``, from the reference's held-out rows). Its z score grows with the
+        square root of the queries for any population a little off the data's subspace, so
+        a long partial-dependence plot, a batch with mean-imputed inputs or SHAP coalitions
+        over several instances (0.3-0.7 standard deviations off on the digits) reached it,
+        and a throttle became a 24 h quarantine 16 queries later; noise is 8 standard
+        deviations off, the typical query beyond the natural 99th percentile.
+        ``outOfDistribution`` likewise: the client's mean novelty beyond the natural 99th
+        percentile (``Thresholds.novelty_gate``, the cut it counts novel queries by), not
+        only more novel queries than the natural rate allows: KernelSHAP's coalitions
+        (5-19% of them novel, natural digits 1-3%) and test-time augmentation of centred
+        digits (36%) were quarantined; noise, photo patches and noise interleaved 1:1
+        with natural digits are typically beyond it (mean novelty 1.1-2.0 times the cut
+        on the digits, those clients 0.7-0.98). Both conditions hold only where the
+        reference's held-out rows estimate a 99th percentile (``calibrate.MIN_TAIL_ROWS``;
+        not the wine data's 33): elsewhere the significance alone decides, as before.
+        ``prada`` (not decisive with reference data: narrow users fooled it at its
+        threshold) at ``ESCALATE`` times its threshold, 2.5 times the most any simulated
+        benign client reached: streams of perturbed copies of a few seeds (sign steps)
+        reach 3 times it while being only a standard deviation off the subspace."""
+        if finding.detector == "coverage" and finding.detector in decisive:
+            cut = thresholds.residual_cut if thresholds is not None else 0.0
+            mean = state.lower_mean("residual")
+            return cut <= 0 or (mean is not None and mean >= cut)
+        if finding.detector == "outOfDistribution" and finding.detector in decisive:
+            cut = thresholds.novelty_gate if thresholds is not None else 0.0
+            mean = state.lower_mean("novelty")
+            return cut <= 0 or (mean is not None and mean >= cut)
+        if finding.detector in DECISIVE_ESCALATED and decisive is DECISIVE:
+            return finding.statistic >= ESCALATE * finding.threshold
+        return finding.detector in decisive
 
     @staticmethod
     def _spread_out(profile: Profile | None, state: ClientState) -> bool:

@@ -1,5 +1,5 @@
-"""``modelguard run`` (the embedded default) as a test subject: on free ports, in its own
-session, stopped by PID; its banner read from its output."""
+"""``modelguard run`` (the embedded default) and ``modelguard serve`` as test subjects: on
+free ports, in their own session, stopped by PID; their banner read from their output."""
 
 from __future__ import annotations
 
@@ -77,6 +77,19 @@ def start_embedded(
             raise AssertionError(f"no banner after {timeout}s:\n{embedded.output()}")
         time.sleep(0.2)
     return embedded
+
+
+def start_serve(
+    processes: Processes, *argv: str, name: str = "serve", timeout: float = 60.0
+) -> subprocess.Popen[bytes]:
+    """Start ``modelguard serve *argv``; wait for its banner (it is listening then)."""
+    server = processes.start([MODELGUARD, "serve", *argv], name=name)
+    deadline = time.monotonic() + timeout
+    while "modelguard control plane" not in processes.log_of(server):
+        assert server.poll() is None, processes.log_of(server)
+        assert time.monotonic() < deadline, processes.log_of(server)
+        time.sleep(0.1)
+    return server
 
 
 def modelguard(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

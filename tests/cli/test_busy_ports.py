@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.netutil import free_port, port_holder
-from tests.cli.embedded import MODELGUARD, modelguard, start_embedded
+from tests.cli.embedded import modelguard, start_embedded, start_serve
 from tests.conftest import Processes
 
 pytestmark = pytest.mark.envoy
@@ -41,12 +41,7 @@ def test_a_second_serve_on_the_same_xds_port_is_refused(
     xds, admin = free_port(), free_port()
     argv = ["serve", "--insecure", "--policies", "policies/", "--verdicts", "",
             "--xds-port", str(xds), "--admin-port", str(admin)]  # fmt: skip
-    first = processes.start([MODELGUARD, *argv], name="serve-1")
-    deadline = time.monotonic() + 60
-    while "modelguard control plane" not in processes.log_of(first):
-        assert first.poll() is None, processes.log_of(first)
-        assert time.monotonic() < deadline, processes.log_of(first)
-        time.sleep(0.1)
+    first = start_serve(processes, *argv[1:], name="serve-1")
     second = modelguard(*argv)
     assert second.returncode == 1, second.stdout + second.stderr
     assert f"xDS port 127.0.0.1:{xds} is already in use by pid {first.pid}" in second.stderr

@@ -16,7 +16,7 @@ import yaml
 from controlplane.app.cli import build_parser, main
 from controlplane.app.cliutil import resolve_globals
 from controlplane.netutil import free_port
-from tests.cli.embedded import MODELGUARD, modelguard
+from tests.cli.embedded import modelguard, start_serve
 from tests.conftest import Processes
 
 LISTING = [["status"], ["traces"], ["quarantine", "list"], ["usage"]]
@@ -114,15 +114,10 @@ def test_a_bare_number_for_a_duration_gets_a_hint(
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     processes = Processes(tmp_path_factory.mktemp("serve"))
     admin = free_port()
-    server = processes.start(
-        [MODELGUARD, "serve", "--insecure", "--policies", "policies/", "--verdicts", "",
-         "--xds-port", str(free_port()), "--admin-port", str(admin)],
-        name="serve",
+    start_serve(
+        processes, "--insecure", "--policies", "policies/", "--verdicts", "",
+        "--xds-port", str(free_port()), "--admin-port", str(admin),
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while "modelguard control plane" not in processes.log_of(server):
-        assert server.poll() is None and time.monotonic() < deadline, processes.log_of(server)
-        time.sleep(0.1)
     yield f"127.0.0.1:{admin}"
     processes.stop_all()
 

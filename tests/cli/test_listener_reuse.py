@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.netutil import free_port
-from tests.cli.embedded import MODELGUARD, modelguard
+from tests.cli.embedded import modelguard, start_serve
 from tests.conftest import Processes
 
 pytestmark = pytest.mark.envoy
@@ -21,15 +21,10 @@ def test_a_second_sidecar_on_a_taken_listener_port_is_nacked(
     processes: Processes, tmp_path: Path, envoy_bin: Path
 ) -> None:
     xds, admin, inbound = free_port(), free_port(), free_port()
-    server = processes.start(
-        [MODELGUARD, "serve", "--insecure", "--policies", "policies/", "--verdicts", "",
-         "--xds-port", str(xds), "--admin-port", str(admin)],
-        name="serve",
+    start_serve(
+        processes, "--insecure", "--policies", "policies/", "--verdicts", "",
+        "--xds-port", str(xds), "--admin-port", str(admin),
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while "modelguard control plane" not in processes.log_of(server):
-        assert server.poll() is None and time.monotonic() < deadline, processes.log_of(server)
-        time.sleep(0.1)
     for name in ("first", "second"):
         bootstrap = tmp_path / f"{name}.yaml"
         made = modelguard(

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from controlplane.netutil import free_port
-from tests.cli.embedded import MODELGUARD, modelguard
+from tests.cli.embedded import modelguard, start_serve
 from tests.conftest import Processes
 
 
@@ -20,16 +20,11 @@ def test_plaintext_attempts_get_one_line_of_advice_and_are_counted(
     processes: Processes, tmp_path: Path
 ) -> None:
     xds, admin = free_port(), free_port()
-    server = processes.start(
-        [MODELGUARD, "serve", "--policies", "policies/", "--verdicts", "",
-         "--identity-dir", str(tmp_path / "identity"),
-         "--xds-port", str(xds), "--admin-port", str(admin)],
-        name="serve",
+    server = start_serve(
+        processes, "--policies", "policies/", "--verdicts", "",
+        "--identity-dir", str(tmp_path / "identity"),
+        "--xds-port", str(xds), "--admin-port", str(admin),
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while "modelguard control plane" not in processes.log_of(server):
-        assert server.poll() is None and time.monotonic() < deadline, processes.log_of(server)
-        time.sleep(0.1)
     # What a sidecar bootstrapped without --identity-dir does: HTTP/2 in plaintext, again
     # and again (gRPC's reconnect backoff, like Envoy's).
     for _ in range(3):

@@ -37,14 +37,10 @@ from controlplane.local.model import load_model
 from controlplane.netutil import free_port, http_request
 from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import LEASE_NAME
-from tests.conftest import DIGITS_REFERENCE, Processes, stop_process
-from tests.integration import test_kubernetes as k8s
-from tests.integration.test_kubernetes import GROUP, VERSION, call, conditions, policy
-from tests.resilience.conftest import Redis
+from tests.conftest import DIGITS_REFERENCE, Processes, Redis, demo_sidecar, stop_process
+from tests.integration.conftest import call, conditions, create_policy, read_policy
 
 pytestmark = pytest.mark.envoy
-cluster = k8s.cluster
-api_client = k8s.api_client
 
 ACCESS = {
     "targetRef": {"service": "digits-model"},
@@ -191,15 +187,8 @@ async def two_replicas(
     tmp_path: Path,
     demo_model: tuple[str, int],
 ) -> AsyncIterator[Cluster]:
-    api = client.CustomObjectsApi(api_client)
-    for kind, plural, spec in (
-        ("AccessPolicy", "accesspolicies", ACCESS),
-        ("ExtractionPolicy", "extractionpolicies", EXTRACTION),
-    ):
-        await call(
-            api.create_namespaced_custom_object, GROUP, VERSION, "demo", plural,
-            policy(kind, "digits-model", spec),
-        )  # fmt: skip
+    for kind, spec in (("AccessPolicy", ACCESS), ("ExtractionPolicy", EXTRACTION)):
+        await create_policy(api_client, kind, "digits-model", spec)
     redis = Redis(processes)
     await asyncio.to_thread(redis.start)
     replicas = {name: Replica(name, free_port(), free_port()) for name in ("a", "b")}
@@ -214,18 +203,11 @@ async def two_replicas(
         system.start(replica)
     envoys = []
     for replica in replicas.values():
-        listen, envoy_admin = free_port(), free_port()
-        sidecar = Sidecar(
-            f"digits-model-{replica.name}.demo", "digits-model", "demo",
-            "spiffe://cluster.local/ns/demo/sa/digits-model", demo_model[1], listen,
-            inbound_address="127.0.0.1",
-        )  # fmt: skip
-        envoy = EnvoyProcess(
-            build_bootstrap(
-                sidecar, xds_host="127.0.0.1", xds_port=replica.xds_port, admin_port=envoy_admin
-            ),
-            admin_port=envoy_admin,
-            log_path=tmp_path / f"envoy-{replica.name}.log",
+        envoy, listen = demo_sidecar(
+            demo_model[1],
+            replica.xds_port,
+            tmp_path / f"envoy-{replica.name}.log",
+            node_id=f"digits-model-{replica.name}.demo",
         )
         envoys.append(processes.track(envoy))
         envoy.start()
@@ -276,23 +258,15 @@ async def test_a_quarantine_on_one_replica_is_enforced_and_released_through_the_
         return (await predict(port, key, row))[0]
 
     # Status across replicas: the Lease holder counts the sidecars of both.
-    custom = client.CustomObjectsApi(api_client)
-
     async def both_programmed() -> str:
-        obj = await call(
-            custom.get_namespaced_custom_object, GROUP, VERSION, "demo", "accesspolicies",
-            "digits-model",
-        )  # fmt: skip
+        obj = await read_policy(api_client, "AccessPolicy", "digits-model")
         message = str(conditions(obj).get("Programmed", {}).get("message", ""))
         return message if message == "2 of 2 targeted sidecars ACKed" else ""
 
     try:
         await until(both_programmed, timeout=15, every=0.2)
     except AssertionError as err:
-        obj = await call(
-            custom.get_namespaced_custom_object, GROUP, VERSION, "demo", "accesspolicies",
-            "digits-model",
-        )  # fmt: skip
+        obj = await read_policy(api_client, "AccessPolicy", "digits-model")
         raise AssertionError(f"{err}: {obj.get('status')}") from err
 
     # Meanwhile mallory asks B's sidecar one same question again and again (B's detectors

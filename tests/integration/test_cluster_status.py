@@ -4,7 +4,6 @@ workload grouping: the counts stay right while passes reuse what did not change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,8 +12,7 @@ from controlplane.api import validate_document
 from controlplane.cluster_status import SharedStatus
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.sources.kubernetes.status import Workloads
-from tests.conftest import Processes
-from tests.resilience.conftest import Redis
+from tests.conftest import Redis
 
 KEY = ("AccessPolicy", "demo", "digits")
 
@@ -52,11 +50,8 @@ class Replica:
 
 
 @pytest.fixture
-def redis_url(processes: Processes) -> Iterator[str]:
-    server = Redis(processes)
-    server.start()
-    yield server.url
-    server.stop()
+def redis_url(redis_server: Redis) -> str:
+    return redis_server.url
 
 
 @pytest.mark.parametrize("report", ["compact", "per-policy"])

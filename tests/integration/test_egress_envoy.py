@@ -29,12 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from polling import eventually
 
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port
-from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.telemetry.store import Query
+from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.envoy
 
@@ -170,19 +167,16 @@ def tls_refused(outbound: int, host: str, ca: Path) -> bool:
 # --- the system ------------------------------------------------------------------------------
 
 
-@dataclass
-class System:
-    policies: Path
-    plane: ControlPlane
-    envoy: EnvoyProcess
-    outbound: int
-    dest: Destinations
+def egress_policy(dest: Destinations, mode: str = "Enforce", extra: str = "") -> str:
+    return POLICY.format(mode=mode, http=dest.http_port, tls=dest.tls_port, extra=extra)
+
+
+class System(Deployment):
+    outbound: int  # the sidecar's outbound capture port
+    dest: Destinations  # set by the fixture
 
     def write_policy(self, mode: str = "Enforce", extra: str = "") -> None:
-        text = POLICY.format(
-            mode=mode, http=self.dest.http_port, tls=self.dest.tls_port, extra=extra
-        )
-        (self.policies / "egress.yaml").write_text(text)
+        (self.policies / "egress.yaml").write_text(egress_policy(self.dest, mode, extra))
 
     async def http(self, host: str) -> tuple[int, str]:
         return await asyncio.to_thread(http_via, self.outbound, host, self.dest.http_port)
@@ -205,46 +199,19 @@ class System:
 
 @pytest.fixture
 async def system(tmp_path: Path, destinations: Destinations) -> AsyncIterator[System]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    xds_port, admin_port, inbound, envoy_admin, outbound = (free_port() for _ in range(5))
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(str(policies),),
-            xds_port=xds_port,
-            admin_port=admin_port,
-            debounce_quiet=0.05,
-            debounce_max=0.5,
-        )
-    )
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=free_port(),  # no inbound traffic in these tests
-        inbound_port=inbound,
-        inbound_address="127.0.0.1",
+    outbound = free_port()
+    async with await System.start(
+        tmp_path,
+        free_port(),  # no inbound traffic in these tests
+        {"egress.yaml": egress_policy(destinations)},
+        ready_timeout=20,
         outbound_port=outbound,
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
         # The stdout access log is flushed every 10 s by default: the tests read it sooner.
-        extra_args=("--file-flush-interval-msec", "100"),
-    )
-    system = System(policies, plane, envoy, outbound, destinations)
-    system.write_policy()
-    await plane.start()
-    envoy.start()
-    try:
-        await asyncio.to_thread(envoy.wait_ready, 20)
+        envoy_args=("--file-flush-interval-msec", "100"),
+    ) as system:
+        system.outbound, system.dest = outbound, destinations
         await eventually(lambda: system.http("api.localhost"))
         yield system
-    finally:
-        envoy.stop()
-        await system.plane.stop(grace=0)
 
 
 # --- tests -----------------------------------------------------------------------------------

@@ -12,23 +12,20 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
+from controlplane.app.server import ControlPlane
 from controlplane.extraction.verdicts import ClientRef, Enforcement, digest
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
-from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
 from tests.conftest import DIGITS_REFERENCE
+from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.envoy
 
@@ -50,15 +47,10 @@ spec:
 """.replace("REFERENCE", str(DIGITS_REFERENCE))
 
 
-@dataclass
-class System:
-    plane: ControlPlane
-    envoy: EnvoyProcess
-    listen_port: int
-    policies: Path
-    verdicts: Path
-    xds_port: int
-    admin_port: int
+class System(Deployment):
+    @property
+    def verdicts(self) -> Path:
+        return Path(str(self.config.verdicts_path))
 
     async def predict(self, key: str, row: list[float]) -> tuple[int, bytes, bytes]:
         body = json.dumps({"instances": [row]}).encode()
@@ -108,21 +100,6 @@ class System:
         return list(released.released)
 
 
-async def start_plane(policies: Path, verdicts: Path, xds: int, admin: int) -> ControlPlane:
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(str(policies),),
-            xds_port=xds,
-            admin_port=admin,
-            debounce_quiet=0.05,
-            debounce_max=0.3,
-            verdicts_path=str(verdicts),
-        )
-    )
-    await plane.start()
-    return plane
-
-
 async def until(check, timeout: float = 15.0, every: float = 0.1):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     last = None
@@ -144,40 +121,24 @@ async def calibrated(plane: ControlPlane, key: str = "demo/digits-model") -> Non
     await until(ready, timeout=60)
 
 
+async def start_system(tmp_path: Path, app_port: int, policy: str) -> System:
+    return await System.start(
+        tmp_path,
+        app_port,
+        {"extraction.yaml": policy},
+        debounce_max=0.3,
+        verdicts_path=str(tmp_path / "state" / "verdicts.json"),
+    )
+
+
 @pytest.fixture
 async def system(
     tmp_path: Path, demo_model: tuple[str, int], profile_cache: Callable[[Path], Path]
 ) -> AsyncIterator[System]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "extraction.yaml").write_text(POLICY)
-    verdicts = tmp_path / "state" / "verdicts.json"
-    profile_cache(verdicts.parent)
-    xds, admin, listen, envoy_admin = (free_port() for _ in range(4))
-    plane = await start_plane(policies, verdicts, xds, admin)
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=demo_model[1],
-        inbound_port=listen,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
-    envoy.start()
-    system = System(plane, envoy, listen, policies, verdicts, xds, admin)
-    try:
-        await asyncio.to_thread(envoy.wait_ready, 30)
-        await calibrated(plane)
+    profile_cache(tmp_path / "state")  # next to verdicts.json: calibrated once per session
+    async with await start_system(tmp_path, demo_model[1], POLICY) as system:
+        await calibrated(system.plane)
         yield system
-    finally:
-        envoy.stop()
-        await system.plane.stop(grace=0)
 
 
 async def status_of(system: System, key: str, row: list[float]) -> int:
@@ -256,10 +217,7 @@ async def test_quarantines_expire_by_themselves_and_survive_a_restart(system: Sy
     # Admin answers name header keys by fingerprint only.
     assert [e.client_key for e in await system.quarantines()] == [lasting.fingerprint]
     # A restart of the control plane reads the quarantine back and pushes it again.
-    await system.plane.stop(grace=0)
-    system.plane = await start_plane(
-        system.policies, system.verdicts, system.xds_port, system.admin_port
-    )
+    await system.restart_plane()
     assert [e.client.key for e in system.plane.extraction.verdicts.active()] == [lasting.key]
 
     async def resynced() -> bool:

@@ -19,20 +19,17 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from polling import eventually
 
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
+from controlplane.app.server import ControlPlane
 from controlplane.local.model import load_model
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
 from tests.conftest import DIGITS_REFERENCE
+from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.envoy
 log = logging.getLogger(__name__)
@@ -57,13 +54,7 @@ spec:
 PADDED = 70_000  # bytes: past the feed's 64 KiB, as the red team sent them
 
 
-@dataclass
-class System:
-    plane: ControlPlane
-    envoy: EnvoyProcess
-    port: int
-    policies: Path
-
+class System(Deployment):
     def write_policy(self, limits: str = "") -> None:
         (self.policies / "extraction.yaml").write_text(POLICY.format(limits=limits))
 
@@ -73,7 +64,7 @@ class System:
         status, _, answer = await asyncio.to_thread(
             http_request,
             "POST",
-            f"http://127.0.0.1:{self.port}/v1/predict",
+            f"http://127.0.0.1:{self.listen_port}/v1/predict",
             body,
             {"content-type": "application/json", "x-api-key": header},
             30,
@@ -102,45 +93,16 @@ async def system(
     tmp_path: Path, demo_model: tuple[str, int], profile_cache: Callable[[Path], Path]
 ) -> AsyncIterator[System]:
     profile_cache(tmp_path)  # next to verdicts.json: the digits profile, calibrated once
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "extraction.yaml").write_text(POLICY.format(limits=""))
-    xds, admin, listen, envoy_admin = (free_port() for _ in range(4))
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(str(policies),),
-            xds_port=xds,
-            admin_port=admin,
-            debounce_quiet=0.05,
-            debounce_max=0.3,
-            verdicts_path=str(tmp_path / "verdicts.json"),
-        )
-    )
-    await plane.start()
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=demo_model[1],
-        inbound_port=listen,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
-    envoy.start()
-    try:
-        await asyncio.to_thread(envoy.wait_ready, 30)
-        s = System(plane, envoy, listen, policies)
+    async with await System.start(
+        tmp_path,
+        demo_model[1],
+        {"extraction.yaml": POLICY.format(limits="")},
+        debounce_max=0.3,
+        verdicts_path=str(tmp_path / "verdicts.json"),
+    ) as s:
         await eventually(lambda: _served(s), timeout=30)
-        await eventually(lambda: _calibrated(plane), timeout=60)
+        await eventually(lambda: _calibrated(s.plane), timeout=60)
         yield s
-    finally:
-        envoy.stop()
-        await plane.stop(grace=0)
 
 
 async def _served(s: System) -> bool:

@@ -25,14 +25,12 @@ import yaml
 
 from controlplane.app import runner
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.identity.apikeys import digest
 from controlplane.identity.service import IdentityConfig
 from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import XdsCredentials, build_bootstrap
-from tests.conftest import DIGITS_REFERENCE
+from controlplane.netutil import http_request
+from tests.conftest import DIGITS_REFERENCE, demo_sidecar
 from tests.integration.polling import eventually
 
 pytestmark = pytest.mark.envoy
@@ -120,25 +118,13 @@ async def identity_system(
     await plane.start()
     envoy: EnvoyProcess | None = None
     try:
-        listen, envoy_admin = free_port(), free_port()
-        sidecar = Sidecar(
-            node_id="digits-model-0",
-            service=runner.DEMO_SERVICE,
-            namespace=runner.DEMO_NAMESPACE,
-            identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-            app_port=model_port,
-            inbound_port=listen,
-            inbound_address="127.0.0.1",
-        )
         assert plane.identity is not None
-        bootstrap = build_bootstrap(
-            sidecar,
-            xds_host="127.0.0.1",
-            xds_port=plane.xds_port,
-            admin_port=envoy_admin,
-            credentials=XdsCredentials.for_sidecar(sidecar, plane.identity.config.directory),
+        envoy, listen = demo_sidecar(
+            model_port,
+            plane.xds_port,
+            tmp_path / "envoy.log",
+            identity_dir=plane.identity.config.directory,
         )
-        envoy = EnvoyProcess(bootstrap, admin_port=envoy_admin, log_path=tmp_path / "envoy.log")
         envoy.start()
         await asyncio.to_thread(envoy.wait_ready, 30)
         system = System(plane, envoy, listen, model_port)

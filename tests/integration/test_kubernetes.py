@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import kmock
 import pytest
 from kubernetes import client
 
@@ -25,8 +24,15 @@ from controlplane.sources.kubernetes import (
     LeaderElector,
     StatusWriter,
 )
-
-GROUP, VERSION = "modelguard.io", "v1alpha1"
+from tests.integration.conftest import (
+    GROUP,
+    VERSION,
+    call,
+    conditions,
+    create_policy,
+    read_policy,
+    until,
+)
 
 SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # kind → (a valid spec, a changed valid spec)
@@ -87,38 +93,6 @@ SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def policy(kind: str, name: str, spec: dict[str, Any], generation: int = 1) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": kind,
-        "metadata": {"name": name, "namespace": "demo", "generation": generation},
-        "spec": spec,
-    }
-
-
-@pytest.fixture
-def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
-    for kind, names in NAMES.items():
-        kmock.resources[f"{GROUP}/{VERSION}/{names.plural}"] = kmock.ResourceInfo(
-            kind=kind, namespaced=True, subresources={"status"}
-        )
-    for resource in (
-        "v1/pods",
-        "v1/services",
-        "v1/secrets",
-        "discovery.k8s.io/v1/endpointslices",
-        "coordination.k8s.io/v1/leases",
-    ):
-        kmock.resources[resource] = kmock.ResourceInfo(namespaced=True)
-    return kmock
-
-
-@pytest.fixture
-def api_client(cluster: kmock.KubernetesEmulator) -> client.ApiClient:
-    configuration = client.Configuration(host=str(cluster.url).rstrip("/"))
-    return client.ApiClient(configuration)
-
-
 @pytest.fixture
 async def source(api_client: client.ApiClient) -> AsyncIterator[KubernetesSource]:
     src = KubernetesSource(api_client, PolicyStore(), Inventory(), retry_interval=0.1)
@@ -128,22 +102,6 @@ async def source(api_client: client.ApiClient) -> AsyncIterator[KubernetesSource
         yield src
     finally:
         await asyncio.to_thread(src.stop)
-
-
-async def until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll without blocking the loop (kmock serves from this same loop)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return asyncio.to_thread(fn, *args, **kwargs)
 
 
 def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
@@ -163,14 +121,7 @@ async def test_create_update_delete_reaches_the_store(
 ) -> None:
     api, plural = custom(api_client), NAMES[kind].plural
     first, second = SPECS[kind]
-    await call(
-        api.create_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        plural,
-        policy(kind, "p1", first),
-    )
+    await create_policy(api_client, kind, "p1", first)
     await until(lambda: "p1" in stored(source, kind))
     assert stored(source, kind)["p1"] == first
 
@@ -194,15 +145,7 @@ async def test_create_update_delete_reaches_the_store(
 
 
 async def test_objects_present_before_start_are_listed(api_client: client.ApiClient) -> None:
-    api = custom(api_client)
-    await call(
-        api.create_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "ratepolicies",
-        policy("RatePolicy", "early", SPECS["RatePolicy"][0]),
-    )
+    await create_policy(api_client, "RatePolicy", "early", SPECS["RatePolicy"][0])
     src = KubernetesSource(api_client, PolicyStore(), retry_interval=0.1)
     src.start()
     try:
@@ -223,46 +166,18 @@ def writer(
     )
 
 
-async def read(api_client: client.ApiClient, kind: str, name: str) -> dict[str, Any]:
-    obj: dict[str, Any] = await call(
-        custom(api_client).get_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        NAMES[kind].plural,
-        name,
-    )
-    return obj
-
-
-def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
-
-
 async def test_an_invalid_object_gets_accepted_false_with_every_violation(
     source: KubernetesSource, api_client: client.ApiClient
 ) -> None:
-    bad = policy(
-        "RatePolicy",
-        "bad",
-        {
-            "targetRef": {"service": "digits-model"},
-            "limits": [{"name": "a", "clientKey": {"header": "x"}, "requests": 0, "per": "week"}],
-        },
-        generation=3,
-    )
-    await call(
-        custom(api_client).create_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "ratepolicies",
-        bad,
-    )
+    bad = {
+        "targetRef": {"service": "digits-model"},
+        "limits": [{"name": "a", "clientKey": {"header": "x"}, "requests": 0, "per": "week"}],
+    }
+    await create_policy(api_client, "RatePolicy", "bad", bad, generation=3)
     await until(lambda: ("RatePolicy", "demo", "bad") in source.observed())
     status_writer = writer(source, api_client)
     await call(status_writer.write, await until(status_writer.changes))
-    obj = await read(api_client, "RatePolicy", "bad")
+    obj = await read_policy(api_client, "RatePolicy", "bad")
     accepted = conditions(obj)["Accepted"]
     assert accepted["status"] == "False" and accepted["reason"] == "Invalid"
     assert accepted["message"] == (
@@ -278,14 +193,7 @@ async def test_status_follows_generation_and_counts_acked_sidecars(
     source: KubernetesSource, api_client: client.ApiClient
 ) -> None:
     api = custom(api_client)
-    await call(
-        api.create_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "accesspolicies",
-        policy("AccessPolicy", "ap", SPECS["AccessPolicy"][0]),
-    )
+    await create_policy(api_client, "AccessPolicy", "ap", SPECS["AccessPolicy"][0])
     await until(lambda: "ap" in stored(source, "AccessPolicy"))
     sidecars = (
         *tuple(
@@ -304,7 +212,7 @@ async def test_status_follows_generation_and_counts_acked_sidecars(
     acked = {"digits-model-0.demo": True, "digits-model-1.demo": True, "other-0.demo": True}
     status_writer = writer(source, api_client, acked, sidecars)
     await call(status_writer.write, status_writer.changes())
-    obj = await read(api_client, "AccessPolicy", "ap")
+    obj = await read_policy(api_client, "AccessPolicy", "ap")
     programmed = conditions(obj)["Programmed"]
     assert (programmed["status"], programmed["reason"]) == ("False", "Pending")
     assert programmed["message"] == "2 of 3 targeted sidecars ACKed"
@@ -331,7 +239,7 @@ async def test_status_follows_generation_and_counts_acked_sidecars(
     await until(lambda: source.observed()[("AccessPolicy", "demo", "ap")].generation == 2)
     acked["digits-model-2.demo"] = True
     await call(status_writer.write, status_writer.changes())
-    obj = await read(api_client, "AccessPolicy", "ap")
+    obj = await read_policy(api_client, "AccessPolicy", "ap")
     assert obj["status"]["observedGeneration"] == 2
     assert conditions(obj)["Programmed"] | {"lastTransitionTime": None} == {
         "type": "Programmed",
@@ -347,18 +255,11 @@ async def test_status_follows_generation_and_counts_acked_sidecars(
 async def test_a_policy_for_a_missing_service_says_so(
     source: KubernetesSource, api_client: client.ApiClient
 ) -> None:
-    await call(
-        custom(api_client).create_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "egresspolicies",
-        policy("EgressPolicy", "eg", SPECS["EgressPolicy"][0]),
-    )
+    await create_policy(api_client, "EgressPolicy", "eg", SPECS["EgressPolicy"][0])
     await until(lambda: "eg" in stored(source, "EgressPolicy"))
     status_writer = writer(source, api_client)
     await call(status_writer.write, status_writer.changes())
-    programmed = conditions(await read(api_client, "EgressPolicy", "eg"))["Programmed"]
+    programmed = conditions(await read_policy(api_client, "EgressPolicy", "eg"))["Programmed"]
     assert programmed["reason"] == "NoSidecars"
     assert programmed["message"] == "no sidecar targeted; Service demo/digits-model not found"
 
@@ -493,14 +394,7 @@ async def test_only_the_lease_holder_leads_and_a_dead_leader_is_replaced(
 async def test_a_follower_writes_no_status(
     source: KubernetesSource, api_client: client.ApiClient
 ) -> None:
-    await call(
-        custom(api_client).create_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "ratepolicies",
-        policy("RatePolicy", "r", SPECS["RatePolicy"][0]),
-    )
+    await create_policy(api_client, "RatePolicy", "r", SPECS["RatePolicy"][0])
     await until(lambda: "r" in stored(source, "RatePolicy"))
     follower = StatusWriter(api_client, source, lambda: False, lambda _key: {}, tuple)
     stop = asyncio.Event()
@@ -509,7 +403,7 @@ async def test_a_follower_writes_no_status(
     stop.set()
     await task
     assert follower.writes == 0
-    assert "status" not in await read(api_client, "RatePolicy", "r")
+    assert "status" not in await read_policy(api_client, "RatePolicy", "r")
 
 
 async def test_api_key_secrets_are_read_only_in_the_namespaces_granted(

@@ -14,18 +14,19 @@ import pytest
 from kubernetes import client
 
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
 from controlplane.sources.kubernetes import KubernetesSource, ProgramTracker, StatusWriter
-from tests.integration import test_kubernetes as k8s
-from tests.integration.test_kubernetes import GROUP, VERSION, call, conditions, policy
+from tests.conftest import demo_sidecar
+from tests.integration.conftest import (
+    GROUP,
+    VERSION,
+    call,
+    conditions,
+    create_policy,
+    read_policy,
+)
 
 pytestmark = pytest.mark.envoy
-# The kmock-backed API server and client of the source tests.
-cluster = k8s.cluster
-api_client = k8s.api_client
 
 SPEC = {
     "targetRef": {"service": "digits-model"},
@@ -43,7 +44,7 @@ async def cluster_plane(
     tmp_path: Path,
     demo_model: tuple[str, int],
 ) -> AsyncIterator[tuple[ControlPlane, int]]:
-    xds_port, admin_port, listen_port, envoy_admin = (free_port() for _ in range(4))
+    xds_port, admin_port = free_port(), free_port()
     plane = ControlPlane(
         ControlPlaneConfig(
             policy_paths=(),
@@ -61,19 +62,8 @@ async def cluster_plane(
     writer = StatusWriter(api_client, source, lambda: True, tracker.nodes, plane.inventory.snapshot)
     stop = asyncio.Event()
     task = asyncio.create_task(writer.run(stop, interval=0.05))
-    sidecar = Sidecar(
-        "digits-model-0.demo",
-        "digits-model",
-        "demo",
-        "spiffe://cluster.local/ns/demo/sa/digits-model",
-        demo_model[1],
-        listen_port,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
+    envoy, listen_port = demo_sidecar(
+        demo_model[1], xds_port, tmp_path / "envoy.log", node_id="digits-model-0.demo"
     )
     envoy.start()
     try:
@@ -100,15 +90,7 @@ async def _request(port: int, method: str, path: str) -> int:
 
 
 async def _status(api_client: client.ApiClient) -> dict[str, Any]:
-    obj: dict[str, Any] = await call(
-        client.CustomObjectsApi(api_client).get_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "accesspolicies",
-        "digits-model",
-    )
-    return obj
+    return await read_policy(api_client, "AccessPolicy", "digits-model")
 
 
 async def test_policy_object_is_enforced_and_reported_programmed(
@@ -116,14 +98,7 @@ async def test_policy_object_is_enforced_and_reported_programmed(
 ) -> None:
     _, port = cluster_plane
     api = client.CustomObjectsApi(api_client)
-    await call(
-        api.create_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        "demo",
-        "accesspolicies",
-        policy("AccessPolicy", "digits-model", SPEC),
-    )
+    await create_policy(api_client, "AccessPolicy", "digits-model", SPEC)
 
     async def wait_programmed(generation: int) -> None:
         deadline = asyncio.get_running_loop().time() + 20

@@ -36,11 +36,7 @@ from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port
 from controlplane.sidecar import inject
 from controlplane.sources.kubernetes import KubernetesSource
-from tests.integration import test_kubernetes as k8s
-from tests.integration.test_kubernetes import call, until
-
-cluster = k8s.cluster
-api_client = k8s.api_client
+from tests.integration.conftest import call, until
 
 POD, NAMESPACE, ACCOUNT = "digits-model-0", "demo", "digits-model"
 NODE_ID = f"{POD}.{NAMESPACE}"

@@ -9,7 +9,7 @@ translate, snapshots), not started as a server.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,31 +20,11 @@ from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.sidecar.inject import INJECTED_LABEL, INJECTED_SELECTOR
 from controlplane.sources.kubernetes import KubernetesSource
+from tests.integration.conftest import call, create_policy, until
 
 pytestmark = pytest.mark.kmock(cls=PagingKubernetesEmulator)
 
 POD_LIST = "/api/v1/pods"
-
-
-@pytest.fixture
-def cluster(kmock: PagingKubernetesEmulator) -> PagingKubernetesEmulator:
-    for plural in ("accesspolicies", "ratepolicies", "extractionpolicies", "egresspolicies"):
-        kmock.resources[f"modelguard.io/v1alpha1/{plural}"] = kmock.ResourceInfo(
-            namespaced=True, subresources={"status"}
-        )
-    for resource in (
-        "v1/pods",
-        "v1/services",
-        "v1/secrets",
-        "discovery.k8s.io/v1/endpointslices",
-    ):
-        kmock.resources[resource] = kmock.ResourceInfo(namespaced=True)
-    return kmock
-
-
-@pytest.fixture
-def api_client(cluster: PagingKubernetesEmulator) -> client.ApiClient:
-    return client.ApiClient(client.Configuration(host=str(cluster.url).rstrip("/")))
 
 
 @pytest.fixture
@@ -64,22 +44,6 @@ async def source(api_client: client.ApiClient, plane: ControlPlane) -> AsyncIter
     )
     yield src
     await asyncio.to_thread(src.stop)
-
-
-async def until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll without blocking the loop (kmock serves from this same loop)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return asyncio.to_thread(fn, *args, **kwargs)
 
 
 def pod(name: str, labels: dict[str, str], injected: bool = True) -> dict[str, Any]:
@@ -191,7 +155,6 @@ async def test_a_pod_event_reaches_only_its_own_sidecar(
     api_client: client.ApiClient, source: KubernetesSource, plane: ControlPlane
 ) -> None:
     core, discovery = client.CoreV1Api(api_client), client.DiscoveryV1Api(api_client)
-    custom = client.CustomObjectsApi(api_client)
     names = [f"model-{i}" for i in range(4)]
     for name in names:
         await call(core.create_namespaced_pod, "demo", pod(name, {"app": "digits-model"}))
@@ -202,27 +165,20 @@ async def test_a_pod_event_reaches_only_its_own_sidecar(
         endpoint_slice("digits-model-1", "digits-model", names),
     )
     # A policy for the gold tier only: a sidecar's IR changes when its pod becomes gold.
-    await call(
-        custom.create_namespaced_custom_object,
-        "modelguard.io",
-        "v1alpha1",
-        "demo",
-        "ratepolicies",
+    await create_policy(
+        api_client,
+        "RatePolicy",
+        "gold",
         {
-            "apiVersion": "modelguard.io/v1alpha1",
-            "kind": "RatePolicy",
-            "metadata": {"name": "gold", "namespace": "demo", "generation": 1},
-            "spec": {
-                "targetRef": {"selector": {"matchLabels": {"tier": "gold"}}},
-                "limits": [
-                    {
-                        "name": "burst",
-                        "clientKey": {"header": "x-api-key"},
-                        "requests": 5,
-                        "per": "second",
-                    }
-                ],
-            },
+            "targetRef": {"selector": {"matchLabels": {"tier": "gold"}}},
+            "limits": [
+                {
+                    "name": "burst",
+                    "clientKey": {"header": "x-api-key"},
+                    "requests": 5,
+                    "per": "second",
+                }
+            ],
         },
     )
     source.start()

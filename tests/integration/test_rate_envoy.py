@@ -7,8 +7,6 @@ through the sidecar: status codes, RateLimit-* headers, Envoy's own counters.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,13 +20,11 @@ from polling import eventually
 
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.app.usage_cli import fetch_usage, render
-from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request, wait_for_port
+from controlplane.netutil import free_port, http_request
 from controlplane.ratelimit.admin import fingerprint
-from controlplane.sidecar.bootstrap import build_bootstrap
-from tests.conftest import Processes, stop_process
+from tests.conftest import Redis, demo_sidecar
 
 pytestmark = pytest.mark.envoy
 
@@ -95,21 +91,7 @@ async def start_plane(
 
 
 def start_sidecar(policies: Path, model_port: int, xds_port: int, name: str) -> RateSystem:
-    listen_port, envoy_admin = free_port(), free_port()
-    sidecar = Sidecar(
-        node_id=name,
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=model_port,
-        inbound_port=listen_port,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=policies / f"{name}.log",
-    )
+    envoy, listen_port = demo_sidecar(model_port, xds_port, policies / f"{name}.log", node_id=name)
     envoy.start()
     envoy.wait_ready(20)
     return RateSystem(None, envoy, listen_port)  # type: ignore[arg-type]
@@ -260,48 +242,6 @@ async def test_daily_budget_is_enforced_by_the_sidecar_from_quota_assignments(
 
 
 # --- Redis ---------------------------------------------------------------------------------
-
-
-class Redis:
-    def __init__(self, processes: Processes, port: int) -> None:
-        self.processes, self.port = processes, port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is required (make setup installs Debian's redis-server)")
-        self.process = self.processes.start(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            name="redis",
-        )
-        wait_for_port("127.0.0.1", self.port, timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-
-
-@pytest.fixture
-def redis_server(processes: Processes) -> Redis:
-    server = Redis(processes, free_port())
-    server.start()
-    return server
 
 
 MINUTE_LIMIT = (

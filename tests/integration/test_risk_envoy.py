@@ -18,15 +18,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_extraction_envoy import System, calibrated, start_plane, until
+from test_extraction_envoy import System, calibrated, start_system, until
 
-from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import ClientRef
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
-from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
 from tests.conftest import DIGITS_REFERENCE
 
 pytestmark = pytest.mark.envoy
@@ -55,35 +52,9 @@ spec:
 
 @pytest.fixture
 async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[System]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "extraction.yaml").write_text(POLICY)
-    verdicts = tmp_path / "state" / "verdicts.json"
-    xds, admin, listen, envoy_admin = (free_port() for _ in range(4))
-    plane = await start_plane(policies, verdicts, xds, admin)
-    await calibrated(plane)  # the held-out rows come with the policy's profile
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=demo_model[1],
-        inbound_port=listen,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
-    envoy.start()
-    system = System(plane, envoy, listen, policies, verdicts, xds, admin)
-    try:
-        await asyncio.to_thread(envoy.wait_ready, 30)
+    async with await start_system(tmp_path, demo_model[1], POLICY) as system:
+        await calibrated(system.plane)  # the held-out rows come with the policy's profile
         yield system
-    finally:
-        envoy.stop()
-        await system.plane.stop(grace=0)
 
 
 async def scores(system: System, key: str, row: list[float], tier: str | None = None) -> Any:

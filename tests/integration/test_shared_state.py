@@ -8,22 +8,13 @@ import json
 import time
 from collections.abc import Callable
 
-import pytest
 import redis
 
 from controlplane.extraction.routing import REPLICAS, FeedRouter, owner_of
 from controlplane.extraction.shared import HASH, SharedVerdicts
 from controlplane.extraction.verdicts import ClientRef, Enforcement, VerdictStore
 from controlplane.gen.modelguard.feed.v1 import feed_pb2
-from tests.conftest import Processes
-from tests.resilience.conftest import Redis
-
-
-@pytest.fixture
-def server(processes: Processes) -> Redis:
-    r = Redis(processes)
-    r.start()
-    return r
+from tests.conftest import Redis
 
 
 def until(check: Callable[[], object], timeout: float = 5.0) -> None:
@@ -42,7 +33,7 @@ def keys(store: VerdictStore) -> set[str]:
     return {e.client.key for e in store.active()}
 
 
-def test_verdicts_follow_across_replicas_and_survive_redis_going_away(server: Redis) -> None:
+def test_verdicts_follow_across_replicas_and_survive_redis_going_away(redis_server: Redis) -> None:
     a_store, b_store = VerdictStore(), VerdictStore()
     released: list[tuple[str, str | None]] = []
 
@@ -50,8 +41,8 @@ def test_verdicts_follow_across_replicas_and_survive_redis_going_away(server: Re
         released.append((key, policy))
         return b_store.release(key, policy)
 
-    a = SharedVerdicts(a_store, server.url, poll_interval=0.05)
-    b = SharedVerdicts(b_store, server.url, poll_interval=0.05, release=b_release)
+    a = SharedVerdicts(a_store, redis_server.url, poll_interval=0.05)
+    b = SharedVerdicts(b_store, redis_server.url, poll_interval=0.05, release=b_release)
     a.start()
     b.start()
     try:
@@ -66,14 +57,14 @@ def test_verdicts_follow_across_replicas_and_survive_redis_going_away(server: Re
         # is written once Redis is back, and reaches the other replica then.
         b_store.put(quarantine("early"))
         until(lambda: keys(a_store) == {"early"})
-        server.stop()
+        redis_server.stop()
         a_store.put(quarantine("offline"))
         assert keys(a_store) == {"early", "offline"} and keys(b_store) == {"early"}
-        server.start()  # empty: no persistence in this test's Redis
+        redis_server.start()  # empty: no persistence in this test's Redis
         try:
             until(lambda: keys(b_store) == {"early", "offline"}, timeout=10)
         except AssertionError as err:
-            raw = redis.Redis.from_url(server.url).hgetall(HASH)
+            raw = redis.Redis.from_url(redis_server.url).hgetall(HASH)
             raise AssertionError(
                 f"a {keys(a_store)} b {keys(b_store)} redis {list(raw)} "
                 f"a owed {a._owed} b owed {b._owed} a v {a._version} b v {b._version}"
@@ -85,19 +76,19 @@ def test_verdicts_follow_across_replicas_and_survive_redis_going_away(server: Re
 
 
 def test_a_restarted_replica_takes_the_shared_verdicts_and_ignores_corrupt_ones(
-    server: Redis,
+    redis_server: Redis,
 ) -> None:
     first = VerdictStore()
-    shared = SharedVerdicts(first, server.url)
+    shared = SharedVerdicts(first, redis_server.url)
     shared.start()
     first.put(quarantine("mallory"))
     shared.stop()
-    client = redis.Redis.from_url(server.url)
+    client = redis.Redis.from_url(redis_server.url)
     client.hset(HASH, "junk", "{not json")
     client.hset(HASH, "expired", json.dumps(quarantine("old", seconds=-1).to_json()))
     # A new replica (or this one restarted) starts from Redis, not from its own memory.
     restarted = VerdictStore()
-    again = SharedVerdicts(restarted, server.url)
+    again = SharedVerdicts(restarted, redis_server.url)
     again.start()
     try:
         assert keys(restarted) == {"mallory"}
@@ -105,7 +96,7 @@ def test_a_restarted_replica_takes_the_shared_verdicts_and_ignores_corrupt_ones(
         again.stop()
 
 
-def test_feed_owners_move_when_a_replica_leaves(server: Redis) -> None:
+def test_feed_owners_move_when_a_replica_leaves(redis_server: Redis) -> None:
     judged: dict[str, list[str]] = {"a": [], "b": []}
 
     def judge(name: str) -> Callable[[feed_pb2.FeedBatch], int]:
@@ -115,8 +106,8 @@ def test_feed_owners_move_when_a_replica_leaves(server: Redis) -> None:
 
         return fold
 
-    a = FeedRouter(server.url, "a", judge("a"), heartbeat=0.1, ttl=1.0)
-    b = FeedRouter(server.url, "b", judge("b"), heartbeat=0.1, ttl=1.0)
+    a = FeedRouter(redis_server.url, "a", judge("a"), heartbeat=0.1, ttl=1.0)
+    b = FeedRouter(redis_server.url, "b", judge("b"), heartbeat=0.1, ttl=1.0)
     a.start()
     b.start()
     try:
@@ -136,7 +127,7 @@ def test_feed_owners_move_when_a_replica_leaves(server: Redis) -> None:
         b.stop()
         until(lambda: a.live() == ("a",))
         assert a.route(batch) is batch
-        assert redis.Redis.from_url(server.url).zscore(REPLICAS, "b") is None
+        assert redis.Redis.from_url(redis_server.url).zscore(REPLICAS, "b") is None
     finally:
         a.stop()
         b.stop()

@@ -7,18 +7,14 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from polling import eventually
 
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.app.status_cli import fetch_status
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
+from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.envoy
 
@@ -39,15 +35,7 @@ spec:
 INSTANCE = {"instances": [[0.0] * 20 + [8.0] * 24 + [0.0] * 20]}
 
 
-@dataclass
-class System:
-    policies: Path
-    plane: ControlPlane
-    envoy: EnvoyProcess
-    listen_port: int
-    xds_port: int
-    admin_port: int
-
+class System(Deployment):
     async def predict(self) -> int:
         status, _, _ = await asyncio.to_thread(
             http_request,
@@ -58,62 +46,20 @@ class System:
         )
         return status
 
-    async def restart_plane(self, down_for: float = 0.0) -> None:
-        await self.plane.stop(grace=0)
-        await asyncio.sleep(down_for)
-        self.plane = await start_plane(self.policies, self.xds_port, self.admin_port)
-
-
-async def start_plane(policies: Path, xds_port: int, admin_port: int) -> ControlPlane:
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(str(policies),),
-            xds_port=xds_port,
-            admin_port=admin_port,
-            debounce_quiet=0.05,
-            debounce_max=0.5,
-        )
-    )
-    await plane.start()
-    return plane
-
-
-
 
 @pytest.fixture
 async def system(
     request: pytest.FixtureRequest, tmp_path: Path, demo_model: tuple[str, int]
 ) -> AsyncIterator[System]:
     delta = getattr(request, "param", "SotW") == "Delta"
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "access.yaml").write_text(ACCESS.format(methods="POST"))
-    xds_port, admin_port, listen_port, envoy_admin = (free_port() for _ in range(4))
-    plane = await start_plane(policies, xds_port, admin_port)
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=demo_model[1],
-        inbound_port=listen_port,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(
-            sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin, delta=delta
-        ),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
-    envoy.start()
-    system = System(policies, plane, envoy, listen_port, xds_port, admin_port)
-    try:
-        await asyncio.to_thread(envoy.wait_ready, 20)
+    async with await System.start(
+        tmp_path,
+        demo_model[1],
+        {"access.yaml": ACCESS.format(methods="POST")},
+        delta=delta,
+        ready_timeout=20,
+    ) as system:
         yield system
-    finally:
-        envoy.stop()
-        await system.plane.stop(grace=0)
 
 
 async def status(system: System):  # type: ignore[no-untyped-def]
@@ -228,7 +174,7 @@ async def test_control_plane_restart_envoy_keeps_serving_then_resyncs(system: Sy
     )
     assert status == 403
     (system.policies / "access.yaml").write_text(ACCESS.format(methods="PUT"))
-    system.plane = await start_plane(system.policies, system.xds_port, system.admin_port)
+    await system.start_plane()
     # It reconnects, gets the policy edited while the control plane was down, and ACKs.
     await eventually(lambda: _predict_is(system, 403), timeout=30)
     await eventually(lambda: _sidecar_synced(system))

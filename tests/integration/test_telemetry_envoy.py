@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,12 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from polling import eventually
 
 import controlplane.translate as translate_package
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
 from controlplane.telemetry.records import hash_secret
 from controlplane.telemetry.settings import TelemetrySettings
 from controlplane.translate.module import Module
 from controlplane.translate.protos import pack
+from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.envoy
 
@@ -151,12 +147,8 @@ class Collector:
         ]
 
 
-@dataclass
-class System:
-    plane: ControlPlane
-    envoy: EnvoyProcess
-    listen_port: int
-    collector: Collector
+class System(Deployment):
+    collector: Collector  # the forwarding endpoint's, set by the fixture
 
     async def call(self, method: str, path: str, headers: dict[str, str] | None = None) -> int:
         body = json.dumps(INSTANCE).encode() if method == "POST" else None
@@ -180,49 +172,24 @@ async def system(
     monkeypatch.setattr(translate_package, "REGISTRY", tuple(registry))
     collector = Collector()
     await collector.server.start()
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "access.yaml").write_text(ACCESS)
-    listen_port, envoy_admin = free_port(), free_port()
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(str(policies),),
+    try:
+        async with await System.start(
+            tmp_path,
+            demo_model[1],
+            {"access.yaml": ACCESS},
+            ready_timeout=20,
             xds_port=0,
             admin_port=0,
-            debounce_quiet=0.05,
-            debounce_max=0.5,
             telemetry=TelemetrySettings(
                 # Every request traced (the default is 1 %): the test counts spans.
                 sampling_percent=100.0,
                 header_attributes=("user-agent", "x-api-key"),
                 forward_endpoint=f"127.0.0.1:{collector.port}",
             ),
-        )
-    )
-    await plane.start()
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=demo_model[1],
-        inbound_port=listen_port,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(
-            sidecar, xds_host="127.0.0.1", xds_port=plane.xds_port, admin_port=envoy_admin
-        ),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
-    envoy.start()
-    try:
-        await asyncio.to_thread(envoy.wait_ready, 20)
-        yield System(plane, envoy, listen_port, collector)
+        ) as system:
+            system.collector = collector
+            yield system
     finally:
-        envoy.stop()
-        await plane.stop(grace=0)
         await collector.server.stop(0)
 
 

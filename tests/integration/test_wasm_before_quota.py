@@ -15,19 +15,15 @@ import json
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from polling import eventually
 
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
 from controlplane.local.model import load_model
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
 from tests.conftest import DIGITS_REFERENCE
+from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.envoy
 
@@ -65,17 +61,12 @@ def body(rows: int) -> bytes:
     return json.dumps({"instances": [ROW] * rows}).encode()
 
 
-@dataclass
-class System:
-    plane: ControlPlane
-    envoy: EnvoyProcess
-    port: int
-
+class System(Deployment):
     async def post(self, key: str, data: bytes) -> int:
         status, _, _ = await asyncio.to_thread(
             http_request,
             "POST",
-            f"http://127.0.0.1:{self.port}/v1/predict",
+            f"http://127.0.0.1:{self.listen_port}/v1/predict",
             data,
             {"content-type": "application/json", "x-api-key": key},
             30,
@@ -88,54 +79,25 @@ async def system(
     tmp_path: Path, demo_model: tuple[str, int], profile_cache: Callable[[Path], Path]
 ) -> AsyncIterator[System]:
     profile_cache(tmp_path)
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "policies.yaml").write_text(POLICIES)
-    xds, admin, listen, envoy_admin = (free_port() for _ in range(4))
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(str(policies),),
-            xds_port=xds,
-            admin_port=admin,
-            debounce_quiet=0.05,
-            debounce_max=0.3,
-            verdicts_path=str(tmp_path / "verdicts.json"),
-        )
-    )
-    await plane.start()
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=demo_model[1],
-        inbound_port=listen,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
-    envoy.start()
-    try:
-        await asyncio.to_thread(envoy.wait_ready, 30)
-        s = System(plane, envoy, listen)
+    async with await System.start(
+        tmp_path,
+        demo_model[1],
+        {"policies.yaml": POLICIES},
+        debounce_max=0.3,
+        verdicts_path=str(tmp_path / "verdicts.json"),
+    ) as s:
 
         async def served() -> bool:
             return await s.post("warmup", body(1)) == 200
 
         await eventually(served, timeout=30)
         # The Wasm filter sets the class, ahead of the quota filter; no Lua counter.
-        listeners = json.dumps(envoy.config_dump("dynamic_listeners"))
+        listeners = json.dumps(s.envoy.config_dump("dynamic_listeners"))
         assert "modelguard.rate.instances" not in listeners
         assert listeners.index("modelguard.extraction.demo.digits-model") < listeners.index(
             "modelguard.rate.quota."
         )
         yield s
-    finally:
-        envoy.stop()
-        await plane.stop(grace=0)
 
 
 async def test_what_the_budget_refuses_is_not_fed(system: System) -> None:
@@ -216,11 +178,11 @@ async def test_a_body_ended_by_trailers_is_still_checked(system: System) -> None
         return system.envoy.stat("wasmcustom.modelguard.demo.digits-model.refused_too_deep")
 
     # A plain body with trailers is answered (the trailers end it; it was checked whole).
-    answer = await asyncio.to_thread(h2_post_with_trailers, system.port, body(1), "trailers")
+    answer = await asyncio.to_thread(h2_post_with_trailers, system.listen_port, body(1), "trailers")
     assert answer[:1] == b"\x88", answer
     # One nested past maxDepth (8) is refused, as it is without trailers.
     deep = b'{"instances": [' + b"[" * 20 + b"1" + b"]" * 20 + b"]}"
     before = refused()
-    answer = await asyncio.to_thread(h2_post_with_trailers, system.port, deep, "trailers")
+    answer = await asyncio.to_thread(h2_post_with_trailers, system.listen_port, deep, "trailers")
     assert answer[:1] != b"\x88", answer
     await eventually(lambda: refused() == before + 1, timeout=10)

@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +18,10 @@ import grpc
 import pytest
 from polling import eventually
 
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
-from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
+from tests.conftest import Upstream
+from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.envoy
 
@@ -95,50 +90,12 @@ class FeedRecorder(feed_pb2_grpc.QueryFeedServicer):
         return out
 
 
-@dataclass
-class Stub:
-    """An upstream that answers whatever the test sets: malformed and unexpected bodies."""
-
-    body: bytes = b"{}"
-    content_type: str = "application/json"
-    server: ThreadingHTTPServer | None = None
-    port: int = 0
-
-    def start(self) -> Stub:
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(200)
-                self.send_header("content-type", stub.content_type)
-                self.send_header("content-length", str(len(stub.body)))
-                self.end_headers()
-                self.wfile.write(stub.body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
-@dataclass
-class System:
-    policies: Path
-    plane: ControlPlane
-    envoy: EnvoyProcess
-    feed: FeedRecorder
-    port: int
-    model_port: int
-    extra: list[Any] = field(default_factory=list)
+class System(Deployment):
+    @property
+    def feed(self) -> FeedRecorder:
+        feed = self.services[0]
+        assert isinstance(feed, FeedRecorder)
+        return feed
 
     async def post(
         self, headers: dict[str, str] | None = None, body: Any = INSTANCES, port: int | None = None
@@ -146,7 +103,7 @@ class System:
         return await asyncio.to_thread(
             http_request,
             "POST",
-            f"http://127.0.0.1:{port or self.port}/v1/predict",
+            f"http://127.0.0.1:{port or self.listen_port}/v1/predict",
             json.dumps(body).encode(),
             {"content-type": "application/json", **(headers or {})},
         )
@@ -159,59 +116,24 @@ class System:
 
 
 async def _start(tmp_path: Path, app_port: int) -> System:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "extraction.yaml").write_text(POLICY.format(top_k=1, digits=2))
-    xds_port, admin_port, listen_port, envoy_admin = (free_port() for _ in range(4))
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(str(policies),),
-            xds_port=xds_port,
-            admin_port=admin_port,
-            debounce_quiet=0.05,
-            debounce_max=0.5,
-        )
+    return await System.start(
+        tmp_path,
+        app_port,
+        {"extraction.yaml": POLICY.format(top_k=1, digits=2)},
+        services=(FeedRecorder(),),
     )
-    feed = FeedRecorder()
-    plane.sidecar_services.append(feed)
-    await plane.start()
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=app_port,
-        inbound_port=listen_port,
-        inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds_port, admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
-    try:
-        envoy.start()
-        await asyncio.to_thread(envoy.wait_ready, 30)
-    except BaseException:
-        envoy.stop()
-        await plane.stop(grace=0)
-        raise
-    return System(policies, plane, envoy, feed, listen_port, app_port)
 
 
 @pytest.fixture
 async def system(tmp_path: Path, demo_model: tuple[str, int]) -> AsyncIterator[System]:
-    s = await _start(tmp_path, demo_model[1])
-    try:
+    async with await _start(tmp_path, demo_model[1]) as s:
         yield s
-    finally:
-        s.envoy.stop()
-        await s.plane.stop(grace=0)
 
 
 @pytest.fixture
-def stub() -> Iterator[Stub]:
-    s = Stub().start()
+def stub() -> Iterator[Upstream]:
+    """An upstream that answers whatever the test sets: malformed and unexpected bodies."""
+    s = Upstream()
     try:
         yield s
     finally:
@@ -219,13 +141,9 @@ def stub() -> Iterator[Stub]:
 
 
 @pytest.fixture
-async def stub_system(tmp_path: Path, stub: Stub) -> AsyncIterator[System]:
-    s = await _start(tmp_path, stub.port)
-    try:
+async def stub_system(tmp_path: Path, stub: Upstream) -> AsyncIterator[System]:
+    async with await _start(tmp_path, stub.port) as s:
         yield s
-    finally:
-        s.envoy.stop()
-        await s.plane.stop(grace=0)
 
 
 def _scores(body: bytes) -> list[list[float]]:
@@ -291,7 +209,7 @@ async def test_hardened_responses_have_the_configured_shape_per_tier(
 async def test_policy_change_swaps_the_filter_config_live_on_an_open_connection(
     system: System,
 ) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", system.port, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", system.listen_port, timeout=5)
 
     def post_on_connection() -> list[list[float]]:
         conn.request(
@@ -360,7 +278,7 @@ async def test_hardening_without_the_feed_reads_the_tier_alone(system: System) -
     ids=["truncated", "unexpected-shape", "not-json-type", "binary"],
 )
 async def test_malformed_or_unexpected_bodies_pass_unchanged_and_are_counted(
-    stub: Stub, stub_system: System, body: bytes, content_type: str, counter: str
+    stub: Upstream, stub_system: System, body: bytes, content_type: str, counter: str
 ) -> None:
     stub.body, stub.content_type = body, content_type
     status, headers, got = await stub_system.post({"x-api-key": "alice"})
@@ -396,7 +314,7 @@ async def test_feed_ships_queries_with_the_unhardened_answer_in_batches(system: 
     assert batch.sequence >= 1
     assert len(system.feed.batches) < 5  # batched (one flush per tick), not one call per query
     # A GET carries no query: not fed.
-    await asyncio.to_thread(http_request, "GET", f"http://127.0.0.1:{system.port}/healthz")
+    await asyncio.to_thread(http_request, "GET", f"http://127.0.0.1:{system.listen_port}/healthz")
     await asyncio.sleep(0.6)
     assert len(system.feed.queries()) == 5
 

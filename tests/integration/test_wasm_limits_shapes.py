@@ -18,10 +18,7 @@ import http.client
 import json
 import select
 import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from polling import eventually
 from test_wasm_filter import STAT, System, _start
 
 from controlplane.netutil import http_request
+from tests.conftest import Upstream
 
 pytestmark = pytest.mark.envoy
 
@@ -54,54 +52,9 @@ spec:
 """
 
 
-@dataclass
-class Recorder:
-    """An upstream that records every request that reached it and answers ``body``."""
-
-    body: bytes = b"{}"
-    seen: list[bytes] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-    port: int = 0
-
-    def start(self) -> Recorder:
-        rec = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                if self.headers.get("transfer-encoding", "").lower() == "chunked":
-                    data = b""
-                    while (size := int(self.rfile.readline().strip() or b"0", 16)) > 0:
-                        data += self.rfile.read(size)
-                        self.rfile.readline()
-                    self.rfile.readline()
-                else:
-                    data = self.rfile.read(int(self.headers.get("content-length") or 0))
-                rec.seen.append(data)
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(rec.body)))
-                self.end_headers()
-                self.wfile.write(rec.body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
 @pytest.fixture
-def upstream() -> Iterator[Recorder]:
-    r = Recorder().start()
+def upstream() -> Iterator[Upstream]:
+    r = Upstream(keep_alive=True)
     try:
         yield r
     finally:
@@ -109,13 +62,9 @@ def upstream() -> Iterator[Recorder]:
 
 
 @pytest.fixture
-async def system(tmp_path: Path, upstream: Recorder) -> AsyncIterator[System]:
-    s = await _start(tmp_path, upstream.port)
-    try:
+async def system(tmp_path: Path, upstream: Upstream) -> AsyncIterator[System]:
+    async with await _start(tmp_path, upstream.port) as s:
         yield s
-    finally:
-        s.envoy.stop()
-        await s.plane.stop(grace=0)
 
 
 def apply(system: System, request: str, response: str, extra: str = "") -> None:
@@ -131,7 +80,7 @@ async def post(
     return await asyncio.to_thread(
         http_request,
         "POST",
-        f"http://127.0.0.1:{system.port}/v1/predict",
+        f"http://127.0.0.1:{system.listen_port}/v1/predict",
         body,
         {"content-type": "application/json", "x-api-key": "alice", **(headers or {})},
         30,
@@ -184,7 +133,7 @@ SMALL = json.dumps({"instances": [ROW]}).encode()
 
 
 async def test_oversized_and_deep_requests_never_reach_the_model(
-    system: System, upstream: Recorder
+    system: System, upstream: Upstream
 ) -> None:
     upstream.body = b'{"predictions": [{"probabilities": [0.1, 0.9]}]}'
     status, _, _ = await post(system, SMALL)
@@ -193,12 +142,12 @@ async def test_oversized_and_deep_requests_never_reach_the_model(
     # the client is still sending (Envoy then closes the connection).
     huge = b'{"instances": [' + b"[" + b"1.0," * 5_425_000 + b"1.0]]}"
     assert len(huge) > 21_700_000
-    head, body = await asyncio.to_thread(send_then_read, system.port, huge)
+    head, body = await asyncio.to_thread(send_then_read, system.listen_port, huge)
     assert head.startswith(b"HTTP/1.1 413") and b"content-type: application/json" in head
     reason = json.loads(body)
     assert reason["error"] == "request_too_large" and "65536" in reason["reason"]
     # The same without a content-length (chunked): refused once the held body passes it.
-    conn = http.client.HTTPConnection("127.0.0.1", system.port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", system.listen_port, timeout=30)
     try:
         conn.request(
             "POST",
@@ -235,7 +184,7 @@ async def test_oversized_and_deep_requests_never_reach_the_model(
 
 
 async def test_max_instances_counts_rows_in_every_shape(
-    system: System, upstream: Recorder
+    system: System, upstream: Upstream
 ) -> None:
     upstream.body = b'{"predictions": [{"probabilities": [0.1, 0.9]}]}'
     apply(
@@ -282,7 +231,7 @@ async def test_max_instances_counts_rows_in_every_shape(
 
 
 async def test_kserve_v2_and_single_score_answers_are_hardened(
-    system: System, upstream: Recorder
+    system: System, upstream: Upstream
 ) -> None:
     apply(
         system,
@@ -339,7 +288,7 @@ async def test_kserve_v2_and_single_score_answers_are_hardened(
 
 
 async def test_answers_too_large_to_harden_are_denied_unless_the_policy_passes_them(
-    system: System, upstream: Recorder
+    system: System, upstream: Upstream
 ) -> None:
     big = {"predictions": [{"probabilities": [0.1, 0.9]}] * 20_000}
     upstream.body = json.dumps(big).encode()

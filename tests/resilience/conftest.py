@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -17,8 +15,7 @@ from typing import Any, TypeVar
 import pytest
 
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.netutil import free_port, wait_for_port
-from tests.conftest import DIGITS_REFERENCE, Processes, stop_process
+from tests.conftest import DIGITS_REFERENCE
 
 T = TypeVar("T")
 
@@ -154,38 +151,3 @@ def rss_bytes() -> int:
     import os
 
     return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-class Redis:
-    """Debian's redis-server on a free loopback port, no persistence."""
-
-    def __init__(self, processes: Processes) -> None:
-        self.processes, self.port = processes, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is required (make setup installs Debian's redis-server)")
-        self.process = self.processes.start(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            name="redis",
-        )
-        wait_for_port("127.0.0.1", self.port, timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-
-
-@pytest.fixture
-def redis_server(processes: Processes) -> Redis:
-    server = Redis(processes)
-    server.start()
-    return server

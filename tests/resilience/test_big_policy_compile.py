@@ -32,11 +32,9 @@ from bench.rebuild_stall import big_unit
 from controlplane.app.server import ControlPlaneConfig
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
-from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
 from controlplane.xds import resources as rt
-from tests.conftest import Processes
+from tests.conftest import Processes, demo_sidecar
 from tests.resilience.conftest import ACCESS, PlaneThread, write_policies
 
 pytestmark = pytest.mark.envoy
@@ -141,19 +139,8 @@ def test_admin_api_xds_and_a_sidecar_keep_answering_while_a_big_policy_set_compi
     ads: _Ads | None = None
     stop = threading.Event()
     try:
-        listen, envoy_admin = free_port(), free_port()
-        sidecar = Sidecar(
-            node_id="digits-model-0", service="digits-model", namespace="demo",
-            identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-            app_port=demo_model[1], inbound_port=listen, inbound_address="127.0.0.1",
-        )
-        envoy = processes.track(
-            EnvoyProcess(
-                build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=plane.plane.xds_port,
-                                admin_port=envoy_admin),
-                admin_port=envoy_admin, log_path=tmp_path / "envoy.log",
-            )
-        )
+        envoy, listen = demo_sidecar(demo_model[1], plane.plane.xds_port, tmp_path / "envoy.log")
+        processes.track(envoy)
         envoy.start()
         envoy.wait_ready(30)
         _until(lambda: _post(listen) == 200)

@@ -17,12 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
-from tests.conftest import Processes
-from tests.resilience.conftest import Redis, write_policies
+from controlplane.netutil import http_request
+from tests.conftest import Processes, Redis, demo_sidecar
+from tests.resilience.conftest import write_policies
 from tests.resilience.test_quota_service_gone import Plane, until
 
 pytestmark = pytest.mark.envoy
@@ -75,24 +72,9 @@ class Predict:
     """One sidecar in front of the demo model: POST /v1/predict as a client."""
 
     def __init__(self, processes: Processes, tmp: Path, app_port: int, xds: int, node: str):
-        self.port, admin = free_port(), free_port()
         self.last = b""
-        sidecar = Sidecar(
-            node_id=node,
-            service="digits-model",
-            namespace="demo",
-            identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-            app_port=app_port,
-            inbound_port=self.port,
-            inbound_address="127.0.0.1",
-        )
-        self.envoy = processes.track(
-            EnvoyProcess(
-                build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds, admin_port=admin),
-                admin_port=admin,
-                log_path=tmp / f"{node}.log",
-            )
-        )
+        self.envoy, self.port = demo_sidecar(app_port, xds, tmp / f"{node}.log", node_id=node)
+        processes.track(self.envoy)
         self.envoy.start()
 
     def expect_counter(self, counter: str) -> None:
@@ -117,6 +99,19 @@ class Predict:
         return status
 
 
+def configured(
+    tmp_path: Path, processes: Processes, app_port: int, redis_server: Redis, counter: str
+) -> tuple[Plane, Predict]:
+    """A control plane with the budget counted by ``counter`` and one sidecar it has
+    configured: its class comes from that counter (one warm-up request answered)."""
+    plane = Plane(processes, policies(tmp_path, counter), redis_server)
+    gate = Predict(processes, tmp_path, app_port, plane.xds, "digits-model-0")
+    gate.envoy.wait_ready(30)
+    until(lambda: gate.post("warm-up", body(1)) == 200, 20, "configured")
+    gate.expect_counter(counter)
+    return plane, gate
+
+
 @COUNTERS
 def test_a_256_instance_request_costs_256_of_a_daily_budget(
     tmp_path: Path,
@@ -125,11 +120,7 @@ def test_a_256_instance_request_costs_256_of_a_daily_budget(
     redis_server: Redis,
     counter: str,
 ) -> None:
-    plane = Plane(processes, policies(tmp_path, counter), redis_server)
-    gate = Predict(processes, tmp_path, demo_model[1], plane.xds, "digits-model-0")
-    gate.envoy.wait_ready(30)
-    until(lambda: gate.post("warm-up", body(1)) == 200, 20, "configured")
-    gate.expect_counter(counter)
+    plane, gate = configured(tmp_path, processes, demo_model[1], redis_server, counter)
     until(plane.counted(LIMIT, "warm-up", 1), 10, "a 1-instance request counted as 1")
 
     # One 256-instance request: 256 of the budget, not 1.
@@ -174,11 +165,7 @@ def test_attacks_on_the_instance_count_are_charged_in_full(
     redis_server: Redis,
     counter: str,
 ) -> None:
-    plane = Plane(processes, policies(tmp_path, counter), redis_server)
-    gate = Predict(processes, tmp_path, demo_model[1], plane.xds, "digits-model-0")
-    gate.envoy.wait_ready(30)
-    until(lambda: gate.post("warm-up", body(1)) == 200, 20, "configured")
-    gate.expect_counter(counter)
+    plane, gate = configured(tmp_path, processes, demo_model[1], redis_server, counter)
 
     rows = json.dumps([[1.0] * 64] * 256)
     # A caller's own instance header is replaced by the sidecar's count.

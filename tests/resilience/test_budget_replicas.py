@@ -16,8 +16,8 @@ import pytest
 
 from controlplane.ratelimit import Budgets, RedisBackend, Rule
 from controlplane.ratelimit.backend import Grant
-from tests.conftest import Processes
-from tests.resilience.conftest import Redis, write_policies
+from tests.conftest import Processes, Redis
+from tests.resilience.conftest import write_policies
 from tests.resilience.test_budget_instances import Predict, body
 from tests.resilience.test_quota_service_gone import Plane, until
 

@@ -19,15 +19,12 @@ import numpy as np
 import pytest
 
 from controlplane.app.status_cli import fetch_status
-from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.extraction.verdicts import ClientRef
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.gen.modelguard.feed.v1 import feed_pb2, feed_pb2_grpc
-from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request, wait_for_port
-from controlplane.sidecar.bootstrap import build_bootstrap
-from tests.conftest import Processes
-from tests.resilience.conftest import ACCESS, EXTRACTION, Redis, write_policies
+from tests.conftest import Processes, Redis, demo_sidecar
+from tests.resilience.conftest import ACCESS, EXTRACTION, write_policies
 
 pytestmark = pytest.mark.envoy
 
@@ -180,24 +177,8 @@ def test_sidecar_keeps_enforcing_through_a_sigkill_and_resyncs_with_state_intact
     policies = write_policies(tmp_path / "policies", ACCESS, EXTRACTION, RATE)
     profile_cache(tmp_path / "state")  # the extraction profile: calibrated once per session
     plane = Plane(processes, policies, tmp_path / "state", redis_server)
-    listen, envoy_admin = free_port(), free_port()
-    sidecar = Sidecar(
-        node_id="digits-model-0",
-        service="digits-model",
-        namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=demo_model[1],
-        inbound_port=listen,
-        inbound_address="127.0.0.1",
-    )
-    envoy = processes.track(
-        EnvoyProcess(
-            build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=plane.xds,
-                            admin_port=envoy_admin),
-            admin_port=envoy_admin,
-            log_path=tmp_path / "envoy.log",
-        )
-    )
+    envoy, listen = demo_sidecar(demo_model[1], plane.xds, tmp_path / "envoy.log")
+    processes.track(envoy)
     envoy.start()
     envoy.wait_ready(30)
     until(lambda: synced(plane.admin))

@@ -22,16 +22,13 @@ import grpc
 import pytest
 
 from controlplane.app.usage_cli import fetch_usage
-from controlplane.compile.inputs.inventory import Sidecar
-from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request, port_open
 from controlplane.policies.rate.translate import BUDGET_EXHAUSTED_OR_UNCOUNTED
 from controlplane.ratelimit import QuotaService
 from controlplane.ratelimit.admin import fingerprint
 from controlplane.ratelimit.service import REPORT_INTERVAL_SECONDS
-from controlplane.sidecar.bootstrap import build_bootstrap
-from tests.conftest import Processes
-from tests.resilience.conftest import Redis, write_policies
+from tests.conftest import Processes, Redis, demo_sidecar
+from tests.resilience.conftest import write_policies
 
 pytestmark = pytest.mark.envoy
 
@@ -105,23 +102,8 @@ class Gate:
     """One sidecar's inbound listener: GET /healthz as a client (``x-api-key``)."""
 
     def __init__(self, processes: Processes, tmp: Path, service: str, app_port: int, xds: int):
-        self.port, admin = free_port(), free_port()
-        sidecar = Sidecar(
-            node_id=f"{service}-0",
-            service=service,
-            namespace="demo",
-            identity=f"spiffe://cluster.local/ns/demo/sa/{service}",
-            app_port=app_port,
-            inbound_port=self.port,
-            inbound_address="127.0.0.1",
-        )
-        self.envoy = processes.track(
-            EnvoyProcess(
-                build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=xds, admin_port=admin),
-                admin_port=admin,
-                log_path=tmp / f"{service}.log",
-            )
-        )
+        self.envoy, self.port = demo_sidecar(app_port, xds, tmp / f"{service}.log", service=service)
+        processes.track(self.envoy)
         self.envoy.start()
 
     def get(self, key: str) -> tuple[int, bytes]:

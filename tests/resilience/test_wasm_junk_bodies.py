@@ -6,22 +6,18 @@ the monitor, and the sidecar stays up."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.app.server import ControlPlaneConfig
-from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.local.envoy import EnvoyProcess
-from controlplane.netutil import free_port, http_request
-from controlplane.sidecar.bootstrap import build_bootstrap
+from controlplane.netutil import http_request
+from tests.conftest import Upstream, demo_sidecar
 from tests.resilience.conftest import ACCESS, EXTRACTION, PlaneThread, write_policies
 
 pytestmark = pytest.mark.envoy
@@ -29,34 +25,6 @@ pytestmark = pytest.mark.envoy
 STAT = "wasmcustom.modelguard.demo.digits-model."
 OUTCOMES = ("hardened", "passed_not_json", "passed_malformed", "passed_unmatched",
             "passed_too_large")
-
-
-class Upstream:
-    """Answers whatever the test sets, with status 200."""
-
-    def __init__(self) -> None:
-        self.body, self.content_type = b"{}", "application/json"
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(200)
-                self.send_header("content-type", upstream.content_type)
-                self.send_header("content-length", str(len(upstream.body)))
-                self.end_headers()
-                self.wfile.write(upstream.body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 JSON = st.recursive(
@@ -143,18 +111,7 @@ def sidecar_system(
             xds_port=0, admin_port=0, watch=False, debounce_quiet=0.02, debounce_max=0.2,
         )
     )
-    listen, envoy_admin = free_port(), free_port()
-    sidecar = Sidecar(
-        node_id="digits-model-0", service="digits-model", namespace="demo",
-        identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-        app_port=upstream.port, inbound_port=listen, inbound_address="127.0.0.1",
-    )
-    envoy = EnvoyProcess(
-        build_bootstrap(sidecar, xds_host="127.0.0.1", xds_port=plane.plane.xds_port,
-                        admin_port=envoy_admin),
-        admin_port=envoy_admin,
-        log_path=tmp_path / "envoy.log",
-    )
+    envoy, listen = demo_sidecar(upstream.port, plane.plane.xds_port, tmp_path / "envoy.log")
     try:
         envoy.start()
         envoy.wait_ready(30)

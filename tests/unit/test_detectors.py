@@ -298,3 +298,25 @@ def test_dense_steps_tell_a_gradient_probe_from_a_local_explorer(world) -> None:
         probe.append(seen + step * rng.choice([-1.0, 1.0], size=seen.shape).astype(np.float32))
     state, first = run(np.vstack(probe)[:300], reference, thresholds)
     assert first.get("denseSteps", 10**6) <= 40
+
+
+def test_effect_cuts_tell_a_slightly_shifted_population_from_noise(world) -> None:  # type: ignore[no-untyped-def]
+    """coverage's z score grows with the square root of the queries: a natural population
+    a little off the subspace (every record's small inputs shifted by half their spread)
+    crosses its threshold given enough queries, but its mean residual (lower confidence
+    bound) stays under the natural 99th percentile; noise is far beyond it."""
+    reference, thresholds = world
+    assert thresholds.residual_cut > thresholds.residual_mean
+    assert thresholds.novelty_gate == pytest.approx(thresholds.novelty_cut, rel=1e-6)
+    rng = np.random.default_rng(9)
+    shifted = natural(rng, 2000)
+    shifted[:, 4:] += 0.15
+    state, first = run(shifted, reference, thresholds)
+    assert "coverage" in first  # significant...
+    residual, novelty = state.lower_mean("residual"), state.lower_mean("novelty")
+    assert residual is not None and residual < thresholds.residual_cut  # ...but small
+    assert novelty is not None and novelty < thresholds.novelty_gate
+    noise, _ = run(rng.uniform(-8, 8, size=(64, DIM)).astype(np.float32), reference, thresholds)
+    residual, novelty = noise.lower_mean("residual"), noise.lower_mean("novelty")
+    assert residual is not None and residual > thresholds.residual_cut
+    assert novelty is not None and novelty > thresholds.novelty_gate

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -23,28 +23,17 @@ from envoy.config.core.v3 import base_pb2 as core_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format, struct_pb2
 
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
+from controlplane.app.server import ControlPlaneConfig
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.xds import resources as rt
-
-T = TypeVar("T")
+from tests.resilience.conftest import PlaneThread
 
 STREAMS = 1_500
 
 
-class _PlaneThread:
+class _PlaneThread(PlaneThread):
     """The control plane on its own loop and thread, so that this test can block that loop
     while its own loop keeps opening streams."""
-
-    def __init__(self, config: ControlPlaneConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.plane = ControlPlane(config)
-        self.run(self.plane.start())
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def block(self) -> threading.Event:
         """Hold the plane's loop (as a long rebuild would) until the returned event is set."""
@@ -57,14 +46,6 @@ class _PlaneThread:
         self.loop.call_soon_threadsafe(hold)
         assert blocked.wait(10)
         return release
-
-    def stop(self) -> None:
-        try:
-            self.run(self.plane.stop(grace=0))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
 
 
 @pytest.fixture
