@@ -116,13 +116,26 @@ def port_holder(port: int) -> str | None:
     return None
 
 
+# The flag of `modelguard serve`/`run` that moves each port a failed bind names.
+PORT_FLAGS = {
+    "xDS": "--xds-port",
+    "admin": "--admin-port",
+    "metrics": "--metrics-port",
+    "sidecar listener": "--listen-port",
+    "outbound": "--outbound-port",
+}
+
+
 def port_in_use_message(what: str, host: str, port: int) -> str:
-    """``the xDS port 127.0.0.1:18000 is in use by pid 42 (...)``, for a failed bind."""
+    """``the xDS port 127.0.0.1:18000 is in use by pid 42 (...)``, for a failed bind, with
+    the flag that picks another port."""
     holder = port_holder(port)
+    flag = PORT_FLAGS.get(what)
     return (
         f"the {what} port {host}:{port} is already in use"
         + (f" by {holder}" if holder else "")
         + ": stop that process or choose another port"
+        + (f" with {flag}" if flag else "")
     )
 
 

@@ -4,7 +4,7 @@ handed only those it reads (never the control-plane object)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,35 @@ def egress_blocks(store: TelemetryStore) -> dict[str, list[admin_pb2.EgressBlock
     return out
 
 
+def unloaded_key_sets(
+    policy: Policy, loaded: Collection[tuple[str, str]] | None
+) -> list[str]:
+    """Warnings for the rules of an AccessPolicy that name an API-key Secret no source has
+    loaded: valid, accepted, and admitting no caller (compile fails closed), which a user
+    who forgot ``--api-keys`` could otherwise only learn from a 403. ``loaded``: the
+    (namespace, name) of every non-empty key set; None when none can be (``--insecure``)."""
+    rules = getattr(policy.spec, "rules", None)
+    if policy.kind != "AccessPolicy" or not rules:
+        return []
+    out = []
+    for i, rule in enumerate(rules):
+        keys = rule.from_.api_keys if rule.from_ is not None else None
+        if keys is None:
+            continue
+        ref = (policy.metadata.namespace, keys.secret_ref)
+        if loaded is None:
+            why = "no API keys are loaded without the CA (--insecure)"
+        elif ref not in loaded:
+            why = (
+                f"no keys of Secret {ref[0]}/{ref[1]} are loaded (serve --api-keys FILE; in "
+                "a cluster, a Secret labelled modelguard.io/api-keys=true)"
+            )
+        else:
+            continue
+        out.append(f"spec.rules[{i}].from.apiKeys.secretRef: {why}: this rule admits no caller")
+    return out
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(
         self,
@@ -92,11 +121,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         telemetry_store: TelemetryStore,
         envoy_admins: Mapping[str, str],
         calibrated: Callable[[], Mapping[str, Any]],
+        api_key_sets: Callable[[], Collection[tuple[str, str]]] | None = None,
     ) -> None:
         # calibrated: namespace/name of an ExtractionPolicy → its Calibrated condition.
+        # api_key_sets: the loaded key Secrets; None when the control plane loads none.
         self.store, self.inventory, self.cache = store, inventory, cache
         self.sync_status, self.telemetry_store = sync_status, telemetry_store
         self.envoy_admins, self.calibrated = envoy_admins, calibrated
+        self.api_key_sets = api_key_sets
 
     def add_to(self, server: grpc.aio.Server) -> None:
         admin_pb2_grpc.add_AdminServicer_to_server(self, decode_checked(server))
@@ -146,6 +178,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         }
         sidecars = self.inventory.snapshot()
         calibrated = self.calibrated()
+        key_sets = self.api_key_sets() if self.api_key_sets is not None else None
         for status in self.store.statuses():
             policy = policies.get(status.key)
             kind, namespace, name = status.key
@@ -158,7 +191,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 state=status.state,
                 errors=list(status.errors),
                 serving=status.serving,
-                warnings=list(status.warnings),
+                warnings=[
+                    *status.warnings,
+                    *(unloaded_key_sets(policy, key_sets) if policy is not None else ()),
+                ],
                 sidecars=[s.node_id for s in sidecars if policy and targets(policy, s)],
             )
             condition = (

@@ -113,12 +113,34 @@ def sidecar_from_args(args: argparse.Namespace) -> Sidecar:
     )
 
 
+def missing_identity(identity_dir: str) -> str | None:
+    """Why ``--identity-dir`` cannot give a sidecar its credentials, or None. Checked before
+    anything is read: a folder without the control plane's files is not one, and reading it
+    would create a token key there that no control plane knows (and then fail on the CA)."""
+    from controlplane.identity.service import TRUST_BUNDLE_FILE
+    from controlplane.identity.tokens import TOKEN_KEY_FILE
+
+    folder = Path(identity_dir)
+    absent = [f for f in (TRUST_BUNDLE_FILE, TOKEN_KEY_FILE) if not (folder / f).is_file()]
+    if not absent:
+        return None
+    return (
+        f"modelguard bootstrap: --identity-dir {identity_dir} holds no control-plane identity "
+        f"({' and '.join(absent)} missing). `modelguard serve --identity-dir {identity_dir}` "
+        "creates it on its first start: start that first, or name the folder your control "
+        "plane uses (serve: .modelguard/identity; run: WORKDIR/identity)."
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``modelguard bootstrap``; returns the exit code."""
     sidecar = sidecar_from_args(args)
     xds_host, xds_port = args.xds
     credentials = None
     if args.identity_dir:
+        if (missing := missing_identity(args.identity_dir)) is not None:
+            print(missing, file=sys.stderr)
+            return 1
         credentials = XdsCredentials.for_sidecar(sidecar, args.identity_dir)
     if args.output:
         write_bootstrap(

@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "init",
         help="generate the CA once, as a Secret for `kubectl apply -f -` (every replica loads it)",
     )
-    init.add_argument("--trust-domain", default="cluster.local")
+    init.add_argument(
+        "--trust-domain", default="cluster.local", help="SPIFFE trust domain the CA signs for"
+    )
     init.add_argument("--namespace", default="modelguard-system", help="of the control plane")
     init.add_argument("--name", default=CA_SECRET, help="Secret name")
     init.add_argument("--ca-cert", help="wrap this PEM CA certificate instead of generating one")

@@ -6,12 +6,17 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from controlplane.app.cliutil import (
     GLOBAL_FLAGS_HELP,
+    START_FILES,
     add_global_flags,
+    check_flag_values,
     port_number,
     resolve_globals,
     seconds_over,
@@ -20,7 +25,7 @@ from controlplane.app.cliutil import (
 
 def _validate(args: argparse.Namespace) -> int:
     from controlplane.api import load_paths
-    from controlplane.api.loader import empty_policy_files
+    from controlplane.api.loader import empty_policy_files, policy_files
     from controlplane.api.warnings import policy_warnings
 
     loaded, violations = load_paths(args.paths)
@@ -28,6 +33,12 @@ def _validate(args: argparse.Namespace) -> int:
         print(violation)
     for empty in empty_policy_files(args.paths):
         print(f"warning: {empty}: no policies in this file (empty)", file=sys.stderr)
+    for given in args.paths:  # a wrong folder passed as "0 policies valid"
+        if Path(given).is_dir() and not policy_files(Path(given)):
+            print(
+                f"warning: {given}: no policy files (.yaml, .yml) in this folder",
+                file=sys.stderr,
+            )
     for lp in loaded:
         policy = lp.policy
         for warning in policy_warnings(policy):
@@ -40,17 +51,28 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version(args: argparse.Namespace) -> int:
+def _version_text() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        print(f"modelguard {version('modelguard')}")
+        return f"modelguard {version('modelguard')}"
     except PackageNotFoundError:  # run from a source tree that was never installed
-        print("modelguard (not installed: version unknown)")
+        return "modelguard (not installed: version unknown)"
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(_version_text())
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Cluster mode reads policies from the API server, not from --policies.
+    unusable = _missing_start_files("serve", args) or (
+        None if args.kubernetes else _unusable_policy_paths("serve", args.policies)
+    )
+    if unusable is not None:
+        print(unusable, file=sys.stderr)
+        return 2
     from controlplane.app.server import ControlPlane, ControlPlaneConfig
     from controlplane.identity import service as identity_service
     from controlplane.telemetry import settings as telemetry_settings
@@ -75,9 +97,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     if getattr(args, "kubernetes", False):
-        from controlplane.app.cluster import serve_cluster
+        from controlplane.app.cluster import NoClusterConfig, serve_cluster
 
-        return serve_cluster(args, config)
+        try:
+            return serve_cluster(args, config)
+        except NoClusterConfig as err:  # was a traceback from the kubernetes client
+            print(f"modelguard serve --kubernetes: {err}", file=sys.stderr)
+            return 1
 
     async def main() -> None:
         plane = ControlPlane(config)
@@ -106,6 +132,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    unusable = _missing_start_files("run", args) or _unusable_policy_paths("run", [args.policies])
+    if unusable is not None:
+        print(unusable, file=sys.stderr)
+        return 2
     from controlplane.app.runner import run_embedded
 
     return run_embedded(args)
@@ -137,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Protect model APIs from extraction: a control plane for Envoy sidecars.",
         epilog=GLOBAL_FLAGS_HELP + ". Listing commands take -o json|yaml|wide (--json: -o json).",
     )
+    # `modelguard --version`, as most commands answer it (kubectl's spelling is `version`).
+    parser.add_argument("--version", action="version", version=_version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("version", help="this modelguard's version")
@@ -147,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("run", help="the embedded default: control plane, demo model, sidecar")
-    p.add_argument("--policies", default="policies/", help="policy folder (watched)")
+    p.add_argument(
+        "--policies", default="policies/", metavar="PATH", help="policy folder or file (watched)"
+    )
     p.add_argument(
         "--listen-port", type=port_number, default=10000, help="sidecar port for clients"
     )
@@ -157,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=15001,
         help="the demo workload's egress port on the sidecar (0: no egress control)",
     )
-    p.add_argument("--xds-port", type=port_number, default=18000)
-    p.add_argument("--admin-port", type=port_number, default=18001)
-    p.add_argument("--workdir", default=".modelguard", help="bootstraps and logs")
+    p.add_argument(
+        "--xds-port", type=port_number, default=18000, help="the control plane's xDS port"
+    )
+    p.add_argument(
+        "--admin-port", type=port_number, default=18001, help="admin API (status, quarantine…)"
+    )
+    p.add_argument("--workdir", default=".modelguard", help="bootstraps, keys and logs")
     p.add_argument(
         "--metrics-port",
         type=port_number,
@@ -170,12 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
 
     p = sub.add_parser("serve", help="the control plane alone")
-    p.add_argument("--policies", nargs="+", default=["policies/"])
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=["policies/"],
+        metavar="PATH",
+        help="policy files or folders, watched (default: policies/; ignored with --kubernetes)",
+    )
     identity_arguments(p)
-    p.add_argument("--xds-host", default="127.0.0.1")
-    p.add_argument("--xds-port", type=port_number, default=18000)
-    p.add_argument("--admin-host", default="127.0.0.1")
-    p.add_argument("--admin-port", type=port_number, default=18001)
+    p.add_argument("--xds-host", default="127.0.0.1", help="where sidecars reach xDS")
+    p.add_argument("--xds-port", type=port_number, default=18000, help="xDS port (18000)")
+    p.add_argument(
+        "--admin-host",
+        default="127.0.0.1",
+        help="admin API address (beyond loopback only with --admin-token-file)",
+    )
+    p.add_argument("--admin-port", type=port_number, default=18001, help="admin port (18001)")
     p.add_argument(
         "--metrics-port",
         type=port_number,
@@ -297,7 +345,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Last, so that every subcommand above (and any nested one) gets them.
     add_global_flags(parser)
+    check_flag_values(parser)
     return parser
+
+
+# xds-protos ships older copies of these two packages' files and overwrites them; a plain
+# `pip install` of modelguard leaves them so (make setup and the image reinstall them after).
+SHADOWED_PROTOS = ("opentelemetry-proto", "googleapis-common-protos")
+
+
+def shadowed_protos() -> str | None:
+    """The command that repairs an install whose opentelemetry-proto files are xds-protos'
+    older copies, or None when they are the current ones."""
+    try:
+        from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return None
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        pins = [r.split(";")[0].strip() for r in requires("modelguard") or []]
+    except PackageNotFoundError:  # a source tree that was never installed
+        pins = []
+    wanted = [
+        next((pin for pin in pins if re.fullmatch(rf"{name}==[\w.]+", pin)), name)
+        for name in SHADOWED_PROTOS
+    ]
+    return f"{sys.executable} -m pip install --force-reinstall --no-deps {' '.join(wanted)}"
+
+
+def _unusable_policy_paths(command: str, paths: Sequence[str]) -> str | None:
+    """Why ``run``/``serve`` cannot start on these policy paths: a path that does not exist
+    would be watched as its parent folder and serve no policy at all, silently."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if not missing:
+        return None
+    return (
+        f"modelguard {command}: --policies {' '.join(missing)}: no such file or folder "
+        f"(in {Path.cwd()}). The demo policies are the policies/ folder of a modelguard "
+        "checkout; name your own with --policies PATH."
+    )
+
+
+def _missing_start_files(command: str, args: argparse.Namespace) -> str | None:
+    """Files ``run``/``serve`` read at start that are not there: a key file was ignored (and
+    every rule admitting its keys admitted nobody), a token file or CA failed with a
+    traceback."""
+    for dest in START_FILES:
+        given = getattr(args, dest, None)
+        for path in given if isinstance(given, list) else [given] if given else []:
+            if not Path(path).exists():
+                flag = "--" + dest.replace("_", "-")
+                return f"modelguard {command}: {flag} {path}: no such file or folder"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,7 +408,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ImportError as err:
+        repair = shadowed_protos()
+        if repair is None:
+            raise
+        print(
+            f"modelguard: {err}\nThis install's opentelemetry-proto files are the older copies "
+            "xds-protos wrote over them. Reinstall the two packages it overwrites, without "
+            f"dependencies, after modelguard:\n  {repair}",
+            file=sys.stderr,
+        )
+        return 1
+    except BrokenPipeError:
+        # `modelguard ... | head`: the reader left. Python's own flush of stdout at exit would
+        # fail again with a traceback; point stdout at /dev/null and stop, as a piped Unix
+        # tool does (the recipe of Python's signal module documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return result
 
 

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlplane.app.cliutil import port_number
 from controlplane.identity.kubernetes import KubernetesTokenAuthenticator, TrustBundle
 from controlplane.sources.kubernetes import (
     Condition,
@@ -39,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--kubeconfig", help="default: in-cluster config, else ~/.kube/config")
     group.add_argument("--watch-namespace", help="watch one namespace (default: all)")
-    group.add_argument("--lease-namespace", default="modelguard-system")
+    group.add_argument(
+        "--lease-namespace",
+        default="modelguard-system",
+        help="namespace of the Lease that picks the replica writing policy status",
+    )
     group.add_argument(
         "--pod-selector",
         default=None,
@@ -52,8 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "are read (RBAC: a Role there); default: every namespace (a ClusterRole)",
     )
     group.add_argument("--replica-id", help="this replica's name in the Lease (default: host)")
-    group.add_argument("--webhook-host", default="0.0.0.0")
-    group.add_argument("--webhook-port", type=int, default=9443, help="0: no webhook")
+    group.add_argument(
+        "--webhook-host", default="0.0.0.0", help="where the injection webhook listens"
+    )
+    group.add_argument("--webhook-port", type=port_number, default=9443, help="0: no webhook")
     group.add_argument("--webhook-cert-dir", help="tls.crt and tls.key of the webhook")
     group.add_argument(
         "--sidecar-xds",
@@ -62,23 +69,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--sidecar-outbound-port",
-        type=int,
+        type=port_number,
         default=15001,
         help="outbound (egress) port of sidecars injected into pods annotated "
         "modelguard.io/egress: enabled",
     )
 
 
+class NoClusterConfig(RuntimeError):
+    """Neither the pod's service account nor a kubeconfig gives an API server to talk to."""
+
+
 def api_client_from_args(args: argparse.Namespace) -> Any:
     from kubernetes import client, config
 
-    if args.kubeconfig:
-        config.load_kube_config(args.kubeconfig)  # type: ignore[no-untyped-call]
-    else:
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
+    try:
+        if args.kubeconfig:
+            config.load_kube_config(args.kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                config.load_kube_config()  # type: ignore[no-untyped-call]
+    except (config.ConfigException, OSError) as err:
+        where = f"--kubeconfig {args.kubeconfig}" if args.kubeconfig else (
+            "not in a pod (no service account), and no ~/.kube/config or $KUBECONFIG"
+        )
+        raise NoClusterConfig(f"no Kubernetes API server to talk to: {where}: {err}") from err
     return client.ApiClient()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from controlplane.app.cliutil import port_number
 from controlplane.sidecar.bootstrap import STATS_PATH as STATS_PATH
 from controlplane.sidecar.bootstrap import STATS_PORT as STATS_PORT
 from controlplane.sidecar.bootstrap import (
@@ -31,11 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="control plane address as sidecars reach it",
     )
     parser.add_argument("--image", default=defaults.image, help="Envoy image of the sidecar")
-    parser.add_argument("--inbound-port", type=int, default=defaults.inbound_port)
-    parser.add_argument("--trust-domain", default=defaults.trust_domain)
+    parser.add_argument(
+        "--inbound-port",
+        type=port_number,
+        default=defaults.inbound_port,
+        help=f"the sidecar's inbound port (mg-inbound; default {defaults.inbound_port})",
+    )
+    parser.add_argument(
+        "--trust-domain",
+        default=defaults.trust_domain,
+        help="SPIFFE trust domain of the workloads (as the control plane's)",
+    )
     parser.add_argument(
         "--outbound-port",
-        type=int,
+        type=port_number,
         default=defaults.outbound_port,
         help="egress port of sidecars in pods annotated modelguard.io/egress: enabled",
     )

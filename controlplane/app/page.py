@@ -21,6 +21,7 @@ import html as htmllib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,8 @@ class Sources:
     verdicts: VerdictStore
     verdict_log: VerdictLog | None
     telemetry: TelemetryService
+    # Whether a global limit's clients are secrets (raw header keys): as `usage` names them.
+    secret_rate_client: Callable[[str, str], bool] = lambda policy, limit: True
 
 POLL_MS = 2000
 CLIENTS_SHOWN = 25
@@ -87,9 +90,9 @@ def _table(title: str, columns: list[str], rows: list[list[Cell]], empty: str) -
 
 
 async def budget_use(plane: Sources) -> list[list[Cell]] | str:
-    """The global limits' top clients now (what `modelguard usage` shows), by fingerprint as
-    there; a message when the budget backend cannot be read."""
-    from controlplane.ratelimit.admin import fingerprint as usage_fingerprint
+    """The global limits' top clients now (what `modelguard usage` shows), named as there; a
+    message when the budget backend cannot be read."""
+    from controlplane.ratelimit.admin import shown
     from controlplane.ratelimit.backend import BackendError
 
     try:
@@ -99,12 +102,13 @@ async def budget_use(plane: Sources) -> list[list[Cell]] | str:
     rows: list[list[Cell]] = []
     for limit in usage:
         rule = limit.rule
+        secret = plane.secret_rate_client(rule.policy, rule.limit)
         for client in limit.clients:
             rows.append(
                 [
                     rule.limit,
                     rule.policy,
-                    usage_fingerprint(client.client),
+                    shown(client.client, secret),
                     f"{client.used} / {rule.requests} per {rule.window}s",
                     {"t": "at/over limit", "cls": "bad"} if client.over else "ok",
                 ]

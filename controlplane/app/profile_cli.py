@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from controlplane.app.cliutil import existing_file
 from controlplane.extraction.calibrate import (
     SENSITIVITIES,
     Profile,
@@ -32,12 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="profile cache")
     sub = parser.add_subparsers(dest="profile_command", required=True)
     p = sub.add_parser("build", help="calibrate the profiles of a policy file's reference data")
-    p.add_argument("policy_file", type=Path)
+    p.add_argument("policy_file", type=existing_file, help="policy YAML (ExtractionPolicy)")
     p.add_argument("-o", "--output", type=Path, help="write the profile here (one policy)")
     p.add_argument("--policy", default="", help="namespace/name: only this policy")
-    p.add_argument("--seed", type=int, default=Settings.seed)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=Settings.seed,
+        help="of the simulated benign clients (the same seed gives the same profile)",
+    )
     p = sub.add_parser("show", help="print a profile (file), a policy file's, or the cache's")
-    p.add_argument("target", nargs="?", type=Path, help="profile JSON or policy YAML")
+    p.add_argument(
+        "target", nargs="?", type=existing_file, help="profile JSON or policy YAML"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -128,7 +136,13 @@ def show(args: argparse.Namespace) -> int:
             print(f"no profiles in {args.cache_dir}", file=sys.stderr)
             return 1
     elif target.suffix == ".json":
-        payloads = [json.loads(target.read_text())]
+        try:
+            payloads = [json.loads(target.read_text())]
+            _summary(payloads[0])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            print(f"modelguard profile show: {target}: not a modelguard profile ({err!r})",
+                  file=sys.stderr)
+            return 1
     else:
         from controlplane.api.reference import ReferenceError, load_file
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from controlplane.app.cliutil import add_output_arguments, emit, table
+from controlplane.app.cliutil import add_output_arguments, admin_call_failed, emit, table
 from controlplane.netutil import http_request
 
 SECTIONS = ("listeners", "clusters", "routes", "stats")
@@ -130,8 +130,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         address = args.envoy_admin or envoy_admin_of(args.admin, args.sidecar)
     except grpc.RpcError as err:
-        print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
-        return 2
+        return admin_call_failed(args.admin, err)
     except LookupError as err:
         print(str(err), file=sys.stderr)
         return 1

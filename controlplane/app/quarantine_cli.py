@@ -9,10 +9,16 @@ import time
 from collections.abc import Mapping
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from controlplane.app.adminauth import admin_channel
-from controlplane.app.cliutil import add_output_arguments, emit, policy_ref
+from controlplane.app.cliutil import (
+    add_output_arguments,
+    admin_call_failed,
+    emit,
+    plain_dict,
+    policy_ref,
+)
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -136,11 +142,9 @@ def run(args: argparse.Namespace) -> int:
                 listed = stub.ListQuarantines(request, timeout=5)
                 stats = _stats(stub)
                 if args.output in ("json", "yaml"):
-                    out = json_format.MessageToDict(listed)
+                    out = plain_dict(listed)
                     if stats is not None:
-                        out["monitor"] = json_format.MessageToDict(
-                            stats, always_print_fields_with_no_presence=True
-                        )
+                        out["monitor"] = plain_dict(stats)
                     print(emit(out, args.output))
                 else:
                     print(render(list(listed.entries), wide=args.output == "wide"))
@@ -152,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 timeout=5,
             )
     except grpc.RpcError as err:
-        print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
-        return 2
+        return admin_call_failed(args.admin, err)
     if not released.released:
         print(f"{args.key}: not quarantined or throttled", file=sys.stderr)  # what was typed
         return 1

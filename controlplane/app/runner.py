@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from controlplane.app.cliutil import cli_command
 from controlplane.app.server import ControlPlane, ControlPlaneConfig, PortInUse
 from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.identity.apikeys import digest
@@ -110,8 +111,10 @@ def banner(
     envoy_admin: int | None = None,
     keys: dict[str, str] | None = None,
     web: str | None = None,
+    cli: str | None = None,
 ) -> str:
     keys = keys or {}
+    cli = cli or cli_command()
     lines = [
         "",
         "modelguard is running (Ctrl-C stops everything):",
@@ -126,12 +129,12 @@ def banner(
         ]
     lines += [
         f"  policies             {args.policies} (edits apply live)",
-        f"  sidecar status       .venv/bin/modelguard status --admin 127.0.0.1:{admin_port}",
+        f"  sidecar status       {cli} status --admin 127.0.0.1:{admin_port}",
     ]
     if envoy_admin is not None:
         lines += [
             f"  sidecar Envoy admin  http://127.0.0.1:{envoy_admin}/ "
-            f"(.venv/bin/modelguard proxy-config {DEMO_SERVICE}-0 stats "
+            f"({cli} proxy-config {DEMO_SERVICE}-0 stats "
             f"--admin 127.0.0.1:{admin_port})",
         ]
     if web is not None:
@@ -151,16 +154,20 @@ def banner(
             if key_id in keys:
                 lines.append(f"  {key_id:<16} tenant {tenant:<7} tier {tier:<9} {keys[key_id]}")
     first = keys.get(DEMO_KEYS[0][0], "YOUR-KEY")
+    insecure = bool(getattr(args, "insecure", False))
+    if insecure and keys:
+        # The keys exist, but without the CA none is loaded: the curl below gets 403.
+        lines += ["  (--insecure loads none of them: the demo policy admits nobody)"]
     lines += [
         "",
-        "Try (without a registered key: 403):",
+        "Try (403 under --insecure):" if insecure else "Try (without a registered key: 403):",
         f"  {EXAMPLE.format(port=args.listen_port, key=first)}",
     ]
     if args.outbound_port:
         lines += [
             f"  {EGRESS_EXAMPLE.format(port=args.outbound_port)}",
             f"  {EGRESS_TLS.format(port=args.outbound_port)}",
-            f"  .venv/bin/modelguard traces --admin 127.0.0.1:{admin_port} --verdict blocked",
+            f"  {cli} traces --admin 127.0.0.1:{admin_port} --verdict blocked",
         ]
     return "\n".join(lines) + "\n"
 
@@ -236,6 +243,8 @@ async def _serve(args: argparse.Namespace) -> None:
             xff_num_trusted_hops=getattr(args, "xff_num_trusted_hops", 0),
             watch_plaintext=True,
             metrics_port=getattr(args, "metrics_port", None),
+            # Quarantines stay in memory, but a restart need not recalibrate (~10 s of CPU).
+            profiles_dir=str(workdir / "profiles"),
         )
     )
     await plane.start()

@@ -89,6 +89,9 @@ class ControlPlaneConfig:
     xff_num_trusted_hops: int = 0
     # Where quarantines persist across restarts (None: in memory only).
     verdicts_path: str | None = None
+    # Where calibrated detector profiles are cached by content hash, so a restart does not
+    # recalibrate (None: next to verdicts_path; with neither, not cached).
+    profiles_dir: str | None = None
     # Beyond loopback the admin API demands this bearer token (controlplane/app/adminauth.py).
     admin_token_file: str | None = None
     # Connections to sidecars are closed (GOAWAY) after this many seconds (±10 % jitter,
@@ -177,6 +180,7 @@ class ControlPlane:
         self.extraction = Extraction(
             lambda: self.store.current().policies,
             Path(config.verdicts_path) if config.verdicts_path else None,
+            profiles_dir=Path(config.profiles_dir) if config.profiles_dir else None,
         )
         self.pipeline.verdicts = self.extraction.verdicts.active
         # Replicas sharing a Redis (the budgets' backend) share their verdicts through it.
@@ -267,7 +271,24 @@ class ControlPlane:
             telemetry_store=self.telemetry.store,
             envoy_admins=self.envoy_admins,
             calibrated=self.extraction.profiles.conditions,
+            api_key_sets=self._api_key_sets if self.identity is not None else None,
         )
+
+    def _api_key_sets(self) -> set[tuple[str, str]]:
+        """The key Secrets compile sees now (non-empty ones: an empty set admits nobody)."""
+        assert self.identity is not None
+        return {ref for ref, keys in self.identity.mesh_inputs(()).api_keys.items() if keys}
+
+    def secret_rate_client(self, policy: str, limit: str) -> bool:
+        """Whether the clients of a global limit are raw header values (secrets, shown by
+        fingerprint) rather than names the sidecar verified (shown as they are)."""
+        for p in self.store.current().policies:
+            if p.kind != "RatePolicy" or f"{p.metadata.namespace}/{p.metadata.name}" != policy:
+                continue
+            for rule in getattr(p.spec, "limits", ()):
+                if f"{p.metadata.namespace}.{p.metadata.name}.{rule.name}" == limit:
+                    return bool(rule.client_key.source == "header")
+        return True
 
     def page_sources(self) -> page.Sources:
         """What the live page reads."""
@@ -278,6 +299,7 @@ class ControlPlane:
             verdicts=self.extraction.verdicts,
             verdict_log=self.verdict_log,
             telemetry=self.telemetry,
+            secret_rate_client=self.secret_rate_client,
         )
 
     def _authenticate(self, node: base_pb2.Node, metadata: Mapping[str, str]) -> None:
@@ -401,7 +423,7 @@ class ControlPlane:
             or None,
         )
         self.admin_service().add_to(self._admin_server)
-        RateLimitAdmin(self.rate_limits).add_to(self._admin_server)
+        RateLimitAdmin(self.rate_limits, self.secret_rate_client).add_to(self._admin_server)
         QuarantineAdmin(self.extraction.monitor, self.rate_limits).add_to(self._admin_server)
         self.telemetry.admin.add_to(self._admin_server)
         admin_server = self._admin_server

@@ -6,10 +6,9 @@ import argparse
 import sys
 
 import grpc
-from google.protobuf import json_format
 
 from controlplane.app.adminauth import admin_channel
-from controlplane.app.cliutil import add_output_arguments, emit
+from controlplane.app.cliutil import add_output_arguments, admin_call_failed, emit, plain_dict
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 
 TYPES = ("CDS", "EDS", "LDS", "RDS", "SDS", "ECDS")
@@ -164,10 +163,9 @@ def show_status(args: argparse.Namespace) -> int:
     try:
         report = fetch_status(args.admin, args.node)
     except grpc.RpcError as err:
-        print(f"cannot reach the control plane at {args.admin}: {err.details()}", file=sys.stderr)
-        return 2
+        return admin_call_failed(args.admin, err)
     if args.output in ("json", "yaml"):
-        print(emit(json_format.MessageToDict(report), args.output))
+        print(emit(plain_dict(report), args.output))
     else:
         print(render(report, wide=args.output == "wide"))
     if args.node and not report.sidecars:

@@ -19,8 +19,15 @@ import grpc
 from google.protobuf import json_format
 
 from controlplane.app.adminauth import admin_channel
-from controlplane.app.cliutil import add_output_arguments, emit, http_status, positive_int
+from controlplane.app.cliutil import (
+    add_output_arguments,
+    admin_call_failed,
+    emit,
+    http_status,
+    positive_int,
+)
 from controlplane.gen.modelguard.admin.v1 import telemetry_pb2, telemetry_pb2_grpc
+from controlplane.telemetry.conventions import INT_ATTRIBUTES
 from controlplane.telemetry.records import hash_secret
 
 
@@ -71,11 +78,19 @@ def build_query(args: argparse.Namespace) -> telemetry_pb2.TelemetryQuery:
 
 
 def to_dict(record: telemetry_pb2.TelemetryRecord) -> dict[str, Any]:
-    """camelCase keys, the API's (as every --json of the CLI); 64-bit counts as numbers."""
+    """camelCase keys, the API's (as every --json of the CLI); 64-bit counts as numbers, and
+    the attributes the receiver types as integers as integers again: the admin API carries
+    attribute values as strings, and the README promises status codes, sizes and ports as
+    numbers."""
     data: dict[str, Any] = json_format.MessageToDict(
         record, always_print_fields_with_no_presence=True
     )
     data["seq"], data["timeUnixNano"] = record.seq, record.time_unix_nano
+    attributes = data.get("attributes", {})
+    for name in INT_ATTRIBUTES:
+        value = attributes.get(name)
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            attributes[name] = int(value)
     return data
 
 
@@ -145,8 +160,7 @@ def show_traces(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except grpc.RpcError as err:
-        print(f"cannot read telemetry from {args.admin}: {err.details()}", file=sys.stderr)
-        return 2
+        return admin_call_failed(args.admin, err)
     return 0
 
 

@@ -7,10 +7,15 @@ import argparse
 import sys
 
 import grpc
-from google.protobuf import json_format
 
 from controlplane.app.adminauth import admin_channel
-from controlplane.app.cliutil import add_output_arguments, emit, positive_int
+from controlplane.app.cliutil import (
+    add_output_arguments,
+    admin_call_failed,
+    emit,
+    plain_dict,
+    positive_int,
+)
 from controlplane.gen.modelguard.admin.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 
 
@@ -96,14 +101,13 @@ def unthrottle(args: argparse.Namespace) -> int:
         print("modelguard usage unthrottle: which client? (key or fingerprint)", file=sys.stderr)
         return 2
     try:
-        with grpc.insecure_channel(args.admin) as channel:
+        with admin_channel(args.admin) as channel:  # with the admin token, as every command
             removed = ratelimit_pb2_grpc.RateLimitsStub(channel).Unthrottle(
                 ratelimit_pb2.UnthrottleRequest(client=args.client, policy=args.policy),
                 timeout=5,
             )
     except grpc.RpcError as err:
-        print(f"modelguard usage: {args.admin}: {err.details() or err.code()}", file=sys.stderr)
-        return 1
+        return admin_call_failed(args.admin, err)
     if not removed.removed:
         print("modelguard usage unthrottle: no run-time throttle matches", file=sys.stderr)
         return 1
@@ -118,10 +122,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = fetch_usage(args.admin, args.limit, args.top)
     except grpc.RpcError as err:
-        print(f"modelguard usage: {args.admin}: {err.details() or err.code()}", file=sys.stderr)
-        return 1
+        return admin_call_failed(args.admin, err)
     if args.output in ("json", "yaml"):
-        print(emit(json_format.MessageToDict(report), args.output))
+        print(emit(plain_dict(report), args.output))
     else:
         found = bool(report.limits) or not args.limit
         print(

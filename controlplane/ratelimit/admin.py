@@ -1,12 +1,16 @@
 """The admin side of rate limits: usage per budget and run-time throttles (admin port),
 read by ``modelguard usage`` (``controlplane.app.usage_cli``), which also ends throttles.
 
-Clients are named by fingerprint ("sha256:" + 16 hex digits of the key, as traces and
-``quarantine list`` name them): a client key is often an API key, a secret."""
+Clients are named as ``quarantine list`` names them: a raw header key (a secret: often an API
+key) by its fingerprint ("sha256:" + 16 hex digits of the key, as traces name it), a client
+the sidecar itself verified and named (a key id, a tenant, a JWT claim, a SPIFFE ID, an
+address) as it is. Which a limit counts is its RatePolicy's ``clientKey``: the app hands
+that lookup in (``secret_client``); without it every client is fingerprinted."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -33,6 +37,20 @@ def fingerprint(client: str) -> str:
     return client if client in ("", "-") else fingerprint_of(digest(client))
 
 
+# (policy "ns/name", limit "ns.name.limit") → whether that limit's clients are raw header
+# values (secrets). Unknown limits (a policy since removed) count as secret.
+SecretClient = Callable[[str, str], bool]
+
+
+def _always_secret(policy: str, limit: str) -> bool:
+    return True
+
+
+def shown(client: str, secret: bool) -> str:
+    """A client as usage lists it: a secret by its fingerprint, a verified name as it is."""
+    return fingerprint(client) if secret else client
+
+
 def _runtime(policy: str, client: str, t: Throttle) -> ratelimit_pb2.RuntimeThrottle:
     return ratelimit_pb2.RuntimeThrottle(
         policy=policy, client=fingerprint(client), requests=t.requests, per_seconds=t.per,
@@ -41,8 +59,11 @@ def _runtime(policy: str, client: str, t: Throttle) -> ratelimit_pb2.RuntimeThro
 
 
 class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[misc]
-    def __init__(self, services: RateLimitServices) -> None:
+    def __init__(
+        self, services: RateLimitServices, secret_client: SecretClient = _always_secret
+    ) -> None:
         self.services = services
+        self.secret_client = secret_client
 
     def add_to(self, server: grpc.aio.Server) -> None:
         ratelimit_pb2_grpc.add_RateLimitsServicer_to_server(self, decode_checked(server))
@@ -69,9 +90,10 @@ class RateLimitAdmin(ratelimit_pb2_grpc.RateLimitsServicer):  # type: ignore[mis
                 window_start=_timestamp(limit.window_start),
                 shadow=limit.rule.shadow,
             )
+            secret = self.secret_client(limit.rule.policy, limit.rule.limit)
             for client in limit.clients:
                 entry.clients.add(
-                    client=fingerprint(client.client),
+                    client=shown(client.client, secret),
                     used=client.used,
                     remaining=client.remaining,
                     at_or_over=client.over,

@@ -153,6 +153,20 @@ def test_the_readme_blocks_run_against_the_embedded_default(embedded: Embedded) 
     while (status := modelguard("status", env=env).stdout).count("blocked  ") < 2:
         assert time.monotonic() < deadline, status
         time.sleep(0.5)
+    # What the usage sample shows: a tenant's key has spent some of the daily budget.
+    keys = dict(
+        line.split()
+        for line in (embedded.processes.log_dir / "workdir" / "demo-keys.txt").open()
+    )
+    deadline = time.monotonic() + 30  # the sidecar reports budget usage every 5 s
+    while "daily-budget" not in (usage := modelguard("usage", env=env).stdout):
+        assert time.monotonic() < deadline, usage
+        http_request(
+            "POST", f"http://127.0.0.1:{embedded.listen_port}/v1/predict",
+            b'{"instances": [[' + b",".join([b"1"] * 64) + b"]]}",
+            {"content-type": "application/json", "x-api-key": keys["acme-standard"]},
+        )  # fmt: skip
+        time.sleep(1)
     for block in marked_blocks(README.read_text(), "embedded"):
         for step in steps(block):
             result = modelguard(*step.command.split(), env=env)
@@ -215,11 +229,13 @@ def test_running_a_sidecar_yourself_works_as_written(tmp_path: Path) -> None:
     script = script.replace("sleep 3", "sleep 8")  # a loaded test machine is slower
     script = script.replace(".modelguard/own", str(tmp_path / "own"))
     # Each line runs as written; between steps, wait for what the previous one started.
-    lines = [
-        line
-        for line in script.replace("\\\n", " ").splitlines()
-        if line.startswith((".venv/", "curl ", "sleep "))  # the rest is output it shows
-    ]
+    # A here-document (the key Secret) runs whole, through its closing EOF.
+    lines: list[str] = []
+    heredoc = False
+    for line in script.replace("\\\n", " ").splitlines():
+        if heredoc or line.startswith((".venv/", "curl ", "sleep ", "mkdir ")):
+            lines.append(line)  # the rest is output it shows
+        heredoc = (heredoc or "<<'EOF'" in line) and line != "EOF"
     runner = "set -u\ncd " + str(tmp_path) + "\nln -s " + str(REPO / ".venv") + " .venv\n"
     runner += f"cp -r {REPO / 'policies'} policies\n"
     for line in lines:
@@ -247,8 +263,10 @@ def test_running_a_sidecar_yourself_works_as_written(tmp_path: Path) -> None:
     assert "wrote envoy.yaml (the bootstrap" in out, out
     assert "wrote envoy.token (" in out and "wrote envoy.token.sds.yaml (" in out, out
     assert re.search(r"digits-model\.demo\s+digits-model\.demo\s+SotW\s+SYNCED", out), out
-    # The app port is served: no 503 from a sidecar without its application.
-    assert '"predictions"' in out or "access denied" in out, out
+    # The app port is served (no 503 from a sidecar without its application), and the
+    # block's key is admitted: a key no Secret holds got 403 and left the reader stuck.
+    assert '"predictions"' in out, out
+    assert "access denied" not in out and "admits no caller" not in out, out
     assert "upstream connect error" not in out and "no healthy upstream" not in out
     assert "wasmcustom.modelguard" in out, out
     ignored = subprocess.run(
@@ -258,3 +276,91 @@ def test_running_a_sidecar_yourself_works_as_written(tmp_path: Path) -> None:
         text=True,
     )
     assert ignored.stdout.split() == ["envoy.yaml", "x.token", "x.token.sds.yaml"]
+
+
+def test_the_quarantine_list_sample_is_shaped_like_the_real_table() -> None:
+    # The sample showed no FIDELITY column, a client the demo policy cannot name (a key id:
+    # it names tenants) and verdict counts keyed unlike the monitor's ("quarantine 1").
+    from controlplane.app.quarantine_cli import render, render_stats
+    from controlplane.gen.modelguard.admin.v1 import admin_pb2
+
+    text = README.read_text()
+    start = text.index(PROMPT + "quarantine list            #")
+    sample = text[start : text.index("```", start)].splitlines()[1:]
+    sample = [line for line in sample if line.strip() and not line.startswith(PROMPT)]
+    entry = admin_pb2.QuarantineEntry(
+        kind="quarantine", policy="demo/digits-model", client_key="globex", reason="coverage",
+        fidelity=0.15, distinct_queries=25,
+    )  # fmt: skip
+    raw = admin_pb2.QuarantineEntry(
+        kind="quarantine", policy="demo/raw-header", client_key="sha256:3c1f0e9a2b7d4e81",
+        reason="coverage",
+    )  # fmt: skip
+    for e in (entry, raw):
+        e.until.FromSeconds(int(time.time()) + 86000)
+    stats = admin_pb2.MonitorStats(
+        queries=44817, batches=412, unparsable={"features": 3}, refused_batches=2,
+        verdicts={"detection:quarantine": 1, "suspicion:throttle": 1}, clients_tracked=37,
+        clients_max=2048,
+    )  # fmt: skip
+    real = render([entry, raw]) + "\n\n" + render_stats(stats)
+    assert_same_shape("quarantine list", sample, real)
+    assert "globex" in sample[1] and "(detection:quarantine 1, suspicion:throttle 1)" in text
+
+
+def test_protecting_your_own_model_writes_reference_data_and_valid_policies(
+    tmp_path: Path,
+) -> None:
+    # The section's first shell block (the reference rows, as written) and its policies
+    # (the marked YAML block) must give policies that load, reference file included.
+    from controlplane.api import load_paths
+
+    text = README.read_text()
+    section = text[text.index("## Protecting your own model") : text.index("## Zero trust")]
+    first = section.index("```sh\n") + len("```sh\n")
+    script = section[first : section.index("```", first)]
+    (tmp_path / ".venv").symlink_to(REPO / ".venv")
+    done = subprocess.run(
+        ["bash", "-euc", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    (block,) = marked_blocks(text, "own-model")
+    (tmp_path / "fraud" / "policies" / "fraud.yaml").write_text("\n".join(block) + "\n")
+    loaded, violations = load_paths([str(tmp_path / "fraud" / "policies")])
+    assert not violations, violations
+    assert sorted(lp.policy.kind for lp in loaded) == ["AccessPolicy", "ExtractionPolicy"]
+
+
+# Flags the README shows for other tools: curl, pip, kubectl, openssl, envoy, the demo
+# model's module, and the --strict that `status` says it does not need.
+OTHER_TOOLS_FLAGS = {
+    "--cert", "--connect-to", "--force-reinstall", "--from-literal", "--key", "--no-deps",
+    "--port", "--strict", "--type", "--use-dynamic-base-id", "--write-reference",
+}  # fmt: skip
+
+
+def test_every_flag_the_readme_names_exists() -> None:
+    # A documented flag that no modelguard command has is drift a user finds by an error.
+    from controlplane.app.cli import build_parser
+    from controlplane.app.cliutil import commands
+
+    options = {
+        option
+        for _, parser in commands(build_parser())
+        for action in parser._actions  # argparse has no public list of options
+        for option in action.option_strings
+    }
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", README.read_text()))
+    assert named - options - OTHER_TOOLS_FLAGS == set()
+    assert OTHER_TOOLS_FLAGS & options == set(), "a modelguard flag is listed as another tool's"
+
+
+def test_the_kubernetes_steps_come_in_the_order_they_must_run() -> None:
+    # Redis's password Secret was explained after `kubectl apply -k k8s/`, whose Redis and
+    # control-plane pods cannot start without it; the demo keys need the demo namespace.
+    text = README.read_text()
+    section = text[text.index("## Kubernetes") :]
+    apply = section.index("kubectl apply -k k8s/")
+    assert section.index("create secret generic modelguard-redis") < apply
+    assert section.index("docker build -f") < apply
+    assert section.index("kubectl -n demo create secret generic demo-keys") > apply

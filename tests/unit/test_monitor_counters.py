@@ -140,9 +140,9 @@ def test_counters_on_the_admin_api_and_in_quarantine_list(
 
     assert cli(["quarantine", "--admin", address, "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed["monitor"]["queries"] == "5"  # uint64 in JSON: a string
-    assert listed["monitor"]["unparsable"] == {"request_json": "1", "response_json": "1"}
-    assert listed["monitor"]["longKeys"] == "0"  # camelCase, as every --json
+    assert listed["monitor"]["queries"] == 5  # uint64 as a number (protobuf's JSON: "5")
+    assert listed["monitor"]["unparsable"] == {"request_json": 1, "response_json": 1}
+    assert listed["monitor"]["longKeys"] == 0  # camelCase, as every --json
 
 
 def test_a_long_client_key_is_tracked_by_digest_detected_and_enforced_as_sent(

@@ -141,8 +141,9 @@ def test_usage_unthrottle_without_a_control_plane_says_so(
     from controlplane.app.cli import main
     from controlplane.netutil import free_port
 
-    assert main(["usage", "--admin", f"127.0.0.1:{free_port()}", "unthrottle", "k"]) == 1
-    assert "modelguard usage" in capsys.readouterr().err
+    # Exit 2 and the same words as every admin command (status documents 2 for this).
+    assert main(["usage", "--admin", f"127.0.0.1:{free_port()}", "unthrottle", "k"]) == 2
+    assert "cannot reach the control plane at 127.0.0.1:" in capsys.readouterr().err
 
 
 def test_over_99_policies_widen_the_policy_index_instead_of_failing() -> None:
