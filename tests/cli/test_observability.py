@@ -414,6 +414,15 @@ def test_live_page_shows_an_attack_its_evidence_and_releases_the_quarantine(
         until(lambda: system.predict(attacker, digits[:1]) == 403, what="quarantine enforced")
 
         def text(section: str) -> str:
+            # The page redraws a section every 2 s: an element found just before a redraw
+            # is stale by the time its text is read, so find it again.
+            from selenium.common.exceptions import StaleElementReferenceException
+
+            for _ in range(5):
+                try:
+                    return str(driver.find_element(By.ID, section).text)
+                except StaleElementReferenceException:
+                    time.sleep(0.1)
             return str(driver.find_element(By.ID, section).text)
 
         # The attacker ranks first, detected, with its evidence; its quarantine is listed;
