@@ -18,9 +18,11 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_ADMIN = "127.0.0.1:18001"
 ADMIN_ENV = "MODELGUARD_ADMIN"
@@ -115,25 +117,35 @@ def emit(data: Any, output: str) -> str:
     return json.dumps(data, indent=2)
 
 
+def _number_arg(text: str, cast: Callable[[str], T], what: str) -> T:
+    """``cast(text)``, or the argparse error "'text' is not <what>"."""
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise argparse.ArgumentTypeError(message)
+
+
+def _unit_hint(text: str, unit: str) -> str:
+    """A hint for a value written with a unit (``30s``) where a bare number is wanted."""
+    return f" ({unit}, without a unit)" if text[-1:].isalpha() else ""
+
+
 def positive_int(text: str) -> int:
     """An argparse type: 1, 2, ... (``-n 0`` would print nothing, ``-n -1`` is no count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    value = _number_arg(text, int, "a whole number")
+    _check(value >= 1, f"must be at least 1, not {value}")
     return value
 
 
 def port_number(text: str) -> int:
     """An argparse type: a TCP port, 0 (any free one) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    value = _number_arg(text, int, "a port number")
+    _check(0 <= value <= 65535, f"{value} is not a port number (0-65535)")
     return value
 
 
@@ -141,13 +153,8 @@ def seconds_over(least: int) -> Any:
     """An argparse type: whole seconds, more than ``least``."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            hint = " (whole seconds, without a unit)" if text[-1:].isalpha() else ""
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number{hint}") from None
-        if value <= least:
-            raise argparse.ArgumentTypeError(f"must be over {least} seconds, not {value}")
+        value = _number_arg(text, int, "a number" + _unit_hint(text, "whole seconds"))
+        _check(value > least, f"must be over {least} seconds, not {value}")
         return value
 
     return parse
@@ -271,23 +278,15 @@ def _number(field: Any, value: Any) -> Any:
 
 def percent(text: str) -> float:
     """An argparse type: a percentage, 0 to 100."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a percentage)") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be within 0..100 (a percentage), not {text}")
+    value = _number_arg(text, float, "a number (a percentage)")
+    _check(0 <= value <= 100, f"must be within 0..100 (a percentage), not {text}")
     return value
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: 0, 1, 2, ..."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    value = _number_arg(text, int, "a whole number")
+    _check(value >= 0, f"must be 0 or more, not {value}")
     return value
 
 
@@ -295,14 +294,9 @@ def seconds_at_least(least: float) -> Any:
     """An argparse type: seconds (a number, no unit), at least ``least``."""
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            hint = " (seconds, without a unit)" if text[-1:].isalpha() else ""
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number{hint}") from None
-        if not value >= least:
-            unit = "second" if least == 1 else "seconds"
-            raise argparse.ArgumentTypeError(f"must be at least {least:g} {unit}, not {text}")
+        value = _number_arg(text, float, "a number" + _unit_hint(text, "seconds"))
+        unit = "second" if least == 1 else "seconds"
+        _check(value >= least, f"must be at least {least:g} {unit}, not {text}")  # NaN fails
         return value
 
     return parse

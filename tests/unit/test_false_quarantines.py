@@ -18,46 +18,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.extraction.models import Outcome, breast_cancer_model, drive, reference_csv, uniform_box
-from controlplane.api import parse_documents
+from bench.extraction.models import (
+    Outcome,
+    breast_cancer_model,
+    calibrated_monitor,
+    drive,
+    reference_csv,
+    uniform_box,
+)
 from controlplane.extraction import calibrate as C
-from controlplane.extraction.feed import ProfileBook
-from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
-from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
 from tests.conftest import DIGITS_REFERENCE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "extraction"))
-
-POLICY = """\
-apiVersion: modelguard.io/v1alpha1
-kind: ExtractionPolicy
-metadata: {{name: m, namespace: demo}}
-spec:
-  targetRef: {{service: m}}
-  clientKey: {{header: x-api-key}}
-  request: {{features: "$.instances[*]"}}
-  response: {{scores: "$.predictions[*].probabilities"}}
-  detection:
-    detectors: [prada, nearDuplicate, outOfDistribution, coverage]
-    reference: {{file: {reference}, labelColumn: label}}
-  actions:
-    onSuspicion: {{throttle: {{requests: 60, per: minute}}}}
-    onDetection: {{quarantine: {{duration: 24h}}}}
-"""
-
-
-def calibrated_monitor(reference: Path, cache: Path) -> ExtractionMonitor:
-    loaded, found = parse_documents(POLICY.format(reference=reference), "test")
-    assert not found, found
-    policies = [lp.policy for lp in loaded]
-    book = ProfileBook(cache)
-    watched = WatchedPolicy.of(policies[0])  # type: ignore[arg-type]
-    assert watched is not None
-    book(watched)
-    assert book.wait(watched.key, 300)
-    assert book.conditions()[watched.key].status == "True", book.conditions()
-    return ExtractionMonitor(lambda: policies, VerdictStore(), InMemoryVerdictSink(), profile=book)
-
 
 def benign(rng: np.random.Generator, pool: np.ndarray, classes: np.ndarray, n: int
            ) -> Iterator[tuple[str, np.ndarray]]:
