@@ -47,6 +47,7 @@ KEY_PREFIX = "modelguard:verdicts"
 HASH = KEY_PREFIX  # field (kind, policy, client key) → the Enforcement as JSON
 VERSION = f"{KEY_PREFIX}:version"  # bumped on every write
 CHANNEL = f"{KEY_PREFIX}:changed"  # a message on every write
+MAX_RETRY_SECONDS = 2.0  # the longest wait between attempts while Redis is unreachable
 
 
 def field_of(e: Enforcement) -> str:
@@ -87,6 +88,25 @@ class SharedVerdicts:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.applied = 0  # remote reads that changed this replica's store (for tests)
+        # When Redis became unreachable (None: reachable). An outage is logged once when it
+        # starts and once when it ends, not on every retry (every poll_interval: a flood).
+        self._down_since: float | None = None
+
+    def _unreachable(self, what: str, err: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.error("verdicts: %s %s (%s); retrying until it is back", self.url, what, err)
+        else:
+            log.debug("verdicts: %s still %s (%s)", self.url, what, err)
+
+    def _reachable(self) -> None:
+        if self._down_since is not None:
+            log.warning(
+                "verdicts: %s reachable again after %.1f s",
+                self.url,
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
 
     # --- local → Redis ---------------------------------------------------------------------
 
@@ -120,7 +140,7 @@ class SharedVerdicts:
             # every local verdict, not only this change. Keeping a verdict someone released
             # meanwhile is the safe side; releasing one nobody released is not.
             self._synced = {}
-            log.error("verdicts: cannot write to %s (%s); retrying", self.url, err)
+            self._unreachable("cannot be written", err)
             return
         self._owed = False
         self._synced = local
@@ -210,13 +230,14 @@ class SharedVerdicts:
             with self._lock:
                 self._push()  # verdicts this replica had before (its file) join the others
         except (redis.RedisError, OSError) as err:
-            log.error("verdicts: %s unreachable at start (%s); following when it is", self.url, err)
+            self._unreachable("unreachable at start", err)
         self.store.subscribe(self._local_changed)
         self._thread = threading.Thread(target=self._follow, name="shared-verdicts", daemon=True)
         self._thread.start()
 
     def _follow(self) -> None:
         pubsub: Any = None
+        retry = self.poll_interval
         while not self._stop.is_set():
             try:
                 if pubsub is None:
@@ -225,13 +246,19 @@ class SharedVerdicts:
                     self.pull(force=True)  # what was written while not subscribed
                 pubsub.get_message(timeout=self.poll_interval)
                 self.pull()
+                if not self._owed:
+                    self._reachable()
+                retry = self.poll_interval
             except (redis.RedisError, OSError) as err:
-                log.warning("verdicts: %s: %s", self.url, err)
+                self._unreachable("unreachable", err)
                 if pubsub is not None:
                     with contextlib.suppress(redis.RedisError, OSError):
                         pubsub.close()
                     pubsub = None
-                self._stop.wait(self.poll_interval)
+                # Back off while it stays down (each attempt may wait a connect timeout);
+                # at most MAX_RETRY_SECONDS between attempts, so a return is seen soon.
+                self._stop.wait(retry)
+                retry = min(retry * 2, MAX_RETRY_SECONDS)
         if pubsub is not None:
             with contextlib.suppress(redis.RedisError, OSError):
                 pubsub.close()

@@ -5,9 +5,11 @@ moving when a replica leaves."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 
+import pytest
 import redis
 
 from controlplane.extraction.routing import REPLICAS, FeedRouter, owner_of
@@ -33,7 +35,9 @@ def keys(store: VerdictStore) -> set[str]:
     return {e.client.key for e in store.active()}
 
 
-def test_verdicts_follow_across_replicas_and_survive_redis_going_away(redis_server: Redis) -> None:
+def test_verdicts_follow_across_replicas_and_survive_redis_going_away(
+    redis_server: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
     a_store, b_store = VerdictStore(), VerdictStore()
     released: list[tuple[str, str | None]] = []
 
@@ -57,9 +61,12 @@ def test_verdicts_follow_across_replicas_and_survive_redis_going_away(redis_serv
         # is written once Redis is back, and reaches the other replica then.
         b_store.put(quarantine("early"))
         until(lambda: keys(a_store) == {"early"})
+        caplog.set_level(logging.INFO, logger="controlplane.extraction.shared")
+        caplog.clear()
         redis_server.stop()
         a_store.put(quarantine("offline"))
         assert keys(a_store) == {"early", "offline"} and keys(b_store) == {"early"}
+        time.sleep(1.5)  # ~30 retries at the 0.05 s poll interval, were each one logged
         redis_server.start()  # empty: no persistence in this test's Redis
         try:
             until(lambda: keys(b_store) == {"early", "offline"}, timeout=10)
@@ -70,9 +77,24 @@ def test_verdicts_follow_across_replicas_and_survive_redis_going_away(redis_serv
                 f"a owed {a._owed} b owed {b._owed} a v {a._version} b v {b._version}"
             ) from err
         assert keys(a_store) == {"early", "offline"}
+        # The outage is logged once per replica as it starts and once as it ends.
+        until(lambda: len(_outage_logs(caplog, "reachable again")) == 2)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 2, caplog.text  # "unreachable" or "cannot be written", once each
     finally:
         a.stop()
         b.stop()
+
+
+def _outage_logs(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    """Records of the shared verdicts at INFO or above that say ``words``."""
+    return [
+        message
+        for r in caplog.records
+        if r.name == "controlplane.extraction.shared"
+        and r.levelno >= logging.INFO
+        and words in (message := r.getMessage())
+    ]
 
 
 def test_a_restarted_replica_takes_the_shared_verdicts_and_ignores_corrupt_ones(
