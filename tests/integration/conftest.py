@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -22,6 +23,7 @@ import kmock
 import pytest
 from kubernetes import client
 
+from controlplane.app.adminauth import is_loopback
 from controlplane.app.server import ControlPlane, ControlPlaneConfig, SidecarService
 from controlplane.crdgen import NAMES
 from controlplane.local.envoy import EnvoyProcess
@@ -222,3 +224,47 @@ async def read_policy(api_client: client.ApiClient, kind: str, name: str) -> dic
 def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """An object's status conditions by type."""
     return {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
+
+
+# --- a control plane whose admin API is bound beyond loopback, behind a token ----------
+
+
+def own_address() -> str:
+    """An address of this machine that is not loopback (what other pods would dial)."""
+    candidates = {
+        info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    }
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: it only picks a route
+            candidates.add(probe.getsockname()[0])
+    except OSError:
+        pass
+    for address in sorted(candidates):
+        if not is_loopback(address):
+            return address
+    pytest.fail(f"this machine has no non-loopback IPv4 address ({candidates})")
+
+
+@pytest.fixture
+async def token_plane(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, str, Path]]:
+    """A control plane (no policies) whose admin API listens on this machine's own
+    non-loopback address and requires the admin token: (plane, admin address, token file)."""
+    token = tmp_path / "admin-token"
+    token.write_text("s3cret-admin-token\n")
+    host = own_address()
+    plane = ControlPlane(
+        ControlPlaneConfig(
+            policy_paths=(),
+            xds_port=free_port(),
+            admin_host=host,
+            admin_port=0,
+            watch=False,
+            admin_token_file=str(token),
+        )
+    )
+    await plane.start()
+    try:
+        yield plane, f"{host}:{plane.admin_port}", token
+    finally:
+        await plane.stop(grace=0)

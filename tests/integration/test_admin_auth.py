@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -22,45 +20,6 @@ from controlplane.app.adminauth import AdminAuthError, is_loopback
 from controlplane.app.server import ControlPlane, ControlPlaneConfig
 from controlplane.gen.modelguard.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.netutil import free_port
-
-
-def own_address() -> str:
-    """An address of this machine that is not loopback (what other pods would dial)."""
-    candidates = {
-        info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-    }
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("192.0.2.1", 9))  # no packet is sent: it only picks a route
-            candidates.add(probe.getsockname()[0])
-    except OSError:
-        pass
-    for address in sorted(candidates):
-        if not is_loopback(address):
-            return address
-    pytest.fail(f"this machine has no non-loopback IPv4 address ({candidates})")
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, str, Path]]:
-    token = tmp_path / "admin-token"
-    token.write_text("s3cret-admin-token\n")
-    host = own_address()
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(),
-            xds_port=free_port(),
-            admin_host=host,
-            admin_port=0,
-            watch=False,
-            admin_token_file=str(token),
-        )
-    )
-    await plane.start()
-    try:
-        yield plane, f"{host}:{plane.admin_port}", token
-    finally:
-        await plane.stop(grace=0)
 
 
 async def _status(address: str, token: str | None) -> grpc.StatusCode:
@@ -76,9 +35,9 @@ async def _status(address: str, token: str | None) -> grpc.StatusCode:
 
 
 async def test_admin_api_beyond_loopback_refuses_unauthenticated_calls(
-    plane: tuple[ControlPlane, str, Path],
+    token_plane: tuple[ControlPlane, str, Path],
 ) -> None:
-    _, address, token_file = plane
+    _, address, token_file = token_plane
     assert await _status(address, None) == grpc.StatusCode.UNAUTHENTICATED
     assert await _status(address, "guess") == grpc.StatusCode.UNAUTHENTICATED
     assert await _status(address, "s3cret-admin-token") == grpc.StatusCode.OK
@@ -98,9 +57,9 @@ async def test_admin_api_beyond_loopback_refuses_unauthenticated_calls(
 
 
 async def test_the_cli_sends_the_token_from_its_environment(
-    plane: tuple[ControlPlane, str, Path],
+    token_plane: tuple[ControlPlane, str, Path],
 ) -> None:
-    _, address, token_file = plane
+    _, address, token_file = token_plane
     argv = [sys.executable, "-m", "controlplane.app.cli", "status", "--admin", address, "--json"]
     without = await asyncio.to_thread(
         subprocess.run, argv, capture_output=True, text=True, timeout=30, env=os.environ

@@ -13,14 +13,11 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from controlplane.app.server import ControlPlane, ControlPlaneConfig
-from controlplane.netutil import free_port
-from tests.integration.test_admin_auth import own_address
+from controlplane.app.server import ControlPlane
 
 # Each command with the exit code it has when the call is served: the commands that name a
 # client or a sidecar nobody has exit 1 with their own "not found" line.
@@ -33,28 +30,6 @@ COMMANDS = [
     (["traces", "-n", "1"], 0),
     (["proxy-config", "nobody", "listeners"], 1),
 ]
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
-    token = tmp_path / "admin-token"
-    token.write_text("s3cret-admin-token\n")
-    host = own_address()
-    plane = ControlPlane(
-        ControlPlaneConfig(
-            policy_paths=(),
-            xds_port=free_port(),
-            admin_host=host,
-            admin_port=0,
-            watch=False,
-            admin_token_file=str(token),
-        )
-    )
-    await plane.start()
-    try:
-        yield f"{host}:{plane.admin_port}", token
-    finally:
-        await plane.stop(grace=0)
 
 
 async def _modelguard(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -70,9 +45,9 @@ async def _modelguard(argv: list[str], env: dict[str, str]) -> subprocess.Comple
 
 @pytest.mark.parametrize(("argv", "served"), COMMANDS, ids=[" ".join(a) for a, _ in COMMANDS])
 async def test_every_admin_command_sends_the_admin_token(
-    plane: tuple[str, Path], argv: list[str], served: int
+    token_plane: tuple[ControlPlane, str, Path], argv: list[str], served: int
 ) -> None:
-    address, token_file = plane
+    _, address, token_file = token_plane
     base = {k: v for k, v in os.environ.items() if not k.startswith("MODELGUARD_ADMIN")}
     base["MODELGUARD_ADMIN"] = address
     refused = await _modelguard(argv, base)

@@ -18,8 +18,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -27,43 +25,15 @@ import pytest
 
 from controlplane.netutil import free_port, http_request
 from tests.conftest import REPO, Processes
-from tests.integration.test_wheel_install import INSTANCE, _docker_context, _run
+from tests.integration.test_wheel_install import INSTANCE, install_wheel
 
 pytestmark = pytest.mark.envoy
-
-
-def _installed(tmp_path: Path) -> Path:
-    """A fresh venv holding the wheel built from the image's files; its `modelguard`."""
-    context, dist, venv = (tmp_path / d for d in ("context", "dist", "venv"))
-    context.mkdir()
-    dist.mkdir()
-    _docker_context(context)
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(dist), str(context)],
-        cwd=context,
-    )  # fmt: skip
-    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
-    python = venv / "bin" / "python"
-    _run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-         "--no-index", str(next(dist.glob("modelguard-*.whl")))],
-        cwd=tmp_path,
-    )  # fmt: skip
-    purelib = _run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        cwd=tmp_path,
-    ).strip()
-    (Path(purelib) / "_modelguard_test_dependencies.pth").write_text(
-        sysconfig.get_paths()["purelib"] + "\n"
-    )
-    return venv / "bin" / "modelguard"
 
 
 def test_the_installed_cli_runs_the_embedded_default_outside_the_source_tree(
     tmp_path: Path, processes: Processes
 ) -> None:
-    modelguard = _installed(tmp_path)
+    modelguard = install_wheel(tmp_path)[0] / "bin" / "modelguard"
     home = tmp_path / "home"  # a user's folder: no policies/, no .venv/
     home.mkdir()
     env = {"PYTHONPATH": "", "MODELGUARD_CACHE_DIR": str(home / "cache"), "PATH": "/usr/bin:/bin"}

@@ -69,6 +69,39 @@ def _run(argv: list[str], cwd: Path) -> str:
     return done.stdout
 
 
+def install_wheel(tmp_path: Path) -> tuple[Path, Path]:
+    """The wheel built from the image's files, installed non-editable (``--no-deps``) into a
+    fresh venv under ``tmp_path``; its dependencies are this test venv's, through a .pth
+    file (nothing is downloaded). Returns (the venv, its purelib folder)."""
+    context, dist, venv = (tmp_path / d for d in ("context", "dist", "venv"))
+    context.mkdir()
+    dist.mkdir()
+    _docker_context(context)
+    # --no-build-isolation: setuptools from the test venv, so nothing is downloaded.
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(dist), str(context)],
+        cwd=context,
+    )  # fmt: skip
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
+    python = venv / "bin" / "python"
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+         "--no-index", str(next(dist.glob("modelguard-*.whl")))],
+        cwd=tmp_path,
+    )  # fmt: skip
+    purelib = Path(
+        _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            cwd=tmp_path,
+        ).strip()
+    )
+    (purelib / "_modelguard_test_dependencies.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n"
+    )
+    return venv, purelib
+
+
 def test_dockerfile_installs_what_make_setup_installs() -> None:
     """The image must reinstall the two packages xds-protos overwrites, as make setup does."""
     text = DOCKERFILE.read_text()
@@ -85,33 +118,10 @@ def test_wheel_installed_non_editable_serves_a_real_envoy(
     tmp_path: Path, processes: Processes, envoy_bin: Path
 ) -> None:
     started = time.monotonic()
-    context, dist, venv, work = (tmp_path / d for d in ("context", "dist", "venv", "work"))
-    for d in (context, dist, work):
-        d.mkdir()
-    _docker_context(context)
-    # --no-build-isolation: setuptools from the test venv, so nothing is downloaded.
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(dist), str(context)],
-        cwd=context,
-    )  # fmt: skip
-    wheel = next(dist.glob("modelguard-*.whl"))
-    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
+    venv, purelib = install_wheel(tmp_path)
     python = venv / "bin" / "python"
-    _run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-         "--no-index", str(wheel)],
-        cwd=tmp_path,
-    )  # fmt: skip
-    purelib = Path(
-        _run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            cwd=work,
-        ).strip()
-    )
-    (purelib / "_modelguard_test_dependencies.pth").write_text(
-        sysconfig.get_paths()["purelib"] + "\n"
-    )
+    work = tmp_path / "work"
+    work.mkdir()
     where = _run(
         [str(python), "-c", "import controlplane.policies.extraction.translate as w; "
          "print(w.__file__); "
