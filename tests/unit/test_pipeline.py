@@ -15,45 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.compile import compile_sidecar
-from controlplane.compile.inputs.inventory import Inventory, Sidecar
-from controlplane.compile.inputs.store import PolicyStore
+from controlplane.compile.inputs.inventory import Sidecar
 from controlplane.ir import SidecarIR
 from controlplane.pipeline import Pipeline
 from controlplane.sources.files import FileSource
-from controlplane.telemetry.settings import TelemetrySettings
-from controlplane.xds.cache import SnapshotCache
-
-ACCESS = """\
-apiVersion: modelguard.io/v1alpha1
-kind: AccessPolicy
-metadata: {{name: digits-model, namespace: demo}}
-spec:
-  targetRef: {{service: digits-model}}
-  defaultAction: Deny
-  rules:
-  - action: Allow
-    to: {{methods: [POST], paths: ["{path}"]}}
-"""
+from tests.unit.test_shapes import ACCESS
+from tests.unit.test_shapes import _pipeline as shapes_pipeline
 
 
 def _pipeline(tmp_path: Path, sidecars: int) -> tuple[Pipeline, FileSource]:
-    """``sidecars`` sidecars on ports of their own: each one is compiled, none copied."""
-    (tmp_path / "access.yaml").write_text(ACCESS.format(path="/v1/predict"))
-    store, inventory = PolicyStore(), Inventory()
-    files = FileSource((str(tmp_path),), store)
-    files.sync()
-    pipeline = Pipeline(store, inventory, SnapshotCache(), telemetry=TelemetrySettings())
-    for i in range(sidecars):
-        inventory.observe(
-            Sidecar(
-                node_id=f"node-{i}",
-                service="digits-model",
-                namespace="demo",
-                identity="spiffe://cluster.local/ns/demo/sa/digits-model",
-                app_port=18080,
-                inbound_port=15006 + i,
-            )
-        )
+    """``sidecars`` sidecars (node-0, node-1, ...) on ports of their own: each one is
+    compiled, none copied."""
+    ids = tuple(f"node-{i}" for i in range(sidecars))
+    pipeline, files = shapes_pipeline(tmp_path, sidecars, ports=True, ids=ids)
     return pipeline, files
 
 
