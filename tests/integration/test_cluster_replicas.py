@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
@@ -64,7 +65,11 @@ EXTRACTION = {
     },
     "actions": {"onDetection": {"quarantine": {"duration": "1h"}}},
 }
-MODELGUARD = str(Path(sys.executable).parent / "modelguard")
+# The replicas' binary: this venv's, or (MODELGUARD_TEST_BIN) another install's, e.g. the
+# non-editable wheel install of test_wheel_install.install_wheel, as the image has it.
+MODELGUARD = os.environ.get("MODELGUARD_TEST_BIN") or str(
+    Path(sys.executable).parent / "modelguard"
+)
 
 
 def shown(key: str) -> str:
