@@ -93,20 +93,24 @@ class SharedVerdicts:
         self._down_since: float | None = None
 
     def _unreachable(self, what: str, err: Exception) -> None:
-        if self._down_since is None:
-            self._down_since = time.monotonic()
+        with self._lock:  # the follow thread and a local change may fail at once
+            first = self._down_since is None
+            if first:
+                self._down_since = time.monotonic()
+        if first:
             log.error("verdicts: %s %s (%s); retrying until it is back", self.url, what, err)
         else:
             log.debug("verdicts: %s still %s (%s)", self.url, what, err)
 
     def _reachable(self) -> None:
-        if self._down_since is not None:
+        with self._lock:
+            down_since, self._down_since = self._down_since, None
+        if down_since is not None:
             log.warning(
                 "verdicts: %s reachable again after %.1f s",
                 self.url,
-                time.monotonic() - self._down_since,
+                time.monotonic() - down_since,
             )
-            self._down_since = None
 
     # --- local → Redis ---------------------------------------------------------------------
 
