@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from controlplane.ratelimit.rules import window_start
@@ -233,6 +236,14 @@ class RedisBackend:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             decode_responses=True,
+            # A pooled connection that Redis closed while it sat idle (Redis restarted or
+            # failed over) fails on its next use: redis-py does not notice it when it hands
+            # the connection out. Without one retry, at once and on a new connection, each
+            # such connection would send one request to the policy's failure mode after
+            # Redis is back (measured: "Connection closed by server"). Not after a timeout:
+            # Envoy's 250 ms would be over before a second one. A request counted twice
+            # (Redis ran it, the connection broke before the answer) is a limit's safe side.
+            retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
         )
         self._grant = self._redis.register_script(_GRANT)
 
