@@ -44,11 +44,13 @@ Timers (the feed's flush ticks, quota reports, stats) run by wall time, and unde
 request takes ~50x its time, longer still on a loaded machine: their share of the count grows
 with the load (±8 % on the full set between a quiet and a loaded run). So each path is then
 left idle for ``--idle-windows`` (3) times as long as its count took, and the table also
-gives the count less that idle share per window ("net of idle"). The timers tick every few
-seconds (a quota report costs ~24k instructions a request at 200 requests), so a window
-catches one more or one fewer by chance: averaging the idle share over several windows
-makes "net of idle" move less from run to run. ``--callgrind-dir DIR`` keeps the dumps (the
-idle windows' in ``idle/``), and a configuration update taken during the count is reported
+gives the count less that idle share per window ("net of idle"). The timers tick every 5 s
+(quota reports and stats flushes, each millions of instructions), so the
+count's window is stretched to whole 5 s periods and so is each idle window: both then
+hold as many ticks, and averaging the idle share over several windows makes "net of idle"
+move less still. ``--callgrind-dir DIR`` keeps the dumps (the idle windows' in ``idle/``);
+the proxies' stats are read outside the count (an admin call that reads them costs
+millions of instructions), and a configuration update taken during the count is reported
 (it would be charged to the requests).
 
 The baselines are fair (checked for issue 9, unchanged): the same Envoy binary, one worker
@@ -502,10 +504,9 @@ def instructions(
     # The same wall time again without requests: what timers cost (feed flush ticks, quota
     # reports, stats). Under callgrind a request takes ~50x its time, and longer still on a
     # loaded machine, so the timers' share of the count grows with the load; the count
-    # less this idle share is the figure that stays put. The timers fire every few seconds
-    # (quota reports every 5 s: ~24k instructions a request each at 200 requests, feed
-    # flushes), so one window of the count's length catches one more or one fewer of them
-    # by chance; the idle share is averaged over ``idle_windows`` such windows.
+    # less this idle share is the figure that stays put. Each idle window is as long as the
+    # count's (whole timer periods: the same number of quota reports and stats flushes), and
+    # the idle share is averaged over ``idle_windows`` of them.
     control("--zero")
     time.sleep(window * idle_windows)
     control("--dump")
