@@ -44,11 +44,13 @@ Timers (the feed's flush ticks, quota reports, stats) run by wall time, and unde
 request takes ~50x its time, longer still on a loaded machine: their share of the count grows
 with the load (±8 % on the full set between a quiet and a loaded run). So each path is then
 left idle for ``--idle-windows`` (3) times as long as its count took, and the table also
-gives the count less that idle share per window ("net of idle"). The timers tick every few
-seconds (a quota report costs ~24k instructions a request at 200 requests), so a window
-catches one more or one fewer by chance: averaging the idle share over several windows
-makes "net of idle" move less from run to run. ``--callgrind-dir DIR`` keeps the dumps (the
-idle windows' in ``idle/``), and a configuration update taken during the count is reported
+gives the count less that idle share per window ("net of idle"). The timers tick every 5 s
+(quota reports and stats flushes, each millions of instructions), so the
+count's window is stretched to whole 5 s periods and so is each idle window: both then
+hold as many ticks, and averaging the idle share over several windows makes "net of idle"
+move less still. ``--callgrind-dir DIR`` keeps the dumps (the idle windows' in ``idle/``);
+the proxies' stats are read outside the count (an admin call that reads them costs
+millions of instructions), and a configuration update taken during the count is reported
 (it would be charged to the requests).
 
 The baselines are fair (checked for issue 9, unchanged): the same Envoy binary, one worker
@@ -73,6 +75,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import math
 import random
 import resource
 import shutil
@@ -393,6 +396,8 @@ def digits_bodies() -> list[str]:
 
 # Idle windows (each as long as the count) the timers' share is averaged over.
 IDLE_WINDOWS = 3
+# The sidecars' periodic work: quota usage reports and stats flushes, every 5 s.
+WINDOW_QUANTUM = 5.0
 
 CALLGRIND = (
     "valgrind",
@@ -471,12 +476,20 @@ def instructions(
         dump.unlink()
     control("--instr=on")
     post(requests, warm_up=True)
-    control("--zero")
+    # Read before zeroing: the admin call that reads the stats would be counted otherwise
+    # (~2-6M instructions, the bare Envoy's ~12k a request at 200 requests).
     before = updates()
+    control("--zero")
     started = time.monotonic()
     post(requests, warm_up=False)
-    control("--dump")
+    # The count's window is stretched to whole periods of the timers (WINDOW_QUANTUM), and
+    # so is each idle window: both then hold the same number of quota reports and stats
+    # flushes, however the requests fell between them, and "net of idle" removes them
+    # whole rather than one report more or less (~24k a request at 200 requests).
     elapsed = time.monotonic() - started
+    window = math.ceil(elapsed / WINDOW_QUANTUM) * WINDOW_QUANTUM
+    time.sleep(window - elapsed)
+    control("--dump")
     for pid, old, new in zip(pids, before, updates(), strict=True):
         changed = {k: v - old.get(k, 0) for k, v in new.items() if v != old.get(k, 0)}
         if changed:
@@ -491,12 +504,11 @@ def instructions(
     # The same wall time again without requests: what timers cost (feed flush ticks, quota
     # reports, stats). Under callgrind a request takes ~50x its time, and longer still on a
     # loaded machine, so the timers' share of the count grows with the load; the count
-    # less this idle share is the figure that stays put. The timers fire every few seconds
-    # (quota reports every 5 s: ~24k instructions a request each at 200 requests, feed
-    # flushes), so one window of the count's length catches one more or one fewer of them
-    # by chance; the idle share is averaged over ``idle_windows`` such windows.
+    # less this idle share is the figure that stays put. Each idle window is as long as the
+    # count's (whole timer periods: the same number of quota reports and stats flushes), and
+    # the idle share is averaged over ``idle_windows`` of them.
     control("--zero")
-    time.sleep(elapsed * idle_windows)
+    time.sleep(window * idle_windows)
     control("--dump")
     control("--instr=off")
     if keep_dumps is not None:

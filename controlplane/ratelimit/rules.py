@@ -18,9 +18,11 @@ from controlplane.contracts.ratelimit import (
     POLICY_KEY,
     REMOTE_ADDRESS_KEY,
     REQUESTS_KEY,
+    RULE_KEY,
     SHADOW_KEY,
     UNITS_KEY,
     WINDOW_KEY,
+    parse_rule_entry,
 )
 
 CLIENT_KEYS = (CLIENT_KEY, REMOTE_ADDRESS_KEY)
@@ -37,6 +39,11 @@ class Rule:
     @classmethod
     def parse(cls, entries: Mapping[str, str]) -> tuple[Rule, str] | None:
         """(rule, client) from descriptor entries or a bucket id; None if not ours."""
+        if RULE_KEY in entries:
+            compact = parse_rule_entry(entries[RULE_KEY])
+            if compact is None:
+                return None
+            entries = {**entries, **compact}
         try:
             rule = cls(
                 limit=entries[LIMIT_KEY],

@@ -1,7 +1,7 @@
 """The Lua script that verifies the caller's API key in the sidecar (see ``rbac``, ``caller``).
 
 After the connection manager dropped every ``x-modelguard-*`` header the caller sent
-(``caller.strip_internal_headers``), it hashes ``x-api-key`` for RBAC to match and, given
+(``internal.strip_internal_headers``), it hashes ``x-api-key`` for RBAC to match and, given
 the registered keys' metadata (``CallerIR``), names the verified caller:
 ``x-modelguard-key-id``, ``-tenant`` and ``-tier`` from the key's entry. A key sent beside
 a verified JWT or client certificate must list that principal: the filter names the key's
@@ -231,12 +231,16 @@ def script(
             _name(label, "key class") if label else "false",
             _name(bindings[digest], "binding") if digest in bindings else "false",
         ]
-        rows.append(f'\n  [{_name(digest, "digest")}] = {{{", ".join(fields)}}},')
+        rows.append(f"\n  [{_name(digest, 'digest')}] = {{{', '.join(fields)}}},")
     table = "{" + "".join(rows) + ("\n}" if rows else "}")
-    claims = "{" + ", ".join(
-        f"{{{_lua_string(c, 'claim')}, {_lua_string(claim_header(c), 'header')}}}"
-        for c in (caller.jwt_claims if caller else ())
-    ) + "}"
+    claims = (
+        "{"
+        + ", ".join(
+            f"{{{_lua_string(c, 'claim')}, {_lua_string(claim_header(c), 'header')}}}"
+            for c in (caller.jwt_claims if caller else ())
+        )
+        + "}"
+    )
 
     def flag(value: bool) -> str:
         return "true" if value else "false"

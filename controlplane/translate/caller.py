@@ -10,21 +10,17 @@ access Deny filter (``rbac.binding_policy``), with the usual JSON 403 naming
 
 from __future__ import annotations
 
-from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
-    header_mutation_pb2,
-)
-from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.ir import SidecarIR
 from controlplane.policies.access import translate as rbac
 from controlplane.policies.access.ir import of as access_of
 from controlplane.translate import apikey
+from controlplane.translate.internal import strip_internal_headers_of
 from controlplane.translate.module import Inbound, Module
 from controlplane.translate.protos import pack
 
@@ -37,26 +33,6 @@ def caller_filter(ir: SidecarIR) -> hcm_pb2.HttpFilter:
     source = apikey.script(classes=classes, caller=ir.caller)
     config = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=source))
     return hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=pack(config))
-
-
-INTERNAL_PREFIX = "x-modelguard-"
-
-
-def strip_internal_headers() -> extension_pb2.TypedExtensionConfig:
-    """Every x-modelguard-* header of a request, removed before any filter runs: only the
-    sidecar states who the caller is."""
-    mutation = header_mutation_pb2.HeaderMutation(
-        mutations=[
-            mutation_rules_pb2.HeaderMutation(
-                remove_on_match=mutation_rules_pb2.HeaderMutation.RemoveOnMatch(
-                    key_matcher=string_pb2.StringMatcher(prefix=INTERNAL_PREFIX)
-                )
-            )
-        ]
-    )
-    return extension_pb2.TypedExtensionConfig(
-        name="modelguard.strip-internal-headers", typed_config=pack(mutation)
-    )
 
 
 class Caller(Module):
@@ -77,7 +53,7 @@ class Caller(Module):
 
     def patch(self, ir: SidecarIR, inbound: Inbound) -> None:
         if ir.caller is not None:
-            inbound.manager.early_header_mutation_extensions.append(strip_internal_headers())
+            strip_internal_headers_of(inbound)
 
 
 MODULE = Caller()

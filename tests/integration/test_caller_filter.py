@@ -29,7 +29,7 @@ from controlplane.local.envoy import EnvoyProcess
 from controlplane.netutil import free_port, http_request
 from controlplane.policies.access import translate as rbac
 from controlplane.policies.access.ir import of as access_of
-from controlplane.translate import caller
+from controlplane.translate import caller, internal
 from controlplane.translate.render import to_dict
 
 pytestmark = pytest.mark.envoy
@@ -138,7 +138,7 @@ def sidecar() -> Iterator[tuple[int, int]]:
         manager["typed_config"]["local_reply_config"] = to_dict(rbac.denial_reply())
         # What Caller.patch adds to the connection manager: the prefix strip.
         manager["typed_config"]["early_header_mutation_extensions"] = [
-            to_dict(caller.strip_internal_headers())
+            to_dict(internal.strip_internal_headers())
         ]
         manager["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0].update(route)
         listeners.append(listener(port, manager))

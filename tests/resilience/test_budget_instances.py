@@ -171,6 +171,10 @@ def test_attacks_on_the_instance_count_are_charged_in_full(
     # A caller's own instance header is replaced by the sidecar's count.
     assert gate.post("header", body(256), {"x-modelguard-instances": "1"}) == 200
     until(plane.counted(LIMIT, "header", 256), 10, "a forged instance header ignored")
+    # A request of one row carries no class (it is charged 1): one the caller wrote is
+    # dropped before the quota filter, so it neither costs more nor makes a new bucket.
+    assert gate.post("claims", body(1), {"x-modelguard-instances": "64"}) == 200
+    until(plane.counted(LIMIT, "claims", 1), 10, "a class written on a one-row request ignored")
     # The model reads "\u0069nstances" as "instances": so does the count (it reads no key).
     escaped = ('{"\\u0069nstances": ' + rows + "}").encode()
     assert gate.post("escaped", escaped) == 200

@@ -107,6 +107,15 @@ def test_rule_parse_reads_descriptors_and_rejects_foreign_ones() -> None:
     assert Rule.parse({"generic_key": "x"}) is None
     assert Rule.parse({**entries, "requests": "many"}) is None
     assert Rule.parse({**entries, "window": "0"}) is None
+    # An RLQS bucket id carries the limit in one entry (Envoy hashes a bucket id per entry).
+    compact = {"rule": "demo.p.x|demo/p|5|60|1", "client": "k1"}
+    assert Rule.parse(compact) == (Rule("demo.p.x", "demo/p", 5, 60, True), "k1")
+    assert Rule.parse({**compact, "rule": "demo.p.x|demo/p|5|60|0"}) == (
+        Rule("demo.p.x", "demo/p", 5, 60, False),
+        "k1",
+    )
+    for bad in ("demo.p.x|demo/p|5|60", "demo.p.x|demo/p|5|60|yes", "demo.p.x|demo/p|x|60|0"):
+        assert Rule.parse({**compact, "rule": bad}) is None, bad
 
 
 class Clock:

@@ -89,8 +89,11 @@ def test_a_client_keyed_by_address_is_read_back() -> None:
     assert entries is not None and Rule.parse(entries) == (WANT, "10.0.0.7")
 
 
-def test_the_quota_service_reads_the_bucket_ids_translate_writes() -> None:
-    on_match = translate_rate._bucket(LIMIT, None)
+@pytest.mark.parametrize(("counted", "cost"), [(True, 3), (False, 1)])
+def test_the_quota_service_reads_the_bucket_ids_translate_writes(counted: bool, cost: int) -> None:
+    """A request with an instance class (above 1 row) takes the bucket that reads it; one
+    without takes the bucket whose class is the constant 1."""
+    on_match = translate_rate._bucket(LIMIT, None, counted=counted)
     settings = on_match.action.typed_config
     from envoy.extensions.filters.http.rate_limit_quota.v3 import rate_limit_quota_pb2
 
@@ -98,14 +101,16 @@ def test_the_quota_service_reads_the_bucket_ids_translate_writes() -> None:
     assert settings.Unpack(bucket)
     ids = bucket.bucket_id_builder.bucket_id_builder
     # What the sidecar sends: string values as written, custom inputs as read (the instance
-    # count header, set by the sidecar's own Lua filter).
+    # class header, set by the sidecar's body check).
     sent = {
         key: value.string_value if value.HasField("string_value") else "3"
         for key, value in ids.items()
     }
     assert Rule.parse(sent) == (WANT, contract.ANONYMOUS)
-    assert units(sent) == 3
+    assert units(sent) == cost
     assert contract.UNITS_KEY in ids
+    # The limit travels in one entry (Envoy builds and hashes a bucket id entry by entry).
+    assert set(ids) == {contract.RULE_KEY, contract.CLIENT_KEY, contract.UNITS_KEY}
 
 
 @pytest.mark.parametrize("end", [translate_rate.__file__, rules_module.__file__])

@@ -1652,10 +1652,14 @@ static int check_body(const u8 *p, usize n, u32 max, u64 *rows, u32 *close_at, i
 }
 
 /* What a request of `n` rows is charged as: exact up to 8, then m * 2^k with m in 5..8 (at
- * most 25% over the count, exact at 2^k), so a client has few quota buckets. 0 rows (no
- * body, no array) costs 1. Sets the header, replacing whatever the caller sent. */
+ * most 25% over the count, exact at 2^k), so a client has few quota buckets. Written only
+ * above 1 row: a request without the header is charged 1 (the quota filter's bucket for
+ * it is the constant 1, which saves Envoy building an entry from the header, and this
+ * filter a host call, on nearly every request). The connection manager drops any
+ * x-modelguard-* header a caller sent wherever a budget charges instances. */
 static void set_class(const Root *r, u64 n) {
-  u64 c = n ? n : 1;
+  if (n <= 1) return;
+  u64 c = n;
   if (c > 8) {
     u64 step = 2;
     while (c > 8 * step) step *= 2;
@@ -1717,8 +1721,7 @@ EXPORT(proxy_on_request_headers) u32 proxy_on_request_headers(u32 id, u32 n, u32
         s->hardening = &r->tiers[i];
   }
   s->has_body = !eos;
-  /* A request without a body is charged 1; the caller's own header never stays. */
-  if (r->class_header && eos) set_class(r, 0);
+  /* A request without a body is charged 1: no class header (set_class). */
   /* With limits or a class to set, the request waits here until its body is checked. */
   u32 verdict = (r->max_request || r->class_header) && !eos ? HEADERS_STOP : HEADERS_CONTINUE;
   if (!r->feed) return verdict;
@@ -1764,10 +1767,7 @@ static u32 check_request(Stream *s, u32 size, u32 eos) {
     return DATA_STOP_AND_BUFFER;
   }
   if (!eos) return DATA_STOP_AND_BUFFER;
-  if (size == 0) {
-    if (r->class_header) set_class(r, 0);
-    return DATA_CONTINUE;
-  }
+  if (size == 0) return DATA_CONTINUE; /* charged 1: no class header */
   u8 *body = 0;
   usize len = 0;
   if (proxy_get_buffer_bytes(BUF_REQUEST_BODY, 0, size, &body, &len) != WASM_OK || !body) {

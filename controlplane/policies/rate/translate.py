@@ -65,16 +65,19 @@ from controlplane.contracts.ratelimit import (
     POLICY_KEY,
     REMOTE_ADDRESS_KEY,
     REQUESTS_KEY,
+    RULE_KEY,
     SHADOW_KEY,
     UNITS_KEY,
     WINDOW_KEY,
+    rule_entry,
 )
 from controlplane.ir import ClientKeyIR, SidecarIR
 from controlplane.policies.extraction import translate as wasm
 from controlplane.policies.rate.ir import RateEnforcement, RateLimitIR
 from controlplane.policies.rate.ir import of as rate_of
 from controlplane.translate import names
-from controlplane.translate.module import Module, Phase
+from controlplane.translate.internal import strip_internal_headers_of
+from controlplane.translate.module import Inbound, Module, Phase
 from controlplane.translate.protos import pack
 
 # Set by the Wasm filter or the instance-counting Lua filter (either replaces whatever a
@@ -411,26 +414,37 @@ def _strategy(allow: bool) -> ratelimit_strategy_pb2.RateLimitStrategy:
 
 
 def _bucket(
-    limit: RateLimitIR, client: extension_pb2.TypedExtensionConfig | None
+    limit: RateLimitIR,
+    client: extension_pb2.TypedExtensionConfig | None,
+    *,
+    counted: bool = False,
 ) -> matcher_pb2.Matcher.OnMatch:
+    """The bucket of a request: its limit, its client and, for a budget of instances, what
+    the request costs: the instance class the sidecar's body check wrote (``counted``), or
+    1 for a request that carries none (one row, or no body: the check writes a class only
+    above 1, and the caller's own header never gets this far)."""
     settings = rlq_pb2.RateLimitQuotaBucketSettings
     value = settings.BucketIdBuilder.ValueBuilder
     ids = {
-        LIMIT_KEY: value(string_value=limit.name),
-        POLICY_KEY: value(string_value=limit.policy),
-        REQUESTS_KEY: value(string_value=str(limit.requests)),
-        WINDOW_KEY: value(string_value=str(limit.window_seconds)),
-        SHADOW_KEY: value(string_value="true" if limit.shadow else "false"),
+        RULE_KEY: value(
+            string_value=rule_entry(
+                limit.name, limit.policy, limit.requests, limit.window_seconds, limit.shadow
+            )
+        ),
         CLIENT_KEY: value(custom_value=client) if client else value(string_value=ANONYMOUS),
     }
     if limit.cost == "instances":
-        ids[UNITS_KEY] = value(
-            custom_value=extension_pb2.TypedExtensionConfig(
-                name=UNITS_KEY,
-                typed_config=pack(
-                    http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=INSTANCES_HEADER)
-                ),
+        ids[UNITS_KEY] = (
+            value(
+                custom_value=extension_pb2.TypedExtensionConfig(
+                    name=UNITS_KEY,
+                    typed_config=pack(
+                        http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=INSTANCES_HEADER)
+                    ),
+                )
             )
+            if counted
+            else value(string_value="1")
         )
     bucket = settings(
         bucket_id_builder=settings.BucketIdBuilder(bucket_id_builder=ids),
@@ -469,28 +483,65 @@ def _bucket(
     )
 
 
-def quota_filter(limit: RateLimitIR) -> hcm_pb2.HttpFilter:
-    present = matcher_pb2.Matcher.MatcherList.FieldMatcher(
-        predicate=matcher_pb2.Matcher.MatcherList.Predicate(
-            single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-                input=xds_extension_pb2.TypedExtensionConfig(
-                    name=CLIENT_KEY, typed_config=_client_input(limit.client_key).typed_config
-                ),
-                value_match=string_pb2.StringMatcher(
-                    safe_regex=regex_pb2.RegexMatcher(
-                        google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=".+"
-                    )
-                ),
-            )
+Predicate: TypeAlias = matcher_pb2.Matcher.MatcherList.Predicate
+
+
+def _present(of: extension_pb2.TypedExtensionConfig) -> Predicate:
+    """The input has a value (a request header that is there, and not empty)."""
+    return Predicate(
+        single_predicate=Predicate.SinglePredicate(
+            input=xds_extension_pb2.TypedExtensionConfig(
+                name=of.name, typed_config=of.typed_config
+            ),
+            value_match=string_pb2.StringMatcher(
+                safe_regex=regex_pb2.RegexMatcher(
+                    google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=".+"
+                )
+            ),
+        )
+    )
+
+
+def _buckets(
+    limit: RateLimitIR, client: extension_pb2.TypedExtensionConfig | None
+) -> matcher_pb2.Matcher.OnMatch:
+    """A client's bucket; for a budget of instances, one per instance class. Envoy builds a
+    bucket id's header entry anew for every request (~5k instructions), so the class is
+    read only when the request carries one: a request of one row, nearly all of them,
+    takes the bucket whose class is the constant 1."""
+    if limit.cost != "instances":
+        return _bucket(limit, client)
+    units = extension_pb2.TypedExtensionConfig(
+        name=UNITS_KEY,
+        typed_config=pack(
+            http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=INSTANCES_HEADER)
         ),
-        on_match=_bucket(limit, _client_input(limit.client_key)),
+    )
+    return matcher_pb2.Matcher.OnMatch(
+        matcher=matcher_pb2.Matcher(
+            matcher_list=matcher_pb2.Matcher.MatcherList(
+                matchers=[
+                    matcher_pb2.Matcher.MatcherList.FieldMatcher(
+                        predicate=_present(units), on_match=_bucket(limit, client, counted=True)
+                    )
+                ]
+            ),
+            on_no_match=_bucket(limit, client),
+        )
+    )
+
+
+def quota_filter(limit: RateLimitIR) -> hcm_pb2.HttpFilter:
+    client = _client_input(limit.client_key)
+    present = matcher_pb2.Matcher.MatcherList.FieldMatcher(
+        predicate=_present(client), on_match=_buckets(limit, client)
     )
     config = rlq_pb2.RateLimitQuotaFilterConfig(
         rlqs_server=_grpc_service(),
         domain=limit.name,
         bucket_matchers=matcher_pb2.Matcher(
             matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[present]),
-            on_no_match=_bucket(limit, None),
+            on_no_match=_buckets(limit, None),
         ),
     )
     return hcm_pb2.HttpFilter(name=f"modelguard.rate.quota.{limit.name}", typed_config=pack(config))
@@ -505,6 +556,14 @@ class QuotaRateLimit(Module):
         counted = any(limit.cost == "instances" for limit in limits)
         counted = counted and not wasm.counts_instances(ir)
         return [instances_filter()] * counted + [quota_filter(limit) for limit in limits]
+
+    def patch(self, ir: SidecarIR, inbound: Inbound) -> None:
+        # A request without an instance class is charged 1 (the Wasm filter writes one only
+        # above 1): a class the caller wrote must never reach the quota filter.
+        rate = rate_of(ir)
+        limits = rate.by(RateEnforcement.QUOTA) if rate else ()
+        if any(limit.cost == "instances" for limit in limits):
+            strip_internal_headers_of(inbound)
 
 
 # --- exact (ratelimit service) -------------------------------------------------------------
