@@ -74,11 +74,13 @@ def _logistic(load: Callable[..., Any], name: str, seed: int) -> BreastCancerMod
     return BreastCancerModel(train_X, train_y, test_X, test_y, pipeline, name)
 
 
-def reference_csv(X: np.ndarray, labels: np.ndarray) -> str:
-    """Reference rows with the model's own class in a ``label`` column."""
+def reference_csv(X: np.ndarray, labels: np.ndarray, names: Any = None) -> str:
+    """Reference rows with the model's own class in a ``label`` column: its number, or
+    its name (``names[class]``, e.g. scikit-learn's ``target_names``)."""
     lines = [",".join([*(f"f{i}" for i in range(X.shape[1])), "label"])]
     for row, label in zip(X, labels, strict=True):
-        lines.append(",".join([*(repr(float(v)) for v in row), str(int(label))]))
+        shown = str(int(label)) if names is None else str(names[int(label)])
+        lines.append(",".join([*(repr(float(v)) for v in row), shown]))
     return "\n".join(lines) + "\n"
 
 
@@ -153,6 +155,11 @@ class Outcome:
     detectors: set[str] = field(default_factory=set)
 
 
+def answer_with_scores(p: np.ndarray) -> dict[str, Any]:
+    """One row's answer as the demo model gives it: its label and its probabilities."""
+    return {"label": int(p.argmax()), "probabilities": p.tolist()}
+
+
 def drive(
     monitor: Any,
     policy: str,
@@ -160,8 +167,10 @@ def drive(
     streams: Iterable[tuple[str, np.ndarray]],
     batch: int = 8,
     stop_at_quarantine: bool = True,
+    answer: Callable[[np.ndarray], Any] = answer_with_scores,
 ) -> dict[str, Outcome]:
-    """Feed each client's stream into the monitor, batches interleaved round-robin."""
+    """Feed each client's stream into the monitor, batches interleaved round-robin;
+    ``answer`` makes a row's entry of ``predictions`` from the model's probabilities."""
     from controlplane.extraction.verdicts import digest
     from controlplane.gen.modelguard.feed.v1 import feed_pb2
 
@@ -185,8 +194,7 @@ def drive(
                 feed.queries.add(
                     client_key=name, status=200,
                     request_body=json.dumps({"instances": [row.tolist()]}).encode(),
-                    response_body=json.dumps({"predictions": [
-                        {"label": int(p.argmax()), "probabilities": p.tolist()}]}).encode(),
+                    response_body=json.dumps({"predictions": [answer(p)]}).encode(),
                 )
             monitor.report(feed)
             outcomes[name].sent = position[name]
@@ -263,7 +271,7 @@ spec:
   targetRef: {{service: m}}
   clientKey: {{header: x-api-key}}
   request: {{features: "$.instances[*]"}}
-  response: {{scores: "$.predictions[*].probabilities"}}
+  response: {response}
   detection:
     detectors: [prada, nearDuplicate, outOfDistribution, coverage]
     reference: {{file: {reference}, labelColumn: label}}
@@ -271,19 +279,21 @@ spec:
     onSuspicion: {{throttle: {{requests: 60, per: minute}}}}
     onDetection: {{quarantine: {{duration: 24h}}}}
 """
+SCORES_RESPONSE = '{scores: "$.predictions[*].probabilities"}'
 
 
-def calibrated_monitor(reference: Any, cache: Any) -> Any:
+def calibrated_monitor(reference: Any, cache: Any, response: str = SCORES_RESPONSE) -> Any:
     """An ExtractionMonitor for one policy (``medium``, throttle then 24 h quarantine) whose
     profile the control plane's own ProfileBook calibrated from ``reference`` (a CSV with
     a ``label`` column), cached in ``cache``; verdicts kept in memory (``monitor.sink``).
-    Its policy key is ``demo/m``."""
+    Its policy key is ``demo/m``; ``response`` its ``spec.response``."""
     from controlplane.api import parse_documents
     from controlplane.extraction.feed import ProfileBook
     from controlplane.extraction.monitor import ExtractionMonitor, WatchedPolicy
     from controlplane.extraction.verdicts import InMemoryVerdictSink, VerdictStore
 
-    loaded, found = parse_documents(MONITOR_POLICY.format(reference=reference), "bench")
+    text = MONITOR_POLICY.format(reference=reference, response=response)
+    loaded, found = parse_documents(text, "bench")
     if found:
         raise ValueError(found)
     policies = [lp.policy for lp in loaded]

@@ -11,7 +11,10 @@ Formats, by content and suffix:
 
 ``labelColumn`` names a column holding the MODEL'S OWN answer on that row (its predicted
 class, or its score for single-score models); that column is not a feature. A CSV header
-name, or an integer index (negative counts from the end).
+name, or an integer index (negative counts from the end). In CSV and JSON Lines the
+column may hold class names (``setosa``) instead of numbers: the classes are then the
+names in sorted order, numbered from 0 (``ReferenceData.classes``), which is the order
+scikit-learn gives a classifier's ``classes_``, and so its scores' columns.
 
 Every problem is a :class:`ReferenceError` whose ``loc`` is relative to
 ``spec.detection.reference`` (``("file",)``, ``("labelColumn",)``, ...), so a policy loader
@@ -34,6 +37,7 @@ import numpy.typing as npt
 MIN_ROWS = 100  # fewer rows than this cannot calibrate a per-client statistic
 MAX_ROWS = 100_000  # memory and calibration time stay bounded
 MAX_BYTES = 64 * 1024 * 1024
+MAX_CLASS_NAMES = 1024  # distinct names in a label column of names
 
 Loc = tuple[str | int, ...]
 
@@ -53,6 +57,8 @@ class ReferenceData:
     X: npt.NDArray[np.float32]
     answers: npt.NDArray[np.float64] | None = None
     digest: str = ""  # SHA-256 of the bytes it was read from (the calibration cache key)
+    # A label column of names: the names, sorted; ``answers`` holds each row's index here.
+    classes: tuple[str, ...] = ()
 
     @property
     def dim(self) -> int:
@@ -66,14 +72,45 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _parse_csv(text: str, loc: Loc) -> tuple[list[str] | None, list[list[str]]]:
+def _parse_csv(
+    text: str, loc: Loc, label_column: str | int | None = None
+) -> tuple[list[str] | None, list[list[str]]]:
     rows = [row for row in csv.reader(io.StringIO(text)) if row and any(c.strip() for c in row)]
     if not rows:
         raise ReferenceError(loc, "is empty: no rows")
+    # A label column given by index may hold names: the first row is a header only if one
+    # of its other cells is not a number.
+    width = len(rows[0])
+    names_at = (
+        label_column % width
+        if isinstance(label_column, int) and -width <= label_column < width
+        else None
+    )
     header = None
-    if not all(_is_number(c) for c in rows[0]):
+    if not all(_is_number(c) for j, c in enumerate(rows[0]) if j != names_at):
         header, rows = [c.strip() for c in rows[0]], rows[1:]
     return header, rows
+
+
+def _is_json_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _label_names(values: list[object]) -> list[str] | None:
+    """A label column's values as class names, or None when they are all numbers."""
+    if all(_is_number(v) if isinstance(v, str) else _is_json_number(v) for v in values):
+        return None
+    names = []
+    for i, value in enumerate(values):
+        if isinstance(value, str) and value.strip():
+            names.append(value.strip())
+        elif _is_json_number(value):
+            names.append(json.dumps(value))  # a number among names: its JSON text
+        else:
+            raise ReferenceError(
+                ("labelColumn",), f"row {i + 1}: {value!r} is neither a number nor a class name"
+            )
+    return names
 
 
 def _parse_jsonl(text: str, loc: Loc) -> list[list[object]]:
@@ -111,6 +148,7 @@ def parse(
     if len(data) > MAX_BYTES:
         raise ReferenceError(loc, f"is {len(data)} bytes; at most {MAX_BYTES} (64 MiB)")
     header: list[str] | None = None
+    classes: tuple[str, ...] = ()
     lower = name.lower()
     if lower.endswith(".npy") or data[:6] == b"\x93NUMPY":
         try:
@@ -131,7 +169,7 @@ def parse(
         if lower.endswith((".jsonl", ".ndjson")) or first.startswith("["):
             raw: list[list[object]] = _parse_jsonl(text, loc)
         else:
-            header, raw_csv = _parse_csv(text, loc)
+            header, raw_csv = _parse_csv(text, loc, label_column)
             raw = [list[object](row) for row in raw_csv]
         if not raw:
             raise ReferenceError(loc, "has no data rows")
@@ -142,6 +180,19 @@ def parse(
                     loc, f"row {i + 1} has {len(row)} values, the first row {width}: "
                     "rows must all have one dimension"
                 )
+        if label_column is not None:
+            at = _column_index(label_column, header, width)
+            names = _label_names([row[at] for row in raw])
+            if names is not None:
+                classes = tuple(sorted(set(names)))
+                if len(classes) > MAX_CLASS_NAMES:
+                    raise ReferenceError(
+                        ("labelColumn",),
+                        f"holds {len(classes)} distinct class names; at most {MAX_CLASS_NAMES}",
+                    )
+                index = {name: i for i, name in enumerate(classes)}
+                for row, name in zip(raw, names, strict=True):
+                    row[at] = index[name]
         matrix = np.empty((len(raw), width), dtype=np.float64)
         for i, row in enumerate(raw):
             for j, value in enumerate(row):
@@ -173,7 +224,7 @@ def parse(
         X = matrix.astype(np.float32)
     if not np.isfinite(X).all():
         raise ReferenceError(loc, "holds values beyond float32 range")
-    return ReferenceData(X, answers, hashlib.sha256(data).hexdigest())
+    return ReferenceData(X, answers, hashlib.sha256(data).hexdigest(), classes)
 
 
 def load_file(path: str | Path, label_column: str | int | None = None) -> ReferenceData:

@@ -131,6 +131,9 @@ class Profile:
     held_out: FloatArray | None = None  # rows kept out of the calibration reference
     held_out_answers: npt.NDArray[np.float64] | None = None
     dimension: int | None = None  # of a reference-free profile (None: any)
+    # The reference's class names (a label column of names, ``ReferenceData.classes``): a
+    # name's class is its index, as in ``held_out_answers``. Read from the data, not cached.
+    classes: tuple[str, ...] = ()
 
     @property
     def dim(self) -> int | None:
@@ -585,6 +588,7 @@ def calibrate_reference(
         calibration=calibration,
         held_out=parts.held_out,
         held_out_answers=parts.held_out_answers,
+        classes=data.classes,
     )
 
 
@@ -613,7 +617,7 @@ def cached_profile(
             parts = split(data, settings.seed)
             profile = Profile.load(path, Reference.fit(parts.reference), parts.held_out,
                                    parts.held_out_answers)
-            return replace(profile, name=name), True
+            return replace(profile, name=name, classes=data.classes), True
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: calibrate again and overwrite it
     profile = calibrate_reference(name, data, settings, cancel)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,8 +262,9 @@ class ProfileBook:
                 return
             entry.condition = CalibratedCondition("False", "Calibrating", "reading reference")
             data = self.read(policy)
-            # The dimension is known now: prada and nearDuplicate run meanwhile.
-            entry.profile = reference_free(policy.key, data.dim)
+            # The dimension (and class names) are known now: prada and nearDuplicate run
+            # meanwhile, with labels numbered as the calibrated profile will number them.
+            entry.profile = replace(reference_free(policy.key, data.dim), classes=data.classes)
             entry.condition = CalibratedCondition(
                 "False", "Calibrating", f"calibrating on {len(data.X)} reference rows"
             )

@@ -1,8 +1,12 @@
 """The extraction monitor: per-client detector state, verdicts and their staged actions.
 
 For each batch a sidecar ships, the monitor extracts the query vectors (the policy's
-``request.features``) and the model's unhardened scores (``response.scores``), folds them
-into each client's bounded state, and moves the client along its stages:
+``request.features``) and each row's class, folds them into each client's bounded state,
+and moves the client along its stages. A row's class is the argmax of the model's
+unhardened scores (``response.scores``); where there are none, or they cannot be read, the
+label the model answered (``response.label``: a class number, or a name the reference's
+label column numbers; ``_Labels``), so a model that answers labels only is watched with its
+classes too:
 
 - a detector's statistic reaches its threshold → **suspicion**: an alert, and the policy's
   ``onSuspicion`` throttle;
@@ -120,7 +124,7 @@ class WatchedPolicy:
     key_source: KeySource
     key_header: str | None
     features: JsonPath
-    scores: JsonPath
+    scores: JsonPath | None  # None: the model answers labels only
     detectors: tuple[DetectorName, ...]
     sensitivity: str
     throttle: tuple[int, int] | None  # requests per seconds
@@ -131,6 +135,7 @@ class WatchedPolicy:
     feature_names: tuple[str, ...] = ()  # rows sent as objects: their columns, in order
     response_format: str = "json"
     on_risk: RiskPlan | None = None
+    label: JsonPath | None = None  # spec.response.label: each row's predicted label
 
     @classmethod
     def of(cls, policy: ExtractionPolicy) -> WatchedPolicy | None:
@@ -147,7 +152,7 @@ class WatchedPolicy:
             key_source=spec.client_key.read_as[0],
             key_header=spec.client_key.read_as[1] or None,
             features=JsonPath.parse(spec.request.features),
-            scores=JsonPath.parse(spec.response.scores),
+            scores=JsonPath.parse(spec.response.scores) if spec.response.scores else None,
             detectors=tuple(spec.detection.enabled),
             sensitivity=spec.detection.sensitivity,
             throttle=(
@@ -163,6 +168,7 @@ class WatchedPolicy:
             feature_names=tuple(spec.request.feature_names or ()),
             response_format=spec.response.format,
             on_risk=RiskPlan.of(actions.on_risk) if actions and actions.on_risk else None,
+            label=JsonPath.parse(spec.response.label) if spec.response.label else None,
         )
 
 
@@ -333,6 +339,79 @@ def _scores(found: list[Any], fmt: str) -> list[Any]:
     return found
 
 
+def _answered_labels(found: list[Any], fmt: str, n_rows: int) -> list[Any] | None:
+    """The answer's labels at ``response.label``, one per row, or None if they are not
+    that. The path may select each row's label (``$.predictions[*].label``) or the array of
+    them (``$.labels``); a label may be wrapped in a list of one (an (n, 1) output), and
+    kserveV2 selects an output tensor of n rows of one value (INT64, or BYTES names)."""
+    if fmt == "kserveV2":
+        rows = _tensor_rows(found)
+        if rows is None or any(len(row) != 1 for row in rows):
+            return None
+        found = [row[0] for row in rows]
+    elif len(found) == 1 and type(found[0]) is list and len(found[0]) == n_rows:
+        found = found[0]
+    if len(found) != n_rows:
+        return None
+    return [x[0] if type(x) is list and len(x) == 1 else x for x in found]
+
+
+# Class numbers a label can give (client state keeps them as int16, -1 for "unknown"):
+# answered numbers below NEW_LABELS as they are; names the reference does not have get
+# NEW_LABELS and up, in the order first answered. Labels come from the model, not the
+# client, but the table of such names is bounded all the same: at most MAX_NEW_LABELS per
+# policy, of at most MAX_LABEL_CHARS characters; a label past those is unreadable.
+NEW_LABELS = 16384
+MAX_NEW_LABELS = 256
+MAX_LABEL_CHARS = 256
+
+
+class _Labels:
+    """One policy's answered labels as class numbers, numbered as the profile numbers them.
+
+    With a reference whose label column holds names (``Profile.classes``), a name's class
+    is its index there, as in the held-out answers the risk estimate compares with; a
+    number answered is taken as that index (scikit-learn numbers a classifier's classes in
+    the same sorted order). Otherwise a number (or its decimal text, or a boolean as 0/1)
+    is its own class, as the reference's numeric label column holds them. A name the
+    reference never had is a class of its own, not unreadable: the model answered it, and
+    PRADA still tells it from the others (the risk estimate never agrees on it, rightly).
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._index = {name: i for i, name in enumerate(names)}
+        self._new: dict[str, int] = {}
+
+    def class_of(self, label: Any) -> int | None:
+        kind = type(label)
+        if kind is int or kind is bool:
+            number = int(label)
+        elif kind is float:
+            if not label.is_integer():
+                return None
+            number = int(label)
+        elif kind is str:
+            known = self._index.get(label)
+            if known is not None:
+                return known
+            if not self.names and label.isascii() and label.isdigit() and len(label) <= 5:
+                number = int(label)
+            else:
+                return self._new_class(label)
+        else:
+            return None
+        return number if 0 <= number < NEW_LABELS else None
+
+    def _new_class(self, name: str) -> int | None:
+        number = self._new.get(name)
+        if number is None:
+            if len(self._new) >= MAX_NEW_LABELS or len(name) > MAX_LABEL_CHARS or not name:
+                return None
+            number = self._new[name] = NEW_LABELS + len(self._new)
+        return number
+
+
 def _finite(row: list[Any], dtype: type[np.floating[Any]]) -> bool:
     return bool(_matrix([row], dtype)[1][0])
 
@@ -400,6 +479,7 @@ class ExtractionMonitor:
         self._watched_from: tuple[Policy, ...] = ()
         # Dimension of a reference-free policy: that of the first query vector it sees.
         self._dims: dict[str, int] = {}
+        self._labels: dict[str, _Labels] = {}  # per watched policy with response.label
 
     # --- policies ---------------------------------------------------------------------------
 
@@ -417,6 +497,7 @@ class ExtractionMonitor:
                     if w is not None:
                         watched[w.key] = w
             self._watched, self._watched_from = watched, current
+            self._labels = {k: v for k, v in self._labels.items() if k in watched}
         return self._watched.get(key)
 
     def warm_profiles(self) -> None:
@@ -447,7 +528,8 @@ class ExtractionMonitor:
         dim = None
         if profile is not None:
             dim = profile.dim if profile.dim is not None else self._dims.get(policy.key)
-        matrix, clients = self._read(policy, dim, batch.queries)
+        classes = profile.classes if profile is not None else ()
+        matrix, clients = self._read(policy, dim, batch.queries, classes)
         accepted = 0
         if profile is None:
             for client in clients.values():
@@ -470,19 +552,27 @@ class ExtractionMonitor:
         return accepted
 
     def _read(
-        self, policy: WatchedPolicy, dim: int | None, queries: Iterable[feed_pb2.Query]
+        self,
+        policy: WatchedPolicy,
+        dim: int | None,
+        queries: Iterable[feed_pb2.Query],
+        names: tuple[str, ...] = (),
     ) -> tuple[npt.NDArray[np.float32], dict[str, _ClientRows]]:
         """The batch's query vectors of the profile's dimension as one float32 matrix, and
-        each client's rows of it with their classes (the argmax of the model's scores, -1
-        without them), clients in order of their first query.
+        each client's rows of it with their classes, clients in order of their first query.
+
+        A row's class is the argmax of the model's scores; without readable scores, the
+        label the model answered (``names``: the profile's class names, ``_Labels``); -1
+        without either. Scores win where both are readable: they are what the model
+        computed, a label may be a display name the reference does not know.
 
         A query is read whole or not at all: one vector that is not a flat row of finite
-        numbers makes the whole query junk (``features``); unreadable scores only cost the
-        classes (``scores``, ``response_json``). Numbers are checked and converted for the
-        whole batch at once.
+        numbers makes the whole query junk (``features``); unreadable scores and labels only
+        cost the classes (``scores``, ``label``, ``response_json``). Numbers are checked and
+        converted for the whole batch at once.
         """
         unparsable = self.stats.unparsable
-        read: list[tuple[str, list[Any], list[Any] | str | None]] = []
+        read: list[tuple[str, list[Any], list[Any] | str | None, Any]] = []
         for query in queries:
             if query.client_key_raw:
                 # A key that is not UTF-8: this query is dropped and counted, the batch
@@ -502,22 +592,23 @@ class ExtractionMonitor:
                 continue
             # The scores' fate is counted once the vectors are known to be good.
             scores: list[Any] | str | None = None
+            response = None
             if query.response_body:
                 try:
                     response = _loads(query.response_body)
                 except _JSON_ERRORS:
                     scores = "response_json"
                 else:
-                    if response is not None:
+                    if response is not None and policy.scores is not None:
                         found = _scores(policy.scores.find(response), policy.response_format)
                         ok = len(found) == len(vectors) and all(map(_is_numbers, found))
                         scores = found if ok else "scores"
-            read.append((query.client_key, vectors, scores))
+            read.append((query.client_key, vectors, scores, response))
         # Feature rows: the profile's dimension into one matrix, others checked one by one.
         good = [True] * len(read)
         rows: list[list[Any]] = []
         owners: list[int] = []
-        for q, (_, vectors, _) in enumerate(read):
+        for q, (_, vectors, _, _) in enumerate(read):
             for v in vectors:
                 if dim is None and self._profile(policy) is not None:
                     dim = self._dims[policy.key] = len(v)
@@ -537,7 +628,7 @@ class ExtractionMonitor:
         # Classes: the scores of the good queries, by length, each length one matrix.
         classes: list[list[int] | None] = [None] * len(read)
         by_length: dict[int, tuple[list[list[Any]], list[tuple[int, int]]]] = {}
-        for q, (_, _, scores) in enumerate(read):
+        for q, (_, _, scores, _) in enumerate(read):
             if not good[q]:
                 continue
             if isinstance(scores, str):
@@ -567,9 +658,11 @@ class ExtractionMonitor:
             # Still worth watching: PRADA then treats all queries as one class.
             unparsable["scores"] += 1
             classes[q] = None
+        if policy.label is not None:
+            self._classes_from_labels(policy, names, read, good, classes)
         clients: dict[str, _ClientRows] = {}
         row = 0
-        for q, (key, vectors, _) in enumerate(read):
+        for q, (key, vectors, _, _) in enumerate(read):
             n_rows = sum(1 for v in vectors if len(v) == dim)
             if good[q]:
                 client = clients.get(key)
@@ -586,6 +679,31 @@ class ExtractionMonitor:
             else:
                 row += n_rows
         return matrix, clients
+
+    def _classes_from_labels(
+        self,
+        policy: WatchedPolicy,
+        names: tuple[str, ...],
+        read: list[tuple[str, list[Any], list[Any] | str | None, Any]],
+        good: list[bool],
+        classes: list[list[int] | None],
+    ) -> None:
+        """Classes from the answered labels, for the good queries the scores left without."""
+        assert policy.label is not None
+        labels = self._labels.get(policy.key)
+        if labels is None or labels.names != names:
+            labels = self._labels[policy.key] = _Labels(names)
+        for q, (_, vectors, _, response) in enumerate(read):
+            if not good[q] or classes[q] is not None or response is None:
+                continue
+            found = _answered_labels(
+                policy.label.find(response), policy.response_format, len(vectors)
+            )
+            numbers = [labels.class_of(x) for x in found] if found is not None else []
+            if found is None or any(n is None for n in numbers):
+                self.stats.unparsable["label"] += 1  # still watched, as without scores
+                continue
+            classes[q] = [n for n in numbers if n is not None]
 
     def _observe(
         self,

@@ -7,7 +7,8 @@ a 96%-faithful copy). This estimates what the client could have *learned* instea
 (Kesarwani et al., ACSAC 2018: a per-user proxy model):
 
 1. Each client's observed (query, unhardened answer) pairs — the monitor already has the
-   query vectors and the argmax class of the model's scores — are what it could learn from.
+   query vectors and the argmax class of the model's scores, or the label it answered
+   (``response.label``) — are what it could learn from.
    Exact repeats are no new knowledge and are skipped.
 2. Two surrogates are fitted on them, and the better one counts (each is a lower bound on
    what the client could learn, so their maximum is a tighter one):

@@ -338,3 +338,37 @@ async def test_feed_counts_what_it_cannot_ship_per_client(system: System) -> Non
     assert system.stats()["feed_unobserved"] == 3
     assert system.stats()["refused_too_large"] == 1
     assert not [q for q in system.feed.queries() if q.client_key == "trudy"]
+
+
+LABEL_ONLY_POLICY = """\
+apiVersion: modelguard.io/v1alpha1
+kind: ExtractionPolicy
+metadata: {name: digits-model, namespace: demo}
+spec:
+  targetRef: {service: digits-model}
+  clientKey: {header: x-api-key}
+  request: {features: "$.instances[*]"}
+  response: {label: "$.predictions[*].label"}
+  detection: {detectors: [prada]}
+"""
+
+
+async def test_a_label_only_policy_feeds_the_models_labels(
+    stub: Upstream, stub_system: System
+) -> None:
+    # A model whose answers carry labels: a label-only policy reads no scores, so nothing
+    # is hardened (the old policy's topK would zero 0.1), and the feed still ships every
+    # answer whole, so the monitor reads the labels (response.label).
+    stub.body = (b'{"predictions": [{"label": 1, "probabilities": [0.1, 0.9]}, '
+                 b'{"label": "seven", "probabilities": [0.1, 0.9]}]}')
+    (stub_system.policies / "extraction.yaml").write_text(LABEL_ONLY_POLICY)
+
+    async def unchanged_and_fed() -> bool:
+        status, _, got = await stub_system.post({"x-api-key": "lena"})
+        await asyncio.sleep(0.3)  # past a flush (250 ms)
+        fed = [q for q in stub_system.feed.queries() if q.client_key == "lena"]
+        return status == 200 and got == stub.body and bool(fed) and fed[-1].response_body == got
+
+    await eventually(unchanged_and_fed, timeout=15)
+    (query, *_) = [q for q in stub_system.feed.queries() if q.client_key == "lena"]
+    assert json.loads(query.request_body) == INSTANCES

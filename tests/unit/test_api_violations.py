@@ -362,7 +362,7 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "extraction: every field problem at once",
         EXTRACTION.replace('"$.instances[*]"', "instances").replace(
-            '{scores: "$.predictions[*].probabilities"}', "{label: $.label}"
+            '{scores: "$.predictions[*].probabilities"}', "{format: json}"
         )
         + """\
   output: {topK: 0, roundDigits: 11, noise: 0.7, labelOnly: "no", tiers: {Gold: {topK: 3}}}
@@ -374,7 +374,7 @@ CASES: list[tuple[str, str, list[str]]] = [
 """,
         [
             X + "spec.request.features: must be a JSONPath starting with '$' (e.g. $.instances[*])",
-            X + "spec.response.scores: required",
+            X + "spec.response: must set at least one of scores, label",
             X + "spec.output.topK: must be at least 1",
             X + "spec.output.roundDigits: must be at most 10",
             X + "spec.output.labelOnly: must be a boolean",

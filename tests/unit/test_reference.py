@@ -133,3 +133,32 @@ def test_parse_reads_configmap_bytes_and_names_its_own_path() -> None:
     with pytest.raises(ReferenceError) as err:
         parse(b"1,2\n" * 10, "ref.csv", loc=("configMap",))
     assert err.value.loc == ("configMap",)
+
+
+def test_a_label_column_of_class_names_is_numbered_in_sorted_order(tmp_path: Path) -> None:
+    """Names (``setosa``) rather than numbers: each row's answer is its name's index among
+    the sorted names, as scikit-learn numbers a classifier's ``classes_``."""
+    X = rows()
+    kinds = ["virginica", "setosa", "versicolor"]
+    names = [kinds[i % 3] for i in range(len(X))]
+    want = [sorted(kinds).index(n) for n in names]
+    body = [",".join([*map(str, r), n]) for r, n in zip(X, names, strict=True)]
+    (tmp_path / "header.csv").write_text("a,b,c,d,species\n" + "\n".join(body) + "\n")
+    (tmp_path / "plain.csv").write_text("\n".join(body) + "\n")  # first row: data, not header
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps([n, *r.tolist()])
+                                                   for r, n in zip(X, names, strict=True)))
+    for name, column in (("header.csv", "species"), ("plain.csv", -1), ("plain.csv", 4),
+                         ("rows.jsonl", 0)):
+        data = load_file(tmp_path / name, column)
+        assert data.classes == ("setosa", "versicolor", "virginica"), name
+        assert data.answers is not None and data.answers.tolist() == want, name
+        np.testing.assert_allclose(data.X, X, rtol=1e-6)
+    # Names elsewhere than the label column are still not numbers.
+    (found,) = violations(tmp_path, "{reference: {file: header.csv}}")
+    assert found.startswith("spec.detection.reference.file: row 1, column 4: 'virginica' is not")
+    (tmp_path / "bad.jsonl").write_text("\n".join(
+        json.dumps([*r.tolist(), n if i != 7 else None]) for i, (r, n) in
+        enumerate(zip(X, names, strict=True))))
+    (found,) = violations(tmp_path, "{reference: {file: bad.jsonl, labelColumn: 4}}")
+    assert found == ("spec.detection.reference.labelColumn: row 8: None is neither a number "
+                     "nor a class name")

@@ -16,6 +16,7 @@ from controlplane.api.base import (
     FieldError,
     Model,
     PolicyBase,
+    at_least_one,
     exactly_one,
 )
 from controlplane.api.common import (
@@ -90,9 +91,20 @@ class RequestFields(Model):
 
 
 class ResponseFields(Model):
-    scores: JsonPath  # per-class scores (json) or the output tensor (kserveV2) in a response
-    label: JsonPath | None = None  # the predicted label, when the model returns one
+    """Where the model's answer is. ``scores``: per-class scores (json) or the output tensor
+    (kserveV2), what the sidecar hardens and the monitor takes each row's class from (their
+    argmax). ``label``: the predicted label (a class number or name, json or kserveV2), read
+    by the monitor where there are no readable scores: a model that answers labels only
+    sets ``label`` alone. At least one of them."""
+
+    scores: JsonPath | None = None
+    label: JsonPath | None = None
     format: BodyFormat = "json"
+
+    @model_validator(mode="after")
+    def _scores_or_label(self) -> ResponseFields:
+        at_least_one({"scores": self.scores, "label": self.label})
+        return self
 
 
 class Hardening(Model):
@@ -321,6 +333,16 @@ class ExtractionPolicySpec(Model):
     on_unhardenable: Literal["Deny", "Pass"] = "Deny"
     detection: Detection | None = None
     actions: Actions | None = None
+
+    @model_validator(mode="after")
+    def _output_needs_scores(self) -> ExtractionPolicySpec:
+        if self.output is not None and self.response.scores is None:
+            raise FieldError(
+                ("output",),
+                "hardens the model's scores: set spec.response.scores, or remove it (a model "
+                "that answers labels only has nothing to harden)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _actions_need_detection(self) -> ExtractionPolicySpec:

@@ -2,7 +2,8 @@
 
 Detection and its staged actions run in the control plane (``controlplane.extraction``),
 which reads the policies itself; the sidecar only needs where the scores are, how to
-harden them per tier, who the client is, and whether to feed the monitor.
+harden them per tier, who the client is, and whether to feed the monitor (the feed ships
+every answered request with its response body, so the monitor reads scores or labels).
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ def score_steps(policy: ExtractionPolicy) -> tuple[Step, ...] | None:
     """The scores path as steps the filter follows while it streams through a body.
 
     Negative indices need the array's length before its elements, which a single pass
-    does not have: such a path hardens nothing, and compile says so in the log.
+    does not have: such a path hardens nothing, and compile says so in the log. None too
+    for a policy without scores (a model that answers labels only: ``response.label``).
     """
     text = policy.spec.response.scores
+    if text is None:
+        return None
     try:
         steps = parse_json_path(text)
     except ValueError as err:

@@ -31,12 +31,24 @@ EXTRAS: Final = CrdExtras(
                 ".tiers",
             ),
         ],
+        "ResponseFields": [
+            rule(
+                "has(self.scores) || has(self.label)",
+                "must set at least one of scores, label",
+            )
+        ],
         "ExtractionPolicySpec": [
+            rule(
+                "!has(self.output) || has(self.response.scores)",
+                "hardens the model's scores: set spec.response.scores, or remove it (a model "
+                "that answers labels only has nothing to harden)",
+                ".output",
+            ),
             rule(
                 "!has(self.actions) || has(self.detection)",
                 "requires detection: actions follow its verdicts",
                 ".actions",
-            )
+            ),
         ],
     },
     list_types={("Detection", "detectors"): {"x-kubernetes-list-type": "set"}},
