@@ -64,7 +64,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -699,11 +699,11 @@ class ExtractionMonitor:
             found = _answered_labels(
                 policy.label.find(response), policy.response_format, len(vectors)
             )
-            numbers = [labels.class_of(x) for x in found] if found is not None else []
-            if found is None or any(n is None for n in numbers):
+            numbers = [labels.class_of(x) for x in found or ()]
+            if found is None or None in numbers:
                 self.stats.unparsable["label"] += 1  # still watched, as without scores
                 continue
-            classes[q] = [n for n in numbers if n is not None]
+            classes[q] = cast(list[int], numbers)
 
     def _observe(
         self,

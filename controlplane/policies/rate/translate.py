@@ -391,13 +391,17 @@ function envoy_on_request(handle)
   if body ~= nil then
     local size = body:length()
     if size > 0 then
-      -- If the count ever failed, the request would reach the quota filter without a
-      -- class; charge it as if every byte were an instance instead.
+      -- If the count ever failed, the request is charged as if every byte were an
+      -- instance, not as one.
       local ok, counted = pcall(measure, body:getBytes(0, size))
       n = ok and counted or size
     end
   end
-  handle:headers():replace(HEADER, tostring(class(n > 0 and n or 1)))
+  -- One instance (or none) is charged 1 without a header, as the Wasm filter does; the
+  -- connection manager has dropped any class the caller wrote.
+  if n > 1 then
+    handle:headers():replace(HEADER, tostring(class(n)))
+  end
 end
 """
 
@@ -411,6 +415,13 @@ def instances_filter() -> hcm_pb2.HttpFilter:
 def _strategy(allow: bool) -> ratelimit_strategy_pb2.RateLimitStrategy:
     rule = ratelimit_strategy_pb2.RateLimitStrategy
     return rule(blanket_rule=rule.ALLOW_ALL if allow else rule.DENY_ALL)
+
+
+# The instance class a budget of instances charges, as the sidecar's body check wrote it.
+_UNITS = extension_pb2.TypedExtensionConfig(
+    name=UNITS_KEY,
+    typed_config=pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=INSTANCES_HEADER)),
+)
 
 
 def _bucket(
@@ -434,18 +445,7 @@ def _bucket(
         CLIENT_KEY: value(custom_value=client) if client else value(string_value=ANONYMOUS),
     }
     if limit.cost == "instances":
-        ids[UNITS_KEY] = (
-            value(
-                custom_value=extension_pb2.TypedExtensionConfig(
-                    name=UNITS_KEY,
-                    typed_config=pack(
-                        http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=INSTANCES_HEADER)
-                    ),
-                )
-            )
-            if counted
-            else value(string_value="1")
-        )
+        ids[UNITS_KEY] = value(custom_value=_UNITS) if counted else value(string_value="1")
     bucket = settings(
         bucket_id_builder=settings.BucketIdBuilder(bucket_id_builder=ids),
         # Required, though Envoy 1.40 reports every 5 s whatever it says.
@@ -511,18 +511,12 @@ def _buckets(
     takes the bucket whose class is the constant 1."""
     if limit.cost != "instances":
         return _bucket(limit, client)
-    units = extension_pb2.TypedExtensionConfig(
-        name=UNITS_KEY,
-        typed_config=pack(
-            http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=INSTANCES_HEADER)
-        ),
-    )
     return matcher_pb2.Matcher.OnMatch(
         matcher=matcher_pb2.Matcher(
             matcher_list=matcher_pb2.Matcher.MatcherList(
                 matchers=[
                     matcher_pb2.Matcher.MatcherList.FieldMatcher(
-                        predicate=_present(units), on_match=_bucket(limit, client, counted=True)
+                        predicate=_present(_UNITS), on_match=_bucket(limit, client, counted=True)
                     )
                 ]
             ),
@@ -550,19 +544,22 @@ def quota_filter(limit: RateLimitIR) -> hcm_pb2.HttpFilter:
 class QuotaRateLimit(Module):
     name = "envoy.filters.http.rate_limit_quota"
 
-    def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
+    @staticmethod
+    def _limits(ir: SidecarIR) -> tuple[tuple[RateLimitIR, ...], bool]:
+        """The sidecar's quota limits, and whether one of them charges instances."""
         rate = rate_of(ir)
-        limits = rate.by(RateEnforcement.QUOTA) if rate else ()
-        counted = any(limit.cost == "instances" for limit in limits)
+        limits = tuple(rate.by(RateEnforcement.QUOTA)) if rate else ()
+        return limits, any(limit.cost == "instances" for limit in limits)
+
+    def http_filters(self, ir: SidecarIR) -> list[hcm_pb2.HttpFilter]:
+        limits, counted = self._limits(ir)
         counted = counted and not wasm.counts_instances(ir)
         return [instances_filter()] * counted + [quota_filter(limit) for limit in limits]
 
     def patch(self, ir: SidecarIR, inbound: Inbound) -> None:
-        # A request without an instance class is charged 1 (the Wasm filter writes one only
+        # A request without an instance class is charged 1 (the counters write one only
         # above 1): a class the caller wrote must never reach the quota filter.
-        rate = rate_of(ir)
-        limits = rate.by(RateEnforcement.QUOTA) if rate else ()
-        if any(limit.cost == "instances" for limit in limits):
+        if self._limits(ir)[1]:
             strip_internal_headers_of(inbound)
 
 
