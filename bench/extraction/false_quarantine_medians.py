@@ -18,8 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench" / "extraction"))
 
-from attacks import interleaved, jacobian, natural_patches  # noqa: E402
-
 from bench.extraction.models import (  # noqa: E402
     breast_cancer_model,
     calibrated_monitor,
@@ -28,7 +26,11 @@ from bench.extraction.models import (  # noqa: E402
     uniform_box,
 )
 from controlplane.local.model import load_model  # noqa: E402
-from tests.unit.test_false_quarantines import answered, benign  # noqa: E402
+from tests.unit.test_false_quarantines import (  # noqa: E402
+    benign,
+    jacobian_streams,
+    off_distribution_streams,
+)
 
 
 def main() -> None:
@@ -36,27 +38,7 @@ def main() -> None:
     model = load_model(0)
     monitor = calibrated_monitor(ROOT / "policies" / "digits-reference.csv", tmp / "digits")
     pool = model.test_X
-    rng = np.random.default_rng(13)
-    streams: list[tuple[str, np.ndarray]] = []
-    for i in range(3):
-        streams.append((f"jacobian-plain-{i}",
-                        answered(jacobian(pool), rng, 1000, model.predict_proba)))
-        streams.append((f"jacobian-interleaved-{i}",
-                        answered(interleaved(jacobian(pool), pool), rng, 1000,
-                                 model.predict_proba)))
-    rng = np.random.default_rng(7)
-    lo, hi = np.zeros(64), np.full(64, 16.0)
-    for i in range(3):
-        streams.append((f"uniform-{i}", uniform_box(rng, lo, hi, 600).round(2)))
-        streams.append((f"natural-ood-{i}", natural_patches(rng, 600)))
-        seeds = pool[rng.choice(len(pool), 10, replace=False)]
-        steps = np.clip(np.repeat(seeds, 60, axis=0) + 1.6 * rng.choice([-1, 1], (600, 64)),
-                        0, 16)
-        streams.append((f"sign-steps-{i}", steps[rng.permutation(600)]))
-        mixed = np.empty((1000, 64))
-        mixed[0::2] = uniform_box(rng, lo, hi, 500).round(2)
-        mixed[1::2] = pool[rng.integers(0, len(pool), 500)]
-        streams.append((f"interleaved-{i}", mixed))
+    streams = jacobian_streams(pool, model.predict_proba) + off_distribution_streams(pool)
     outcomes = drive(monitor, "demo/m", model.predict_proba, streams)
     cancer = breast_cancer_model(0)
     reference = tmp / "cancer.csv"

@@ -103,23 +103,50 @@ def answered(make: Callable[..., Any], rng: np.random.Generator, n: int,
     return np.asarray(out[:n])
 
 
+def jacobian_streams(pool: np.ndarray, predict_proba: Callable[[np.ndarray], np.ndarray]
+                     ) -> list[tuple[str, np.ndarray]]:
+    """Jacobian augmentation, plain and interleaved with natural digits, three of each
+    (bench/extraction/false_quarantine_medians.py reports the same streams' medians)."""
+    from attacks import interleaved, jacobian
+
+    rng = np.random.default_rng(13)
+    streams: list[tuple[str, np.ndarray]] = []
+    for i in range(3):
+        streams.append((f"jacobian-plain-{i}", answered(jacobian(pool), rng, 1000, predict_proba)))
+        streams.append((f"jacobian-interleaved-{i}",
+                        answered(interleaved(jacobian(pool), pool), rng, 1000, predict_proba)))
+    return streams
+
+
+def off_distribution_streams(pool: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Uniform noise, natural out-of-distribution patches, sign steps around a few digits,
+    and noise interleaved with natural digits: three of each, on the digits model."""
+    from attacks import natural_patches
+
+    rng = np.random.default_rng(7)
+    lo, hi = np.zeros(64), np.full(64, 16.0)
+    streams: list[tuple[str, np.ndarray]] = []
+    for i in range(3):
+        streams.append((f"uniform-{i}", uniform_box(rng, lo, hi, 600).round(2)))
+        streams.append((f"natural-ood-{i}", natural_patches(rng, 600)))
+        seeds = pool[rng.choice(len(pool), 10, replace=False)]
+        steps = np.clip(np.repeat(seeds, 60, axis=0) + 1.6 * rng.choice([-1, 1], (600, 64)), 0, 16)
+        streams.append((f"sign-steps-{i}", steps[rng.permutation(600)]))
+        mixed = np.empty((1000, 64))
+        mixed[0::2] = uniform_box(rng, lo, hi, 500).round(2)
+        mixed[1::2] = pool[rng.integers(0, len(pool), 500)]
+        streams.append((f"interleaved-{i}", mixed))
+    return streams
+
+
 def test_digits_jacobian_augmentation_is_caught_and_explorers_are_not(digits) -> None:  # type: ignore[no-untyped-def]
     """Papernot et al.'s Jacobian-based augmentation: its points are near-duplicates of
     earlier synthetic points, as a local explorer's are of its instance; its steps move
     every pixel (``denseSteps``), an explorer's a few. Issue 13's rule had made it alert-only
     (quarantined at 669 queries; interleaved with natural digits, never within 1,000)."""
-    from attacks import interleaved, jacobian
-
     model, monitor = digits
-    rng = np.random.default_rng(13)
     pool = model.test_X
-    streams: list[tuple[str, np.ndarray]] = []
-    for i in range(3):
-        streams.append((f"jacobian-plain-{i}",
-                        answered(jacobian(pool), rng, 1000, model.predict_proba)))
-        streams.append((f"jacobian-interleaved-{i}",
-                        answered(interleaved(jacobian(pool), pool), rng, 1000,
-                                 model.predict_proba)))
+    streams = jacobian_streams(pool, model.predict_proba)
     # The benign explorers in the same run (held-out ones included): still never quarantined.
     # (Names of their own: the monitor is the module's, and remembers other tests' clients.)
     streams += [(f"j-{name}", X)
@@ -133,24 +160,8 @@ def test_digits_jacobian_augmentation_is_caught_and_explorers_are_not(digits) ->
 
 
 def test_digits_off_distribution_attacks_are_still_caught_fast(digits) -> None:  # type: ignore[no-untyped-def]
-    from attacks import natural_patches
-
     model, monitor = digits
-    rng = np.random.default_rng(7)
-    pool = model.test_X
-    lo, hi = np.zeros(64), np.full(64, 16.0)
-    streams: list[tuple[str, np.ndarray]] = []
-    for i in range(3):
-        streams.append((f"uniform-{i}", uniform_box(rng, lo, hi, 600).round(2)))
-        streams.append((f"natural-ood-{i}", natural_patches(rng, 600)))
-        seeds = pool[rng.choice(len(pool), 10, replace=False)]
-        steps = np.clip(np.repeat(seeds, 60, axis=0) + 1.6 * rng.choice([-1, 1], (600, 64)), 0, 16)
-        streams.append((f"sign-steps-{i}", steps[rng.permutation(600)]))
-        mixed = np.empty((1000, 64))
-        mixed[0::2] = uniform_box(rng, lo, hi, 500).round(2)
-        mixed[1::2] = pool[rng.integers(0, len(pool), 500)]
-        streams.append((f"interleaved-{i}", mixed))
-    outcomes = drive(monitor, "demo/m", model.predict_proba, streams)
+    outcomes = drive(monitor, "demo/m", model.predict_proba, off_distribution_streams(model.test_X))
     for attack in ("uniform", "natural-ood", "sign-steps"):
         assert median_detection(outcomes, attack) <= 100, attack
     assert median_detection(outcomes, "interleaved") <= 500
